@@ -1,0 +1,149 @@
+"""Shared benchmark helpers: timing (CUDA events with an L2 flush on GPU, perf_counter on CPU),
+ceilings, and JSON rows (benchmark, shape, provider, ms, GB/s, TFLOP/s, device, versions, commit, date)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
+_flush_buffer = None
+
+
+def _flush_l2():
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    _flush_buffer.zero_()
+
+
+def time_ms(fn, *, warmup: int = 5, rep: int = 50, flush_l2: bool = True, device=None) -> dict:
+    """Median, min and max milliseconds of fn() over `rep` runs after `warmup` runs.
+
+    On CUDA each run is bracketed by events, with the L2 flushed before it (so weights come from HBM,
+    as they do in a real model where each layer's experts are touched once per step).
+    On CPU, perf_counter around each run.
+    """
+    on_gpu = (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    if on_gpu:
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        for s, e in zip(starts, ends):
+            if flush_l2:
+                _flush_l2()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": rep}
+
+
+def cuda_graph_fn(fn, warmup: int = 3):
+    """Capture fn into a CUDA graph and return a replay callable (fn must not sync the host)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import moecache
+
+        env["moecache"] = moecache.__version__
+    except ImportError:
+        env["moecache"] = None
+    return env
+
+
+def row(benchmark: str, shape: dict, provider: str, timing: dict, *, bytes_moved: float | None = None,
+        flops: float | None = None, ceilings: dict | None = None, **extra) -> dict:
+    """One result row; GB/s and TFLOP/s derived from the median time, ratios to measured ceilings."""
+    ms = timing["ms"]
+    r = {"benchmark": benchmark, "shape": shape, "provider": provider, **timing}
+    if bytes_moved is not None:
+        r["gbps"] = bytes_moved / ms / 1e6
+    if flops is not None:
+        r["tflops"] = flops / ms / 1e9
+    if ceilings:
+        if bytes_moved is not None and ceilings.get("hbm_gbps"):
+            r["frac_hbm"] = r["gbps"] / ceilings["hbm_gbps"]
+        if flops is not None and ceilings.get("bf16_tflops"):
+            r["frac_matmul"] = r["tflops"] / ceilings["bf16_tflops"]
+    r.update(extra)
+    return r
+
+
+def append_rows(path: str | Path, rows: list[dict]) -> Path:
+    """Append rows (each stamped with the environment) as JSON lines."""
+    path = Path(path)
+    if not path.is_absolute() and path.parent == Path("."):
+        path = RESULTS_DIR / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({**r, **env}) + "\n")
+    return path
+
+
+def measure_ceilings() -> dict:
+    """HBM copy GB/s (read+write) and bf16 matmul TFLOP/s on this GPU, measured now (None on CPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy = time_ms(lambda: b.copy_(a), warmup=3, rep=10, flush_l2=False)
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    mm = time_ms(lambda: x @ y, warmup=3, rep=10, flush_l2=False)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"hbm_gbps": 2 * n / copy["ms"] / 1e6, "bf16_tflops": 2 * m**3 / mm["ms"] / 1e9}

@@ -1,0 +1,36 @@
+"""moecache: fast Mixture-of-Experts on one GPU.
+
+Triton expert kernels (`moecache.ops`), a C++/CUDA expert prefetcher (`moecache._C`), and in-place
+model patching. Importing moecache never fails because a GPU or a driver is missing.
+"""
+import logging
+
+from ._version import __version__
+from ._env import configure_logging as _configure_logging
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+_configure_logging()
+
+try:
+    from . import _C  # noqa: E402  (compiled core; host backend where CUDA is unusable)
+except ImportError as exc:  # pragma: no cover - only from an unbuilt source tree
+    raise ImportError(
+        f"moecache._C is not built next to {__file__}: install with `pip install .` and run from outside "
+        "the source tree (the repository root on sys.path hides the installed package)"
+    ) from exc
+
+if _C.__version__ != __version__:
+    raise ImportError(
+        f"moecache._C is version {_C.__version__} but the Python package is {__version__}: reinstall with `pip install .`"
+    )
+
+__all__ = ["__version__", "_C", "ops"]
+
+
+def __getattr__(name):
+    # ops pulls in torch and triton; keep `import moecache` light for `python -m moecache info`.
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module(".ops", __name__)
+    raise AttributeError(f"module 'moecache' has no attribute {name!r}")

@@ -1,0 +1,33 @@
+"""MOECACHE_* environment switches, read lazily (at call time, never at import)."""
+import logging
+import os
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def backend_override() -> str:
+    """MOECACHE_BACKEND=auto|torch|triton: the backend used where a call says "auto"."""
+    value = os.environ.get("MOECACHE_BACKEND", "auto").strip().lower()
+    if value not in _BACKENDS:
+        raise ValueError(f"MOECACHE_BACKEND must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+def configure_logging() -> None:
+    """MOECACHE_LOGLEVEL=DEBUG|INFO|WARNING|...: level of the `moecache` logger (unset: untouched)."""
+    level = os.environ.get("MOECACHE_LOGLEVEL")
+    if level:
+        logging.getLogger("moecache").setLevel(level.strip().upper())
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+ENV_SWITCHES = {
+    "MOECACHE_BACKEND": "auto|torch|triton — backend for calls that say backend='auto'",
+    "MOECACHE_LOGLEVEL": "level of the `moecache` logger (DEBUG, INFO, ...)",
+    "MOECACHE_BUILD_CUDA": "auto|0|1 — build the CUDA backend of moecache._C (at pip install time)",
+    "MOECACHE_SANITIZE": "address|thread — build moecache._C with a sanitizer (tests only)",
+    "TRITON_INTERPRET": "1 runs Triton kernels on the CPU; set automatically when no GPU is usable",
+}

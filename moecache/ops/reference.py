@@ -1,0 +1,135 @@
+"""Plain PyTorch references for every kernel: fp32 accumulation, no cleverness.
+
+They define what the Triton kernels must compute and run as backend="torch" (the default for CPU
+tensors). Shapes: T tokens, H hidden, I expert intermediate size, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+# GPT-OSS's clamped SwiGLU constants (transformers GptOssExperts: alpha=1.702, limit=7.0).
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+def route_reference(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: torch.Tensor | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] logits -> (weights fp32 [T, K], ids int32 [T, K]), sorted by selection score, descending.
+
+    softmax/sigmoid scores; `bias` is added for selection only (DeepSeek-V3 e_score_correction_bias);
+    with n_group/topk_group, experts outside the best `topk_group` groups are excluded. A group's score is
+    the sum of its top-2 selection scores when `bias` is given (noaux_tc), else its maximum
+    (group_limited_greedy). Weights are the unbiased scores, renormalised if asked, times `scaling`.
+    """
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores + bias.float() if bias is not None else scores
+    if n_group is not None and n_group > 1 and topk_group is not None and topk_group < n_group:
+        T, E = choice.shape
+        grouped = choice.view(T, n_group, E // n_group)
+        if bias is not None:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * scaling
+    return weights.float(), ids.to(torch.int32)
+
+def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if activation == "swiglu_oai":
+        gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
+        up = up.clamp(min=-SWIGLU_OAI_LIMIT, max=SWIGLU_OAI_LIMIT)
+        return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [..., 2I] -> gate, up: rows [0,I) and [I,2I), or even and odd rows when interleaved (GPT-OSS)."""
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    inter = h.shape[-1] // 2
+    return h[..., :inter], h[..., inter:]
+
+def fused_moe_reference(
+    hidden_states: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    expert_map: torch.Tensor | None = None,
+    host_w_gate_up: torch.Tensor | None = None,
+    host_w_down: torch.Tensor | None = None,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    gate_up_interleaved: bool = False,
+) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,k]; fp32 math, input dtype out.
+
+    With `expert_map`, expert e lives in slot expert_map[e] of the weight tensors, or in the host
+    tensors (indexed by e) when the slot is -1. Biases are indexed by expert id.
+    """
+    T, H = hidden_states.shape
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    x = hidden_states.float()
+    flat_ids = topk_ids.reshape(-1).long()
+    for e in torch.unique(flat_ids).tolist():
+        slot = e if expert_map is None else int(expert_map[e])
+        if slot >= 0:
+            wgu, wd = w_gate_up[slot], w_down[slot]
+        else:
+            wgu, wd = host_w_gate_up[e], host_w_down[e]
+        wgu = wgu.to(x.device).float()
+        wd = wd.to(x.device).float()
+        token_idx, k_idx = torch.where(topk_ids.long() == e)
+        h = x[token_idx] @ wgu.t()
+        if b_gate_up is not None:
+            h = h + b_gate_up[e].float()
+        gate, up = split_gate_up(h, gate_up_interleaved)
+        y = activation_reference(gate, up, activation) @ wd.t()
+        if b_down is not None:
+            y = y + b_down[e].float()
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, k_idx].float().unsqueeze(-1))
+    return out.to(hidden_states.dtype)
+
+def expert_loop_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation="silu"):
+    """transformers' eager expert loop in the input dtype (the baseline users get by default)."""
+    out = torch.zeros_like(hidden_states)
+    num_experts = w_gate_up.shape[0]
+    mask = F.one_hot(topk_ids.long(), num_classes=num_experts).permute(2, 1, 0)
+    for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+        e = e[0]
+        k_idx, token_idx = torch.where(mask[e])
+        gate, up = F.linear(hidden_states[token_idx], w_gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(activation_reference(gate, up, activation), w_down[e])
+        out.index_add_(0, token_idx, (y * topk_weights[token_idx, k_idx, None]).to(out.dtype))
+    return out
+
+def moe_flops(num_routed_rows: int, hidden: int, inter: int) -> float:
+    """FLOPs of both expert GEMMs for T*K routed rows (2 per multiply-add)."""
+    return 2.0 * num_routed_rows * (2 * inter * hidden + hidden * inter)
+
+def expert_bytes(num_experts_touched: int, hidden: int, inter: int, itemsize: int) -> int:
+    return num_experts_touched * 3 * hidden * inter * itemsize
+

@@ -1,0 +1,29 @@
+"""Helpers for tests and benchmarks: random inputs that are never zeros, NaN-poisoned outputs, tolerances."""
+from __future__ import annotations
+
+import torch
+
+# Relative tolerances by dtype (DESIGN.md): fp32 ~1e-4, fp16 ~1e-2, bf16 ~2e-2.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer filled with NaN, so an element a kernel forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None) -> torch.Tensor:
+    t = torch.randn(*shape, generator=generator, dtype=torch.float32) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=None, name="output") -> None:
+    """Relative error against the reference's scale: max|a-e| <= rtol * max(|e|), plus no NaN/Inf."""
+    dtype = dtype or actual.dtype
+    rtol = TOLERANCES[dtype] if rtol is None else rtol
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite values"
+    scale = e.abs().max().clamp_min(1e-30)
+    err = (a - e).abs().max()
+    assert err <= rtol * scale, f"{name}: max abs err {err.item():.3e} > {rtol:.1e} x max|ref| {scale.item():.3e}"

@@ -1,0 +1,130 @@
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moecache
+from moecache import _C
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_versions_match():
+    assert moecache.__version__ == _C.__version__ == _C.build_info()["version"]
+
+
+def test_kernels_ship_inside_the_package():
+    import moecache.kernels as k
+
+    assert Path(k.__file__).resolve().parent.parent == Path(moecache.__file__).resolve().parent
+    spec = importlib.util.find_spec("kernels")
+    # A top-level `kernels` may exist (PyPI's); it must never be our kernels/ folder.
+    assert spec is None or Path(spec.origin).resolve().parent != REPO / "kernels"
+
+
+def test_build_flags_are_honest():
+    info = _C.build_info()
+    assert info["built_with_cuda"] == _C.built_with_cuda()
+    if _C.built_with_cuda():
+        assert info["cuda_runtime_version"] > 0 and "90" in info["cuda_archs"]
+    else:
+        assert info["cuda_runtime_version"] == 0 and not _C.cuda_available()
+    # _C sees CUDA exactly when torch does (both need a driver and a device).
+    if _C.built_with_cuda():
+        assert _C.cuda_available() == torch.cuda.is_available()
+    if _C.cuda_available():
+        assert _C.cuda_unavailable_reason() == "" and _C.default_backend() == "cuda"
+    else:
+        assert _C.cuda_unavailable_reason() != "" and _C.default_backend() == "host"
+
+
+@pytest.mark.parametrize("nbytes", [1, 7, 4096, 1 << 20, 3 * (1 << 20) + 5])
+def test_host_backend_copies_bytes(nbytes):
+    rng = np.random.default_rng(nbytes)
+    src = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    dst = np.full(nbytes + 16, 0xAB, dtype=np.uint8)
+    _C.copy_bytes(dst.ctypes.data + 8, src.ctypes.data, nbytes, backend="host")
+    np.testing.assert_array_equal(dst[8 : 8 + nbytes], src)
+    assert (dst[:8] == 0xAB).all() and (dst[8 + nbytes :] == 0xAB).all(), "copy wrote outside its range"
+
+
+def test_host_scatter_i32_updates_only_named_entries():
+    table = np.arange(100, 164, dtype=np.int32)
+    before = table.copy()
+    idx = np.array([3, 63, 0, 64, -1], dtype=np.int32)  # the last two are out of range: skipped
+    vals = np.array([-1, 7, 9, 11, 13], dtype=np.int32)
+    _C.scatter_i32(table.ctypes.data, table.size, idx.ctypes.data, vals.ctypes.data, idx.size, backend="host")
+    before[[3, 63, 0]] = [-1, 7, 9]
+    np.testing.assert_array_equal(table, before)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="backend"):
+        _C.copy_bytes(1, 1, 1, backend="tpu")
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.copy_bytes(0, 8, 1, backend="host")
+    if not _C.cuda_available():
+        with pytest.raises(RuntimeError, match="CUDA backend is not available"):
+            _C.copy_bytes(8, 8, 1, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_backend_copies_and_scatters_on_device():
+    src = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    _C.copy_bytes(dst.data_ptr(), src.data_ptr(), src.numel(), stream, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), src)
+    table = torch.arange(64, dtype=torch.int32, device="cuda")
+    idx = torch.tensor([5, 70, 9], dtype=torch.int32, device="cuda")
+    vals = torch.tensor([-1, 3, 42], dtype=torch.int32, device="cuda")
+    _C.scatter_i32(table.data_ptr(), 64, idx.data_ptr(), vals.data_ptr(), 3, stream, backend="cuda")
+    expected = torch.arange(64, dtype=torch.int32)
+    expected[5], expected[9] = -1, 42
+    assert torch.equal(table.cpu(), expected)
+
+
+def _setup_py_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA_", "MOECACHE_"))}
+    env.update(extra)
+    return env
+
+
+needs_source = pytest.mark.skipif(not (REPO / "setup.py").is_file(), reason="needs the source tree")
+
+
+@needs_source
+def test_build_cuda_1_without_nvcc_fails_clearly(tmp_path):
+    env = _setup_py_env(MOECACHE_BUILD_CUDA="1", CUDA_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b")],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "MOECACHE_BUILD_CUDA=1 but nvcc was not found" in proc.stdout + proc.stderr
+
+
+@needs_source
+def test_build_without_cmake_names_it(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    env = _setup_py_env(PATH=str(bindir))
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b")],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "cmake was not found" in proc.stdout + proc.stderr
+
+
+@needs_source
+def test_bad_build_cuda_value_is_rejected(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not on PATH")
+    env = _setup_py_env(MOECACHE_BUILD_CUDA="maybe")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b")],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "MOECACHE_BUILD_CUDA must be auto, 0 or 1" in proc.stdout + proc.stderr
