@@ -7,6 +7,9 @@ import logging
 
 from ._version import __version__
 from ._env import configure_logging as _configure_logging
+from ._env import select_triton_mode as _select_triton_mode
+
+_select_triton_mode()
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 _configure_logging()

@@ -31,3 +31,17 @@ ENV_SWITCHES = {
     "MOECACHE_SANITIZE": "address|thread — build moecache._C with a sanitizer (tests only)",
     "TRITON_INTERPRET": "1 runs Triton kernels on the CPU; set automatically when no GPU is usable",
 }
+
+
+def select_triton_mode() -> None:
+    """Switch the Triton interpreter on where no CUDA device is usable.
+
+    Must run before triton is first imported: @triton.jit (triton.language's own helpers included)
+    reads TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET is left alone.
+    """
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"

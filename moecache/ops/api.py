@@ -1,12 +1,19 @@
-"""Argument checking and backend dispatch for the public ops."""
+"""Public MoE ops: argument checks, backend dispatch, torch custom-op registration.
+
+The Triton paths are registered with torch.library.triton_op, so torch.compile sees the kernels
+(no graph break) and CUDA graphs capture them (no host synchronisation inside).
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .._env import backend_override
-from .reference import fused_moe_reference, route_reference
+from .reference import ACTIVATIONS, fused_moe_reference, route_reference
 
 BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -20,16 +27,219 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def route(router_logits, top_k, *, scoring="softmax", renormalize=True, bias=None, n_group=None,
-          topk_group=None, scaling=1.0, backend="auto"):
-    resolve_backend(backend, router_logits.device)
-    return route_reference(router_logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
-                           n_group=n_group, topk_group=topk_group, scaling=scaling)
+def _value_checks_allowed() -> bool:
+    """Checks that read tensor values need a host sync: skipped while compiling or capturing a graph,
+    and when MOECACHE_VALIDATE=0 (eager decode without the sync)."""
+    if os.environ.get("MOECACHE_VALIDATE", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def fused_moe(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu",
-              backend="auto", expert_map=None, host_w_gate_up=None, host_w_down=None):
-    resolve_backend(backend, hidden_states.device)
-    return fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids,
-                               activation=activation, expert_map=expert_map,
-                               host_w_gate_up=host_w_gate_up, host_w_down=host_w_down)
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ------------------------------------------------------------------ route
+def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+          bias: torch.Tensor | None = None, n_group: int | None = None, topk_group: int | None = None,
+          scaling: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's top-k experts.
+
+    Args:
+        router_logits: [T, E] float logits.
+        top_k: experts per token (1 <= top_k <= E, and <= topk_group * E / n_group when grouped).
+        scoring: "softmax" (Mixtral, Qwen, OLMoE, DeepSeek-V2, VL2-Tiny/Small) or "sigmoid" (DeepSeek-V3, VL2-base).
+        renormalize: divide the chosen weights by their sum.
+        bias: [E] added to the scores for selection only (DeepSeek-V3 e_score_correction_bias).
+        n_group, topk_group: group-limited selection; a group's score is its max, or the sum of its top 2
+            when `bias` is given (DeepSeek-V3 noaux_tc).
+        scaling: multiplies the final weights (routed_scaling_factor).
+    Returns:
+        (topk_weights fp32 [T, K], topk_ids int32 [T, K]), best first; ties go to the lower expert id.
+
+    Example:
+        >>> w, ids = route(torch.randn(4, 64), 6, n_group=8, topk_group=3, scaling=2.5)
+    """
+    _check(isinstance(router_logits, torch.Tensor) and router_logits.dim() == 2,
+           f"router_logits must be a [T, E] tensor, got {getattr(router_logits, 'shape', type(router_logits))}")
+    _check(router_logits.dtype in _FLOAT_DTYPES, f"router_logits must be fp16/bf16/fp32, got {router_logits.dtype}")
+    T, E = router_logits.shape
+    _check(isinstance(top_k, int) and 1 <= top_k <= E, f"top_k must be an int in [1, E={E}], got {top_k}")
+    _check(scoring in ("softmax", "sigmoid"), f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if bias is not None:
+        _check(bias.shape == (E,), f"bias must have shape [E]=({E},), got {tuple(bias.shape)}")
+        _check(bias.device == router_logits.device, f"bias is on {bias.device}, router_logits on {router_logits.device}")
+    grouped = n_group is not None and n_group > 1
+    if grouped:
+        _check(E % n_group == 0, f"n_group={n_group} must divide the number of experts E={E}")
+        _check(topk_group is not None and 1 <= topk_group <= n_group,
+               f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+        _check(top_k <= topk_group * (E // n_group),
+               f"top_k={top_k} exceeds the experts in topk_group={topk_group} groups of {E // n_group}")
+    if resolve_backend(backend, router_logits.device) == "torch":
+        return route_reference(router_logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
+                               n_group=n_group, topk_group=topk_group, scaling=scaling)
+    return torch.ops.moecache.route(router_logits, bias, top_k, scoring == "sigmoid", renormalize,
+                                    n_group if grouped else 1, topk_group if grouped else 1, float(scaling))
+
+
+@torch.library.triton_op("moecache::route", mutates_args=())
+def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sigmoid: bool,
+              renormalize: bool, n_group: int, topk_group: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from moecache.kernels.moe_route import route_launch
+
+    T = router_logits.shape[0]
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
+    route_launch(router_logits, bias, weights, ids, top_k, sigmoid=sigmoid, renormalize=renormalize,
+                 n_group=n_group, topk_group=topk_group, scaling=scaling,
+                 group_by_top2=bias is not None, launcher=torch.library.wrap_triton)
+    return weights, ids
+
+
+# ------------------------------------------------------------------ fused_moe
+def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                          host_w_gate_up, host_w_down, b_gate_up, b_down):
+    _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"hidden_states must be [T, H], got {getattr(x, 'shape', type(x))}")
+    _check(x.dtype in _FLOAT_DTYPES, f"hidden_states must be fp16/bf16/fp32, got {x.dtype}")
+    T, H = x.shape
+    _check(w_gate_up.dim() == 3 and w_gate_up.shape[2] == H and w_gate_up.shape[1] % 2 == 0,
+           f"w_gate_up must be [E, 2I, H={H}], got {tuple(w_gate_up.shape)}")
+    S, two_i, _ = w_gate_up.shape
+    I = two_i // 2
+    _check(w_down.shape == (S, H, I), f"w_down must be [E={S}, H={H}, I={I}], got {tuple(w_down.shape)}")
+    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from hidden_states' {x.dtype}")
+        _check(t.device == x.device, f"{name} is on {t.device}, hidden_states on {x.device}")
+        _check(all(s > 0 for s in t.stride()) or t.numel() == 0,
+               f"{name} has a zero or negative stride {t.stride()} the kernel cannot take; pass .contiguous()")
+    E = expert_map.numel() if expert_map is not None else S
+    _check(topk_ids.dim() == 2 and topk_ids.shape[0] == T, f"topk_ids must be [T={T}, K], got {tuple(topk_ids.shape)}")
+    K = topk_ids.shape[1]
+    _check(1 <= K <= E, f"topk_ids has K={K} columns; K must be in [1, E={E}]")
+    _check(topk_ids.dtype in (torch.int32, torch.int64), f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    _check(topk_weights.shape == (T, K), f"topk_weights must be [T={T}, K={K}], got {tuple(topk_weights.shape)}")
+    _check(topk_weights.is_floating_point(), f"topk_weights must be floating point, got {topk_weights.dtype}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        _check(t.device == x.device, f"{name} is on {t.device}, hidden_states on {x.device}")
+    _check(activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if expert_map is not None:
+        _check(expert_map.dim() == 1 and expert_map.dtype == torch.int32,
+               f"expert_map must be a 1-D int32 tensor [E], got {expert_map.dtype} {tuple(expert_map.shape)}")
+        _check(expert_map.device == x.device, f"expert_map is on {expert_map.device}, hidden_states on {x.device}")
+    for name, host, dev, shape in (("host_w_gate_up", host_w_gate_up, w_gate_up, (E, two_i, H)),
+                                    ("host_w_down", host_w_down, w_down, (E, H, I))):
+        if host is None:
+            continue
+        _check(expert_map is not None, f"{name} is only used with an expert_map")
+        _check(tuple(host.shape) == shape, f"{name} must be {list(shape)}, got {tuple(host.shape)}")
+        _check(host.dtype == dev.dtype, f"{name} dtype {host.dtype} differs from the device weights' {dev.dtype}")
+        _check(host.stride()[1:] == dev.stride()[1:] and host.stride(0) == dev.stride(0),
+               f"{name} strides {host.stride()} must equal the device weights' {dev.stride()}")
+        if x.device.type == "cuda":
+            _check(host.device.type == "cuda" or host.is_pinned(),
+                   f"{name} must be in pinned host memory (or on the GPU) for the kernel to read it in place")
+    _check((host_w_gate_up is None) == (host_w_down is None), "pass both host_w_gate_up and host_w_down, or neither")
+    for name, b, shape in (("b_gate_up", b_gate_up, (E, two_i)), ("b_down", b_down, (E, H))):
+        if b is not None:
+            _check(tuple(b.shape) == shape, f"{name} must be {list(shape)}, got {tuple(b.shape)}")
+            _check(b.device == x.device, f"{name} is on {b.device}, hidden_states on {x.device}")
+    _check((b_gate_up is None) == (b_down is None), "pass both b_gate_up and b_down, or neither")
+
+    if _value_checks_allowed() and T > 0:
+        ids = topk_ids.long()
+        lo, hi = int(ids.min()), int(ids.max())
+        _check(lo >= 0 and hi < E, f"topk_ids must lie in [0, E={E}), found values in [{lo}, {hi}]")
+        if K > 1:
+            srt = ids.sort(dim=1).values
+            _check(not bool((srt[:, 1:] == srt[:, :-1]).any()), "topk_ids repeats an expert within a token's row")
+        if expert_map is not None:
+            used = expert_map[ids.reshape(-1)]
+            _check(int(used.max()) < S, f"expert_map points at slot {int(used.max())} but the weights hold {S} slots")
+            _check(int(used.min()) >= -1, f"expert_map has slot {int(used.min())}; slots are >= 0, or -1 for host")
+            if host_w_gate_up is None:
+                _check(int(used.min()) >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
+    return T, H, I, E, K
+
+
+def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
+              backend: str = "auto", expert_map: torch.Tensor | None = None,
+              host_w_gate_up: torch.Tensor | None = None, host_w_down: torch.Tensor | None = None,
+              b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+              gate_up_interleaved: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts of one MoE layer: out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t).
+
+    Args:
+        hidden_states: [T, H] fp16/bf16/fp32.
+        w_gate_up: [E, 2I, H] (transformers 5.x layout): gate = rows [0, I), up = rows [I, 2I);
+            with gate_up_interleaved, gate = even rows and up = odd rows (GPT-OSS). Any positive strides,
+            so GPT-OSS's [E, H, 2I] parameter can be passed as .transpose(1, 2) without a copy.
+        w_down: [E, H, I].
+        topk_weights: [T, K] (fp32 from route), topk_ids: [T, K] int32 (int64 accepted).
+        activation: "silu" (default), "gelu_tanh" or "swiglu_oai" (GPT-OSS clamped SwiGLU).
+        expert_map: [E] int32, the slot of each expert in w_gate_up/w_down (whose first dim is then the
+            slot count); -1 = not resident: the kernel reads expert e from host_w_gate_up[e] /
+            host_w_down[e] (pinned host memory) in place.
+        b_gate_up [E, 2I], b_down [E, H]: optional biases (GPT-OSS), indexed by expert id.
+        backend: "auto" | "torch" | "triton".
+        out: optional [T, H] output buffer (written in place and returned).
+    Returns:
+        [T, H] in hidden_states' dtype.
+
+    Example:
+        >>> w, ids = route(x @ router.T, 6)
+        >>> y = fused_moe(x, w_gate_up, w_down, w, ids)
+    """
+    _check_fused_moe_args(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                          host_w_gate_up, host_w_down, b_gate_up, b_down)
+    if out is not None:
+        _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
+               f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
+        _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
+    if resolve_backend(backend, hidden_states.device) == "torch":
+        result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
+                                     expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
+                                     b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved)
+        return result if out is None else out.copy_(result)
+    from moecache.kernels.fused_moe import ACTIVATION_CODES
+
+    if out is None:
+        out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+    torch.ops.moecache.fused_moe(
+        hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
+        w_gate_up, w_down, topk_weights.float(), topk_ids.to(torch.int32), ACTIVATION_CODES[activation],
+        expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, out)
+    return out
+
+
+@torch.library.triton_op("moecache::fused_moe", mutates_args=("out",))
+def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: int,
+                  expert_map: torch.Tensor | None, host_w_gate_up: torch.Tensor | None,
+                  host_w_down: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
+                  gate_up_interleaved: bool, out: torch.Tensor) -> None:
+    from moecache import kernels
+    from moecache.kernels.fused_moe import fused_moe_launch, select_config
+
+    x = hidden_states
+    if x.shape[0] == 0:
+        return
+    E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
+    config = select_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], kernels.INTERPRETING)
+    _dtypes = {"int32": torch.int32, "float32": torch.float32}
+
+    def new_empty(shape, dtype):
+        return torch.empty(shape, dtype=_dtypes.get(dtype, dtype), device=x.device)
+
+    def new_zeros(shape, dtype):
+        return torch.zeros(shape, dtype=_dtypes.get(dtype, dtype), device=x.device)
+
+    fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation_code=activation,
+                            expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
+                            b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
+                            config=config, new_empty=new_empty, new_zeros=new_zeros,
+                            launcher=torch.library.wrap_triton)

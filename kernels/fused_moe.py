@@ -1,0 +1,330 @@
+"""Grouped-GEMM MoE experts: alignment, gate/up GEMM with the activation fused, down GEMM with the
+top-k weight fused, and a deterministic top-k combine.
+
+Two paths, both without host synchronisation:
+- decode (few tokens): no sort. `_gate_up_gemv_kernel` runs one program per (routed row, N block) and
+  `_down_combine_gemv_kernel` one per (token, N block), looping over the token's K experts in order, so
+  the combine is fused and deterministic. Weights are pure streams; rows that share an expert run side
+  by side in the grid, so the second read of a weight tile comes from L2.
+- prefill (many tokens): `_align_kernel` buckets routed rows per expert (atomics give each row its place;
+  the place never changes a value), `_grouped_gate_up_kernel` and `_grouped_down_kernel` run tl.dot tiles
+  per expert, and `_combine_kernel` sums each token's K rows in order.
+
+Expert e's weights are at slot expert_map[e] of w_gate_up / w_down; a slot of -1 reads expert e from the
+host tensors in place (pinned memory is device-addressable through unified addressing). In the
+grouped path every M tile of an expert re-reads its weights, so for large T a missing expert should
+be copied to a slot first (the cache does that); the kernel itself never synchronises.
+"""
+import triton
+import triton.language as tl
+
+ACT_SILU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2
+ACTIVATION_CODES = {"silu": ACT_SILU, "gelu_tanh": ACT_GELU_TANH, "swiglu_oai": ACT_SWIGLU_OAI}
+
+
+@triton.jit
+def _activate(gate, up, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return gate / (1.0 + tl.exp(-gate)) * up
+    elif ACTIVATION == 1:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        return 0.5 * gate * (1.0 + tanh) * up
+    else:
+        gate = tl.minimum(gate, 7.0)
+        up = tl.minimum(tl.maximum(up, -7.0), 7.0)
+        return (up + 1.0) * (gate / (1.0 + tl.exp(-1.702 * gate)))
+
+
+@triton.jit
+def _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_e, HAS_MAP: tl.constexpr):
+    """Base pointer of expert e: its slot in the device tensor, or the host copy when the slot is -1."""
+    if HAS_MAP:
+        slot = tl.load(map_ptr + e)
+        if slot >= 0:
+            base = w_ptr + slot.to(tl.int64) * stride_e
+        else:
+            base = host_w_ptr + e.to(tl.int64) * stride_e
+    else:
+        base = w_ptr + e.to(tl.int64) * stride_e
+    return base
+
+
+# ---------------------------------------------------------------- decode path
+@triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr, w_ptr, host_w_ptr, bias_ptr, ids_ptr, map_ptr, inter_ptr,
+    H, I, E, K,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+    gate_step, up_row0,
+    ACTIVATION: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    token = pair // K
+    e = tl.load(ids_ptr + pair)
+    e = tl.minimum(tl.maximum(e, 0), E - 1)  # memory safety only: ids are validated before the launch
+    base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < I
+    o_gate = o_n.to(tl.int64) * gate_step
+    o_up = up_row0 + o_n.to(tl.int64) * gate_step
+    b_gate = tl.zeros([BLOCK_N], tl.float32)
+    b_up = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        b_x = tl.load(x_ptr + token * stride_xt + o_k, mask=m_k, other=0.0).to(tl.float32)
+        m_w = m_n[:, None] & m_k[None, :]
+        b_wg = tl.load(base + o_gate[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_w, other=0.0)
+        b_wu = tl.load(base + o_up[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_w, other=0.0)
+        b_gate += tl.sum(b_wg.to(tl.float32) * b_x[None, :], axis=1)
+        b_up += tl.sum(b_wu.to(tl.float32) * b_x[None, :], axis=1)
+    if HAS_BIAS:
+        b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)
+        b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)
+    b_h = _activate(b_gate, b_up, ACTIVATION)
+    tl.store(inter_ptr + pair * I + o_n, b_h.to(inter_ptr.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _down_combine_gemv_kernel(
+    inter_ptr, w_ptr, host_w_ptr, bias_ptr, ids_ptr, topk_w_ptr, map_ptr, out_ptr,
+    H, I, E,
+    stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
+    K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < H
+    b_out = tl.zeros([BLOCK_N], tl.float32)
+    for kk in range(K):
+        pair = token * K + kk
+        e = tl.load(ids_ptr + pair)
+        e = tl.minimum(tl.maximum(e, 0), E - 1)
+        weight = tl.load(topk_w_ptr + pair).to(tl.float32)
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        b_acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < I
+            b_h = tl.load(inter_ptr + pair * I + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(base + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :] * stride_wk,
+                          mask=m_n[:, None] & m_k[None, :], other=0.0)
+            b_acc += tl.sum(b_w.to(tl.float32) * b_h[None, :], axis=1)
+        if HAS_BIAS:
+            b_acc += tl.load(bias_ptr + e * stride_be + o_n * stride_bn, mask=m_n, other=0.0).to(tl.float32)
+        b_out += weight * b_acc
+    tl.store(out_ptr + token * stride_ot + o_n, b_out.to(out_ptr.dtype.element_ty), mask=m_n)
+
+
+# ---------------------------------------------------------------- prefill path
+@triton.jit
+def _align_kernel(ids_ptr, counts_ptr, table_ptr, num_rows, E, capacity, BLOCK: tl.constexpr):
+    """table[e, place] = routed row for each row routed to e; counts[e] ends as the number of rows."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < num_rows
+    e = tl.load(ids_ptr + o, mask=m, other=0)
+    m = m & (e >= 0) & (e < E)
+    place = tl.atomic_add(counts_ptr + e, 1, mask=m)
+    m = m & (place < capacity)
+    tl.store(table_ptr + e.to(tl.int64) * capacity + place, o.to(tl.int32), mask=m)
+
+
+@triton.jit
+def _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Which expert the pid_m-th M block belongs to (blocks laid out expert by expert), and its rows."""
+    o_e = tl.arange(0, BLOCK_E)
+    b_cnt = tl.minimum(tl.load(counts_ptr + o_e, mask=o_e < E, other=0), capacity)
+    b_blocks = (b_cnt + BLOCK_M - 1) // BLOCK_M
+    b_end = tl.cumsum(b_blocks, axis=0)
+    e = tl.sum((b_end <= pid_m).to(tl.int32), axis=0)
+    first_block = tl.sum(tl.where(o_e == e, b_end - b_blocks, 0), axis=0)
+    count = tl.sum(tl.where(o_e == e, b_cnt, 0), axis=0)
+    o_r = (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_r = (o_r < count) & (e < E)
+    rows = tl.load(table_ptr + e.to(tl.int64) * capacity + o_r, mask=m_r, other=0).to(tl.int64)
+    return e, rows, m_r
+
+
+@triton.jit
+def _grouped_gate_up_kernel(
+    x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, inter_ptr,
+    H, I, E, K, capacity,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+    gate_step, up_row0,
+    ACTIVATION: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
+    if e < E:
+        tokens = rows // K
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < I
+        o_gate = o_n.to(tl.int64) * gate_step
+        o_up = up_row0 + o_n.to(tl.int64) * gate_step
+        b_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        b_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < H
+            b_x = tl.load(x_ptr + tokens[:, None] * stride_xt + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+            m_w = m_k[:, None] & m_n[None, :]
+            b_wg = tl.load(base + o_k[:, None] * stride_wk + o_gate[None, :] * stride_wn, mask=m_w, other=0.0)
+            b_wu = tl.load(base + o_k[:, None] * stride_wk + o_up[None, :] * stride_wn, mask=m_w, other=0.0)
+            if IEEE:
+                b_gate = tl.dot(b_x, b_wg.to(b_x.dtype), b_gate, input_precision="ieee")
+                b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up, input_precision="ieee")
+            else:
+                b_gate = tl.dot(b_x, b_wg.to(b_x.dtype), b_gate)
+                b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up)
+        if HAS_BIAS:
+            b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_h = _activate(b_gate, b_up, ACTIVATION)
+        tl.store(inter_ptr + rows[:, None] * I + o_n[None, :], b_h.to(inter_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _grouped_down_kernel(
+    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, topk_w_ptr, out_ptr,
+    H, I, E, K, capacity,
+    stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_or,
+    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_PER_TOKEN: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
+    if e < E:
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < H
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < I
+            b_h = tl.load(inter_ptr + rows[:, None] * I + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(base + o_k[:, None] * stride_wk + o_n[None, :].to(tl.int64) * stride_wn,
+                          mask=m_k[:, None] & m_n[None, :], other=0.0)
+            if IEEE:
+                b_acc = tl.dot(b_h, b_w.to(b_h.dtype), b_acc, input_precision="ieee")
+            else:
+                b_acc = tl.dot(b_h, b_w.to(b_h.dtype), b_acc)
+        if HAS_BIAS:
+            b_acc += tl.load(bias_ptr + e * stride_be + o_n * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_acc = b_acc * tl.load(topk_w_ptr + rows, mask=m_r, other=0.0).to(tl.float32)[:, None]
+        # K == 1: each token has one row, so write the output directly and skip the combine.
+        o_row = rows // K if OUT_PER_TOKEN else rows
+        tl.store(out_ptr + o_row[:, None] * stride_or + o_n[None, :], b_acc.to(out_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _combine_kernel(rows_ptr, out_ptr, H, stride_ot, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = sum over k of rows[t*K + k], in k order (deterministic)."""
+    token = tl.program_id(0).to(tl.int64)
+    o_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < H
+    b_sum = tl.zeros([BLOCK_N], tl.float32)
+    for kk in range(K):
+        b_sum += tl.load(rows_ptr + (token * K + kk) * H + o_n, mask=m_n, other=0.0)
+    tl.store(out_ptr + token * stride_ot + o_n, b_sum.to(out_ptr.dtype.element_ty), mask=m_n)
+
+
+# ---------------------------------------------------------------- configurations and launcher
+def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, interpreting: bool) -> dict:
+    """Block configuration from token count and shape, without autotuning.
+
+    H100 heuristic: up to 16 tokens the decode (GEMV) path streams weights; above, tl.dot tiles whose M
+    grows with the rows each expert receives. The interpreter gets small tiles (speed on CPU only).
+    """
+    if interpreting:
+        if num_tokens <= 4:
+            return {"path": "decode", "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+        return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    if num_tokens <= 16:
+        return {"path": "decode", "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    if rows_per_expert <= 64:
+        return {"path": "grouped", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation_code, expert_map,
+                     host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config,
+                     new_empty, new_zeros, launcher=None):
+    """Run the expert layer into `out` [T, H]. Buffers come from new_empty/new_zeros(shape, dtype) so the
+    caller decides allocation (torch here); `launcher` wraps kernels (torch.library.wrap_triton)."""
+    wrap = (lambda k: k) if launcher is None else launcher
+    T, H = x.shape
+    E, two_i, _ = w_gate_up.shape
+    I = two_i // 2
+    K = topk_ids.shape[1]
+    num_rows = T * K
+    has_map = expert_map is not None
+    has_bias = b_gate_up is not None
+    map_arg = expert_map if has_map else topk_ids
+    host_gu = host_w_gate_up if host_w_gate_up is not None else w_gate_up
+    host_d = host_w_down if host_w_down is not None else w_down
+    bgu = b_gate_up if has_bias else x
+    bd = b_down if has_bias else x
+    bgu_strides = (b_gate_up.stride(0), b_gate_up.stride(1)) if has_bias else (0, 0)
+    bd_strides = (b_down.stride(0), b_down.stride(1)) if has_bias else (0, 0)
+    gate_step, up_row0 = (2, 1) if gate_up_interleaved else (1, I)
+    inter = new_empty((num_rows, I), x.dtype)
+    meta = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    BN, BK = config["BLOCK_N"], config["BLOCK_K"]
+
+    if config["path"] == "decode":
+        wrap(_gate_up_gemv_kernel)[(num_rows, triton.cdiv(I, BN))](
+            x, w_gate_up, host_gu, bgu, topk_ids, map_arg, inter,
+            H, I, E, K,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
+            gate_step, up_row0,
+            ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
+        wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, BN))](
+            inter, w_down, host_d, bd, topk_ids, topk_weights, map_arg, out,
+            H, I, E,
+            w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
+            K=K, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
+        return out
+
+    BM = config["BLOCK_M"]
+    ieee = x.dtype.itemsize == 4  # fp32 inputs: exact fp32 products, not TF32
+    block_e = triton.next_power_of_2(E)
+    capacity = T  # a token routes to an expert at most once (checked before the launch)
+    counts = new_zeros((E,), "int32")
+    table = new_empty((E * capacity,), "int32")
+    align_block = 1024
+    wrap(_align_kernel)[(triton.cdiv(num_rows, align_block),)](
+        topk_ids, counts, table, num_rows, E, capacity, BLOCK=align_block)
+    max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
+    wrap(_grouped_gate_up_kernel)[(triton.cdiv(I, BN), max_blocks)](
+        x, w_gate_up, host_gu, bgu, map_arg, counts, table, inter,
+        H, I, E, K, capacity,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
+        gate_step, up_row0,
+        ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
+    per_token = K == 1
+    rows_out = out if per_token else new_empty((num_rows, H), "float32")
+    wrap(_grouped_down_kernel)[(triton.cdiv(H, BN), max_blocks)](
+        inter, w_down, host_d, bd, map_arg, counts, table, topk_weights, rows_out,
+        H, I, E, K, capacity,
+        w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, rows_out.stride(0),
+        HAS_MAP=has_map, HAS_BIAS=has_bias, OUT_PER_TOKEN=per_token, IEEE=ieee,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
+    if not per_token:
+        combine_bn = min(1024, triton.next_power_of_2(H))
+        wrap(_combine_kernel)[(T, triton.cdiv(H, combine_bn))](rows_out, out, H, out.stride(0), K=K, BLOCK_N=combine_bn)
+    return out
