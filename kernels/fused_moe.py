@@ -267,11 +267,11 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     caller decides allocation (torch here); `launcher` wraps kernels (torch.library.wrap_triton)."""
     wrap = (lambda k: k) if launcher is None else launcher
     T, H = x.shape
-    E, two_i, _ = w_gate_up.shape
-    I = two_i // 2
+    I = w_gate_up.shape[1] // 2
     K = topk_ids.shape[1]
     num_rows = T * K
     has_map = expert_map is not None
+    E = expert_map.numel() if has_map else w_gate_up.shape[0]  # experts, not slots
     has_bias = b_gate_up is not None
     map_arg = expert_map if has_map else topk_ids
     host_gu = host_w_gate_up if host_w_gate_up is not None else w_gate_up

@@ -41,16 +41,22 @@ def route_reference(
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.max(dim=-1).values
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1).indices
+        group_idx = _topk_lowest_index_first(group_scores, topk_group)
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
-    ids = torch.topk(choice, k=top_k, dim=-1).indices
+    ids = _topk_lowest_index_first(choice, top_k)
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * scaling
     return weights.float(), ids.to(torch.int32)
+
+def _topk_lowest_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row, ties to the lower index (torch.topk's CUDA order;
+    its CPU order among ties is unspecified)."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
 
 def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":

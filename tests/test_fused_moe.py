@@ -1,0 +1,199 @@
+"""ops.fused_moe (Triton kernels; the interpreter on CPU) against the fp32 reference."""
+import pytest
+import torch
+
+from moecache import ops
+from moecache.ops.reference import fused_moe_reference, route_reference
+from moecache.testing import assert_close, poisoned
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_layer(T, H, I, E, K, dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w_down = torch.randn(E, H, I, generator=g) / I**0.5
+    logits = torch.randn(T, E, generator=g)
+    weights, ids = route_reference(logits, K)
+    to = dict(device=device, dtype=dtype)
+    return x.to(**to), w_gate_up.to(**to), w_down.to(**to), weights.to(device), ids.to(device)
+
+
+def run_triton(x, *args, **kwargs):
+    out = poisoned(x.shape, x.dtype, x.device)
+    result = ops.fused_moe(x, *args, backend="triton", out=out, **kwargs)
+    assert result.data_ptr() == out.data_ptr()
+    return out
+
+
+CASES = [  # (T, H, I, E, K): decode-sized and grouped-sized token counts, odd and prime sizes
+    (1, 72, 40, 5, 3), (1, 64, 32, 8, 1), (3, 64, 48, 8, 2), (4, 72, 40, 5, 5),
+    (5, 72, 40, 5, 3), (16, 64, 32, 16, 2), (37, 72, 40, 7, 2), (20, 48, 24, 4, 1), (9, 32, 16, 4, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,H,I,E,K", CASES, ids=[f"T{c[0]}-H{c[1]}-I{c[2]}-E{c[3]}-K{c[4]}" for c in CASES])
+def test_matches_reference(T, H, I, E, K, dtype):
+    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, dtype)
+    out = run_triton(x, wgu, wd, w, ids)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), dtype)
+
+
+@pytest.mark.parametrize("T,K", [(2, 1), (2, 2), (33, 1), (33, 3)], ids=["decode-K1", "decode-K2", "grouped-K1", "grouped-K3"])
+def test_all_tokens_on_one_expert_and_most_experts_idle(T, K):
+    x, wgu, wd, w, _ = make_layer(T, 40, 24, 12, K, torch.float32)
+    ids = (torch.arange(K, device=DEVICE) + 5).repeat(T, 1).to(torch.int32)  # every token -> experts 5..5+K-1
+    out = run_triton(x, wgu, wd, w, ids)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("T", [2, 21], ids=["decode", "grouped"])
+def test_expert_map_permutes_slots(T):
+    x, wgu, wd, w, ids = make_layer(T, 48, 32, 6, 2, torch.float32)
+    perm = torch.randperm(6)
+    expert_map = torch.empty(6, dtype=torch.int32)
+    expert_map[perm] = torch.arange(6, dtype=torch.int32)  # expert perm[s] sits in slot s
+    slots_gu, slots_d = wgu[perm].contiguous(), wd[perm].contiguous()
+    out = run_triton(x, slots_gu, slots_d, w, ids, expert_map=expert_map.to(DEVICE))
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("T", [3, 26], ids=["decode", "grouped"])
+def test_non_resident_experts_read_from_host(T):
+    E, S = 8, 3  # 8 experts, 3 device slots
+    x, wgu, wd, w, ids = make_layer(T, 40, 24, E, 3, torch.float32)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    resident = [6, 1, 3]
+    expert_map[resident] = torch.arange(S, dtype=torch.int32)
+    pin = torch.cuda.is_available()
+    host_gu, host_d = wgu.cpu(), wd.cpu()
+    if pin:
+        host_gu, host_d = host_gu.pin_memory(), host_d.pin_memory()
+    out = run_triton(x, wgu[resident].contiguous(), wd[resident].contiguous(), w, ids,
+                     expert_map=expert_map.to(DEVICE), host_w_gate_up=host_gu, host_w_down=host_d)
+    assert (expert_map[ids.cpu().long()] == -1).any(), "the case must route to a non-resident expert"
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("T", [2, 19], ids=["decode", "grouped"])
+def test_gelu_tanh(T):
+    x, wgu, wd, w, ids = make_layer(T, 40, 24, 6, 2, torch.float32)
+    out = run_triton(x, wgu, wd, w, ids, activation="gelu_tanh")
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, activation="gelu_tanh"), torch.float32)
+
+
+@pytest.mark.parametrize("T", [1, 18], ids=["decode", "grouped"])
+def test_gpt_oss_transposed_interleaved_with_biases(T):
+    """GPT-OSS keeps gate_up as [E, H, 2I] with gate/up interleaved, biases, and a clamped SwiGLU."""
+    E, H, I, K = 6, 40, 24, 2
+    x, _, wd, w, ids = make_layer(T, H, I, E, K, torch.float32)
+    gpt_oss_gate_up = torch.randn(E, H, 2 * I, device=DEVICE) * 0.6  # large enough to hit the clamp
+    b_gu, b_d = torch.randn(E, 2 * I, device=DEVICE), torch.randn(E, H, device=DEVICE)
+    view = gpt_oss_gate_up.transpose(1, 2)  # [E, 2I, H] without a copy
+    kwargs = dict(activation="swiglu_oai", b_gate_up=b_gu, b_down=b_d, gate_up_interleaved=True)
+    out = run_triton(x, view, wd, w, ids, **kwargs)
+    ref = fused_moe_reference(x, view, wd, w, ids, **kwargs)
+    assert_close(out, ref, torch.float32)
+
+
+def test_zero_tokens():
+    x, wgu, wd, w, ids = make_layer(0, 32, 16, 4, 2, torch.float32)
+    assert ops.fused_moe(x, wgu, wd, w, ids, backend="triton").shape == (0, 32)
+
+
+def test_int64_ids_and_deterministic():
+    x, wgu, wd, w, ids = make_layer(23, 32, 16, 5, 2, torch.float32)
+    a = run_triton(x, wgu, wd, w, ids.long())
+    b = run_triton(x, wgu, wd, w, ids)
+    assert torch.equal(a, b)
+
+
+def _bad(match, **overrides):
+    x, wgu, wd, w, ids = make_layer(4, 32, 16, 4, 2, torch.float32)
+    args = dict(hidden_states=x, w_gate_up=wgu, w_down=wd, topk_weights=w, topk_ids=ids)
+    kwargs = {"backend": "triton", **{k: v for k, v in overrides.items() if k not in args}}
+    args.update({k: v for k, v in overrides.items() if k in args})
+    with pytest.raises(ValueError, match=match):
+        ops.fused_moe(**args, **kwargs)
+
+
+def test_bad_input_names_the_argument():
+    x, wgu, wd, w, ids = make_layer(4, 32, 16, 4, 2, torch.float32)
+    _bad("hidden_states", hidden_states=x[None])
+    _bad("w_gate_up", w_gate_up=wgu[:, :, :8])
+    _bad("w_down", w_down=wd[:, :, :8])
+    _bad("w_gate_up dtype", w_gate_up=wgu.half())
+    _bad(r"topk_ids must lie in \[0, E=4\)", topk_ids=ids + 3)
+    _bad(r"topk_ids must lie in \[0, E=4\)", topk_ids=ids - 5)
+    _bad("K must be in", topk_ids=torch.zeros(4, 5, dtype=torch.int32), topk_weights=torch.rand(4, 5))
+    _bad("topk_weights", topk_weights=w[:, :1])
+    _bad("repeats an expert", topk_ids=torch.ones_like(ids))
+    _bad("zero or negative stride", w_gate_up=wgu[:1].expand(4, -1, -1))
+    _bad("activation", activation="relu")
+    _bad("backend", backend="numpy")
+    _bad("expert_map must be", expert_map=torch.arange(4))
+    _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32))
+    _bad("no host weights", expert_map=torch.tensor([-1, -1, -1, -1], dtype=torch.int32))
+    _bad("host_w_gate_up must be", expert_map=torch.arange(4, dtype=torch.int32),
+         host_w_gate_up=wgu[:, :4], host_w_down=wd)
+    _bad("out must be", out=torch.empty(4, 16))
+
+
+# ------------------------------------------------------------------ GPU (bf16 and graph capture)
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 16, 17, 64, 300, 2048])
+@pytest.mark.parametrize("shape", [(2048, 1408, 64, 6), (512, 192, 72, 6), (1024, 768, 8, 2)], ids=["v2lite", "small72", "mixtral-ish"])
+def test_gpu_bf16_matches_reference(T, shape):
+    H, I, E, K = shape
+    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
+    out = run_triton(x, wgu, wd, w, ids)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [2, 64])
+def test_gpu_pinned_host_experts_and_cuda_graph(T):
+    E, S, H, I, K = 16, 6, 512, 256, 4
+    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[:S] = torch.arange(S, dtype=torch.int32)
+    host_gu, host_d = wgu.cpu().pin_memory(), wd.cpu().pin_memory()
+    slots_gu, slots_d = wgu[:S].contiguous(), wd[:S].contiguous()
+    emap = expert_map.cuda()
+    out = poisoned(x.shape, x.dtype, "cuda")
+
+    def layer():
+        ops.fused_moe(x, slots_gu, slots_d, w, ids, expert_map=emap, host_w_gate_up=host_gu,
+                      host_w_down=host_d, out=out)
+
+    layer()
+    torch.cuda.synchronize()
+    ref = fused_moe_reference(x, wgu, wd, w, ids)
+    assert_close(out, ref, torch.bfloat16)
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_route_matches_torch_topk_and_compiles():
+    logits = torch.randn(64, 64, device="cuda")
+    w, ids = ops.route(logits, 6)
+    ref_w, ref_ids = route_reference(logits, 6)
+    assert torch.equal(ids, ref_ids) and torch.allclose(w, ref_w)
+    x, wgu, wd, _, _ = make_layer(8, 256, 128, 64, 6, torch.bfloat16, device="cuda")
+    router = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def layer(h):
+        rw, rid = ops.route(h @ router.t(), 6)
+        return ops.fused_moe(h, wgu, wd, rw, rid)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_close(compiled(x), layer(x), torch.bfloat16)

@@ -1,0 +1,126 @@
+"""ops.route against direct reimplementations of the transformers routers it mirrors."""
+import pytest
+import torch
+
+from moecache import ops
+
+BACKENDS = ["torch", "triton"]
+
+
+def mixtral_router(logits, top_k):  # MixtralTopKRouter / Qwen3-MoE / OLMoE with norm_topk_prob
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def qwen2_router_no_norm(logits, top_k):  # Qwen2-MoE / OLMoE, norm_topk_prob=False
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.topk(probs, top_k, dim=-1)
+
+
+def deepseek_v2_router(logits, top_k, method, n_group, topk_group, scaling):  # DeepseekV2TopkRouter
+    scores = logits.float().softmax(dim=-1)
+    if method == "group_limited_greedy":
+        T, E = scores.shape
+        group_scores = scores.view(T, n_group, E // n_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    w, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    return w * scaling, ids
+
+
+def deepseek_v3_router(logits, bias, top_k, n_group, topk_group, norm, scaling):  # DeepseekV3TopkRouter
+    scores = logits.float().sigmoid()
+    choice = scores + bias
+    T, E = scores.shape
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, ids)
+    if norm:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * scaling, ids
+
+
+def _assert_same_routing(w, ids, w_ref, ids_ref):
+    """Same experts with the same weights per token (order-free: some routers use sorted=False)."""
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    order, order_ref = ids.long().sort(dim=1), ids_ref.long().sort(dim=1)
+    assert torch.equal(order.values, order_ref.values)
+    torch.testing.assert_close(w.gather(1, order.indices), w_ref.float().gather(1, order_ref.indices), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (37, 8, 2), (5, 60, 4), (19, 64, 8), (3, 7, 7)], ids=lambda v: str(v))
+def test_softmax_renormalized_matches_mixtral(backend, T, E, K):
+    logits = torch.randn(T, E) * 2
+    w, ids = ops.route(logits, K, backend=backend)
+    _assert_same_routing(w, ids, *mixtral_router(logits, K))
+    assert torch.equal(ids, ids.gather(1, w.argsort(dim=1, descending=True, stable=True))), "not sorted best first"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_not_renormalized_matches_qwen2(backend):
+    logits = torch.randn(23, 60)
+    w, ids = ops.route(logits, 4, renormalize=False, backend=backend)
+    _assert_same_routing(w, ids, *qwen2_router_no_norm(logits, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_and_vl2_small(backend, method):
+    T, E, K, n_group, topk_group, scaling = 17, 64, 6, 8, 3, 16.0  # DeepSeek-V2(-Lite)/VL2-Small style
+    logits = torch.randn(T, E) * 3
+    kwargs = dict(n_group=n_group, topk_group=topk_group) if method == "group_limited_greedy" else {}
+    w, ids = ops.route(logits, K, renormalize=False, scaling=scaling, backend=backend, **kwargs)
+    _assert_same_routing(w, ids, *deepseek_v2_router(logits, K, method, n_group, topk_group, scaling))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("E,n_group,topk_group,K,scaling", [(256, 8, 4, 8, 2.5), (72, 1, 1, 6, 2.0), (32, 4, 2, 4, 1.0)],
+                         ids=["v3", "vl2-base", "small"])
+def test_deepseek_v3_noaux_tc(backend, E, n_group, topk_group, K, scaling):
+    T = 11
+    logits = torch.randn(T, E) * 2
+    bias = torch.randn(E) * 0.3
+    w, ids = ops.route(logits, K, scoring="sigmoid", bias=bias, n_group=n_group, topk_group=topk_group,
+                       scaling=scaling, backend=backend)
+    _assert_same_routing(w, ids, *deepseek_v3_router(logits, bias, K, n_group, topk_group, True, scaling))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lower_expert_id(backend):
+    logits = torch.randn(4, 16)
+    logits[:, ::3] = 5.0  # six experts tie for first place
+    w, ids = ops.route(logits, 4, backend=backend)
+    expected = torch.sort(torch.softmax(logits, -1), dim=1, descending=True, stable=True).indices[:, :4]
+    assert torch.equal(ids.long(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_logits(backend):
+    logits = torch.randn(9, 16).half()
+    w, ids = ops.route(logits, 3, backend=backend)
+    _assert_same_routing(w, ids, *mixtral_router(logits, 3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=2, scoring="relu"), "scoring"),
+    (dict(top_k=2, n_group=3, topk_group=1), "n_group"),
+    (dict(top_k=2, n_group=4, topk_group=5), "topk_group"),
+    (dict(top_k=5, n_group=4, topk_group=2), "top_k=5 exceeds"),
+    (dict(top_k=2, bias=torch.zeros(7)), "bias"),
+    (dict(top_k=2, backend="cuda"), "backend"),
+])
+def test_bad_input_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ops.route(torch.randn(3, 8), **kwargs)
+    with pytest.raises(ValueError, match="router_logits"):
+        ops.route(torch.randn(3, 8, 2), 2)
