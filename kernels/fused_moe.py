@@ -251,7 +251,10 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
             return {"path": "decode", "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
         return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     if num_tokens <= 16:
-        return {"path": "decode", "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+        # The down GEMV has one program per (token, N block): keep >= ~2 programs per SM (132 on H100)
+        # so enough loads are in flight to stream at HBM speed.
+        down_bn = max(4, min(32, triton.next_power_of_2(max(1, num_tokens * hidden // 264)) // 2 or 4))
+        return {"path": "decode", "BLOCK_N": 16, "BLOCK_N_DOWN": down_bn, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert <= 16:
         return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
@@ -292,11 +295,12 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
             gate_step, up_row0,
             ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
-        wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, BN))](
+        bn_down = config.get("BLOCK_N_DOWN", BN)
+        wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, bn_down))](
             inter, w_down, host_d, bd, topk_ids, topk_weights, map_arg, out,
             H, I, E,
             w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
-            K=K, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
+            K=K, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=bn_down, BLOCK_K=BK, **meta)
         return out
 
     BM = config["BLOCK_M"]
