@@ -18,8 +18,9 @@ try:
     from . import _C  # noqa: E402  (compiled core; host backend where CUDA is unusable)
 except ImportError as exc:  # pragma: no cover - only from an unbuilt source tree
     raise ImportError(
-        f"moecache._C is not built next to {__file__}: install with `pip install .` and run from outside "
-        "the source tree (the repository root on sys.path hides the installed package)"
+        f"moecache._C is not built next to {__file__}: install with `pip install .` and keep the source "
+        "tree off sys.path (`python -P -m moecache ...`, or run from another directory): the repository root "
+        "on sys.path hides the installed package"
     ) from exc
 
 if _C.__version__ != __version__:
