@@ -83,10 +83,10 @@ def _demo(args) -> int:
             weights, ids = ops.route(logits, K, backend=backend)
             return ops.fused_moe(x, w_gate_up, w_down, weights, ids, backend=backend), ids
 
-        out, ids = step()  # warm-up (compiles Triton kernels once)
+        out, ids = step()  # warm-up: compiles the Triton kernels once on a GPU
         if on_gpu:
             torch.cuda.synchronize()
-        reps = 3 if not on_gpu else 20
+        reps = 20 if on_gpu else 1  # the CPU interpreter runs kernels program by program: slow
         start = time.perf_counter()
         for _ in range(reps):
             out, ids = step()
