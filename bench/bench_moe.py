@@ -106,7 +106,8 @@ def main(argv=None):
         H, I, E, K = shapes[name]
         if name not in cache:
             cache.clear()
-            torch.cuda.empty_cache() if on_gpu else None
+            if on_gpu:
+                torch.cuda.empty_cache()
             g = torch.Generator(device=device).manual_seed(0)
             w_gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * H**-0.5)
             w_down = (torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I**-0.5)

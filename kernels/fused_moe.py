@@ -253,7 +253,7 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     if num_tokens <= 16:
         # The down GEMV has one program per (token, N block): keep >= ~2 programs per SM (132 on H100)
         # so enough loads are in flight to stream at HBM speed.
-        down_bn = max(4, min(32, triton.next_power_of_2(max(1, num_tokens * hidden // 264)) // 2 or 4))
+        down_bn = max(4, min(32, triton.next_power_of_2(num_tokens * hidden // 528 + 1)))
         return {"path": "decode", "BLOCK_N": 16, "BLOCK_N_DOWN": down_bn, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert <= 16:
@@ -264,10 +264,10 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
 
 
 def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation_code, expert_map,
-                     host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config,
-                     new_empty, new_zeros, launcher=None):
-    """Run the expert layer into `out` [T, H]. Buffers come from new_empty/new_zeros(shape, dtype) so the
-    caller decides allocation (torch here); `launcher` wraps kernels (torch.library.wrap_triton)."""
+                     host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config, launcher=None):
+    """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton)."""
+    import torch
+
     wrap = (lambda k: k) if launcher is None else launcher
     T, H = x.shape
     I = w_gate_up.shape[1] // 2
@@ -284,7 +284,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     bgu_strides = (b_gate_up.stride(0), b_gate_up.stride(1)) if has_bias else (0, 0)
     bd_strides = (b_down.stride(0), b_down.stride(1)) if has_bias else (0, 0)
     gate_step, up_row0 = (2, 1) if gate_up_interleaved else (1, I)
-    inter = new_empty((num_rows, I), x.dtype)
+    inter = torch.empty((num_rows, I), dtype=x.dtype, device=x.device)
     meta = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     BN, BK = config["BLOCK_N"], config["BLOCK_K"]
 
@@ -307,8 +307,8 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     ieee = x.dtype.itemsize == 4  # fp32 inputs: exact fp32 products, not TF32
     block_e = triton.next_power_of_2(E)
     capacity = T  # a token routes to an expert at most once (checked before the launch)
-    counts = new_zeros((E,), "int32")
-    table = new_empty((E * capacity,), "int32")
+    counts = torch.zeros((E,), dtype=torch.int32, device=x.device)
+    table = torch.empty((E * capacity,), dtype=torch.int32, device=x.device)
     align_block = 1024
     wrap(_align_kernel)[(triton.cdiv(num_rows, align_block),)](
         topk_ids, counts, table, num_rows, E, capacity, BLOCK=align_block)
@@ -321,7 +321,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
         ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
     per_token = K == 1
-    rows_out = out if per_token else new_empty((num_rows, H), "float32")
+    rows_out = out if per_token else torch.empty((num_rows, H), dtype=torch.float32, device=x.device)
     wrap(_grouped_down_kernel)[(triton.cdiv(H, BN), max_blocks)](
         inter, w_down, host_d, bd, map_arg, counts, table, topk_weights, rows_out,
         H, I, E, K, capacity,

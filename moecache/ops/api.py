@@ -137,7 +137,7 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
         _check(expert_map is not None, f"{name} is only used with an expert_map")
         _check(tuple(host.shape) == shape, f"{name} must be {list(shape)}, got {tuple(host.shape)}")
         _check(host.dtype == dev.dtype, f"{name} dtype {host.dtype} differs from the device weights' {dev.dtype}")
-        _check(host.stride()[1:] == dev.stride()[1:] and host.stride(0) == dev.stride(0),
+        _check(host.stride() == dev.stride(),
                f"{name} strides {host.stride()} must equal the device weights' {dev.stride()}")
         if x.device.type == "cuda":
             _check(host.device.type == "cuda" or host.is_pinned(),
@@ -230,16 +230,7 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
         return
     E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
     config = select_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], kernels.INTERPRETING)
-    _dtypes = {"int32": torch.int32, "float32": torch.float32}
-
-    def new_empty(shape, dtype):
-        return torch.empty(shape, dtype=_dtypes.get(dtype, dtype), device=x.device)
-
-    def new_zeros(shape, dtype):
-        return torch.zeros(shape, dtype=_dtypes.get(dtype, dtype), device=x.device)
-
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation_code=activation,
                             expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
                             b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
-                            config=config, new_empty=new_empty, new_zeros=new_zeros,
-                            launcher=torch.library.wrap_triton)
+                            config=config, launcher=torch.library.wrap_triton)
