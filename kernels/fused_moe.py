@@ -6,9 +6,10 @@ Two paths, both without host synchronisation:
   `_down_combine_gemv_kernel` one per (token, N block), looping over the token's K experts in order, so
   the combine is fused and deterministic. Weights are pure streams; rows that share an expert run side
   by side in the grid, so the second read of a weight tile comes from L2.
-- prefill (many tokens): `_align_kernel` buckets routed rows per expert (atomics give each row its place;
-  the place never changes a value), `_grouped_gate_up_kernel` and `_grouped_down_kernel` run tl.dot tiles
-  per expert, and `_combine_kernel` sums each token's K rows in order.
+- prefill (many tokens): three launches. `_align_kernel` (one program) buckets routed rows per expert
+  (atomics give each row its place; the place never changes a value), `_grouped_gate_up_kernel` and
+  `_grouped_down_kernel` run tl.dot tiles per expert, and the down kernel's last-arriving program for a
+  token sums that token's K rows in k order (deterministic, no combine launch).
 
 Expert e's weights are at slot expert_map[e] of w_gate_up / w_down; a slot of -1 reads expert e from the
 host tensors in place (pinned memory is device-addressable through unified addressing). In the
@@ -123,15 +124,23 @@ def _down_combine_gemv_kernel(
 
 # ---------------------------------------------------------------- prefill path
 @triton.jit
-def _align_kernel(ids_ptr, counts_ptr, table_ptr, num_rows, E, capacity, BLOCK: tl.constexpr):
-    """table[e, place] = routed row for each row routed to e; counts[e] ends as the number of rows."""
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = o < num_rows
-    e = tl.load(ids_ptr + o, mask=m, other=0)
-    m = m & (e >= 0) & (e < E)
-    place = tl.atomic_add(counts_ptr + e, 1, mask=m)
-    m = m & (place < capacity)
-    tl.store(table_ptr + e.to(tl.int64) * capacity + place, o.to(tl.int32), mask=m)
+def _align_kernel(ids_ptr, counts_ptr, table_ptr, num_rows, E, capacity, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: counts[e] = rows routed to e, table[e, place] = those rows (atomics give the places).
+
+    A single program zeroes the counts itself, so the layer needs no memset launch; rows are visited
+    BLOCK at a time (256K routed rows are 64 steps of 4096). The place of a row never changes a value.
+    """
+    o_e = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + o_e, tl.zeros([BLOCK_E], tl.int32), mask=o_e < E)
+    tl.debug_barrier()
+    for r0 in range(0, num_rows, BLOCK):
+        o = r0 + tl.arange(0, BLOCK)
+        m = o < num_rows
+        e = tl.load(ids_ptr + o, mask=m, other=0)
+        m = m & (e >= 0) & (e < E)
+        place = tl.atomic_add(counts_ptr + e, 1, mask=m)
+        m = m & (place < capacity)
+        tl.store(table_ptr + e.to(tl.int64) * capacity + place, o.to(tl.int32), mask=m)
 
 
 @triton.jit
@@ -153,17 +162,25 @@ def _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M: tl.constex
 @triton.jit
 def _grouped_gate_up_kernel(
     x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, inter_ptr,
-    H, I, E, K, capacity,
+    arrivals_ptr, H, I, E, K, capacity, down_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
     ACTIVATION: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    ZERO_ARRIVALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
     if e < E:
         tokens = rows // K
+        if ZERO_ARRIVALS:
+            # The down kernel counts arrivals per (token, N block); zero them here, a launch earlier.
+            if pid_n == 0:
+                o_j = tl.arange(0, BLOCK_DOWN)
+                tl.store(arrivals_ptr + tokens[:, None] * down_blocks + o_j[None, :],
+                         tl.zeros([BLOCK_M, BLOCK_DOWN], tl.int32),
+                         mask=m_r[:, None] & (o_j[None, :] < down_blocks))
         base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
         o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < I
@@ -194,12 +211,18 @@ def _grouped_gate_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, topk_w_ptr, out_ptr,
-    H, I, E, K, capacity,
-    stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_or,
-    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_PER_TOKEN: tl.constexpr, IEEE: tl.constexpr,
+    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, topk_w_ptr, partial_ptr,
+    arrivals_ptr, out_ptr, H, I, E, K, capacity, down_blocks,
+    stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
+    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    """Down GEMM, times the top-k weight, with the top-k combine fused.
+
+    K == 1 writes the output directly. Otherwise each routed row's fp32 partial goes to partial[row]; the
+    program whose arrival completes a token's K rows (for this N block) sums them in k order, so the sum
+    is deterministic whichever program finishes last, and no separate combine launch is needed.
+    """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
@@ -221,22 +244,26 @@ def _grouped_down_kernel(
         if HAS_BIAS:
             b_acc += tl.load(bias_ptr + e * stride_be + o_n * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
         b_acc = b_acc * tl.load(topk_w_ptr + rows, mask=m_r, other=0.0).to(tl.float32)[:, None]
-        # K == 1: each token has one row, so write the output directly and skip the combine.
-        o_row = rows // K if OUT_PER_TOKEN else rows
-        tl.store(out_ptr + o_row[:, None] * stride_or + o_n[None, :], b_acc.to(out_ptr.dtype.element_ty),
-                 mask=m_r[:, None] & m_n[None, :])
-
-
-@triton.jit
-def _combine_kernel(rows_ptr, out_ptr, H, stride_ot, K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t] = sum over k of rows[t*K + k], in k order (deterministic)."""
-    token = tl.program_id(0).to(tl.int64)
-    o_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < H
-    b_sum = tl.zeros([BLOCK_N], tl.float32)
-    for kk in range(K):
-        b_sum += tl.load(rows_ptr + (token * K + kk) * H + o_n, mask=m_n, other=0.0)
-    tl.store(out_ptr + token * stride_ot + o_n, b_sum.to(out_ptr.dtype.element_ty), mask=m_n)
+        tokens = rows // K
+        m_tile = m_r[:, None] & m_n[None, :]
+        if K == 1:
+            tl.store(out_ptr + tokens[:, None] * stride_ot + o_n[None, :], b_acc.to(out_ptr.dtype.element_ty),
+                     mask=m_tile)
+        else:
+            tl.store(partial_ptr + rows[:, None] * H + o_n[None, :], b_acc, mask=m_tile)
+            # Every thread's partial stores must be ordered before the (release) arrival.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + tokens * down_blocks + pid_n, 1, mask=m_r,
+                                    sem="acq_rel", scope="gpu")
+            m_last = m_r & (arrived == K - 1)
+            tl.debug_barrier()
+            b_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for kk in range(K):
+                # .cg: read through L2, where the other programs' partials are; never a stale L1 line.
+                b_sum += tl.load(partial_ptr + (tokens * K + kk)[:, None] * H + o_n[None, :],
+                                 mask=m_last[:, None] & m_n[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + tokens[:, None] * stride_ot + o_n[None, :], b_sum.to(out_ptr.dtype.element_ty),
+                     mask=m_last[:, None] & m_n[None, :])
 
 
 # ---------------------------------------------------------------- configurations and launcher
@@ -307,28 +334,29 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     ieee = x.dtype.itemsize == 4  # fp32 inputs: exact fp32 products, not TF32
     block_e = triton.next_power_of_2(E)
     capacity = T  # a token routes to an expert at most once (checked before the launch)
-    counts = torch.zeros((E,), dtype=torch.int32, device=x.device)
+    counts = torch.empty((E,), dtype=torch.int32, device=x.device)
     table = torch.empty((E * capacity,), dtype=torch.int32, device=x.device)
-    align_block = 1024
-    wrap(_align_kernel)[(triton.cdiv(num_rows, align_block),)](
-        topk_ids, counts, table, num_rows, E, capacity, BLOCK=align_block)
+    align_block = min(4096, triton.next_power_of_2(num_rows))
+    wrap(_align_kernel)[(1,)](topk_ids, counts, table, num_rows, E, capacity, BLOCK=align_block,
+                              BLOCK_E=block_e, num_warps=8 if align_block >= 1024 else 4)
     max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
+    down_blocks = triton.cdiv(H, BN)
+    combine = K > 1
+    # Arrival counters and fp32 partials for the fused combine (unused when K == 1: pass stand-ins).
+    arrivals = torch.empty((T * down_blocks,) if combine else (1,), dtype=torch.int32, device=x.device)
+    partial = torch.empty((num_rows, H) if combine else (1, 1), dtype=torch.float32, device=x.device)
     wrap(_grouped_gate_up_kernel)[(triton.cdiv(I, BN), max_blocks)](
         x, w_gate_up, host_gu, bgu, map_arg, counts, table, inter,
-        H, I, E, K, capacity,
+        arrivals, H, I, E, K, capacity, down_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
-        ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee,
+        ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
+        **meta)
+    wrap(_grouped_down_kernel)[(down_blocks, max_blocks)](
+        inter, w_down, host_d, bd, map_arg, counts, table, topk_weights, partial,
+        arrivals, out, H, I, E, K, capacity, down_blocks,
+        w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
+        HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
-    per_token = K == 1
-    rows_out = out if per_token else torch.empty((num_rows, H), dtype=torch.float32, device=x.device)
-    wrap(_grouped_down_kernel)[(triton.cdiv(H, BN), max_blocks)](
-        inter, w_down, host_d, bd, map_arg, counts, table, topk_weights, rows_out,
-        H, I, E, K, capacity,
-        w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, rows_out.stride(0),
-        HAS_MAP=has_map, HAS_BIAS=has_bias, OUT_PER_TOKEN=per_token, IEEE=ieee,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
-    if not per_token:
-        combine_bn = min(1024, triton.next_power_of_2(H))
-        wrap(_combine_kernel)[(T, triton.cdiv(H, combine_bn))](rows_out, out, H, out.stride(0), K=K, BLOCK_N=combine_bn)
     return out
