@@ -267,12 +267,25 @@ def _grouped_down_kernel(
 
 
 # ---------------------------------------------------------------- configurations and launcher
-def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, interpreting: bool) -> dict:
+def shape_key(hidden: int, inter: int, num_experts: int, top_k: int) -> str:
+    """Key of a shape in a tuned table: "H2048-I768-E128-K8"."""
+    return f"H{hidden}-I{inter}-E{num_experts}-K{top_k}"
+
+
+def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, interpreting: bool,
+                  table: dict | None = None) -> dict:
     """Block configuration from token count and shape, without autotuning.
 
-    H100 heuristic: up to 16 tokens the decode (GEMV) path streams weights; above, tl.dot tiles whose M
+    `table` (written by bench/tune_moe.py) maps shape_key -> {token count: config}; a tuned shape takes
+    the entry of the smallest tuned token count >= num_tokens (else the largest). Otherwise an H100
+    heuristic: up to 16 tokens the decode (GEMV) path streams weights; above, tl.dot tiles whose M
     grows with the rows each expert receives. The interpreter gets small tiles (speed on CPU only).
     """
+    tuned = (table or {}).get(shape_key(hidden, inter, num_experts, top_k))
+    if tuned:
+        counts = sorted(int(t) for t in tuned)
+        pick = next((t for t in counts if t >= num_tokens), counts[-1])
+        return dict(tuned[str(pick)])
     if interpreting:
         if num_tokens <= 4:
             return {"path": "decode", "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}

@@ -18,3 +18,44 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager"}
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
+
+
+@pytest.mark.skipif(not (BENCH / "tune_moe.py").is_file(), reason="needs the source tree")
+def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from moecache import ops
+    from moecache.kernels.fused_moe import select_config, shape_key
+    from moecache.ops import api
+    from moecache.ops.reference import fused_moe_reference, route_reference
+    from moecache.testing import assert_close, poisoned
+
+    table_path = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "tune_moe.py"), "--quick", "--out", str(table_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(table_path.read_text())
+    tuned = table["configs"][shape_key(64, 32, 8, 2)]
+    assert set(tuned) == {"2", "24"} and tuned["2"]["path"] == "decode" and tuned["24"]["path"] == "grouped"
+
+    # A hand-made table with a distinctive tile: fused_moe must pick it up through MOECACHE_MOE_CONFIG.
+    tuned["24"]["BLOCK_N"] = 16
+    table_path.write_text(json.dumps(table))
+    assert select_config(20, 2, 8, 64, 32, True, table=table["configs"])["BLOCK_N"] == 16
+    assert select_config(99, 2, 8, 64, 32, True, table=table["configs"])["BLOCK_N"] == 16  # largest tuned
+    assert select_config(20, 2, 8, 64, 40, True, table=table["configs"]) == select_config(20, 2, 8, 64, 40, True)
+    monkeypatch.setenv("MOECACHE_MOE_CONFIG", str(table_path))
+    api._TUNED_CACHE.clear()
+    assert api.tuned_configs(torch.device("cpu"))[shape_key(64, 32, 8, 2)]["24"]["BLOCK_N"] == 16
+    x = torch.randn(20, 64)
+    wgu, wd = torch.randn(8, 64, 64) / 8, torch.randn(8, 64, 32) / 6
+    w, ids = route_reference(torch.randn(20, 8), 2)
+    out = poisoned(x.shape, x.dtype, x.device)
+    ops.fused_moe(x, wgu, wd, w, ids, backend="triton", out=out)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+    monkeypatch.setenv("MOECACHE_MOE_CONFIG", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="MOECACHE_MOE_CONFIG"):
+        api.tuned_configs(torch.device("cpu"))
+    api._TUNED_CACHE.clear()

@@ -37,6 +37,42 @@ def _value_checks_allowed() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+_TUNED_CACHE: dict = {}
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name form of a CUDA device's name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def tuned_configs(device: torch.device) -> dict | None:
+    """fused_moe block configurations tuned by bench/tune_moe.py for this device, if any.
+
+    MOECACHE_MOE_CONFIG=path picks a table; otherwise the one shipped for this device's name in
+    moecache/kernels/configs/, if there is one. Read once per (path, device).
+    """
+    from pathlib import Path
+    import json
+
+    from moecache import kernels
+
+    path = os.environ.get("MOECACHE_MOE_CONFIG")
+    slug = device_slug(device)
+    key = (path, slug)
+    if key not in _TUNED_CACHE:
+        file = Path(path) if path else Path(kernels.__file__).parent / "configs" / f"fused_moe-{slug}.json"
+        table = None
+        if file.is_file():
+            data = json.loads(file.read_text())
+            if path or data.get("device_slug") == slug:
+                table = data["configs"]
+        elif path:
+            raise ValueError(f"MOECACHE_MOE_CONFIG={path!r} is not a file")
+        _TUNED_CACHE[key] = table
+    return _TUNED_CACHE[key]
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -229,7 +265,8 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     if x.shape[0] == 0:
         return
     E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
-    config = select_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], kernels.INTERPRETING)
+    config = select_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], kernels.INTERPRETING,
+                           table=tuned_configs(x.device))
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation_code=activation,
                             expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
                             b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
