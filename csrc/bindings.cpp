@@ -3,6 +3,9 @@
 #include <pybind11/stl.h>
 
 #include "copy.h"
+#include "copy_engine.h"
+#include "expert_cache.h"
+#include "host_store.h"
 #include "runtime.h"
 
 namespace py = pybind11;
@@ -17,6 +20,56 @@ static Backend parse_backend(const std::string& name) {
   if (name == "cuda") return Backend::Cuda;
   if (name == "auto") return default_backend();
   throw py::value_error("backend must be 'auto', 'host' or 'cuda', got '" + name + "'");
+}
+
+static PinMode parse_pin_mode(const std::string& name) {
+  if (name == "alloc") return PinMode::Alloc;
+  if (name == "register") return PinMode::Register;
+  if (name == "pageable") return PinMode::Pageable;
+  throw py::value_error("pin must be 'alloc', 'register' or 'pageable', got '" + name + "'");
+}
+
+static const char* pin_mode_name(PinMode mode) {
+  switch (mode) {
+    case PinMode::Alloc: return "alloc";
+    case PinMode::Register: return "register";
+    default: return "pageable";
+  }
+}
+
+static Policy parse_policy(const std::string& name) {
+  if (name == "lru") return Policy::LRU;
+  if (name == "lfu") return Policy::LFU;
+  if (name == "priority") return Policy::Priority;
+  throw py::value_error("policy must be 'lru', 'lfu' or 'priority', got '" + name + "'");
+}
+
+static const char* policy_name(Policy policy) {
+  switch (policy) {
+    case Policy::LRU: return "lru";
+    case Policy::LFU: return "lfu";
+    default: return "priority";
+  }
+}
+
+static py::dict stats_dict(const CacheStats& s) {
+  py::dict d;
+  d["requests"] = s.requests;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["prefetch_hits"] = s.prefetch_hits;
+  d["prefetches"] = s.prefetches;
+  d["wasted_prefetches"] = s.wasted_prefetches;
+  d["evictions"] = s.evictions;
+  d["in_place_reads"] = s.in_place_reads;
+  d["transfers"] = s.transfers;
+  d["bytes_copied"] = s.bytes_copied;
+  d["waits"] = s.waits;
+  d["copy_ms"] = s.copy_ms;
+  d["stall_ms"] = s.stall_ms;
+  d["layer_hits"] = s.layer_hits;
+  d["layer_misses"] = s.layer_misses;
+  return d;
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -81,4 +134,86 @@ PYBIND11_MODULE(_C, m) {
         synchronize_stream(stream, b);
       },
       py::arg("stream") = 0, py::arg("backend") = "auto");
+
+  m.def("host_memory_available", &host_memory_available, "Bytes of RAM available (MemAvailable), 0 if unknown.");
+
+  py::class_<HostStore, std::shared_ptr<HostStore>>(m, "HostStore", py::buffer_protocol(),
+                                                    "Page-locked host arena for expert master copies.")
+      .def(py::init([](std::size_t nbytes, const std::string& backend, const std::string& pin, bool allow_pageable) {
+             Backend b = parse_backend(backend);
+             PinMode mode = parse_pin_mode(pin);
+             py::gil_scoped_release release;
+             return std::make_shared<HostStore>(nbytes, b, mode, allow_pageable);
+           }),
+           py::arg("nbytes"), py::arg("backend") = "auto", py::arg("pin") = "alloc", py::arg("allow_pageable") = false)
+      .def_property_readonly("data_ptr", &HostStore::data)
+      .def_property_readonly("nbytes", &HostStore::bytes)
+      .def_property_readonly("pinned", &HostStore::pinned)
+      .def_property_readonly("pin_mode", [](const HostStore& s) { return pin_mode_name(s.mode()); })
+      .def_property_readonly("pin_seconds", &HostStore::pin_seconds)
+      .def_property_readonly("warning", &HostStore::warning)
+      .def_property_readonly("released", &HostStore::released)
+      .def_buffer([](HostStore& s) -> py::buffer_info {
+        if (s.released()) throw std::runtime_error("HostStore is released");
+        return py::buffer_info(reinterpret_cast<void*>(s.data()), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(s.bytes())}, {1}, /*readonly=*/false);
+      });
+
+  py::class_<ExpertCache>(m, "ExpertCache", "Device slot pool, expert map, copy engine and eviction policy.")
+      .def(py::init([](std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
+                       int num_slots, std::uintptr_t slot_pool, std::uintptr_t expert_map, const std::string& backend,
+                       const std::string& policy, int device) {
+             Backend b = parse_backend(backend);
+             Policy p = parse_policy(policy);
+             py::gil_scoped_release release;
+             return std::make_unique<ExpertCache>(std::move(store), num_layers, num_experts, record_bytes, num_slots,
+                                                  slot_pool, expert_map, b, p, device);
+           }),
+           py::arg("store"), py::arg("num_layers"), py::arg("num_experts"), py::arg("record_bytes"),
+           py::arg("num_slots"), py::arg("slot_pool"), py::arg("expert_map"), py::arg("backend") = "auto",
+           py::arg("policy") = "lru", py::arg("device") = 0)
+      .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("ensure", &ExpertCache::ensure, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("release", &ExpertCache::release, py::arg("lease"), py::call_guard<py::gil_scoped_release>())
+      .def("leases_held", &ExpertCache::leases_held)
+      .def("record_use", &ExpertCache::record_use, py::arg("layer"), py::arg("experts"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_priorities", &ExpertCache::set_priorities, py::arg("layer"), py::arg("scores"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_never_evict", &ExpertCache::set_never_evict, py::arg("layer"), py::arg("experts"),
+           py::arg("never_evict") = true, py::call_guard<py::gil_scoped_release>())
+      .def("set_policy", [](ExpertCache& c, const std::string& policy) { c.set_policy(parse_policy(policy)); })
+      .def_property_readonly("policy", [](ExpertCache& c) { return policy_name(c.policy()); })
+      .def("slot_of", &ExpertCache::slot_of, py::arg("layer"), py::arg("expert"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("ready", &ExpertCache::ready, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>())
+      .def("resident", &ExpertCache::resident, py::arg("layer"), py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](ExpertCache& c) {
+        CacheStats s;
+        {
+          py::gil_scoped_release release;
+          s = c.stats();
+        }
+        return stats_dict(s);
+      })
+      .def("reset_stats", &ExpertCache::reset_stats, py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &ExpertCache::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("close", &ExpertCache::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &ExpertCache::closed)
+      .def_property_readonly("num_layers", &ExpertCache::num_layers)
+      .def_property_readonly("num_experts", &ExpertCache::num_experts)
+      .def_property_readonly("num_slots", &ExpertCache::num_slots)
+      .def_property_readonly("record_bytes", &ExpertCache::record_bytes);
+
+  m.def("pack_copies",
+        [](const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::size_t>>& jobs) {
+          std::vector<CopyJob> in;
+          for (const auto& [dst, src, n] : jobs) in.push_back({dst, src, n});
+          std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::size_t>> out;
+          for (const CopyJob& j : pack_copies(in)) out.emplace_back(j.dst, j.src, j.bytes);
+          return out;
+        },
+        py::arg("jobs"), "(dst, src, bytes) copies with adjacent source and destination merged (exposed for tests).");
 }

@@ -1,0 +1,326 @@
+#include "copy_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+
+#include "runtime.h"
+
+#ifdef MOECACHE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace moecache {
+
+std::vector<CopyJob> pack_copies(std::vector<CopyJob> jobs) {
+  std::sort(jobs.begin(), jobs.end(), [](const CopyJob& a, const CopyJob& b) { return a.src < b.src; });
+  std::vector<CopyJob> packed;
+  for (const CopyJob& job : jobs) {
+    if (!packed.empty() && packed.back().src + packed.back().bytes == job.src &&
+        packed.back().dst + packed.back().bytes == job.dst) {
+      packed.back().bytes += job.bytes;
+    } else {
+      packed.push_back(job);
+    }
+  }
+  return packed;
+}
+
+namespace {
+
+void store_map(std::int32_t* map, const MapWrite& w) { __atomic_store_n(map + w.index, w.value, __ATOMIC_RELEASE); }
+
+// ------------------------------------------------------------------ host backend
+class HostEngine final : public CopyEngine {
+ public:
+  explicit HostEngine(std::int32_t* map) : map_(map), worker_([this] { run(); }) {}
+
+  ~HostEngine() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    worker_.join();
+  }
+
+  std::uint64_t submit(const std::vector<MapWrite>& invalidate, const std::vector<CopyJob>& copies,
+                       const std::vector<MapWrite>& validate, std::uintptr_t, std::uint64_t after) override {
+    if (after != 0) wait_until(after, /*count_stall=*/false);
+    // The caller is the compute stream here: it runs nothing while it is in this call, so the old
+    // slot contents are free as soon as the map stops pointing at them.
+    for (const MapWrite& w : invalidate) store_map(map_, w);
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(Batch{++submitted_, copies, validate});
+    work_cv_.notify_one();
+    return submitted_;
+  }
+
+  bool done(std::uint64_t ticket) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return completed_ >= ticket;
+  }
+
+  std::uint64_t completed() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return completed_;
+  }
+
+  void wait(std::uint64_t ticket, std::uintptr_t) override { wait_until(ticket, /*count_stall=*/true); }
+
+  void synchronize() override {
+    std::uint64_t last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last = submitted_;
+    }
+    wait_until(last, false);
+  }
+
+  EngineTimes times() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return times_;
+  }
+
+  void reset_times() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    times_ = EngineTimes{};
+  }
+
+ private:
+  struct Batch {
+    std::uint64_t ticket;
+    std::vector<CopyJob> copies;
+    std::vector<MapWrite> validate;
+  };
+
+  void wait_until(std::uint64_t ticket, bool count_stall) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (completed_ >= ticket) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    done_cv_.wait(lock, [&] { return completed_ >= ticket; });
+    if (count_stall) {
+      times_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      times_.waits += 1;
+    }
+  }
+
+  void run() {
+    for (;;) {
+      Batch batch;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, and nothing left to copy
+        batch = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      for (const CopyJob& job : batch.copies) {
+        std::memcpy(reinterpret_cast<void*>(job.dst), reinterpret_cast<const void*>(job.src), job.bytes);
+      }
+      for (const MapWrite& w : batch.validate) store_map(map_, w);
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        completed_ = batch.ticket;
+        times_.copy_ms += ms;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  std::int32_t* map_;
+  std::mutex mu_;
+  std::condition_variable work_cv_, done_cv_;
+  std::deque<Batch> queue_;
+  std::uint64_t submitted_ = 0, completed_ = 0;
+  bool stop_ = false;
+  EngineTimes times_;
+  std::thread worker_;  // last: started once everything above exists
+};
+
+#ifdef MOECACHE_WITH_CUDA
+// ------------------------------------------------------------------ CUDA backend
+class CudaEngine final : public CopyEngine {
+ public:
+  CudaEngine(std::int32_t* map, int device) : map_(map), device_(device) {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    int least = 0, greatest = 0;
+    check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
+    check_cuda(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreateWithPriority");
+    check_cuda(cudaEventCreateWithFlags(&fence_, cudaEventDisableTiming), "cudaEventCreate");
+  }
+
+  ~CudaEngine() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(copy_stream_);
+    for (auto& b : inflight_) release_events(b.begin, b.done);
+    for (auto& s : stalls_) release_events(s.begin, s.end);
+    for (cudaEvent_t e : pool_) cudaEventDestroy(e);
+    cudaEventDestroy(fence_);
+    cudaStreamDestroy(copy_stream_);
+  }
+
+  std::uint64_t submit(const std::vector<MapWrite>& invalidate, const std::vector<CopyJob>& copies,
+                       const std::vector<MapWrite>& validate, std::uintptr_t compute_stream,
+                       std::uint64_t after) override {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    auto compute = reinterpret_cast<cudaStream_t>(compute_stream);
+    if (!invalidate.empty()) {
+      if (after != 0) wait(after, compute_stream, /*count_stall=*/false);
+      write_map(invalidate, compute);
+      // Copies into these slots start after every kernel enqueued so far on the compute stream.
+      check_cuda(cudaEventRecord(fence_, compute), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(copy_stream_, fence_, 0), "cudaStreamWaitEvent");
+    }
+    Batch b{++submitted_, take_event(), take_event()};
+    check_cuda(cudaEventRecord(b.begin, copy_stream_), "cudaEventRecord");
+    for (const CopyJob& job : copies) {
+      check_cuda(cudaMemcpyAsync(reinterpret_cast<void*>(job.dst), reinterpret_cast<const void*>(job.src), job.bytes,
+                                 cudaMemcpyHostToDevice, copy_stream_),
+                 "cudaMemcpyAsync (expert prefetch)");
+    }
+    write_map(validate, copy_stream_);
+    check_cuda(cudaEventRecord(b.done, copy_stream_), "cudaEventRecord");
+    inflight_.push_back(b);
+    return b.ticket;
+  }
+
+  bool done(std::uint64_t ticket) override {
+    poll();
+    return completed_ >= ticket;
+  }
+
+  std::uint64_t completed() override {
+    poll();
+    return completed_;
+  }
+
+  void wait(std::uint64_t ticket, std::uintptr_t compute_stream) override { wait(ticket, compute_stream, true); }
+
+  void synchronize() override {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    check_cuda(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize (copy stream)");
+    poll();
+  }
+
+  EngineTimes times() override {
+    poll();
+    return times_;
+  }
+
+  void reset_times() override {
+    poll();
+    times_ = EngineTimes{};
+  }
+
+ private:
+  struct Batch {
+    std::uint64_t ticket;
+    cudaEvent_t begin, done;
+  };
+  struct Stall {
+    cudaEvent_t begin, end;
+  };
+
+  void wait(std::uint64_t ticket, std::uintptr_t compute_stream, bool count_stall) {
+    poll();
+    if (completed_ >= ticket) return;
+    auto compute = reinterpret_cast<cudaStream_t>(compute_stream);
+    auto it = std::find_if(inflight_.begin(), inflight_.end(), [&](const Batch& b) { return b.ticket == ticket; });
+    if (it == inflight_.end()) throw std::logic_error("copy engine: waiting on an unknown ticket");
+    Stall s{count_stall ? take_event() : nullptr, count_stall ? take_event() : nullptr};
+    if (count_stall) check_cuda(cudaEventRecord(s.begin, compute), "cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(compute, it->done, 0), "cudaStreamWaitEvent");
+    if (count_stall) {
+      check_cuda(cudaEventRecord(s.end, compute), "cudaEventRecord");
+      stalls_.push_back(s);
+    }
+  }
+
+  void write_map(const std::vector<MapWrite>& writes, cudaStream_t stream) {
+    for (std::size_t i = 0; i < writes.size(); i += kMaxMapWritesPerLaunch) {
+      MapWriteArgs args{};
+      args.n = static_cast<std::int32_t>(std::min<std::size_t>(kMaxMapWritesPerLaunch, writes.size() - i));
+      for (int j = 0; j < args.n; ++j) {
+        args.index[j] = writes[i + j].index;
+        args.value[j] = writes[i + j].value;
+      }
+      check_cuda(launch_write_map(map_, args, stream), "expert map update launch");
+    }
+  }
+
+  // Retires completed batches and stalls in order, adding up their times; never blocks.
+  void poll() {
+    while (!inflight_.empty()) {
+      cudaError_t st = cudaEventQuery(inflight_.front().done);
+      if (st == cudaErrorNotReady) break;
+      check_cuda(st, "cudaEventQuery (copy batch)");
+      Batch b = inflight_.front();
+      inflight_.pop_front();
+      float ms = 0.f;
+      check_cuda(cudaEventElapsedTime(&ms, b.begin, b.done), "cudaEventElapsedTime");
+      times_.copy_ms += ms;
+      completed_ = b.ticket;
+      release_events(b.begin, b.done);
+    }
+    while (!stalls_.empty()) {
+      cudaError_t st = cudaEventQuery(stalls_.front().end);
+      if (st == cudaErrorNotReady) break;
+      check_cuda(st, "cudaEventQuery (stall)");
+      Stall s = stalls_.front();
+      stalls_.pop_front();
+      float ms = 0.f;
+      check_cuda(cudaEventElapsedTime(&ms, s.begin, s.end), "cudaEventElapsedTime");
+      times_.stall_ms += ms;
+      times_.waits += 1;
+      release_events(s.begin, s.end);
+    }
+  }
+
+  cudaEvent_t take_event() {
+    if (!pool_.empty()) {
+      cudaEvent_t e = pool_.back();
+      pool_.pop_back();
+      return e;
+    }
+    cudaEvent_t e;
+    check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+    return e;
+  }
+
+  void release_events(cudaEvent_t a, cudaEvent_t b) {
+    if (a) pool_.push_back(a);
+    if (b) pool_.push_back(b);
+  }
+
+  std::int32_t* map_;
+  int device_;
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t fence_ = nullptr;
+  std::deque<Batch> inflight_;
+  std::deque<Stall> stalls_;
+  std::vector<cudaEvent_t> pool_;
+  std::uint64_t submitted_ = 0, completed_ = 0;
+  EngineTimes times_;
+};
+#endif
+
+}  // namespace
+
+std::unique_ptr<CopyEngine> make_host_engine(std::int32_t* map) { return std::make_unique<HostEngine>(map); }
+
+std::unique_ptr<CopyEngine> make_cuda_engine(std::int32_t* map, int device) {
+#ifdef MOECACHE_WITH_CUDA
+  if (!runtime_info().cuda_available) throw std::runtime_error("the CUDA backend is not available: " + runtime_info().reason);
+  return std::make_unique<CudaEngine>(map, device);
+#else
+  (void)map;
+  (void)device;
+  throw std::runtime_error("moecache._C was built without CUDA");
+#endif
+}
+
+}  // namespace moecache

@@ -1,0 +1,334 @@
+#include "expert_cache.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+namespace moecache {
+
+ExpertCache::ExpertCache(std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
+                         int num_slots, std::uintptr_t slot_pool, std::uintptr_t expert_map, Backend backend,
+                         Policy policy, int device)
+    : store_(std::move(store)),
+      num_layers_(num_layers),
+      num_experts_(num_experts),
+      num_slots_(num_slots),
+      record_bytes_(record_bytes),
+      slot_pool_(slot_pool),
+      map_(reinterpret_cast<std::int32_t*>(expert_map)),
+      backend_(backend),
+      policy_(policy) {
+  if (!store_ || store_->released()) throw std::invalid_argument("store: the host store is released");
+  if (num_layers <= 0) throw std::invalid_argument("num_layers must be positive, got " + std::to_string(num_layers));
+  if (num_experts <= 0) throw std::invalid_argument("num_experts must be positive, got " + std::to_string(num_experts));
+  if (num_slots <= 0) throw std::invalid_argument("num_slots must be positive, got " + std::to_string(num_slots));
+  if (record_bytes == 0) throw std::invalid_argument("record_bytes must be positive");
+  const std::size_t needed = static_cast<std::size_t>(num_layers) * num_experts * record_bytes;
+  if (store_->bytes() < needed) {
+    throw std::invalid_argument("store holds " + std::to_string(store_->bytes()) + " bytes; " +
+                                std::to_string(num_layers) + " layers x " + std::to_string(num_experts) +
+                                " experts x " + std::to_string(record_bytes) + " bytes need " + std::to_string(needed));
+  }
+  if (slot_pool == 0) throw std::invalid_argument("slot_pool is a null pointer");
+  if (expert_map == 0) throw std::invalid_argument("expert_map is a null pointer");
+  slots_.resize(num_slots);
+  experts_.resize(static_cast<std::size_t>(num_layers) * num_experts);
+  stats_.layer_hits.assign(num_layers, 0);
+  stats_.layer_misses.assign(num_layers, 0);
+  engine_ = backend == Backend::Cuda ? make_cuda_engine(map_, device) : make_host_engine(map_);
+}
+
+ExpertCache::~ExpertCache() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void ExpertCache::check_open() const {
+  if (engine_ == nullptr) throw std::runtime_error("ExpertCache is closed");
+}
+
+void ExpertCache::check_layer(int layer) const {
+  if (layer < 0 || layer >= num_layers_) {
+    throw std::out_of_range("layer " + std::to_string(layer) + " is outside [0, " + std::to_string(num_layers_) + ")");
+  }
+}
+
+void ExpertCache::check_expert(int expert) const {
+  if (expert < 0 || expert >= num_experts_) {
+    throw std::out_of_range("expert " + std::to_string(expert) + " is outside [0, " + std::to_string(num_experts_) + ")");
+  }
+}
+
+static std::vector<int> unique_sorted(std::vector<int> ids) {
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
+int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
+  const std::uint64_t landed = engine_->completed();
+  int best = -1;
+  // Smaller is evicted first: a slot still being filled only after every landed one.
+  std::tuple<bool, float, std::uint64_t, std::uint64_t> best_key;
+  for (int s = 0; s < num_slots_; ++s) {
+    const Slot& slot = slots_[s];
+    if (slot.claimed == call_ || slot.pins > 0) continue;
+    if (slot.layer < 0) return s;  // empty: lowest index first, so a fresh pool fills in order
+    const Expert& occupant = state(slot.layer, slot.expert);
+    if (occupant.never_evict) continue;
+    if (for_prefetch && policy_ == Policy::Priority && !(occupant.priority < min_priority)) continue;
+    const bool in_flight = slot.ready_ticket > landed;
+    std::tuple<bool, float, std::uint64_t, std::uint64_t> key;
+    switch (policy_) {
+      case Policy::LRU: key = {in_flight, 0.f, occupant.last_use, 0}; break;
+      case Policy::LFU: key = {in_flight, 0.f, occupant.uses, occupant.last_use}; break;
+      case Policy::Priority: key = {in_flight, occupant.priority, occupant.last_use, 0}; break;
+    }
+    if (best < 0 || key < best_key) {
+      best = s;
+      best_key = key;
+    }
+  }
+  return best;
+}
+
+void ExpertCache::assign(int s, int layer, int expert, Plan& plan) {
+  Slot& slot = slots_[s];
+  if (slot.layer >= 0) {
+    Expert& old = state(slot.layer, slot.expert);
+    old.slot = -1;
+    plan.invalidate.push_back({slot.layer * num_experts_ + slot.expert, -1});
+    plan.after = std::max(plan.after, slot.ready_ticket);
+    stats_.evictions += 1;
+    if (slot.prefetched_unused) stats_.wasted_prefetches += 1;
+  }
+  slot.layer = layer;
+  slot.expert = expert;
+  slot.claimed = call_;
+  slot.prefetched_unused = false;
+  state(layer, expert).slot = s;
+  const std::size_t record = static_cast<std::size_t>(layer) * num_experts_ + expert;
+  plan.copies.push_back({slot_pool_ + static_cast<std::size_t>(s) * record_bytes_,
+                         store_->data() + record * record_bytes_, record_bytes_});
+  plan.validate.push_back({static_cast<std::int32_t>(record), s});
+}
+
+std::uint64_t ExpertCache::submit(Plan& plan, std::uintptr_t compute_stream) {
+  if (plan.copies.empty()) return 0;
+  // `after` matters only if a victim's own copy may not have landed yet.
+  if (plan.after != 0 && engine_->done(plan.after)) plan.after = 0;
+  std::vector<CopyJob> packed = pack_copies(plan.copies);
+  for (const CopyJob& job : packed) stats_.bytes_copied += job.bytes;
+  stats_.transfers += packed.size();
+  const std::uint64_t ticket = engine_->submit(plan.invalidate, packed, plan.validate, compute_stream, plan.after);
+  for (const MapWrite& w : plan.validate) slots_[w.value].ready_ticket = ticket;
+  return ticket;
+}
+
+int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  for (int e : experts) check_expert(e);
+  call_ += 1;
+  clock_ += 1;
+  Plan plan;
+  int issued = 0;
+  for (int e : unique_sorted(experts)) {
+    Expert& ex = state(layer, e);
+    if (ex.slot >= 0) continue;
+    const int s = choose_victim(/*for_prefetch=*/true, ex.priority);
+    if (s < 0) break;
+    assign(s, layer, e, plan);
+    slots_[s].prefetched_unused = true;
+    ex.last_use = clock_;  // so the next victim search does not take it straight back
+    issued += 1;
+  }
+  stats_.prefetches += issued;
+  submit(plan, compute_stream);
+  return issued;
+}
+
+std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const std::vector<int>& experts,
+                                                               std::uintptr_t compute_stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  for (int e : experts) check_expert(e);
+  call_ += 1;
+  clock_ += 1;
+  std::vector<int>& protected_slots = leases_[call_];
+  std::uint64_t needed = 0;
+  std::vector<int> missing;
+  const std::vector<int> wanted = unique_sorted(experts);
+  for (int e : wanted) {
+    Expert& ex = state(layer, e);
+    stats_.requests += 1;
+    ex.last_use = clock_;
+    ex.uses += 1;
+    if (ex.slot < 0) {
+      missing.push_back(e);
+      continue;
+    }
+    Slot& slot = slots_[ex.slot];
+    stats_.hits += 1;
+    stats_.layer_hits[layer] += 1;
+    if (slot.prefetched_unused) {
+      stats_.prefetch_hits += 1;
+      slot.prefetched_unused = false;
+    }
+    slot.pins += 1;
+    slot.claimed = call_;
+    protected_slots.push_back(ex.slot);
+    needed = std::max(needed, slot.ready_ticket);
+  }
+  Plan plan;
+  for (int e : missing) {
+    stats_.misses += 1;
+    stats_.layer_misses[layer] += 1;
+    const int s = choose_victim(/*for_prefetch=*/false, 0.f);
+    if (s < 0) continue;  // pool exhausted by protected slots: the caller runs this expert in a later round
+    assign(s, layer, e, plan);
+    slots_[s].pins += 1;
+    protected_slots.push_back(s);
+  }
+  needed = std::max(needed, submit(plan, compute_stream));
+  if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
+  std::vector<int> result;
+  result.reserve(experts.size());
+  for (int e : experts) result.push_back(state(layer, e).slot);
+  return {call_, result};
+}
+
+void ExpertCache::release(std::uint64_t lease) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  auto it = leases_.find(lease);
+  if (it == leases_.end()) throw std::invalid_argument("lease " + std::to_string(lease) + " is not held");
+  for (int s : it->second) slots_[s].pins -= 1;
+  leases_.erase(it);
+}
+
+std::size_t ExpertCache::leases_held() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return leases_.size();
+}
+
+void ExpertCache::record_use(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  for (int e : experts) check_expert(e);
+  clock_ += 1;
+  const std::uint64_t landed = engine_->completed();
+  for (int e : unique_sorted(experts)) {
+    Expert& ex = state(layer, e);
+    stats_.requests += 1;
+    ex.last_use = clock_;
+    ex.uses += 1;
+    if (ex.slot >= 0 && slots_[ex.slot].ready_ticket <= landed) {
+      stats_.hits += 1;
+      stats_.layer_hits[layer] += 1;
+      if (slots_[ex.slot].prefetched_unused) {
+        stats_.prefetch_hits += 1;
+        slots_[ex.slot].prefetched_unused = false;
+      }
+    } else {
+      stats_.misses += 1;
+      stats_.layer_misses[layer] += 1;
+      stats_.in_place_reads += 1;
+    }
+  }
+}
+
+void ExpertCache::set_priorities(int layer, const std::vector<float>& scores) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  if (static_cast<int>(scores.size()) != num_experts_) {
+    throw std::invalid_argument("scores must hold one value per expert (" + std::to_string(num_experts_) + "), got " +
+                                std::to_string(scores.size()));
+  }
+  for (int e = 0; e < num_experts_; ++e) state(layer, e).priority = scores[e];
+}
+
+void ExpertCache::set_never_evict(int layer, const std::vector<int>& experts, bool never_evict) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  for (int e : experts) check_expert(e);
+  for (int e : experts) state(layer, e).never_evict = never_evict;
+}
+
+void ExpertCache::set_policy(Policy policy) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  policy_ = policy;
+}
+
+int ExpertCache::slot_of(int layer, int expert) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  check_expert(expert);
+  return state(layer, expert).slot;
+}
+
+bool ExpertCache::ready(int layer, int expert) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  check_expert(expert);
+  const int s = state(layer, expert).slot;
+  return s >= 0 && engine_->done(slots_[s].ready_ticket);
+}
+
+std::vector<int> ExpertCache::resident(int layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  std::vector<int> out;
+  for (int e = 0; e < num_experts_; ++e) {
+    if (state(layer, e).slot >= 0) out.push_back(e);
+  }
+  return out;
+}
+
+CacheStats ExpertCache::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  CacheStats s = stats_;
+  const EngineTimes t = engine_->times();
+  s.copy_ms = t.copy_ms;
+  s.stall_ms = t.stall_ms;
+  s.waits = t.waits;
+  return s;
+}
+
+void ExpertCache::reset_stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  stats_ = CacheStats{};
+  stats_.layer_hits.assign(num_layers_, 0);
+  stats_.layer_misses.assign(num_layers_, 0);
+  engine_->reset_times();
+}
+
+void ExpertCache::synchronize() {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  engine_->synchronize();
+}
+
+void ExpertCache::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (engine_ == nullptr) return;
+  engine_->synchronize();
+  engine_.reset();
+  store_.reset();
+}
+
+}  // namespace moecache

@@ -1,0 +1,106 @@
+#include "host_store.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "runtime.h"
+
+#ifdef MOECACHE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace moecache {
+
+namespace {
+constexpr std::size_t kPage = 4096;
+
+std::string gib(std::size_t bytes) {
+  std::ostringstream s;
+  s.precision(2);
+  s << std::fixed << static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0) << " GiB";
+  return s.str();
+}
+
+void* aligned_pageable(std::size_t bytes) {
+  const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
+  void* p = std::aligned_alloc(kPage, rounded == 0 ? kPage : rounded);
+  if (p == nullptr) throw std::runtime_error("host store: could not allocate " + gib(bytes));
+  return p;
+}
+}  // namespace
+
+std::size_t host_memory_available() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::size_t value = 0;
+  std::string unit;
+  while (meminfo >> key >> value >> unit) {
+    if (key == "MemAvailable:") return value * 1024;
+  }
+  return 0;
+}
+
+HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable)
+    : bytes_(bytes), backend_(backend), mode_(mode) {
+  const std::size_t available = host_memory_available();
+  if (available != 0 && bytes > available) {
+    throw std::runtime_error("host store needs " + gib(bytes) + " for the expert masters but only " +
+                             gib(available) + " of RAM is available");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  if (backend == Backend::Host) mode_ = PinMode::Pageable;
+#ifdef MOECACHE_WITH_CUDA
+  if (mode_ == PinMode::Alloc) {
+    cudaError_t st = cudaHostAlloc(&data_, bytes == 0 ? kPage : bytes, cudaHostAllocPortable | cudaHostAllocMapped);
+    if (st != cudaSuccess) {
+      data_ = nullptr;
+      cudaGetLastError();
+      warning_ = std::string("cudaHostAlloc of ") + gib(bytes) + " failed (" + cudaGetErrorString(st) +
+                 "); check `ulimit -l` and free RAM";
+    }
+  } else if (mode_ == PinMode::Register) {
+    data_ = aligned_pageable(bytes);
+    const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
+    cudaError_t st = cudaHostRegister(data_, rounded == 0 ? kPage : rounded,
+                                      cudaHostRegisterPortable | cudaHostRegisterMapped);
+    if (st != cudaSuccess) {
+      std::free(data_);
+      data_ = nullptr;
+      cudaGetLastError();
+      warning_ = std::string("cudaHostRegister of ") + gib(bytes) + " failed (" + cudaGetErrorString(st) +
+                 "); check `ulimit -l` and free RAM";
+    }
+  }
+  if (data_ == nullptr && mode_ != PinMode::Pageable) {
+    if (!allow_pageable) throw std::runtime_error("host store: " + warning_);
+    warning_ += "; using pageable memory (copies ~3x slower, no in-place reads)";
+    mode_ = PinMode::Pageable;
+  }
+#else
+  mode_ = PinMode::Pageable;
+#endif
+  if (data_ == nullptr) data_ = aligned_pageable(bytes);
+  pin_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+HostStore::~HostStore() { release(); }
+
+void HostStore::release() {
+  if (data_ == nullptr) return;
+#ifdef MOECACHE_WITH_CUDA
+  if (mode_ == PinMode::Alloc) {
+    cudaFreeHost(data_);
+    data_ = nullptr;
+    return;
+  }
+  if (mode_ == PinMode::Register) cudaHostUnregister(data_);
+#endif
+  std::free(data_);
+  data_ = nullptr;
+}
+
+}  // namespace moecache

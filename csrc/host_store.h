@@ -1,0 +1,46 @@
+// Page-locked host memory holding every expert's master copy (immutable once filled).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "copy.h"
+
+namespace moecache {
+
+// How the arena is made page-locked: cudaHostAlloc, or an aligned allocation then cudaHostRegister.
+// Pageable is the fallback (and what the host backend always uses).
+enum class PinMode { Alloc = 0, Register = 1, Pageable = 2 };
+
+class HostStore {
+ public:
+  // Throws std::runtime_error, with the numbers, when `bytes` exceeds the RAM available, or when
+  // pinning fails and `allow_pageable` is false. With `allow_pageable`, a failed pin falls back to
+  // pageable memory and warning() says why.
+  HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable);
+  ~HostStore();
+  HostStore(const HostStore&) = delete;
+  HostStore& operator=(const HostStore&) = delete;
+
+  void release();  // frees the arena (idempotent)
+  bool released() const { return data_ == nullptr; }
+  std::uintptr_t data() const { return reinterpret_cast<std::uintptr_t>(data_); }
+  std::size_t bytes() const { return bytes_; }
+  bool pinned() const { return mode_ != PinMode::Pageable; }
+  PinMode mode() const { return mode_; }
+  double pin_seconds() const { return pin_seconds_; }  // time to allocate and pin (or allocate)
+  const std::string& warning() const { return warning_; }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  Backend backend_;
+  PinMode mode_;
+  double pin_seconds_ = 0.0;
+  std::string warning_;
+};
+
+// Bytes of RAM the kernel reports available (MemAvailable), or 0 when unknown.
+std::size_t host_memory_available();
+
+}  // namespace moecache

@@ -1,0 +1,425 @@
+"""Python face of `moecache._C.ExpertCache`: builds the pinned host store from a model's experts,
+owns the device slot pool and expert map as torch tensors (no copies: the C++ side gets their
+addresses), and runs a layer's experts through ops.fused_moe with the map.
+
+Misses: at decode (T <= 16 tokens, the GEMV path reads each expert's weights once) a non-resident
+expert is read in place from pinned host memory by the kernel (map entry -1): no host round trip, and
+the same PCIe bytes a copy would move. Above 16 tokens the grouped kernel re-reads an expert's weights
+once per tile of rows, so misses are copied into slots first (`ensure`), and the compute stream waits
+only on the copies it needs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .. import _C
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 256  # bytes: each expert record and its down block start on this boundary
+DECODE_TOKENS = 16  # fused_moe's decode path: each expert read once per step, so misses are read in place
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass
+class ExpertSource:
+    """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I])."""
+
+    num_experts: int
+    hidden: int
+    inter: int
+    dtype: torch.dtype
+    get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _linear_weight(module, *names):
+    for name in names:
+        sub = getattr(module, name, None)
+        if sub is not None and hasattr(sub, "weight"):
+            return sub.weight
+    return None
+
+
+def expert_source(experts) -> ExpertSource:
+    """An ExpertSource from the ways models hold experts.
+
+    - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
+    - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
+      (layouts that differ, such as GPT-OSS's [E, H, 2I] interleaved, raise);
+    - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
+      or w1/w3/w2 (Mixtral) linear layers.
+    """
+    if isinstance(experts, (tuple, list)) and len(experts) == 2 and all(isinstance(t, torch.Tensor) for t in experts):
+        gate_up, down = experts
+        return _fused_source(gate_up, down, "w_gate_up", "w_down")
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
+        if getattr(experts, "gate_up_proj_bias", None) is not None or getattr(experts, "is_transposed", False):
+            raise ValueError(f"experts: {type(experts).__name__} keeps gate_up_proj transposed or with biases "
+                             "(GPT-OSS layout); the expert cache takes [E, 2I, H] gate_up and [E, H, I] down weights")
+        return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
+    if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
+        first = experts[0]
+        names = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+        for gate_name, up_name, down_name in names:
+            if all(_linear_weight(first, n) is not None for n in (gate_name, up_name, down_name)):
+                break
+        else:
+            raise ValueError(f"experts: a ModuleList of {type(first).__name__} has neither gate_proj/up_proj/down_proj "
+                             "nor w1/w3/w2 linear layers")
+        gate = _linear_weight(first, gate_name)
+        inter, hidden = gate.shape
+
+        def get(e):
+            m = experts[e]
+            gu = torch.cat([_linear_weight(m, gate_name), _linear_weight(m, up_name)], dim=0)
+            return gu, _linear_weight(m, down_name)
+
+        return ExpertSource(len(experts), hidden, inter, gate.dtype, get)
+    raise ValueError(f"experts: cannot read experts from {type(experts).__name__}; pass (w_gate_up [E, 2I, H], "
+                     "w_down [E, H, I]), a module with gate_up_proj/down_proj, or a ModuleList of expert MLPs")
+
+
+def _fused_source(gate_up, down, gu_name, down_name) -> ExpertSource:
+    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+        raise ValueError(f"experts: {gu_name} must be [E, 2I, H], got {tuple(gate_up.shape)}")
+    E, two_i, H = gate_up.shape
+    if tuple(down.shape) != (E, H, two_i // 2):
+        raise ValueError(f"experts: {down_name} must be [E={E}, H={H}, I={two_i // 2}], got {tuple(down.shape)}")
+    if down.dtype != gate_up.dtype:
+        raise ValueError(f"experts: {down_name} dtype {down.dtype} differs from {gu_name}'s {gate_up.dtype}")
+    return ExpertSource(E, H, two_i // 2, gate_up.dtype, lambda e: (gate_up[e], down[e]))
+
+
+class Lease:
+    """Slots that ensure() made resident, protected from eviction until release() (or the `with` ends)."""
+
+    def __init__(self, cache: "ExpertCache", lease: int, slots: list[int]):
+        self._cache, self.id, self.slots = cache, lease, slots
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._cache._check_open()
+            self._cache._core.release(self.id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._cache._closed:
+            self.release()
+
+    def __repr__(self):
+        return f"Lease({self.id}, slots={self.slots}, {'held' if self._held else 'released'})"
+
+
+class ExpertCache:
+    """Experts of `layers` kept in pinned host memory, with `num_slots` of them on the device at a time.
+
+    Args:
+        layers: one entry per MoE layer, anything `expert_source` reads (all layers the same shape).
+        num_slots: device slots in the pool (one expert each, any layer).
+        policy: "lru", "lfu" or "priority" (scores from `set_priorities`; the predictor feeds them).
+        device: where slots live (default: the current CUDA device, else the CPU with the host backend).
+        pin: "alloc" (cudaHostAlloc) or "register" (cudaHostRegister of an aligned arena).
+        allow_pageable: if pinning fails, use pageable memory with a warning instead of raising.
+
+    Example:
+        cache = ExpertCache([(w_gate_up, w_down) for ...], num_slots=32)
+        out = cache.moe(layer, hidden_states, topk_weights, topk_ids)
+        cache.prefetch(layer + 1, predicted_experts)
+    """
+
+    def __init__(self, layers: Sequence, *, num_slots: int, policy: str = "lru", device=None,
+                 pin: str = "alloc", allow_pageable: bool = False):
+        sources = [expert_source(layer) for layer in layers]
+        if not sources:
+            raise ValueError("layers: at least one MoE layer is needed")
+        first = sources[0]
+        for i, s in enumerate(sources):
+            if (s.num_experts, s.hidden, s.inter, s.dtype) != (first.num_experts, first.hidden, first.inter, first.dtype):
+                raise ValueError(f"layers[{i}] has experts [E={s.num_experts}, H={s.hidden}, I={s.inter}, {s.dtype}]; "
+                                 f"layer 0 has [E={first.num_experts}, H={first.hidden}, I={first.inter}, {first.dtype}]")
+        if not isinstance(num_slots, int) or num_slots <= 0:
+            raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if _C.cuda_available() else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not _C.cuda_available():
+                raise ValueError(f"device={self.device} but moecache._C cannot use CUDA: {_C.cuda_unavailable_reason()}")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            backend = "cuda"
+        elif self.device.type == "cpu":
+            backend = "host"
+        else:
+            raise ValueError(f"device must be a CUDA device or the CPU, got {self.device}")
+
+        self.num_layers, self.num_experts = len(sources), first.num_experts
+        self.hidden, self.inter, self.dtype = first.hidden, first.inter, first.dtype
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        gate_up_bytes = 2 * self.inter * self.hidden * itemsize
+        self._down_offset = _align(gate_up_bytes)
+        self.record_bytes = _align(self._down_offset + self.hidden * self.inter * itemsize)
+        self.num_slots = num_slots
+        pool_bytes = num_slots * self.record_bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            if pool_bytes > free:
+                raise ValueError(f"num_slots={num_slots} experts of {self.record_bytes / 2**20:.1f} MiB need "
+                                 f"{pool_bytes / 2**30:.2f} GiB of GPU memory but only {free / 2**30:.2f} GiB of "
+                                 f"{total / 2**30:.2f} GiB is free")
+
+        self._store = _C.HostStore(self.num_layers * self.num_experts * self.record_bytes, backend=backend, pin=pin,
+                                   allow_pageable=allow_pageable)
+        if self._store.warning:
+            logger.warning("expert host store: %s", self._store.warning)
+        self._host_bytes = torch.frombuffer(self._store, dtype=torch.uint8)
+        self._host_gate_up, self._host_down = self._record_views(self._host_bytes, self.num_layers * self.num_experts)
+        for layer, source in enumerate(sources):
+            for e in range(self.num_experts):
+                gate_up, down = source.get(e)
+                record = layer * self.num_experts + e
+                self._host_gate_up[record].copy_(gate_up.detach())
+                self._host_down[record].copy_(down.detach())
+
+        self._pool = torch.empty(pool_bytes, dtype=torch.uint8, device=self.device)
+        self._slot_gate_up, self._slot_down = self._record_views(self._pool, num_slots)
+        self._map = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=self.device)
+        self._core = _C.ExpertCache(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
+                                    self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
+                                    device=self.device.index or 0)
+        self._closed = False
+        logger.info("expert cache: %d layers x %d experts of %.2f MiB in %s host memory (%s, %.2f s); %d slots on %s",
+                    self.num_layers, self.num_experts, self.record_bytes / 2**20,
+                    "pinned" if self._store.pinned else "pageable", self._store.pin_mode, self._store.pin_seconds,
+                    num_slots, self.device)
+
+    # ------------------------------------------------------------------ views
+    def _record_views(self, flat_bytes: torch.Tensor, count: int):
+        """[count, 2I, H] gate_up and [count, H, I] down views of records laid end to end."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        elems = flat_bytes.view(self.dtype)
+        stride = self.record_bytes // itemsize
+        gate_up = elems.as_strided((count, 2 * self.inter, self.hidden), (stride, self.hidden, 1), 0)
+        down = elems.as_strided((count, self.hidden, self.inter), (stride, self.inter, 1), self._down_offset // itemsize)
+        return gate_up, down
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("ExpertCache is closed")
+
+    @property
+    def pinned(self) -> bool:
+        return self._store.pinned
+
+    @property
+    def pin_seconds(self) -> float:
+        return self._store.pin_seconds
+
+    @property
+    def policy(self) -> str:
+        return self._core.policy
+
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool as ([S, 2I, H], [S, H, I]) tensors on the device (views, no copies)."""
+        self._check_open()
+        return self._slot_gate_up, self._slot_down
+
+    def host_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's master copies as ([E, 2I, H], [E, H, I]) views of the pinned host store."""
+        self._check_open()
+        self._check_layer(layer)
+        lo, hi = layer * self.num_experts, (layer + 1) * self.num_experts
+        return self._host_gate_up[lo:hi], self._host_down[lo:hi]
+
+    def expert_map(self, layer: int) -> torch.Tensor:
+        """[E] int32 on the device: each expert's slot, -1 while it is not resident."""
+        self._check_open()
+        self._check_layer(layer)
+        return self._map[layer]
+
+    def _check_layer(self, layer):
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is outside [0, {self.num_layers})")
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    @staticmethod
+    def _ids(experts) -> list[int]:
+        if isinstance(experts, torch.Tensor):
+            return [int(e) for e in experts.reshape(-1).tolist()]
+        return [int(e) for e in experts]
+
+    # ------------------------------------------------------------------ cache operations
+    def prefetch(self, layer: int, experts) -> int:
+        """Start copying these experts of `layer` into slots; returns at once (how many copies started)."""
+        self._check_open()
+        return self._core.prefetch(layer, self._ids(experts), self._stream())
+
+    def ensure(self, layer: int, experts) -> "Lease":
+        """Make experts resident for work enqueued next on the current stream, which waits only on the
+        copies it needs. The lease's `slots` give each expert's slot (-1: no evictable slot was left);
+        the slots are protected from eviction until the lease is released (`with` releases it)."""
+        self._check_open()
+        lease, slots = self._core.ensure(layer, self._ids(experts), self._stream())
+        return Lease(self, lease, slots)
+
+    def release(self, lease: "Lease") -> None:
+        """End a lease: its slots may be evicted again (copies into them still wait for the work enqueued
+        on the compute stream before the eviction, so releasing right after launching is safe)."""
+        self._check_open()
+        lease.release()
+
+    def record_use(self, layer: int, experts) -> None:
+        self._check_open()
+        self._core.record_use(layer, self._ids(experts))
+
+    def set_priorities(self, layer: int, scores) -> None:
+        """Predicted next-use score per expert of `layer` (higher = keep; the "priority" policy)."""
+        self._check_open()
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().float().cpu().reshape(-1).tolist()
+        self._core.set_priorities(layer, [float(s) for s in scores])
+
+    def pin(self, layer: int, experts) -> int:
+        """Keep these experts resident for good (hot or shared experts); starts their copies."""
+        self._check_open()
+        ids = self._ids(experts)
+        self._core.set_never_evict(layer, ids, True)
+        return self._core.prefetch(layer, ids, self._stream())
+
+    def unpin(self, layer: int, experts) -> None:
+        self._check_open()
+        self._core.set_never_evict(layer, self._ids(experts), False)
+
+    def slot_of(self, layer: int, expert: int) -> int:
+        self._check_open()
+        return self._core.slot_of(layer, expert)
+
+    def ready(self, layer: int, expert: int) -> bool:
+        self._check_open()
+        return self._core.ready(layer, expert)
+
+    def resident(self, layer: int) -> list[int]:
+        self._check_open()
+        return self._core.resident(layer)
+
+    def synchronize(self) -> None:
+        self._check_open()
+        self._core.synchronize()
+
+    def stats(self) -> dict:
+        """Counters since creation (or reset_stats), plus hit_rate and copy_gbps."""
+        self._check_open()
+        s = self._core.stats()
+        s["hit_rate"] = s["hits"] / s["requests"] if s["requests"] else 0.0
+        s["copy_gbps"] = s["bytes_copied"] / s["copy_ms"] / 1e6 if s["copy_ms"] > 0 else 0.0
+        return s
+
+    def reset_stats(self) -> None:
+        self._check_open()
+        self._core.reset_stats()
+
+    # ------------------------------------------------------------------ running a layer
+    def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+            activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto") -> torch.Tensor:
+        """The routed experts of `layer` for these tokens, with weights served by the cache.
+
+        misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
+        unless track_usage), "copy" (copy them into slots first; rounds if the pool is too small), or
+        "auto": in place up to 16 tokens where the store is pinned, else copy.
+        """
+        from .. import ops
+
+        self._check_open()
+        self._check_layer(layer)
+        if misses not in ("auto", "in_place", "copy"):
+            raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
+        in_place_ok = self._store.pinned or self.device.type == "cpu"
+        if misses == "auto":
+            misses = "in_place" if hidden_states.shape[0] <= DECODE_TOKENS and in_place_ok else "copy"
+        if misses == "in_place" and not in_place_ok:
+            raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
+        host_gate_up, host_down = self.host_weights(layer)
+        if misses == "in_place":
+            if track_usage:
+                self.record_use(layer, torch.unique(topk_ids))
+            return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
+                                 activation=activation, backend=backend, expert_map=self._map[layer],
+                                 host_w_gate_up=host_gate_up, host_w_down=host_down)
+
+        needed = self._ids(torch.unique(topk_ids))
+        lease = self.ensure(layer, needed)
+        if all(s >= 0 for s in lease.slots):
+            with lease:
+                return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
+                                     activation=activation, backend=backend, expert_map=self._map[layer])
+        return self._moe_in_rounds(layer, hidden_states, topk_weights, topk_ids, needed, lease, activation, backend)
+
+    def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, activation, backend):
+        """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.
+
+        Each round computes every routed row, with the weights of experts outside the round zeroed and
+        their map entries pointed at a slot of the round (no extra PCIe bytes; ids stay distinct per row),
+        and the rounds add up in a fixed order.
+        """
+        from .. import ops
+
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        remaining = list(needed)
+        while True:
+            with lease:
+                resident = {e: s for e, s in zip(remaining, lease.slots) if s >= 0}
+                if not resident:
+                    raise RuntimeError(f"expert cache: no slot of {self.num_slots} can be evicted for layer {layer} "
+                                       "(all protected or never-evict); unpin experts or use more slots")
+                filler = next(iter(resident.values()))
+                local_map = torch.full((self.num_experts,), filler, dtype=torch.int32)
+                local_map[list(resident)] = torch.tensor(list(resident.values()), dtype=torch.int32)
+                in_round = torch.isin(topk_ids, torch.tensor(list(resident), device=topk_ids.device))
+                weights = torch.where(in_round, topk_weights, torch.zeros_like(topk_weights))
+                out += ops.fused_moe(x, self._slot_gate_up, self._slot_down, weights, topk_ids, activation=activation,
+                                     backend=backend, expert_map=local_map.to(self.device)).float()
+            remaining = [e for e in remaining if e not in resident]
+            if not remaining:
+                return out.to(x.dtype)
+            lease = self.ensure(layer, remaining)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Wait for copies in flight, free the host store and the pool (idempotent)."""
+        if self._closed:
+            return
+        self._core.close()
+        self._closed = True
+        for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes"):
+            setattr(self, name, None)
+        self._store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to report to
+            pass
+
+    def __repr__(self):
+        state = "closed" if self._closed else f"{self.num_slots} slots on {self.device}, policy={self.policy}"
+        return (f"ExpertCache({self.num_layers} layers x {self.num_experts} experts [H={self.hidden}, I={self.inter}, "
+                f"{self.dtype}], {state})")

@@ -1,0 +1,331 @@
+"""moecache.cache.ExpertCache and moecache._C's prefetcher (host backend here; GPU tests marked)."""
+import os
+import random
+import threading
+
+import pytest
+import torch
+
+from moecache import _C
+from moecache.cache import ExpertCache, expert_source
+from moecache.ops.reference import fused_moe_reference, route_reference
+from moecache.testing import assert_close, poisoned
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_layers(L=3, E=8, H=32, I=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype),
+             (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)) for _ in range(L)]
+
+
+def assert_slot_holds(cache, layers, layer, expert):
+    slot = cache.slot_of(layer, expert)
+    assert slot >= 0, f"expert {expert} of layer {layer} is not resident"
+    gate_up, down = cache.slot_weights()
+    assert torch.equal(gate_up[slot].cpu(), layers[layer][0][expert])
+    assert torch.equal(down[slot].cpu(), layers[layer][1][expert])
+
+
+def test_host_store_holds_every_master_and_slots_match_after_prefetch_and_ensure():
+    layers = make_layers(dtype=torch.float16)
+    with ExpertCache(layers, num_slots=5) as cache:
+        for layer in range(3):
+            gate_up, down = cache.host_weights(layer)
+            assert torch.equal(gate_up, layers[layer][0]) and torch.equal(down, layers[layer][1])
+        assert cache.prefetch(1, [7, 2, 2, 5]) == 3
+        lease = cache.ensure(0, [4, 1])
+        assert lease.slots == [cache.slot_of(0, 4), cache.slot_of(0, 1)]
+        cache.synchronize()
+        for layer, expert in [(1, 7), (1, 2), (1, 5), (0, 4), (0, 1)]:
+            assert_slot_holds(cache, layers, layer, expert)
+        expert_map = cache.expert_map(1).cpu()
+        assert expert_map.tolist() == [cache.slot_of(1, e) for e in range(8)]
+        assert sorted(cache.resident(1)) == [2, 5, 7]
+        cache.release(lease)
+
+
+def test_pack_copies_merges_adjacent_source_and_destination():
+    jobs = [(120, 30, 10), (100, 10, 10), (110, 20, 10), (500, 40, 10), (900, 50, 10)]
+    assert _C.pack_copies(jobs) == [(100, 10, 30), (500, 40, 10), (900, 50, 10)]
+
+
+def test_fresh_pool_fills_in_order_and_packs_the_copies():
+    layers = make_layers(E=8)
+    with ExpertCache(layers, num_slots=8) as cache:
+        cache.prefetch(0, range(8))
+        cache.synchronize()
+        s = cache.stats()
+        assert [cache.slot_of(0, e) for e in range(8)] == list(range(8))
+        assert s["transfers"] == 1 and s["bytes_copied"] == 8 * cache.record_bytes
+
+
+def test_lru_evicts_the_least_recently_used():
+    with ExpertCache(make_layers(), num_slots=3, policy="lru") as cache:
+        for e in (0, 1, 2):
+            cache.ensure(0, [e]).release()
+        cache.ensure(0, [0]).release()  # 1 is now the oldest
+        cache.ensure(0, [3]).release()
+        assert sorted(cache.resident(0)) == [0, 2, 3]
+
+
+def test_lfu_evicts_the_least_frequently_used():
+    with ExpertCache(make_layers(), num_slots=3, policy="lfu") as cache:
+        for e, times in ((0, 3), (1, 1), (2, 2)):
+            for _ in range(times):
+                cache.ensure(0, [e]).release()
+        cache.ensure(0, [3]).release()
+        assert sorted(cache.resident(0)) == [0, 2, 3]
+        cache.ensure(0, [4]).release()  # 3 (one use, newer) vs 2 (two uses): 3 goes
+        assert sorted(cache.resident(0)) == [0, 2, 4]
+
+
+def test_priority_evicts_the_lowest_score_and_prefetch_never_evicts_a_better_expert():
+    with ExpertCache(make_layers(), num_slots=3, policy="priority") as cache:
+        cache.set_priorities(0, [5, 1, 9, 0, 7, 3, 2, 8])
+        assert cache.prefetch(0, [0, 1, 2]) == 3
+        cache.ensure(0, [3]).release()  # demand: evicts the lowest score, expert 1
+        assert sorted(cache.resident(0)) == [0, 2, 3]
+        assert cache.prefetch(0, [6]) == 1  # 6 (score 2) may only replace 3 (score 0)
+        assert sorted(cache.resident(0)) == [0, 2, 6]
+        assert cache.prefetch(0, [1]) == 0  # 1 (score 1) scores below every resident expert
+        assert cache.prefetch(0, [7]) == 1  # 7 (score 8) replaces the lowest, 6
+        assert sorted(cache.resident(0)) == [0, 2, 7]
+        with pytest.raises(ValueError, match="one value per expert"):
+            cache.set_priorities(0, [1.0, 2.0])
+
+
+def test_never_evict_experts_stay():
+    with ExpertCache(make_layers(), num_slots=3) as cache:
+        cache.pin(0, [6])
+        for e in range(6):
+            cache.ensure(1, [e]).release()
+        assert cache.resident(0) == [6]
+        cache.unpin(0, [6])
+        for e in range(6):
+            cache.ensure(1, [e]).release()
+        assert cache.resident(0) == []
+
+
+def test_an_expert_in_use_is_never_evicted_even_with_a_tiny_pool():
+    layers = make_layers()
+    with ExpertCache(layers, num_slots=1) as cache:
+        in_use = cache.ensure(0, [3])
+        assert in_use.slots == [0]
+        assert cache.prefetch(2, [1, 2]) == 0  # the only slot is in use by layer 0
+        blocked = cache.ensure(1, [5])
+        assert blocked.slots == [-1]
+        assert_slot_holds(cache, layers, 0, 3)
+        blocked.release()
+        in_use.release()
+        with cache.ensure(1, [5]) as lease:
+            assert lease.slots == [0]
+            assert_slot_holds(cache, layers, 1, 5)
+        assert cache._core.leases_held() == 0
+        with pytest.raises(ValueError, match="not held"):
+            cache._core.release(12345)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("slots,T,misses", [(2, 6, "copy"), (3, 19, "copy"), (4, 3, "in_place"), (40, 19, "copy")],
+                         ids=["rounds-decode", "rounds-grouped", "in-place", "roomy"])
+def test_layer_output_matches_reference(slots, T, misses, backend):
+    """A pool smaller than the layer's active experts works in rounds; in place reads the host copy."""
+    L, E, H, I, K = 2, 8, 40, 24, 3
+    layers = make_layers(L, E, H, I)
+    with ExpertCache(layers, num_slots=slots) as cache:
+        for layer in range(L):
+            x = torch.randn(T, H)
+            w, ids = route_reference(torch.randn(T, E), K)
+            assert len(torch.unique(ids)) > min(slots, E - 1) or slots == 40
+            out = cache.moe(layer, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend)
+            assert_close(out.cpu(), fused_moe_reference(x, *layers[layer], w, ids), torch.float32)
+        s = cache.stats()
+        assert s["hits"] + s["misses"] == s["requests"] > 0
+        if misses == "in_place":
+            assert s["in_place_reads"] == s["misses"] > 0 and s["bytes_copied"] == 0
+
+
+def test_stats_add_up():
+    layers = make_layers(L=2, E=8)
+    with ExpertCache(layers, num_slots=4) as cache:
+        cache.prefetch(0, [0, 1])
+        cache.ensure(0, [0, 2]).release()  # hit (prefetched), miss
+        cache.prefetch(1, [3, 4, 5])  # evicts 1 (prefetched, never used) among others
+        cache.ensure(1, [3, 6]).release()
+        cache.synchronize()
+        s = cache.stats()
+        assert s["requests"] == 4 and s["hits"] == 2 and s["misses"] == 2
+        assert s["prefetch_hits"] == 2 and s["prefetches"] == 5
+        assert s["wasted_prefetches"] >= 1
+        assert s["layer_hits"] == [1, 1] and s["layer_misses"] == [1, 1]
+        assert s["bytes_copied"] == 7 * cache.record_bytes
+        assert s["evictions"] == 7 - 4
+        cache.reset_stats()
+        assert cache.stats()["requests"] == 0
+
+
+def test_random_request_streams_from_threads_keep_slots_and_map_consistent():
+    L, E = 4, 16
+    layers = make_layers(L=L, E=E, H=16, I=8)
+    with ExpertCache(layers, num_slots=10, policy="lfu") as cache:
+        errors = []
+
+        def worker(seed):
+            rng = random.Random(seed)
+            try:
+                for _ in range(150):
+                    layer = rng.randrange(L)
+                    experts = rng.sample(range(E), rng.randint(1, 4))
+                    if rng.random() < 0.4:
+                        cache.prefetch(rng.randrange(L), rng.sample(range(E), 3))
+                    lease = cache.ensure(layer, experts)
+                    gate_up, down = cache.slot_weights()
+                    for e, s in zip(experts, lease.slots):
+                        # Protected until release: the bytes must be this expert's, whatever others do.
+                        if s >= 0:
+                            assert torch.equal(gate_up[s], layers[layer][0][e]), (layer, e, s)
+                            assert torch.equal(down[s], layers[layer][1][e]), (layer, e, s)
+                    cache.stats()
+                    lease.release()
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        assert cache._core.leases_held() == 0
+        cache.synchronize()
+        s = cache.stats()
+        assert s["hits"] + s["misses"] == s["requests"] > 0
+        expert_map = cache._map.cpu()
+        for layer in range(L):
+            for e in range(E):
+                assert expert_map[layer, e].item() == cache.slot_of(layer, e)
+                if cache.slot_of(layer, e) >= 0:
+                    assert_slot_holds(cache, layers, layer, e)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_is_returned_on_close():
+    layers = make_layers(L=2, E=16, H=256, I=128)  # 2 x 16 x 192 KiB = 6 MiB host store per cache
+    for _ in range(5):
+        ExpertCache(layers, num_slots=4).close()
+    before = _rss_bytes()
+    for _ in range(100):
+        cache = ExpertCache(layers, num_slots=4)
+        cache.prefetch(0, [1, 2, 3])
+        cache.close()
+    grown = _rss_bytes() - before
+    assert grown < 64 << 20, f"RSS grew {grown / 2**20:.1f} MiB over 100 caches of 6 MiB"
+
+
+def test_bad_input():
+    layers = make_layers()
+    cache = ExpertCache(layers, num_slots=2)
+    with pytest.raises(IndexError, match="layer 3"):
+        cache.prefetch(3, [0])
+    with pytest.raises(IndexError, match="expert 8"):
+        cache.ensure(0, [8])
+    with pytest.raises(IndexError, match="expert -1"):
+        cache.prefetch(0, [-1])
+    with pytest.raises(IndexError):
+        cache.expert_map(-1)
+    with pytest.raises(ValueError, match="misses"):
+        cache.moe(0, torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32), misses="never")
+    cache.close()
+    cache.close()
+    for call in (lambda: cache.prefetch(0, [1]), lambda: cache.stats(), lambda: cache.slot_weights(),
+                 lambda: cache.moe(0, torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32))):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    with pytest.raises(ValueError, match="num_slots"):
+        ExpertCache(layers, num_slots=0)
+    with pytest.raises(ValueError, match="policy"):
+        ExpertCache(layers, num_slots=2, policy="fifo")
+    with pytest.raises(ValueError, match=r"layers\[1\]"):
+        ExpertCache([layers[0], make_layers(L=1, E=4)[0]], num_slots=2)
+    with pytest.raises(ValueError, match="w_down must be"):
+        ExpertCache([(layers[0][0], layers[0][1][:, :, :3])], num_slots=2)
+    with pytest.raises(RuntimeError, match="RAM is available"):
+        _C.HostStore(1 << 60, backend="host")
+
+
+def test_reads_transformers_experts_in_both_layouts():
+    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=4)
+    fused = MixtralExperts(config)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p)
+    source = expert_source(fused)
+    assert (source.num_experts, source.hidden, source.inter) == (4, 32, 16)
+    gate_up, down = source.get(2)
+    assert torch.equal(gate_up, fused.gate_up_proj[2]) and torch.equal(down, fused.down_proj[2])
+
+    qconfig = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=3)
+    listed = torch.nn.ModuleList(Qwen3MoeMLP(qconfig, intermediate_size=16) for _ in range(3))  # 4.x layout
+    source = expert_source(listed)
+    gate_up, down = source.get(1)
+    assert torch.equal(gate_up, torch.cat([listed[1].gate_proj.weight, listed[1].up_proj.weight]))
+    assert torch.equal(down, listed[1].down_proj.weight)
+    with ExpertCache([fused, fused], num_slots=2) as cache:
+        assert torch.equal(cache.host_weights(1)[0], fused.gate_up_proj.detach())
+    with pytest.raises(ValueError, match="experts"):
+        expert_source(torch.nn.Linear(3, 3))
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("pin", ["alloc", "register"])
+def test_gpu_cuda_backend_copies_and_map(pin):
+    layers = make_layers(L=2, E=16, H=512, I=256, dtype=torch.bfloat16)
+    with ExpertCache(layers, num_slots=6, pin=pin) as cache:
+        assert cache.pinned and cache.device.type == "cuda"
+        assert cache.host_weights(0)[0].is_pinned()
+        cache.prefetch(0, [3, 4, 5, 9])
+        cache.ensure(1, [0, 15]).release()
+        cache.synchronize()
+        for layer, e in [(0, 3), (0, 4), (0, 5), (0, 9), (1, 0), (1, 15)]:
+            assert_slot_holds(cache, layers, layer, e)
+        assert cache.expert_map(0).tolist() == [cache.slot_of(0, e) for e in range(16)]
+        s = cache.stats()
+        assert s["copy_ms"] > 0 and s["bytes_copied"] == 6 * cache.record_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,misses", [(1, "in_place"), (4, "in_place"), (64, "copy"), (300, "copy")])
+def test_gpu_layer_with_prefetch_in_flight_matches_reference(T, misses):
+    """Copies run while layers compute; results stay right whatever has landed."""
+    L, E, H, I, K = 4, 32, 1024, 512, 4
+    layers = make_layers(L, E, H, I, dtype=torch.bfloat16)
+    with ExpertCache(layers, num_slots=24) as cache:
+        for step in range(3):
+            for layer in range(L):
+                x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+                w, ids = route_reference(torch.randn(T, E, device="cuda"), K)
+                cache.prefetch((layer + 1) % L, torch.randperm(E)[:8])
+                out = cache.moe(layer, x, w, ids, misses=misses)
+                ref = fused_moe_reference(x, *(t.cuda() for t in layers[layer]), w, ids)
+                assert_close(out, ref, torch.bfloat16)
+        s = cache.stats()
+        assert s["hits"] + s["misses"] == s["requests"] and s["bytes_copied"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_pool_larger_than_free_memory_is_refused_before_allocating():
+    layers = make_layers(L=1, E=4, H=4096, I=14336 // 8, dtype=torch.bfloat16)
+    free, _ = torch.cuda.mem_get_info()
+    record = 3 * 4096 * (14336 // 8) * 2
+    with pytest.raises(ValueError, match="GiB of GPU memory but only"):
+        ExpertCache(layers, num_slots=free // record + 10)
