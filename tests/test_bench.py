@@ -20,6 +20,22 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
 
 
+@pytest.mark.skipif(not (BENCH / "bench_prefetch.py").is_file(), reason="needs the source tree")
+def test_bench_prefetch_quick_runs_and_writes_rows(tmp_path):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_prefetch.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"bench_prefetch.pin", "bench_prefetch.h2d", "bench_prefetch.overlap",
+                                              "bench_prefetch.misses"}
+    assert all(r["ms"] > 0 for r in rows)
+    overlap = next(r for r in rows if r["provider"] == "prefetcher:compute+copy")
+    assert overlap["stall_ms"] >= 0
+
+
 @pytest.mark.skipif(not (BENCH / "tune_moe.py").is_file(), reason="needs the source tree")
 def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch):
     import json
