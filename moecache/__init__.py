@@ -28,13 +28,18 @@ if _C.__version__ != __version__:
         f"moecache._C is version {_C.__version__} but the Python package is {__version__}: reinstall with `pip install .`"
     )
 
-__all__ = ["__version__", "_C", "ops"]
+__all__ = ["__version__", "_C", "ops", "cache", "patch", "unpatch", "stats", "Offload"]
+
+# The functions live in moecache.patching: a submodule named `patch` would shadow the function.
+_LAZY = {"patch": ".patching", "unpatch": ".patching", "stats": ".patching", "Offload": ".patching"}
 
 
 def __getattr__(name):
-    # ops pulls in torch and triton; keep `import moecache` light for `python -m moecache info`.
-    if name == "ops":
-        import importlib
+    # ops, cache and patch pull in torch and triton; keep `import moecache` light for `python -m moecache info`.
+    import importlib
 
-        return importlib.import_module(".ops", __name__)
+    if name in ("ops", "cache", "layers"):
+        return importlib.import_module("." + name, __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'moecache' has no attribute {name!r}")

@@ -37,6 +37,7 @@ class ExpertSource:
     inter: int
     dtype: torch.dtype
     get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    gate_up_interleaved: bool = False  # gate = even rows, up = odd rows (GPT-OSS)
 
 
 def _linear_weight(module, *names):
@@ -60,9 +61,12 @@ def expert_source(experts) -> ExpertSource:
         gate_up, down = experts
         return _fused_source(gate_up, down, "w_gate_up", "w_down")
     if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
-        if getattr(experts, "gate_up_proj_bias", None) is not None or getattr(experts, "is_transposed", False):
-            raise ValueError(f"experts: {type(experts).__name__} keeps gate_up_proj transposed or with biases "
-                             "(GPT-OSS layout); the expert cache takes [E, 2I, H] gate_up and [E, H, I] down weights")
+        if getattr(experts, "is_transposed", False):
+            # GPT-OSS: gate_up [E, H, 2I] interleaved, down [E, I, H]; records hold them as [2I, H] / [H, I].
+            source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
+                                   "gate_up_proj", "down_proj")
+            source.gate_up_interleaved = not getattr(experts, "is_concatenated", True)
+            return source
         return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
     if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
         first = experts[0]
@@ -145,7 +149,8 @@ class ExpertCache:
             raise ValueError("layers: at least one MoE layer is needed")
         first = sources[0]
         for i, s in enumerate(sources):
-            if (s.num_experts, s.hidden, s.inter, s.dtype) != (first.num_experts, first.hidden, first.inter, first.dtype):
+            if (s.num_experts, s.hidden, s.inter, s.dtype, s.gate_up_interleaved) != (
+                    first.num_experts, first.hidden, first.inter, first.dtype, first.gate_up_interleaved):
                 raise ValueError(f"layers[{i}] has experts [E={s.num_experts}, H={s.hidden}, I={s.inter}, {s.dtype}]; "
                                  f"layer 0 has [E={first.num_experts}, H={first.hidden}, I={first.inter}, {first.dtype}]")
         if not isinstance(num_slots, int) or num_slots <= 0:
@@ -166,6 +171,7 @@ class ExpertCache:
 
         self.num_layers, self.num_experts = len(sources), first.num_experts
         self.hidden, self.inter, self.dtype = first.hidden, first.inter, first.dtype
+        self.gate_up_interleaved = first.gate_up_interleaved
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         gate_up_bytes = 2 * self.inter * self.hidden * itemsize
         self._down_offset = _align(gate_up_bytes)
@@ -333,7 +339,8 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ running a layer
     def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-            activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto") -> torch.Tensor:
+            activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto",
+            b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None) -> torch.Tensor:
         """The routed experts of `layer` for these tokens, with weights served by the cache.
 
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
@@ -352,27 +359,30 @@ class ExpertCache:
         if misses == "in_place" and not in_place_ok:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
         host_gate_up, host_down = self.host_weights(layer)
+        extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
+                     gate_up_interleaved=self.gate_up_interleaved)
         if misses == "in_place":
             if track_usage:
                 self.record_use(layer, torch.unique(topk_ids))
             return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
-                                 activation=activation, backend=backend, expert_map=self._map[layer],
-                                 host_w_gate_up=host_gate_up, host_w_down=host_down)
+                                 expert_map=self._map[layer], host_w_gate_up=host_gate_up, host_w_down=host_down,
+                                 **extra)
 
         needed = self._ids(torch.unique(topk_ids))
         lease = self.ensure(layer, needed)
         if all(s >= 0 for s in lease.slots):
             with lease:
                 return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
-                                     activation=activation, backend=backend, expert_map=self._map[layer])
-        return self._moe_in_rounds(layer, hidden_states, topk_weights, topk_ids, needed, lease, activation, backend)
+                                     expert_map=self._map[layer], **extra)
+        return self._moe_in_rounds(layer, hidden_states, topk_weights, topk_ids, needed, lease, extra)
 
-    def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, activation, backend):
+    def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, extra):
         """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.
 
         Each round computes every routed row, with the weights of experts outside the round zeroed and
         their map entries pointed at a slot of the round (no extra PCIe bytes; ids stay distinct per row),
-        and the rounds add up in a fixed order.
+        and the rounds add up in a fixed order. Biases belong to their expert's rows, so a row outside the
+        round contributes nothing either way (its weight is zero).
         """
         from .. import ops
 
@@ -389,8 +399,8 @@ class ExpertCache:
                 local_map[list(resident)] = torch.tensor(list(resident.values()), dtype=torch.int32)
                 in_round = torch.isin(topk_ids, torch.tensor(list(resident), device=topk_ids.device))
                 weights = torch.where(in_round, topk_weights, torch.zeros_like(topk_weights))
-                out += ops.fused_moe(x, self._slot_gate_up, self._slot_down, weights, topk_ids, activation=activation,
-                                     backend=backend, expert_map=local_map.to(self.device)).float()
+                out += ops.fused_moe(x, self._slot_gate_up, self._slot_down, weights, topk_ids,
+                                     expert_map=local_map.to(self.device), **extra).float()
             remaining = [e for e in remaining if e not in resident]
             if not remaining:
                 return out.to(x.dtype)

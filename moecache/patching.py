@@ -1,0 +1,289 @@
+"""moecache.patch(model): swap a transformers model's routed-experts modules for moecache ones, in place.
+
+Hook chosen: the experts module itself (transformers 5.x `*Experts`, called as
+experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])), not the whole MoE block and not
+transformers' ExpertsInterface. The router, shared experts and block stay the model's own, so routing
+(softmax or sigmoid, groups, correction bias, scaling) and return values (router logits for auxiliary
+losses) are the model's exactly. ExpertsInterface selects one function per *config* by name and keeps
+no per-layer state; offload needs per-layer state (cache, layer index, prefetching), and module
+swapping is reversible object by object, so unpatch can restore the exact originals.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers.experts import ExpertsLayout, MoecacheExperts
+
+logger = logging.getLogger(__name__)
+
+# Registry: config.model_type -> how the family's experts look. Unknown types fall back to structural
+# detection (a module with 3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I] parameters).
+FAMILIES: dict[str, ExpertsLayout] = {
+    "mixtral": ExpertsLayout(),
+    "qwen2_moe": ExpertsLayout(),
+    "qwen3_moe": ExpertsLayout(),
+    "olmoe": ExpertsLayout(),
+    "deepseek_v2": ExpertsLayout(),
+    "deepseek_v3": ExpertsLayout(),
+    "gpt_oss": ExpertsLayout(activation="swiglu_oai", transposed=True, interleaved=True, has_bias=True),
+}
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_GPT_OSS_SWIGLU = (1.702, 7.0)  # alpha and limit the kernel's clamped SwiGLU uses
+
+
+@dataclass
+class Offload:
+    """Keep experts in pinned host memory with only some on the GPU.
+
+    gpu_experts: a fraction of all experts (0 < x <= 1, e.g. 0.25), a count per layer (int), or a byte
+        budget ("6GiB", "512MB", or an int with bytes=True).
+    policy: "lru" or "lfu" eviction ("predictive" arrives with the predictive-caching work).
+    prefetch: after each layer, start copying the experts the next layer used on the previous step.
+    """
+
+    gpu_experts: float | int | str = 0.25
+    policy: str = "lru"
+    prefetch: bool = True
+    bytes: bool = False
+    pin: str = "alloc"
+    allow_pageable: bool = False
+
+    def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
+        total = num_layers * num_experts
+        budget = self.gpu_experts
+        if isinstance(budget, str):
+            match = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
+            if not match:
+                raise ValueError(f"gpu_experts={budget!r}: expected a byte budget such as '6GiB' or '512MB'")
+            scale = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+            budget_bytes = float(match.group(1)) * scale[match.group(2)]
+            slots = int(budget_bytes // record_bytes)
+        elif isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"gpu_experts must be a fraction, a per-layer count or a byte budget, got {budget!r}")
+        elif self.bytes:
+            budget_bytes = budget
+            slots = int(budget // record_bytes)
+        elif isinstance(budget, float):
+            if not 0 < budget <= 1:
+                raise ValueError(f"gpu_experts={budget}: a fraction must lie in (0, 1]")
+            slots = max(1, math.ceil(budget * total))
+        else:
+            if not 1 <= budget <= num_experts:
+                raise ValueError(f"gpu_experts={budget}: a per-layer count must lie in [1, {num_experts}]")
+            slots = budget * num_layers
+        if (isinstance(budget, str) or self.bytes) and slots < 1:
+            raise ValueError(f"gpu_experts={budget!r} is {budget_bytes / 2**20:.2f} MiB, smaller than one expert "
+                             f"({record_bytes / 2**20:.2f} MiB)")
+        return min(slots, total)
+
+
+@dataclass
+class _PatchState:
+    replaced: list = field(default_factory=list)  # (parent, attribute, original, new)
+    cache: object = None
+
+
+def _layout_for(model: nn.Module, module: nn.Module) -> ExpertsLayout | None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    text_config = getattr(config, "text_config", None) or getattr(config, "language_config", None)
+    if model_type not in FAMILIES and text_config is not None:
+        model_type = getattr(text_config, "model_type", model_type)
+        config = text_config
+    layout = FAMILIES.get(model_type)
+    if layout is None:
+        layout = ExpertsLayout(transposed=bool(getattr(module, "is_transposed", False)),
+                               interleaved=not getattr(module, "is_concatenated", True),
+                               has_bias=getattr(module, "gate_up_proj_bias", None) is not None)
+    if layout.activation != "swiglu_oai":
+        act = getattr(config, "hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            return None
+        layout = ExpertsLayout(activation=_ACTIVATIONS[act], transposed=layout.transposed,
+                               interleaved=layout.interleaved, has_bias=layout.has_bias)
+    elif (getattr(module, "alpha", _GPT_OSS_SWIGLU[0]), getattr(module, "limit", _GPT_OSS_SWIGLU[1])) != _GPT_OSS_SWIGLU:
+        return None
+    return layout
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+        return False
+    if getattr(module, "is_transposed", False):
+        return gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
+    return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
+
+
+def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute, experts module) for every routed-experts module, in model order."""
+    found = []
+    for name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, MoecacheExperts) or _is_fused_experts(child):
+                found.append((f"{name}.{attr}" if name else attr, parent, attr, child))
+    return found
+
+
+def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, offload: Offload | None = None,
+          strict: bool = False) -> nn.Module:
+    """Replace the model's routed-experts modules with moecache's, in place; returns the model.
+
+    Args:
+        experts: swap experts modules for MoecacheExperts (same parameters, no copy).
+        attention: patch MLA attention (not built yet: logged and left alone).
+        offload: an Offload to keep experts in pinned host memory with a GPU slot pool.
+        strict: raise instead of logging when a layer or the whole model cannot be patched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if offload is not None and not isinstance(offload, Offload):
+        raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
+    state: _PatchState = getattr(model, "_moecache_patch", None)
+    if attention:
+        logger.info("moecache.patch: MLA attention patching is not available yet; attention left as it is")
+    if not experts:
+        return model
+    candidates = find_experts(model)
+    todo = [(n, p, a, m) for n, p, a, m in candidates if not isinstance(m, MoecacheExperts)]
+    if state is not None and not todo:
+        logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
+        if offload is not None and state.cache is None:
+            raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
+        return model
+    if not todo:
+        msg = (f"moecache.patch: no MoE experts found in {type(model).__name__} "
+               f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}); nothing was patched")
+        if strict or offload is not None:
+            raise ValueError(msg)
+        logger.warning(msg)
+        return model
+
+    plan = []
+    for name, parent, attr, module in todo:
+        layout = _layout_for(model, module)
+        if layout is None:
+            msg = f"moecache.patch: {name} ({type(module).__name__}) uses an activation the kernels lack; left alone"
+            if strict:
+                raise ValueError(msg)
+            logger.warning(msg)
+            continue
+        plan.append((name, parent, attr, module, layout))
+    if not plan:
+        if strict or offload is not None:
+            raise ValueError("moecache.patch: no experts module could be patched")
+        return model
+
+    new_state = state or _PatchState()
+    replacements = [(parent, attr, module, MoecacheExperts(module, layout)) for _, parent, attr, module, layout in plan]
+    if offload is not None:
+        _offload(replacements, offload, new_state)  # raises before anything of the model changed
+    for parent, attr, module, new in replacements:
+        setattr(parent, attr, new)
+        new_state.replaced.append((parent, attr, module, new))
+    model._moecache_patch = new_state
+    for (name, _, _, module, layout), (_, _, _, new) in zip(plan, replacements):
+        logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", name, type(module).__name__,
+                    new.num_experts, layout.activation, " offloaded" if offload else "")
+    return model
+
+
+def _offload(replacements, offload: Offload, state: _PatchState) -> None:
+    from .cache import ExpertCache
+
+    if offload.policy not in ("lru", "lfu"):
+        raise ValueError(f"offload policy must be 'lru' or 'lfu' for now, got {offload.policy!r} "
+                         "(the predictive policy is not built yet)")
+    devices = {new.gate_up_proj.device for _, _, _, new in replacements}
+    if len(devices) != 1:
+        raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
+                         "cache serves one device: load the experts onto one GPU (or the CPU)")
+    device = devices.pop()
+    if device.type == "meta":
+        raise ValueError("offload: the experts are on the meta device (not loaded)")
+    from . import _C
+
+    if device.type == "cuda" and not _C.cuda_available():
+        raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
+                         f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
+    modules = [new for _, _, _, new in replacements]
+    E = modules[0].num_experts
+    itemsize = modules[0].gate_up_proj.element_size()
+    record_bytes = modules[0].gate_up_proj[0].numel() * itemsize + modules[0].down_proj[0].numel() * itemsize
+    num_slots = offload.slots(len(modules), E, record_bytes)
+    cache = ExpertCache([m.original for m in modules], num_slots=num_slots, policy=offload.policy, device=device,
+                        pin=offload.pin, allow_pageable=offload.allow_pageable)
+    state.cache = cache
+    for layer, module in enumerate(modules):
+        module.cache, module.cache_layer = cache, layer
+        if offload.prefetch and layer + 1 < len(modules):
+            object.__setattr__(module, "next_layer", modules[layer + 1])  # a reference, not a submodule
+            module.prefetch_next = _prefetch_next_layer
+        for param in (module.gate_up_proj, module.down_proj):
+            # The host store now holds the master copy: free the device memory the experts held.
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
+                len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
+                num_slots * cache.record_bytes / 2**30)
+
+
+def _prefetch_next_layer(module: MoecacheExperts, top_k_index: torch.Tensor) -> None:
+    """Temporal locality: the next layer will likely route to what it routed to on the previous step."""
+    nxt = module.next_layer
+    if nxt.last_experts is not None:
+        module.cache.prefetch(nxt.cache_layer, nxt.last_experts)
+    module.last_experts = torch.unique(top_k_index).cpu()
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original experts modules and weights back exactly; returns the model."""
+    state: _PatchState = getattr(model, "_moecache_patch", None)
+    if state is None:
+        logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
+        return model
+    cache = state.cache
+    if cache is not None:
+        cache.synchronize()
+        # Restore each layer's weights from the host master copies (bit-exact: they were copied, not cast).
+        host = {}
+        for layer in range(cache.num_layers):
+            gate_up, down = cache.host_weights(layer)
+            host[layer] = (gate_up, down)
+        for parent, attr, original, new in state.replaced:
+            if new.cache is None:
+                continue
+            gate_up, down = host[new.cache_layer]
+            if new.layout.transposed:
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            for param, src in ((original.gate_up_proj, gate_up), (original.down_proj, down)):
+                param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
+    for parent, attr, original, new in reversed(state.replaced):
+        setattr(parent, attr, original)
+        new.cache = None
+    if cache is not None:
+        cache.close()
+    del model._moecache_patch
+    logger.info("moecache.unpatch: restored %d experts modules", len(state.replaced))
+    return model
+
+
+def stats(model: nn.Module) -> dict:
+    """Per-layer calls and tokens of the patched experts, and the expert cache's counters when offloaded."""
+    state: _PatchState = getattr(model, "_moecache_patch", None)
+    if state is None:
+        return {"patched": False, "layers": [], "cache": None}
+    names = {id(new): name for name, _, _, new in find_experts(model)}
+    layers = [{"name": names.get(id(new), attr), "calls": new.calls, "tokens": new.tokens,
+               "activation": new.layout.activation} for _, attr, _, new in state.replaced]
+    cache = state.cache.stats() if state.cache is not None else None
+    return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
+            "tokens": sum(l["tokens"] for l in layers), "cache": cache}

@@ -1,0 +1,224 @@
+"""moecache.patch / unpatch / stats on tiny random models built from transformers config classes."""
+import logging
+
+import pytest
+import torch
+
+import moecache
+from moecache import Offload
+from moecache.layers import MoecacheExperts
+from moecache.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _deepseek_common(**kw):
+    return dict(COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=16, **kw)
+
+
+FAMILIES = {
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=False)),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, head_dim=16)),
+    "olmoe": lambda: transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+        **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    "deepseek_v2-greedy": lambda: transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        **_deepseek_common(topk_method="greedy", routed_scaling_factor=1.0))),
+    "deepseek_v2-group_limited": lambda: transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        **_deepseek_common(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0))),
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        **_deepseek_common(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5))),
+    "gpt_oss": lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def build(family, seed=0):
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # random everything (HF init leaves some biases and correction terms at zero)
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                continue
+            p.normal_(0, 0.3 if p.dim() == 1 else p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.1)
+    return model
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def generate(model, ids, n=20):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+
+def assert_restored(model, before):
+    weights, types = before
+    after_weights, after_types = snapshot(model)
+    assert after_types == types
+    assert after_weights.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(after_weights[k], weights[k]), k
+
+
+OFFLOADS = {
+    "resident": None,
+    "offload25": Offload(gpu_experts=0.25),
+    "offload50": Offload(gpu_experts=0.5, policy="lfu"),
+    "pool-below-topk": Offload(gpu_experts=1, prefetch=False),  # 1 per layer -> fewer slots than one layer's K
+}
+
+
+@pytest.mark.parametrize("offload", list(OFFLOADS), ids=list(OFFLOADS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_model_matches_and_unpatch_restores(family, offload):
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
+    before = snapshot(model)
+
+    moecache.patch(model, offload=OFFLOADS[offload])
+    patched = [m for m in model.modules() if isinstance(m, MoecacheExperts)]
+    assert len(patched) == (2 if family.startswith("deepseek") else 3)
+    assert_close(logits(model, ids), ref_logits, torch.float32)
+    assert torch.equal(generate(model, ids), ref_tokens)
+    s = moecache.stats(model)
+    assert s["patched"] and s["calls"] > 0 and all(layer["calls"] > 0 for layer in s["layers"])
+    if OFFLOADS[offload] is not None:
+        cache = s["cache"]
+        assert cache["hits"] + cache["misses"] == cache["requests"] > 0
+        assert all(m.gate_up_proj.numel() == 0 for m in patched), "offloaded experts must free their memory"
+        if offload == "pool-below-topk":
+            assert model._moecache_patch.cache.num_slots < model.config.num_experts_per_tok * len(patched)
+
+    moecache.patch(model, offload=OFFLOADS[offload])  # twice: nothing more changes
+    assert sum(isinstance(m, MoecacheExperts) for m in model.modules()) == len(patched)
+
+    moecache.unpatch(model)
+    assert_restored(model, before)
+    assert torch.equal(logits(model, ids), ref_logits)
+    assert moecache.stats(model)["patched"] is False
+
+
+def test_triton_kernels_in_a_patched_model(monkeypatch):
+    """The same model through the Triton kernels (the interpreter on CPU), not the torch reference."""
+    model = build("qwen2_moe")
+    ids = torch.randint(3, 96, (1, 5))
+    ref = logits(model, ids)
+    monkeypatch.setenv("MOECACHE_BACKEND", "triton")
+    moecache.patch(model)
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.patch(moecache.unpatch(model), offload=Offload(gpu_experts=0.5))
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+def test_router_logits_and_aux_loss_still_work():
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (2, 6))
+    with torch.no_grad():
+        ref = model(ids, output_router_logits=True)
+    moecache.patch(model)
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == len(ref.router_logits)
+    assert_close(out.aux_loss, ref.aux_loss, torch.float32)
+
+
+def test_model_without_moe_layers_gets_a_clear_message(caplog):
+    config = transformers.LlamaConfig(**COMMON, intermediate_size=32)
+    model = transformers.LlamaForCausalLM(config)
+    before = snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        assert moecache.patch(model) is model
+    assert "no MoE experts found in LlamaForCausalLM" in caplog.text
+    with pytest.raises(ValueError, match="no MoE experts found"):
+        moecache.patch(model, strict=True)
+    with pytest.raises(ValueError, match="no MoE experts found"):
+        moecache.patch(model, offload=Offload())
+    assert_restored(model, before)
+
+
+def test_bad_offload_requests_leave_the_model_intact():
+    model = build("mixtral")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="smaller than one expert"):
+        moecache.patch(model, offload=Offload(gpu_experts="1KB"))
+    with pytest.raises(ValueError, match="fraction"):
+        moecache.patch(model, offload=Offload(gpu_experts=1.5))
+    with pytest.raises(ValueError, match="per-layer count"):
+        moecache.patch(model, offload=Offload(gpu_experts=9))
+    with pytest.raises(ValueError, match="policy"):
+        moecache.patch(model, offload=Offload(policy="fifo"))
+    with pytest.raises(TypeError, match="offload"):
+        moecache.patch(model, offload=0.5)
+    assert_restored(model, before)
+    assert not any(isinstance(m, MoecacheExperts) for m in model.modules())
+
+
+def test_experts_spread_over_devices_are_refused_for_offload():
+    model = build("mixtral")
+    kept = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    model.model.layers[2].mlp.experts.to("meta")  # a second device the cache cannot serve
+    with pytest.raises(ValueError, match="several devices"):
+        moecache.patch(model, offload=Offload())
+    assert not any(isinstance(m, MoecacheExperts) for m in model.modules())
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, kept)
+
+
+def test_offload_budget_forms():
+    record = 3 * 64 * 32 * 4
+    assert Offload(gpu_experts=0.25).slots(3, 8, record) == 6
+    assert Offload(gpu_experts=2).slots(3, 8, record) == 6
+    assert Offload(gpu_experts=f"{5 * record}B").slots(3, 8, record) == 5
+    assert Offload(gpu_experts=10 * record, bytes=True).slots(3, 8, record) == 10
+    assert Offload(gpu_experts="1GiB").slots(3, 8, record) == 24  # capped at every expert
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["resident", "offload25", "pool-below-topk"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_gpu_bf16_patched_model_matches(family, offload):
+    model = build(family).to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 7), device="cuda")
+    ref = logits(model, ids).float()
+    before = snapshot(model)
+    moecache.patch(model, offload=OFFLOADS[offload])
+    assert_close(logits(model, ids).float(), ref, torch.bfloat16)
+    moecache.unpatch(model)
+    assert_restored(model, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["resident", "offload50"])
+def test_gpu_static_cache_compiled_generate(offload):
+    model = build("qwen3_moe").to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 96, (1, 6), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    moecache.patch(model, offload=OFFLOADS[offload])
+    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert (out == ref).float().mean() >= 0.9  # bf16: a near-tie may flip one late token
