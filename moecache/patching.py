@@ -90,8 +90,8 @@ class _PatchState:
     cache: object = None
 
 
-def _layout_for(model: nn.Module, module: nn.Module) -> ExpertsLayout | None:
-    config = getattr(model, "config", None)
+def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = None) -> ExpertsLayout | None:
+    config = getattr(model, "config", None) or getattr(block, "config", None)
     model_type = getattr(config, "model_type", None)
     text_config = getattr(config, "text_config", None) or getattr(config, "language_config", None)
     if model_type not in FAMILIES and text_config is not None:
@@ -124,13 +124,44 @@ def _is_fused_experts(module: nn.Module) -> bool:
     return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
 
 
-def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """(qualified name, parent, attribute, experts module) for every routed-experts module, in model order."""
+_LIST_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _list_expert_names(block: nn.Module) -> tuple[str, str, str] | None:
+    """For a block shaped like DeepSeek's own remote code (DeepSeek-V2 / DeepSeek-VL2 `DeepseekV2MoE`: a
+    gate, an nn.ModuleList of expert MLPs, optional shared_experts, and `moe_infer(x, topk_ids,
+    topk_weight)`), the names of the experts' gate/up/down linear layers; else None."""
+    experts = getattr(block, "experts", None)
+    if not (isinstance(experts, nn.ModuleList) and len(experts) > 0 and callable(getattr(block, "moe_infer", None))
+            and hasattr(block, "gate")):
+        return None
+    first = experts[0]
+    for names in _LIST_NAMES:
+        if all(isinstance(getattr(first, n, None), nn.Linear) and getattr(first, n).bias is None for n in names):
+            return names
+    return None
+
+
+def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module, tuple | None]]:
+    """(qualified name, parent, attribute, experts module, list names) for every routed-experts module.
+
+    Fused experts (transformers 5.x) are swapped as modules (attribute "experts"); a ModuleList block
+    gets its `moe_infer` method overridden on the instance (attribute "moe_infer"), with list names.
+    """
     found = []
     for name, parent in model.named_modules():
+        override = parent.__dict__.get("moe_infer")
+        if isinstance(override, MoecacheExperts):
+            found.append((f"{name}.moe_infer" if name else "moe_infer", parent, "moe_infer", override,
+                          override.list_names))
+            continue
+        names = _list_expert_names(parent)
+        if names is not None:
+            found.append((f"{name}.experts" if name else "experts", parent, "moe_infer", parent.experts, names))
+            continue
         for attr, child in parent.named_children():
             if isinstance(child, MoecacheExperts) or _is_fused_experts(child):
-                found.append((f"{name}.{attr}" if name else attr, parent, attr, child))
+                found.append((f"{name}.{attr}" if name else attr, parent, attr, child, None))
     return found
 
 
@@ -154,7 +185,7 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
     if not experts:
         return model
     candidates = find_experts(model)
-    todo = [(n, p, a, m) for n, p, a, m in candidates if not isinstance(m, MoecacheExperts)]
+    todo = [(n, p, a, m, l) for n, p, a, m, l in candidates if not isinstance(m, MoecacheExperts)]
     if state is not None and not todo:
         logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
         if offload is not None and state.cache is None:
@@ -169,41 +200,56 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         return model
 
     plan = []
-    for name, parent, attr, module in todo:
-        layout = _layout_for(model, module)
+    for name, parent, attr, module, list_names in todo:
+        layout = _layout_for(model, module, parent if list_names else None)
         if layout is None:
             msg = f"moecache.patch: {name} ({type(module).__name__}) uses an activation the kernels lack; left alone"
             if strict:
                 raise ValueError(msg)
             logger.warning(msg)
             continue
-        plan.append((name, parent, attr, module, layout))
+        plan.append((name, parent, attr, module, layout, list_names))
     if not plan:
         if strict or offload is not None:
             raise ValueError("moecache.patch: no experts module could be patched")
         return model
 
     new_state = state or _PatchState()
-    replacements = [(parent, attr, module, MoecacheExperts(module, layout)) for _, parent, attr, module, layout in plan]
     if offload is not None:
-        _offload(replacements, offload, new_state)  # raises before anything of the model changed
+        _check_offload(plan, offload)  # raises before anything of the model changed
+    replacements = [(parent, attr, module, MoecacheExperts(module, layout, list_names))
+                    for _, parent, attr, module, layout, list_names in plan]
+    if offload is not None:
+        try:
+            _offload(replacements, offload, new_state)
+        except Exception:
+            for _, _, _, new in replacements:
+                if new.stacked is not None:
+                    new.unstack_list_experts()
+            raise
     for parent, attr, module, new in replacements:
-        setattr(parent, attr, new)
+        if attr == "moe_infer":
+            object.__setattr__(parent, "moe_infer", new)  # an instance override, not a submodule
+        else:
+            setattr(parent, attr, new)
         new_state.replaced.append((parent, attr, module, new))
     model._moecache_patch = new_state
-    for (name, _, _, module, layout), (_, _, _, new) in zip(plan, replacements):
+    for (name, _, _, module, layout, _), (_, _, _, new) in zip(plan, replacements):
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", name, type(module).__name__,
                     new.num_experts, layout.activation, " offloaded" if offload else "")
     return model
 
 
-def _offload(replacements, offload: Offload, state: _PatchState) -> None:
-    from .cache import ExpertCache
-
+def _check_offload(plan, offload: Offload) -> None:
     if offload.policy not in ("lru", "lfu"):
         raise ValueError(f"offload policy must be 'lru' or 'lfu' for now, got {offload.policy!r} "
                          "(the predictive policy is not built yet)")
-    devices = {new.gate_up_proj.device for _, _, _, new in replacements}
+    devices = set()
+    for _, _, _, module, _, list_names in plan:
+        if list_names is None:
+            devices.add(module.gate_up_proj.device)
+        else:
+            devices.update(getattr(m, n).weight.device for m in module for n in list_names)
     if len(devices) != 1:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
@@ -215,21 +261,32 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
     if device.type == "cuda" and not _C.cuda_available():
         raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
+
+
+def _offload(replacements, offload: Offload, state: _PatchState) -> None:
+    from .cache import ExpertCache
+
     modules = [new for _, _, _, new in replacements]
     E = modules[0].num_experts
-    itemsize = modules[0].gate_up_proj.element_size()
-    record_bytes = modules[0].gate_up_proj[0].numel() * itemsize + modules[0].down_proj[0].numel() * itemsize
+    gate_up, down = modules[0].weights()
+    device = gate_up.device
+    record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     num_slots = offload.slots(len(modules), E, record_bytes)
-    cache = ExpertCache([m.original for m in modules], num_slots=num_slots, policy=offload.policy, device=device,
-                        pin=offload.pin, allow_pageable=offload.allow_pageable)
+    cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
+                        policy=offload.policy, device=device, pin=offload.pin, allow_pageable=offload.allow_pageable)
     state.cache = cache
     for layer, module in enumerate(modules):
         module.cache, module.cache_layer = cache, layer
         if offload.prefetch and layer + 1 < len(modules):
             object.__setattr__(module, "next_layer", modules[layer + 1])  # a reference, not a submodule
             module.prefetch_next = _prefetch_next_layer
-        for param in (module.gate_up_proj, module.down_proj):
-            # The host store now holds the master copy: free the device memory the experts held.
+        # The host store now holds the master copy: free the device memory the experts held.
+        if module.stacked is not None:
+            params = [p for e in range(E) for p in module.list_params(e)]
+            module.stacked = None
+        else:
+            params = [module.gate_up_proj, module.down_proj]
+        for param in params:
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
                 len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
@@ -262,12 +319,24 @@ def unpatch(model: nn.Module) -> nn.Module:
             if new.cache is None:
                 continue
             gate_up, down = host[new.cache_layer]
+            if new.list_names is not None:
+                inter = gate_up.shape[1] // 2
+                for e in range(new.num_experts):
+                    g, u, d = new.list_params(e)
+                    for param, src in ((g, gate_up[e, :inter]), (u, gate_up[e, inter:]), (d, down[e])):
+                        param.data = src.to(device=param.device, dtype=param.dtype).clone()
+                continue
             if new.layout.transposed:
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
             for param, src in ((original.gate_up_proj, gate_up), (original.down_proj, down)):
                 param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
     for parent, attr, original, new in reversed(state.replaced):
-        setattr(parent, attr, original)
+        if attr == "moe_infer":
+            del parent.__dict__["moe_infer"]  # the class's own method again
+            if new.stacked is not None:
+                new.unstack_list_experts()
+        else:
+            setattr(parent, attr, original)
         new.cache = None
     if cache is not None:
         cache.close()
@@ -281,7 +350,7 @@ def stats(model: nn.Module) -> dict:
     state: _PatchState = getattr(model, "_moecache_patch", None)
     if state is None:
         return {"patched": False, "layers": [], "cache": None}
-    names = {id(new): name for name, _, _, new in find_experts(model)}
+    names = {id(new): name for name, _, _, new, _ in find_experts(model)}
     layers = [{"name": names.get(id(new), attr), "calls": new.calls, "tokens": new.tokens,
                "activation": new.layout.activation} for _, attr, _, new in state.replaced]
     cache = state.cache.stats() if state.cache is not None else None

@@ -222,3 +222,100 @@ def test_gpu_static_cache_compiled_generate(offload):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
     assert (out == ref).float().mean() >= 0.9  # bf16: a near-tie may flip one late token
+
+
+# ------------------------------------------------------------------ DeepSeek-VL2's own MoE code shape
+class _VL2MLP(torch.nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _VL2MoEGate(torch.nn.Module):
+    """Mirrors DeepSeek-VL2's MoEGate: softmax scores, greedy top-k, routed scaling (VL2-Tiny/Small)."""
+
+    def __init__(self, hidden, n_experts, top_k, scaling):
+        super().__init__()
+        self.top_k, self.scaling = top_k, scaling
+        self.weight = torch.nn.Parameter(torch.randn(n_experts, hidden) / hidden**0.5)
+
+    def forward(self, hidden_states):
+        h = hidden_states.view(-1, hidden_states.shape[-1])
+        scores = torch.nn.functional.linear(h.float(), self.weight.float()).softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return topk_idx, topk_weight * self.scaling, None
+
+
+class _VL2MoE(torch.nn.Module):
+    """The structure of DeepSeek-VL2's DeepseekV2MoE: gate, experts ModuleList, shared_experts, moe_infer."""
+
+    def __init__(self, hidden=48, inter=24, n_experts=6, top_k=2):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(_VL2MLP(hidden, inter) for _ in range(n_experts))
+        self.gate = _VL2MoEGate(hidden, n_experts, top_k, scaling=1.5)
+        self.shared_experts = _VL2MLP(hidden, 2 * inter)
+
+    def forward(self, hidden_states):
+        identity, shape = hidden_states, hidden_states.shape
+        topk_idx, topk_weight, _ = self.gate(hidden_states)
+        y = self.moe_infer(hidden_states.view(-1, shape[-1]), topk_idx, topk_weight).view(*shape)
+        return y + self.shared_experts(identity)
+
+    @torch.no_grad()
+    def moe_infer(self, x, topk_ids, topk_weight):
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts))).scatter_(1, topk_ids, 1).sum(dim=0)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_ids.shape[1]]
+        outputs, start = [], 0
+        for i, n in enumerate(cnts.tolist()):
+            if n:
+                outputs.append(self.experts[i](sorted_tokens[start:start + n]))
+            start += n
+        outs = torch.cat(outputs, dim=0)
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        return new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1)).sum(dim=1).type(new_x.dtype)
+
+
+class _VL2LanguageModel(torch.nn.Module):
+    def __init__(self, layers=3):
+        super().__init__()
+        self.config = transformers.PretrainedConfig(hidden_act="silu")
+        self.config.model_type = "deepseek_vl_v2_language"  # unknown to the registry: structural detection
+        self.layers = torch.nn.ModuleList(_VL2MoE() for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = x + block(torch.nn.functional.layer_norm(x, x.shape[-1:]))
+        return x
+
+
+@pytest.mark.parametrize("offload", [None, Offload(gpu_experts=0.5), Offload(gpu_experts=1)], ids=["resident", "offload50", "pool-below-topk"])
+def test_deepseek_vl2_moe_blocks_through_structural_detection(offload):
+    torch.manual_seed(0)
+    model = _VL2LanguageModel().eval()
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        ref = model(x)
+    before = snapshot(model)
+    moecache.patch(model, offload=offload)
+    assert all(isinstance(block.__dict__.get("moe_infer"), MoecacheExperts) for block in model.layers)
+    with torch.no_grad():
+        assert_close(model(x), ref, torch.float32)
+    if offload is None:  # the per-expert weights are views of one stack: no second copy
+        gate_up, _ = model.layers[0].moe_infer.stacked
+        assert model.layers[0].experts[3].up_proj.weight.data_ptr() == gate_up[3, 24:].data_ptr()
+    else:
+        assert model.layers[0].experts[3].up_proj.weight.numel() == 0
+    assert moecache.stats(model)["calls"] == 3
+    moecache.unpatch(model)
+    assert "moe_infer" not in model.layers[0].__dict__
+    assert_restored(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

@@ -27,17 +27,23 @@ class ExpertsLayout:
 class MoecacheExperts(nn.Module):
     """Runs the routed experts of one MoE layer with moecache's kernels, reusing the original parameters."""
 
-    def __init__(self, original: nn.Module, layout: ExpertsLayout):
+    def __init__(self, original: nn.Module, layout: ExpertsLayout, list_names: tuple[str, str, str] | None = None):
         super().__init__()
         # Not a submodule: the state dict keeps the original keys through the shared parameters below.
         object.__setattr__(self, "original", original)
         self.layout = layout
-        self.gate_up_proj = original.gate_up_proj
-        self.down_proj = original.down_proj
-        if layout.has_bias:
-            self.gate_up_proj_bias = original.gate_up_proj_bias
-            self.down_proj_bias = original.down_proj_bias
-        self.num_experts = self.gate_up_proj.shape[0]
+        self.list_names = list_names
+        self.stacked = None
+        if list_names is not None:  # an nn.ModuleList of expert MLPs (4.x layout, DeepSeek-VL2's own code)
+            self.num_experts = len(original)
+            self.stack_list_experts()
+        else:
+            self.gate_up_proj = original.gate_up_proj
+            self.down_proj = original.down_proj
+            if layout.has_bias:
+                self.gate_up_proj_bias = original.gate_up_proj_bias
+                self.down_proj_bias = original.down_proj_bias
+            self.num_experts = self.gate_up_proj.shape[0]
         self.cache = None  # an ExpertCache once offloaded
         self.cache_layer = -1
         self.calls = 0
@@ -46,9 +52,38 @@ class MoecacheExperts(nn.Module):
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I, H], [E, H, I]) views of the resident weights (no copies)."""
+        if self.stacked is not None:
+            return self.stacked
         if self.layout.transposed:
             return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
         return self.gate_up_proj, self.down_proj
+
+    def list_params(self, e: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        gate, up, down = self.list_names
+        m = self.original[e]
+        return getattr(m, gate).weight, getattr(m, up).weight, getattr(m, down).weight
+
+    def stack_list_experts(self) -> None:
+        """Stack per-expert linear weights into [E, 2I, H] / [E, H, I] once, and point each expert's
+        parameters at views of the stack, so the weights exist once (unstack_list_experts undoes it)."""
+        gate0, _, down0 = self.list_params(0)
+        inter, hidden = gate0.shape
+        E = self.num_experts
+        gate_up = torch.empty(E, 2 * inter, hidden, dtype=gate0.dtype, device=gate0.device)
+        down = torch.empty(E, hidden, inter, dtype=down0.dtype, device=down0.device)
+        for e in range(E):
+            g, u, d = self.list_params(e)
+            gate_up[e, :inter].copy_(g.data)
+            gate_up[e, inter:].copy_(u.data)
+            down[e].copy_(d.data)
+            g.data, u.data, d.data = gate_up[e, :inter], gate_up[e, inter:], down[e]
+        self.stacked = (gate_up, down)
+
+    def unstack_list_experts(self) -> None:
+        for e in range(self.num_experts):
+            for p in self.list_params(e):
+                p.data = p.data.clone()
+        self.stacked = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         layout = self.layout
@@ -69,6 +104,5 @@ class MoecacheExperts(nn.Module):
     prefetch_next = None  # set by offload: called after each layer with its routing
 
     def extra_repr(self) -> str:
-        E, a, b = self.gate_up_proj.shape if self.cache is None else (self.num_experts, "?", "?")
         where = f"offloaded: layer {self.cache_layer} of an ExpertCache" if self.cache is not None else "resident"
         return f"experts={self.num_experts}, activation={self.layout.activation}, {where}"
