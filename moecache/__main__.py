@@ -57,47 +57,111 @@ def _info(_args) -> int:
     return 0
 
 
+def _demo_model(family: str, on_gpu: bool, layers: int | None):
+    """A random-weight model: DeepSeek-V2 shaped like DeepSeek-VL2-Small's language model at full width
+    (fewer layers) on a GPU, scaled down on CPU; or a Mixtral / Qwen3-MoE of matching size."""
+    import torch
+    import transformers
+
+    if on_gpu:
+        width = dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+                     max_position_embeddings=4096)
+        moe = dict(n_routed=64, top_k=6, inter=1408, dense_inter=10944)
+        layers = layers or 8
+    else:
+        width = dict(vocab_size=1024, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                     max_position_embeddings=512)
+        moe = dict(n_routed=16, top_k=4, inter=176, dense_inter=704)
+        layers = layers or 4
+    if family == "deepseek_v2":
+        rank = 512 if on_gpu else 64
+        config = transformers.DeepseekV2Config(
+            **width, num_hidden_layers=layers, intermediate_size=moe["dense_inter"], moe_intermediate_size=moe["inter"],
+            n_routed_experts=moe["n_routed"], num_experts_per_tok=moe["top_k"], n_shared_experts=2,
+            first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=1.0, kv_lora_rank=rank,
+            q_lora_rank=None, qk_rope_head_dim=64 if on_gpu else 16, qk_nope_head_dim=128 if on_gpu else 32,
+            v_head_dim=128 if on_gpu else 32)
+        cls = transformers.DeepseekV2ForCausalLM
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(**width, num_hidden_layers=layers, intermediate_size=moe["inter"],
+                                            num_local_experts=moe["n_routed"], num_experts_per_tok=moe["top_k"])
+        cls = transformers.MixtralForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**width, num_hidden_layers=layers, intermediate_size=moe["dense_inter"],
+                                             moe_intermediate_size=moe["inter"], num_experts=moe["n_routed"],
+                                             num_experts_per_tok=moe["top_k"], head_dim=128 if on_gpu else 64)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        raise SystemExit(f"--family must be deepseek_v2, mixtral or qwen3_moe, got {family!r}")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = cls(config).to(dtype).eval()
+    return model
+
+
+def _device_weight_bytes(model, device) -> int:
+    import torch
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
+    state = getattr(model, "_moecache_patch", None)
+    if state is not None and state.cache is not None and state.cache.device.type == device.type:
+        total += state.cache.num_slots * state.cache.record_bytes
+    return total
+
+
 def _demo(args) -> int:
     import torch
 
-    from moecache import ops
-    from moecache.ops.reference import expert_bytes
+    import moecache
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    # DeepSeek-V2-Lite / VL2-Small's MoE layer on a GPU; a scaled-down one on CPU.
-    H, I, E, K = (2048, 1408, 64, 6) if on_gpu else (256, 176, 16, 4)
-    T = args.tokens
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(T, H, generator=gen).to(device, dtype)
-    w_router = torch.randn(E, H, generator=gen).to(device, dtype) / H**0.5
-    w_gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(device, dtype)
-    w_down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(device, dtype)
-    print(f"MoE layer H={H} I={I} E={E} K={K}, T={T} tokens, {dtype} on {device}")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    model = _demo_model(args.family, on_gpu, args.layers)
+    cfg = model.config
+    print(f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, random weights, "
+          f"{next(model.parameters()).dtype} on {device}; batch {args.batch}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens")
+    prompt = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
 
-    logits = x @ w_router.t()
-    ref = None
-    for backend in args.backends.split(","):
-        def step():
-            weights, ids = ops.route(logits, K, backend=backend)
-            return ops.fused_moe(x, w_gate_up, w_down, weights, ids, backend=backend), ids
+    def run(label):
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up / compile
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            stats_before = moecache.stats(model)["cache"] or {}
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False)
+            if on_gpu:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        new = out[:, args.prompt:]
+        cache = moecache.stats(model)["cache"]
+        hit = ""
+        if cache:
+            req = cache["requests"] - stats_before.get("requests", 0)
+            hits = cache["hits"] - stats_before.get("hits", 0)
+            hit = f"  expert hit rate {hits / max(req, 1):6.1%}"
+        mem = f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if on_gpu else ""
+        print(f"  {label:<28} {new.numel() / seconds:8.1f} tokens/s  weights on {device.type} "
+              f"{_device_weight_bytes(model, device) / 2**30:6.2f} GiB{mem}{hit}")
+        return new
 
-        out, ids = step()  # warm-up: compiles the Triton kernels once on a GPU
-        if on_gpu:
-            torch.cuda.synchronize()
-        reps = 20 if on_gpu else 1  # the CPU interpreter runs kernels program by program: slow
-        start = time.perf_counter()
-        for _ in range(reps):
-            out, ids = step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / reps * 1e3
-        touched = int(torch.unique(ids).numel())
-        gbps = expert_bytes(touched, H, I, x.element_size()) / ms / 1e6
-        err = "" if ref is None else f", max |diff| vs {args.backends.split(',')[0]} = {(out.float() - ref).abs().max().item():.2e}"
-        ref = out.float() if ref is None else ref
-        print(f"  backend={backend:<7} {ms:9.3f} ms/layer  ({touched} experts touched, {gbps:7.1f} GB/s of expert weights){err}")
+    reference = run("unpatched (transformers)")
+    moecache.patch(model)
+    same = run("moecache, experts resident")
+    moecache.unpatch(model)
+    moecache.patch(model, offload=moecache.Offload(gpu_experts=args.budget, policy=args.policy))
+    offloaded = run(f"moecache, offload {args.budget}")
+    moecache.unpatch(model)
+    for label, tokens in (("resident", same), ("offload", offloaded)):
+        match = (tokens == reference).float().mean().item()
+        print(f"  tokens identical to unpatched ({label}): {match:.1%}")
     return 0
 
 
@@ -105,10 +169,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build flags, CUDA and Triton status")
-    demo = sub.add_parser("demo", help="run a random-weight MoE layer through moecache")
+    demo = sub.add_parser("demo", help="generate with a random-weight MoE model, unpatched vs patched vs offloaded")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    demo.add_argument("--tokens", type=int, default=16)
-    demo.add_argument("--backends", default="torch,triton", help="comma-separated: torch, triton")
+    demo.add_argument("--family", default="deepseek_v2", help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe")
+    demo.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
+    demo.add_argument("--budget", type=float, default=0.25, help="fraction of experts kept on the device")
+    demo.add_argument("--policy", default="lru", help="lru or lfu")
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    demo.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOECACHE_LOGLEVEL", "WARNING").upper(), stream=sys.stderr)
     return {"info": _info, "demo": _demo}[args.command](args)
