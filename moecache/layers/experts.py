@@ -91,6 +91,14 @@ class MoecacheExperts(nn.Module):
         if not torch.compiler.is_compiling():
             self.calls += 1
             self.tokens += hidden_states.shape[0]
+        if self.cache is not None and torch.compiler.is_compiling():
+            # Traced: no host syncs or Python-side bookkeeping; misses are read in place through the map.
+            gate_up, down = self.cache.slot_weights()
+            host_gate_up, host_down = self.cache.host_weights(self.cache_layer)
+            return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index,
+                                 activation=layout.activation, gate_up_interleaved=layout.interleaved,
+                                 expert_map=self.cache.expert_map(self.cache_layer), host_w_gate_up=host_gate_up,
+                                 host_w_down=host_down, **biases)
         if self.cache is not None:
             out = self.cache.moe(self.cache_layer, hidden_states, top_k_weights, top_k_index,
                                  activation=layout.activation, **biases)
