@@ -22,4 +22,6 @@ for bench in ${BENCHES:-bench_moe bench_prefetch}; do
   (cd /tmp && python3 "$ROOT/bench/$bench.py" --json "$ROOT/bench/results/$bench.jsonl") 2>&1 | tee "$OUTDIR/$bench.txt" | tail -80
   cp "$ROOT/bench/results/$bench.jsonl" "$OUTDIR/" 2>/dev/null || true
 done
+log demo
+(cd /tmp && python3 -m moecache demo) 2>&1 | tee "$OUTDIR/demo.txt" | tail -12
 log done
