@@ -71,8 +71,9 @@ static std::vector<int> unique_sorted(std::vector<int> ids) {
 int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
   const std::uint64_t landed = engine_->completed();
   int best = -1;
-  // Smaller is evicted first: a slot still being filled only after every landed one.
-  std::tuple<bool, float, std::uint64_t, std::uint64_t> best_key;
+  // Smaller is evicted first: the policy's order, and a slot still being filled only on a tie (evicting
+  // it wastes its copy and orders the new copy after it).
+  std::tuple<float, std::uint64_t, std::uint64_t, bool> best_key;
   for (int s = 0; s < num_slots_; ++s) {
     const Slot& slot = slots_[s];
     if (slot.claimed == call_ || slot.pins > 0) continue;
@@ -81,11 +82,11 @@ int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
     if (occupant.never_evict) continue;
     if (for_prefetch && policy_ == Policy::Priority && !(occupant.priority < min_priority)) continue;
     const bool in_flight = slot.ready_ticket > landed;
-    std::tuple<bool, float, std::uint64_t, std::uint64_t> key;
+    std::tuple<float, std::uint64_t, std::uint64_t, bool> key;
     switch (policy_) {
-      case Policy::LRU: key = {in_flight, 0.f, occupant.last_use, 0}; break;
-      case Policy::LFU: key = {in_flight, 0.f, occupant.uses, occupant.last_use}; break;
-      case Policy::Priority: key = {in_flight, occupant.priority, occupant.last_use, 0}; break;
+      case Policy::LRU: key = {0.f, occupant.last_use, 0, in_flight}; break;
+      case Policy::LFU: key = {0.f, occupant.uses, occupant.last_use, in_flight}; break;
+      case Policy::Priority: key = {occupant.priority, occupant.last_use, 0, in_flight}; break;
     }
     if (best < 0 || key < best_key) {
       best = s;
