@@ -129,13 +129,17 @@ std::uint64_t ExpertCache::submit(Plan& plan, std::uintptr_t compute_stream) {
   return ticket;
 }
 
-int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
-  std::lock_guard<std::mutex> lock(mu_);
+void ExpertCache::begin_call(int layer, const std::vector<int>& experts) {
   check_open();
   check_layer(layer);
   for (int e : experts) check_expert(e);
   call_ += 1;
   clock_ += 1;
+}
+
+int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  begin_call(layer, experts);
   Plan plan;
   int issued = 0;
   for (int e : unique_sorted(experts)) {
@@ -156,11 +160,7 @@ int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintp
 std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const std::vector<int>& experts,
                                                                std::uintptr_t compute_stream) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_open();
-  check_layer(layer);
-  for (int e : experts) check_expert(e);
-  call_ += 1;
-  clock_ += 1;
+  begin_call(layer, experts);
   std::vector<int>& protected_slots = leases_[call_];
   std::uint64_t needed = 0;
   std::vector<int> missing;

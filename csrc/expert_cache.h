@@ -100,6 +100,8 @@ class ExpertCache {
   };
 
   void check_open() const;
+  // Validates ids (before any state changes) and starts a new call and tick; mu_ held.
+  void begin_call(int layer, const std::vector<int>& experts);
   void check_layer(int layer) const;
   void check_expert(int expert) const;
   Expert& state(int layer, int expert) { return experts_[static_cast<std::size_t>(layer) * num_experts_ + expert]; }
