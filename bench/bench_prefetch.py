@@ -126,7 +126,6 @@ def bench_h2d(device, quick, peak):
             rows.append(row("bench_prefetch.h2d", shape, provider, timing, bytes_moved=nbytes,
                             event_copy_gbps=s["copy_gbps"], transfers_per_call=s["transfers"] / rep,
                             frac_pinned_peak=(nbytes / timing["ms"] / 1e6 / peak) if peak else None))
-        host_gate_up = cache.host_weights(0)[0]
         pinned_src = [torch.empty(cache.record_bytes, dtype=torch.uint8).pin_memory() if device == "cuda"
                       else torch.empty(cache.record_bytes, dtype=torch.uint8) for _ in range(E)]
         pageable_src = [torch.empty(cache.record_bytes, dtype=torch.uint8) for _ in range(E)]
@@ -141,7 +140,6 @@ def bench_h2d(device, quick, peak):
                             frac_pinned_peak=(nbytes / timing["ms"] / 1e6 / peak) if peak else None))
         line = "  ".join(f"{p} {nbytes / ms / 1e6:6.1f} GB/s" for p, ms in results.items())
         print(f"h2d {name:<24} x{E:<3} {line}")
-        del host_gate_up
         cache.close()
     return rows
 

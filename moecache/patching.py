@@ -279,7 +279,6 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
         module.cache, module.cache_layer = cache, layer
         if offload.prefetch and layer + 1 < len(modules):
             object.__setattr__(module, "next_layer", modules[layer + 1])  # a reference, not a submodule
-            module.prefetch_next = _prefetch_next_layer
         # The host store now holds the master copy: free the device memory the experts held.
         if module.stacked is not None:
             params = [p for e in range(E) for p in module.list_params(e)]
@@ -291,14 +290,6 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
     logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
                 len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
                 num_slots * cache.record_bytes / 2**30)
-
-
-def _prefetch_next_layer(module: MoecacheExperts, top_k_index: torch.Tensor) -> None:
-    """Temporal locality: the next layer will likely route to what it routed to on the previous step."""
-    nxt = module.next_layer
-    if nxt.last_experts is not None:
-        module.cache.prefetch(nxt.cache_layer, nxt.last_experts)
-    module.last_experts = torch.unique(top_k_index).cpu()
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -49,6 +49,8 @@ class MoecacheExperts(nn.Module):
         self.calls = 0
         self.tokens = 0
         self.last_experts: torch.Tensor | None = None  # experts used by the last call (offload prefetching)
+        # With offload and prefetch: the layer after this one (a reference, not a submodule).
+        object.__setattr__(self, "next_layer", None)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I, H], [E, H, I]) views of the resident weights (no copies)."""
@@ -102,14 +104,19 @@ class MoecacheExperts(nn.Module):
         if self.cache is not None:
             out = self.cache.moe(self.cache_layer, hidden_states, top_k_weights, top_k_index,
                                  activation=layout.activation, **biases)
-            if self.prefetch_next is not None:
-                self.prefetch_next(self, top_k_index)
+            if self.next_layer is not None:
+                self._prefetch_next_layer(top_k_index)
             return out
         w_gate_up, w_down = self.weights()
         return ops.fused_moe(hidden_states, w_gate_up, w_down, top_k_weights, top_k_index,
                              activation=layout.activation, gate_up_interleaved=layout.interleaved, **biases)
 
-    prefetch_next = None  # set by offload: called after each layer with its routing
+    def _prefetch_next_layer(self, top_k_index: torch.Tensor) -> None:
+        """Temporal locality: the next layer will likely route to what it routed to on the previous step."""
+        nxt = self.next_layer
+        if nxt.last_experts is not None:
+            self.cache.prefetch(nxt.cache_layer, nxt.last_experts)
+        self.last_experts = torch.unique(top_k_index).cpu()
 
     def extra_repr(self) -> str:
         where = f"offloaded: layer {self.cache_layer} of an ExpertCache" if self.cache is not None else "resident"
