@@ -147,6 +147,8 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("nbytes"), py::arg("backend") = "auto", py::arg("pin") = "alloc", py::arg("allow_pageable") = false)
       .def_property_readonly("data_ptr", &HostStore::data)
+      .def_property_readonly("device_ptr", &HostStore::device_address,
+                             "the pinned arena's address on the GPU (0 when pageable or without CUDA)")
       .def_property_readonly("nbytes", &HostStore::bytes)
       .def_property_readonly("pinned", &HostStore::pinned)
       .def_property_readonly("pin_mode", [](const HostStore& s) { return pin_mode_name(s.mode()); })

@@ -89,6 +89,21 @@ HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allo
 
 HostStore::~HostStore() { release(); }
 
+std::uintptr_t HostStore::device_address() const {
+#ifdef MOECACHE_WITH_CUDA
+  if (data_ == nullptr || mode_ == PinMode::Pageable) return 0;
+  void* device_ptr = nullptr;
+  cudaError_t st = cudaHostGetDevicePointer(&device_ptr, data_, 0);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return reinterpret_cast<std::uintptr_t>(device_ptr);
+#else
+  return 0;
+#endif
+}
+
 void HostStore::release() {
   if (data_ == nullptr) return;
 #ifdef MOECACHE_WITH_CUDA

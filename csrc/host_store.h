@@ -30,6 +30,10 @@ class HostStore {
   PinMode mode() const { return mode_; }
   double pin_seconds() const { return pin_seconds_; }  // time to allocate and pin (or allocate)
   const std::string& warning() const { return warning_; }
+  // The arena's address as kernels on the GPU see it (cudaHostGetDevicePointer), so a device-side view
+  // of the pinned masters can be handed to code that only takes device memory (CUDA-graph capture).
+  // 0 when the arena is not pinned or there is no CUDA.
+  std::uintptr_t device_address() const;
 
  private:
   void* data_ = nullptr;

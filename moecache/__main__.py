@@ -141,12 +141,15 @@ def _demo(args) -> int:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         new = out[:, args.prompt:]
-        cache = moecache.stats(model)["cache"]
+        model_stats = moecache.stats(model)
+        cache = model_stats["cache"]
         hit = ""
         if cache:
             req = cache["requests"] - stats_before.get("requests", 0)
             hits = cache["hits"] - stats_before.get("hits", 0)
             hit = f"  expert hit rate {hits / max(req, 1):6.1%}"
+        if model_stats.get("prediction"):
+            hit += f"  next-layer recall {model_stats['prediction']['by_depth'][1]['recall']:6.1%}"
         mem = f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if on_gpu else ""
         print(f"  {label:<28} {new.numel() / seconds:8.1f} tokens/s  weights on {device.type} "
               f"{_device_weight_bytes(model, device) / 2**30:6.2f} GiB{mem}{hit}")
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
     demo.add_argument("--family", default="deepseek_v2", help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe")
     demo.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
     demo.add_argument("--budget", type=float, default=0.25, help="fraction of experts kept on the device")
-    demo.add_argument("--policy", default="lru", help="lru or lfu")
+    demo.add_argument("--policy", default="predictive", help="lru, lfu or predictive (lookahead gating)")
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     demo.add_argument("--new-tokens", type=int, default=24)

@@ -44,8 +44,12 @@ class Offload:
 
     gpu_experts: a fraction of all experts (0 < x <= 1, e.g. 0.25), a count per layer (int), or a byte
         budget ("6GiB", "512MB", or an int with bytes=True).
-    policy: "lru" or "lfu" eviction ("predictive" arrives with the predictive-caching work).
-    prefetch: after each layer, start copying the experts the next layer used on the previous step.
+    policy: "lru" or "lfu" eviction, or "predictive": each layer applies the routers of the next
+        `lookahead` layers to its hidden state, prefetches the experts they pick while it computes, and
+        the cache evicts experts predicted for the coming layers last.
+    prefetch: with lru/lfu, after each layer start copying the experts the next layer used on the
+        previous step (temporal locality); with predictive, prefetch the predicted experts.
+    lookahead: how many layers ahead the predictive policy looks (1 or 2 are typical).
     """
 
     gpu_experts: float | int | str = 0.25
@@ -54,6 +58,7 @@ class Offload:
     bytes: bool = False
     pin: str = "alloc"
     allow_pageable: bool = False
+    lookahead: int = 1
 
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         total = num_layers * num_experts
@@ -88,6 +93,7 @@ class Offload:
 class _PatchState:
     replaced: list = field(default_factory=list)  # (parent, attribute, original, new)
     cache: object = None
+    predictor: object = None
 
 
 def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = None) -> ExpertsLayout | None:
@@ -241,9 +247,16 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
 
 
 def _check_offload(plan, offload: Offload) -> None:
-    if offload.policy not in ("lru", "lfu"):
-        raise ValueError(f"offload policy must be 'lru' or 'lfu' for now, got {offload.policy!r} "
-                         "(the predictive policy is not built yet)")
+    if offload.policy not in ("lru", "lfu", "predictive"):
+        raise ValueError(f"offload policy must be 'lru', 'lfu' or 'predictive', got {offload.policy!r}")
+    if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
+        raise ValueError(f"offload lookahead must be an int >= 1, got {offload.lookahead!r}")
+    if offload.policy == "predictive":
+        missing = [name for name, parent, _, module, _, list_names in plan
+                   if _router_of(parent, module, list_names) is None]
+        if missing:
+            raise ValueError(f"offload policy 'predictive' needs each MoE block's router ([E, H] weight); "
+                             f"none found beside {missing[0]}")
     devices = set()
     for _, _, _, module, _, list_names in plan:
         if list_names is None:
@@ -263,6 +276,18 @@ def _check_offload(plan, offload: Offload) -> None:
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
 
 
+def _router_of(block: nn.Module, experts: nn.Module, list_names) -> "RouterSpec | None":
+    from .cache.predictor import find_router
+
+    if list_names is None:
+        E, _, H = experts.gate_up_proj.shape
+        if getattr(experts, "is_transposed", False):
+            H = experts.gate_up_proj.shape[1]
+    else:
+        E, H = len(experts), getattr(experts[0], list_names[0]).weight.shape[1]
+    return find_router(block, E, H)
+
+
 def _offload(replacements, offload: Offload, state: _PatchState) -> None:
     from .cache import ExpertCache
 
@@ -272,11 +297,19 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
     device = gate_up.device
     record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     num_slots = offload.slots(len(modules), E, record_bytes)
+    predictor = None
+    if offload.policy == "predictive":
+        from .cache.predictor import LookaheadPredictor
+
+        routers = [_router_of(parent, module, new.list_names) for parent, _, module, new in replacements]
+        predictor = LookaheadPredictor(routers, depth=offload.lookahead) if offload.prefetch else None
     cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
-                        policy=offload.policy, device=device, pin=offload.pin, allow_pageable=offload.allow_pageable)
+                        policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
+                        pin=offload.pin, allow_pageable=offload.allow_pageable)
     state.cache = cache
+    state.predictor = predictor
     for layer, module in enumerate(modules):
-        module.cache, module.cache_layer = cache, layer
+        module.cache, module.cache_layer, module.predictor = cache, layer, predictor
         if offload.prefetch and layer + 1 < len(modules):
             object.__setattr__(module, "next_layer", modules[layer + 1])  # a reference, not a submodule
         # The host store now holds the master copy: free the device memory the experts held.
@@ -329,6 +362,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         else:
             setattr(parent, attr, original)
         new.cache = None
+        new.predictor = None
     if cache is not None:
         cache.close()
     del model._moecache_patch
@@ -345,5 +379,6 @@ def stats(model: nn.Module) -> dict:
     layers = [{"name": names.get(id(new), attr), "calls": new.calls, "tokens": new.tokens,
                "activation": new.layout.activation} for _, attr, _, new in state.replaced]
     cache = state.cache.stats() if state.cache is not None else None
+    prediction = state.predictor.summary() if state.predictor is not None else None
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
-            "tokens": sum(l["tokens"] for l in layers), "cache": cache}
+            "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction}

@@ -86,6 +86,7 @@ OFFLOADS = {
     "offload25": Offload(gpu_experts=0.25),
     "offload50": Offload(gpu_experts=0.5, policy="lfu"),
     "pool-below-topk": Offload(gpu_experts=1, prefetch=False),  # 1 per layer -> fewer slots than one layer's K
+    "predictive25": Offload(gpu_experts=0.25, policy="predictive", lookahead=2),
 }
 
 
@@ -108,6 +109,13 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
         cache = s["cache"]
         assert cache["hits"] + cache["misses"] == cache["requests"] > 0
         assert all(m.gate_up_proj.numel() == 0 for m in patched), "offloaded experts must free their memory"
+        if OFFLOADS[offload].policy == "predictive":
+            pred = s["prediction"]
+            assert pred["depth"] == 2 and pred["per_layer"], "the predictor scored no guess"
+            for row in pred["per_layer"]:
+                assert 0 <= row["correct"] <= min(row["predicted"], row["actual"])
+                assert row["recall"] == row["correct"] / row["actual"]
+            assert cache["prefetches"] > 0
         if offload == "pool-below-topk":
             assert model._moecache_patch.cache.num_slots < model.config.num_experts_per_tok * len(patched)
 
@@ -170,6 +178,8 @@ def test_bad_offload_requests_leave_the_model_intact():
         moecache.patch(model, offload=Offload(gpu_experts=9))
     with pytest.raises(ValueError, match="policy"):
         moecache.patch(model, offload=Offload(policy="fifo"))
+    with pytest.raises(ValueError, match="lookahead"):
+        moecache.patch(model, offload=Offload(policy="predictive", lookahead=0))
     with pytest.raises(TypeError, match="offload"):
         moecache.patch(model, offload=0.5)
     assert_restored(model, before)
@@ -197,7 +207,7 @@ def test_offload_budget_forms():
 
 # ------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["resident", "offload25", "pool-below-topk"])
+@pytest.mark.parametrize("offload", ["resident", "offload25", "pool-below-topk", "predictive25"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_gpu_bf16_patched_model_matches(family, offload):
     model = build(family).to("cuda", torch.bfloat16)
@@ -211,17 +221,25 @@ def test_gpu_bf16_patched_model_matches(family, offload):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["resident", "offload50"])
+@pytest.mark.parametrize("offload", ["resident", "offload50", "predictive25"])
 def test_gpu_static_cache_compiled_generate(offload):
+    """Compiled forward + static cache = CUDA graphs; offloaded misses are read in place from the pinned
+    store through its device alias, so nothing may make the graphs skip."""
+    from torch._dynamo.utils import counters
+
     model = build("qwen3_moe").to("cuda", torch.bfloat16)
     ids = torch.randint(3, 96, (1, 6), device="cuda")
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
     moecache.patch(model, offload=OFFLOADS[offload])
+    torch._dynamo.reset()
+    counters.clear()
     model.forward = torch.compile(model.forward, mode="reduce-overhead")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert (out == ref).float().mean() >= 0.9  # bf16: a near-tie may flip one late token
+    moecache.unpatch(model)
 
 
 # ------------------------------------------------------------------ DeepSeek-VL2's own MoE code shape
@@ -319,3 +337,49 @@ def test_deepseek_vl2_moe_blocks_through_structural_detection(offload):
     assert_restored(model, before)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("deepseek_v2-group_limited", "deepseek_v3")])
+def test_lookahead_router_reproduces_the_models_own_routing(family):
+    """The predictor's router reading (find_router + RouterSpec.scores) picks exactly the experts the
+    model's router picks when fed the same hidden state (group-limited routing aside), so a lookahead
+    guess differs from the truth only through the hidden state it is applied to."""
+    from moecache.cache.predictor import find_router
+
+    model = build(family)
+    moecache.patch(model)
+    seen = []
+    for block in model.modules():
+        for child in block.children():
+            if isinstance(child, MoecacheExperts):
+                E, H = child.num_experts, child.weights()[0].shape[2]
+                spec = find_router(block, E, H)
+                assert spec is not None, f"no router found in {type(block).__name__}"
+                child.register_forward_hook(lambda mod, args, out, spec=spec: seen.append((spec, args[0], args[1])))
+    logits(model, torch.randint(3, 96, (2, 9)))
+    assert seen
+    for spec, hidden, top_k_index in seen:
+        guess = spec.scores(hidden).topk(top_k_index.shape[1], dim=1).indices
+        assert torch.equal(guess.sort(dim=1).values, top_k_index.long().sort(dim=1).values)
+    moecache.unpatch(model)
+
+
+def test_lookahead_predictor_counts_and_scores():
+    from moecache.cache.predictor import LookaheadPredictor, RouterSpec
+
+    H, E = 16, 6
+    routers = [RouterSpec(torch.randn(E, H)) for _ in range(3)]
+    pred = LookaheadPredictor(routers, depth=2)
+    x = torch.randn(5, H)
+    out = pred.predict(0, x, top_k=2)
+    assert [(t, d) for t, d, _ in out] == [(1, 1), (2, 2)]
+    for target, _, counts in out:
+        direct = (x @ routers[target].weight.T).topk(2, dim=1).indices
+        assert torch.equal(counts, torch.bincount(direct.reshape(-1), minlength=E))
+        assert int(counts.sum()) == 10
+    truth = sorted(pred.pending[(1, 1)])[:1] + [e for e in range(E) if e not in pred.pending[(1, 1)]][:1]
+    pred.observe(1, truth)
+    s = pred.stats[(1, 1)]
+    assert (s.predicted, s.correct, s.actual) == (len(out[0][2].nonzero()), 1, 2)
+    assert pred.summary()["by_depth"][1]["recall"] == 0.5
+    assert pred.predict(2, x, top_k=2) == []  # nothing after the last layer

@@ -24,6 +24,38 @@ _ALIGN = 256  # bytes: each expert record and its down block start on this bound
 DECODE_TOKENS = 16  # fused_moe's decode path: each expert read once per step, so misses are read in place
 
 
+class _CudaArrayInterface:
+    """Describes a byte range of device-addressable memory to torch.as_tensor (no ownership)."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
+                                         "version": 3, "strides": None}
+
+
+def _device_alias(store, device: torch.device) -> torch.Tensor | None:
+    """A uint8 CUDA tensor over the pinned store (it must outlive the tensor: the cache holds both)."""
+    if device.type != "cuda" or not store.pinned or store.nbytes == 0 or store.device_ptr == 0:
+        return None
+    try:
+        alias = torch.as_tensor(_CudaArrayInterface(store.device_ptr, store.nbytes), device=device)
+    except (RuntimeError, TypeError) as err:  # an old driver without mapped pinned memory
+        logger.warning("expert host store: no device view of the pinned masters (%s); "
+                       "compiled CUDA-graph decode with offload will not capture", err)
+        return None
+    return alias
+
+
+def _mark_static_address(t: torch.Tensor | None) -> None:
+    """Tell torch.compile's CUDA graphs that t keeps its address, so replays read it in place
+    instead of copying it into the graph's own memory each step."""
+    if t is None or t.device.type != "cuda":
+        return
+    try:
+        torch._dynamo.mark_static_address(t)
+    except (AttributeError, RuntimeError):
+        pass
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -191,6 +223,11 @@ class ExpertCache:
             logger.warning("expert host store: %s", self._store.warning)
         self._host_bytes = torch.frombuffer(self._store, dtype=torch.uint8)
         self._host_gate_up, self._host_down = self._record_views(self._host_bytes, self.num_layers * self.num_experts)
+        # The same masters addressed as device memory, for callers that accept only device tensors
+        # (CUDA-graph capture copies or refuses CPU inputs); None where the store is not pinned.
+        self._device_host_bytes = _device_alias(self._store, self.device)
+        self._device_host_views = (None if self._device_host_bytes is None else
+                                   self._record_views(self._device_host_bytes, self.num_layers * self.num_experts))
         for layer, source in enumerate(sources):
             for e in range(self.num_experts):
                 gate_up, down = source.get(e)
@@ -201,6 +238,8 @@ class ExpertCache:
         self._pool = torch.empty(pool_bytes, dtype=torch.uint8, device=self.device)
         self._slot_gate_up, self._slot_down = self._record_views(self._pool, num_slots)
         self._map = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=self.device)
+        for t in (self._pool, self._map, self._device_host_bytes):
+            _mark_static_address(t)
         self._core = _C.ExpertCache(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
@@ -241,12 +280,20 @@ class ExpertCache:
         self._check_open()
         return self._slot_gate_up, self._slot_down
 
-    def host_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's master copies as ([E, 2I, H], [E, H, I]) views of the pinned host store."""
+    def host_weights(self, layer: int, *, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's master copies as ([E, 2I, H], [E, H, I]) views of the pinned host store.
+
+        on_device=True returns the same memory as tensors on the cache's CUDA device (mapped pinned
+        memory: kernels read it over PCIe in place), which CUDA-graph capture accepts as it would any
+        static device buffer; on the CPU, or when the store is pageable, the host views are returned.
+        """
         self._check_open()
         self._check_layer(layer)
         lo, hi = layer * self.num_experts, (layer + 1) * self.num_experts
-        return self._host_gate_up[lo:hi], self._host_down[lo:hi]
+        gate_up, down = self._host_gate_up, self._host_down
+        if on_device and self._device_host_views is not None:
+            gate_up, down = self._device_host_views
+        return gate_up[lo:hi], down[lo:hi]
 
     def expert_map(self, layer: int) -> torch.Tensor:
         """[E] int32 on the device: each expert's slot, -1 while it is not resident."""
@@ -340,12 +387,16 @@ class ExpertCache:
     # ------------------------------------------------------------------ running a layer
     def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
             activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto",
-            b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None) -> torch.Tensor:
+            b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+            before_compute=None) -> torch.Tensor:
         """The routed experts of `layer` for these tokens, with weights served by the cache.
 
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
         unless track_usage), "copy" (copy them into slots first; rounds if the pool is too small), or
         "auto": in place up to 16 tokens where the store is pinned, else copy.
+        before_compute: called with the layer's distinct experts (a list) once they are accounted for
+            (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
+            later layers overlap this layer's compute and cannot evict this layer's experts.
         """
         from .. import ops
 
@@ -362,14 +413,20 @@ class ExpertCache:
         extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
                      gate_up_interleaved=self.gate_up_interleaved)
         if misses == "in_place":
-            if track_usage:
-                self.record_use(layer, torch.unique(topk_ids))
+            if track_usage or before_compute is not None:
+                needed = self._ids(torch.unique(topk_ids))
+                if track_usage:
+                    self.record_use(layer, needed)
+                if before_compute is not None:
+                    before_compute(needed)
             return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
                                  expert_map=self._map[layer], host_w_gate_up=host_gate_up, host_w_down=host_down,
                                  **extra)
 
         needed = self._ids(torch.unique(topk_ids))
         lease = self.ensure(layer, needed)
+        if before_compute is not None:
+            before_compute(needed)
         if all(s >= 0 for s in lease.slots):
             with lease:
                 return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
@@ -413,7 +470,8 @@ class ExpertCache:
             return
         self._core.close()
         self._closed = True
-        for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes"):
+        for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes",
+                     "_device_host_views", "_device_host_bytes"):
             setattr(self, name, None)
         self._store = None
 

@@ -51,6 +51,7 @@ class MoecacheExperts(nn.Module):
         self.last_experts: torch.Tensor | None = None  # experts used by the last call (offload prefetching)
         # With offload and prefetch: the layer after this one (a reference, not a submodule).
         object.__setattr__(self, "next_layer", None)
+        self.predictor = None  # a LookaheadPredictor shared by the layers (policy "predictive")
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I, H], [E, H, I]) views of the resident weights (no copies)."""
@@ -96,15 +97,19 @@ class MoecacheExperts(nn.Module):
         if self.cache is not None and torch.compiler.is_compiling():
             # Traced: no host syncs or Python-side bookkeeping; misses are read in place through the map.
             gate_up, down = self.cache.slot_weights()
-            host_gate_up, host_down = self.cache.host_weights(self.cache_layer)
+            host_gate_up, host_down = self.cache.host_weights(self.cache_layer, on_device=True)
             return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index,
                                  activation=layout.activation, gate_up_interleaved=layout.interleaved,
                                  expert_map=self.cache.expert_map(self.cache_layer), host_w_gate_up=host_gate_up,
                                  host_w_down=host_down, **biases)
         if self.cache is not None:
+            predict = None
+            if self.predictor is not None:
+                def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):
+                    self._predict_and_prefetch(x, top_k, used)
             out = self.cache.moe(self.cache_layer, hidden_states, top_k_weights, top_k_index,
-                                 activation=layout.activation, **biases)
-            if self.next_layer is not None:
+                                 activation=layout.activation, before_compute=predict, **biases)
+            if self.next_layer is not None and self.predictor is None:
                 self._prefetch_next_layer(top_k_index)
             return out
         w_gate_up, w_down = self.weights()
@@ -117,6 +122,19 @@ class MoecacheExperts(nn.Module):
         if nxt.last_experts is not None:
             self.cache.prefetch(nxt.cache_layer, nxt.last_experts)
         self.last_experts = torch.unique(top_k_index).cpu()
+
+    def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
+        """Lookahead gating: score this layer's guess, release its priorities, then raise the priorities
+        of the experts the next layers' routers pick for these tokens and start copying them."""
+        predictor, cache, layer = self.predictor, self.cache, self.cache_layer
+        predictor.observe(layer, used)
+        cache.set_priorities(layer, [0.0] * self.num_experts)  # done with it until the next step
+        tokens = hidden_states.shape[0]
+        for target, depth, counts in predictor.predict(layer, hidden_states, top_k):
+            # Nearer layers outrank farther ones; within a layer, experts more tokens chose come first.
+            base = 2.0 * (predictor.depth - depth + 1)
+            cache.set_priorities(target, (base + counts.float() / tokens) * (counts > 0))
+            cache.prefetch(target, torch.nonzero(counts).reshape(-1))
 
     def extra_repr(self) -> str:
         where = f"offloaded: layer {self.cache_layer} of an ExpertCache" if self.cache is not None else "resident"

@@ -1,0 +1,119 @@
+"""Lookahead gating: guess the experts of the next MoE layers from the current layer's hidden state.
+
+The residual stream changes little from one layer to the next, so applying layer l+j's router to the
+hidden state entering layer l's experts predicts layer l+j's routing well (Pre-gated MoE, ExpertFlow,
+mixtral-offloading's speculative loading). It costs one [T, H] x [H, E] product per predicted layer,
+which is tiny next to the experts, and needs no training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RouterSpec:
+    """What a layer's router computes, reduced to what prediction needs.
+
+    weight: [E, H] (the router's linear weight); bias: [E] added to the logits (GPT-OSS);
+    correction: [E] added to sigmoid scores for ranking only (DeepSeek-V3 e_score_correction_bias).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    correction: torch.Tensor | None = None
+
+    def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 ranking scores (top-k of these is the router's top-k choice, groups aside)."""
+        logits = torch.nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias).float()
+        if self.correction is not None:
+            return torch.sigmoid(logits) + self.correction.float()
+        return logits
+
+
+def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
+    """The router of an MoE block, found by shape: a child (not the experts) whose weight is [E, H]."""
+    for name, child in block.named_children():
+        if name in ("experts", "shared_experts", "shared_expert"):
+            continue
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
+            bias = getattr(child, "bias", None)
+            correction = getattr(child, "e_score_correction_bias", None)
+            return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None,
+                              correction if isinstance(correction, torch.Tensor) else None)
+    return None
+
+
+@dataclass
+class PredictionStats:
+    """Per (layer, depth): experts predicted, of those the ones the layer then used, and experts used."""
+
+    predicted: int = 0
+    correct: int = 0
+    actual: int = 0
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.actual if self.actual else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+
+class LookaheadPredictor:
+    """Predicts layers l+1..l+depth's experts from layer l's hidden state, and scores its guesses.
+
+    `predict` returns, per predicted layer, the experts chosen by any token and how many tokens chose
+    each; `observe` compares what a layer really used with what was predicted for it earlier.
+    """
+
+    def __init__(self, routers: list[RouterSpec | None], depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.routers = routers
+        self.depth = depth
+        self.pending: dict[tuple[int, int], set[int]] = {}  # (layer, depth) -> experts predicted for it
+        self.stats = {(layer, d): PredictionStats() for layer in range(len(routers)) for d in range(1, depth + 1)}
+
+    def predict(self, layer: int, hidden_states: torch.Tensor, top_k: int) -> list[tuple[int, int, torch.Tensor]]:
+        """[(target layer, depth, token counts [E] on the host)] for the layers after `layer`."""
+        out = []
+        for d in range(1, self.depth + 1):
+            target = layer + d
+            if target >= len(self.routers) or self.routers[target] is None:
+                break
+            scores = self.routers[target].scores(hidden_states)
+            chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)
+            counts = torch.bincount(chosen, minlength=scores.shape[1]).cpu()
+            self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())
+            out.append((target, d, counts))
+        return out
+
+    def observe(self, layer: int, used: list[int]) -> None:
+        used_set = set(used)
+        for d in range(1, self.depth + 1):
+            guess = self.pending.pop((layer, d), None)
+            if guess is None:
+                continue
+            s = self.stats[(layer, d)]
+            s.predicted += len(guess)
+            s.correct += len(guess & used_set)
+            s.actual += len(used_set)
+
+    def summary(self) -> dict:
+        per = [{"layer": layer, "depth": d, "predicted": s.predicted, "correct": s.correct, "actual": s.actual,
+                "recall": s.recall, "precision": s.precision} for (layer, d), s in sorted(self.stats.items())
+               if s.actual]
+        total = {}
+        for d in range(1, self.depth + 1):
+            rows = [p for p in per if p["depth"] == d]
+            actual = sum(p["actual"] for p in rows)
+            predicted = sum(p["predicted"] for p in rows)
+            correct = sum(p["correct"] for p in rows)
+            total[d] = {"recall": correct / actual if actual else 0.0,
+                        "precision": correct / predicted if predicted else 0.0}
+        return {"depth": self.depth, "per_layer": per, "by_depth": total}
