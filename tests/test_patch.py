@@ -383,3 +383,23 @@ def test_lookahead_predictor_counts_and_scores():
     assert (s.predicted, s.correct, s.actual) == (len(out[0][2].nonzero()), 1, 2)
     assert pred.summary()["by_depth"][1]["recall"] == 0.5
     assert pred.predict(2, x, top_k=2) == []  # nothing after the last layer
+
+
+def test_compiled_offloaded_model_reads_misses_in_place():
+    """Under torch.compile the offloaded layer takes its traced path (no host bookkeeping, misses read
+    through the expert map from the host store); on CPU the torch reference graph-breaks, so no fullgraph."""
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 96, (1, 6))
+    ref = logits(model, ids)
+    moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive"))
+    logits(model, ids)  # eager warm-up fills some slots; the rest stay misses
+    cache = model._moecache_patch.cache
+    assert 0 < sum(len(cache.resident(layer)) for layer in range(cache.num_layers)) < cache.num_layers * 8
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    requests = moecache.stats(model)["cache"]["requests"]
+    with torch.no_grad():
+        assert_close(compiled(ids).logits, ref, torch.float32)
+    assert moecache.stats(model)["cache"]["requests"] == requests  # traced path: no bookkeeping
+    moecache.unpatch(model)
+    torch._dynamo.reset()
