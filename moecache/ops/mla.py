@@ -1,0 +1,145 @@
+"""MLA decode (DeepSeek-V2/V3 multi-head latent attention, absorbed form) over a paged latent cache.
+
+Shapes: B requests (one new token each), Hq query heads, R = kv_lora_rank (512 in DeepSeek),
+P = qk_rope_head_dim (64), block_size tokens per cache page, max_blocks pages per request.
+Each cache row is [latent (R) | rope key (P)]; the latent is both the key's "nope" part (after W_UK is
+absorbed into the query) and the value (W_UV is applied by the caller to the [B, Hq, R] output).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, resolve_backend
+
+
+def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                         block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+                         return_lse: bool = False):
+    """Plain PyTorch MLA decode in fp32: gather every request's rows, softmax, weighted latent sum.
+
+    score(b, h, t) = scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t) for t < seq_lens[b],
+    row t of request b = kv_cache[block_table[b, t // block_size], t % block_size].
+    Returns out [B, Hq, R] in q's dtype (and lse [B, Hq] fp32, natural log, with return_lse).
+    Vectorised over the table's full width (no .tolist()), so it also traces under torch.compile.
+    """
+    B, Hq, R = q_latent.shape
+    block_size = kv_cache.shape[1]
+    max_tokens = block_table.shape[1] * block_size
+    t = torch.arange(max_tokens, device=kv_cache.device)
+    valid = t[None, :] < seq_lens[:, None].long()                                  # [B, T]
+    pages = torch.where(valid, block_table.long()[:, t // block_size], 0)         # unused entries: any value
+    rows = kv_cache[pages, (t % block_size)[None, :].expand(B, -1)].float()       # [B, T, R + P]
+    rows = torch.where(valid[..., None], rows, 0.0)                               # rows past seq_len: any value
+    latent, rope = rows[..., :R], rows[..., R:]
+    scores = torch.einsum("bhr,btr->bht", q_latent.float(), latent)
+    scores = (scores + torch.einsum("bhp,btp->bht", q_rope.float(), rope)) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bht,btr->bhr", torch.softmax(scores, dim=-1), latent).to(q_latent.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
+        _check(isinstance(t, torch.Tensor) and t.dim() == 3, f"{name} must be a 3-D tensor, got {shape(t)}")
+    _check(q_latent.dtype in _FLOAT_DTYPES, f"q_latent must be fp16/bf16/fp32, got {q_latent.dtype}")
+    B, Hq, R = q_latent.shape
+    _check(q_rope.shape[:2] == (B, Hq), f"q_rope must be [B={B}, Hq={Hq}, P], got {tuple(q_rope.shape)}")
+    P = q_rope.shape[2]
+    _check(R > 0 and P > 0, f"q_latent and q_rope need non-empty last dims, got R={R}, P={P}")
+    _check(kv_cache.shape[2] == R + P,
+           f"kv_cache must be [num_blocks, block_size, R + P = {R} + {P}], got {tuple(kv_cache.shape)}")
+    num_blocks, block_size, _ = kv_cache.shape
+    _check(num_blocks > 0 and block_size > 0, f"kv_cache has no rows: {tuple(kv_cache.shape)}")
+    for name, t in (("q_rope", q_rope), ("kv_cache", kv_cache)):
+        _check(t.dtype == q_latent.dtype, f"{name} dtype {t.dtype} differs from q_latent's {q_latent.dtype}")
+    _check(kv_cache.stride(2) == 1, f"kv_cache must have a unit stride in its last dim, got {kv_cache.stride()}")
+    _check(isinstance(block_table, torch.Tensor) and block_table.dim() == 2 and block_table.shape[0] == B
+           and block_table.shape[1] > 0,
+           f"block_table must be [B={B}, max_blocks], got {shape(block_table)}")
+    _check(block_table.dtype == torch.int32, f"block_table must be int32, got {block_table.dtype}")
+    _check(isinstance(seq_lens, torch.Tensor) and tuple(seq_lens.shape) == (B,),
+           f"seq_lens must be [B={B}], got {shape(seq_lens)}")
+    _check(seq_lens.dtype == torch.int32, f"seq_lens must be int32, got {seq_lens.dtype}")
+    for name, t in (("q_rope", q_rope), ("kv_cache", kv_cache), ("block_table", block_table), ("seq_lens", seq_lens)):
+        _check(t.device == q_latent.device, f"{name} is on {t.device}, q_latent on {q_latent.device}")
+    _check(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
+
+    if _value_checks_allowed() and B > 0:
+        max_blocks = block_table.shape[1]
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        _check(lo >= 1 and hi <= max_blocks * block_size,
+               f"seq_lens must lie in [1, max_blocks * block_size = {max_blocks * block_size}], "
+               f"found values in [{lo}, {hi}]")
+        # Only the pages a request uses must be valid; the rest of its row may hold anything (e.g. -1).
+        used = torch.arange(max_blocks, device=block_table.device)[None, :] < \
+            ((seq_lens.long() + block_size - 1) // block_size)[:, None]
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        if bool(bad.any()):
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} must lie in [0, num_blocks={num_blocks}) "
+                             f"(request {b} uses its first {(int(seq_lens[b]) + block_size - 1) // block_size} pages)")
+
+
+def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, *, scale: float, backend: str = "auto", return_lse: bool = False):
+    """One decode step of MLA attention (absorbed form) over a paged latent cache.
+
+    Args:
+        q_latent: [B, Hq, R] fp16/bf16/fp32, the "nope" query with W_UK absorbed (q_nope @ W_UK per head).
+        q_rope: [B, Hq, P], the rotary part of the query (after rotary embedding).
+        kv_cache: [num_blocks, block_size, R + P], rows [latent (after kv_a_layernorm) | rope key]; q's dtype.
+            Any block_size; any page/row strides, unit stride in the last dim.
+        block_table: [B, max_blocks] int32: request b's token t is at
+            kv_cache[block_table[b, t // block_size], t % block_size]. Entries past the pages a request
+            uses are never read.
+        seq_lens: [B] int32, tokens in the cache per request, in [1, max_blocks * block_size].
+        scale: softmax scale (DeepSeek: qk_head_dim ** -0.5, times mscale ** 2 under YaRN rope scaling).
+        backend: "auto" | "torch" | "triton".
+        return_lse: also return the log-sum-exp of the scaled scores.
+    Returns:
+        out [B, Hq, R] in q's dtype = softmax_t(scale * (q_latent . latent_t + q_rope . rope_t)) @ latent;
+        with return_lse, (out, lse [B, Hq] fp32, natural log).
+
+    Example:
+        >>> q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)           # absorb W_UK [Hq, Dn, R]
+        >>> o = mla_decode(q_latent, q_pe, cache, table, lens, scale=192 ** -0.5)
+        >>> attn = torch.einsum("bhr,hvr->bhv", o, w_uv)                     # apply W_UV [Hq, Dv, R]
+    """
+    _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale)
+    if resolve_backend(backend, q_latent.device) == "torch":
+        return mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=scale,
+                                    return_lse=return_lse)
+    out, lse = torch.ops.moecache.mla_decode(q_latent.contiguous(), q_rope.contiguous(), kv_cache,
+                                             block_table.contiguous(), seq_lens.contiguous(), float(scale))
+    return (out, lse) if return_lse else out
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (host metadata, no sync); a small number on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@torch.library.triton_op("moecache::mla_decode", mutates_args=())
+def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from moecache import kernels
+    from moecache.kernels.mla_decode import mla_decode_launch, select_config
+
+    B, Hq, R = q_latent.shape
+    out = torch.empty((B, Hq, R), dtype=q_latent.dtype, device=q_latent.device)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
+    if B == 0:
+        return out, lse
+    config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
+                           _sm_count(q_latent.device), kernels.INTERPRETING)
+    mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config,
+                      launcher=torch.library.wrap_triton)
+    return out, lse

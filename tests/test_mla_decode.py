@@ -1,0 +1,300 @@
+"""ops.mla_decode (Triton kernels; the interpreter on CPU) against decompressed MLA attention in fp64.
+
+The test reference never uses the absorbed form: it expands each cached latent into per-head keys
+(k_nope = W_UK latent) and values (v = W_UV latent), runs plain softmax attention with the
+un-absorbed query q_nope, and checks the kernel's output (latent space) and out @ W_UV^T against it.
+Cache rows a request does not use are NaN and unused block-table entries -1, so any read past
+seq_len shows up as NaN.
+"""
+import math
+
+import pytest
+import torch
+
+from moecache import ops
+from moecache.ops.mla import mla_decode_reference
+from moecache.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(lens, Hq, R=32, P=8, Dn=16, Dv=24, block_size=16, dtype=torch.float32, device=DEVICE, seed=0,
+              extra_width=1, unused_entry=-1):
+    """Random MLA inputs with a shuffled paged cache: pages are a random permutation of the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    pages = [math.ceil(n / block_size) for n in lens]
+    max_blocks = max(pages) + extra_width
+    num_blocks = sum(pages) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    block_table = torch.full((B, max_blocks), unused_entry, dtype=torch.int64)
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    k = 0
+    for b, (n, np_) in enumerate(zip(lens, pages)):
+        block_table[b, :np_] = perm[k:k + np_]
+        t = torch.arange(n)
+        used[perm[k + t // block_size], t % block_size] = True
+        k += np_
+    kv_cache = torch.randn(num_blocks, block_size, R + P, generator=g).to(dtype)
+    kv_cache[~used] = float("nan")
+    w_uk = torch.randn(Hq, Dn, R, generator=g, dtype=torch.float64) / R**0.5
+    w_uv = torch.randn(Hq, Dv, R, generator=g, dtype=torch.float64) / R**0.5
+    q_nope = torch.randn(B, Hq, Dn, generator=g, dtype=torch.float64)
+    q_rope = torch.randn(B, Hq, P, generator=g).to(dtype)
+    q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk).to(dtype)  # W_UK absorbed into the query
+    to = dict(device=device)
+    return dict(q_latent=q_latent.to(**to), q_rope=q_rope.to(**to), kv_cache=kv_cache.to(**to),
+                block_table=block_table.to(device=device, dtype=torch.int32),
+                seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                scale=(Dn + P) ** -0.5, q_nope=q_nope.to(**to), w_uk=w_uk.to(**to), w_uv=w_uv.to(**to))
+
+
+def op_args(case):
+    return {k: case[k] for k in ("q_latent", "q_rope", "kv_cache", "block_table", "seq_lens", "scale")}
+
+
+def decompressed_attention(case):
+    """fp64 MLA the long way: per-head keys [k_nope | k_rope] and values from each token's latent.
+
+    Returns (latent-space output [B, Hq, R], lse [B, Hq], value-space output [B, Hq, Dv]).
+    """
+    kv, table = case["kv_cache"].double(), case["block_table"].long()
+    R = case["q_latent"].shape[2]
+    block_size = kv.shape[1]
+    outs, lses, attns = [], [], []
+    for b, n in enumerate(case["seq_lens"].tolist()):
+        t = torch.arange(n, device=kv.device)
+        rows = kv[table[b, t // block_size], t % block_size]                  # [n, R + P]
+        latent, k_rope = rows[:, :R], rows[:, R:]
+        k_nope = torch.einsum("hdr,tr->htd", case["w_uk"], latent)            # [Hq, n, Dn]
+        v = torch.einsum("hvr,tr->htv", case["w_uv"], latent)                 # [Hq, n, Dv]
+        scores = torch.einsum("hd,htd->ht", case["q_nope"][b], k_nope)
+        scores = (scores + case["q_rope"][b].double() @ k_rope.T) * case["scale"]
+        p = torch.softmax(scores, dim=-1)
+        outs.append(p @ latent)
+        lses.append(torch.logsumexp(scores, dim=-1))
+        attns.append(torch.einsum("ht,htv->hv", p, v))
+    return torch.stack(outs), torch.stack(lses), torch.stack(attns)
+
+
+def check_against_decompressed(case, out, lse, dtype):
+    ref_out, ref_lse, ref_attn = decompressed_attention(case)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, dtype, name="lse")
+    # The caller applies W_UV: the result is attention over the decompressed values.
+    assert_close(torch.einsum("bhr,hvr->bhv", out.double(), case["w_uv"]), ref_attn, dtype, name="out @ W_UV^T")
+
+
+CASES = [  # (lens, Hq, R, P, block_size)
+    ([1], 1, 32, 8, 16),                   # one token, one head
+    ([1, 37, 130], 4, 32, 8, 16),          # mixed lengths, not multiples of the block size
+    ([70, 64], 16, 32, 8, 64),             # one block of 16 heads; a full page and a partial one
+    ([45, 17], 20, 32, 8, 16),             # 20 heads: a padded head block
+    ([50, 24, 3], 4, 32, 8, 24),           # a non-power-of-two block size
+    ([33, 9], 4, 40, 12, 16),              # non-power-of-two R and P (masked padding)
+    ([5, 80, 1, 16, 17, 33, 2, 64], 4, 32, 8, 16),  # B = 8: one split on CPU (no combine launch)
+]
+
+
+def case_id(c):
+    lens, Hq, R, P, bs = c
+    return f"B{len(lens)}-H{Hq}-S{'.'.join(map(str, lens))}-R{R}-P{P}-bs{bs}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens,Hq,R,P,block_size", CASES, ids=[case_id(c) for c in CASES])
+def test_matches_decompressed_attention(lens, Hq, R, P, block_size, dtype):
+    case = make_case(lens, Hq, R=R, P=P, block_size=block_size, dtype=dtype)
+    out, lse = ops.mla_decode(**op_args(case), backend="triton", return_lse=True)
+    check_against_decompressed(case, out, lse, dtype)
+    assert torch.equal(ops.mla_decode(**op_args(case), backend="triton"), out)  # deterministic
+
+
+def _launch(case, launched=None, **overrides):
+    """The launcher directly, with config overrides (split count, head block)."""
+    from moecache.kernels import INTERPRETING
+    from moecache.kernels.mla_decode import mla_decode_launch, select_config
+
+    q_latent, q_rope, kv, table = case["q_latent"], case["q_rope"], case["kv_cache"], case["block_table"]
+    B, Hq, R = q_latent.shape
+    config = select_config(B, Hq, R, q_rope.shape[2], kv.shape[1], table.shape[1], 4, INTERPRETING)
+    config.update(overrides)
+    out = torch.full((B, Hq, R), float("nan"), dtype=q_latent.dtype, device=q_latent.device)
+    lse = torch.full((B, Hq), float("nan"), dtype=torch.float32, device=q_latent.device)
+
+    def launcher(kernel):
+        if launched is not None:
+            launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return kernel
+
+    mla_decode_launch(q_latent, q_rope, kv, table, case["seq_lens"], out, lse, scale=case["scale"],
+                      config=config, launcher=launcher)
+    return out, lse
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 16], ids=lambda s: f"splits{s}")
+def test_split_counts_and_empty_splits(splits):
+    """Any split count gives the same answer: splits past a request's pages (lengths 1 and 9 here)
+    hold no tokens and must drop out of the combine; one split writes the output directly."""
+    case = make_case([1, 9, 100], 4, block_size=16)
+    launched = []
+    out, lse = _launch(case, launched, num_splits=splits)
+    check_against_decompressed(case, out, lse, torch.float32)
+    assert len(launched) == (1 if splits == 1 else 2), launched
+
+
+def test_several_head_blocks():
+    """20 heads in blocks of 16: two head blocks re-read the same pages."""
+    case = make_case([40, 7], 20, block_size=16)
+    out, lse = _launch(case, BLOCK_H=16, num_splits=2)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+def test_minimum_split_length():
+    """min_split_pages (256 tokens on the GPU) caps how finely a request is cut."""
+    case = make_case([100, 30], 4, block_size=16)
+    out, lse = _launch(case, num_splits=8, min_split_pages=3)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+def test_unused_table_entries_are_never_read():
+    case = make_case([20, 3], 4, block_size=16, extra_width=3, unused_entry=2**30)
+    out, lse = ops.mla_decode(**op_args(case), backend="triton", return_lse=True)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+def test_strided_cache_view():
+    """A cache that is a view into a wider buffer (page and row strides only; unit last stride)."""
+    case = make_case([30, 50], 4, block_size=16)
+    kv = case["kv_cache"]
+    wide = torch.full((kv.shape[0], kv.shape[1], kv.shape[2] + 8), float("nan"), device=kv.device)
+    wide[..., :kv.shape[2]] = kv
+    case["kv_cache"] = wide[..., :kv.shape[2]]
+    out, lse = ops.mla_decode(**op_args(case), backend="triton", return_lse=True)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_torch_backend_is_the_reference(dtype):
+    case = make_case([1, 37, 130], 4, dtype=dtype)
+    out, lse = ops.mla_decode(**op_args(case), backend="torch", return_lse=True)
+    check_against_decompressed(case, out, lse, dtype)
+    ref_out, ref_lse = mla_decode_reference(**op_args(case), return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    if DEVICE == "cpu":  # "auto" on CPU tensors is the reference
+        assert torch.equal(ops.mla_decode(**op_args(case)), ref_out)
+
+
+def _bad(match, **overrides):
+    case = make_case([5, 20], 4, block_size=16, extra_width=1)
+    args = op_args(case)
+    kwargs = {"backend": "triton"}
+    for k, v in overrides.items():
+        (args if k in args else kwargs)[k] = v
+    with pytest.raises(ValueError, match=match):
+        ops.mla_decode(**args, **kwargs)
+
+
+def test_bad_input_names_the_argument():
+    case = make_case([5, 20], 4, block_size=16, extra_width=1)
+    ql, qr, kv, bt, sl = (case[k] for k in ("q_latent", "q_rope", "kv_cache", "block_table", "seq_lens"))
+    _bad("q_latent must be a 3-D", q_latent=ql[0])
+    _bad("q_rope must be", q_rope=qr[:1])
+    _bad("q_rope must be", q_rope=qr[:, :2])
+    _bad("kv_cache must be", kv_cache=kv[..., :-1])
+    _bad("kv_cache dtype", kv_cache=kv.half())
+    _bad("q_rope dtype", q_rope=qr.half())
+    _bad("q_latent must be fp16/bf16/fp32", q_latent=ql.double(), q_rope=qr.double(), kv_cache=kv.double())
+    _bad("kv_cache must have a unit stride", kv_cache=kv.transpose(0, 2).contiguous().transpose(0, 2))
+    _bad("block_table must be int32", block_table=bt.long())
+    _bad(r"block_table must be \[B=2", block_table=bt[:1])
+    _bad("seq_lens must be int32", seq_lens=sl.long())
+    _bad(r"seq_lens must be \[B=2\]", seq_lens=sl[:1])
+    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([0, 20], dtype=torch.int32))
+    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([49, 20], dtype=torch.int32))
+    bad_table = bt.clone()
+    bad_table[1, 1] = kv.shape[0]
+    _bad(r"block_table\[1, 1\] = \d+ must lie in \[0, num_blocks=", block_table=bad_table)
+    bad_table[1, 1] = -1
+    _bad(r"block_table\[1, 1\] = -1 must lie in", block_table=bad_table)
+    _bad("scale must be a finite float", scale=float("nan"))
+    _bad("backend", backend="numpy")
+
+
+def test_value_checks_skip_when_disabled(monkeypatch):
+    """MOECACHE_VALIDATE=0 (as while compiling/capturing) skips the checks that read values; the
+    kernel clamps, so a bad page index still reads inside the cache."""
+    case = make_case([5, 20], 4, block_size=16)
+    case["block_table"][1, 0] = 10**6
+    monkeypatch.setenv("MOECACHE_VALIDATE", "0")
+    out = ops.mla_decode(**op_args(case), backend="triton")
+    assert out.shape == case["q_latent"].shape
+
+
+# ------------------------------------------------------------------ GPU (bf16 at DeepSeek sizes, compile, graphs)
+DEEPSEEK = dict(R=512, P=64, Dn=128, Dv=128, block_size=64, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq", [16, 128])
+@pytest.mark.parametrize("lens", [[1, 777, 4096, 5000], [5000, 4999, 64, 65]], ids=["mixed", "long"])
+def test_gpu_bf16_deepseek_sizes(Hq, lens):
+    case = make_case(lens, Hq, **DEEPSEEK)
+    out, lse = ops.mla_decode(**op_args(case), return_lse=True)  # auto = triton on CUDA
+    check_against_decompressed(case, out, lse, torch.bfloat16)
+    ref_out, ref_lse = mla_decode_reference(**op_args(case), return_lse=True)
+    assert_close(out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,block_size", [(1, 64), (64, 16), (200, 64)], ids=["B1", "B64-bs16", "B200"])
+def test_gpu_bf16_batch_and_block_sizes(B, block_size):
+    lens = torch.randint(1, 1500, (B,), generator=torch.Generator().manual_seed(B)).tolist()
+    case = make_case(lens, 16, **{**DEEPSEEK, "block_size": block_size})
+    out = ops.mla_decode(**op_args(case))
+    assert_close(out, mla_decode_reference(**op_args(case)), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_with_new_lengths():
+    """Captured once, replayed as the requests grow: no host value is baked into the graph."""
+    case = make_case([300, 1, 2000, 4000], 16, **DEEPSEEK)
+    args = op_args(case)
+    full = case["seq_lens"].clone()
+    args["seq_lens"] = (full - 200).clamp_min(1).to(torch.int32)
+    holder = {}
+
+    def step():
+        holder["out"], holder["lse"] = ops.mla_decode(**args, return_lse=True)
+
+    step()  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for lens in (args["seq_lens"].clone(), full):
+        args["seq_lens"].copy_(lens)
+        holder["out"].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = mla_decode_reference(**args, return_lse=True)
+        assert_close(holder["out"], ref_out, torch.bfloat16)
+        assert_close(holder["lse"], ref_lse, torch.float32, rtol=1e-3, name="lse")
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_fullgraph():
+    case = make_case([100, 1000], 16, **DEEPSEEK)
+    args = op_args(case)
+    w_uv = case["w_uv"].to(torch.bfloat16)
+
+    def attention(q_latent, q_rope):
+        o = ops.mla_decode(q_latent, q_rope, args["kv_cache"], args["block_table"], args["seq_lens"],
+                           scale=args["scale"])
+        return torch.einsum("bhr,hvr->bhv", o, w_uv)
+
+    compiled = torch.compile(attention, fullgraph=True)
+    assert_close(compiled(args["q_latent"], args["q_rope"]), attention(args["q_latent"], args["q_rope"]),
+                 torch.bfloat16)
