@@ -26,7 +26,7 @@ def triton_interpreting() -> bool:
 
 ENV_SWITCHES = {
     "MOECACHE_BACKEND": "auto|torch|triton — backend for calls that say backend='auto'",
-    "MOECACHE_VALIDATE": "0 skips fused_moe's value checks that need a host sync",
+    "MOECACHE_VALIDATE": "0 skips fused_moe and mla_decode value checks that need a host sync",
     "MOECACHE_MOE_CONFIG": "path of a fused_moe block-config table (bench/tune_moe.py writes one)",
     "MOECACHE_LOGLEVEL": "level of the `moecache` logger (DEBUG, INFO, ...)",
     "MOECACHE_BUILD_CUDA": "auto|0|1 — build the CUDA backend of moecache._C (at pip install time)",

@@ -94,6 +94,7 @@ class _PatchState:
     replaced: list = field(default_factory=list)  # (parent, attribute, original, new)
     cache: object = None
     predictor: object = None
+    block_size: int = 64  # pages of the latent KV cache generate builds for patched MLA attention
 
 
 def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = None) -> ExpertsLayout | None:
@@ -186,14 +187,18 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
     if offload is not None and not isinstance(offload, Offload):
         raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
     state: _PatchState = getattr(model, "_moecache_patch", None)
-    if attention:
-        logger.info("moecache.patch: MLA attention patching is not available yet; attention left as it is")
+    attention_plan = _plan_attention(model, strict) if attention else []
     if not experts:
+        if attention_plan:
+            _apply_attention(model, attention_plan, state or _PatchState())
         return model
     candidates = find_experts(model)
     todo = [(n, p, a, m, l) for n, p, a, m, l in candidates if not isinstance(m, MoecacheExperts)]
     if state is not None and not todo:
-        logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
+        if attention_plan:
+            _apply_attention(model, attention_plan, state)
+        else:
+            logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
         if offload is not None and state.cache is None:
             raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
         return model
@@ -203,6 +208,8 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         if strict or offload is not None:
             raise ValueError(msg)
         logger.warning(msg)
+        if attention_plan:
+            _apply_attention(model, attention_plan, state or _PatchState())
         return model
 
     plan = []
@@ -240,10 +247,112 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
             setattr(parent, attr, new)
         new_state.replaced.append((parent, attr, module, new))
     model._moecache_patch = new_state
+    if attention_plan:
+        _apply_attention(model, attention_plan, new_state)
     for (name, _, _, module, layout, _), (_, _, _, new) in zip(plan, replacements):
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", name, type(module).__name__,
                     new.num_experts, layout.activation, " offloaded" if offload else "")
     return model
+
+
+# ------------------------------------------------------------------ MLA attention
+_MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+
+
+def _is_mla_attention(module: nn.Module) -> bool:
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in _MLA_PARTS)
+            and all(isinstance(getattr(module, a, None), int) for a in ("num_heads", "kv_lora_rank", "qk_rope_head_dim",
+                                                                          "qk_nope_head_dim", "v_head_dim")))
+
+
+def _rope_for(module: nn.Module, config):
+    """The model's own rotary embedding, as rope(q_rot [B, H, S, P], k_rot [B, 1, S, P], call) -> (q, k)."""
+    import sys
+
+    source = sys.modules[type(module).__module__]
+    if hasattr(source, "apply_rotary_emb"):  # transformers DeepSeek-V2: complex freqs_cis, interleaved pairs
+        apply = source.apply_rotary_emb
+        return lambda q, k, call: apply(q, k, call["position_embeddings"].to(q.device))
+    if hasattr(source, "apply_rotary_pos_emb"):  # transformers DeepSeek-V3: (cos, sin)
+        interleave = getattr(config, "rope_interleave", False)
+        apply = source.apply_rotary_pos_emb_interleave if interleave else source.apply_rotary_pos_emb
+
+        def rope(q, k, call):
+            cos, sin = call["position_embeddings"]
+            return apply(q, k, cos, sin)
+        return rope
+    return None
+
+
+def _plan_attention(model: nn.Module, strict: bool) -> list:
+    """(parent, attribute, attention module, MoecacheMLA kwargs) for every MLA attention not yet patched."""
+    import inspect
+
+    from .layers.mla import MoecacheMLA
+
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    plan = []
+    for name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, MoecacheMLA) or not _is_mla_attention(child):
+                continue
+            rope = _rope_for(child, text_config)
+            scale = getattr(child, "scaling", None)
+            params = [p for p in inspect.signature(child.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            names = tuple(p.name for p in params[1:])  # after hidden_states
+            cache_arg = "past_key_values" if "past_key_values" in names else None
+            why = ("no rotary embedding function it uses was recognised" if rope is None else
+                   "no softmax scale attribute" if scale is None else
+                   "no past_key_values argument" if cache_arg is None else None)
+            if why:
+                msg = f"moecache.patch: MLA attention {name}.{attr} ({type(child).__name__}) left alone: {why}"
+                if strict:
+                    raise ValueError(msg)
+                logger.warning(msg)
+                continue
+            plan.append((f"{name}.{attr}" if name else attr, parent, attr, child,
+                         dict(rope=rope, scale=scale, arg_names=names, cache_arg=cache_arg)))
+    return plan
+
+
+def _apply_attention(model: nn.Module, plan: list, state: _PatchState) -> None:
+    from .layers.mla import MoecacheMLA
+
+    for name, parent, attr, module, kwargs in plan:
+        new = MoecacheMLA(module, **kwargs)
+        setattr(parent, attr, new)
+        state.replaced.append((parent, attr, module, new))
+        logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", name,
+                    type(module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
+    model._moecache_patch = state
+    _install_latent_cache_default(model, state)
+
+
+def _install_latent_cache_default(model: nn.Module, state: _PatchState) -> None:
+    """Make model.generate build a LatentKVCache where it would build its default cache (dynamic, or
+    static with cache_implementation="static"); a cache the caller passes is used as given."""
+    prepare = getattr(model, "_prepare_cache_for_generation", None)
+    if prepare is None or "_prepare_cache_for_generation" in model.__dict__:
+        return
+    from .layers.mla import LatentKVCache, MoecacheMLA
+
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = max(m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)) + 1
+    num_layers = max(num_layers, getattr(text_config, "num_hidden_layers", 0))
+
+    def prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not getattr(cache, "_is_user_defined", False) and not isinstance(cache, LatentKVCache):
+            max_len = cache.get_max_length() if cache.is_compileable else -1
+            model_kwargs["past_key_values"] = LatentKVCache(num_layers, block_size=state.block_size,
+                                                            max_cache_len=max_len if max_len > 0 else None)
+        return result
+
+    model._prepare_cache_for_generation = prepare_cache_for_generation
 
 
 def _check_offload(plan, offload: Offload) -> None:
@@ -340,7 +449,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             gate_up, down = cache.host_weights(layer)
             host[layer] = (gate_up, down)
         for parent, attr, original, new in state.replaced:
-            if new.cache is None:
+            if getattr(new, "cache", None) is None:
                 continue
             gate_up, down = host[new.cache_layer]
             if new.list_names is not None:
@@ -354,7 +463,11 @@ def unpatch(model: nn.Module) -> nn.Module:
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
             for param, src in ((original.gate_up_proj, gate_up), (original.down_proj, down)):
                 param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
+    model.__dict__.pop("_prepare_cache_for_generation", None)
     for parent, attr, original, new in reversed(state.replaced):
+        if not isinstance(new, MoecacheExperts):
+            setattr(parent, attr, original)
+            continue
         if attr == "moe_infer":
             del parent.__dict__["moe_infer"]  # the class's own method again
             if new.stacked is not None:
@@ -366,19 +479,24 @@ def unpatch(model: nn.Module) -> nn.Module:
     if cache is not None:
         cache.close()
     del model._moecache_patch
-    logger.info("moecache.unpatch: restored %d experts modules", len(state.replaced))
+    logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
     return model
 
 
 def stats(model: nn.Module) -> dict:
-    """Per-layer calls and tokens of the patched experts, and the expert cache's counters when offloaded."""
+    """Per-layer calls and tokens of the patched experts, the expert cache's counters when offloaded, the
+    predictor's recall and precision (policy "predictive"), and the patched MLA attention's calls."""
     state: _PatchState = getattr(model, "_moecache_patch", None)
     if state is None:
-        return {"patched": False, "layers": [], "cache": None}
+        return {"patched": False, "layers": [], "cache": None, "attention": []}
     names = {id(new): name for name, _, _, new, _ in find_experts(model)}
     layers = [{"name": names.get(id(new), attr), "calls": new.calls, "tokens": new.tokens,
-               "activation": new.layout.activation} for _, attr, _, new in state.replaced]
+               "activation": new.layout.activation} for _, attr, _, new in state.replaced
+              if isinstance(new, MoecacheExperts)]
+    attention = [{"layer": new.layer_idx, **new.calls} for _, _, _, new in state.replaced
+                 if not isinstance(new, MoecacheExperts)]
     cache = state.cache.stats() if state.cache is not None else None
     prediction = state.predictor.summary() if state.predictor is not None else None
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
-            "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction}
+            "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
+            "attention": attention}

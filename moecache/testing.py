@@ -27,3 +27,30 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=
     scale = e.abs().max().clamp_min(1e-30)
     err = (a - e).abs().max()
     assert err <= rtol * scale, f"{name}: max abs err {err.item():.3e} > {rtol:.1e} x max|ref| {scale.item():.3e}"
+
+
+# ------------------------------------------------------------------ whole models (patching tests)
+def model_snapshot(model):
+    """(state dict copy, module types by name): what unpatch must give back exactly."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_model_restored(model, before) -> None:
+    weights, types = before
+    after_weights, after_types = model_snapshot(model)
+    assert after_types == types
+    assert after_weights.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(after_weights[k], weights[k]), k
+
+
+def model_logits(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def greedy(model, ids, n=20, **kwargs) -> torch.Tensor:
+    """n greedy tokens (never stopping early at EOS, so every run produces the same number)."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, **kwargs)

@@ -7,7 +7,7 @@ import torch
 import moecache
 from moecache import Offload
 from moecache.layers import MoecacheExperts
-from moecache.testing import assert_close
+from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,27 +58,7 @@ def build(family, seed=0):
     return model
 
 
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def generate(model, ids, n=20):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-
-
-def assert_restored(model, before):
-    weights, types = before
-    after_weights, after_types = snapshot(model)
-    assert after_types == types
-    assert after_weights.keys() == weights.keys()
-    for k in weights:
-        assert torch.equal(after_weights[k], weights[k]), k
+snapshot, assert_restored, logits, generate = model_snapshot, assert_model_restored, model_logits, greedy
 
 
 OFFLOADS = {

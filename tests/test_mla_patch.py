@@ -1,0 +1,168 @@
+"""MLA attention patching: DeepSeek-V2/V3 attention over moecache's paged latent cache, on tiny models."""
+import pytest
+import torch
+
+import moecache
+from moecache.layers.mla import LatentKVCache, MoecacheMLA
+from moecache.testing import assert_close
+from moecache.testing import assert_model_restored as assert_restored
+from moecache.testing import greedy as generate
+from moecache.testing import model_logits as logits
+from moecache.testing import model_snapshot as snapshot
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+R, P = 16, 8  # kv_lora_rank, qk_rope_head_dim of the tiny models
+
+
+def _deepseek(version: str, **overrides):
+    kw = dict(COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=R, q_lora_rank=24, qk_rope_head_dim=P,
+              qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.0)
+    kw.update(overrides)
+    if version == "v2":
+        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw))
+    else:
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not ("norm" in name and p.dim() == 1):
+                p.normal_(0, 0.3 if p.dim() == 1 else p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+MODELS = {
+    "v2-q_lora": lambda: _deepseek("v2"),
+    "v2-no_q_lora": lambda: _deepseek("v2", q_lora_rank=None),
+    "v2-yarn": lambda: _deepseek("v2", rope_parameters=YARN),
+    "v3-interleaved": lambda: _deepseek("v3", n_group=1, topk_group=1, rope_interleave=True),
+    "v3-plain_rope-no_q_lora": lambda: _deepseek("v3", n_group=1, topk_group=1, rope_interleave=False,
+                                                  q_lora_rank=None),
+    "v3-yarn": lambda: _deepseek("v3", n_group=1, topk_group=1, rope_parameters=YARN),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_mla_matches_logits_and_greedy_tokens(name):
+    model = MODELS[name]()
+    ids = torch.randint(3, 96, (2, 9))
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
+    before = snapshot(model)
+
+    moecache.patch(model)
+    attn = [m for m in model.modules() if isinstance(m, MoecacheMLA)]
+    assert len(attn) == model.config.num_hidden_layers
+    if "yarn" in name:
+        assert attn[0].scale != (8 + P) ** -0.5  # mscale^2 applied, taken from the model
+    with torch.no_grad():  # the latent path, prefill through the cache
+        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
+        out = model(ids, past_key_values=cache).logits
+    assert_close(out, ref_logits, torch.float32)
+    assert cache.bytes_per_token() == model.config.num_hidden_layers * (R + P) * 4  # fp32: R + P values per layer
+    assert all(int(layer.seq_lens.min()) == 9 for layer in cache.layers)
+
+    assert torch.equal(generate(model, ids), ref_tokens)
+    calls = moecache.stats(model)["attention"]
+    assert all(c["decode"] == 19 and c["prefill"] == 2 for c in calls), calls  # 2: the forward above, then generate
+
+    moecache.unpatch(model)
+    assert_restored(model, before)
+    assert not any(isinstance(m, MoecacheMLA) for m in model.modules())
+    assert "_prepare_cache_for_generation" not in model.__dict__
+
+
+def test_decode_steps_through_the_triton_kernel(monkeypatch):
+    """The same, with mla_decode forced onto the Triton kernel (the interpreter on CPU)."""
+    model = MODELS["v3-interleaved"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=6)
+    monkeypatch.setenv("MOECACHE_BACKEND", "triton")
+    moecache.patch(model, experts=False)
+    assert torch.equal(generate(model, ids, n=6), ref)
+    moecache.unpatch(model)
+
+
+def test_left_padded_batch_matches_unpatched():
+    """Padding is never stored: each request attends over its own tokens; outputs match transformers'."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        ref_logits = model(ids, attention_mask=mask).logits
+    moecache.patch(model)
+    with torch.no_grad():
+        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
+        out_logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+        assert cache.layers[0].seq_lens.tolist() == [5, 8, 3]
+        assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(out, ref)
+    moecache.unpatch(model)
+
+
+def test_static_cache_generate_uses_a_preallocated_latent_cache():
+    model = MODELS["v3-interleaved"]()
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    moecache.patch(model)
+    seen = []
+    original = model._prepare_cache_for_generation
+
+    def spy(generation_config, model_kwargs, *args, **kwargs):
+        result = original(generation_config, model_kwargs, *args, **kwargs)
+        seen.append(model_kwargs["past_key_values"])
+        return result
+
+    model._prepare_cache_for_generation = spy
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    (cache,) = seen
+    assert isinstance(cache, LatentKVCache) and cache.is_compileable
+    assert cache.layers[0].pages.shape[0] * cache.block_size >= 16  # preallocated for the whole generation
+    del model._prepare_cache_for_generation
+    moecache.unpatch(model)
+
+
+def test_paged_layer_grows_and_reorders_beams():
+    from moecache.layers.mla import PagedLatentLayer
+
+    layer = PagedLatentLayer(block_size=3)
+    rows = torch.randn(2, 5, 6)
+    layer.append(rows)
+    for _ in range(7):  # past the initial page pool: it must grow and keep every row
+        layer.append(torch.randn(2, 1, 6))
+    got, valid = layer.gather(12)
+    assert valid.all() and torch.equal(got[:, :5], rows)
+    before = got.clone()
+    layer.reorder_cache(torch.tensor([1, 1]))
+    after, _ = layer.gather(12)
+    assert torch.equal(after[0], before[1]) and torch.equal(after[1], before[1])
+    blocks = layer.block_table[:, :4].reshape(-1).tolist()
+    assert len(set(blocks)) == len(blocks), "each request owns its pages"
+    with pytest.raises(ValueError, match="block_size"):
+        PagedLatentLayer(block_size=0)
+
+
+def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched():
+    model = MODELS["v2-q_lora"]()
+    moecache.patch(model, attention=False)
+    assert not any(isinstance(m, MoecacheMLA) for m in model.modules())
+    moecache.unpatch(model)
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)).eval()
+    moecache.patch(mixtral)
+    assert not any(isinstance(m, MoecacheMLA) for m in mixtral.modules())
+    assert "_prepare_cache_for_generation" not in mixtral.__dict__
+    moecache.unpatch(mixtral)
