@@ -20,6 +20,14 @@ def configure_logging() -> None:
         logging.getLogger("moecache").setLevel(level.strip().upper())
 
 
+def kv_block_size() -> int:
+    """MOECACHE_KV_BLOCK_SIZE=N: tokens per page of the latent KV cache generate builds (default 64)."""
+    value = os.environ.get("MOECACHE_KV_BLOCK_SIZE", "64").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MOECACHE_KV_BLOCK_SIZE must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -28,6 +36,7 @@ ENV_SWITCHES = {
     "MOECACHE_BACKEND": "auto|torch|triton — backend for calls that say backend='auto'",
     "MOECACHE_VALIDATE": "0 skips fused_moe and mla_decode value checks that need a host sync",
     "MOECACHE_MOE_CONFIG": "path of a fused_moe block-config table (bench/tune_moe.py writes one)",
+    "MOECACHE_KV_BLOCK_SIZE": "tokens per page of the latent KV cache model.generate builds for MLA (default 64)",
     "MOECACHE_LOGLEVEL": "level of the `moecache` logger (DEBUG, INFO, ...)",
     "MOECACHE_BUILD_CUDA": "auto|0|1 — build the CUDA backend of moecache._C (at pip install time)",
     "MOECACHE_SANITIZE": "address|thread — build moecache._C with a sanitizer (tests only)",

@@ -94,7 +94,6 @@ class _PatchState:
     replaced: list = field(default_factory=list)  # (parent, attribute, original, new)
     cache: object = None
     predictor: object = None
-    block_size: int = 64  # pages of the latent KV cache generate builds for patched MLA attention
 
 
 def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = None) -> ExpertsLayout | None:
@@ -178,7 +177,8 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
 
     Args:
         experts: swap experts modules for MoecacheExperts (same parameters, no copy).
-        attention: patch MLA attention (not built yet: logged and left alone).
+        attention: replace DeepSeek-V2/V3 MLA attention modules (and modules shaped like DeepSeek's own
+            code) with MoecacheMLA, and make model.generate use a paged LatentKVCache.
         offload: an Offload to keep experts in pinned host memory with a GPU slot pool.
         strict: raise instead of logging when a layer or the whole model cannot be patched.
     """
@@ -205,11 +205,13 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
     if not todo:
         msg = (f"moecache.patch: no MoE experts found in {type(model).__name__} "
                f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}); nothing was patched")
-        if strict or offload is not None:
+        if offload is not None or (strict and not attention_plan):
             raise ValueError(msg)
-        logger.warning(msg)
         if attention_plan:
+            logger.info("%s; patching its MLA attention only", msg.replace("; nothing was patched", ""))
             _apply_attention(model, attention_plan, state or _PatchState())
+        else:
+            logger.warning(msg)
         return model
 
     plan = []
@@ -270,6 +272,16 @@ def _rope_for(module: nn.Module, config):
     import sys
 
     source = sys.modules[type(module).__module__]
+    rotary = getattr(module, "rotary_emb", None)
+    if rotary is not None and hasattr(source, "apply_rotary_pos_emb"):
+        # DeepSeek's own code (DeepSeek-V2 / DeepSeek-VL2 repositories): the module owns a rotary_emb whose
+        # cos/sin tables are indexed by position_ids inside apply_rotary_pos_emb (interleaved pairs).
+        apply, table_len = source.apply_rotary_pos_emb, rotary.max_position_embeddings
+
+        def own_rope(q, k, call):
+            cos, sin = rotary(q, seq_len=table_len)
+            return apply(q, k, cos, sin, call["position_ids"])
+        return own_rope
     if hasattr(source, "apply_rotary_emb"):  # transformers DeepSeek-V2: complex freqs_cis, interleaved pairs
         apply = source.apply_rotary_emb
         return lambda q, k, call: apply(q, k, call["position_embeddings"].to(q.device))
@@ -298,11 +310,13 @@ def _plan_attention(model: nn.Module, strict: bool) -> list:
             if isinstance(child, MoecacheMLA) or not _is_mla_attention(child):
                 continue
             rope = _rope_for(child, text_config)
-            scale = getattr(child, "scaling", None)
+            scale = getattr(child, "scaling", getattr(child, "softmax_scale", None))
             params = [p for p in inspect.signature(child.forward).parameters.values()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
             names = tuple(p.name for p in params[1:])  # after hidden_states
-            cache_arg = "past_key_values" if "past_key_values" in names else None
+            # transformers 5.x: past_key_values, returns (out, weights); DeepSeek's own 4.x-era code:
+            # past_key_value, returns (out, weights, cache).
+            cache_arg = next((n for n in ("past_key_values", "past_key_value") if n in names), None)
             why = ("no rotary embedding function it uses was recognised" if rope is None else
                    "no softmax scale attribute" if scale is None else
                    "no past_key_values argument" if cache_arg is None else None)
@@ -313,7 +327,8 @@ def _plan_attention(model: nn.Module, strict: bool) -> list:
                 logger.warning(msg)
                 continue
             plan.append((f"{name}.{attr}" if name else attr, parent, attr, child,
-                         dict(rope=rope, scale=scale, arg_names=names, cache_arg=cache_arg)))
+                         dict(rope=rope, scale=scale, arg_names=names, cache_arg=cache_arg,
+                              returns=3 if cache_arg == "past_key_value" else 2)))
     return plan
 
 
@@ -336,6 +351,7 @@ def _install_latent_cache_default(model: nn.Module, state: _PatchState) -> None:
     prepare = getattr(model, "_prepare_cache_for_generation", None)
     if prepare is None or "_prepare_cache_for_generation" in model.__dict__:
         return
+    from ._env import kv_block_size
     from .layers.mla import LatentKVCache, MoecacheMLA
 
     config = getattr(model, "config", None)
@@ -348,7 +364,7 @@ def _install_latent_cache_default(model: nn.Module, state: _PatchState) -> None:
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not getattr(cache, "_is_user_defined", False) and not isinstance(cache, LatentKVCache):
             max_len = cache.get_max_length() if cache.is_compileable else -1
-            model_kwargs["past_key_values"] = LatentKVCache(num_layers, block_size=state.block_size,
+            model_kwargs["past_key_values"] = LatentKVCache(num_layers, block_size=kv_block_size(),
                                                             max_cache_len=max_len if max_len > 0 else None)
         return result
 

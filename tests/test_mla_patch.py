@@ -110,7 +110,8 @@ def test_left_padded_batch_matches_unpatched():
     moecache.unpatch(model)
 
 
-def test_static_cache_generate_uses_a_preallocated_latent_cache():
+def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
+    monkeypatch.setenv("MOECACHE_KV_BLOCK_SIZE", "8")
     model = MODELS["v3-interleaved"]()
     ids = torch.randint(3, 96, (1, 6))
     with torch.no_grad():
@@ -129,7 +130,7 @@ def test_static_cache_generate_uses_a_preallocated_latent_cache():
         out = model.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref)
     (cache,) = seen
-    assert isinstance(cache, LatentKVCache) and cache.is_compileable
+    assert isinstance(cache, LatentKVCache) and cache.is_compileable and cache.block_size == 8
     assert cache.layers[0].pages.shape[0] * cache.block_size >= 16  # preallocated for the whole generation
     del model._prepare_cache_for_generation
     moecache.unpatch(model)
@@ -166,3 +167,159 @@ def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched
     assert not any(isinstance(m, MoecacheMLA) for m in mixtral.modules())
     assert "_prepare_cache_for_generation" not in mixtral.__dict__
     moecache.unpatch(mixtral)
+
+
+# ------------------------------------------------------------------ DeepSeek-VL2's own attention code shape
+class _VL2RotaryEmbedding(torch.nn.Module):
+    def __init__(self, dim, max_position_embeddings=64, base=10000.0):
+        super().__init__()
+        self.max_position_embeddings = max_position_embeddings
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        freqs = torch.outer(torch.arange(max_position_embeddings, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos_cached", emb.cos(), persistent=False)
+        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+
+    def forward(self, x, seq_len):
+        return self.cos_cached[:seq_len].to(x.dtype), self.sin_cached[:seq_len].to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim=1):
+    """DeepSeek's own convention: de-interleave the pairs, then rotate halves; tables indexed by position."""
+    cos, sin = cos[position_ids].unsqueeze(unsqueeze_dim), sin[position_ids].unsqueeze(unsqueeze_dim)
+
+    def deinterleave(x):
+        b, h, s, d = x.shape
+        return x.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
+
+    q, k = deinterleave(q), deinterleave(k)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class _VL2Attention(torch.nn.Module):
+    """Shaped like the DeepSeek-VL2 repository's DeepseekV2Attention (MLA, no q_lora, 4.x cache calls)."""
+
+    def __init__(self, hidden, heads, layer_idx):
+        super().__init__()
+        self.num_heads, self.layer_idx, self.q_lora_rank = heads, layer_idx, None
+        self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim = R, P, 8, 12
+        self.q_head_dim = self.qk_nope_head_dim + P
+        self.softmax_scale = self.q_head_dim ** -0.5
+        self.q_proj = torch.nn.Linear(hidden, heads * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = torch.nn.Linear(hidden, R + P, bias=False)
+        self.kv_a_layernorm = torch.nn.RMSNorm(R, eps=1e-6)
+        self.kv_b_proj = torch.nn.Linear(R, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = torch.nn.Linear(heads * self.v_head_dim, hidden, bias=False)
+        self.rotary_emb = _VL2RotaryEmbedding(P)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, **kwargs):
+        B, S, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.q_head_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, P], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([R, P], dim=-1)
+        k_pe = k_pe.view(B, S, 1, P).transpose(1, 2)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        past = past_key_value.get_seq_length(self.layer_idx) if past_key_value is not None else 0
+        cos, sin = self.rotary_emb(value, seq_len=past + S)
+        q_pe, k_pe = apply_rotary_pos_emb(q_pe, k_pe, cos, sin, position_ids)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+        key = torch.cat([k_nope, k_pe.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        if past_key_value is not None:
+            key, value = past_key_value.update(key, value, self.layer_idx)
+        causal = torch.ones(S, key.shape[2], dtype=torch.bool).tril(diagonal=key.shape[2] - S)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal,
+                                                               scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), None, past_key_value
+
+
+class _VL2AttentionStack(torch.nn.Module):
+    def __init__(self, vocab=50, hidden=32, heads=4, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(_VL2Attention(hidden, heads, i) for i in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids, past_key_values, position_ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + layer(h, position_ids=position_ids, past_key_value=past_key_values)[0]
+        return self.head(h)
+
+
+def _decode_greedy(model, cache, ids, steps):
+    with torch.no_grad():
+        prefill = model(ids, cache, torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+        logits, token = [prefill], prefill[:, -1:].argmax(-1)
+        tokens = [token]
+        for step in range(steps):
+            position = torch.full((ids.shape[0], 1), ids.shape[1] + step)
+            out = model(token, cache, position)
+            logits.append(out)
+            token = out[:, -1:].argmax(-1)
+            tokens.append(token)
+    return torch.cat(logits, dim=1), torch.cat(tokens, dim=1)
+
+
+def test_deepseek_vl2_attention_through_structural_detection():
+    torch.manual_seed(0)
+    model = _VL2AttentionStack().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    ref_logits, ref_tokens = _decode_greedy(model, transformers.DynamicCache(), ids, steps=8)
+    before = snapshot(model)
+
+    moecache.patch(model)
+    assert all(isinstance(layer, MoecacheMLA) for layer in model.layers)
+    cache = LatentKVCache(len(model.layers), block_size=4)
+    out_logits, out_tokens = _decode_greedy(model, cache, ids, steps=8)
+    assert_close(out_logits, ref_logits, torch.float32)
+    assert torch.equal(out_tokens, ref_tokens)
+    assert cache.bytes_per_token() == len(model.layers) * (R + P) * 4
+    assert all(c["decode"] == 8 for c in moecache.stats(model)["attention"])
+
+    moecache.unpatch(model)
+    assert_restored(model, before)
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["v2-q_lora", "v3-interleaved", "v3-plain_rope-no_q_lora"])
+def test_gpu_bf16_patched_mla_generate(name):
+    model = MODELS[name]().to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 96, (4, 70), device="cuda")  # > one 64-token page
+    ref_logits, ref = logits(model, ids).float(), generate(model, ids)
+    moecache.patch(model)
+    with torch.no_grad():
+        cache = LatentKVCache(model.config.num_hidden_layers)
+        assert_close(model(ids, past_key_values=cache).logits.float(), ref_logits, torch.bfloat16)
+    out = generate(model, ids)
+    assert (out == ref).float().mean() >= 0.9  # bf16: a near-tie may flip a late token
+    assert all(c["decode"] > 0 for c in moecache.stats(model)["attention"])
+    moecache.unpatch(model)
+
+
+@pytest.mark.gpu
+def test_gpu_static_cache_compiled_mla_decode():
+    """Static cache + compiled forward (CUDA graphs) over the preallocated latent cache."""
+    from torch._dynamo.utils import counters
+
+    model = MODELS["v3-interleaved"]().to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 9), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    moecache.patch(model)
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert (out == ref).float().mean() >= 0.9
+    del model.forward
+    moecache.unpatch(model)

@@ -225,6 +225,10 @@ class LatentKVCache(Cache):
         """Cache bytes per token summed over layers (R + P values per layer)."""
         return sum(layer.bytes_per_token() for layer in self.layers)
 
+    def get_usable_length(self, new_seq_length: int, layer_idx: int = 0) -> int:
+        """transformers 4.x name that DeepSeek's own modelling code calls."""
+        return self.get_seq_length(layer_idx)
+
 
 class MoecacheMLA(nn.Module):
     """DeepSeek-V2/V3 attention over a LatentKVCache; any other cache (or none) runs the original module.
