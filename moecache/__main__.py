@@ -110,6 +110,20 @@ def _device_weight_bytes(model, device) -> int:
     return total
 
 
+def _kv_bytes_per_token(cache, tokens: int) -> float:
+    """Bytes the generate cache holds per token (all layers): tensors it keeps, over the tokens stored."""
+    import torch
+
+    if hasattr(cache, "bytes_per_token"):  # moecache's latent cache: R + P values per token and layer
+        return float(cache.bytes_per_token())
+    held = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                held += t.numel() * t.element_size()
+    return held / max(tokens, 1)
+
+
 def _demo(args) -> int:
     import torch
 
@@ -135,8 +149,9 @@ def _demo(args) -> int:
                 torch.cuda.reset_peak_memory_stats()
             stats_before = moecache.stats(model)["cache"] or {}
             start = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 do_sample=False)
+            result = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                    do_sample=False, return_dict_in_generate=True)
+            out = result.sequences
             if on_gpu:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -151,8 +166,10 @@ def _demo(args) -> int:
         if model_stats.get("prediction"):
             hit += f"  next-layer recall {model_stats['prediction']['by_depth'][1]['recall']:6.1%}"
         mem = f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if on_gpu else ""
+        kv = _kv_bytes_per_token(result.past_key_values, out.shape[0] * (out.shape[1] - 1))
         print(f"  {label:<28} {new.numel() / seconds:8.1f} tokens/s  weights on {device.type} "
-              f"{_device_weight_bytes(model, device) / 2**30:6.2f} GiB{mem}{hit}")
+              f"{_device_weight_bytes(model, device) / 2**30:6.2f} GiB  KV cache {kv / 1024:5.1f} KiB/token"
+              f"{mem}{hit}")
         return new
 
     reference = run("unpatched (transformers)")
