@@ -377,8 +377,16 @@ def _check_offload(plan, offload: Offload) -> None:
     if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
         raise ValueError(f"offload lookahead must be an int >= 1, got {offload.lookahead!r}")
     if offload.policy == "predictive":
+        from .cache.predictor import find_router
+
+        def experts_shape(module, list_names):
+            if list_names is not None:
+                return len(module), getattr(module[0], list_names[0]).weight.shape[1]
+            E, a, b = module.gate_up_proj.shape
+            return E, (a if getattr(module, "is_transposed", False) else b)
+
         missing = [name for name, parent, _, module, _, list_names in plan
-                   if _router_of(parent, module, list_names) is None]
+                   if find_router(parent, *experts_shape(module, list_names)) is None]
         if missing:
             raise ValueError(f"offload policy 'predictive' needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")
@@ -401,16 +409,18 @@ def _check_offload(plan, offload: Offload) -> None:
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
 
 
-def _router_of(block: nn.Module, experts: nn.Module, list_names) -> "RouterSpec | None":
+def _router_of(block: nn.Module, experts: MoecacheExperts) -> "RouterSpec | None":
     from .cache.predictor import find_router
 
-    if list_names is None:
-        E, _, H = experts.gate_up_proj.shape
-        if getattr(experts, "is_transposed", False):
-            H = experts.gate_up_proj.shape[1]
-    else:
-        E, H = len(experts), getattr(experts[0], list_names[0]).weight.shape[1]
-    return find_router(block, E, H)
+    return find_router(block, experts.num_experts, experts.hidden_size)
+
+
+def routers(model: nn.Module) -> list:
+    """The router of every patched MoE layer, in layer order (RouterSpec; None where none was found)."""
+    state: _PatchState = getattr(model, "_moecache_patch", None)
+    if state is None:
+        raise ValueError("moecache.routers: the model is not patched")
+    return [_router_of(parent, new) for parent, _, _, new in state.replaced if isinstance(new, MoecacheExperts)]
 
 
 def _offload(replacements, offload: Offload, state: _PatchState) -> None:
@@ -426,8 +436,8 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
     if offload.policy == "predictive":
         from .cache.predictor import LookaheadPredictor
 
-        routers = [_router_of(parent, module, new.list_names) for parent, _, module, new in replacements]
-        predictor = LookaheadPredictor(routers, depth=offload.lookahead) if offload.prefetch else None
+        specs = [_router_of(parent, new) for parent, _, _, new in replacements]
+        predictor = LookaheadPredictor(specs, depth=offload.lookahead) if offload.prefetch else None
     cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
                         policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)
@@ -512,6 +522,8 @@ def stats(model: nn.Module) -> dict:
     attention = [{"layer": new.layer_idx, **new.calls} for _, _, _, new in state.replaced
                  if not isinstance(new, MoecacheExperts)]
     cache = state.cache.stats() if state.cache is not None else None
+    if cache is not None:
+        cache["wasted_prefetch_bytes"] = cache["wasted_prefetches"] * state.cache.record_bytes
     prediction = state.predictor.summary() if state.predictor is not None else None
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
             "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,

@@ -7,6 +7,7 @@ which is tiny next to the experts, and needs no training.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,12 @@ class LookaheadPredictor:
         self.depth = depth
         self.pending: dict[tuple[int, int], set[int]] = {}  # (layer, depth) -> experts predicted for it
         self.stats = {(layer, d): PredictionStats() for layer in range(len(routers)) for d in range(1, depth + 1)}
+        self.use_counts: dict[int, dict[int, int]] = {}  # layer -> expert -> times used (the frequency prior)
+        self.seconds = 0.0  # host time spent predicting
 
     def predict(self, layer: int, hidden_states: torch.Tensor, top_k: int) -> list[tuple[int, int, torch.Tensor]]:
         """[(target layer, depth, token counts [E] on the host)] for the layers after `layer`."""
+        start = time.perf_counter()
         out = []
         for d in range(1, self.depth + 1):
             target = layer + d
@@ -91,10 +95,21 @@ class LookaheadPredictor:
             counts = torch.bincount(chosen, minlength=scores.shape[1]).cpu()
             self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())
             out.append((target, d, counts))
+        self.seconds += time.perf_counter() - start
         return out
+
+    def prior(self, layer: int, num_experts: int) -> list[float]:
+        """Frequency prior in [0, 1): how often each expert of `layer` has been used, relative to the most
+        used one. Below every prediction's priority, so it only orders the experts nobody predicted."""
+        counts = self.use_counts.get(layer, {})
+        top = max(counts.values(), default=0)
+        return [0.99 * counts.get(e, 0) / top if top else 0.0 for e in range(num_experts)]
 
     def observe(self, layer: int, used: list[int]) -> None:
         used_set = set(used)
+        counts = self.use_counts.setdefault(layer, {})
+        for e in used_set:
+            counts[e] = counts.get(e, 0) + 1
         for d in range(1, self.depth + 1):
             guess = self.pending.pop((layer, d), None)
             if guess is None:
@@ -116,4 +131,4 @@ class LookaheadPredictor:
             correct = sum(p["correct"] for p in rows)
             total[d] = {"recall": correct / actual if actual else 0.0,
                         "precision": correct / predicted if predicted else 0.0}
-        return {"depth": self.depth, "per_layer": per, "by_depth": total}
+        return {"depth": self.depth, "per_layer": per, "by_depth": total, "predictor_seconds": self.seconds}

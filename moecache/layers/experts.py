@@ -44,6 +44,7 @@ class MoecacheExperts(nn.Module):
                 self.gate_up_proj_bias = original.gate_up_proj_bias
                 self.down_proj_bias = original.down_proj_bias
             self.num_experts = self.gate_up_proj.shape[0]
+        self.hidden_size = self.weights()[0].shape[2]
         self.cache = None  # an ExpertCache once offloaded
         self.cache_layer = -1
         self.calls = 0
@@ -128,7 +129,7 @@ class MoecacheExperts(nn.Module):
         of the experts the next layers' routers pick for these tokens and start copying them."""
         predictor, cache, layer = self.predictor, self.cache, self.cache_layer
         predictor.observe(layer, used)
-        cache.set_priorities(layer, [0.0] * self.num_experts)  # done with it until the next step
+        cache.set_priorities(layer, predictor.prior(layer, self.num_experts))  # done with it until the next step
         tokens = hidden_states.shape[0]
         for target, depth, counts in predictor.predict(layer, hidden_states, top_k):
             # Nearer layers outrank farther ones; within a layer, experts more tokens chose come first.

@@ -1,0 +1,179 @@
+"""Predictive caching: trace simulation (Belady, oracle), the live cache with an oracle, routing traces,
+token scheduling."""
+import random
+
+import pytest
+import torch
+
+import moecache
+from moecache import Offload
+from moecache.cache import ExpertCache
+from moecache.cache.scheduler import distinct_experts, generate_scheduled, group_by_routes
+from moecache.cache.simulate import POLICIES, oracle_predictions, simulate
+from moecache.cache.traces import RoutingTrace, record_routing
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_trace(steps=120, layers=3, experts=16, k=4, seed=0, hot=None):
+    """Routing with some locality: each layer prefers a drifting subset of experts."""
+    rng = random.Random(seed)
+    trace = []
+    favourites = [rng.sample(range(experts), hot or experts // 2) for _ in range(layers)]
+    for _ in range(steps):
+        step = []
+        for layer in range(layers):
+            pool = favourites[layer] if rng.random() < 0.8 else list(range(experts))
+            step.append(sorted(rng.sample(pool, k)))
+            if rng.random() < 0.05:
+                favourites[layer][rng.randrange(len(favourites[layer]))] = rng.randrange(experts)
+        trace.append(step)
+    return trace
+
+
+@pytest.mark.parametrize("slots", [4, 8, 12, 24, 48])
+def test_simulated_policies_add_up_and_belady_loads_least(slots):
+    trace = random_trace()
+    preds = [[[sorted(set(s[l]) | {0}) , None] for l in range(3)] for s in trace]  # a noisy predictor
+    results = {p: simulate(trace, slots, p, predictions=preds, depth=2) for p in POLICIES}
+    for r in results.values():
+        assert r.hits + r.misses == r.requests == sum(len(set(l)) for s in trace for l in s)
+        assert r.prefetch_hits <= r.prefetches and r.wasted_prefetches <= r.prefetches
+    assert results["on_demand"].hits == 0
+    demand = [results[p].loads for p in ("lru", "lfu", "on_demand")]
+    assert all(results["belady"].loads <= d for d in demand)  # MIN is optimal among demand-loading caches
+    if slots >= 48:
+        assert results["lru"].misses == len({(l, e) for s in trace for l, ex in enumerate(s) for e in ex})
+
+
+def test_belady_matches_brute_force_on_a_tiny_trace():
+    """Belady's MIN gives the fewest misses of any eviction choice (checked exhaustively)."""
+    accesses = [(0, 1), (0, 2), (0, 3), (0, 1), (0, 4), (0, 2), (0, 1), (0, 3), (0, 4), (0, 2)]
+    trace = [[[e]] for _, e in accesses]
+
+    def best(i, resident):
+        if i == len(accesses):
+            return 0
+        key = accesses[i][1]
+        if key in resident:
+            return best(i + 1, resident)
+        if len(resident) < 2:
+            return 1 + best(i + 1, resident | {key})
+        return 1 + min(best(i + 1, (resident - {v}) | {key}) for v in resident)
+
+    assert simulate(trace, 2, "belady", warmup_steps=0).misses == best(0, frozenset())
+
+
+def test_oracle_prefetching_never_loads_on_demand_once_warm():
+    trace = random_trace(k=4)
+    r = simulate(trace, slots=8, policy="oracle", depth=1)  # 8 slots = two layers' active experts
+    assert r.misses_after_warmup == 0 and r.prefetches > 0
+    assert r.hit_rate > 0.95
+
+
+def test_live_cache_with_an_oracle_predictor_only_prefetches_once_warm():
+    """The real ExpertCache (host backend): prefetch the next layer's true experts while a layer runs."""
+    L, E, K, H, I = 3, 8, 2, 16, 8
+    layers = [(torch.randn(E, 2 * I, H), torch.randn(E, H, I)) for _ in range(L)]
+    trace = random_trace(steps=40, layers=L, experts=E, k=K, seed=3)
+    cache = ExpertCache(layers, num_slots=2 * K, policy="priority", device="cpu")
+    flat = [(s, l) for s in range(len(trace)) for l in range(L)]
+    warm = None
+    for i, (s, l) in enumerate(flat):
+        if s == 1 and l == 0:
+            warm = cache.stats()
+        with cache.ensure(l, trace[s][l]) as lease:
+            assert all(slot >= 0 for slot in lease.slots)
+            if i + 1 < len(flat):
+                ns, nl = flat[i + 1]
+                scores = [0.0] * E
+                for e in trace[ns][nl]:
+                    scores[e] = 1.0
+                cache.set_priorities(nl, scores)
+                cache.prefetch(nl, trace[ns][nl])
+            cache.set_priorities(l, [0.0] * E)
+    end = cache.stats()
+    assert end["misses"] == warm["misses"], "a warmed oracle-fed cache must never miss"
+    assert end["prefetches"] > warm["prefetches"]
+    assert end["hits"] + end["misses"] == end["requests"]
+    cache.close()
+
+
+def _tiny_deepseek(layers=4):
+    config = transformers.DeepseekV2Config(
+        vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, topk_method="greedy", routed_scaling_factor=1.0)
+    torch.manual_seed(0)
+    return transformers.DeepseekV2ForCausalLM(config).eval()
+
+
+def test_record_routing_and_its_recall():
+    model = _tiny_deepseek()
+    moecache.patch(model)
+    ids = torch.randint(3, 96, (2, 6))
+    trace, out = record_routing(model, ids, max_new_tokens=5, depth=2)
+    assert out.shape == (2, 11)
+    assert len(trace.steps) == 5 and trace.num_layers == 3 and trace.top_k == 2  # prompt + 4 decode forwards
+    assert trace.tokens == [12, 2, 2, 2, 2]
+    for s in range(len(trace.steps)):
+        assert trace.predictions[s][0] == [None, None]  # nothing runs before the first MoE layer
+        assert trace.predictions[s][1][1] is None and trace.predictions[s][1][0] is not None
+        assert trace.predictions[s][2][1] is not None
+        for used in trace.steps[s]:
+            assert 2 <= len(used) <= 8
+    rec = trace.recall(depth=1)
+    hit = sum(len(set(trace.steps[s][l]) & set(trace.predictions[s][l][0])) for s in range(1, 5) for l in (1, 2))
+    used = sum(len(trace.steps[s][l]) for s in range(1, 5) for l in (1, 2))
+    assert rec["overall"] == hit / used
+    assert RoutingTrace.from_json(trace.to_json()) == trace
+    # The trace replays in the simulator.
+    assert simulate(trace.steps, 4, "predictive", predictions=trace.predictions, depth=2).requests == used + sum(
+        len(trace.steps[s][0]) for s in range(5)) + sum(len(trace.steps[0][l]) for l in (1, 2))
+    moecache.unpatch(model)
+
+
+def test_predictive_offload_stats_add_up():
+    model = _tiny_deepseek()
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", lookahead=2))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), ref)
+    s = moecache.stats(model)
+    c, p = s["cache"], s["prediction"]
+    assert c["hits"] + c["misses"] == c["requests"] > 0
+    assert c["prefetch_hits"] <= c["prefetches"] and c["wasted_prefetches"] <= c["prefetches"]
+    assert c["wasted_prefetch_bytes"] == c["wasted_prefetches"] * model._moecache_patch.cache.record_bytes
+    assert p["predictor_seconds"] > 0 and set(p["by_depth"]) == {1, 2}
+    for row in p["per_layer"]:
+        assert row["correct"] <= min(row["predicted"], row["actual"])
+    moecache.unpatch(model)
+
+
+def test_group_by_routes_partitions_and_groups_alike_requests():
+    a, b = {(0, 1), (0, 2), (1, 3)}, {(0, 5), (0, 6), (1, 7)}
+    routes = [a, b, set(a), set(b), a | {(1, 4)}, b | {(1, 0)}]
+    groups = group_by_routes(routes, 3)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and all(len(g) <= 3 for g in groups)
+    assert sorted(map(sorted, groups)) == [[0, 2, 4], [1, 3, 5]]
+    in_order = [[0, 1, 2], [3, 4, 5]]
+    assert distinct_experts(routes, groups) < distinct_experts(routes, in_order)
+    assert group_by_routes(routes, 3) == groups  # deterministic
+    with pytest.raises(ValueError, match="batch_size"):
+        group_by_routes(routes, 0)
+
+
+def test_scheduling_preserves_every_requests_tokens():
+    model = _tiny_deepseek()
+    moecache.patch(model)
+    prompts = torch.randint(3, 96, (6, 5))
+    plain, info_plain = generate_scheduled(model, prompts, batch_size=2, schedule=False, max_new_tokens=6)
+    scheduled, info = generate_scheduled(model, prompts, batch_size=2, schedule=True, max_new_tokens=6)
+    assert torch.equal(plain, scheduled)
+    assert sorted(i for g in info["groups"] for i in g) == list(range(6))
+    assert info["scheduler_s"] > 0 and info["predicted_distinct_experts"] > 0
+    moecache.unpatch(model)
