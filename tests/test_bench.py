@@ -97,3 +97,29 @@ def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
             assert r["max_err_vs_torch_absorbed"] < 1e-4 and r["max_err_vs_fp32_ref"] < 1e-4
             assert r["speedup_vs_torch_absorbed"] > 0 and r["speedup_vs_transformers"] > 0
         assert r["kv_bytes_per_token"] > 0 and r["latent_bytes"] == r["B"] * r["S"] * (r["shape"]["R"] + r["shape"]["P"]) * 4
+
+
+@pytest.mark.skipif(not (BENCH / "bench_cache.py").is_file(), reason="needs the source tree")
+def test_bench_cache_quick_runs_every_policy(tmp_path):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_cache.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    trace = [r for r in rows if r["benchmark"] == "bench_cache.trace"]
+    assert {r["provider"] for r in trace} == {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2",
+                                              "pred-d2+sched", "belady", "belady+sched"}
+    assert {r["budget"] for r in trace} == {0.125, 0.25, 0.5, 1.0}
+    for r in trace:
+        assert r["hits"] + r["misses"] == r["requests"] > 0
+    for budget in {r["budget"] for r in trace}:
+        by = {r["provider"]: r for r in trace if r["budget"] == budget}
+        assert by["belady"]["loads"] <= min(by[p]["loads"] for p in ("lru", "lfu", "on_demand"))
+        assert by["on_demand"]["hits"] == 0
+    live = [r for r in rows if r["benchmark"] == "bench_cache.live"]
+    assert {r["provider"] for r in live} == {"resident", "lru", "predictive-d2"}
+    assert all(r["tokens_per_s"] > 0 for r in live)
+    assert all(r["tokens_identical"] for r in live if r["provider"] != "resident")
+    assert {r["depth"] for r in rows if r["benchmark"] == "bench_cache.recall"} == {1, 2}

@@ -84,8 +84,9 @@ def generate_scheduled(model, prompts: torch.Tensor, *, batch_size: int, schedul
     outputs: list = [None] * n
     with torch.no_grad():
         for group in groups:
-            out = model.generate(prompts[group], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, **generate_kwargs)
+            out = model.generate(prompts[group], attention_mask=torch.ones_like(prompts[group]),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                 **generate_kwargs)
             for row, request in enumerate(group):
                 outputs[request] = out[row]
     info = {"groups": groups, "scheduler_s": scheduler_s,

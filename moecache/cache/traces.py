@@ -85,6 +85,7 @@ def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
     try:
         with torch.no_grad():
+            generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
             out = model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  do_sample=False, **generate_kwargs)
     finally:

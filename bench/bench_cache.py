@@ -1,0 +1,261 @@
+"""Expert caching policies, all in one run: hit rate, loads and tokens/s against GPU expert budgets.
+
+1. trace:  the model's routing while it greedy-decodes held-out text (recorded once, in order and
+           regrouped by the token scheduler) replayed through every policy at budgets of 12.5/25/50/100%
+           of all experts: on-demand (nothing kept), LRU, LFU, predictive (lookahead gating, depth 1
+           and 2), predictive + scheduling, and Belady's MIN (the fewest loads any demand-loading cache
+           can do, knowing the future). Also the predictor's recall and precision by depth.
+2. live:   the patched, offloaded model generating for real at each budget and policy (the C++ cache;
+           its host backend on CPU): measured hit rate, prefetches, wasted prefetches, stall, tokens/s,
+           next to all experts resident, and next to the tokens/s Belady's hit rate would give if every
+           miss cost its PCIe transfer on top of resident decode (PCIe from the measured ceiling).
+3. full:   (GPU) the same live comparison on a random-weight model shaped like DeepSeek-V2-Lite
+           (H 2048, I 1408, 64 experts, top-6, 2 shared), a few layers.
+
+Model for 1 and 2: the small MoE the project trained (moecache.data.load_tiny_moe) when it is there,
+else a random tiny DeepSeek-V2 (said in every row: random routing has no structure to predict).
+
+    python bench/bench_cache.py --json bench/results/bench_cache.jsonl   # GPU
+    python bench/bench_cache.py --quick                                   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_rows, environment  # noqa: E402
+
+import moecache  # noqa: E402
+from moecache import Offload  # noqa: E402
+from moecache.cache.scheduler import group_by_routes, prompt_routes  # noqa: E402
+from moecache.cache.simulate import simulate  # noqa: E402
+from moecache.cache.traces import record_routing  # noqa: E402
+
+BUDGETS = (0.125, 0.25, 0.5, 1.0)
+
+
+def load_model(device, dtype, quick):
+    try:
+        from moecache.data import encode, load_tiny_moe, validation_text
+    except ImportError:
+        encode = load_tiny_moe = validation_text = None
+    if load_tiny_moe is not None:
+        try:
+            model = load_tiny_moe(device=device, dtype=dtype)
+            ids = encode(validation_text())[0]
+            return model, ids, "trained-tiny-moe"
+        except OSError as err:  # the checkpoint is missing from this tree
+            print(f"bench_cache: no trained checkpoint ({err}); using a random model", file=sys.stderr)
+    import transformers
+
+    config = transformers.DeepseekV2Config(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, topk_method="greedy", routed_scaling_factor=1.0)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV2ForCausalLM(config).to(device, dtype).eval()
+    return model, torch.randint(3, 256, (4096,)), "random-tiny-deepseek"
+
+
+def prompts_from(ids: torch.Tensor, n: int, length: int, device) -> torch.Tensor:
+    stride = max(1, (ids.numel() - length) // max(n, 1))
+    return torch.stack([ids[i * stride: i * stride + length] for i in range(n)]).to(device)
+
+
+def record(model, prompts, batch, new_tokens, depth, groups=None):
+    """Routing traces of generating every prompt in micro-batches (in order, or the given groups)."""
+    groups = groups or [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
+    steps, predictions = [], []
+    trace = None
+    for group in groups:
+        trace, _ = record_routing(model, prompts[group], max_new_tokens=new_tokens, depth=depth)
+        steps += trace.steps
+        predictions += trace.predictions
+    trace.steps, trace.predictions = steps, predictions
+    return trace
+
+
+def trace_rows(model, prompts, args, label, env):
+    moecache.patch(model)
+    routes = prompt_routes(model, prompts, batch_size=args.batch)
+    t0 = time.perf_counter()
+    groups = group_by_routes(routes, args.batch)
+    scheduler_s = time.perf_counter() - t0
+    in_order = record(model, prompts, args.batch, args.new_tokens, depth=2)
+    scheduled = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups)
+    moecache.unpatch(model)
+    L, E = in_order.num_layers, in_order.num_experts
+    decode_tokens = len(prompts) * (args.new_tokens - 1)
+    rows = []
+    for depth in (1, 2):
+        rec = in_order.recall(depth=depth)
+        rows.append({**env, "benchmark": "bench_cache.recall", "model": label, "depth": depth,
+                     "recall": rec["overall"], "per_layer": rec["per_layer"]})
+    print(f"\n[{label}] lookahead recall: depth 1 {rows[0]['recall']:.1%}, depth 2 {rows[1]['recall']:.1%} "
+          f"(target >= 85% at depth 1 on the trained model); scheduler {scheduler_s * 1e3:.1f} ms for {len(prompts)} requests")
+    print(f"{'budget':>7} {'slots':>5}  " + "  ".join(f"{p:>17}" for p in
+          ("on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady", "belady+sched")))
+    for budget in BUDGETS:
+        slots = max(1, round(budget * L * E))
+        results = {
+            "on_demand": simulate(in_order.steps, slots, "on_demand"),
+            "lru": simulate(in_order.steps, slots, "lru"),
+            "lfu": simulate(in_order.steps, slots, "lfu"),
+            "predictive-d1": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=1),
+            "predictive-d2": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=2),
+            "pred-d2+sched": simulate(scheduled.steps, slots, "predictive", predictions=scheduled.predictions, depth=2),
+            "belady": simulate(in_order.steps, slots, "belady"),
+            "belady+sched": simulate(scheduled.steps, slots, "belady"),
+        }
+        cells = []
+        for name, r in results.items():
+            rows.append({**env, "benchmark": "bench_cache.trace", "model": label, "budget": budget, "slots": slots,
+                         "batch": args.batch, "requests": len(prompts), "new_tokens": args.new_tokens,
+                         "provider": name, **r.as_dict(), "loads_per_token": r.loads / decode_tokens,
+                         "scheduler_ms": scheduler_s * 1e3 if "sched" in name else None})
+            cells.append(f"{r.hit_rate:6.1%} {r.loads / decode_tokens:6.2f}l/t")
+        print(f"{budget:7.3f} {slots:5d}  " + "  ".join(f"{c:>17}" for c in cells))
+    return rows
+
+
+def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    rows = []
+
+    def run(name, offload):
+        moecache.patch(model, offload=offload)
+        with torch.no_grad():
+            mask = torch.ones_like(prompts[: args.batch])
+            model.generate(prompts[: args.batch], attention_mask=mask, max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False)  # warm-up
+            before = moecache.stats(model)["cache"] or {}
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(prompts[: args.batch], attention_mask=mask, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False)
+            if on_gpu:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        stats = moecache.stats(model)
+        cache = stats["cache"] or {}
+        delta = {k: cache.get(k, 0) - before.get(k, 0) for k in ("requests", "hits", "misses", "prefetches",
+                                                                   "prefetch_hits", "wasted_prefetches")}
+        record_bytes = model._moecache_patch.cache.record_bytes if offload else 0
+        moecache.unpatch(model)
+        tokens = args.batch * args.new_tokens
+        return {"provider": name, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                "hit_rate": delta["hits"] / delta["requests"] if delta["requests"] else 1.0,
+                "misses_per_token": delta["misses"] / tokens, **delta,
+                "stall_ms": cache.get("stall_ms"), "record_bytes": record_bytes,
+                "recall_d1": (stats.get("prediction") or {}).get("by_depth", {}).get(1, {}).get("recall")}, out
+
+    resident, ref = run("resident", None)
+    rows.append({**env, "benchmark": "bench_cache.live", "model": label, "budget": 1.0, **resident})
+    print(f"\n[{label}] live, batch {args.batch}, {args.new_tokens} tokens on {device.type}: "
+          f"all experts resident {resident['tokens_per_s']:.1f} tokens/s")
+    pcie = (ceilings.get("h2d_gbps") or 0) * 1e9
+    for budget in budgets:
+        for name, offload in policies(budget):
+            result, out = run(name, offload)
+            same = bool(torch.equal(out, ref))
+            bound = None
+            if pcie and result["record_bytes"]:
+                per_token = 1 / resident["tokens_per_s"] + result["misses_per_token"] * result["record_bytes"] / pcie
+                bound = 1 / per_token
+            rows.append({**env, "benchmark": "bench_cache.live", "model": label, "budget": budget, **result,
+                         "tokens_identical": same, "pcie_bound_tokens_per_s": bound})
+            print(f"  budget {budget:5.3f} {name:<22} {result['tokens_per_s']:8.1f} tokens/s  hit {result['hit_rate']:6.1%}"
+                  f"  misses/token {result['misses_per_token']:5.2f}  prefetches {result['prefetches']:5d}"
+                  f"  wasted {result['wasted_prefetches']:4d}" + (f"  PCIe-bound {bound:8.1f} tok/s" if bound else "")
+                  + ("" if same else "  TOKENS DIFFER"))
+    return rows
+
+
+def policies(budget):
+    return [
+        ("on_demand(1 slot/layer)", Offload(gpu_experts=1, policy="lru", prefetch=False)),
+        ("lru", Offload(gpu_experts=budget, policy="lru", prefetch=False)),
+        ("lru+temporal-prefetch", Offload(gpu_experts=budget, policy="lru", prefetch=True)),
+        ("lfu", Offload(gpu_experts=budget, policy="lfu", prefetch=False)),
+        ("predictive-d1", Offload(gpu_experts=budget, policy="predictive", lookahead=1)),
+        ("predictive-d2", Offload(gpu_experts=budget, policy="predictive", lookahead=2)),
+    ]
+
+
+def full_size_model(layers, device):
+    import transformers
+
+    config = transformers.DeepseekV2Config(
+        vocab_size=4096, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
+        n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", routed_scaling_factor=1.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.DeepseekV2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: few requests and tokens")
+    parser.add_argument("--json", default=None, help="append JSON rows here")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--full-layers", type=int, default=6)
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if args.quick:
+        args.requests, args.batch, args.prompt, args.new_tokens = 4, 2, 16, 6
+    elif not on_gpu:
+        print("bench_cache: no GPU; running the trace part and a CPU live part (host-backend cache)", file=sys.stderr)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    env = environment()
+    ceilings = {}
+    if on_gpu:
+        from common import measure_ceilings
+
+        ceilings = measure_ceilings()
+        pinned = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+        dev = torch.empty_like(pinned, device="cuda")
+        from common import time_ms
+
+        h2d = time_ms(lambda: dev.copy_(pinned, non_blocking=True), warmup=2, rep=5, flush_l2=False)
+        ceilings["h2d_gbps"] = (1 << 30) / h2d["ms"] / 1e6
+        del pinned, dev
+    env = {**env, **{f"ceiling_{k}": v for k, v in ceilings.items()}}
+
+    model, ids, label = load_model(device, dtype, args.quick)
+    prompts = prompts_from(ids, args.requests, args.prompt, device)
+    rows = trace_rows(model, prompts, args, label, env)
+    if args.quick:
+        def quick_policies(budget):
+            return [p for p in policies(budget) if p[0] in ("lru", "predictive-d2")]
+        rows += live_rows(model, prompts, args, label, env, ceilings, quick_policies, (0.25,))
+    else:
+        rows += live_rows(model, prompts, args, label, env, ceilings, policies, BUDGETS[:-1])
+    if on_gpu and not args.quick:
+        del model
+        torch.cuda.empty_cache()
+        big = full_size_model(args.full_layers, device)
+        big_prompts = torch.randint(3, 4096, (args.batch, args.prompt), device=device)
+        rows += live_rows(big, big_prompts, args, f"deepseek-v2-lite-shape-{args.full_layers}L-random", env,
+                          ceilings, policies, (0.125, 0.25, 0.5))
+    if args.json:
+        append_rows(args.json, rows)
+        print(f"\n{len(rows)} rows -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
