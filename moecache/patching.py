@@ -50,6 +50,8 @@ class Offload:
     prefetch: with lru/lfu, after each layer start copying the experts the next layer used on the
         previous step (temporal locality); with predictive, prefetch the predicted experts.
     lookahead: how many layers ahead the predictive policy looks (1 or 2 are typical).
+    predictor: with policy "predictive", the path of a LearnedRoutePredictor (bench/train_predictor.py
+        writes one) whose heads replace router reuse where they exist; None: lookahead gating only.
     """
 
     gpu_experts: float | int | str = 0.25
@@ -59,6 +61,7 @@ class Offload:
     pin: str = "alloc"
     allow_pageable: bool = False
     lookahead: int = 1
+    predictor: str | None = None
 
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         total = num_layers * num_experts
@@ -376,6 +379,13 @@ def _check_offload(plan, offload: Offload) -> None:
         raise ValueError(f"offload policy must be 'lru', 'lfu' or 'predictive', got {offload.policy!r}")
     if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
         raise ValueError(f"offload lookahead must be an int >= 1, got {offload.lookahead!r}")
+    if offload.predictor is not None:
+        from pathlib import Path
+
+        if offload.policy != "predictive":
+            raise ValueError(f"offload predictor={offload.predictor!r} needs policy='predictive'")
+        if not Path(offload.predictor).is_file():
+            raise ValueError(f"offload predictor={offload.predictor!r}: no such file")
     if offload.policy == "predictive":
         from .cache.predictor import find_router
 
@@ -437,7 +447,12 @@ def _offload(replacements, offload: Offload, state: _PatchState) -> None:
         from .cache.predictor import LookaheadPredictor
 
         specs = [_router_of(parent, new) for parent, _, _, new in replacements]
-        predictor = LookaheadPredictor(specs, depth=offload.lookahead) if offload.prefetch else None
+        learned = None
+        if offload.predictor is not None:
+            from .cache.learned import LearnedRoutePredictor
+
+            learned = LearnedRoutePredictor.load(offload.predictor, device=device)
+        predictor = LookaheadPredictor(specs, depth=offload.lookahead, learned=learned) if offload.prefetch else None
     cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
                         policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)

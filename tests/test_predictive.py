@@ -177,3 +177,43 @@ def test_scheduling_preserves_every_requests_tokens():
     assert sorted(i for g in info["groups"] for i in g) == list(range(6))
     assert info["scheduler_s"] > 0 and info["predicted_distinct_experts"] > 0
     moecache.unpatch(model)
+
+
+def test_learned_route_predictor_learns_a_routing_function_and_round_trips(tmp_path):
+    from moecache.cache.learned import LearnedRoutePredictor, top_k_recall, train_route_predictor
+
+    H, E, K, N = 16, 8, 2, 4096
+    torch.manual_seed(0)
+    W = torch.randn(E, H)
+    x = torch.randn(N, H)
+    ids = (x @ W.T).topk(K, dim=1).indices  # a router the MLP must discover from examples alone
+    predictor = train_route_predictor({(1, 1): (x[:3072], ids[:3072])}, H, E, width=64, epochs=15, batch_size=256)
+    held = top_k_recall(predictor.scores(1, 1, x[3072:]), ids[3072:])
+    assert held > 0.85, held  # chance: K / E = 0.25; measured 0.90
+    path = tmp_path / "p.pt"
+    predictor.save(path)
+    again = LearnedRoutePredictor.load(path)
+    assert torch.equal(again.scores(1, 1, x[:10]), predictor.scores(1, 1, x[:10]))
+    assert again.has(1, 1) and not again.has(2, 1)
+
+
+def test_offload_with_a_learned_predictor(tmp_path):
+    from moecache.cache.learned import train_route_predictor
+
+    model = _tiny_deepseek()
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    x, routed = torch.randn(64, 64), torch.randint(0, 8, (64, 2))
+    path = tmp_path / "p.pt"
+    train_route_predictor({(1, 1): (x, routed), (2, 1): (x, routed)}, 64, 8, width=16, epochs=1).save(path)
+    with pytest.raises(ValueError, match="predictive"):
+        moecache.patch(model, offload=Offload(policy="lru", predictor=str(path)))
+    with pytest.raises(ValueError, match="no such file"):
+        moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "missing.pt")))
+    moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", predictor=str(path)))
+    assert model._moecache_patch.predictor.learned is not None
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6), ref)
+    assert moecache.stats(model)["prediction"]["per_layer"]
+    moecache.unpatch(model)

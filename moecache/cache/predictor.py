@@ -72,10 +72,11 @@ class LookaheadPredictor:
     each; `observe` compares what a layer really used with what was predicted for it earlier.
     """
 
-    def __init__(self, routers: list[RouterSpec | None], depth: int = 1):
+    def __init__(self, routers: list[RouterSpec | None], depth: int = 1, learned=None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.routers = routers
+        self.learned = learned  # a LearnedRoutePredictor: its heads replace router reuse where it has one
         self.depth = depth
         self.pending: dict[tuple[int, int], set[int]] = {}  # (layer, depth) -> experts predicted for it
         self.stats = {(layer, d): PredictionStats() for layer in range(len(routers)) for d in range(1, depth + 1)}
@@ -90,7 +91,10 @@ class LookaheadPredictor:
             target = layer + d
             if target >= len(self.routers) or self.routers[target] is None:
                 break
-            scores = self.routers[target].scores(hidden_states)
+            if self.learned is not None and self.learned.has(target, d):
+                scores = self.learned.scores(target, d, hidden_states)
+            else:
+                scores = self.routers[target].scores(hidden_states)
             chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)
             counts = torch.bincount(chosen, minlength=scores.shape[1]).cpu()
             self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())

@@ -53,9 +53,10 @@ class RoutingTrace:
         return cls(**json.loads(text))
 
 
-def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth: int = 2,
+def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth: int = 2, learned=None,
                    **generate_kwargs) -> tuple[RoutingTrace, torch.Tensor]:
-    """Greedy-generate with a patched model (experts resident or offloaded) and record its routing.
+    """Greedy-generate with a patched model (experts resident or offloaded) and record its routing, with
+    lookahead-gating predictions (or a LearnedRoutePredictor's where `learned` has a head).
     Returns (trace, generated ids)."""
     from ..layers.experts import MoecacheExperts
     from ..patching import routers
@@ -65,7 +66,7 @@ def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth
         raise ValueError("record_routing: patch the model with moecache.patch first")
     layers.sort(key=lambda m: m.cache_layer if m.cache_layer >= 0 else 0)
     index = {id(m): i for i, m in enumerate(layers)}
-    predictor = LookaheadPredictor(routers(model), depth=depth)
+    predictor = LookaheadPredictor(routers(model), depth=depth, learned=learned)
     trace = RoutingTrace(num_layers=len(layers), num_experts=layers[0].num_experts, top_k=0, depth=depth)
 
     def hook(module, args, kwargs):
