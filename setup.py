@@ -102,7 +102,7 @@ setup(
     version=_version(),
     packages=find_packages(include=["moecache", "moecache.*"]) + ["moecache.kernels"],
     package_dir={"moecache": "moecache", "moecache.kernels": "kernels"},
-    package_data={"moecache.kernels": ["configs/*.json"]},
+    package_data={"moecache.kernels": ["configs/*.json"], "moecache.data": ["tiny_moe/*"]},
     ext_modules=[CMakeExtension("moecache._C", sourcedir=str(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -63,6 +63,11 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
     import torch
     import transformers
 
+    if family == "trained":  # the small MoE this project trained (learned routing; moecache.data)
+        from .data import load_tiny_moe
+
+        return load_tiny_moe(device="cuda" if on_gpu else "cpu",
+                             dtype=torch.bfloat16 if on_gpu else torch.float32)
     if on_gpu:
         width = dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
                      max_position_embeddings=4096)
@@ -92,7 +97,7 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
                                              num_experts_per_tok=moe["top_k"], head_dim=128 if on_gpu else 64)
         cls = transformers.Qwen3MoeForCausalLM
     else:
-        raise SystemExit(f"--family must be deepseek_v2, mixtral or qwen3_moe, got {family!r}")
+        raise SystemExit(f"--family must be deepseek_v2, mixtral, qwen3_moe or trained, got {family!r}")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     with torch.device("cuda" if on_gpu else "cpu"):
@@ -138,8 +143,14 @@ def _demo(args) -> int:
     print(f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, random weights, "
           f"{next(model.parameters()).dtype} on {device}; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens")
-    prompt = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt), device=device,
-                           generator=torch.Generator(device=device).manual_seed(1))
+    if args.family == "trained":  # held-out Python source, so routing is what the model learned
+        from .data import encode, validation_text
+
+        text = encode(validation_text())[0]
+        prompt = torch.stack([text[i * 997: i * 997 + args.prompt] for i in range(args.batch)]).to(device)
+    else:
+        prompt = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt), device=device,
+                               generator=torch.Generator(device=device).manual_seed(1))
 
     def run(label):
         with torch.no_grad():
@@ -191,7 +202,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, build flags, CUDA and Triton status")
     demo = sub.add_parser("demo", help="generate with a random-weight MoE model, unpatched vs patched vs offloaded")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    demo.add_argument("--family", default="deepseek_v2", help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe")
+    demo.add_argument("--family", default="deepseek_v2", help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe, or trained (the "
+                           "shipped small MoE with learned routing)")
     demo.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
     demo.add_argument("--budget", type=float, default=0.25, help="fraction of experts kept on the device")
     demo.add_argument("--policy", default="predictive", help="lru, lfu or predictive (lookahead gating)")
