@@ -68,13 +68,23 @@ def prompts_from(ids: torch.Tensor, n: int, length: int, device) -> torch.Tensor
     return torch.stack([ids[i * stride: i * stride + length] for i in range(n)]).to(device)
 
 
-def record(model, prompts, batch, new_tokens, depth, groups=None):
+def shipped_predictor(label):
+    """The learned routing-path predictor shipped with the trained model, or None."""
+    if label != "trained-tiny-moe":
+        return None
+    from moecache.data import TINY_MOE_DIR
+
+    path = TINY_MOE_DIR / "route_predictor.pt"
+    return path if path.is_file() else None
+
+
+def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
     """Routing traces of generating every prompt in micro-batches (in order, or the given groups)."""
     groups = groups or [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
     steps, predictions = [], []
     trace = None
     for group in groups:
-        trace, _ = record_routing(model, prompts[group], max_new_tokens=new_tokens, depth=depth)
+        trace, _ = record_routing(model, prompts[group], max_new_tokens=new_tokens, depth=depth, learned=learned)
         steps += trace.steps
         predictions += trace.predictions
     trace.steps, trace.predictions = steps, predictions
@@ -89,18 +99,32 @@ def trace_rows(model, prompts, args, label, env):
     scheduler_s = time.perf_counter() - t0
     in_order = record(model, prompts, args.batch, args.new_tokens, depth=2)
     scheduled = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups)
+    learned_path, learned_in_order, learned_scheduled = shipped_predictor(label), None, None
+    if learned_path is not None:
+        from moecache.cache.learned import LearnedRoutePredictor
+
+        learned = LearnedRoutePredictor.load(learned_path, device=prompts.device)
+        learned_in_order = record(model, prompts, args.batch, args.new_tokens, depth=2, learned=learned)
+        learned_scheduled = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups, learned=learned)
+        assert learned_in_order.steps == in_order.steps  # same routing, other guesses
     moecache.unpatch(model)
     L, E = in_order.num_layers, in_order.num_experts
     decode_tokens = len(prompts) * (args.new_tokens - 1)
     rows = []
-    for depth in (1, 2):
-        rec = in_order.recall(depth=depth)
-        rows.append({**env, "benchmark": "bench_cache.recall", "model": label, "depth": depth,
-                     "recall": rec["overall"], "per_layer": rec["per_layer"]})
-    print(f"\n[{label}] lookahead recall: depth 1 {rows[0]['recall']:.1%}, depth 2 {rows[1]['recall']:.1%} "
-          f"(target >= 85% at depth 1 on the trained model); scheduler {scheduler_s * 1e3:.1f} ms for {len(prompts)} requests")
-    print(f"{'budget':>7} {'slots':>5}  " + "  ".join(f"{p:>17}" for p in
-          ("on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady", "belady+sched")))
+    predictors = [("lookahead", in_order)] + ([("learned", learned_in_order)] if learned_in_order else [])
+    for name, trace in predictors:
+        for depth in (1, 2):
+            rec = trace.recall(depth=depth)
+            rows.append({**env, "benchmark": "bench_cache.recall", "model": label, "predictor": name,
+                         "depth": depth, "batch": args.batch, "recall": rec["overall"], "per_layer": rec["per_layer"]})
+            print(f"[{label}] {name} recall per step (batch {args.batch}), depth {depth}: {rec['overall']:.1%} "
+                  f"per layer " + ", ".join(f"{l}: {r:.1%}" for l, r in rec["per_layer"].items()))
+    print(f"scheduler {scheduler_s * 1e3:.1f} ms for {len(prompts)} requests (target: next-layer recall >= 85% on "
+          "the trained model)")
+    columns = ["on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady", "belady+sched"]
+    if learned_in_order:
+        columns[6:6] = ["learned-d1", "learned-d2", "learned-d2+sched"]
+    print(f"{'budget':>7} {'slots':>5}  " + "  ".join(f"{p:>17}" for p in columns))
     for budget in BUDGETS:
         slots = max(1, round(budget * L * E))
         results = {
@@ -110,6 +134,13 @@ def trace_rows(model, prompts, args, label, env):
             "predictive-d1": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=1),
             "predictive-d2": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=2),
             "pred-d2+sched": simulate(scheduled.steps, slots, "predictive", predictions=scheduled.predictions, depth=2),
+            **({} if not learned_in_order else {
+                "learned-d1": simulate(in_order.steps, slots, "predictive", predictions=learned_in_order.predictions,
+                                       depth=1),
+                "learned-d2": simulate(in_order.steps, slots, "predictive", predictions=learned_in_order.predictions,
+                                       depth=2),
+                "learned-d2+sched": simulate(scheduled.steps, slots, "predictive",
+                                             predictions=learned_scheduled.predictions, depth=2)}),
             "belady": simulate(in_order.steps, slots, "belady"),
             "belady+sched": simulate(scheduled.steps, slots, "belady"),
         }
@@ -179,8 +210,10 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
     return rows
 
 
-def policies(budget):
-    return [
+def policies(budget, learned_path=None):
+    learned = [("learned-d1", Offload(gpu_experts=budget, policy="predictive", lookahead=1,
+                                      predictor=str(learned_path)))] if learned_path else []
+    return learned + [
         ("on_demand(1 slot/layer)", Offload(gpu_experts=1, policy="lru", prefetch=False)),
         ("lru", Offload(gpu_experts=budget, policy="lru", prefetch=False)),
         ("lru+temporal-prefetch", Offload(gpu_experts=budget, policy="lru", prefetch=True)),
@@ -238,12 +271,14 @@ def main(argv=None) -> int:
     model, ids, label = load_model(device, dtype, args.quick)
     prompts = prompts_from(ids, args.requests, args.prompt, device)
     rows = trace_rows(model, prompts, args, label, env)
+    learned_path = shipped_predictor(label)
     if args.quick:
         def quick_policies(budget):
             return [p for p in policies(budget) if p[0] in ("lru", "predictive-d2")]
         rows += live_rows(model, prompts, args, label, env, ceilings, quick_policies, (0.25,))
     else:
-        rows += live_rows(model, prompts, args, label, env, ceilings, policies, BUDGETS[:-1])
+        rows += live_rows(model, prompts, args, label, env, ceilings, lambda b: policies(b, learned_path),
+                          BUDGETS[:-1])
     if on_gpu and not args.quick:
         del model
         torch.cuda.empty_cache()

@@ -41,10 +41,10 @@ def pairs_from(trace: dict, first_moe: int, num_decoder_layers: int, depth: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(TINY_MOE_DIR / "route_predictor.pt"))
-    parser.add_argument("--tokens", type=int, default=256 * 512, help="training tokens recorded")
+    parser.add_argument("--tokens", type=int, default=256 * 2048, help="training tokens recorded")
     parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="a few thousand tokens, 1 epoch (smoke run)")
     args = parser.parse_args(argv)
     if args.quick:

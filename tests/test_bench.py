@@ -109,8 +109,11 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     trace = [r for r in rows if r["benchmark"] == "bench_cache.trace"]
-    assert {r["provider"] for r in trace} == {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2",
-                                              "pred-d2+sched", "belady", "belady+sched"}
+    providers = {r["provider"] for r in trace}
+    assert providers >= {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady",
+                         "belady+sched"}
+    if trace[0]["model"] == "trained-tiny-moe":  # the shipped learned predictor joins the comparison
+        assert providers >= {"learned-d1", "learned-d2", "learned-d2+sched"}
     assert {r["budget"] for r in trace} == {0.125, 0.25, 0.5, 1.0}
     for r in trace:
         assert r["hits"] + r["misses"] == r["requests"] > 0
