@@ -140,7 +140,8 @@ def _demo(args) -> int:
         raise SystemExit("--device cuda but torch sees no CUDA device")
     model = _demo_model(args.family, on_gpu, args.layers)
     cfg = model.config
-    print(f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, random weights, "
+    weights = "trained weights (moecache.data)" if args.family == "trained" else "random weights"
+    print(f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {weights}, "
           f"{next(model.parameters()).dtype} on {device}; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens")
     if args.family == "trained":  # held-out Python source, so routing is what the model learned
@@ -187,7 +188,13 @@ def _demo(args) -> int:
     moecache.patch(model)
     same = run("moecache, experts resident")
     moecache.unpatch(model)
-    moecache.patch(model, offload=moecache.Offload(gpu_experts=args.budget, policy=args.policy))
+    learned = None
+    if args.family == "trained" and args.policy == "predictive":  # the routing-path predictor shipped with it
+        from .data import TINY_MOE_DIR
+
+        path = TINY_MOE_DIR / "route_predictor.pt"
+        learned = str(path) if path.is_file() else None
+    moecache.patch(model, offload=moecache.Offload(gpu_experts=args.budget, policy=args.policy, predictor=learned))
     offloaded = run(f"moecache, offload {args.budget}")
     moecache.unpatch(model)
     for label, tokens in (("resident", same), ("offload", offloaded)):
