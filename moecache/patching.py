@@ -97,6 +97,7 @@ class _PatchState:
     replaced: list = field(default_factory=list)  # (parent, attribute, original, new)
     cache: object = None
     predictor: object = None
+    scheduler_seconds: float = 0.0  # host time the token scheduler spent grouping requests
 
 
 def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = None) -> ExpertsLayout | None:
@@ -542,4 +543,4 @@ def stats(model: nn.Module) -> dict:
     prediction = state.predictor.summary() if state.predictor is not None else None
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
             "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
-            "attention": attention}
+            "attention": attention, "scheduler_seconds": state.scheduler_seconds}

@@ -176,6 +176,7 @@ def test_scheduling_preserves_every_requests_tokens():
     assert torch.equal(plain, scheduled)
     assert sorted(i for g in info["groups"] for i in g) == list(range(6))
     assert info["scheduler_s"] > 0 and info["predicted_distinct_experts"] > 0
+    assert moecache.stats(model)["scheduler_seconds"] == pytest.approx(info["scheduler_s"])
     moecache.unpatch(model)
 
 

@@ -81,6 +81,9 @@ def generate_scheduled(model, prompts: torch.Tensor, *, batch_size: int, schedul
     else:
         routes, groups = None, [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     scheduler_s = time.perf_counter() - start
+    state = getattr(model, "_moecache_patch", None)
+    if schedule and state is not None:  # moecache.stats(model) reports it
+        state.scheduler_seconds += scheduler_s
     outputs: list = [None] * n
     with torch.no_grad():
         for group in groups:
