@@ -126,3 +126,36 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in live)
     assert all(r["tokens_identical"] for r in live if r["provider"] != "resident")
     assert {r["depth"] for r in rows if r["benchmark"] == "bench_cache.recall"} == {1, 2}
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_bench_e2e_quick_and_report(tmp_path):
+    """The end-to-end study's CPU smoke run, then the plots and README block generated from its rows."""
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    e2e = [r for r in rows if r["benchmark"] == "bench_e2e"]
+    assert {r["model"] for r in e2e} == {"vl2-small", "mixtral-8x7b", "llama-7b"}
+    providers = {r["provider"] for r in e2e if r["model"] == "vl2-small"}
+    assert {"hf:eager", "hf:grouped_mm", "moecache", "offload25:on_demand", "offload50:lru",
+            "offload50:predictive", "offload50:predictive+sched"} <= providers
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in e2e)
+    for r in e2e:
+        if r["provider"].startswith("offload"):
+            assert 0 <= r["hit_rate"] <= 1 and r["misses_per_token"] >= 0
+        parts = r["breakdown_ms"]  # eager: measured spans, and what they leave of the step
+        assert all(v >= 0 for v in parts.values()) and parts["attention"] > 0
+    readme = tmp_path / "R.md"
+    readme.write_text("# r\n<!-- results:start -->\nold\n<!-- results:end -->\nend\n")
+    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--plots", str(tmp_path / "plots"),
+                           "--readme", str(readme)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("end\n")
+    row = next(r for r in e2e if r["provider"] == "moecache")
+    assert f"{row['decode_tok_s']:.1f}" in text  # every number comes from a row
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"e2e_breakdown.png", "e2e_budget_vl2-small_eager.png"}

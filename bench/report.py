@@ -1,0 +1,146 @@
+"""Plots and the README "Results" section, generated from bench_e2e JSON rows (every number traces to a row).
+
+    python bench/report.py bench/results/bench_e2e.jsonl --plots bench/results --readme README.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+POLICIES = ("on_demand", "lru", "predictive", "predictive+sched")
+
+
+def load(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def e2e_rows(rows):
+    """bench_e2e rows, the newest of each (model, mix, batch, provider, mode) when runs were appended."""
+    latest = {}
+    for r in rows:
+        if r.get("benchmark") == "bench_e2e":
+            latest[(r["model"], r["mix"], r["batch"], r["provider"], r["mode"])] = r
+    return list(latest.values())
+
+
+def budget_curves(rows, model, mode, batch, mix):
+    """{policy: [(budget, decode tok/s)]} for one model/mode/batch/mix; 1.0 is the resident moecache row."""
+    pick = [r for r in rows if (r["model"], r["mode"], r["batch"], r["mix"]) == (model, mode, batch, mix)]
+    resident = next((r["decode_tok_s"] for r in pick if r["provider"] == "moecache"), None)
+    curves = {}
+    for policy in POLICIES:
+        points = sorted((r["budget"], r["decode_tok_s"]) for r in pick
+                        if r["provider"].startswith("offload") and r["provider"].split(":", 1)[1] == policy)
+        if resident is not None:
+            points.append((1.0, resident))
+        if points:
+            curves[policy] = points
+    return curves
+
+
+def plots(rows, outdir) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = e2e_rows(rows)
+    written = []
+    device = rows[0]["device"] if rows else "?"
+    for model in sorted({r["model"] for r in rows if r["kind"] == "moe"}):
+        for mode in sorted({r["mode"] for r in rows if r["model"] == model}):
+            mix = sorted({r["mix"] for r in rows if r["model"] == model})[0]
+            batch = min(r["batch"] for r in rows if r["model"] == model)
+            curves = budget_curves(rows, model, mode, batch, mix)
+            if not curves:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for policy, pts in curves.items():
+                ax.plot([b * 100 for b, _ in pts], [t for _, t in pts], marker="o", label=policy)
+            ax.set_xlabel("experts on the GPU (% of all)")
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title(f"{model}, {mode}, batch {batch}, {mix} prompts\n{device}", fontsize=9)
+            ax.legend(fontsize=8)
+            path = outdir / f"e2e_budget_{model}_{mode}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    parts = ("attention", "experts", "stall", "predictor", "scheduler", "other")
+    eager = [r for r in rows if r["mode"] == "eager" and r.get("breakdown_ms", {}).get("other") is not None]
+    if eager:
+        batch = min(r["batch"] for r in eager)
+        mix = sorted({r["mix"] for r in eager})[0]
+        bars = [r for r in eager if r["batch"] == batch and r["mix"] == mix]
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(bars)), 4.5))
+        bottom = [0.0] * len(bars)
+        for part in parts:
+            values = [r["breakdown_ms"].get(part) or 0.0 for r in bars]
+            ax.bar(range(len(bars)), values, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(range(len(bars)), [f"{r['model']}\n{r['provider']}" for r in bars], rotation=90, fontsize=6)
+        ax.set_ylabel("ms per decode step (eager)")
+        ax.set_title(f"step breakdown, batch {batch}, {mix} prompts, {device}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = outdir / "e2e_breakdown.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def markdown(rows) -> str:
+    rows = e2e_rows(rows)
+    if not rows:
+        return "No bench_e2e rows yet.\n"
+    device, date = rows[0]["device"], rows[0]["date"][:10]
+    lines = [f"Measured on {device}, {date} (bench_e2e rows; `layers` built of `full_layers`, full-depth "
+             "tokens/s scaled by the per-layer time).", "",
+             "| model | mix | batch | provider | mode | prefill tok/s | decode tok/s | decode tok/s (full depth) "
+             "| hit rate | PCIe-bound tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        hit = f"{r['hit_rate']:.0%}" if r.get("hit_rate") is not None else ""
+        bound = f"{r['pcie_bound_decode_tok_s']:.1f}" if r.get("pcie_bound_decode_tok_s") else ""
+        lines.append(f"| {r['model']} | {r['mix']} | {r['batch']} | {r['provider']} | {r['mode']} | "
+                     f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s_full_depth']:.1f} | "
+                     f"{hit} | {bound} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme, text) -> None:
+    path = Path(readme)
+    content = path.read_text()
+    if START not in content or END not in content:
+        raise SystemExit(f"{readme} has no {START} ... {END} block")
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + START + "\n" + text + END + tail)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("rows")
+    parser.add_argument("--plots", default=None, help="write PNG plots here")
+    parser.add_argument("--readme", default=None, help="rewrite this file's results block")
+    args = parser.parse_args(argv)
+    rows = load(args.rows)
+    if args.plots:
+        for p in plots(rows, args.plots):
+            print(p)
+    text = markdown(rows)
+    if args.readme:
+        update_readme(args.readme, text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
