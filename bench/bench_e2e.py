@@ -148,8 +148,10 @@ def measure(model, prompts, new_tokens, mode, device, scheduled_batch=None):
         model(prompts[:, : min(S, 8)])  # warm-up
         prefill = time_ms(lambda: model(prompts), warmup=1, rep=3, flush_l2=False, device=device)["ms"]
         kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if mode == "graph":
+        if mode == "graph":  # static cache + compiled forward: decode steps replay as CUDA graphs
             kwargs["cache_implementation"] = "static"
+            torch._dynamo.reset()
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
         if scheduled_batch is not None:
             run = lambda: generate_scheduled(model, prompts, batch_size=scheduled_batch, max_new_tokens=new_tokens)[0]  # noqa: E731
         else:
@@ -166,6 +168,8 @@ def measure(model, prompts, new_tokens, mode, device, scheduled_batch=None):
         breakdown = timer.totals_ms() if timer else {}
         if timer:
             timer.close()
+        if mode == "graph":
+            del model.forward  # the class's forward again
     decode_s = max(seconds - prefill / 1e3, 1e-9)
     steps = new_tokens - 1
     forwards = steps + 1  # the prompt, then one forward per further token
@@ -263,6 +267,9 @@ def main(argv=None) -> int:
                                          "batch": B, "provider": provider, "mode": mode, "reason": repr(err)[:300]})
                             per_step = None
                         record_bytes = model._moecache_patch.cache.record_bytes if offload is not None else 0
+                        gpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                        if offload is not None:
+                            gpu_bytes += model._moecache_patch.cache.num_slots * record_bytes
                         if provider == "hf:grouped_mm":
                             model.set_experts_implementation("eager")
                         elif provider != "hf:eager":
@@ -292,7 +299,8 @@ def main(argv=None) -> int:
                                      "step_ms": step_ms, "breakdown_ms": {**per_step, "other": other},
                                      "note": ("time includes the scheduler's routing forward and each group's own "
                                               "prefill" if sched else None),
-                                     "gpu_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+                                     "gpu_weight_bytes": gpu_bytes,
+                                     "gpu_weight_bytes_full_depth": gpu_bytes * depth_scale})
         del model
         if on_gpu:
             torch.cuda.empty_cache()

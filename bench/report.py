@@ -111,6 +111,16 @@ def markdown(rows) -> str:
         lines.append(f"| {r['model']} | {r['mix']} | {r['batch']} | {r['provider']} | {r['mode']} | "
                      f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s_full_depth']:.1f} | "
                      f"{hit} | {bound} |")
+    lines += ["", "Equal GPU memory (weights + expert slots, scaled to full depth; approximate: the embeddings are "
+              "scaled too), decode tokens/s at full depth, batch 1, first mix, per mode:", "",
+              "| mode | model | provider | GPU GiB | decode tok/s |", "| --- | --- | --- | --- | --- |"]
+    mix = sorted({r["mix"] for r in rows})[0]
+    for mode in sorted({r["mode"] for r in rows}):
+        pick = [r for r in rows if r["mode"] == mode and r["mix"] == mix and r["batch"] == min(x["batch"] for x in rows)
+                and r.get("gpu_weight_bytes_full_depth")]
+        for r in sorted(pick, key=lambda r: r["gpu_weight_bytes_full_depth"]):
+            lines.append(f"| {mode} | {r['model']} | {r['provider']} | {r['gpu_weight_bytes_full_depth'] / 2**30:.2f} | "
+                         f"{r['decode_tok_s_full_depth']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
