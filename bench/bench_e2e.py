@@ -73,6 +73,11 @@ QUICK = {
                                      num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
                                      topk_method="greedy", routed_scaling_factor=1.0, kv_lora_rank=16,
                                      q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), 27),
+    "vl2-base": ("DeepseekV3", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                    intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
+                                    num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                    topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, kv_lora_rank=16,
+                                    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), 30),
     "mixtral-8x7b": ("Mixtral", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                      intermediate_size=64, num_local_experts=8, num_experts_per_tok=2), 32),
     "llama-7b": ("Llama", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
     table = FULL
     if args.quick:
         table, args.layers, args.batches, args.mixes = QUICK, 3, "1,2", "mathvista,text"
-        args.models, args.new_tokens, args.max_prompt = "vl2-small,mixtral-8x7b,llama-7b", 6, 48
+        args.models, args.new_tokens, args.max_prompt = "vl2-small,vl2-base,mixtral-8x7b,llama-7b", 6, 48
     elif not on_gpu:
         raise SystemExit("bench_e2e: full sizes need a GPU; use --quick on CPU")
     device = torch.device("cuda" if on_gpu else "cpu")
