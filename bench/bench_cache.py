@@ -258,14 +258,10 @@ def main(argv=None) -> int:
     if on_gpu:
         from common import measure_ceilings
 
-        ceilings = measure_ceilings()
-        pinned = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-        dev = torch.empty_like(pinned, device="cuda")
-        from common import time_ms
+        from common import measure_h2d_gbps
 
-        h2d = time_ms(lambda: dev.copy_(pinned, non_blocking=True), warmup=2, rep=5, flush_l2=False)
-        ceilings["h2d_gbps"] = (1 << 30) / h2d["ms"] / 1e6
-        del pinned, dev
+        ceilings = measure_ceilings()
+        ceilings["h2d_gbps"] = measure_h2d_gbps()
     env = {**env, **{f"ceiling_{k}": v for k, v in ceilings.items()}}
 
     model, ids, label = load_model(device, dtype, args.quick)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, time_ms  # noqa: E402
+from common import append_rows, environment, measure_h2d_gbps, time_ms  # noqa: E402
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
@@ -196,15 +196,6 @@ def _counters(model) -> dict:
             "scheduler_s": stats.get("scheduler_seconds", 0.0)}
 
 
-def pcie_gbps(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    pinned = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-    dev = torch.empty_like(pinned, device=device)
-    ms = time_ms(lambda: dev.copy_(pinned, non_blocking=True), warmup=2, rep=5, flush_l2=False, device=device)["ms"]
-    return (1 << 30) / ms / 1e6
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -229,7 +220,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     modes = ("eager", "graph") if on_gpu else ("eager",)
     env = environment()
-    h2d = pcie_gbps(device)
+    h2d = measure_h2d_gbps()
     rows = [{**env, "benchmark": "bench_e2e.skipped", "provider": "accelerate-cpu-offload",
              "reason": "accelerate is not installed in this environment (no network to install it)"}]
     batches = [int(b) for b in args.batches.split(",")]

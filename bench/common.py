@@ -147,3 +147,14 @@ def measure_ceilings() -> dict:
     del a, b, x, y
     torch.cuda.empty_cache()
     return {"hbm_gbps": 2 * n / copy["ms"] / 1e6, "bf16_tflops": 2 * m**3 / mm["ms"] / 1e9}
+
+
+def measure_h2d_gbps(nbytes: int = 1 << 30) -> float | None:
+    """Pinned host-to-device copy GB/s on this GPU, measured now (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(pinned, device="cuda")
+    ms = time_ms(lambda: dev.copy_(pinned, non_blocking=True), warmup=2, rep=5, flush_l2=False)["ms"]
+    del pinned, dev
+    return nbytes / ms / 1e6
