@@ -17,7 +17,8 @@ Per decode step (eager) the time is split with CUDA events around attention and 
 attention, experts, exposed copy stall (cache stats), predictor, scheduler, other. Offloaded rows carry
 two bounds from the same run: all experts resident, and the PCIe bound (the misses' expert bytes over
 the pinned H2D bandwidth measured at the start, on top of resident decode).
-transformers/accelerate CPU offload is not measured: accelerate is not installed here (said in a row).
+transformers/accelerate CPU offload: accelerate is not installed here, so its scheme is written out as
+hooks (hf:cpu-offload: every experts module's weights copied from pinned memory before each call).
 
     python bench/bench_e2e.py --json bench/results/bench_e2e.jsonl    # GPU
     python bench/bench_e2e.py --quick                                  # CPU smoke run, tiny shapes
@@ -141,6 +142,40 @@ class StepTimer:
             h.remove()
 
 
+class CpuOffloadHooks:
+    """The accelerate-style CPU offload baseline, written out (accelerate is not installed here): each
+    experts module's weights live in pinned host memory and are copied to the device before every call
+    and dropped after it, which is what accelerate's cpu_offload hooks do."""
+
+    def __init__(self, model, device):
+        self.device, self.saved, self.handles = device, [], []
+        for name, module in model.named_modules():
+            if not name.endswith(".experts"):
+                continue
+            params = list(module.parameters(recurse=False))
+            host = [p.data.to("cpu").pin_memory() if device.type == "cuda" else p.data.clone() for p in params]
+            for p in params:
+                p.data = torch.empty(0, dtype=p.dtype, device=device)
+            self.saved.append((params, host))
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, ps=params, hs=host: self._load(ps, hs)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, ps=params: self._drop(ps)))
+
+    def _load(self, params, host):
+        for p, h in zip(params, host):
+            p.data = h.to(self.device, non_blocking=True)
+
+    def _drop(self, params):
+        for p in params:
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for params, host in self.saved:
+            for p, h in zip(params, host):
+                p.data = h.to(self.device)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -221,8 +256,7 @@ def main(argv=None) -> int:
     modes = ("eager", "graph") if on_gpu else ("eager",)
     env = environment()
     h2d = measure_h2d_gbps()
-    rows = [{**env, "benchmark": "bench_e2e.skipped", "provider": "accelerate-cpu-offload",
-             "reason": "accelerate is not installed in this environment (no network to install it)"}]
+    rows = []
     batches = [int(b) for b in args.batches.split(",")]
     mixes = args.mixes.split(",")
     for name in tqdm(args.models.split(","), desc="models"):
@@ -231,7 +265,7 @@ def main(argv=None) -> int:
         is_moe = name not in DENSE
         configs = [("hf:eager", None, None)]
         if is_moe:
-            configs += [("hf:grouped_mm", None, None), ("moecache", None, None)]
+            configs += [("hf:grouped_mm", None, None), ("moecache", None, None), ("hf:cpu-offload", None, 0.0)]
             for budget in (0.25, 0.5):
                 configs += [(f"offload{int(budget * 100)}:on_demand", Offload(gpu_experts=1, prefetch=False), budget),
                             (f"offload{int(budget * 100)}:lru", Offload(gpu_experts=budget, prefetch=False), budget),
@@ -255,6 +289,8 @@ def main(argv=None) -> int:
                                 rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name,
                                              "provider": provider, "reason": str(err)})
                                 continue
+                        elif provider == "hf:cpu-offload":
+                            hooks = CpuOffloadHooks(model, device)
                         elif provider != "hf:eager":
                             moecache.patch(model, offload=offload)
                         sched = B // 2 if provider.endswith("+sched") and B > 1 else None
@@ -266,11 +302,14 @@ def main(argv=None) -> int:
                                          "batch": B, "provider": provider, "mode": mode, "reason": repr(err)[:300]})
                             per_step = None
                         record_bytes = model._moecache_patch.cache.record_bytes if offload is not None else 0
-                        gpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                        gpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                                        if p.device.type == device.type)
                         if offload is not None:
                             gpu_bytes += model._moecache_patch.cache.num_slots * record_bytes
                         if provider == "hf:grouped_mm":
                             model.set_experts_implementation("eager")
+                        elif provider == "hf:cpu-offload":
+                            hooks.remove()
                         elif provider != "hf:eager":
                             moecache.unpatch(model)
                         if per_step is None:
@@ -288,7 +327,7 @@ def main(argv=None) -> int:
                         other = max(step_ms - sum(per_step.values()), 0.0) if step_ms and mode == "eager" else None
                         rows.append({**env, "benchmark": "bench_e2e", "model": name, "kind": "moe" if is_moe else "dense",
                                      "layers": args.layers, "full_layers": full_layers, "mix": mix, "prompt": length,
-                                     "batch": B, "provider": provider, "mode": mode, "budget": budget or 1.0,
+                                     "batch": B, "provider": provider, "mode": mode, "budget": 1.0 if budget is None else budget,
                                      "prefill_tok_s": prefill, "decode_tok_s": decode,
                                      "decode_tok_s_full_depth": decode / depth_scale,
                                      "prefill_tok_s_full_depth": prefill / depth_scale,

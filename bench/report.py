@@ -39,6 +39,9 @@ def budget_curves(rows, model, mode, batch, mix):
             points.append((1.0, resident))
         if points:
             curves[policy] = points
+    cpu = [r for r in pick if r["provider"] == "hf:cpu-offload"]
+    if cpu:
+        curves["hf cpu-offload (weights copied every call)"] = [(0.0, cpu[-1]["decode_tok_s"])]
     return curves
 
 

@@ -141,7 +141,7 @@ def test_bench_e2e_quick_and_report(tmp_path):
     e2e = [r for r in rows if r["benchmark"] == "bench_e2e"]
     assert {r["model"] for r in e2e} == {"vl2-small", "vl2-base", "mixtral-8x7b", "llama-7b"}
     providers = {r["provider"] for r in e2e if r["model"] == "vl2-small"}
-    assert {"hf:eager", "hf:grouped_mm", "moecache", "offload25:on_demand", "offload50:lru",
+    assert {"hf:eager", "hf:grouped_mm", "hf:cpu-offload", "moecache", "offload25:on_demand", "offload50:lru",
             "offload50:predictive", "offload50:predictive+sched"} <= providers
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in e2e)
     for r in e2e:
