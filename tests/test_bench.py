@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -5,13 +6,15 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+# The --quick runs are CPU smoke runs (tiny shapes, the Triton interpreter) even on a GPU machine.
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
 
 
 @pytest.mark.skipif(not (BENCH / "bench_moe.py").is_file(), reason="needs the source tree")
 def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_moe.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
@@ -26,7 +29,7 @@ def test_bench_prefetch_quick_runs_and_writes_rows(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_prefetch.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["benchmark"] for r in rows} == {"bench_prefetch.pin", "bench_prefetch.h2d", "bench_prefetch.overlap",
@@ -50,7 +53,7 @@ def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch
 
     table_path = tmp_path / "table.json"
     proc = subprocess.run([sys.executable, str(BENCH / "tune_moe.py"), "--quick", "--out", str(table_path)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads(table_path.read_text())
     tuned = table["configs"][shape_key(64, 32, 8, 2)]
@@ -83,7 +86,7 @@ def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_mla.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["method"] for r in rows} == {"moecache", "torch_absorbed", "transformers"}
@@ -105,7 +108,7 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_cache.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     trace = [r for r in rows if r["benchmark"] == "bench_cache.trace"]
@@ -135,7 +138,7 @@ def test_bench_e2e_quick_and_report(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     e2e = [r for r in rows if r["benchmark"] == "bench_e2e"]
@@ -152,7 +155,7 @@ def test_bench_e2e_quick_and_report(tmp_path):
     readme = tmp_path / "R.md"
     readme.write_text("# r\n<!-- results:start -->\nold\n<!-- results:end -->\nend\n")
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--plots", str(tmp_path / "plots"),
-                           "--readme", str(readme)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--readme", str(readme)], capture_output=True, text=True, env=CPU_ENV, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = readme.read_text()
     assert "old" not in text and text.endswith("end\n")

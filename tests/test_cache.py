@@ -185,8 +185,8 @@ def test_random_request_streams_from_threads_keep_slots_and_map_consistent():
                     for e, s in zip(experts, lease.slots):
                         # Protected until release: the bytes must be this expert's, whatever others do.
                         if s >= 0:
-                            assert torch.equal(gate_up[s], layers[layer][0][e]), (layer, e, s)
-                            assert torch.equal(down[s], layers[layer][1][e]), (layer, e, s)
+                            assert torch.equal(gate_up[s].cpu(), layers[layer][0][e].cpu()), (layer, e, s)
+                            assert torch.equal(down[s].cpu(), layers[layer][1][e].cpu()), (layer, e, s)
                     cache.stats()
                     lease.release()
             except Exception as exc:  # surfaced below

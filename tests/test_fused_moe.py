@@ -156,8 +156,8 @@ def test_bad_input_names_the_argument():
     _bad("activation", activation="relu")
     _bad("backend", backend="numpy")
     _bad("expert_map must be", expert_map=torch.arange(4))
-    _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32))
-    _bad("no host weights", expert_map=torch.tensor([-1, -1, -1, -1], dtype=torch.int32))
+    _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32, device=x.device))
+    _bad("no host weights", expert_map=torch.tensor([-1, -1, -1, -1], dtype=torch.int32, device=x.device))
     _bad("host_w_gate_up must be", expert_map=torch.arange(4, dtype=torch.int32),
          host_w_gate_up=wgu[:, :4], host_w_down=wd)
     _bad("out must be", out=torch.empty(4, 16))

@@ -212,8 +212,8 @@ def test_bad_input_names_the_argument():
     _bad(r"block_table must be \[B=2", block_table=bt[:1])
     _bad("seq_lens must be int32", seq_lens=sl.long())
     _bad(r"seq_lens must be \[B=2\]", seq_lens=sl[:1])
-    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([0, 20], dtype=torch.int32))
-    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([49, 20], dtype=torch.int32))
+    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([0, 20], dtype=torch.int32, device=sl.device))
+    _bad(r"seq_lens must lie in \[1, max_blocks \* block_size = 48\]", seq_lens=torch.tensor([49, 20], dtype=torch.int32, device=sl.device))
     bad_table = bt.clone()
     bad_table[1, 1] = kv.shape[0]
     _bad(r"block_table\[1, 1\] = \d+ must lie in \[0, num_blocks=", block_table=bad_table)

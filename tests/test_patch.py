@@ -209,16 +209,18 @@ def test_gpu_static_cache_compiled_generate(offload):
 
     model = build("qwen3_moe").to("cuda", torch.bfloat16)
     ids = torch.randint(3, 96, (1, 6), device="cuda")
-    with torch.no_grad():
+    with torch.no_grad():  # a static cache: generate compiles the decode step (reduce-overhead) on CUDA
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
     moecache.patch(model, offload=OFFLOADS[offload])
+    model.__dict__.pop("_compiled_call", None)
     torch._dynamo.reset()
     counters.clear()
-    model.forward = torch.compile(model.forward, mode="reduce-overhead")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
-    assert (out == ref).float().mean() >= 0.9  # bf16: a near-tie may flip one late token
+    new_ref, new_out = ref[:, ids.shape[1]:], out[:, ids.shape[1]:]
+    assert (new_out == new_ref).float().mean() >= 0.75  # bf16: a near-tie may flip a token and what follows
     moecache.unpatch(model)
 
 

@@ -27,7 +27,8 @@ DECODE_TOKENS = 16  # fused_moe's decode path: each expert read once per step, s
 class _CudaArrayInterface:
     """Describes a byte range of device-addressable memory to torch.as_tensor (no ownership)."""
 
-    def __init__(self, address: int, nbytes: int):
+    def __init__(self, address: int, nbytes: int, owner=None):
+        self.owner = owner  # keeps the memory alive as long as a tensor made from this object
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
                                          "version": 3, "strides": None}
 
@@ -37,7 +38,7 @@ def _device_alias(store, device: torch.device) -> torch.Tensor | None:
     if device.type != "cuda" or not store.pinned or store.nbytes == 0 or store.device_ptr == 0:
         return None
     try:
-        alias = torch.as_tensor(_CudaArrayInterface(store.device_ptr, store.nbytes), device=device)
+        alias = torch.as_tensor(_CudaArrayInterface(store.device_ptr, store.nbytes, owner=store), device=device)
     except (RuntimeError, TypeError) as err:  # an old driver without mapped pinned memory
         logger.warning("expert host store: no device view of the pinned masters (%s); "
                        "compiled CUDA-graph decode with offload will not capture", err)
@@ -45,7 +46,7 @@ def _device_alias(store, device: torch.device) -> torch.Tensor | None:
     return alias
 
 
-def _mark_static_address(t: torch.Tensor | None) -> None:
+def mark_static_address(t: torch.Tensor | None) -> None:
     """Tell torch.compile's CUDA graphs that t keeps its address, so replays read it in place
     instead of copying it into the graph's own memory each step."""
     if t is None or t.device.type != "cuda":
@@ -238,8 +239,11 @@ class ExpertCache:
         self._pool = torch.empty(pool_bytes, dtype=torch.uint8, device=self.device)
         self._slot_gate_up, self._slot_down = self._record_views(self._pool, num_slots)
         self._map = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=self.device)
-        for t in (self._pool, self._map, self._device_host_bytes):
-            _mark_static_address(t)
+        # Compiled graphs read these objects (slices of them are taken inside the graph), so each one,
+        # not only the base buffers, must be marked, or CUDA graph trees copy it at every replay.
+        for t in (self._pool, self._map, self._device_host_bytes, self._slot_gate_up, self._slot_down,
+                  *(self._device_host_views or ())):
+            mark_static_address(t)
         self._core = _C.ExpertCache(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)

@@ -82,6 +82,10 @@ class MoecacheExperts(nn.Module):
             down[e].copy_(d.data)
             g.data, u.data, d.data = gate_up[e, :inter], gate_up[e, inter:], down[e]
         self.stacked = (gate_up, down)
+        from ..cache.expert_cache import mark_static_address
+
+        for t in self.stacked:  # compiled graphs read them like parameters: never copy them per replay
+            mark_static_address(t)
 
     def unstack_list_experts(self) -> None:
         for e in range(self.num_experts):

@@ -34,6 +34,7 @@ class PagedLatentLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    supports_early_init = False  # its rows are [B, S, R + P], not the [B, heads, S, D] early_initialization makes
 
     def __init__(self, block_size: int = 64, max_cache_len: int | None = None):
         super().__init__()
