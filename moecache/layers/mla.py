@@ -148,8 +148,9 @@ class PagedLatentLayer(CacheLayerMixin):
         return rows, valid
 
     def max_length(self) -> int:
-        """Longest request, in tokens (host bookkeeping; syncs only in preallocated mode)."""
-        if self._host_lengths is not None and not torch.compiler.is_compiling():
+        """Longest request, in tokens: host bookkeeping when pages grow on demand; the device lengths
+        (one sync) when preallocated, since compiled decode steps advance only those."""
+        if self.max_cache_len is None and self._host_lengths is not None:
             return max(self._host_lengths)
         return int(self.seq_lens.max())
 
