@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     table = FULL
     if args.quick:
-        table, args.layers, args.batches, args.mixes = QUICK, 3, "1,2", "mathvista,text"
+        table, args.layers, args.batches, args.mixes = QUICK, 3, "1,2", "mathvista"
         args.models, args.new_tokens, args.max_prompt = "vl2-small,vl2-base,mixtral-8x7b,llama-7b", 6, 48
     elif not on_gpu:
         raise SystemExit("bench_e2e: full sizes need a GPU; use --quick on CPU")
