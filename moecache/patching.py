@@ -426,12 +426,21 @@ def _router_of(block: nn.Module, experts: MoecacheExperts) -> "RouterSpec | None
     return find_router(block, experts.num_experts, experts.hidden_size)
 
 
-def routers(model: nn.Module) -> list:
-    """The router of every patched MoE layer, in layer order (RouterSpec; None where none was found)."""
+def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]:
     state: _PatchState = getattr(model, "_moecache_patch", None)
     if state is None:
-        raise ValueError("moecache.routers: the model is not patched")
-    return [_router_of(parent, new) for parent, _, _, new in state.replaced if isinstance(new, MoecacheExperts)]
+        raise ValueError("the model is not patched: call moecache.patch(model) first")
+    return [(parent, new) for parent, _, _, new in state.replaced if isinstance(new, MoecacheExperts)]
+
+
+def patched_experts(model: nn.Module) -> list[MoecacheExperts]:
+    """The patched experts modules, in layer order (the order routers() and the expert cache use)."""
+    return [new for _, new in _patched_blocks(model)]
+
+
+def routers(model: nn.Module) -> list:
+    """The router of every patched MoE layer, in layer order (RouterSpec; None where none was found)."""
+    return [_router_of(parent, new) for parent, new in _patched_blocks(model)]
 
 
 def _offload(replacements, offload: Offload, state: _PatchState) -> None:

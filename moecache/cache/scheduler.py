@@ -43,20 +43,20 @@ def distinct_experts(routes: list[set], groups: list[list[int]]) -> float:
 
 def prompt_routes(model, prompts: torch.Tensor, *, last_tokens: int = 4, batch_size: int = 16) -> list[set]:
     """(layer, expert) pairs each request's last `last_tokens` prompt tokens route to (one extra prefill)."""
-    from ..layers.experts import MoecacheExperts
+    from ..patching import patched_experts
 
-    layers = sorted((m for m in model.modules() if isinstance(m, MoecacheExperts)), key=lambda m: m.cache_layer)
+    index = {id(m): i for i, m in enumerate(patched_experts(model))}
     routes = [set() for _ in range(prompts.shape[0])]
     current: list[int] = []
 
     def hook(module, args, kwargs):
         top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        layer = layers.index(module)
+        layer = index[id(module)]
         ids = top_k_index.reshape(len(current), -1, top_k_index.shape[-1])[:, -last_tokens:].reshape(len(current), -1)
         for row, request in enumerate(current):
             routes[request].update((layer, int(e)) for e in ids[row].tolist())
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in patched_experts(model)]
     try:
         with torch.no_grad():
             for start in range(0, prompts.shape[0], batch_size):

@@ -58,13 +58,11 @@ def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth
     """Greedy-generate with a patched model (experts resident or offloaded) and record its routing, with
     lookahead-gating predictions (or a LearnedRoutePredictor's where `learned` has a head).
     Returns (trace, generated ids)."""
-    from ..layers.experts import MoecacheExperts
-    from ..patching import routers
+    from ..patching import patched_experts, routers
 
-    layers = [m for m in model.modules() if isinstance(m, MoecacheExperts)]
+    layers = patched_experts(model)
     if not layers:
-        raise ValueError("record_routing: patch the model with moecache.patch first")
-    layers.sort(key=lambda m: m.cache_layer if m.cache_layer >= 0 else 0)
+        raise ValueError("record_routing: the model has no patched MoE layers")
     index = {id(m): i for i, m in enumerate(layers)}
     predictor = LookaheadPredictor(routers(model), depth=depth, learned=learned)
     trace = RoutingTrace(num_layers=len(layers), num_experts=layers[0].num_experts, top_k=0, depth=depth)
