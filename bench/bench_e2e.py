@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="vl2-small,vl2-base,mixtral-8x7b,llama-7b,llama-13b")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=2048, help="prompt tokens are capped here")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers to run (default: all), e.g. hf:eager,moecache")
+    parser.add_argument("--modes", default=None, help="eager,graph (default: both on a GPU)")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     table = FULL
@@ -257,6 +260,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     modes = ("eager", "graph") if on_gpu else ("eager",)
+    if args.modes:
+        modes = tuple(m for m in args.modes.split(",") if m in modes)
     env = environment()
     h2d = measure_h2d_gbps()
     rows = []
@@ -276,6 +281,9 @@ def main(argv=None) -> int:
                              Offload(gpu_experts=budget, policy="predictive"), budget),
                             (f"offload{int(budget * 100)}:predictive+sched",
                              Offload(gpu_experts=budget, policy="predictive"), budget)]
+        if args.providers:
+            wanted = args.providers.split(",")
+            configs = [c for c in configs if c[0] in wanted]
         for mix in mixes:
             length = min(args.max_prompt, sorted(p.tokens for p in sample_prompts(mix, 101))[50])  # median
             for B in batches:

@@ -222,7 +222,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     ceilings = measure_ceilings() if on_gpu else {}
     if ceilings:
-        print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s")
+        print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, HBM read {ceilings['hbm_read_gbps']:.0f} GB/s, "
+              f"bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s")
     try:
         from tqdm import tqdm
     except ImportError:
@@ -358,10 +359,10 @@ def main(argv=None):
                 tfl = f"{r['tflops']:>8.1f}" if "tflops" in r else f"{'':>8}"
                 err_s = f"{r['max_err_vs_torch_absorbed']:.1e}" if "max_err_vs_torch_absorbed" in r else ""
                 lines.append(f"{Hq:>4}{B:>5}{S:>7}  {method + ':' + r['mode']:<22}{r['us']:>10.1f}{r['gbps']:>8.0f}"
-                             f"{100 * r.get('frac_hbm', 0):>6.0f}%{tfl}  {speed:<16}{r['kv_bytes_per_token']:>7.0f}  {err_s}"
+                             f"{100 * r.get('frac_hbm_read', 0):>6.0f}%{tfl}  {speed:<16}{r['kv_bytes_per_token']:>7.0f}  {err_s}"
                              + (f"  back-to-back {r['us_back_to_back']:.1f} us" if "us_back_to_back" in r else ""))
 
-    print(f"{'Hq':>4}{'B':>5}{'S':>7}  {'method:mode':<22}{'us':>10}{'GB/s':>8}{'HBM%':>7}{'TFLOP/s':>8}  "
+    print(f"{'Hq':>4}{'B':>5}{'S':>7}  {'method:mode':<22}{'us':>10}{'GB/s':>8}{'read%':>7}{'TFLOP/s':>8}  "
           f"{'vs absorbed/HF':<16}{'KV B/tok':>8}  err")
     print("\n".join(lines))
     if on_gpu:

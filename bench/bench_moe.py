@@ -91,7 +91,8 @@ def main(argv=None):
         providers = ("hf_loop", "grouped_mm", "moecache")
     ceilings = measure_ceilings() if on_gpu else {}
     if ceilings:
-        print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s")
+        print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, HBM read {ceilings['hbm_read_gbps']:.0f} GB/s, "
+              f"bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s")
     rows = []
     try:
         from tqdm import tqdm
@@ -99,7 +100,7 @@ def main(argv=None):
         def tqdm(it, **_):
             return it
     work = [(name, T) for name in shapes for T in tokens]
-    header = f"{'shape':<28}{'T':>6}  {'provider':<18}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'HBM%':>7}  vs grouped_mm"
+    header = f"{'shape':<28}{'T':>6}  {'provider':<18}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'read%':>7}  vs grouped_mm"
     lines = []
     cache = {}
     for name, T in tqdm(work, desc="bench_moe", disable=not on_gpu):
@@ -150,7 +151,7 @@ def main(argv=None):
                 vs = base_ms.get(("grouped_mm", mode))
                 speedup = f"{vs / timing['ms']:.2f}x" if vs and provider == "moecache" else ""
                 lines.append(f"{name:<28}{T:>6}  {provider + ':' + mode:<18}{timing['ms']:>9.4f}{r['gbps']:>9.0f}"
-                             f"{r['tflops']:>9.1f}{100 * r.get('frac_hbm', 0):>6.0f}%  {speedup}")
+                             f"{r['tflops']:>9.1f}{100 * r.get('frac_hbm_read', 0):>6.0f}%  {speedup}")
     print(header)
     print("\n".join(lines))
     if args.json:

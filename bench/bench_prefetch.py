@@ -92,10 +92,10 @@ def pinned_peak(device, quick):
     return src.numel() / t["ms"] / 1e6
 
 
-def bench_h2d(device, quick, peak):
+def bench_h2d(device, quick, peak, names=None):
     rows = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    experts = {"tiny": (64, 32), "small": (128, 96)} if quick else EXPERTS
+    experts = {"tiny": (64, 32), "small": (128, 96)} if quick else {n: EXPERTS[n] for n in names or EXPERTS}
     rep = 2 if quick else 5
     for name, (H, I) in experts.items():
         E = max(2, min(64, int(1.5e9 // (3 * H * I * 2))))  # ~1.5 GB of experts per layer (2 for Mixtral)
@@ -260,13 +260,14 @@ def main(argv=None):
     parser.add_argument("--json", help="append JSON rows to this file")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the host backend (checks the script)")
     parser.add_argument("--parts", default="pin,h2d,overlap,misses")
+    parser.add_argument("--experts", default=",".join(EXPERTS), help="h2d expert sizes, from: " + ", ".join(EXPERTS))
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and _C.cuda_available() and not args.quick else "cpu"
     peak = pinned_peak(device, args.quick)
     if peak:
         print(f"pinned H2D peak (torch, 1 GiB): {peak:.1f} GB/s")
     rows = []
-    parts = {"pin": bench_pin, "h2d": lambda d, q: bench_h2d(d, q, peak), "overlap": bench_overlap,
+    parts = {"pin": bench_pin, "h2d": lambda d, q: bench_h2d(d, q, peak, args.experts.split(",")), "overlap": bench_overlap,
              "misses": bench_misses}
     for part in args.parts.split(","):
         rows += parts[part](device, args.quick)

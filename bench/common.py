@@ -113,6 +113,8 @@ def row(benchmark: str, shape: dict, provider: str, timing: dict, *, bytes_moved
     if ceilings:
         if bytes_moved is not None and ceilings.get("hbm_gbps"):
             r["frac_hbm"] = r["gbps"] / ceilings["hbm_gbps"]
+        if bytes_moved is not None and ceilings.get("hbm_read_gbps"):
+            r["frac_hbm_read"] = r["gbps"] / ceilings["hbm_read_gbps"]
         if flops is not None and ceilings.get("bf16_tflops"):
             r["frac_matmul"] = r["tflops"] / ceilings["bf16_tflops"]
     r.update(extra)
@@ -133,20 +135,26 @@ def append_rows(path: str | Path, rows: list[dict]) -> Path:
 
 
 def measure_ceilings() -> dict:
-    """HBM copy GB/s (read+write) and bf16 matmul TFLOP/s on this GPU, measured now (None on CPU)."""
+    """This GPU's ceilings, measured now ({} on CPU): HBM copy GB/s (read+write), HBM read GB/s (a sum over
+    2 GiB: read-only traffic, what weight-streaming kernels do), and bf16 8192^3 matmul TFLOP/s."""
     if not torch.cuda.is_available():
         return {}
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     copy = time_ms(lambda: b.copy_(a), warmup=3, rep=10, flush_l2=False)
+    del a, b
+    big = torch.ones(1 << 29, dtype=torch.float32, device="cuda")  # 2 GiB
+    read = time_ms(lambda: big.sum(), warmup=3, rep=10, flush_l2=False)
+    del big
     m = 8192
     x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     mm = time_ms(lambda: x @ y, warmup=3, rep=10, flush_l2=False)
-    del a, b, x, y
+    del x, y
     torch.cuda.empty_cache()
-    return {"hbm_gbps": 2 * n / copy["ms"] / 1e6, "bf16_tflops": 2 * m**3 / mm["ms"] / 1e9}
+    return {"hbm_gbps": 2 * n / copy["ms"] / 1e6, "hbm_read_gbps": (4 << 29) / read["ms"] / 1e6,
+            "bf16_tflops": 2 * m**3 / mm["ms"] / 1e9}
 
 
 def measure_h2d_gbps(nbytes: int = 1 << 30) -> float | None:

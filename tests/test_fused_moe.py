@@ -215,6 +215,7 @@ def test_gpu_pinned_host_experts_and_cuda_graph(T):
     assert_close(out, ref, torch.bfloat16)
 
 
+@pytest.mark.compile
 @pytest.mark.gpu
 def test_gpu_route_matches_torch_topk_and_compiles():
     logits = torch.randn(64, 64, device="cuda")

@@ -284,6 +284,7 @@ def test_gpu_cuda_graph_replays_with_new_lengths():
         assert_close(holder["lse"], ref_lse, torch.float32, rtol=1e-3, name="lse")
 
 
+@pytest.mark.compile
 @pytest.mark.gpu
 def test_gpu_compiles_fullgraph():
     case = make_case([100, 1000], 16, **DEEPSEEK)

@@ -305,6 +305,7 @@ def test_gpu_bf16_patched_mla_generate(name):
     moecache.unpatch(model)
 
 
+@pytest.mark.compile
 @pytest.mark.gpu
 def test_gpu_static_cache_compiled_mla_decode():
     """Static cache + compiled forward (CUDA graphs) over the preallocated latent cache."""

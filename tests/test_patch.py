@@ -200,6 +200,7 @@ def test_gpu_bf16_patched_model_matches(family, offload):
     assert_restored(model, before)
 
 
+@pytest.mark.compile
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", ["resident", "offload50", "predictive25"])
 def test_gpu_static_cache_compiled_generate(offload):
@@ -367,6 +368,7 @@ def test_lookahead_predictor_counts_and_scores():
     assert pred.predict(2, x, top_k=2) == []  # nothing after the last layer
 
 
+@pytest.mark.compile
 def test_compiled_offloaded_model_reads_misses_in_place():
     """Under torch.compile the offloaded layer takes its traced path (no host bookkeeping, misses read
     through the expert map from the host store); on CPU the torch reference graph-breaks, so no fullgraph."""

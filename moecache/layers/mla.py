@@ -221,7 +221,12 @@ class LatentKVCache(Cache):
     def __init__(self, num_layers: int, *, block_size: int = 64, max_cache_len: int | None = None):
         super().__init__(layers=[PagedLatentLayer(block_size, max_cache_len) for _ in range(num_layers)])
         self.block_size = block_size
-        self.max_cache_len = max_cache_len
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """Tokens preallocated per request (None: pages grow on demand). A read-only property, as the
+        Cache base class of some transformers versions declares it."""
+        return self.layers[0].max_cache_len if self.layers else None
 
     def bytes_per_token(self) -> int:
         """Cache bytes per token summed over layers (R + P values per layer)."""

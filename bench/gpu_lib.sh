@@ -1,0 +1,39 @@
+# Shared by gpu_smoke.sh and gpu_bench.sh: stage timing against one deadline, logs under $OUT.
+# Every stage appends to $OUTDIR/run.log (through `stage`), so a run killed at any point still reports.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUTDIR=${OUT:-$ROOT/bench/results/gpu-run}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/run.log"
+SUMMARY="$OUTDIR/summary.txt"
+START=$(date +%s)
+BUDGET=${BUDGET:-520}          # seconds the whole script may take (a device call allows 600)
+DRY_RUN=${DRY_RUN:-0}          # 1: print the plan and run each stage's command through `echo` (CPU check)
+export PYTHONUNBUFFERED=1
+
+log() { echo "=== $* (t+$(( $(date +%s) - START ))s)" | tee -a "$LOG"; }
+
+remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# stage NAME SECONDS COMMAND...: run COMMAND for at most min(SECONDS, time left - 5 s), output appended to
+# the log; the outcome (ok / rc=N / timeout / skipped) goes to the summary.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local left; left=$(( $(remaining) - 5 ))
+  (( limit > left )) && limit=$left
+  if (( limit < 10 )); then
+    echo "$name: skipped (no time left)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  log "$name (limit ${limit}s)"
+  local t0 rc; t0=$(date +%s)
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "DRY_RUN: timeout $limit $*" >> "$LOG"; rc=0
+  else
+    timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1; rc=$?
+  fi
+  local took=$(( $(date +%s) - t0 ))
+  local what="ok"
+  (( rc == 124 || rc == 137 )) && what="timeout" || { (( rc != 0 )) && what="rc=$rc"; }
+  echo "$name: $what (${took}s)" | tee -a "$SUMMARY"
+  return 0
+}
