@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=None,
                         help="comma-separated providers to run (default: all), e.g. hf:eager,moecache")
     parser.add_argument("--modes", default=None, help="eager,graph (default: both on a GPU)")
+    parser.add_argument("--graph-providers", default=",".join(GRAPH_PROVIDERS),
+                        help="providers also run in graph mode (each costs a compile)")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     table = FULL
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
                 resident_decode = None
                 for provider, offload, budget in configs:
                     for mode in modes:
-                        if mode == "graph" and provider not in GRAPH_PROVIDERS:
+                        if mode == "graph" and provider not in args.graph_providers.split(","):
                             continue  # each compiled configuration costs a compile; these carry the comparison
                         if provider == "hf:grouped_mm":
                             try:

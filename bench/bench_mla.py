@@ -264,14 +264,18 @@ def main(argv=None):
             out_t = torch_absorbed(*args_mla, scale)
             err = rel_err(out_m, out_t)
             errs = {"max_err_vs_torch_absorbed": err}
+            judged, judged_by = err, "torch_absorbed"
             if B * S * (R + P) * 4 * 3 <= REF_MAX_BYTES:
+                # The fp32 reference judges where it fits: the bf16 torch baseline carries its own
+                # rounding error (as large as the tolerance at B=64), so comparing to it alone misjudges.
                 ref = mla_decode_reference(*args_mla, scale=scale)
                 errs["max_err_vs_fp32_ref"] = rel_err(out_m, ref)
                 errs["torch_absorbed_err_vs_fp32_ref"] = rel_err(out_t, ref)
+                judged, judged_by = errs["max_err_vs_fp32_ref"], "the fp32 reference"
                 del ref
             del out_m, out_t
-            if not err <= tol:
-                msg = (f"!!! WRONG RESULT Hq={Hq} B={B} S={S}: moecache vs torch_absorbed max rel err {err:.3e} "
+            if not judged <= tol:
+                msg = (f"!!! WRONG RESULT Hq={Hq} B={B} S={S}: moecache vs {judged_by} max rel err {judged:.3e} "
                        f"> {tol:.0e} ({errs}); point not timed")
                 print(msg, file=sys.stderr)
                 failures.append(msg)

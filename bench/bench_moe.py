@@ -12,6 +12,7 @@ the HBM and bf16 matmul ceilings measured at the start of the run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -155,7 +156,8 @@ def main(argv=None):
     print(header)
     print("\n".join(lines))
     if args.json:
-        path = append_rows(args.json, [{**r, "ceilings": ceilings} for r in rows])
+        table = os.environ.get("MOECACHE_MOE_CONFIG")  # a tuned block-config table, if one was used
+        path = append_rows(args.json, [{**r, "ceilings": ceilings, "config_table": table} for r in rows])
         print(f"{len(rows)} rows appended to {path}")
     return rows
 

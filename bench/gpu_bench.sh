@@ -6,25 +6,30 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_lib.sh"
 cd "$ROOT"
-: > "$SUMMARY"
 RES="$ROOT/bench/results"
 
-if [ "$DRY_RUN" != 1 ] && ! (cd /tmp && python3 -c "import moecache._C as c, sys; sys.exit(0 if c.cuda_available() else 1)") 2>/dev/null; then
-  stage build 180 env MOECACHE_BUILD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-input -q .
-fi
-collect() { for f in "$RES"/bench_*.jsonl; do [ -f "$f" ] && cp "$f" "$OUTDIR/"; done; }
+ensure_built
 bench() {  # bench NAME LIMIT ARGS...: one benchmark script, run outside the source tree
   local name=$1 limit=$2; shift 2
   stage "$name $*" "$limit" bash -c "cd /tmp && python3 '$ROOT/bench/$name.py' --json '$RES/$name.jsonl' $*"
-  collect
+  [ -f "$RES/$name.jsonl" ] && cp "$RES/$name.jsonl" "$OUTDIR/"
 }
+TABLE="$OUTDIR/fused_moe-$(cd /tmp && python3 -c 'import torch; from moecache.ops.api import device_slug; print(device_slug(torch.device("cuda")))' 2>/dev/null || echo cpu).json"
 
 bench bench_moe ${MOE_LIMIT:-150} --shapes deepseek-v2-lite/vl2-small,mixtral-8x7b --tokens 1,16,64,4096 --rep 20
 bench bench_moe 60 --shapes qwen3-30b-a3b,vl2-base --tokens 1,4096 --rep 20
+bench bench_e2e ${E2E_LIMIT:-150} ${E2E_ARGS:---models vl2-small --batches 1 --providers hf:eager,moecache,offload50:predictive \
+  --graph-providers hf:eager,moecache
+  --new-tokens 16 --max-prompt 1024}
 bench bench_mla 70 --heads 16,128 --points 1x4096,64x4096 --rep 30
-bench bench_prefetch 70 --parts h2d,overlap,misses --experts deepseek-v2-lite-17.3MB,mixtral-352MB
-bench bench_e2e ${E2E_LIMIT:-150} --models vl2-small --batches 1 --providers hf:eager,moecache,offload50:predictive \
-  --new-tokens 16 --max-prompt 1024
+bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB
+# Block configurations for this GPU (a dozen candidates per point, each checked before it is timed),
+# then the layer benchmark again with that table.
+stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.py' --focused --out '$TABLE' \
+  --shapes ${TUNE_SHAPES:-deepseek-v2-lite/vl2-small mixtral-8x7b} --tokens ${TUNE_TOKENS:-1 16 64}"
+[ -f "$TABLE" ] && stage bench_moe-tuned 60 bash -c "cd /tmp && MOECACHE_MOE_CONFIG='$TABLE' python3 \
+  '$ROOT/bench/bench_moe.py' --json '$RES/bench_moe.jsonl' --shapes deepseek-v2-lite/vl2-small,mixtral-8x7b \
+  --tokens 1,4,16,64 --rep 20" && cp "$RES/bench_moe.jsonl" "$OUTDIR/"
 
 log "summary"
 grep -E "vs grouped_mm|moecache:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small" \

@@ -4,7 +4,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=${OUT:-$ROOT/bench/results/gpu-run}
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/run.log"
-SUMMARY="$OUTDIR/summary.txt"
+SUMMARY="$OUTDIR/summary.txt"   # gpu_smoke.sh starts it, gpu_bench.sh appends
+JUNIT_DIR=${JUNIT_DIR:-$OUTDIR}
+SKIP=${SKIP:-}                 # stage names to leave out, e.g. SKIP="sanitizer compile-tests"
+ONLY=${ONLY:-}                 # if set, only these stages run (names as in SKIP)
 START=$(date +%s)
 BUDGET=${BUDGET:-520}          # seconds the whole script may take (a device call allows 600)
 DRY_RUN=${DRY_RUN:-0}          # 1: print the plan and run each stage's command through `echo` (CPU check)
@@ -18,6 +21,10 @@ remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # the log; the outcome (ok / rc=N / timeout / skipped) goes to the summary.
 stage() {
   local name=$1 limit=$2; shift 2
+  if [[ " $SKIP " == *" ${name%% *} "* ]] || { [ -n "$ONLY" ] && [[ " $ONLY " != *" ${name%% *} "* ]]; }; then
+    echo "$name: skipped (SKIP/ONLY)" >> "$LOG"
+    return 0
+  fi
   local left; left=$(( $(remaining) - 5 ))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
@@ -36,4 +43,14 @@ stage() {
   (( rc == 124 || rc == 137 )) && what="timeout" || { (( rc != 0 )) && what="rc=$rc"; }
   echo "$name: $what (${took}s)" | tee -a "$SUMMARY"
   return 0
+}
+
+# Build moecache with CUDA unless this machine already has it installed (REBUILD=1 forces a build).
+ensure_built() {
+  if [ "$DRY_RUN" != 1 ] && [ "${REBUILD:-0}" != 1 ] && (cd /tmp && python3 -c \
+      "import moecache._C as c, sys; sys.exit(0 if c.cuda_available() else 1)") 2>/dev/null; then
+    echo "build: already installed with CUDA" >> "$LOG"
+  else
+    stage build 180 env MOECACHE_BUILD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-input -q .
+  fi
 }

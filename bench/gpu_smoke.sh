@@ -9,7 +9,7 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_lib.sh"
 cd "$ROOT"
-: > "$SUMMARY"
+[ "${APPEND:-0}" = 1 ] || : > "$SUMMARY"
 export MOECACHE_REQUIRE_GPU=1
 
 log "versions"
@@ -20,17 +20,18 @@ log "versions"
 # The build uses the CPUs, the ceilings the GPU: run them side by side.
 stage ceilings 90 python3 bench/ceilings.py --json "$OUTDIR/ceilings.json" &
 CEIL=$!
-stage build 180 env MOECACHE_BUILD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-input -q .
+ensure_built
 wait $CEIL
 stage info 30 bash -c 'cd /tmp && python3 -m moecache info'
-stage kernels-bf16 ${SMOKE_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/gpu_smoke.py' --json '$OUTDIR/smoke.jsonl'"
-stage gpu-tests ${TESTS_LIMIT:-170} pytest -q -p no:cacheprovider -m "gpu and not compile" --durations=15 \
-  --junitxml="$OUTDIR/pytest.xml"
+stage kernels-bf16 ${SMOKE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/gpu_smoke.py' --json '$OUTDIR/smoke.jsonl'"
+stage gpu-tests ${TESTS_LIMIT:-150} pytest -v --tb=short -p no:cacheprovider -m "gpu and not compile" --durations=15 \
+  ${TESTS_K:+-k "$TESTS_K"} \
+  --junitxml="$JUNIT_DIR/pytest.xml"
 stage sanitizer ${SANITIZER_LIMIT:-80} env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 9 --print-limit 20 python3 "$ROOT/bench/gpu_smoke.py" --tiny --dtype float16 \
   --sections moe,map,route,mla,cache
-stage compile-tests ${COMPILE_LIMIT:-150} pytest -q -p no:cacheprovider -m "gpu and compile" --durations=10 \
-  --junitxml="$OUTDIR/pytest-compile.xml"
+stage compile-tests ${COMPILE_LIMIT:-150} pytest -v --tb=short -p no:cacheprovider -m "gpu and compile" --durations=10 \
+  --junitxml="$JUNIT_DIR/pytest-compile.xml"
 
 log "summary"
 { echo "--- kernel checks"; grep -E "^(FAIL|gpu_smoke:)" "$LOG" | head -40

@@ -33,6 +33,33 @@ from moecache.testing import TOLERANCES  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def focused_candidates(num_tokens: int, shape: tuple) -> list[dict]:
+    """A dozen candidates around the heuristic's choice (a short device call): both paths up to 16 tokens."""
+    H, I, E, K = shape
+    out = [select_config(num_tokens, K, E, H, I, False)]
+    if num_tokens <= 16:
+        for bn, bn_down, bk, warps in ((16, 16, 256, 4), (32, 32, 128, 4), (8, 8, 256, 4), (16, 32, 256, 8)):
+            out.append({"path": "decode", "BLOCK_N": bn, "BLOCK_N_DOWN": bn_down, "BLOCK_K": bk,
+                        "num_warps": warps, "num_stages": 3})
+        for bn, bk, stages in ((64, 128, 4), (128, 128, 3), (64, 256, 3), (32, 256, 4)):
+            out.append({"path": "grouped", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
+                        "num_stages": stages})
+    elif num_tokens <= 256:
+        for bm, bn, bk in ((16, 64, 128), (16, 128, 128), (32, 64, 128), (32, 128, 64), (64, 64, 64), (64, 128, 64)):
+            out.append({"path": "grouped", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
+                        "num_stages": 4})
+    else:
+        for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                          (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)):
+            out.append({"path": "grouped", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
+                        "num_stages": stages})
+    unique = []
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
 def candidates(num_tokens: int, quick: bool) -> list[dict]:
     if quick:
         if num_tokens <= 4:
@@ -54,21 +81,21 @@ def candidates(num_tokens: int, quick: bool) -> list[dict]:
 
 
 def make_inputs(T, H, I, E, K, dtype, device):
-    g = torch.Generator().manual_seed(T)
-    x = torch.randn(T, H, generator=g).to(device, dtype)
-    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
-    w_down = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
-    weights, ids = route_reference(torch.randn(T, E, generator=g), K)
-    return x, w_gate_up, w_down, weights.to(device), ids.to(device)
+    g = torch.Generator(device=device).manual_seed(T)  # on the device: Mixtral's experts are 2.8 GB
+    x = torch.randn(T, H, generator=g, device=device).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype) / H**0.5)
+    w_down = (torch.randn(E, H, I, generator=g, device=device, dtype=dtype) / I**0.5)
+    weights, ids = route_reference(torch.randn(T, E, generator=g, device=device), K)
+    return x, w_gate_up, w_down, weights, ids
 
 
-def tune_one(T, H, I, E, K, *, dtype, device, quick) -> tuple[dict, list]:
+def tune_one(T, H, I, E, K, *, dtype, device, quick, focused=False) -> tuple[dict, list]:
     x, wgu, wd, w, ids = make_inputs(T, H, I, E, K, dtype, device)
     ref = fused_moe_reference(x, wgu, wd, w, ids)
     rtol = TOLERANCES[dtype]
     out = torch.empty_like(x)
     tried = []
-    for config in candidates(T, quick):
+    for config in (focused_candidates(T, (H, I, E, K)) if focused and not quick else candidates(T, quick)):
         def run(config=config):
             fused_moe_launch(x, wgu, wd, w, ids, out, activation_code=0, expert_map=None, host_w_gate_up=None,
                              host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False, config=config)
@@ -97,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="table path (default: kernels/configs/fused_moe-<device>.json)")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names from bench_moe.SHAPES")
     p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    p.add_argument("--focused", action="store_true",
+                   help="a dozen candidates per point around the heuristic (fits a short device call)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,12 +141,15 @@ def main(argv=None) -> int:
     for name, (H, I, E, K) in shapes.items():
         entry = table["configs"].setdefault(shape_key(H, I, E, K), {})
         for T in tokens:
-            best, tried = tune_one(T, H, I, E, K, dtype=dtype, device=device, quick=args.quick)
+            best, tried = tune_one(T, H, I, E, K, dtype=dtype, device=device, quick=args.quick,
+                                   focused=args.focused)
             heuristic = select_config(T, K, E, H, I, kernels.INTERPRETING)
             heuristic_ms = next((t["ms"] for t in tried if t["config"] == heuristic and "ms" in t), None)
             entry[str(T)] = best["config"]
             note = f"heuristic {heuristic_ms:.4f} ms" if heuristic_ms is not None else "heuristic not among candidates"
             print(f"{name} T={T}: {best['ms']:.4f} ms with {best['config']} ({note}; {len(tried)} tried)", flush=True)
+            for t in sorted(tried, key=lambda t: t.get("ms", float("inf"))):
+                print(f"    {t.get('ms', float('nan')):.4f} ms  {t['config']}  {t.get('error', '')}", flush=True)
     table.update({"device_slug": slug, "tuned_with": environment()})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")

@@ -277,15 +277,16 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     """Block configuration from token count and shape, without autotuning.
 
     `table` (written by bench/tune_moe.py) maps shape_key -> {token count: config}; a tuned shape takes
-    the entry of the smallest tuned token count >= num_tokens (else the largest). Otherwise an H100
+    the entry of the smallest tuned token count >= num_tokens (above the largest, the heuristic). Otherwise an H100
     heuristic: up to 16 tokens the decode (GEMV) path streams weights; above, tl.dot tiles whose M
     grows with the rows each expert receives. The interpreter gets small tiles (speed on CPU only).
     """
     tuned = (table or {}).get(shape_key(hidden, inter, num_experts, top_k))
     if tuned:
         counts = sorted(int(t) for t in tuned)
-        pick = next((t for t in counts if t >= num_tokens), counts[-1])
-        return dict(tuned[str(pick)])
+        pick = next((t for t in counts if t >= num_tokens), None)
+        if pick is not None:  # above the largest tuned count the heuristic below decides
+            return dict(tuned[str(pick)])
     if interpreting:
         if num_tokens <= 4:
             return {"path": "decode", "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}

@@ -63,7 +63,8 @@ def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch
     tuned["24"]["BLOCK_N"] = 16
     table_path.write_text(json.dumps(table))
     assert select_config(20, 2, 8, 64, 32, True, table=table["configs"])["BLOCK_N"] == 16
-    assert select_config(99, 2, 8, 64, 32, True, table=table["configs"])["BLOCK_N"] == 16  # largest tuned
+    # above the largest tuned count the heuristic decides
+    assert select_config(99, 2, 8, 64, 32, True, table=table["configs"]) == select_config(99, 2, 8, 64, 32, True)
     assert select_config(20, 2, 8, 64, 40, True, table=table["configs"]) == select_config(20, 2, 8, 64, 40, True)
     monkeypatch.setenv("MOECACHE_MOE_CONFIG", str(table_path))
     api._TUNED_CACHE.clear()

@@ -291,13 +291,23 @@ def test_deepseek_vl2_attention_through_structural_detection():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["v2-q_lora", "v3-interleaved", "v3-plain_rope-no_q_lora"])
 def test_gpu_bf16_patched_mla_generate(name):
-    model = MODELS[name]().to("cuda", torch.bfloat16)
+    """bf16 is judged against the model's own bf16 error: both runs are compared with the fp32 model, and
+    the patched one may not stray further than twice the original's distance (plus 1% of the logits'
+    scale). A fixed tolerance would test the random model's sensitivity to rounding, not the patch."""
+    model = MODELS[name]().to("cuda")
     ids = torch.randint(3, 96, (4, 70), device="cuda")  # > one 64-token page
-    ref_logits, ref = logits(model, ids).float(), generate(model, ids)
+    fp32_logits = logits(model, ids).double()
+    model.to(torch.bfloat16)
+    ref_logits, ref = logits(model, ids).double(), generate(model, ids)
     moecache.patch(model)
     with torch.no_grad():
         cache = LatentKVCache(model.config.num_hidden_layers)
-        assert_close(model(ids, past_key_values=cache).logits.float(), ref_logits, torch.bfloat16)
+        out_logits = model(ids, past_key_values=cache).logits.double()
+    assert torch.isfinite(out_logits).all()
+    scale = fp32_logits.abs().max()
+    own_err = float((ref_logits - fp32_logits).abs().max() / scale)
+    patched_err = float((out_logits - fp32_logits).abs().max() / scale)
+    assert patched_err <= 2 * own_err + 1e-2, f"patched bf16 err {patched_err:.3e}, the model's own bf16 err {own_err:.3e}"
     out = generate(model, ids)
     new_tokens = slice(ids.shape[1], None)
     assert (out[:, new_tokens] == ref[:, new_tokens]).float().mean() >= 0.75  # bf16: a near-tie may flip a token
