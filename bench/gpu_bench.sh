@@ -19,7 +19,7 @@ TABLE="$OUTDIR/fused_moe-$(cd /tmp && python3 -c 'import torch; from moecache.op
 bench bench_moe ${MOE_LIMIT:-150} --shapes deepseek-v2-lite/vl2-small,mixtral-8x7b --tokens 1,16,64,4096 --rep 20
 bench bench_moe 60 --shapes qwen3-30b-a3b,vl2-base --tokens 1,4096 --rep 20
 bench bench_e2e ${E2E_LIMIT:-150} ${E2E_ARGS:---models vl2-small --batches 1 --providers hf:eager,moecache,offload50:predictive \
-  --graph-providers hf:eager,moecache
+  --graph-providers hf:eager,moecache \
   --new-tokens 16 --max-prompt 1024}
 bench bench_mla 70 --heads 16,128 --points 1x4096,64x4096 --rep 30
 bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB
