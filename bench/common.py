@@ -78,12 +78,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_digest() -> str | None:
+    """sha1 (12 hex digits) of the installed moecache package's Python sources and kernels: which code
+    ran, even where the git metadata beside a copied working tree names an older commit."""
+    import hashlib
+
+    try:
+        import moecache
+    except ImportError:
+        return None
+    root = Path(moecache.__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment() -> dict:
     env = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": git_commit(),
+        "source_digest": source_digest(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:

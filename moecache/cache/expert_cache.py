@@ -2,7 +2,8 @@
 owns the device slot pool and expert map as torch tensors (no copies: the C++ side gets their
 addresses), and runs a layer's experts through ops.fused_moe with the map.
 
-Misses: at decode (T <= 16 tokens, the GEMV path reads each expert's weights once) a non-resident
+Misses: at decode (T <= 16 tokens, an expert gets at most 16 rows: one row tile, so the kernel reads
+each of its weights once) a non-resident
 expert is read in place from pinned host memory by the kernel (map entry -1): no host round trip, and
 the same PCIe bytes a copy would move. Above 16 tokens the grouped kernel re-reads an expert's weights
 once per tile of rows, so misses are copied into slots first (`ensure`), and the compute stream waits
