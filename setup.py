@@ -3,6 +3,7 @@
 MOECACHE_BUILD_CUDA=auto|0|1 chooses the CUDA build (auto: when nvcc is found).
 kernels/ ships as moecache.kernels, never as a top-level `kernels` package.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -55,11 +56,65 @@ class CMakeExtension(Extension):
         self.sourcedir = str(Path(sourcedir).resolve())
 
 
+CMAKE_MINIMUM = (3, 20)  # CMakeLists.txt's cmake_minimum_required
+
+
+def _tool_version(path: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g) for g in match.groups() if g is not None) if match else None
+
+
+def _candidates(name: str, module: str, bin_dir_attr: str):
+    """(path, where) for a build tool: the building Python environment's own first (the pip packages
+    `cmake`/`ninja` expose their binaries; a venv that is not activated is not on PATH), then PATH."""
+    try:
+        mod = __import__(module)
+        bin_dir = getattr(mod, bin_dir_attr, None)
+        if bin_dir:
+            yield str(Path(bin_dir) / name), f"the {module} package of {sys.executable}"
+    except ImportError:
+        pass
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        yield str(beside), f"beside {sys.executable}"
+    found = shutil.which(name)
+    if found:
+        yield found, "PATH"
+
+
+def find_tool(name: str, module: str, bin_dir_attr: str, minimum: tuple[int, ...] | None = None) -> str | None:
+    """The first usable `name` binary, printing which one and why others were passed over."""
+    rejected = []
+    for path, where in _candidates(name, module, bin_dir_attr):
+        if not Path(path).is_file():
+            continue
+        version = _tool_version(path)
+        if version is None:
+            rejected.append(f"{path} ({where}): does not run")
+            continue
+        if minimum and version < minimum:
+            rejected.append(f"{path} ({where}): version {'.'.join(map(str, version))} < "
+                            f"{'.'.join(map(str, minimum))}")
+            continue
+        for line in rejected:
+            print(f"moecache build: skipped {name} {line}", file=sys.stderr)
+        print(f"moecache build: {name} {'.'.join(map(str, version))} at {path} ({where})", file=sys.stderr)
+        return path
+    if rejected:
+        raise SystemExit(f"moecache build: no usable {name}: " + "; ".join(rejected)
+                         + f" -- `pip install {module}` into the environment that builds")
+    return None
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
-        cmake = shutil.which("cmake")
+        cmake = find_tool("cmake", "cmake", "CMAKE_BIN_DIR", CMAKE_MINIMUM)
         if cmake is None:
-            raise SystemExit("cmake was not found: `pip install cmake` (>= 3.26), or use pip's isolated build")
+            raise SystemExit("cmake was not found: `pip install cmake` (>= 3.20), or use pip's isolated build")
         try:
             import pybind11
         except ImportError:
@@ -81,21 +136,17 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if os.environ.get("MOECACHE_SANITIZE"):
             args.append(f"-DMOECACHE_SANITIZE={os.environ['MOECACHE_SANITIZE']}")
-        if shutil.which("ninja") or _has_ninja_module():
-            args.append("-GNinja")
-        build_temp = Path(self.build_temp) / ext.name
+        ninja = find_tool("ninja", "ninja", "BIN_DIR")
+        if ninja:
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        # One CMake tree per Python environment: a tree configured by another environment's pybind11 and
+        # tools (an earlier in-place build) fails to reconfigure.
+        env_tag = hashlib.sha1(sys.executable.encode()).hexdigest()[:8]
+        build_temp = Path(self.build_temp) / f"{ext.name}-{env_tag}"
         build_temp.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
-
-
-def _has_ninja_module() -> bool:
-    try:
-        import ninja  # noqa: F401  (the pip package puts the binary on PATH inside build envs)
-        return True
-    except ImportError:
-        return False
 
 
 setup(

@@ -37,6 +37,7 @@ from common import append_rows, environment, measure_h2d_gbps, time_ms  # noqa: 
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
+from moecache.compat import set_experts_implementation  # noqa: E402
 from moecache.cache.scheduler import generate_scheduled  # noqa: E402
 from moecache.workloads import sample_prompts  # noqa: E402
 
@@ -98,7 +99,7 @@ def build(name, table, layers, device, dtype):
     with torch.device(device):
         model = getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
     if hasattr(model, "set_experts_implementation") and name not in DENSE:
-        model.set_experts_implementation("eager")  # transformers 5.23 defaults to grouped_mm: hf:eager means eager
+        set_experts_implementation(model, "eager")  # transformers 5.23 defaults to grouped_mm: hf:eager means eager
     return model, full_layers
 
 
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
                             continue  # each compiled configuration costs a compile; these carry the comparison
                         if provider == "hf:grouped_mm":
                             try:
-                                model.set_experts_implementation("grouped_mm")
+                                set_experts_implementation(model, "grouped_mm")
                             except Exception as err:  # noqa: BLE001 - recorded, not hidden
                                 rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name,
                                              "provider": provider, "reason": str(err)})
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
                         if offload is not None:
                             gpu_bytes += model._moecache_patch.cache.num_slots * record_bytes
                         if provider == "hf:grouped_mm":
-                            model.set_experts_implementation("eager")
+                            set_experts_implementation(model, "eager")
                         elif provider == "hf:cpu-offload":
                             hooks.remove()
                         elif provider != "hf:eager":

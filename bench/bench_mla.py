@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_rows, cuda_graph_fn, measure_ceilings, row, time_ms  # noqa: E402
 
+from moecache.compat import attention_cache_argument  # noqa: E402
 from moecache import ops  # noqa: E402  (switches the Triton interpreter on when there is no GPU)
 from moecache.ops.mla import mla_decode_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
@@ -120,7 +121,8 @@ class HFStep:
         layer = self.cache.layers[0]
         # Keep this call's inputs alive: a CUDA graph captured from it reads them on every replay.
         self._held[:] = [layer.keys, layer.values]
-        out = self.attn(self.x, position_embeddings=self.pos, attention_mask=None, past_key_values=self.cache)[0]
+        out = self.attn(self.x, position_embeddings=self.pos, attention_mask=None,
+                        **{attention_cache_argument(self.attn.forward): self.cache})[0]
         self.cache.crop(-1)
         return out
 

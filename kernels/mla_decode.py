@@ -89,7 +89,7 @@ def _mla_decode_split_kernel(
             b_s = tl.dot(b_qr, tl.trans(b_kr), b_s)
         # fp32 scale: torch.compile types a Python float argument fp64, which would promote the scores
         # and the accumulator's update to fp64 (a compile error in tl.dot's accumulator).
-        b_s = tl.where(m_t[None, :], b_s * qk_scale.to(tl.float32), float("-inf"))
+        b_s = tl.where(m_t[None, :], b_s * tl.cast(qk_scale, tl.float32), float("-inf"))
         # Every step holds >= 1 valid token, so b_m_new is finite and alpha = exp2(-inf) = 0 at first.
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_alpha = tl.exp2(b_m - b_m_new)

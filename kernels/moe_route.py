@@ -69,7 +69,7 @@ def _route_kernel(
         b_choice = tl.where(o_e[None, :] == b_idx[:, None], float("-inf"), b_choice)
     if RENORMALIZE:
         b_w = b_w / (tl.sum(b_w, axis=1)[:, None] + 1e-20)
-    b_w = b_w * scaling.to(tl.float32)  # fp32 even where torch.compile passes the float as fp64
+    b_w = b_w * tl.cast(scaling, tl.float32)  # fp32 even where torch.compile passes the float as fp64
     m_out = m_t[:, None] & (o_k < TOP_K)[None, :]
     o_out = o_t.to(tl.int64)[:, None] * TOP_K + o_k[None, :]
     tl.store(weights_ptr + o_out, b_w, mask=m_out)

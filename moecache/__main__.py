@@ -133,6 +133,7 @@ def _demo(args) -> int:
     import torch
 
     import moecache
+    from moecache.compat import output_cache
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -178,7 +179,7 @@ def _demo(args) -> int:
         if model_stats.get("prediction"):
             hit += f"  next-layer recall {model_stats['prediction']['by_depth'][1]['recall']:6.1%}"
         mem = f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if on_gpu else ""
-        kv = _kv_bytes_per_token(result.past_key_values, out.shape[0] * (out.shape[1] - 1))
+        kv = _kv_bytes_per_token(output_cache(result), out.shape[0] * (out.shape[1] - 1))
         print(f"  {label:<28} {new.numel() / seconds:8.1f} tokens/s  weights on {device.type} "
               f"{_device_weight_bytes(model, device) / 2**30:6.2f} GiB  KV cache {kv / 1024:5.1f} KiB/token"
               f"{mem}{hit}")

@@ -16,8 +16,16 @@ def backend_override() -> str:
 def configure_logging() -> None:
     """MOECACHE_LOGLEVEL=DEBUG|INFO|WARNING|...: level of the `moecache` logger (unset: untouched)."""
     level = os.environ.get("MOECACHE_LOGLEVEL")
-    if level:
-        logging.getLogger("moecache").setLevel(level.strip().upper())
+    if not level:
+        return
+    name = level.strip().upper()
+    if name.isdigit() or not isinstance(logging.getLevelName(name), int):
+        import warnings
+
+        warnings.warn(f"MOECACHE_LOGLEVEL={level!r} is not a logging level name (DEBUG, INFO, WARNING, ERROR, "
+                      "CRITICAL); the moecache logger keeps its default level", stacklevel=2)
+        return
+    logging.getLogger("moecache").setLevel(name)
 
 
 def kv_block_size() -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import compat
 from .layers.experts import ExpertsLayout, MoecacheExperts
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,8 @@ def _layout_for(model: nn.Module, module: nn.Module, block: nn.Module | None = N
         config = text_config
     layout = FAMILIES.get(model_type)
     if layout is None:
-        layout = ExpertsLayout(transposed=bool(getattr(module, "is_transposed", False)),
-                               interleaved=not getattr(module, "is_concatenated", True),
-                               has_bias=getattr(module, "gate_up_proj_bias", None) is not None)
+        transposed, interleaved, has_bias = compat.experts_flags(module)
+        layout = ExpertsLayout(transposed=transposed, interleaved=interleaved, has_bias=has_bias)
     if layout.activation != "swiglu_oai":
         act = getattr(config, "hidden_act", "silu")
         if act not in _ACTIVATIONS:
@@ -129,7 +129,7 @@ def _is_fused_experts(module: nn.Module) -> bool:
         return False
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
         return False
-    if getattr(module, "is_transposed", False):
+    if compat.experts_flags(module)[0]:
         return gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
     return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
 
@@ -190,8 +190,31 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if offload is not None and not isinstance(offload, Offload):
         raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
+    left_alone: list[dict] = []
+    try:
+        return _patch(model, experts, attention, offload, strict, left_alone)
+    finally:
+        _report_left_alone(model, left_alone)
+
+
+def _report_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
+    """One warning per patch() call for everything asked for but left alone, with counts and reasons;
+    stats(model)["left_alone"] lists each module."""
+    if not left_alone:
+        model.__dict__.pop("_moecache_left_alone", None)
+        return
+    model.__dict__["_moecache_left_alone"] = left_alone  # plain attribute: never a submodule or parameter
+    by_reason: dict[tuple[str, str], int] = {}
+    for item in left_alone:
+        by_reason[(item["kind"], item["reason"])] = by_reason.get((item["kind"], item["reason"]), 0) + 1
+    parts = [f"{count} {kind} module{'s' if count > 1 else ''} ({reason})" for (kind, reason), count in by_reason.items()]
+    logger.warning("moecache.patch: left alone in %s: %s; moecache.stats(model)['left_alone'] names them",
+                   type(model).__name__, "; ".join(parts))
+
+
+def _patch(model, experts, attention, offload, strict, left_alone) -> nn.Module:
     state: _PatchState = getattr(model, "_moecache_patch", None)
-    attention_plan = _plan_attention(model, strict) if attention else []
+    attention_plan = _plan_attention(model, strict, left_alone) if attention else []
     if not experts:
         if attention_plan:
             _apply_attention(model, attention_plan, state or _PatchState())
@@ -222,10 +245,10 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
     for name, parent, attr, module, list_names in todo:
         layout = _layout_for(model, module, parent if list_names else None)
         if layout is None:
-            msg = f"moecache.patch: {name} ({type(module).__name__}) uses an activation the kernels lack; left alone"
+            reason = "an activation the kernels lack"
             if strict:
-                raise ValueError(msg)
-            logger.warning(msg)
+                raise ValueError(f"moecache.patch: {name} ({type(module).__name__}) uses {reason}")
+            left_alone.append({"name": name, "kind": "experts", "type": type(module).__name__, "reason": reason})
             continue
         plan.append((name, parent, attr, module, layout, list_names))
     if not plan:
@@ -300,14 +323,11 @@ def _rope_for(module: nn.Module, config):
     return None
 
 
-def _plan_attention(model: nn.Module, strict: bool) -> list:
+def _plan_attention(model: nn.Module, strict: bool, left_alone: list) -> list:
     """(parent, attribute, attention module, MoecacheMLA kwargs) for every MLA attention not yet patched."""
-    import inspect
-
     from .layers.mla import MoecacheMLA
 
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(model)
     plan = []
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
@@ -315,24 +335,22 @@ def _plan_attention(model: nn.Module, strict: bool) -> list:
                 continue
             rope = _rope_for(child, text_config)
             scale = getattr(child, "scaling", getattr(child, "softmax_scale", None))
-            params = [p for p in inspect.signature(child.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            names = tuple(p.name for p in params[1:])  # after hidden_states
-            # transformers 5.x: past_key_values, returns (out, weights); DeepSeek's own 4.x-era code:
-            # past_key_value, returns (out, weights, cache).
-            cache_arg = next((n for n in ("past_key_values", "past_key_value") if n in names), None)
+            names = compat.positional_arguments(child.forward)
+            cache_arg = compat.attention_cache_argument(child.forward)
             why = ("no rotary embedding function it uses was recognised" if rope is None else
                    "no softmax scale attribute" if scale is None else
-                   "no past_key_values argument" if cache_arg is None else None)
+                   f"its forward takes none of the cache arguments {compat.CACHE_ARGUMENTS}" if cache_arg is None
+                   else None)
             if why:
-                msg = f"moecache.patch: MLA attention {name}.{attr} ({type(child).__name__}) left alone: {why}"
                 if strict:
-                    raise ValueError(msg)
-                logger.warning(msg)
+                    raise ValueError(f"moecache.patch: MLA attention {name}.{attr} ({type(child).__name__}) "
+                                     f"cannot be patched: {why}")
+                left_alone.append({"name": f"{name}.{attr}" if name else attr, "kind": "MLA attention",
+                                   "type": type(child).__name__, "reason": why})
                 continue
             plan.append((f"{name}.{attr}" if name else attr, parent, attr, child,
                          dict(rope=rope, scale=scale, arg_names=names, cache_arg=cache_arg,
-                              returns=3 if cache_arg == "past_key_value" else 2)))
+                              returns=3 if compat.attention_returns_cache(cache_arg) else 2)))
     return plan
 
 
@@ -358,18 +376,18 @@ def _install_latent_cache_default(model: nn.Module, state: _PatchState) -> None:
     from ._env import kv_block_size
     from .layers.mla import LatentKVCache, MoecacheMLA
 
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(model)
     num_layers = max(m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)) + 1
     num_layers = max(num_layers, getattr(text_config, "num_hidden_layers", 0))
 
     def prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
         result = prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        key = compat.generate_cache_key(model_kwargs)
+        cache = model_kwargs.get(key) if key else None
         if cache is not None and not getattr(cache, "_is_user_defined", False) and not isinstance(cache, LatentKVCache):
             max_len = cache.get_max_length() if cache.is_compileable else -1
-            model_kwargs["past_key_values"] = LatentKVCache(num_layers, block_size=kv_block_size(),
-                                                            max_cache_len=max_len if max_len > 0 else None)
+            model_kwargs[key] = LatentKVCache(num_layers, block_size=kv_block_size(),
+                                              max_cache_len=max_len if max_len > 0 else None)
         return result
 
     model._prepare_cache_for_generation = prepare_cache_for_generation
@@ -394,7 +412,7 @@ def _check_offload(plan, offload: Offload) -> None:
             if list_names is not None:
                 return len(module), getattr(module[0], list_names[0]).weight.shape[1]
             E, a, b = module.gate_up_proj.shape
-            return E, (a if getattr(module, "is_transposed", False) else b)
+            return E, (a if compat.experts_flags(module)[0] else b)
 
         missing = [name for name, parent, _, module, _, list_names in plan
                    if find_router(parent, *experts_shape(module, list_names)) is None]
@@ -489,6 +507,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Put the original experts modules and weights back exactly; returns the model."""
     state: _PatchState = getattr(model, "_moecache_patch", None)
     if state is None:
+        model.__dict__.pop("_moecache_left_alone", None)
         logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
         return model
     cache = state.cache
@@ -515,6 +534,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             for param, src in ((original.gate_up_proj, gate_up), (original.down_proj, down)):
                 param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
     model.__dict__.pop("_prepare_cache_for_generation", None)
+    model.__dict__.pop("_moecache_left_alone", None)
     for parent, attr, original, new in reversed(state.replaced):
         if not isinstance(new, MoecacheExperts):
             setattr(parent, attr, original)
@@ -538,8 +558,9 @@ def stats(model: nn.Module) -> dict:
     """Per-layer calls and tokens of the patched experts, the expert cache's counters when offloaded, the
     predictor's recall and precision (policy "predictive"), and the patched MLA attention's calls."""
     state: _PatchState = getattr(model, "_moecache_patch", None)
+    left_alone = list(model.__dict__.get("_moecache_left_alone", []))
     if state is None:
-        return {"patched": False, "layers": [], "cache": None, "attention": []}
+        return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
     names = {id(new): name for name, _, _, new, _ in find_experts(model)}
     layers = [{"name": names.get(id(new), attr), "calls": new.calls, "tokens": new.tokens,
                "activation": new.layout.activation} for _, attr, _, new in state.replaced
@@ -552,4 +573,4 @@ def stats(model: nn.Module) -> dict:
     prediction = state.predictor.summary() if state.predictor is not None else None
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
             "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
-            "attention": attention, "scheduler_seconds": state.scheduler_seconds}
+            "attention": attention, "left_alone": left_alone, "scheduler_seconds": state.scheduler_seconds}

@@ -1,8 +1,9 @@
+import os
 import subprocess
 import sys
-
-
 import tempfile
+
+import pytest
 
 
 def _run(*args):
@@ -29,3 +30,14 @@ def test_demo_generates_unpatched_patched_and_offloaded_with_identical_tokens():
     for line in out.splitlines():
         if "tokens identical" in line:
             assert line.strip().endswith("100.0%"), line
+
+
+@pytest.mark.parametrize("level", ["garbage", "5"])
+def test_bad_loglevel_warns_and_keeps_the_default(level):
+    env = {**os.environ, "MOECACHE_LOGLEVEL": level}
+    proc = subprocess.run([sys.executable, "-c", "import logging, moecache; "
+                           "print(logging.getLogger('moecache').level)"],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"  # NOTSET: the default
+    assert "MOECACHE_LOGLEVEL" in proc.stderr and "not a logging level" in proc.stderr

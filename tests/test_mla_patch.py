@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import moecache
+from moecache.compat import generate_cache_key, model_cache_argument
 from moecache.layers.mla import LatentKVCache, MoecacheMLA
 from moecache.testing import assert_close
 from moecache.testing import assert_model_restored as assert_restored
@@ -57,12 +58,13 @@ def test_patched_mla_matches_logits_and_greedy_tokens(name):
 
     moecache.patch(model)
     attn = [m for m in model.modules() if isinstance(m, MoecacheMLA)]
-    assert len(attn) == model.config.num_hidden_layers
+    assert len(attn) == model.config.num_hidden_layers  # on every supported transformers version
+    assert moecache.stats(model)["left_alone"] == []
     if "yarn" in name:
         assert attn[0].scale != (8 + P) ** -0.5  # mscale^2 applied, taken from the model
     with torch.no_grad():  # the latent path, prefill through the cache
         cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
-        out = model(ids, past_key_values=cache).logits
+        out = model(ids, **{model_cache_argument(model): cache}).logits
     assert_close(out, ref_logits, torch.float32)
     assert cache.bytes_per_token() == model.config.num_hidden_layers * (R + P) * 4  # fp32: R + P values per layer
     assert all(int(layer.seq_lens.min()) == 9 for layer in cache.layers)
@@ -102,7 +104,7 @@ def test_left_padded_batch_matches_unpatched():
     moecache.patch(model)
     with torch.no_grad():
         cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
-        out_logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+        out_logits = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
         assert cache.layers[0].seq_lens.tolist() == [5, 8, 3]
         assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
@@ -122,7 +124,7 @@ def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
 
     def spy(generation_config, model_kwargs, *args, **kwargs):
         result = original(generation_config, model_kwargs, *args, **kwargs)
-        seen.append(model_kwargs["past_key_values"])
+        seen.append(model_kwargs[generate_cache_key(model_kwargs)])
         return result
 
     model._prepare_cache_for_generation = spy
@@ -302,7 +304,7 @@ def test_gpu_bf16_patched_mla_generate(name):
     moecache.patch(model)
     with torch.no_grad():
         cache = LatentKVCache(model.config.num_hidden_layers)
-        out_logits = model(ids, past_key_values=cache).logits.double()
+        out_logits = model(ids, **{model_cache_argument(model): cache}).logits.double()
     assert torch.isfinite(out_logits).all()
     scale = fp32_logits.abs().max()
     own_err = float((ref_logits - fp32_logits).abs().max() / scale)
@@ -335,3 +337,33 @@ def test_gpu_static_cache_compiled_mla_decode():
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert (out[:, ids.shape[1]:] == ref[:, ids.shape[1]:]).float().mean() >= 0.75
     moecache.unpatch(model)
+
+
+def test_attention_left_alone_is_reported_once_with_a_count_and_in_stats(caplog):
+    """A transformers version whose attention takes its cache under a name moecache does not know: one
+    warning per patch() with the count and the reason, each module named in stats; strict raises."""
+    import logging
+
+    model = MODELS["v2-q_lora"]()
+    attention_cls = type(model.model.layers[0].self_attn)
+
+    class RenamedCacheAttention(attention_cls):
+        def forward(self, hidden_states, attention_mask=None, kv_store=None, position_embeddings=None, **kwargs):
+            return super().forward(hidden_states, attention_mask, position_embeddings=position_embeddings,
+                                   **kwargs)
+
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = RenamedCacheAttention
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        moecache.patch(model)
+    warnings = [r for r in caplog.records if "left alone" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "3 MLA attention modules" in warnings[0].getMessage()
+    left = moecache.stats(model)["left_alone"]
+    assert [item["name"] for item in left] == [f"model.layers.{i}.self_attn" for i in range(3)]
+    assert all("cache arguments" in item["reason"] for item in left)
+    assert moecache.stats(model)["layers"]  # the experts were still patched
+    moecache.unpatch(model)
+    assert "_moecache_left_alone" not in model.__dict__
+    with pytest.raises(ValueError, match="cannot be patched"):
+        moecache.patch(model, strict=True)

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..compat import experts_flags
+
 from .. import _C
 
 logger = logging.getLogger(__name__)
@@ -95,11 +97,12 @@ def expert_source(experts) -> ExpertSource:
         gate_up, down = experts
         return _fused_source(gate_up, down, "w_gate_up", "w_down")
     if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
-        if getattr(experts, "is_transposed", False):
+        transposed, interleaved, _ = experts_flags(experts)
+        if transposed:
             # GPT-OSS: gate_up [E, H, 2I] interleaved, down [E, I, H]; records hold them as [2I, H] / [H, I].
             source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
                                    "gate_up_proj", "down_proj")
-            source.gate_up_interleaved = not getattr(experts, "is_concatenated", True)
+            source.gate_up_interleaved = interleaved
             return source
         return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
     if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:

@@ -16,10 +16,7 @@ from torch import nn
 
 from .. import ops
 
-try:  # transformers is needed only to hand the cache to model.generate
-    from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError:  # pragma: no cover - transformers is a dependency of patching
-    Cache, CacheLayerMixin = object, object
+from ..compat import Cache, CacheLayerMixin
 
 
 class PagedLatentLayer(CacheLayerMixin):

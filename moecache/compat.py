@@ -1,0 +1,96 @@
+"""Every place moecache depends on transformers' internals, found by feature rather than by version.
+
+Supported: transformers >= 5.17, < 6 (CI tests both ends). What differs across that range, and what
+moecache reads here:
+- the attention module's cache argument: `past_key_values` up to 5.24, `cache` from 5.25 (the old name
+  deprecated); DeepSeek's own 4.x-era modelling code (DeepSeek-V2 / DeepSeek-VL2 repositories) takes
+  `past_key_value` and returns (output, weights, cache) instead of (output, weights);
+- where `generate` keeps the cache it prepared (`model_kwargs` under that same name), the keyword a
+  model's forward takes it under, and the field of the outputs that returns it;
+- the Cache base class: in 5.17 `max_cache_len` is a read-only property, so a subclass exposes it as a
+  property too, never assigns it;
+- experts modules: fused 3-D `gate_up_proj` / `down_proj` parameters, GPT-OSS's `is_transposed` /
+  `is_concatenated` flags, and `set_experts_implementation` on the model (benchmarks only).
+"""
+from __future__ import annotations
+
+import inspect
+
+SUPPORTED_TRANSFORMERS = ">=5.17,<6"
+
+# Names an attention module's forward may give its KV cache argument, newest first.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # transformers is needed only for patching models
+    Cache = CacheLayerMixin = object
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def positional_arguments(forward) -> tuple[str, ...]:
+    """Names of a forward's positional parameters after the first (hidden_states)."""
+    params = [p for p in inspect.signature(forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(p.name for p in params[1:])
+
+
+def attention_cache_argument(forward) -> str | None:
+    """The name under which this attention forward receives its KV cache, or None."""
+    names = set(positional_arguments(forward)) | set(inspect.signature(forward).parameters)
+    return next((n for n in CACHE_ARGUMENTS if n in names), None)
+
+
+def attention_returns_cache(cache_argument: str) -> bool:
+    """DeepSeek's own code (argument `past_key_value`) returns (output, weights, cache)."""
+    return cache_argument == "past_key_value"
+
+
+def generate_cache_key(model_kwargs: dict) -> str | None:
+    """The key under which generate's model_kwargs hold the cache it prepared (None: no cache)."""
+    return next((k for k in CACHE_ARGUMENTS if model_kwargs.get(k) is not None), None)
+
+
+def model_cache_argument(model) -> str:
+    """The keyword a model's forward (and generate) takes its cache under: `cache` or `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output):
+    """The cache a model output or a generate result carries (`cache` or `past_key_values`), or None."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def text_config(model):
+    """The language model's config of a (possibly multimodal) model, or None."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def experts_flags(module) -> tuple[bool, bool, bool]:
+    """(transposed, interleaved, has_bias) of a fused experts module: GPT-OSS stores gate_up_proj
+    [E, H, 2I] with gate and up interleaved, and biases; the other families [E, 2I, H], concatenated."""
+    return (bool(getattr(module, "is_transposed", False)), not getattr(module, "is_concatenated", True),
+            getattr(module, "gate_up_proj_bias", None) is not None)
+
+
+def set_experts_implementation(model, name: str) -> None:
+    """Select transformers' own experts implementation ("eager", "grouped_mm", ...) where it exists."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        raise NotImplementedError(f"transformers {transformers_version()} has no set_experts_implementation")
+    setter(name)
