@@ -149,12 +149,15 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
 
 
-setup(
-    version=_version(),
-    packages=find_packages(include=["moecache", "moecache.*"]) + ["moecache.kernels"],
-    package_dir={"moecache": "moecache", "moecache.kernels": "kernels"},
-    package_data={"moecache.kernels": ["configs/*.json"], "moecache.data": ["tiny_moe/*"]},
-    ext_modules=[CMakeExtension("moecache._C", sourcedir=str(ROOT))],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+
+# setuptools runs this file as __main__; tests import it to check the tool search alone.
+if __name__ == "__main__":
+    setup(
+        version=_version(),
+        packages=find_packages(include=["moecache", "moecache.*"]) + ["moecache.kernels"],
+        package_dir={"moecache": "moecache", "moecache.kernels": "kernels"},
+        package_data={"moecache.kernels": ["configs/*.json"], "moecache.data": ["tiny_moe/*"]},
+        ext_modules=[CMakeExtension("moecache._C", sourcedir=str(ROOT))],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

@@ -109,15 +109,44 @@ def test_build_cuda_1_without_nvcc_fails_clearly(tmp_path):
     assert "MOECACHE_BUILD_CUDA=1 but nvcc was not found" in proc.stdout + proc.stderr
 
 
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moecache_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the helpers, runs no build
+    return module
+
+
 @needs_source
-def test_build_without_cmake_names_it(tmp_path):
+def test_build_tool_search_prefers_the_environment_and_rejects_old_versions(tmp_path, monkeypatch, capsys):
+    setup = _setup_module()
+    old, new = tmp_path / "old" / "cmake", tmp_path / "new" / "cmake"
+    for path, version in ((old, "3.10.2"), (new, "3.31.0")):
+        path.parent.mkdir()
+        path.write_text(f"#!/bin/sh\necho 'cmake version {version}'\n")
+        path.chmod(0o755)
+    monkeypatch.setattr(setup, "_candidates", lambda *a: iter([(str(old), "the cmake package"), (str(new), "PATH")]))
+    assert setup.find_tool("cmake", "cmake", "CMAKE_BIN_DIR", setup.CMAKE_MINIMUM) == str(new)
+    err = capsys.readouterr().err
+    assert "version 3.10.2 < 3.20" in err and f"cmake 3.31.0 at {new} (PATH)" in err
+    monkeypatch.setattr(setup, "_candidates", lambda *a: iter([(str(old), "the cmake package")]))
+    with pytest.raises(SystemExit, match="no usable cmake.*3.10.2 < 3.20"):
+        setup.find_tool("cmake", "cmake", "CMAKE_BIN_DIR", setup.CMAKE_MINIMUM)
+    monkeypatch.setattr(setup, "_candidates", lambda *a: iter([]))
+    assert setup.find_tool("cmake", "cmake", "CMAKE_BIN_DIR", setup.CMAKE_MINIMUM) is None
+
+
+@needs_source
+def test_build_uses_the_environments_cmake_when_path_has_none(tmp_path):
+    """A venv that is not activated: PATH lacks its bin folder, the cmake package still provides cmake."""
+    pytest.importorskip("cmake")
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    env = _setup_py_env(PATH=str(bindir))
+    env = _setup_py_env(PATH=str(bindir), MOECACHE_BUILD_CUDA="0")
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b")],
                           cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "cmake was not found" in proc.stdout + proc.stderr
+    assert "moecache build: cmake" in proc.stderr and "cmake package" in proc.stderr, proc.stderr[-2000:]
 
 
 @needs_source
