@@ -33,8 +33,8 @@ from common import append_rows, environment  # noqa: E402
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
 from moecache.cache.scheduler import group_by_routes, prompt_routes  # noqa: E402
-from moecache.cache.simulate import simulate  # noqa: E402
-from moecache.cache.traces import record_routing  # noqa: E402
+from moecache.analysis.simulate import simulate  # noqa: E402
+from moecache.analysis.traces import record_routing  # noqa: E402
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 
@@ -84,7 +84,8 @@ def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
     steps, predictions = [], []
     trace = None
     for group in groups:
-        trace, _ = record_routing(model, prompts[group], max_new_tokens=new_tokens, depth=depth, learned=learned)
+        trace, _ = record_routing(model, prompts[group], moecache.patched_experts(model), moecache.routers(model),
+                                  max_new_tokens=new_tokens, depth=depth, learned=learned)
         steps += trace.steps
         predictions += trace.predictions
     trace.steps, trace.predictions = steps, predictions
@@ -93,7 +94,7 @@ def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
 
 def trace_rows(model, prompts, args, label, env):
     moecache.patch(model)
-    routes = prompt_routes(model, prompts, batch_size=args.batch)
+    routes = prompt_routes(model, prompts, moecache.patched_experts(model), batch_size=args.batch)
     t0 = time.perf_counter()
     groups = group_by_routes(routes, args.batch)
     scheduler_s = time.perf_counter() - t0
@@ -179,7 +180,7 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
         cache = stats["cache"] or {}
         delta = {k: cache.get(k, 0) - before.get(k, 0) for k in ("requests", "hits", "misses", "prefetches",
                                                                    "prefetch_hits", "wasted_prefetches")}
-        record_bytes = model._moecache_patch.cache.record_bytes if offload else 0
+        record_bytes = moecache.expert_cache(model).record_bytes if offload else 0
         moecache.unpatch(model)
         tokens = args.batch * args.new_tokens
         return {"provider": name, "tokens_per_s": tokens / seconds, "seconds": seconds,

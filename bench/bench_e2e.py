@@ -39,7 +39,7 @@ import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
 from moecache.compat import set_experts_implementation  # noqa: E402
 from moecache.cache.scheduler import generate_scheduled  # noqa: E402
-from moecache.workloads import sample_prompts  # noqa: E402
+from moecache.analysis.workloads import sample_prompts  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -198,10 +198,15 @@ def measure(model, prompts, new_tokens, mode, device, scheduled_batch=None):
             kwargs["cache_implementation"] = "static"
             model.__dict__.pop("_compiled_call", None)
             torch._dynamo.reset()
-        if scheduled_batch is not None:
-            run = lambda: generate_scheduled(model, prompts, batch_size=scheduled_batch, max_new_tokens=new_tokens)[0]  # noqa: E731
-        else:
-            run = lambda: model.generate(prompts, **kwargs)  # noqa: E731
+        scheduler = {"s": 0.0}  # host time the token scheduler spent grouping, on the timed run
+
+        def run():
+            if scheduled_batch is None:
+                return model.generate(prompts, **kwargs)
+            out, info = generate_scheduled(model, prompts, moecache.patched_experts(model), batch_size=scheduled_batch,
+                                           max_new_tokens=new_tokens)
+            scheduler["s"] = info["scheduler_s"]
+            return out
         run()  # warm-up (and compile, in graph mode)
         timer = StepTimer(model) if mode == "eager" else None
         before = _counters(model)
@@ -221,7 +226,7 @@ def measure(model, prompts, new_tokens, mode, device, scheduled_batch=None):
     per_step = {k: v / forwards for k, v in breakdown.items()}
     delta = {k: after[k] - before[k] for k in after}
     per_step.update(stall=delta["stall_ms"] / forwards, predictor=1e3 * delta["predictor_s"] / forwards,
-                    scheduler=1e3 * delta["scheduler_s"] / forwards)
+                    scheduler=1e3 * scheduler["s"] / forwards)
     return B * S / (prefill / 1e3), B * steps / decode_s, per_step, delta, out
 
 
@@ -231,8 +236,7 @@ def _counters(model) -> dict:
     cache = stats.get("cache") or {}
     return {"requests": cache.get("requests", 0), "hits": cache.get("hits", 0), "misses": cache.get("misses", 0),
             "stall_ms": cache.get("stall_ms", 0.0),
-            "predictor_s": (stats.get("prediction") or {}).get("predictor_seconds", 0.0),
-            "scheduler_s": stats.get("scheduler_seconds", 0.0)}
+            "predictor_s": (stats.get("prediction") or {}).get("predictor_seconds", 0.0)}
 
 
 def main(argv=None) -> int:
@@ -315,11 +319,11 @@ def main(argv=None) -> int:
                             rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name, "mix": mix,
                                          "batch": B, "provider": provider, "mode": mode, "reason": repr(err)[:300]})
                             per_step = None
-                        record_bytes = model._moecache_patch.cache.record_bytes if offload is not None else 0
+                        record_bytes = moecache.expert_cache(model).record_bytes if offload is not None else 0
                         gpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                                         if p.device.type == device.type)
                         if offload is not None:
-                            gpu_bytes += model._moecache_patch.cache.num_slots * record_bytes
+                            gpu_bytes += moecache.expert_cache(model).num_slots * record_bytes
                         if provider == "hf:grouped_mm":
                             set_experts_implementation(model, "eager")
                         elif provider == "hf:cpu-offload":

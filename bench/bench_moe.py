@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, cuda_graph_fn, measure_ceilings, row, time_ms  # noqa: E402
 
 from moecache import ops  # noqa: E402
-from moecache.ops.reference import expert_bytes, expert_loop_reference, moe_flops  # noqa: E402
+from moecache.analysis.costs import expert_bytes, expert_loop_reference, moe_flops  # noqa: E402
 
 SHAPES = {  # name: (H, I, E, K)
     "deepseek-v2-lite/vl2-small": (2048, 1408, 64, 6),

@@ -26,7 +26,8 @@ from common import environment  # noqa: E402
 
 from moecache import ops  # noqa: E402
 from moecache.ops.mla import mla_decode_reference  # noqa: E402
-from moecache.ops.reference import expert_bytes, fused_moe_reference, route_reference  # noqa: E402
+from moecache.analysis.costs import expert_bytes  # noqa: E402
+from moecache.ops.reference import fused_moe_reference, route_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
 MOE_SHAPES = {  # name: (H, I, E, K)

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_moe import build_stream, split_files, stdlib_files  # noqa: E402
 
 from moecache.cache.learned import top_k_recall, train_route_predictor  # noqa: E402
-from moecache.cache.predictor import find_router  # noqa: E402
-from moecache.data import TINY_MOE_DIR, encode, load_tiny_moe, routing_trace, validation_text  # noqa: E402
+from moecache.patching.families import find_router  # noqa: E402
+from moecache.analysis.traces import record_layer_inputs  # noqa: E402
+from moecache.data import TINY_MOE_DIR, encode, load_tiny_moe, validation_text  # noqa: E402
 
 
 def pairs_from(trace: dict, first_moe: int, num_decoder_layers: int, depth: int) -> dict:
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
     n_layers, first = len(model.model.layers), model.config.first_k_dense_replace
     E = model.config.n_routed_experts
     with torch.no_grad():
-        train_pairs = pairs_from(routing_trace(model, ids), first, n_layers, args.depth)
-        held = routing_trace(model, encode(validation_text()))
+        train_pairs = pairs_from(record_layer_inputs(model, ids), first, n_layers, args.depth)
+        held = record_layer_inputs(model, encode(validation_text()))
     held_pairs = pairs_from(held, first, n_layers, args.depth)
     record_s = time.perf_counter() - start
     predictor = train_route_predictor(train_pairs, model.config.hidden_size, E, width=args.width,

@@ -180,7 +180,7 @@ def text_windows(text: str, seq_len: int = SEQ_LEN) -> torch.Tensor:
 @torch.no_grad()
 def heldout_metrics(model, text: str) -> dict:
     """bits/byte (each window scored on its own, targets = the window's next bytes) and routing stats."""
-    from moecache.data import routing_trace
+    from moecache.analysis.traces import record_layer_inputs
 
     win = text_windows(text)
     # bits/byte within windows: predict bytes 1..L-1 of each window from what precedes them in it.
@@ -191,7 +191,7 @@ def heldout_metrics(model, text: str) -> dict:
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1),
                                  reduction="sum").item()
         count += w[:, 1:].numel()
-    trace = routing_trace(model, win.reshape(1, -1))
+    trace = record_layer_inputs(model, win.reshape(1, -1))
     cfg = model.config
     n_exp, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     layers = {}

@@ -2,9 +2,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "copy.h"
+#include "runtime.h"
 #include "copy_engine.h"
-#include "expert_cache.h"
+#include "cache_core.h"
 #include "host_store.h"
 #include "runtime.h"
 
@@ -104,39 +104,6 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
 
-  m.def(
-      "copy_bytes",
-      [](std::uintptr_t dst, std::uintptr_t src, std::size_t nbytes, std::uintptr_t stream,
-         const std::string& backend) {
-        Backend b = parse_backend(backend);
-        py::gil_scoped_release release;
-        copy_bytes(dst, src, nbytes, stream, b);
-      },
-      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream") = 0,
-      py::arg("backend") = "auto",
-      "Copy nbytes from address src to address dst (host: memmove; cuda: cudaMemcpyAsync on stream).");
-  m.def(
-      "scatter_i32",
-      [](std::uintptr_t table, std::int64_t table_len, std::uintptr_t index, std::uintptr_t values,
-         std::int64_t n, std::uintptr_t stream, const std::string& backend) {
-        Backend b = parse_backend(backend);
-        py::gil_scoped_release release;
-        scatter_i32(table, table_len, index, values, n, stream, b);
-      },
-      py::arg("table"), py::arg("table_len"), py::arg("index"), py::arg("values"), py::arg("n"),
-      py::arg("stream") = 0, py::arg("backend") = "auto",
-      "table[index[i]] = values[i] for int32 buffers; out-of-range indices are skipped.");
-  m.def(
-      "synchronize",
-      [](std::uintptr_t stream, const std::string& backend) {
-        Backend b = parse_backend(backend);
-        py::gil_scoped_release release;
-        synchronize_stream(stream, b);
-      },
-      py::arg("stream") = 0, py::arg("backend") = "auto");
-
-  m.def("host_memory_available", &host_memory_available, "Bytes of RAM available (MemAvailable), 0 if unknown.");
-
   py::class_<HostStore, std::shared_ptr<HostStore>>(m, "HostStore", py::buffer_protocol(),
                                                     "Page-locked host arena for expert master copies.")
       .def(py::init([](std::size_t nbytes, const std::string& backend, const std::string& pin, bool allow_pageable) {
@@ -161,38 +128,37 @@ PYBIND11_MODULE(_C, m) {
                                {static_cast<py::ssize_t>(s.bytes())}, {1}, /*readonly=*/false);
       });
 
-  py::class_<ExpertCache>(m, "ExpertCache", "Device slot pool, expert map, copy engine and eviction policy.")
+  py::class_<CacheCore>(m, "CacheCore", "Device slot pool, expert map, copy engine and eviction policy.")
       .def(py::init([](std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
                        int num_slots, std::uintptr_t slot_pool, std::uintptr_t expert_map, const std::string& backend,
                        const std::string& policy, int device) {
              Backend b = parse_backend(backend);
              Policy p = parse_policy(policy);
              py::gil_scoped_release release;
-             return std::make_unique<ExpertCache>(std::move(store), num_layers, num_experts, record_bytes, num_slots,
+             return std::make_unique<CacheCore>(std::move(store), num_layers, num_experts, record_bytes, num_slots,
                                                   slot_pool, expert_map, b, p, device);
            }),
            py::arg("store"), py::arg("num_layers"), py::arg("num_experts"), py::arg("record_bytes"),
            py::arg("num_slots"), py::arg("slot_pool"), py::arg("expert_map"), py::arg("backend") = "auto",
            py::arg("policy") = "lru", py::arg("device") = 0)
-      .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+      .def("prefetch", &CacheCore::prefetch, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
            py::call_guard<py::gil_scoped_release>())
-      .def("ensure", &ExpertCache::ensure, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+      .def("ensure", &CacheCore::ensure, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
            py::call_guard<py::gil_scoped_release>())
-      .def("release", &ExpertCache::release, py::arg("lease"), py::call_guard<py::gil_scoped_release>())
-      .def("leases_held", &ExpertCache::leases_held)
-      .def("record_use", &ExpertCache::record_use, py::arg("layer"), py::arg("experts"),
+      .def("release", &CacheCore::release, py::arg("lease"), py::call_guard<py::gil_scoped_release>())
+      .def("leases_held", &CacheCore::leases_held)
+      .def("record_use", &CacheCore::record_use, py::arg("layer"), py::arg("experts"),
            py::call_guard<py::gil_scoped_release>())
-      .def("set_priorities", &ExpertCache::set_priorities, py::arg("layer"), py::arg("scores"),
+      .def("set_priorities", &CacheCore::set_priorities, py::arg("layer"), py::arg("scores"),
            py::call_guard<py::gil_scoped_release>())
-      .def("set_never_evict", &ExpertCache::set_never_evict, py::arg("layer"), py::arg("experts"),
+      .def("set_never_evict", &CacheCore::set_never_evict, py::arg("layer"), py::arg("experts"),
            py::arg("never_evict") = true, py::call_guard<py::gil_scoped_release>())
-      .def("set_policy", [](ExpertCache& c, const std::string& policy) { c.set_policy(parse_policy(policy)); })
-      .def_property_readonly("policy", [](ExpertCache& c) { return policy_name(c.policy()); })
-      .def("slot_of", &ExpertCache::slot_of, py::arg("layer"), py::arg("expert"),
+      .def_property_readonly("policy", [](CacheCore& c) { return policy_name(c.policy()); })
+      .def("slot_of", &CacheCore::slot_of, py::arg("layer"), py::arg("expert"),
            py::call_guard<py::gil_scoped_release>())
-      .def("ready", &ExpertCache::ready, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>())
-      .def("resident", &ExpertCache::resident, py::arg("layer"), py::call_guard<py::gil_scoped_release>())
-      .def("stats", [](ExpertCache& c) {
+      .def("ready", &CacheCore::ready, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>())
+      .def("resident", &CacheCore::resident, py::arg("layer"), py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](CacheCore& c) {
         CacheStats s;
         {
           py::gil_scoped_release release;
@@ -200,14 +166,14 @@ PYBIND11_MODULE(_C, m) {
         }
         return stats_dict(s);
       })
-      .def("reset_stats", &ExpertCache::reset_stats, py::call_guard<py::gil_scoped_release>())
-      .def("synchronize", &ExpertCache::synchronize, py::call_guard<py::gil_scoped_release>())
-      .def("close", &ExpertCache::close, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("closed", &ExpertCache::closed)
-      .def_property_readonly("num_layers", &ExpertCache::num_layers)
-      .def_property_readonly("num_experts", &ExpertCache::num_experts)
-      .def_property_readonly("num_slots", &ExpertCache::num_slots)
-      .def_property_readonly("record_bytes", &ExpertCache::record_bytes);
+      .def("reset_stats", &CacheCore::reset_stats, py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &CacheCore::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("close", &CacheCore::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &CacheCore::closed)
+      .def_property_readonly("num_layers", &CacheCore::num_layers)
+      .def_property_readonly("num_experts", &CacheCore::num_experts)
+      .def_property_readonly("num_slots", &CacheCore::num_slots)
+      .def_property_readonly("record_bytes", &CacheCore::record_bytes);
 
   m.def("pack_copies",
         [](const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::size_t>>& jobs) {

@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "copy.h"
+#include "runtime.h"
 
 namespace moecache {
 

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "copy.h"
+#include "runtime.h"
 
 namespace moecache {
 

@@ -50,4 +50,8 @@ void check_cuda(int status, const char* what) {
 #endif
 }
 
+Backend default_backend() {
+  return runtime_info().cuda_available ? Backend::Cuda : Backend::Host;
+}
+
 }  // namespace moecache

@@ -16,6 +16,11 @@ struct RuntimeInfo {
 // Probed once; a missing driver or device selects the host backend instead of failing.
 const RuntimeInfo& runtime_info();
 
+enum class Backend { Host = 0, Cuda = 1 };
+
+// Cuda when the module was built with CUDA and a device is usable, else Host.
+Backend default_backend();
+
 // Throws std::runtime_error with the CUDA error text when `status` is not success (no-op on host builds).
 void check_cuda(int status, const char* what);
 

@@ -3,6 +3,6 @@
 Importing this package imports `moecache` first, which switches the Triton interpreter on where no
 CUDA device is usable, before triton is imported (TRITON_INTERPRET is read at @triton.jit time).
 """
-import os
+from moecache._env import triton_interpreting
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETING = triton_interpreting()

@@ -20,22 +20,25 @@ be copied to a slot first (the cache does that); the kernel itself never synchro
 import triton
 import triton.language as tl
 
-ACT_SILU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2
-ACTIVATION_CODES = {"silu": ACT_SILU, "gelu_tanh": ACT_GELU_TANH, "swiglu_oai": ACT_SWIGLU_OAI}
+# Activation codes (constexpr inside the kernels); launchers take the activation's name.
+ACT_SILU = tl.constexpr(0)
+ACT_GELU_TANH = tl.constexpr(1)
+ACT_SWIGLU_OAI = tl.constexpr(2)
+ACTIVATION_CODES = {"silu": ACT_SILU.value, "gelu_tanh": ACT_GELU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value}
 
 
 @triton.jit
-def _activate(gate, up, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 0:
+def _activate(gate, up, ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr):
+    if ACTIVATION == ACT_SILU:
         return gate / (1.0 + tl.exp(-gate)) * up
-    elif ACTIVATION == 1:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    elif ACTIVATION == ACT_GELU_TANH:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi) * (x + 0.044715 x^3)
         tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
         return 0.5 * gate * (1.0 + tanh) * up
-    else:
-        gate = tl.minimum(gate, 7.0)
-        up = tl.minimum(tl.maximum(up, -7.0), 7.0)
-        return (up + 1.0) * (gate / (1.0 + tl.exp(-1.702 * gate)))
+    else:  # clamped SwiGLU (GPT-OSS): the constants come from the caller
+        gate = tl.minimum(gate, SWIGLU_LIMIT)
+        up = tl.minimum(tl.maximum(up, -SWIGLU_LIMIT), SWIGLU_LIMIT)
+        return (up + 1.0) * (gate / (1.0 + tl.exp(-SWIGLU_ALPHA * gate)))
 
 
 @triton.jit
@@ -59,8 +62,8 @@ def _gate_up_gemv_kernel(
     H, I, E, K,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -86,7 +89,7 @@ def _gate_up_gemv_kernel(
     if HAS_BIAS:
         b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)
         b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)
-    b_h = _activate(b_gate, b_up, ACTIVATION)
+    b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
     tl.store(inter_ptr + pair * I + o_n, b_h.to(inter_ptr.dtype.element_ty), mask=m_n)
 
 
@@ -166,7 +169,8 @@ def _grouped_gate_up_kernel(
     arrivals_ptr, H, I, E, K, capacity, down_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ZERO_ARRIVALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
 ):
@@ -205,7 +209,7 @@ def _grouped_gate_up_kernel(
         if HAS_BIAS:
             b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
             b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        b_h = _activate(b_gate, b_up, ACTIVATION)
+        b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
         tl.store(inter_ptr + rows[:, None] * I + o_n[None, :], b_h.to(inter_ptr.dtype.element_ty),
                  mask=m_r[:, None] & m_n[None, :])
 
@@ -304,12 +308,17 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
-def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation_code, expert_map,
+def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation, swiglu, expert_map,
                      host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config, launcher=None):
-    """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton)."""
+    """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton).
+
+    activation: "silu", "gelu_tanh" or "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
+    """
     import torch
 
     wrap = (lambda k: k) if launcher is None else launcher
+    activation_code = ACTIVATION_CODES[activation]
+    swiglu = tuple(float(v) for v in swiglu)
     T, H = x.shape
     I = w_gate_up.shape[1] // 2
     K = topk_ids.shape[1]
@@ -335,7 +344,8 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
             H, I, E, K,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
             gate_step, up_row0,
-            ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
+            ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
+            HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
         bn_down = config.get("BLOCK_N_DOWN", BN)
         wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, bn_down))](
             inter, w_down, host_d, bd, topk_ids, topk_weights, map_arg, out,
@@ -364,7 +374,8 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
         arrivals, H, I, E, K, capacity, down_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
-        ACTIVATION=activation_code, HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
+        ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
+        HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)
     wrap(_grouped_down_kernel)[(down_blocks, max_blocks)](

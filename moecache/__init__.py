@@ -28,18 +28,18 @@ if _C.__version__ != __version__:
         f"moecache._C is version {_C.__version__} but the Python package is {__version__}: reinstall with `pip install .`"
     )
 
-__all__ = ["__version__", "_C", "ops", "cache", "patch", "unpatch", "stats", "Offload"]
+__all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "patch", "unpatch", "stats", "Offload",
+           "patched_experts", "routers", "expert_cache"]
 
-# The functions live in moecache.patching: a submodule named `patch` would shadow the function.
-_LAZY = {"patch": ".patching", "unpatch": ".patching", "stats": ".patching", "Offload": ".patching"}
+_PATCHING = ("patch", "unpatch", "stats", "Offload", "patched_experts", "routers", "expert_cache")
 
 
 def __getattr__(name):
-    # ops, cache and patch pull in torch and triton; keep `import moecache` light for `python -m moecache info`.
+    # ops, cache and patching pull in torch and triton; keep `import moecache` light for `moecache info`.
     import importlib
 
-    if name in ("ops", "cache", "layers"):
+    if name in ("ops", "cache", "layers", "analysis", "patching"):
         return importlib.import_module("." + name, __name__)
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _PATCHING:
+        return getattr(importlib.import_module(".patching", __name__), name)
     raise AttributeError(f"module 'moecache' has no attribute {name!r}")

@@ -108,10 +108,12 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
 def _device_weight_bytes(model, device) -> int:
     import torch
 
+    import moecache
+
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
-    state = getattr(model, "_moecache_patch", None)
-    if state is not None and state.cache is not None and state.cache.device.type == device.type:
-        total += state.cache.num_slots * state.cache.record_bytes
+    cache = moecache.expert_cache(model) if moecache.stats(model)["patched"] else None
+    if cache is not None and cache.device.type == device.type:
+        total += cache.num_slots * cache.record_bytes
     return total
 
 

@@ -1,4 +1,5 @@
-"""MOECACHE_* environment switches, read lazily (at call time, never at import)."""
+"""MOECACHE_* environment switches, read when they are used (never cached), and TRITON_INTERPRET, which
+Triton itself reads once, when a kernel is decorated: moecache.kernels takes it at import."""
 import logging
 import os
 
@@ -37,19 +38,20 @@ def kv_block_size() -> int:
 
 
 def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU (set by select_triton_mode where no GPU is usable)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-ENV_SWITCHES = {
-    "MOECACHE_BACKEND": "auto|torch|triton — backend for calls that say backend='auto'",
-    "MOECACHE_VALIDATE": "0 skips fused_moe and mla_decode value checks that need a host sync",
-    "MOECACHE_MOE_CONFIG": "path of a fused_moe block-config table (bench/tune_moe.py writes one)",
-    "MOECACHE_KV_BLOCK_SIZE": "tokens per page of the latent KV cache model.generate builds for MLA (default 64)",
-    "MOECACHE_LOGLEVEL": "level of the `moecache` logger (DEBUG, INFO, ...)",
-    "MOECACHE_BUILD_CUDA": "auto|0|1 — build the CUDA backend of moecache._C (at pip install time)",
-    "MOECACHE_SANITIZE": "address|thread — build moecache._C with a sanitizer (tests only)",
-    "TRITON_INTERPRET": "1 runs Triton kernels on the CPU; set automatically when no GPU is usable",
-}
+def validate_values() -> bool:
+    """MOECACHE_VALIDATE=0 skips the ops' value checks that need a host sync (default: run them)."""
+    return os.environ.get("MOECACHE_VALIDATE", "1") != "0"
+
+
+def moe_config_path() -> str | None:
+    """MOECACHE_MOE_CONFIG=path: a fused_moe block-configuration table (bench/tune_moe.py writes one)."""
+    return os.environ.get("MOECACHE_MOE_CONFIG") or None
+
+
 
 
 def select_triton_mode() -> None:

@@ -38,6 +38,7 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from moecache.kernels import fused_moe as fm  # noqa: E402
 from moecache.kernels import mla_decode as md  # noqa: E402
 from moecache.kernels import moe_route as mr  # noqa: E402
+from moecache.ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT  # noqa: E402
 
 # Shared memory a block may use (opt-in maximum) per architecture.
 SMEM_LIMIT = {80: 166912, 90: 232448}
@@ -184,7 +185,7 @@ def moe_launches(shape, T, dtype, *, has_map=False):
     config = fm.select_config(T, K, E, H, I, False)
     fm.fused_moe_launch(meta((T, H), dtype), meta((E, 2 * I, H), dtype), meta((E, H, I), dtype),
                         meta((T, K), torch.float32), meta((T, K), torch.int32), meta((T, H), dtype),
-                        activation_code=0, expert_map=meta((E,), torch.int32) if has_map else None,
+                        activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=meta((E,), torch.int32) if has_map else None,
                         host_w_gate_up=meta((E, 2 * I, H), dtype) if has_map else None,
                         host_w_down=meta((E, H, I), dtype) if has_map else None, b_gate_up=None, b_down=None,
                         gate_up_interleaved=False, config=config, launcher=cap)

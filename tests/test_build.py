@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,51 +43,14 @@ def test_build_flags_are_honest():
         assert _C.cuda_unavailable_reason() != "" and _C.default_backend() == "host"
 
 
-@pytest.mark.parametrize("nbytes", [1, 7, 4096, 1 << 20, 3 * (1 << 20) + 5])
-def test_host_backend_copies_bytes(nbytes):
-    rng = np.random.default_rng(nbytes)
-    src = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
-    dst = np.full(nbytes + 16, 0xAB, dtype=np.uint8)
-    _C.copy_bytes(dst.ctypes.data + 8, src.ctypes.data, nbytes, backend="host")
-    np.testing.assert_array_equal(dst[8 : 8 + nbytes], src)
-    assert (dst[:8] == 0xAB).all() and (dst[8 + nbytes :] == 0xAB).all(), "copy wrote outside its range"
-
-
-def test_host_scatter_i32_updates_only_named_entries():
-    table = np.arange(100, 164, dtype=np.int32)
-    before = table.copy()
-    idx = np.array([3, 63, 0, 64, -1], dtype=np.int32)  # the last two are out of range: skipped
-    vals = np.array([-1, 7, 9, 11, 13], dtype=np.int32)
-    _C.scatter_i32(table.ctypes.data, table.size, idx.ctypes.data, vals.ctypes.data, idx.size, backend="host")
-    before[[3, 63, 0]] = [-1, 7, 9]
-    np.testing.assert_array_equal(table, before)
-
-
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="backend"):
-        _C.copy_bytes(1, 1, 1, backend="tpu")
-    with pytest.raises(ValueError, match="null pointer"):
-        _C.copy_bytes(0, 8, 1, backend="host")
+    with pytest.raises(ValueError, match="backend must be"):
+        _C.HostStore(64, backend="tpu")
+    with pytest.raises(ValueError, match="pin must be"):
+        _C.HostStore(64, pin="glue")
     if not _C.cuda_available():
-        with pytest.raises(RuntimeError, match="CUDA backend is not available"):
-            _C.copy_bytes(8, 8, 1, backend="cuda")
-
-
-@pytest.mark.gpu
-def test_cuda_backend_copies_and_scatters_on_device():
-    src = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-    _C.copy_bytes(dst.data_ptr(), src.data_ptr(), src.numel(), stream, backend="cuda")
-    torch.cuda.synchronize()
-    assert torch.equal(dst.cpu(), src)
-    table = torch.arange(64, dtype=torch.int32, device="cuda")
-    idx = torch.tensor([5, 70, 9], dtype=torch.int32, device="cuda")
-    vals = torch.tensor([-1, 3, 42], dtype=torch.int32, device="cuda")
-    _C.scatter_i32(table.data_ptr(), 64, idx.data_ptr(), vals.data_ptr(), 3, stream, backend="cuda")
-    expected = torch.arange(64, dtype=torch.int32)
-    expected[5], expected[9] = -1, 42
-    assert torch.equal(table.cpu(), expected)
+        with pytest.raises(RuntimeError, match="host store"):
+            _C.HostStore(64, backend="cuda")
 
 
 def _setup_py_env(**extra):

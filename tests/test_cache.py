@@ -98,11 +98,11 @@ def test_priority_evicts_the_lowest_score_and_prefetch_never_evicts_a_better_exp
 
 def test_never_evict_experts_stay():
     with ExpertCache(make_layers(), num_slots=3) as cache:
-        cache.pin(0, [6])
+        cache.keep_resident(0, [6])
         for e in range(6):
             cache.ensure(1, [e]).release()
         assert cache.resident(0) == [6]
-        cache.unpin(0, [6])
+        cache.allow_eviction(0, [6])
         for e in range(6):
             cache.ensure(1, [e]).release()
         assert cache.resident(0) == []

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moecache import ops
-from moecache.ops.reference import fused_moe_reference, route_reference
+from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 from moecache.testing import assert_close, poisoned
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +125,7 @@ def test_launch_count(T, K, launches):
 
     out = poisoned(x.shape, x.dtype, x.device)
     config = select_config(T, K, 6, 40, 24, INTERPRETING)
-    fused_moe_launch(x, wgu, wd, w, ids, out, activation_code=0, expert_map=None, host_w_gate_up=None,
+    fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
                      host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False,
                      config=config, launcher=launcher)
     assert len(launched) == launches, launched

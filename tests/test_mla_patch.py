@@ -4,7 +4,7 @@ import torch
 
 import moecache
 from moecache.compat import generate_cache_key, model_cache_argument
-from moecache.layers.mla import LatentKVCache, MoecacheMLA
+from moecache.layers import LatentKVCache, MoecacheMLA
 from moecache.testing import assert_close
 from moecache.testing import assert_model_restored as assert_restored
 from moecache.testing import greedy as generate
@@ -139,7 +139,7 @@ def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
 
 
 def test_paged_layer_grows_and_reorders_beams():
-    from moecache.layers.mla import PagedLatentLayer
+    from moecache.layers import PagedLatentLayer
 
     layer = PagedLatentLayer(block_size=3)
     rows = torch.randn(2, 5, 6)

@@ -97,7 +97,7 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
                 assert row["recall"] == row["correct"] / row["actual"]
             assert cache["prefetches"] > 0
         if offload == "pool-below-topk":
-            assert model._moecache_patch.cache.num_slots < model.config.num_experts_per_tok * len(patched)
+            assert moecache.expert_cache(model).num_slots < model.config.num_experts_per_tok * len(patched)
 
     moecache.patch(model, offload=OFFLOADS[offload])  # twice: nothing more changes
     assert sum(isinstance(m, MoecacheExperts) for m in model.modules()) == len(patched)
@@ -327,7 +327,7 @@ def test_lookahead_router_reproduces_the_models_own_routing(family):
     """The predictor's router reading (find_router + RouterSpec.scores) picks exactly the experts the
     model's router picks when fed the same hidden state (group-limited routing aside), so a lookahead
     guess differs from the truth only through the hidden state it is applied to."""
-    from moecache.cache.predictor import find_router
+    from moecache.patching.families import find_router
 
     model = build(family)
     moecache.patch(model)
@@ -377,7 +377,7 @@ def test_compiled_offloaded_model_reads_misses_in_place():
     ref = logits(model, ids)
     moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive"))
     logits(model, ids)  # eager warm-up fills some slots; the rest stay misses
-    cache = model._moecache_patch.cache
+    cache = moecache.expert_cache(model)
     assert 0 < sum(len(cache.resident(layer)) for layer in range(cache.num_layers)) < cache.num_layers * 8
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")

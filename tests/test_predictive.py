@@ -9,8 +9,8 @@ import moecache
 from moecache import Offload
 from moecache.cache import ExpertCache
 from moecache.cache.scheduler import distinct_experts, generate_scheduled, group_by_routes
-from moecache.cache.simulate import POLICIES, oracle_predictions, simulate
-from moecache.cache.traces import RoutingTrace, record_routing
+from moecache.analysis.simulate import POLICIES, oracle_predictions, simulate
+from moecache.analysis.traces import RoutingTrace, record_routing
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,7 +114,8 @@ def test_record_routing_and_its_recall():
     model = _tiny_deepseek()
     moecache.patch(model)
     ids = torch.randint(3, 96, (2, 6))
-    trace, out = record_routing(model, ids, max_new_tokens=5, depth=2)
+    trace, out = record_routing(model, ids, moecache.patched_experts(model), moecache.routers(model),
+                                max_new_tokens=5, depth=2)
     assert out.shape == (2, 11)
     assert len(trace.steps) == 5 and trace.num_layers == 3 and trace.top_k == 2  # prompt + 4 decode forwards
     assert trace.tokens == [12, 2, 2, 2, 2]
@@ -147,7 +148,7 @@ def test_predictive_offload_stats_add_up():
     c, p = s["cache"], s["prediction"]
     assert c["hits"] + c["misses"] == c["requests"] > 0
     assert c["prefetch_hits"] <= c["prefetches"] and c["wasted_prefetches"] <= c["prefetches"]
-    assert c["wasted_prefetch_bytes"] == c["wasted_prefetches"] * model._moecache_patch.cache.record_bytes
+    assert c["wasted_prefetch_bytes"] == c["wasted_prefetches"] * moecache.expert_cache(model).record_bytes
     assert p["predictor_seconds"] > 0 and set(p["by_depth"]) == {1, 2}
     for row in p["per_layer"]:
         assert row["correct"] <= min(row["predicted"], row["actual"])
@@ -171,12 +172,12 @@ def test_scheduling_preserves_every_requests_tokens():
     model = _tiny_deepseek()
     moecache.patch(model)
     prompts = torch.randint(3, 96, (6, 5))
-    plain, info_plain = generate_scheduled(model, prompts, batch_size=2, schedule=False, max_new_tokens=6)
-    scheduled, info = generate_scheduled(model, prompts, batch_size=2, schedule=True, max_new_tokens=6)
+    experts = moecache.patched_experts(model)
+    plain, info_plain = generate_scheduled(model, prompts, experts, batch_size=2, schedule=False, max_new_tokens=6)
+    scheduled, info = generate_scheduled(model, prompts, experts, batch_size=2, schedule=True, max_new_tokens=6)
     assert torch.equal(plain, scheduled)
     assert sorted(i for g in info["groups"] for i in g) == list(range(6))
     assert info["scheduler_s"] > 0 and info["predicted_distinct_experts"] > 0
-    assert moecache.stats(model)["scheduler_seconds"] == pytest.approx(info["scheduler_s"])
     moecache.unpatch(model)
 
 
@@ -213,7 +214,7 @@ def test_offload_with_a_learned_predictor(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "missing.pt")))
     moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", predictor=str(path)))
-    assert model._moecache_patch.predictor.learned is not None
+    assert moecache.patched_experts(model)[0].provider.predictor.learned is not None
     with torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6), ref)
     assert moecache.stats(model)["prediction"]["per_layer"]

@@ -13,8 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from moecache.analysis.traces import record_layer_inputs  # noqa: E402
 from moecache.data import (  # noqa: E402
-    BOS_ID, TINY_MOE_DIR, decode, encode, load_tiny_moe, routing_trace, validation_text,
+    BOS_ID, TINY_MOE_DIR, decode, encode, load_tiny_moe, validation_text,
 )
 
 MAX_TOTAL_BYTES = 10_000_000
@@ -129,9 +130,9 @@ def test_lookahead_gating_recall(model, heldout_run):
         assert recall >= MIN_LOOKAHEAD_RECALL[layer], f"layer {layer}: lookahead recall {recall:.3f}"
 
 
-def test_routing_trace_matches_the_model(model, heldout_run):
+def test_recorded_layer_inputs_match_the_model(model, heldout_run):
     ids = heldout_run["windows"][:2].reshape(1, -1)
-    trace = routing_trace(model, ids, seq_len=SEQ_LEN)
+    trace = record_layer_inputs(model, ids, seq_len=SEQ_LEN)
     n = 2 * SEQ_LEN
     assert sorted(trace) == list(range(model.config.num_hidden_layers))
     for layer, ids_ in heldout_run["topk"].items():
@@ -158,7 +159,7 @@ def test_shipped_route_predictor_beats_lookahead_gating(model):
     from moecache.cache.learned import LearnedRoutePredictor, top_k_recall
 
     predictor = LearnedRoutePredictor.load(TINY_MOE_DIR / "route_predictor.pt")
-    trace = routing_trace(model, encode(validation_text()))
+    trace = record_layer_inputs(model, encode(validation_text()))
     first = model.config.first_k_dense_replace
     for target, floor in ((1, 0.80), (2, 0.83)):
         x, actual = trace[first + target - 1]["hidden"], trace[first + target]["topk_ids"]

@@ -1,7 +1,7 @@
 """DeepSeek-VL2-style prompt workloads: tiling choice and visual token counts."""
 import pytest
 
-from moecache.workloads import (MIXES, Prompt, best_grid, candidate_grids, image_tokens, sample_prompts,
+from moecache.analysis.workloads import (MIXES, Prompt, best_grid, candidate_grids, image_tokens, sample_prompts,
                                 visual_tokens)
 
 

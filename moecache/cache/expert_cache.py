@@ -1,141 +1,31 @@
-"""Python face of `moecache._C.ExpertCache`: builds the pinned host store from a model's experts,
+"""Python face of `moecache._C.CacheCore`: builds the pinned host store from a model's experts,
 owns the device slot pool and expert map as torch tensors (no copies: the C++ side gets their
 addresses), and runs a layer's experts through ops.fused_moe with the map.
 
-Misses: at decode (T <= 16 tokens, an expert gets at most 16 rows: one row tile, so the kernel reads
-each of its weights once) a non-resident
-expert is read in place from pinned host memory by the kernel (map entry -1): no host round trip, and
-the same PCIe bytes a copy would move. Above 16 tokens the grouped kernel re-reads an expert's weights
-once per tile of rows, so misses are copied into slots first (`ensure`), and the compute stream waits
-only on the copies it needs.
+Misses: where the kernel reads each routed expert's weights once per call (few tokens:
+ops.streams_each_expert_once says when), a non-resident expert is read in place from pinned host memory
+by the kernel (map entry -1): no host round trip, and the same PCIe bytes a copy would move. Otherwise
+the kernel would re-read it once per tile of rows, so misses are copied into slots first (`ensure`), and
+the compute stream waits only on the copies it needs.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..compat import experts_flags
-
-from .. import _C
+from .. import _C, ops
+from .device import device_alias, mark_static_address
+from .sources import ExpertSource, expert_source
 
 logger = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes: each expert record and its down block start on this boundary
-DECODE_TOKENS = 16  # fused_moe's decode path: each expert read once per step, so misses are read in place
-
-
-class _CudaArrayInterface:
-    """Describes a byte range of device-addressable memory to torch.as_tensor (no ownership)."""
-
-    def __init__(self, address: int, nbytes: int, owner=None):
-        self.owner = owner  # keeps the memory alive as long as a tensor made from this object
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
-                                         "version": 3, "strides": None}
-
-
-def _device_alias(store, device: torch.device) -> torch.Tensor | None:
-    """A uint8 CUDA tensor over the pinned store (it must outlive the tensor: the cache holds both)."""
-    if device.type != "cuda" or not store.pinned or store.nbytes == 0 or store.device_ptr == 0:
-        return None
-    try:
-        alias = torch.as_tensor(_CudaArrayInterface(store.device_ptr, store.nbytes, owner=store), device=device)
-    except (RuntimeError, TypeError) as err:  # an old driver without mapped pinned memory
-        logger.warning("expert host store: no device view of the pinned masters (%s); "
-                       "compiled CUDA-graph decode with offload will not capture", err)
-        return None
-    return alias
-
-
-def mark_static_address(t: torch.Tensor | None) -> None:
-    """Tell torch.compile's CUDA graphs that t keeps its address, so replays read it in place
-    instead of copying it into the graph's own memory each step."""
-    if t is None or t.device.type != "cuda":
-        return
-    try:
-        torch._dynamo.mark_static_address(t)
-    except (AttributeError, RuntimeError):
-        pass
 
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-@dataclass
-class ExpertSource:
-    """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I])."""
-
-    num_experts: int
-    hidden: int
-    inter: int
-    dtype: torch.dtype
-    get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-    gate_up_interleaved: bool = False  # gate = even rows, up = odd rows (GPT-OSS)
-
-
-def _linear_weight(module, *names):
-    for name in names:
-        sub = getattr(module, name, None)
-        if sub is not None and hasattr(sub, "weight"):
-            return sub.weight
-    return None
-
-
-def expert_source(experts) -> ExpertSource:
-    """An ExpertSource from the ways models hold experts.
-
-    - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
-    - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
-      (layouts that differ, such as GPT-OSS's [E, H, 2I] interleaved, raise);
-    - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
-      or w1/w3/w2 (Mixtral) linear layers.
-    """
-    if isinstance(experts, (tuple, list)) and len(experts) == 2 and all(isinstance(t, torch.Tensor) for t in experts):
-        gate_up, down = experts
-        return _fused_source(gate_up, down, "w_gate_up", "w_down")
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
-        transposed, interleaved, _ = experts_flags(experts)
-        if transposed:
-            # GPT-OSS: gate_up [E, H, 2I] interleaved, down [E, I, H]; records hold them as [2I, H] / [H, I].
-            source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
-                                   "gate_up_proj", "down_proj")
-            source.gate_up_interleaved = interleaved
-            return source
-        return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
-    if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
-        first = experts[0]
-        names = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-        for gate_name, up_name, down_name in names:
-            if all(_linear_weight(first, n) is not None for n in (gate_name, up_name, down_name)):
-                break
-        else:
-            raise ValueError(f"experts: a ModuleList of {type(first).__name__} has neither gate_proj/up_proj/down_proj "
-                             "nor w1/w3/w2 linear layers")
-        gate = _linear_weight(first, gate_name)
-        inter, hidden = gate.shape
-
-        def get(e):
-            m = experts[e]
-            gu = torch.cat([_linear_weight(m, gate_name), _linear_weight(m, up_name)], dim=0)
-            return gu, _linear_weight(m, down_name)
-
-        return ExpertSource(len(experts), hidden, inter, gate.dtype, get)
-    raise ValueError(f"experts: cannot read experts from {type(experts).__name__}; pass (w_gate_up [E, 2I, H], "
-                     "w_down [E, H, I]), a module with gate_up_proj/down_proj, or a ModuleList of expert MLPs")
-
-
-def _fused_source(gate_up, down, gu_name, down_name) -> ExpertSource:
-    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
-        raise ValueError(f"experts: {gu_name} must be [E, 2I, H], got {tuple(gate_up.shape)}")
-    E, two_i, H = gate_up.shape
-    if tuple(down.shape) != (E, H, two_i // 2):
-        raise ValueError(f"experts: {down_name} must be [E={E}, H={H}, I={two_i // 2}], got {tuple(down.shape)}")
-    if down.dtype != gate_up.dtype:
-        raise ValueError(f"experts: {down_name} dtype {down.dtype} differs from {gu_name}'s {gate_up.dtype}")
-    return ExpertSource(E, H, two_i // 2, gate_up.dtype, lambda e: (gate_up[e], down[e]))
 
 
 class Lease:
@@ -230,7 +120,7 @@ class ExpertCache:
         self._host_gate_up, self._host_down = self._record_views(self._host_bytes, self.num_layers * self.num_experts)
         # The same masters addressed as device memory, for callers that accept only device tensors
         # (CUDA-graph capture copies or refuses CPU inputs); None where the store is not pinned.
-        self._device_host_bytes = _device_alias(self._store, self.device)
+        self._device_host_bytes = device_alias(self._store, self.device)
         self._device_host_views = (None if self._device_host_bytes is None else
                                    self._record_views(self._device_host_bytes, self.num_layers * self.num_experts))
         for layer, source in enumerate(sources):
@@ -248,7 +138,7 @@ class ExpertCache:
         for t in (self._pool, self._map, self._device_host_bytes, self._slot_gate_up, self._slot_down,
                   *(self._device_host_views or ())):
             mark_static_address(t)
-        self._core = _C.ExpertCache(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
+        self._core = _C.CacheCore(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
         self._closed = False
@@ -353,14 +243,15 @@ class ExpertCache:
             scores = scores.detach().float().cpu().reshape(-1).tolist()
         self._core.set_priorities(layer, [float(s) for s in scores])
 
-    def pin(self, layer: int, experts) -> int:
-        """Keep these experts resident for good (hot or shared experts); starts their copies."""
+    def keep_resident(self, layer: int, experts) -> int:
+        """Never evict these experts (hot or shared ones); starts their copies. Returns copies started."""
         self._check_open()
         ids = self._ids(experts)
         self._core.set_never_evict(layer, ids, True)
         return self._core.prefetch(layer, ids, self._stream())
 
-    def unpin(self, layer: int, experts) -> None:
+    def allow_eviction(self, layer: int, experts) -> None:
+        """Undo keep_resident: these experts compete for slots again."""
         self._check_open()
         self._core.set_never_evict(layer, self._ids(experts), False)
 
@@ -401,20 +292,21 @@ class ExpertCache:
 
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
         unless track_usage), "copy" (copy them into slots first; rounds if the pool is too small), or
-        "auto": in place up to 16 tokens where the store is pinned, else copy.
+        "auto": in place where the kernel reads each expert once (ops.streams_each_expert_once) and
+        the store is pinned, else copy.
         before_compute: called with the layer's distinct experts (a list) once they are accounted for
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
         """
-        from .. import ops
-
         self._check_open()
         self._check_layer(layer)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
         in_place_ok = self._store.pinned or self.device.type == "cpu"
         if misses == "auto":
-            misses = "in_place" if hidden_states.shape[0] <= DECODE_TOKENS and in_place_ok else "copy"
+            once = ops.streams_each_expert_once(hidden_states.shape[0], topk_ids.shape[1], self.num_experts,
+                                                self.hidden, self.inter, self.device)
+            misses = "in_place" if once and in_place_ok else "copy"
         if misses == "in_place" and not in_place_ok:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
         host_gate_up, host_down = self.host_weights(layer)
@@ -449,8 +341,6 @@ class ExpertCache:
         and the rounds add up in a fixed order. Biases belong to their expert's rows, so a row outside the
         round contributes nothing either way (its weight is zero).
         """
-        from .. import ops
-
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         remaining = list(needed)
         while True:
@@ -458,7 +348,7 @@ class ExpertCache:
                 resident = {e: s for e, s in zip(remaining, lease.slots) if s >= 0}
                 if not resident:
                     raise RuntimeError(f"expert cache: no slot of {self.num_slots} can be evicted for layer {layer} "
-                                       "(all protected or never-evict); unpin experts or use more slots")
+                                       "(all leased or kept resident); allow_eviction or use more slots")
                 filler = next(iter(resident.values()))
                 local_map = torch.full((self.num_experts,), filler, dtype=torch.int32)
                 local_map[list(resident)] = torch.tensor(list(resident.values()), dtype=torch.int32)

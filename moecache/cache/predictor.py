@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -32,20 +31,6 @@ class RouterSpec:
         if self.correction is not None:
             return torch.sigmoid(logits) + self.correction.float()
         return logits
-
-
-def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
-    """The router of an MoE block, found by shape: a child (not the experts) whose weight is [E, H]."""
-    for name, child in block.named_children():
-        if name in ("experts", "shared_experts", "shared_expert"):
-            continue
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
-            bias = getattr(child, "bias", None)
-            correction = getattr(child, "e_score_correction_bias", None)
-            return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None,
-                              correction if isinstance(correction, torch.Tensor) else None)
-    return None
 
 
 @dataclass
@@ -102,12 +87,14 @@ class LookaheadPredictor:
         self.seconds += time.perf_counter() - start
         return out
 
+    PRIOR_CEILING = 0.99  # the frequency prior stays below every prediction's priority (>= 1)
+
     def prior(self, layer: int, num_experts: int) -> list[float]:
-        """Frequency prior in [0, 1): how often each expert of `layer` has been used, relative to the most
-        used one. Below every prediction's priority, so it only orders the experts nobody predicted."""
+        """Frequency prior in [0, PRIOR_CEILING]: how often each expert of `layer` has been used, relative
+        to the most used one. It only orders the experts nobody predicted."""
         counts = self.use_counts.get(layer, {})
         top = max(counts.values(), default=0)
-        return [0.99 * counts.get(e, 0) / top if top else 0.0 for e in range(num_experts)]
+        return [self.PRIOR_CEILING * counts.get(e, 0) / top if top else 0.0 for e in range(num_experts)]
 
     def observe(self, layer: int, used: list[int]) -> None:
         used_set = set(used)

@@ -41,11 +41,11 @@ def distinct_experts(routes: list[set], groups: list[list[int]]) -> float:
     return sum(len(set().union(*(routes[i] for i in g))) for g in groups) / max(len(groups), 1)
 
 
-def prompt_routes(model, prompts: torch.Tensor, *, last_tokens: int = 4, batch_size: int = 16) -> list[set]:
-    """(layer, expert) pairs each request's last `last_tokens` prompt tokens route to (one extra prefill)."""
-    from ..patching import patched_experts
-
-    index = {id(m): i for i, m in enumerate(patched_experts(model))}
+def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: int = 4,
+                  batch_size: int = 16) -> list[set]:
+    """(layer, expert) pairs each request's last `last_tokens` prompt tokens route to (one extra prefill).
+    experts: the model's patched experts modules in layer order (moecache.patched_experts(model))."""
+    index = {id(m): i for i, m in enumerate(experts)}
     routes = [set() for _ in range(prompts.shape[0])]
     current: list[int] = []
 
@@ -56,7 +56,7 @@ def prompt_routes(model, prompts: torch.Tensor, *, last_tokens: int = 4, batch_s
         for row, request in enumerate(current):
             routes[request].update((layer, int(e)) for e in ids[row].tolist())
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in patched_experts(model)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts]
     try:
         with torch.no_grad():
             for start in range(0, prompts.shape[0], batch_size):
@@ -68,22 +68,21 @@ def prompt_routes(model, prompts: torch.Tensor, *, last_tokens: int = 4, batch_s
     return routes
 
 
-def generate_scheduled(model, prompts: torch.Tensor, *, batch_size: int, schedule: bool = True,
+def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_size: int, schedule: bool = True,
                        max_new_tokens: int = 16, **generate_kwargs) -> tuple[torch.Tensor, dict]:
     """Greedy-generate for every prompt ([N, S], equal lengths) in micro-batches of batch_size, grouped by
-    predicted routes when `schedule`, else in order. Returns (outputs [N, S + new] in the prompts' order,
-    info: groups, scheduler seconds, predicted distinct experts per step)."""
+    predicted routes when `schedule`, else in order. experts: the model's patched experts modules in layer
+    order (moecache.patched_experts(model)). Returns (outputs [N, S + new] in the prompts' order, info:
+    groups, scheduler_s (host time spent grouping, the routing forward included), predicted distinct
+    experts per step)."""
     n = prompts.shape[0]
     start = time.perf_counter()
     if schedule:
-        routes = prompt_routes(model, prompts, batch_size=batch_size)
+        routes = prompt_routes(model, prompts, experts, batch_size=batch_size)
         groups = group_by_routes(routes, batch_size)
     else:
         routes, groups = None, [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     scheduler_s = time.perf_counter() - start
-    state = getattr(model, "_moecache_patch", None)
-    if schedule and state is not None:  # moecache.stats(model) reports it
-        state.scheduler_seconds += scheduler_s
     outputs: list = [None] * n
     with torch.no_grad():
         for group in groups:

@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "TINY_MOE_DIR", "BOS_ID", "EOS_ID", "PAD_ID", "VOCAB_SIZE",
-    "load_tiny_moe", "encode", "decode", "validation_text", "routing_trace",
+    "load_tiny_moe", "encode", "decode", "validation_text",
 ]
 
 TINY_MOE_DIR = Path(__file__).resolve().parent / "tiny_moe"
@@ -63,47 +63,3 @@ def decode(ids) -> str:
 def validation_text() -> str:
     """Held-out text (whole files from the validation split, never trained on), ~32 KB."""
     return (TINY_MOE_DIR / "heldout.txt").read_text(encoding="utf-8")
-
-
-@torch.no_grad()
-def routing_trace(model, ids: torch.Tensor, *, seq_len: int = 256, batch_size: int = 16) -> dict:
-    """What each MoE layer saw and chose, for predictor and caching experiments.
-
-    ids: LongTensor [1, n] (or [n]); it is cut into non-overlapping windows of `seq_len` tokens (a
-    shorter last window is dropped) run independently, `batch_size` windows at a time.
-
-    Returns {decoder layer index: {"hidden": [N, H] fp32}} for every decoder layer: the input of its MLP
-    block (after post_attention_layernorm; for a MoE layer, what its router and experts read). MoE
-    layers also carry "topk_ids" [N, K] int64 (the experts chosen) and "router_logits" [N, E] fp32.
-    N = windows * seq_len, tokens in order.
-    """
-    ids = ids.reshape(-1)
-    n_win = ids.numel() // seq_len
-    if n_win == 0:
-        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}")
-    windows = ids[: n_win * seq_len].view(n_win, seq_len).to(next(model.parameters()).device)
-    layers = model.model.layers
-    first_moe = model.config.first_k_dense_replace
-    acc: dict = {i: {"hidden": []} for i in range(len(layers))}
-    handles = []
-
-    def mlp_hook(m, args, out, i):
-        acc[i]["hidden"].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
-
-    def gate_hook(m, args, out, i):
-        logits, _, topk = out
-        acc[i]["router_logits"].append(logits.float().cpu())
-        acc[i]["topk_ids"].append(topk.long().cpu())
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: mlp_hook(m, a, o, i)))
-        if i >= first_moe:
-            acc[i].update(topk_ids=[], router_logits=[])
-            handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: gate_hook(m, a, o, i)))
-    try:
-        for start in range(0, n_win, batch_size):
-            model(windows[start:start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: {k: torch.cat(v) for k, v in d.items()} for i, d in acc.items()}

@@ -5,12 +5,11 @@ The Triton paths are registered with torch.library.triton_op, so torch.compile s
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from .._env import backend_override
-from .reference import ACTIVATIONS, fused_moe_reference, route_reference
+from .._env import backend_override, moe_config_path, validate_values
+from .reference import ACTIVATIONS, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,7 +29,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _value_checks_allowed() -> bool:
     """Checks that read tensor values need a host sync: skipped while compiling or capturing a graph,
     and when MOECACHE_VALIDATE=0 (eager decode without the sync)."""
-    if os.environ.get("MOECACHE_VALIDATE", "1") == "0":
+    if not validate_values():
         return False
     if torch.compiler.is_compiling():
         return False
@@ -57,7 +56,7 @@ def tuned_configs(device: torch.device) -> dict | None:
 
     from moecache import kernels
 
-    path = os.environ.get("MOECACHE_MOE_CONFIG")
+    path = moe_config_path()
     slug = device_slug(device)
     key = (path, slug)
     if key not in _TUNED_CACHE:
@@ -241,33 +240,49 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
                                      b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved)
         return result if out is None else out.copy_(result)
-    from moecache.kernels.fused_moe import ACTIVATION_CODES
-
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     torch.ops.moecache.fused_moe(
         hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
-        w_gate_up, w_down, topk_weights.float(), topk_ids.to(torch.int32), ACTIVATION_CODES[activation],
+        w_gate_up, w_down, topk_weights.float(), topk_ids.to(torch.int32), activation,
         expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, out)
     return out
 
 
+def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
+                device: torch.device) -> dict:
+    from moecache import kernels
+    from moecache.kernels.fused_moe import select_config
+
+    table = tuned_configs(device) if device.type == "cuda" else None
+    return select_config(num_tokens, top_k, num_experts, hidden, inter, kernels.INTERPRETING, table=table)
+
+
+def streams_each_expert_once(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
+                             device: torch.device) -> bool:
+    """Whether fused_moe reads each routed expert's weights once per call at this size (the GEMV path for
+    one token; the grouped path while an expert's rows, at most one per token, fit one row tile).
+    Where it does, a non-resident expert costs the same PCIe bytes read in place as copied."""
+    config = _moe_config(num_tokens, top_k, num_experts, hidden, inter, torch.device(device))
+    if config["path"] == "decode":
+        return num_tokens == 1
+    return num_tokens <= config["BLOCK_M"]
+
+
 @torch.library.triton_op("moecache::fused_moe", mutates_args=("out",))
 def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: int,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
                   expert_map: torch.Tensor | None, host_w_gate_up: torch.Tensor | None,
                   host_w_down: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
                   gate_up_interleaved: bool, out: torch.Tensor) -> None:
-    from moecache import kernels
-    from moecache.kernels.fused_moe import fused_moe_launch, select_config
+    from moecache.kernels.fused_moe import fused_moe_launch
 
     x = hidden_states
     if x.shape[0] == 0:
         return
     E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
-    config = select_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], kernels.INTERPRETING,
-                           table=tuned_configs(x.device))
-    fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation_code=activation,
-                            expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
-                            b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
-                            config=config, launcher=torch.library.wrap_triton)
+    config = _moe_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], x.device)
+    fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation=activation,
+                     swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=expert_map,
+                     host_w_gate_up=host_w_gate_up, host_w_down=host_w_down, b_gate_up=b_gate_up, b_down=b_down,
+                     gate_up_interleaved=gate_up_interleaved, config=config, launcher=torch.library.wrap_triton)

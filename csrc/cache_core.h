@@ -37,14 +37,14 @@ struct CacheStats {
   std::vector<std::uint64_t> layer_hits, layer_misses;
 };
 
-class ExpertCache {
+class CacheCore {
  public:
   // slot_pool: num_slots * record_bytes of device memory (host memory on the host backend);
   // expert_map: num_layers * num_experts int32 in the same memory, read by the expert kernels.
-  ExpertCache(std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
+  CacheCore(std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
               int num_slots, std::uintptr_t slot_pool, std::uintptr_t expert_map, Backend backend, Policy policy,
               int device);
-  ~ExpertCache();
+  ~CacheCore();
 
   // Starts copies of the listed experts that are not resident; returns at once. Returns how many
   // copies it started (it stops early when no slot may be evicted).
@@ -62,7 +62,6 @@ class ExpertCache {
 
   void set_priorities(int layer, const std::vector<float>& scores);  // one score per expert
   void set_never_evict(int layer, const std::vector<int>& experts, bool never_evict);
-  void set_policy(Policy policy);
 
   int slot_of(int layer, int expert);  // -1 when not resident (or not yet landed)
   bool ready(int layer, int expert);   // resident and its copy complete
@@ -83,7 +82,7 @@ class ExpertCache {
   struct Slot {
     int layer = -1, expert = -1;
     std::uint64_t ready_ticket = 0;
-    int pins = 0;               // ensure() calls not yet released
+    int leases = 0;             // ensure() calls not yet released
     bool prefetched_unused = false;
     std::uint64_t claimed = 0;  // the call that assigned it (never its own victim twice)
   };

@@ -1,4 +1,4 @@
-#include "expert_cache.h"
+#include "cache_core.h"
 
 #include <algorithm>
 #include <stdexcept>
@@ -7,7 +7,7 @@
 
 namespace moecache {
 
-ExpertCache::ExpertCache(std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
+CacheCore::CacheCore(std::shared_ptr<HostStore> store, int num_layers, int num_experts, std::size_t record_bytes,
                          int num_slots, std::uintptr_t slot_pool, std::uintptr_t expert_map, Backend backend,
                          Policy policy, int device)
     : store_(std::move(store)),
@@ -39,24 +39,24 @@ ExpertCache::ExpertCache(std::shared_ptr<HostStore> store, int num_layers, int n
   engine_ = backend == Backend::Cuda ? make_cuda_engine(map_, device) : make_host_engine(map_);
 }
 
-ExpertCache::~ExpertCache() {
+CacheCore::~CacheCore() {
   try {
     close();
   } catch (...) {
   }
 }
 
-void ExpertCache::check_open() const {
-  if (engine_ == nullptr) throw std::runtime_error("ExpertCache is closed");
+void CacheCore::check_open() const {
+  if (engine_ == nullptr) throw std::runtime_error("CacheCore is closed");
 }
 
-void ExpertCache::check_layer(int layer) const {
+void CacheCore::check_layer(int layer) const {
   if (layer < 0 || layer >= num_layers_) {
     throw std::out_of_range("layer " + std::to_string(layer) + " is outside [0, " + std::to_string(num_layers_) + ")");
   }
 }
 
-void ExpertCache::check_expert(int expert) const {
+void CacheCore::check_expert(int expert) const {
   if (expert < 0 || expert >= num_experts_) {
     throw std::out_of_range("expert " + std::to_string(expert) + " is outside [0, " + std::to_string(num_experts_) + ")");
   }
@@ -68,7 +68,7 @@ static std::vector<int> unique_sorted(std::vector<int> ids) {
   return ids;
 }
 
-int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
+int CacheCore::choose_victim(bool for_prefetch, float min_priority) {
   const std::uint64_t landed = engine_->completed();
   int best = -1;
   // Smaller is evicted first: the policy's order, and a slot still being filled only on a tie (evicting
@@ -76,7 +76,7 @@ int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
   std::tuple<float, std::uint64_t, std::uint64_t, bool> best_key;
   for (int s = 0; s < num_slots_; ++s) {
     const Slot& slot = slots_[s];
-    if (slot.claimed == call_ || slot.pins > 0) continue;
+    if (slot.claimed == call_ || slot.leases > 0) continue;
     if (slot.layer < 0) return s;  // empty: lowest index first, so a fresh pool fills in order
     const Expert& occupant = state(slot.layer, slot.expert);
     if (occupant.never_evict) continue;
@@ -96,7 +96,7 @@ int ExpertCache::choose_victim(bool for_prefetch, float min_priority) {
   return best;
 }
 
-void ExpertCache::assign(int s, int layer, int expert, Plan& plan) {
+void CacheCore::assign(int s, int layer, int expert, Plan& plan) {
   Slot& slot = slots_[s];
   if (slot.layer >= 0) {
     Expert& old = state(slot.layer, slot.expert);
@@ -117,7 +117,7 @@ void ExpertCache::assign(int s, int layer, int expert, Plan& plan) {
   plan.validate.push_back({static_cast<std::int32_t>(record), s});
 }
 
-std::uint64_t ExpertCache::submit(Plan& plan, std::uintptr_t compute_stream) {
+std::uint64_t CacheCore::submit(Plan& plan, std::uintptr_t compute_stream) {
   if (plan.copies.empty()) return 0;
   // `after` matters only if a victim's own copy may not have landed yet.
   if (plan.after != 0 && engine_->done(plan.after)) plan.after = 0;
@@ -129,7 +129,7 @@ std::uint64_t ExpertCache::submit(Plan& plan, std::uintptr_t compute_stream) {
   return ticket;
 }
 
-void ExpertCache::begin_call(int layer, const std::vector<int>& experts) {
+void CacheCore::begin_call(int layer, const std::vector<int>& experts) {
   check_open();
   check_layer(layer);
   for (int e : experts) check_expert(e);
@@ -137,7 +137,7 @@ void ExpertCache::begin_call(int layer, const std::vector<int>& experts) {
   clock_ += 1;
 }
 
-int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
+int CacheCore::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
   Plan plan;
@@ -157,7 +157,7 @@ int ExpertCache::prefetch(int layer, const std::vector<int>& experts, std::uintp
   return issued;
 }
 
-std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const std::vector<int>& experts,
+std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const std::vector<int>& experts,
                                                                std::uintptr_t compute_stream) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
@@ -181,7 +181,7 @@ std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const 
       stats_.prefetch_hits += 1;
       slot.prefetched_unused = false;
     }
-    slot.pins += 1;
+    slot.leases += 1;
     slot.claimed = call_;
     protected_slots.push_back(ex.slot);
     needed = std::max(needed, slot.ready_ticket);
@@ -193,7 +193,7 @@ std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const 
     const int s = choose_victim(/*for_prefetch=*/false, 0.f);
     if (s < 0) continue;  // pool exhausted by protected slots: the caller runs this expert in a later round
     assign(s, layer, e, plan);
-    slots_[s].pins += 1;
+    slots_[s].leases += 1;
     protected_slots.push_back(s);
   }
   needed = std::max(needed, submit(plan, compute_stream));
@@ -204,21 +204,21 @@ std::pair<std::uint64_t, std::vector<int>> ExpertCache::ensure(int layer, const 
   return {call_, result};
 }
 
-void ExpertCache::release(std::uint64_t lease) {
+void CacheCore::release(std::uint64_t lease) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   auto it = leases_.find(lease);
   if (it == leases_.end()) throw std::invalid_argument("lease " + std::to_string(lease) + " is not held");
-  for (int s : it->second) slots_[s].pins -= 1;
+  for (int s : it->second) slots_[s].leases -= 1;
   leases_.erase(it);
 }
 
-std::size_t ExpertCache::leases_held() {
+std::size_t CacheCore::leases_held() {
   std::lock_guard<std::mutex> lock(mu_);
   return leases_.size();
 }
 
-void ExpertCache::record_use(int layer, const std::vector<int>& experts) {
+void CacheCore::record_use(int layer, const std::vector<int>& experts) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -245,7 +245,7 @@ void ExpertCache::record_use(int layer, const std::vector<int>& experts) {
   }
 }
 
-void ExpertCache::set_priorities(int layer, const std::vector<float>& scores) {
+void CacheCore::set_priorities(int layer, const std::vector<float>& scores) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -256,7 +256,7 @@ void ExpertCache::set_priorities(int layer, const std::vector<float>& scores) {
   for (int e = 0; e < num_experts_; ++e) state(layer, e).priority = scores[e];
 }
 
-void ExpertCache::set_never_evict(int layer, const std::vector<int>& experts, bool never_evict) {
+void CacheCore::set_never_evict(int layer, const std::vector<int>& experts, bool never_evict) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -264,13 +264,7 @@ void ExpertCache::set_never_evict(int layer, const std::vector<int>& experts, bo
   for (int e : experts) state(layer, e).never_evict = never_evict;
 }
 
-void ExpertCache::set_policy(Policy policy) {
-  std::lock_guard<std::mutex> lock(mu_);
-  check_open();
-  policy_ = policy;
-}
-
-int ExpertCache::slot_of(int layer, int expert) {
+int CacheCore::slot_of(int layer, int expert) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -278,7 +272,7 @@ int ExpertCache::slot_of(int layer, int expert) {
   return state(layer, expert).slot;
 }
 
-bool ExpertCache::ready(int layer, int expert) {
+bool CacheCore::ready(int layer, int expert) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -287,7 +281,7 @@ bool ExpertCache::ready(int layer, int expert) {
   return s >= 0 && engine_->done(slots_[s].ready_ticket);
 }
 
-std::vector<int> ExpertCache::resident(int layer) {
+std::vector<int> CacheCore::resident(int layer) {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   check_layer(layer);
@@ -298,7 +292,7 @@ std::vector<int> ExpertCache::resident(int layer) {
   return out;
 }
 
-CacheStats ExpertCache::stats() {
+CacheStats CacheCore::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   CacheStats s = stats_;
@@ -309,7 +303,7 @@ CacheStats ExpertCache::stats() {
   return s;
 }
 
-void ExpertCache::reset_stats() {
+void CacheCore::reset_stats() {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   stats_ = CacheStats{};
@@ -318,13 +312,13 @@ void ExpertCache::reset_stats() {
   engine_->reset_times();
 }
 
-void ExpertCache::synchronize() {
+void CacheCore::synchronize() {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   engine_->synchronize();
 }
 
-void ExpertCache::close() {
+void CacheCore::close() {
   std::lock_guard<std::mutex> lock(mu_);
   if (engine_ == nullptr) return;
   engine_->synchronize();

@@ -1,7 +1,10 @@
-"""Record a model's routing (and lookahead predictions of it) while it generates, for simulate.py and
-the predictor's accuracy.
+"""Record what a model's MoE layers do, for simulate.py, the predictor's accuracy and its training.
 
-A record holds, per forward step (the prompt, then each decode step) and per MoE layer, the experts the
+record_routing: while the model generates, per forward step and MoE layer, the experts used and what
+lookahead gating predicted. record_layer_inputs: per decoder layer, the hidden state its MLP block read
+and, for MoE layers, the routing (the learned predictor's training pairs).
+
+A routing record holds, per forward step (the prompt, then each decode step) and per MoE layer, the experts the
 layer used for the whole batch, and the experts the lookahead predictor guessed for it from the hidden
 states of the `depth` layers before it in the same step.
 """
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .predictor import LookaheadPredictor
+from ..cache.predictor import LookaheadPredictor
 
 
 @dataclass
@@ -53,18 +56,17 @@ class RoutingTrace:
         return cls(**json.loads(text))
 
 
-def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth: int = 2, learned=None,
-                   **generate_kwargs) -> tuple[RoutingTrace, torch.Tensor]:
-    """Greedy-generate with a patched model (experts resident or offloaded) and record its routing, with
-    lookahead-gating predictions (or a LearnedRoutePredictor's where `learned` has a head).
+def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list, *, max_new_tokens: int,
+                   depth: int = 2, learned=None, **generate_kwargs) -> tuple[RoutingTrace, torch.Tensor]:
+    """Greedy-generate and record the routing of `experts` (the model's patched experts modules in layer
+    order: moecache.patched_experts(model)), with lookahead-gating predictions from `routers`
+    (moecache.routers(model)), or a LearnedRoutePredictor's where `learned` has a head.
     Returns (trace, generated ids)."""
-    from ..patching import patched_experts, routers
-
-    layers = patched_experts(model)
+    layers = list(experts)
     if not layers:
-        raise ValueError("record_routing: the model has no patched MoE layers")
+        raise ValueError("record_routing: no MoE layers given (patch the model, then pass moecache.patched_experts(model))")
     index = {id(m): i for i, m in enumerate(layers)}
-    predictor = LookaheadPredictor(routers(model), depth=depth, learned=learned)
+    predictor = LookaheadPredictor(routers, depth=depth, learned=learned)
     trace = RoutingTrace(num_layers=len(layers), num_experts=layers[0].num_experts, top_k=0, depth=depth)
 
     def hook(module, args, kwargs):
@@ -91,3 +93,47 @@ def record_routing(model, input_ids: torch.Tensor, *, max_new_tokens: int, depth
         for h in handles:
             h.remove()
     return trace, out
+
+
+@torch.no_grad()
+def record_layer_inputs(model, ids: torch.Tensor, *, seq_len: int = 256, batch_size: int = 16) -> dict:
+    """What each MoE layer saw and chose, for predictor and caching experiments.
+
+    ids: LongTensor [1, n] (or [n]); it is cut into non-overlapping windows of `seq_len` tokens (a
+    shorter last window is dropped) run independently, `batch_size` windows at a time.
+
+    Returns {decoder layer index: {"hidden": [N, H] fp32}} for every decoder layer: the input of its MLP
+    block (after post_attention_layernorm; for a MoE layer, what its router and experts read). MoE
+    layers also carry "topk_ids" [N, K] int64 (the experts chosen) and "router_logits" [N, E] fp32.
+    N = windows * seq_len, tokens in order.
+    """
+    ids = ids.reshape(-1)
+    n_win = ids.numel() // seq_len
+    if n_win == 0:
+        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}")
+    windows = ids[: n_win * seq_len].view(n_win, seq_len).to(next(model.parameters()).device)
+    layers = model.model.layers
+    first_moe = model.config.first_k_dense_replace
+    acc: dict = {i: {"hidden": []} for i in range(len(layers))}
+    handles = []
+
+    def mlp_hook(m, args, out, i):
+        acc[i]["hidden"].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+    def gate_hook(m, args, out, i):
+        logits, _, topk = out
+        acc[i]["router_logits"].append(logits.float().cpu())
+        acc[i]["topk_ids"].append(topk.long().cpu())
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: mlp_hook(m, a, o, i)))
+        if i >= first_moe:
+            acc[i].update(topk_ids=[], router_logits=[])
+            handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: gate_hook(m, a, o, i)))
+    try:
+        for start in range(0, n_win, batch_size):
+            model(windows[start:start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: {k: torch.cat(v) for k, v in d.items()} for i, d in acc.items()}

@@ -1,0 +1,80 @@
+"""One MoE layer's experts served by an ExpertCache: what a patched layer delegates to once offloaded,
+with the prefetch policy that fills the cache ahead of the layers that need it.
+
+Two ways to fill it ahead of time:
+- temporal locality (policies lru / lfu): after a layer runs, copy the experts the next layer used on
+  the previous step;
+- prediction (policy predictive): before a layer's kernel is enqueued, a LookaheadPredictor guesses the
+  next layers' experts from this layer's hidden state; they get cache priorities and their copies start,
+  so they overlap this layer's compute.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .expert_cache import ExpertCache
+from .predictor import LookaheadPredictor
+
+# Cache priorities written for predicted experts: a layer d steps ahead gets a base of
+# PRIORITY_PER_DEPTH_STEP * (lookahead - d + 1), so nearer layers outrank farther ones, plus the fraction
+# of tokens that chose the expert (< 1, below the next base). The predictor's frequency prior for
+# unpredicted experts stays below 1 (LookaheadPredictor.PRIOR_CEILING), under every prediction.
+PRIORITY_PER_DEPTH_STEP = 2.0
+
+
+class OffloadedExperts:
+    """Runs `layer` of an ExpertCache: resident experts from the slot pool, misses read in place or
+    copied first (the cache decides), prefetching for the following layers as the policy says."""
+
+    def __init__(self, cache: ExpertCache, layer: int, *, predictor: LookaheadPredictor | None = None,
+                 prefetch_next: bool = False):
+        self.cache = cache
+        self.layer = layer
+        self.predictor = predictor
+        self.prefetch_next = prefetch_next and predictor is None
+        self.next: OffloadedExperts | None = None  # set by whoever wires the layers in order
+        self.last_experts: torch.Tensor | None = None  # experts this layer used on its last call
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights, *, activation: str, interleaved: bool,
+                 biases: dict) -> torch.Tensor:
+        cache, layer = self.cache, self.layer
+        if torch.compiler.is_compiling():
+            # Traced: no host syncs or Python-side bookkeeping; misses are read in place through the map.
+            gate_up, down = cache.slot_weights()
+            host_gate_up, host_down = cache.host_weights(layer, on_device=True)
+            return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, activation=activation,
+                                 gate_up_interleaved=interleaved, expert_map=cache.expert_map(layer),
+                                 host_w_gate_up=host_gate_up, host_w_down=host_down, **biases)
+        predict = None
+        if self.predictor is not None:
+            def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):
+                self._predict_and_prefetch(x, top_k, used)
+        out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, activation=activation,
+                        before_compute=predict, **biases)
+        if self.prefetch_next and self.next is not None:
+            self._prefetch_next_layer(top_k_index)
+        return out
+
+    def _prefetch_next_layer(self, top_k_index: torch.Tensor) -> None:
+        """Temporal locality: the next layer will likely route to what it routed to on the previous step."""
+        nxt = self.next
+        if nxt.last_experts is not None:
+            self.cache.prefetch(nxt.layer, nxt.last_experts)
+        self.last_experts = torch.unique(top_k_index).cpu()
+
+    def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
+        """Score this layer's earlier guess, drop its priorities to the frequency prior (it is done until
+        the next step), then raise the priorities of the experts the next layers are predicted to use
+        and start copying them."""
+        predictor, cache, layer = self.predictor, self.cache, self.layer
+        predictor.observe(layer, used)
+        cache.set_priorities(layer, predictor.prior(layer, cache.num_experts))
+        tokens = hidden_states.shape[0]
+        for target, depth, counts in predictor.predict(layer, hidden_states, top_k):
+            base = PRIORITY_PER_DEPTH_STEP * (predictor.depth - depth + 1)
+            cache.set_priorities(target, (base + counts.float() / tokens) * (counts > 0))
+            cache.prefetch(target, torch.nonzero(counts).reshape(-1))
+
+    def __repr__(self) -> str:
+        return f"OffloadedExperts(layer {self.layer} of {self.cache!r})"

@@ -1,0 +1,90 @@
+"""Where an expert cache reads a layer's experts from: the ways models hold them, one expert at a time.
+
+- a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
+- a module with fused 3-D `gate_up_proj` / `down_proj` parameters (transformers 5.x experts; GPT-OSS's
+  transposed, interleaved layout too);
+- an `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj or w1/w3/w2 linear layers
+  (transformers 4.x, DeepSeek's own modelling code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..compat import experts_flags
+
+
+@dataclass
+class ExpertSource:
+    """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I])."""
+
+    num_experts: int
+    hidden: int
+    inter: int
+    dtype: torch.dtype
+    get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    gate_up_interleaved: bool = False  # gate = even rows, up = odd rows (GPT-OSS)
+
+
+def _linear_weight(module, *names):
+    for name in names:
+        sub = getattr(module, name, None)
+        if sub is not None and hasattr(sub, "weight"):
+            return sub.weight
+    return None
+
+
+def expert_source(experts) -> ExpertSource:
+    """An ExpertSource from the ways models hold experts.
+
+    - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
+    - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
+      (layouts that differ, such as GPT-OSS's [E, H, 2I] interleaved, raise);
+    - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
+      or w1/w3/w2 (Mixtral) linear layers.
+    """
+    if isinstance(experts, (tuple, list)) and len(experts) == 2 and all(isinstance(t, torch.Tensor) for t in experts):
+        gate_up, down = experts
+        return _fused_source(gate_up, down, "w_gate_up", "w_down")
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
+        transposed, interleaved, _ = experts_flags(experts)
+        if transposed:
+            # GPT-OSS: gate_up [E, H, 2I] interleaved, down [E, I, H]; records hold them as [2I, H] / [H, I].
+            source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
+                                   "gate_up_proj", "down_proj")
+            source.gate_up_interleaved = interleaved
+            return source
+        return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
+    if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
+        first = experts[0]
+        names = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+        for gate_name, up_name, down_name in names:
+            if all(_linear_weight(first, n) is not None for n in (gate_name, up_name, down_name)):
+                break
+        else:
+            raise ValueError(f"experts: a ModuleList of {type(first).__name__} has neither gate_proj/up_proj/down_proj "
+                             "nor w1/w3/w2 linear layers")
+        gate = _linear_weight(first, gate_name)
+        inter, hidden = gate.shape
+
+        def get(e):
+            m = experts[e]
+            gu = torch.cat([_linear_weight(m, gate_name), _linear_weight(m, up_name)], dim=0)
+            return gu, _linear_weight(m, down_name)
+
+        return ExpertSource(len(experts), hidden, inter, gate.dtype, get)
+    raise ValueError(f"experts: cannot read experts from {type(experts).__name__}; pass (w_gate_up [E, 2I, H], "
+                     "w_down [E, H, I]), a module with gate_up_proj/down_proj, or a ModuleList of expert MLPs")
+
+
+def _fused_source(gate_up, down, gu_name, down_name) -> ExpertSource:
+    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+        raise ValueError(f"experts: {gu_name} must be [E, 2I, H], got {tuple(gate_up.shape)}")
+    E, two_i, H = gate_up.shape
+    if tuple(down.shape) != (E, H, two_i // 2):
+        raise ValueError(f"experts: {down_name} must be [E={E}, H={H}, I={two_i // 2}], got {tuple(down.shape)}")
+    if down.dtype != gate_up.dtype:
+        raise ValueError(f"experts: {down_name} dtype {down.dtype} differs from {gu_name}'s {gate_up.dtype}")
+    return ExpertSource(E, H, two_i // 2, gate_up.dtype, lambda e: (gate_up[e], down[e]))

@@ -1,0 +1,249 @@
+"""moecache.patch(model): swap a loaded model's routed-experts modules (and its MLA attention) for
+moecache's, in place; unpatch puts the exact originals back.
+
+Hook chosen: the experts module itself (transformers 5.x `*Experts`, called as
+experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])), not the whole MoE block and not
+transformers' ExpertsInterface. The router, shared experts and block stay the model's own, so routing
+(softmax or sigmoid, groups, correction bias, scaling) and return values (router logits for auxiliary
+losses) are the model's exactly. ExpertsInterface selects one function per *config* by name and keeps
+no per-layer state; offload needs per-layer state (cache, layer index, prefetching), and module
+swapping is reversible object by object, so unpatch can restore the exact originals.
+
+patch() runs in four steps: plan (what can be replaced, what is left alone and why), validate (every
+error raised before the model changes), apply (swap modules, wire offload, install the generate hook),
+record (what unpatch and stats need).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..cache import ExpertCache
+from ..layers.experts import MoecacheExperts
+from ..layers.mla import MoecacheMLA
+from .attention import AttentionPlan, plan_attention
+from .families import FoundExperts, find_experts, find_router, layout_for, make_experts, unstack_list_experts
+from .generate import install_latent_cache_default, remove_latent_cache_default
+from .offload import Offload, offload_experts, restore_offloaded, validate_offload
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["patch", "unpatch", "stats", "Offload", "patched_experts", "routers", "expert_cache"]
+
+_STATE = "_moecache_patch"
+_LEFT_ALONE = "_moecache_left_alone"
+
+
+@dataclass
+class Replacement:
+    name: str
+    parent: nn.Module
+    attr: str
+    original: nn.Module
+    new: nn.Module
+
+
+@dataclass
+class PatchState:
+    """What a patched model carries: the replacements in the order made, the expert cache and predictor."""
+
+    replaced: list[Replacement] = field(default_factory=list)
+    cache: ExpertCache | None = None
+    predictor: object = None
+
+
+@dataclass
+class _Plan:
+    experts: list[tuple[FoundExperts, object]] = field(default_factory=list)  # (found, layout) to replace
+    attention: list[AttentionPlan] = field(default_factory=list)
+    experts_requested: bool = True
+    experts_found: int = 0  # routed-experts modules in the model, patched or not
+    experts_patched: int = 0  # already MoecacheExperts
+
+
+def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, offload: Offload | None = None,
+          strict: bool = False) -> nn.Module:
+    """Replace the model's routed-experts modules with moecache's, in place; returns the model.
+
+    Args:
+        experts: swap experts modules for MoecacheExperts (same parameters, no copy).
+        attention: replace DeepSeek-V2/V3 MLA attention modules (and modules shaped like DeepSeek's own
+            code) with MoecacheMLA, and make model.generate use a paged LatentKVCache.
+        offload: an Offload to keep experts in pinned host memory with a GPU slot pool.
+        strict: raise instead of leaving a module alone (with one warning) when it cannot be patched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if offload is not None and not isinstance(offload, Offload):
+        raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
+    left_alone: list[dict] = []
+    try:
+        plan = _plan(model, experts, attention, strict, left_alone)
+        _validate(model, plan, offload, strict)
+        _apply(model, plan, offload)
+    finally:
+        _record_left_alone(model, left_alone)
+    return model
+
+
+def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list) -> _Plan:
+    plan = _Plan(attention=plan_attention(model, strict, left_alone) if attention else [], experts_requested=experts)
+    if not experts:
+        return plan
+    found = find_experts(model)
+    plan.experts_found = len(found)
+    for f in found:
+        if isinstance(f.module, MoecacheExperts):
+            plan.experts_patched += 1
+            continue
+        layout = layout_for(model, f)
+        if layout is None:
+            reason = "an activation the kernels lack"
+            if strict:
+                raise ValueError(f"moecache.patch: {f.name} ({type(f.module).__name__}) uses {reason}")
+            left_alone.append({"name": f.name, "kind": "experts", "type": type(f.module).__name__, "reason": reason})
+            continue
+        plan.experts.append((f, layout))
+    return plan
+
+
+def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None:
+    state: PatchState | None = getattr(model, _STATE, None)
+    if not plan.experts_requested:
+        return
+    if plan.experts_found == 0 and (offload is not None or (strict and not plan.attention)):
+        raise ValueError(_no_experts_message(model))
+    if plan.experts_found and not plan.experts and not plan.experts_patched and (strict or offload is not None):
+        raise ValueError("moecache.patch: no experts module could be patched")
+    if offload is not None:
+        if not plan.experts and state is not None and state.cache is None:
+            raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
+        if plan.experts:
+            validate_offload([f for f, _ in plan.experts], offload)
+
+
+def _no_experts_message(model) -> str:
+    return (f"moecache.patch: no MoE experts found in {type(model).__name__} "
+            f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}); nothing was patched")
+
+
+def _apply(model, plan: _Plan, offload: Offload | None) -> None:
+    state: PatchState = getattr(model, _STATE, None) or PatchState()
+    if plan.experts_requested and plan.experts_found == 0 and not plan.attention:
+        logger.warning(_no_experts_message(model))
+    elif not plan.experts and not plan.attention and plan.experts_patched:
+        logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
+
+    new_experts = [Replacement(f.name, f.parent, f.attr, f.module, make_experts(f, layout)) for f, layout in plan.experts]
+    if offload is not None and new_experts:
+        try:
+            state.cache, state.predictor = offload_experts([(r.parent, r.new) for r in new_experts], offload)
+        except Exception:
+            for r in new_experts:
+                if r.new.stacked is not None:
+                    unstack_list_experts(r.original, r.new.list_names)
+            raise
+    for r in new_experts:
+        if r.attr == "moe_infer":
+            object.__setattr__(r.parent, "moe_infer", r.new)  # an instance override, not a submodule
+        else:
+            setattr(r.parent, r.attr, r.new)
+        state.replaced.append(r)
+        logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
+                    r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
+    for a in plan.attention:
+        new = MoecacheMLA(a.module, **a.kwargs)
+        setattr(a.parent, a.attr, new)
+        state.replaced.append(Replacement(a.name, a.parent, a.attr, a.module, new))
+        logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", a.name,
+                    type(a.module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
+    if plan.attention:
+        install_latent_cache_default(model)
+    if state.replaced:
+        setattr(model, _STATE, state)
+
+
+def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
+    """One warning per patch() call for everything asked for but left alone, with counts and reasons;
+    stats(model)["left_alone"] lists each module."""
+    if not left_alone:
+        model.__dict__.pop(_LEFT_ALONE, None)
+        return
+    model.__dict__[_LEFT_ALONE] = left_alone  # plain attribute: never a submodule or parameter
+    by_reason: dict[tuple[str, str], int] = {}
+    for item in left_alone:
+        by_reason[(item["kind"], item["reason"])] = by_reason.get((item["kind"], item["reason"]), 0) + 1
+    parts = [f"{count} {kind} module{'s' if count > 1 else ''} ({reason})" for (kind, reason), count in by_reason.items()]
+    logger.warning("moecache.patch: left alone in %s: %s; moecache.stats(model)['left_alone'] names them",
+                   type(model).__name__, "; ".join(parts))
+
+
+# ------------------------------------------------------------------ unpatch, stats, accessors
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original modules and weights back exactly; returns the model."""
+    state: PatchState | None = getattr(model, _STATE, None)
+    model.__dict__.pop(_LEFT_ALONE, None)
+    if state is None:
+        logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
+        return model
+    experts = [r.new for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+    if state.cache is not None:
+        restore_offloaded(experts, state.cache)
+    remove_latent_cache_default(model)
+    for r in reversed(state.replaced):
+        if r.attr == "moe_infer":
+            del r.parent.__dict__["moe_infer"]  # the class's own method again
+            if r.new.stacked is not None:
+                unstack_list_experts(r.original, r.new.list_names)
+        else:
+            setattr(r.parent, r.attr, r.original)
+        if isinstance(r.new, MoecacheExperts):
+            r.new.provider = None
+    delattr(model, _STATE)
+    logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
+    return model
+
+
+def stats(model: nn.Module) -> dict:
+    """Per-layer calls and tokens of the patched experts, the expert cache's counters when offloaded, the
+    predictor's recall and precision (policy "predictive"), the patched MLA attention's calls, and
+    what patch left alone and why."""
+    state: PatchState | None = getattr(model, _STATE, None)
+    left_alone = list(model.__dict__.get(_LEFT_ALONE, []))
+    if state is None:
+        return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
+    layers = [{"name": r.name, "calls": r.new.calls, "tokens": r.new.tokens, "activation": r.new.layout.activation}
+              for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+    attention = [{"layer": r.new.layer_idx, **r.new.calls} for r in state.replaced if isinstance(r.new, MoecacheMLA)]
+    cache = state.cache.stats() if state.cache is not None else None
+    if cache is not None:
+        cache["wasted_prefetch_bytes"] = cache["wasted_prefetches"] * state.cache.record_bytes
+    prediction = state.predictor.summary() if state.predictor is not None else None
+    return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
+            "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
+            "attention": attention, "left_alone": left_alone}
+
+
+def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]:
+    state: PatchState | None = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("the model is not patched: call moecache.patch(model) first")
+    return [(r.parent, r.new) for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+
+
+def patched_experts(model: nn.Module) -> list[MoecacheExperts]:
+    """The patched experts modules, in layer order (the order routers() and the expert cache use)."""
+    return [new for _, new in _patched_blocks(model)]
+
+
+def routers(model: nn.Module) -> list:
+    """The router of every patched MoE layer, in layer order (RouterSpec; None where none was found)."""
+    return [find_router(block, new.num_experts, new.hidden_size) for block, new in _patched_blocks(model)]
+
+
+def expert_cache(model: nn.Module) -> ExpertCache | None:
+    """The ExpertCache serving an offloaded model's experts (None when not offloaded)."""
+    state: PatchState | None = getattr(model, _STATE, None)
+    return None if state is None else state.cache

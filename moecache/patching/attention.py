@@ -1,0 +1,89 @@
+"""DeepSeek-V2/V3 MLA attention modules, found by structure (their projections and head sizes), with
+the model's own rotary embedding function, so MoecacheMLA can take their place."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from torch import nn
+
+from .. import compat
+from ..layers.mla import MoecacheMLA
+
+MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+MLA_SIZES = ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+@dataclass
+class AttentionPlan:
+    """An MLA attention module to replace (parent.attr) and how to call its replacement."""
+
+    name: str
+    parent: nn.Module
+    attr: str
+    module: nn.Module
+    kwargs: dict
+
+
+def is_mla_attention(module: nn.Module) -> bool:
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in MLA_PARTS)
+            and all(isinstance(getattr(module, a, None), int) for a in MLA_SIZES))
+
+
+def rope_for(module: nn.Module, config):
+    """The model's own rotary embedding, as rope(q_rot [B, H, S, P], k_rot [B, 1, S, P], call) -> (q, k),
+    from the module that defines the attention class; None if none is recognised."""
+    source = sys.modules[type(module).__module__]
+    rotary = getattr(module, "rotary_emb", None)
+    if rotary is not None and hasattr(source, "apply_rotary_pos_emb"):
+        # DeepSeek's own code (DeepSeek-V2 / DeepSeek-VL2 repositories): the module owns a rotary_emb whose
+        # cos/sin tables are indexed by position_ids inside apply_rotary_pos_emb (interleaved pairs).
+        apply, table_len = source.apply_rotary_pos_emb, rotary.max_position_embeddings
+
+        def own_rope(q, k, call):
+            cos, sin = rotary(q, seq_len=table_len)
+            return apply(q, k, cos, sin, call["position_ids"])
+        return own_rope
+    if hasattr(source, "apply_rotary_emb"):  # transformers DeepSeek-V2: complex freqs_cis, interleaved pairs
+        apply = source.apply_rotary_emb
+        return lambda q, k, call: apply(q, k, call["position_embeddings"].to(q.device))
+    if hasattr(source, "apply_rotary_pos_emb"):  # transformers DeepSeek-V3: (cos, sin)
+        interleave = getattr(config, "rope_interleave", False)
+        apply = source.apply_rotary_pos_emb_interleave if interleave else source.apply_rotary_pos_emb
+
+        def rope(q, k, call):
+            cos, sin = call["position_embeddings"]
+            return apply(q, k, cos, sin)
+        return rope
+    return None
+
+
+def plan_attention(model: nn.Module, strict: bool, left_alone: list) -> list[AttentionPlan]:
+    """Every MLA attention module not yet patched that can be; the others go to `left_alone` with the
+    reason (or raise, with strict)."""
+    text_config = compat.text_config(model)
+    plan = []
+    for name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, MoecacheMLA) or not is_mla_attention(child):
+                continue
+            qualified = f"{name}.{attr}" if name else attr
+            rope = rope_for(child, text_config)
+            scale = getattr(child, "scaling", getattr(child, "softmax_scale", None))
+            cache_arg = compat.attention_cache_argument(child.forward)
+            why = ("no rotary embedding function it uses was recognised" if rope is None else
+                   "no softmax scale attribute" if scale is None else
+                   f"its forward takes none of the cache arguments {compat.CACHE_ARGUMENTS}" if cache_arg is None
+                   else None)
+            if why:
+                if strict:
+                    raise ValueError(f"moecache.patch: MLA attention {qualified} ({type(child).__name__}) "
+                                     f"cannot be patched: {why}")
+                left_alone.append({"name": qualified, "kind": "MLA attention", "type": type(child).__name__,
+                                   "reason": why})
+                continue
+            plan.append(AttentionPlan(qualified, parent, attr, child,
+                                      dict(rope=rope, scale=scale, arg_names=compat.positional_arguments(child.forward),
+                                           cache_arg=cache_arg, returns=3 if compat.attention_returns_cache(cache_arg)
+                                           else 2)))
+    return plan

@@ -1,0 +1,176 @@
+"""Offloading a patched model's experts: the Offload request, its budget, the checks made before anything
+changes, wiring the layers to one ExpertCache (and a predictor), and putting the weights back."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _C
+from ..cache import ExpertCache
+from ..cache.learned import LearnedRoutePredictor
+from ..cache.offloaded import OffloadedExperts
+from ..cache.predictor import LookaheadPredictor
+from ..layers.experts import MoecacheExperts
+from .families import FoundExperts, experts_shape, find_router, list_params
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("lru", "lfu", "predictive")
+_BYTE_UNITS = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+@dataclass
+class Offload:
+    """Keep experts in pinned host memory with only some on the GPU.
+
+    gpu_experts: a fraction of all experts (0 < x <= 1, e.g. 0.25), a count per layer (int), or a byte
+        budget ("6GiB", "512MB", or an int with bytes=True).
+    policy: "lru" / "lfu": evict the least recently / frequently used expert, and (with prefetch) copy
+        the experts the next layer used on the previous step after each layer. "predictive": each layer
+        applies the routers of the next `lookahead` layers to its hidden state and prefetches the experts
+        they pick while it computes; the cache evicts by those predictions (its "priority" eviction).
+    prefetch: copy ahead of need as the policy says (False: load on demand only).
+    pin: how the host store is page-locked: "alloc" (cudaHostAlloc) or "register" (cudaHostRegister).
+    allow_pageable: if page-locking fails, use pageable memory with a warning instead of raising.
+    lookahead: how many layers ahead the predictive policy looks (1 or 2 are typical).
+    predictor: with policy "predictive", the path of a LearnedRoutePredictor (bench/train_predictor.py
+        writes one) whose heads replace router reuse where they exist; None: lookahead gating only.
+    """
+
+    gpu_experts: float | int | str = 0.25
+    policy: str = "lru"
+    prefetch: bool = True
+    bytes: bool = False
+    pin: str = "alloc"
+    allow_pageable: bool = False
+    lookahead: int = 1
+    predictor: str | None = None
+
+    def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
+        """Device slots for this budget (at least one, at most every expert)."""
+        total = num_layers * num_experts
+        budget = self.gpu_experts
+        if isinstance(budget, str):
+            match = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
+            if not match:
+                raise ValueError(f"gpu_experts={budget!r}: expected a byte budget such as '6GiB' or '512MB'")
+            budget_bytes = float(match.group(1)) * _BYTE_UNITS[match.group(2)]
+            slots = int(budget_bytes // record_bytes)
+        elif isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"gpu_experts must be a fraction, a per-layer count or a byte budget, got {budget!r}")
+        elif self.bytes:
+            budget_bytes = budget
+            slots = int(budget // record_bytes)
+        elif isinstance(budget, float):
+            if not 0 < budget <= 1:
+                raise ValueError(f"gpu_experts={budget}: a fraction must lie in (0, 1]")
+            slots = max(1, math.ceil(budget * total))
+        else:
+            if not 1 <= budget <= num_experts:
+                raise ValueError(f"gpu_experts={budget}: a per-layer count must lie in [1, {num_experts}]")
+            slots = budget * num_layers
+        if (isinstance(budget, str) or self.bytes) and slots < 1:
+            raise ValueError(f"gpu_experts={budget!r} is {budget_bytes / 2**20:.2f} MiB, smaller than one expert "
+                             f"({record_bytes / 2**20:.2f} MiB)")
+        return min(slots, total)
+
+
+def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
+    """Everything that can be wrong with an offload request, raised before the model changes."""
+    if offload.policy not in POLICIES:
+        raise ValueError(f"offload policy must be one of {POLICIES}, got {offload.policy!r}")
+    if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
+        raise ValueError(f"offload lookahead must be an int >= 1, got {offload.lookahead!r}")
+    if offload.predictor is not None:
+        if offload.policy != "predictive":
+            raise ValueError(f"offload predictor={offload.predictor!r} needs policy='predictive'")
+        if not Path(offload.predictor).is_file():
+            raise ValueError(f"offload predictor={offload.predictor!r}: no such file")
+    if offload.policy == "predictive":
+        missing = [f.name for f in found if find_router(f.parent, *experts_shape(f)) is None]
+        if missing:
+            raise ValueError(f"offload policy 'predictive' needs each MoE block's router ([E, H] weight); "
+                             f"none found beside {missing[0]}")
+    devices = set()
+    for f in found:
+        if f.list_names is None:
+            devices.add(f.module.gate_up_proj.device)
+        else:
+            devices.update(getattr(m, n).weight.device for m in f.module for n in f.list_names)
+    if len(devices) != 1:
+        raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
+                         "cache serves one device: load the experts onto one GPU (or the CPU)")
+    device = devices.pop()
+    if device.type == "meta":
+        raise ValueError("offload: the experts are on the meta device (not loaded)")
+    if device.type == "cuda" and not _C.cuda_available():
+        raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
+                         f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
+
+
+def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Offload):
+    """Move the layers' experts (in layer order, with their MoE blocks) to one ExpertCache and give each
+    layer an OffloadedExperts provider; the device memory the experts held is freed.
+    Returns (cache, predictor or None)."""
+    modules = [m for _, m in layers]
+    E = modules[0].num_experts
+    gate_up, down = modules[0].weights()
+    device = gate_up.device
+    record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    num_slots = offload.slots(len(modules), E, record_bytes)
+    predictor = None
+    if offload.policy == "predictive" and offload.prefetch:
+        learned = LearnedRoutePredictor.load(offload.predictor, device=device) if offload.predictor else None
+        routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
+        predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
+    cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
+                        policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
+                        pin=offload.pin, allow_pageable=offload.allow_pageable)
+    providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch_next=offload.prefetch)
+                 for layer in range(len(modules))]
+    for provider, nxt in zip(providers, providers[1:]):
+        provider.next = nxt
+    for module, provider in zip(modules, providers):
+        module.provider = provider
+        # The host store now holds the master copy: free the device memory the experts held.
+        if module.stacked is not None:
+            params = [p for e in range(E) for p in list_params(module.original, module.list_names, e)]
+            module.stacked = None
+        else:
+            params = [module.gate_up_proj, module.down_proj]
+        for param in params:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
+                len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
+                num_slots * cache.record_bytes / 2**30)
+    return cache, predictor
+
+
+def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> None:
+    """Copy each offloaded layer's master weights back into the original parameters (bit-exact: they were
+    copied, not cast), then close the cache."""
+    cache.synchronize()
+    for module in modules:
+        provider = module.provider
+        if not isinstance(provider, OffloadedExperts):
+            continue
+        gate_up, down = cache.host_weights(provider.layer)
+        if module.list_names is not None:
+            inter = gate_up.shape[1] // 2
+            for e in range(module.num_experts):
+                g, u, d = list_params(module.original, module.list_names, e)
+                for param, src in ((g, gate_up[e, :inter]), (u, gate_up[e, inter:]), (d, down[e])):
+                    param.data = src.to(device=param.device, dtype=param.dtype).clone()
+        else:
+            if module.layout.transposed:
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            for param, src in ((module.original.gate_up_proj, gate_up), (module.original.down_proj, down)):
+                param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
+        module.provider = None
+    cache.close()
