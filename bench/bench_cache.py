@@ -32,9 +32,9 @@ from common import append_rows, environment  # noqa: E402
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
-from moecache.cache.scheduler import group_by_routes, prompt_routes  # noqa: E402
 from moecache.analysis.simulate import simulate  # noqa: E402
 from moecache.analysis.traces import record_routing  # noqa: E402
+from moecache.cache.scheduler import group_by_routes, prompt_routes  # noqa: E402
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 
@@ -257,9 +257,7 @@ def main(argv=None) -> int:
     env = environment()
     ceilings = {}
     if on_gpu:
-        from common import measure_ceilings
-
-        from common import measure_h2d_gbps
+        from common import measure_ceilings, measure_h2d_gbps
 
         ceilings = measure_ceilings()
         ceilings["h2d_gbps"] = measure_h2d_gbps()

@@ -37,9 +37,9 @@ from common import append_rows, environment, measure_h2d_gbps, time_ms  # noqa: 
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
-from moecache.compat import set_experts_implementation  # noqa: E402
-from moecache.cache.scheduler import generate_scheduled  # noqa: E402
 from moecache.analysis.workloads import sample_prompts  # noqa: E402
+from moecache.cache.scheduler import generate_scheduled  # noqa: E402
+from moecache.compat import set_experts_implementation  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers built per model (GPU)")
-    # The default grid fits one 10-minute device call; the whole study is --batches 1,4,16,64
+    # The default grid runs in under ten minutes on one GPU; the whole study is --batches 1,4,16,64
     # --mixes mmmu,mathvista,text, run per --models across calls (rows append).
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--mixes", default="mmmu")

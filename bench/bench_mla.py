@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, append_rows, cuda_graph_fn, measure_ceilings, row, time_ms  # noqa: E402
 
-from moecache.compat import attention_cache_argument  # noqa: E402
 from moecache import ops  # noqa: E402  (switches the Triton interpreter on when there is no GPU)
+from moecache.compat import attention_cache_argument  # noqa: E402
 from moecache.ops.mla import mla_decode_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
@@ -92,8 +92,7 @@ class HFStep:
 
     def __init__(self, spec, Hq, k_nope, k_pe, device, dtype, attn_impl):
         from transformers import DeepseekV2Config, DynamicCache
-        from transformers.models.deepseek_v2.modeling_deepseek_v2 import (DeepseekV2Attention,
-                                                                         DeepseekV2RotaryEmbedding)
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
 
         B, _, S, _ = k_nope.shape
         config = DeepseekV2Config(
@@ -161,7 +160,8 @@ def back_to_back_us(kv_cache, call, *, rep):
 
 
 def evaluate_targets(rows):
-    """The issue's H100 targets, judged on the moecache rows: [(target, 'pass'|'FAIL'|'n/a', detail)]."""
+    """The project's speed targets (absolute figures set against an H100's HBM; on other GPUs read the
+    rows' frac_hbm_read), judged on the moecache rows: [(target, 'pass'|'FAIL'|'n/a', detail)]."""
     m = {(r["Hq"], r["B"], r["S"]): r for r in rows if r.get("method") == "moecache" and "us" in r}
 
     def check(name, keys, value, ok, fmt):
@@ -372,7 +372,7 @@ def main(argv=None):
           f"{'vs absorbed/HF':<16}{'KV B/tok':>8}  err")
     print("\n".join(lines))
     if on_gpu:
-        print("\ntargets (issue, H100; judged on the moecache rows):")
+        print("\ntargets (absolute, set against an H100; judged on the moecache rows):")
         for name, status, detail in evaluate_targets(rows):
             print(f"  [{status:>4}] {name}: {detail}")
     path = append_rows(args.out, [{**r, "ceilings": ceilings} for r in rows])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB)
+_L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50-60 MB by their specifications)
 _flush_buffer = None
 
 
@@ -152,27 +152,33 @@ def append_rows(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+def _copy_ms(nbytes: int) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return time_ms(lambda: b.copy_(a), warmup=3, rep=10, flush_l2=False)["ms"]
+
+
+def _read_ms(nbytes: int) -> float:
+    big = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    return time_ms(lambda: big.sum(), warmup=3, rep=10, flush_l2=False)["ms"]
+
+
+def _matmul_ms(m: int) -> float:
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    return time_ms(lambda: x @ y, warmup=3, rep=10, flush_l2=False)["ms"]
+
+
 def measure_ceilings() -> dict:
     """This GPU's ceilings, measured now ({} on CPU): HBM copy GB/s (read+write), HBM read GB/s (a sum over
     2 GiB: read-only traffic, what weight-streaming kernels do), and bf16 8192^3 matmul TFLOP/s."""
     if not torch.cuda.is_available():
         return {}
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    copy = time_ms(lambda: b.copy_(a), warmup=3, rep=10, flush_l2=False)
-    del a, b
-    big = torch.ones(1 << 29, dtype=torch.float32, device="cuda")  # 2 GiB
-    read = time_ms(lambda: big.sum(), warmup=3, rep=10, flush_l2=False)
-    del big
-    m = 8192
-    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    mm = time_ms(lambda: x @ y, warmup=3, rep=10, flush_l2=False)
-    del x, y
+    n, m = 1 << 30, 8192
+    result = {"hbm_gbps": 2 * n / _copy_ms(n) / 1e6, "hbm_read_gbps": 2 * n / _read_ms(2 * n) / 1e6,
+              "bf16_tflops": 2 * m**3 / _matmul_ms(m) / 1e9}
     torch.cuda.empty_cache()
-    return {"hbm_gbps": 2 * n / copy["ms"] / 1e6, "hbm_read_gbps": (4 << 29) / read["ms"] / 1e6,
-            "bf16_tflops": 2 * m**3 / mm["ms"] / 1e9}
+    return result
 
 
 def measure_h2d_gbps(nbytes: int = 1 << 30) -> float | None:
@@ -182,5 +188,4 @@ def measure_h2d_gbps(nbytes: int = 1 << 30) -> float | None:
     pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty_like(pinned, device="cuda")
     ms = time_ms(lambda: dev.copy_(pinned, non_blocking=True), warmup=2, rep=5, flush_l2=False)["ms"]
-    del pinned, dev
     return nbytes / ms / 1e6

@@ -9,7 +9,7 @@ JUNIT_DIR=${JUNIT_DIR:-$OUTDIR}
 SKIP=${SKIP:-}                 # stage names to leave out, e.g. SKIP="sanitizer compile-tests"
 ONLY=${ONLY:-}                 # if set, only these stages run (names as in SKIP)
 START=$(date +%s)
-BUDGET=${BUDGET:-520}          # seconds the whole script may take (a device call allows 600)
+BUDGET=${BUDGET:-520}          # seconds the whole script may take (planned for runs of at most 10 minutes)
 DRY_RUN=${DRY_RUN:-0}          # 1: print the plan and run each stage's command through `echo` (CPU check)
 export PYTHONUNBUFFERED=1
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from moecache import ops  # noqa: E402
-from moecache.ops.mla import mla_decode_reference  # noqa: E402
 from moecache.analysis.costs import expert_bytes  # noqa: E402
+from moecache.ops.mla import mla_decode_reference  # noqa: E402
 from moecache.ops.reference import fused_moe_reference, route_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
@@ -121,7 +121,7 @@ def check_moe(report, device, dtype, tiny):
                 err = rel_err(out, fused_moe_reference(x, wgu, wd, w, ids))
                 return {"ok": err <= tol, "rel_err": err, "tol": tol}
             run_check(report, f"moe:{name}:T{T}", one)
-        del wgu, wd
+        wgu = wd = None  # free this shape's experts before the next one's
         if device == "cuda":
             torch.cuda.empty_cache()
 

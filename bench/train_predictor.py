@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_moe import build_stream, split_files, stdlib_files  # noqa: E402
 
-from moecache.cache.learned import top_k_recall, train_route_predictor  # noqa: E402
-from moecache.patching.families import find_router  # noqa: E402
 from moecache.analysis.traces import record_layer_inputs  # noqa: E402
+from moecache.cache.learned import top_k_recall, train_route_predictor  # noqa: E402
 from moecache.data import TINY_MOE_DIR, encode, load_tiny_moe, validation_text  # noqa: E402
+from moecache.patching.families import find_router  # noqa: E402
 
 
 def pairs_from(trace: dict, first_moe: int, num_decoder_layers: int, depth: int) -> dict:

@@ -245,8 +245,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    from transformers import DeepseekV2ForCausalLM
     import transformers
+    from transformers import DeepseekV2ForCausalLM
 
     t_start = time.perf_counter()
     root, files = stdlib_files()

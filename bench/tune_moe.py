@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def focused_candidates(num_tokens: int, shape: tuple) -> list[dict]:
-    """A dozen candidates around the heuristic's choice (a short device call): both paths up to 16 tokens."""
+    """A dozen candidates around the heuristic's choice (a short GPU run): both paths up to 16 tokens."""
     H, I, E, K = shape
     out = [select_config(num_tokens, K, E, H, I, False)]
     if num_tokens <= 16:
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names from bench_moe.SHAPES")
     p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     p.add_argument("--focused", action="store_true",
-                   help="a dozen candidates per point around the heuristic (fits a short device call)")
+                   help="a dozen candidates per point around the heuristic (minutes, not hours)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

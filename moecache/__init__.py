@@ -5,9 +5,9 @@ model patching. Importing moecache never fails because a GPU or a driver is miss
 """
 import logging
 
-from ._version import __version__
 from ._env import configure_logging as _configure_logging
 from ._env import select_triton_mode as _select_triton_mode
+from ._version import __version__
 
 _select_triton_mode()
 

@@ -12,10 +12,10 @@ log = logging.getLogger("moecache.cli")
 
 
 def _info(_args) -> int:
+    import torch
+
     import moecache
     from moecache import _C
-
-    import torch
 
     build = _C.build_info()
     lines = [
@@ -106,7 +106,6 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
 
 
 def _device_weight_bytes(model, device) -> int:
-    import torch
 
     import moecache
 

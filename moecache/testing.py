@@ -12,11 +12,6 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None) -> torch.Tensor:
-    t = torch.randn(*shape, generator=generator, dtype=torch.float32) * scale
-    return t.to(device=device, dtype=dtype)
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=None, name="output") -> None:
     """Relative error against the reference's scale: max|a-e| <= rtol * max(|e|), plus no NaN/Inf."""
     dtype = dtype or actual.dtype

@@ -31,9 +31,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # keeps moecache from switching the interp
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
 
 from moecache.kernels import fused_moe as fm  # noqa: E402
 from moecache.kernels import mla_decode as md  # noqa: E402

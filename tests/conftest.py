@@ -1,7 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Test helpers shared by several files (builders.py, remote_code.py) import from this folder; the
+# repository root stays off sys.path (--import-mode=importlib).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The Triton interpreter must be on before any kernel module decorates its functions.
 if not torch.cuda.is_available():

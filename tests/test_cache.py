@@ -5,19 +5,12 @@ import threading
 
 import pytest
 import torch
+from builders import DEVICE, random_layers
 
 from moecache import _C
 from moecache.cache import ExpertCache, expert_source
 from moecache.ops.reference import fused_moe_reference, route_reference
-from moecache.testing import assert_close, poisoned
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def make_layers(L=3, E=8, H=32, I=16, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [((torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype),
-             (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)) for _ in range(L)]
+from moecache.testing import assert_close
 
 
 def assert_slot_holds(cache, layers, layer, expert):
@@ -29,7 +22,7 @@ def assert_slot_holds(cache, layers, layer, expert):
 
 
 def test_host_store_holds_every_master_and_slots_match_after_prefetch_and_ensure():
-    layers = make_layers(dtype=torch.float16)
+    layers = random_layers(dtype=torch.float16)
     with ExpertCache(layers, num_slots=5) as cache:
         for layer in range(3):
             gate_up, down = cache.host_weights(layer)
@@ -52,7 +45,7 @@ def test_pack_copies_merges_adjacent_source_and_destination():
 
 
 def test_fresh_pool_fills_in_order_and_packs_the_copies():
-    layers = make_layers(E=8)
+    layers = random_layers(E=8)
     with ExpertCache(layers, num_slots=8) as cache:
         cache.prefetch(0, range(8))
         cache.synchronize()
@@ -62,7 +55,7 @@ def test_fresh_pool_fills_in_order_and_packs_the_copies():
 
 
 def test_lru_evicts_the_least_recently_used():
-    with ExpertCache(make_layers(), num_slots=3, policy="lru") as cache:
+    with ExpertCache(random_layers(), num_slots=3, policy="lru") as cache:
         for e in (0, 1, 2):
             cache.ensure(0, [e]).release()
         cache.ensure(0, [0]).release()  # 1 is now the oldest
@@ -71,7 +64,7 @@ def test_lru_evicts_the_least_recently_used():
 
 
 def test_lfu_evicts_the_least_frequently_used():
-    with ExpertCache(make_layers(), num_slots=3, policy="lfu") as cache:
+    with ExpertCache(random_layers(), num_slots=3, policy="lfu") as cache:
         for e, times in ((0, 3), (1, 1), (2, 2)):
             for _ in range(times):
                 cache.ensure(0, [e]).release()
@@ -82,7 +75,7 @@ def test_lfu_evicts_the_least_frequently_used():
 
 
 def test_priority_evicts_the_lowest_score_and_prefetch_never_evicts_a_better_expert():
-    with ExpertCache(make_layers(), num_slots=3, policy="priority") as cache:
+    with ExpertCache(random_layers(), num_slots=3, policy="priority") as cache:
         cache.set_priorities(0, [5, 1, 9, 0, 7, 3, 2, 8])
         assert cache.prefetch(0, [0, 1, 2]) == 3
         cache.ensure(0, [3]).release()  # demand: evicts the lowest score, expert 1
@@ -97,7 +90,7 @@ def test_priority_evicts_the_lowest_score_and_prefetch_never_evicts_a_better_exp
 
 
 def test_never_evict_experts_stay():
-    with ExpertCache(make_layers(), num_slots=3) as cache:
+    with ExpertCache(random_layers(), num_slots=3) as cache:
         cache.keep_resident(0, [6])
         for e in range(6):
             cache.ensure(1, [e]).release()
@@ -109,7 +102,7 @@ def test_never_evict_experts_stay():
 
 
 def test_an_expert_in_use_is_never_evicted_even_with_a_tiny_pool():
-    layers = make_layers()
+    layers = random_layers()
     with ExpertCache(layers, num_slots=1) as cache:
         in_use = cache.ensure(0, [3])
         assert in_use.slots == [0]
@@ -133,7 +126,7 @@ def test_an_expert_in_use_is_never_evicted_even_with_a_tiny_pool():
 def test_layer_output_matches_reference(slots, T, misses, backend):
     """A pool smaller than the layer's active experts works in rounds; in place reads the host copy."""
     L, E, H, I, K = 2, 8, 40, 24, 3
-    layers = make_layers(L, E, H, I)
+    layers = random_layers(L, E, H, I)
     with ExpertCache(layers, num_slots=slots) as cache:
         for layer in range(L):
             x = torch.randn(T, H)
@@ -148,7 +141,7 @@ def test_layer_output_matches_reference(slots, T, misses, backend):
 
 
 def test_stats_add_up():
-    layers = make_layers(L=2, E=8)
+    layers = random_layers(L=2, E=8)
     with ExpertCache(layers, num_slots=4) as cache:
         cache.prefetch(0, [0, 1])
         cache.ensure(0, [0, 2]).release()  # hit (prefetched), miss
@@ -168,7 +161,7 @@ def test_stats_add_up():
 
 def test_random_request_streams_from_threads_keep_slots_and_map_consistent():
     L, E = 4, 16
-    layers = make_layers(L=L, E=E, H=16, I=8)
+    layers = random_layers(L=L, E=E, H=16, I=8)
     with ExpertCache(layers, num_slots=10, policy="lfu") as cache:
         errors = []
 
@@ -216,7 +209,7 @@ def _rss_bytes():
 
 
 def test_memory_is_returned_on_close():
-    layers = make_layers(L=2, E=16, H=256, I=128)  # 2 x 16 x 192 KiB = 6 MiB host store per cache
+    layers = random_layers(L=2, E=16, H=256, I=128)  # 2 x 16 x 192 KiB = 6 MiB host store per cache
     for _ in range(5):
         ExpertCache(layers, num_slots=4).close()
     before = _rss_bytes()
@@ -229,7 +222,7 @@ def test_memory_is_returned_on_close():
 
 
 def test_bad_input():
-    layers = make_layers()
+    layers = random_layers()
     cache = ExpertCache(layers, num_slots=2)
     with pytest.raises(IndexError, match="layer 3"):
         cache.prefetch(3, [0])
@@ -252,7 +245,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="policy"):
         ExpertCache(layers, num_slots=2, policy="fifo")
     with pytest.raises(ValueError, match=r"layers\[1\]"):
-        ExpertCache([layers[0], make_layers(L=1, E=4)[0]], num_slots=2)
+        ExpertCache([layers[0], random_layers(L=1, E=4)[0]], num_slots=2)
     with pytest.raises(ValueError, match="w_down must be"):
         ExpertCache([(layers[0][0], layers[0][1][:, :, :3])], num_slots=2)
     with pytest.raises(RuntimeError, match="RAM is available"):
@@ -289,7 +282,7 @@ def test_reads_transformers_experts_in_both_layouts():
 @pytest.mark.gpu
 @pytest.mark.parametrize("pin", ["alloc", "register"])
 def test_gpu_cuda_backend_copies_and_map(pin):
-    layers = make_layers(L=2, E=16, H=512, I=256, dtype=torch.bfloat16)
+    layers = random_layers(L=2, E=16, H=512, I=256, dtype=torch.bfloat16)
     with ExpertCache(layers, num_slots=6, pin=pin) as cache:
         assert cache.pinned and cache.device.type == "cuda"
         assert cache.host_weights(0)[0].is_pinned()
@@ -308,7 +301,7 @@ def test_gpu_cuda_backend_copies_and_map(pin):
 def test_gpu_layer_with_prefetch_in_flight_matches_reference(T, misses):
     """Copies run while layers compute; results stay right whatever has landed."""
     L, E, H, I, K = 4, 32, 1024, 512, 4
-    layers = make_layers(L, E, H, I, dtype=torch.bfloat16)
+    layers = random_layers(L, E, H, I, dtype=torch.bfloat16)
     with ExpertCache(layers, num_slots=24) as cache:
         for step in range(3):
             for layer in range(L):
@@ -324,7 +317,7 @@ def test_gpu_layer_with_prefetch_in_flight_matches_reference(T, misses):
 
 @pytest.mark.gpu
 def test_gpu_pool_larger_than_free_memory_is_refused_before_allocating():
-    layers = make_layers(L=1, E=4, H=4096, I=14336 // 8, dtype=torch.bfloat16)
+    layers = random_layers(L=1, E=4, H=4096, I=14336 // 8, dtype=torch.bfloat16)
     free, _ = torch.cuda.mem_get_info()
     record = 3 * 4096 * (14336 // 8) * 2
     with pytest.raises(ValueError, match="GiB of GPU memory but only"):

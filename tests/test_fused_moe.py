@@ -1,23 +1,11 @@
 """ops.fused_moe (Triton kernels; the interpreter on CPU) against the fp32 reference."""
 import pytest
 import torch
+from builders import DEVICE, random_layer
 
 from moecache import ops
 from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 from moecache.testing import assert_close, poisoned
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def make_layer(T, H, I, E, K, dtype, device=DEVICE, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    w_down = torch.randn(E, H, I, generator=g) / I**0.5
-    logits = torch.randn(T, E, generator=g)
-    weights, ids = route_reference(logits, K)
-    to = dict(device=device, dtype=dtype)
-    return x.to(**to), w_gate_up.to(**to), w_down.to(**to), weights.to(device), ids.to(device)
 
 
 def run_triton(x, *args, **kwargs):
@@ -36,14 +24,14 @@ CASES = [  # (T, H, I, E, K): decode-sized and grouped-sized token counts, odd a
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("T,H,I,E,K", CASES, ids=[f"T{c[0]}-H{c[1]}-I{c[2]}-E{c[3]}-K{c[4]}" for c in CASES])
 def test_matches_reference(T, H, I, E, K, dtype):
-    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, dtype)
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, dtype)
     out = run_triton(x, wgu, wd, w, ids)
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), dtype)
 
 
 @pytest.mark.parametrize("T,K", [(2, 1), (2, 2), (33, 1), (33, 3)], ids=["decode-K1", "decode-K2", "grouped-K1", "grouped-K3"])
 def test_all_tokens_on_one_expert_and_most_experts_idle(T, K):
-    x, wgu, wd, w, _ = make_layer(T, 40, 24, 12, K, torch.float32)
+    x, wgu, wd, w, _ = random_layer(T, 40, 24, 12, K, torch.float32)
     ids = (torch.arange(K, device=DEVICE) + 5).repeat(T, 1).to(torch.int32)  # every token -> experts 5..5+K-1
     out = run_triton(x, wgu, wd, w, ids)
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
@@ -51,7 +39,7 @@ def test_all_tokens_on_one_expert_and_most_experts_idle(T, K):
 
 @pytest.mark.parametrize("T", [2, 21], ids=["decode", "grouped"])
 def test_expert_map_permutes_slots(T):
-    x, wgu, wd, w, ids = make_layer(T, 48, 32, 6, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(T, 48, 32, 6, 2, torch.float32)
     perm = torch.randperm(6)
     expert_map = torch.empty(6, dtype=torch.int32)
     expert_map[perm] = torch.arange(6, dtype=torch.int32)  # expert perm[s] sits in slot s
@@ -63,7 +51,7 @@ def test_expert_map_permutes_slots(T):
 @pytest.mark.parametrize("T", [3, 26], ids=["decode", "grouped"])
 def test_non_resident_experts_read_from_host(T):
     E, S = 8, 3  # 8 experts, 3 device slots
-    x, wgu, wd, w, ids = make_layer(T, 40, 24, E, 3, torch.float32)
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, E, 3, torch.float32)
     expert_map = torch.full((E,), -1, dtype=torch.int32)
     resident = [6, 1, 3]
     expert_map[resident] = torch.arange(S, dtype=torch.int32)
@@ -79,7 +67,7 @@ def test_non_resident_experts_read_from_host(T):
 
 @pytest.mark.parametrize("T", [2, 19], ids=["decode", "grouped"])
 def test_gelu_tanh(T):
-    x, wgu, wd, w, ids = make_layer(T, 40, 24, 6, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, 6, 2, torch.float32)
     out = run_triton(x, wgu, wd, w, ids, activation="gelu_tanh")
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, activation="gelu_tanh"), torch.float32)
 
@@ -88,7 +76,7 @@ def test_gelu_tanh(T):
 def test_gpt_oss_transposed_interleaved_with_biases(T):
     """GPT-OSS keeps gate_up as [E, H, 2I] with gate/up interleaved, biases, and a clamped SwiGLU."""
     E, H, I, K = 6, 40, 24, 2
-    x, _, wd, w, ids = make_layer(T, H, I, E, K, torch.float32)
+    x, _, wd, w, ids = random_layer(T, H, I, E, K, torch.float32)
     gpt_oss_gate_up = torch.randn(E, H, 2 * I, device=DEVICE) * 0.6  # large enough to hit the clamp
     b_gu, b_d = torch.randn(E, 2 * I, device=DEVICE), torch.randn(E, H, device=DEVICE)
     view = gpt_oss_gate_up.transpose(1, 2)  # [E, 2I, H] without a copy
@@ -99,12 +87,12 @@ def test_gpt_oss_transposed_interleaved_with_biases(T):
 
 
 def test_zero_tokens():
-    x, wgu, wd, w, ids = make_layer(0, 32, 16, 4, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(0, 32, 16, 4, 2, torch.float32)
     assert ops.fused_moe(x, wgu, wd, w, ids, backend="triton").shape == (0, 32)
 
 
 def test_int64_ids_and_deterministic():
-    x, wgu, wd, w, ids = make_layer(23, 32, 16, 5, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(23, 32, 16, 5, 2, torch.float32)
     a = run_triton(x, wgu, wd, w, ids.long())
     b = run_triton(x, wgu, wd, w, ids)
     assert torch.equal(a, b)
@@ -116,7 +104,7 @@ def test_launch_count(T, K, launches):
     from moecache.kernels import INTERPRETING
     from moecache.kernels.fused_moe import fused_moe_launch, select_config
 
-    x, wgu, wd, w, ids = make_layer(T, 40, 24, 6, K, torch.float32)
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, 6, K, torch.float32)
     launched = []
 
     def launcher(kernel):
@@ -133,7 +121,7 @@ def test_launch_count(T, K, launches):
 
 
 def _bad(match, **overrides):
-    x, wgu, wd, w, ids = make_layer(4, 32, 16, 4, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(4, 32, 16, 4, 2, torch.float32)
     args = dict(hidden_states=x, w_gate_up=wgu, w_down=wd, topk_weights=w, topk_ids=ids)
     kwargs = {"backend": "triton", **{k: v for k, v in overrides.items() if k not in args}}
     args.update({k: v for k, v in overrides.items() if k in args})
@@ -142,7 +130,7 @@ def _bad(match, **overrides):
 
 
 def test_bad_input_names_the_argument():
-    x, wgu, wd, w, ids = make_layer(4, 32, 16, 4, 2, torch.float32)
+    x, wgu, wd, w, ids = random_layer(4, 32, 16, 4, 2, torch.float32)
     _bad("hidden_states", hidden_states=x[None])
     _bad("w_gate_up", w_gate_up=wgu[:, :, :8])
     _bad("w_down", w_down=wd[:, :, :8])
@@ -169,7 +157,7 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("shape", [(2048, 1408, 64, 6), (512, 192, 72, 6), (1024, 768, 8, 2)], ids=["v2lite", "small72", "mixtral-ish"])
 def test_gpu_bf16_matches_reference(T, shape):
     H, I, E, K = shape
-    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
     out = run_triton(x, wgu, wd, w, ids)
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
 
@@ -178,7 +166,7 @@ def test_gpu_bf16_matches_reference(T, shape):
 @pytest.mark.parametrize("T", [300, 4096])
 def test_gpu_fused_combine_is_deterministic(T):
     """The last-arriving program sums a token's K rows in k order: bitwise equal across runs."""
-    x, wgu, wd, w, ids = make_layer(T, 1024, 512, 64, 8, torch.bfloat16, device="cuda")
+    x, wgu, wd, w, ids = random_layer(T, 1024, 512, 64, 8, torch.bfloat16, device="cuda")
     first = run_triton(x, wgu, wd, w, ids)
     assert_close(first, fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
     for _ in range(10):
@@ -189,7 +177,7 @@ def test_gpu_fused_combine_is_deterministic(T):
 @pytest.mark.parametrize("T", [2, 64])
 def test_gpu_pinned_host_experts_and_cuda_graph(T):
     E, S, H, I, K = 16, 6, 512, 256, 4
-    x, wgu, wd, w, ids = make_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
     expert_map = torch.full((E,), -1, dtype=torch.int32)
     expert_map[:S] = torch.arange(S, dtype=torch.int32)
     host_gu, host_d = wgu.cpu().pin_memory(), wd.cpu().pin_memory()
@@ -222,7 +210,7 @@ def test_gpu_route_matches_torch_topk_and_compiles():
     w, ids = ops.route(logits, 6)
     ref_w, ref_ids = route_reference(logits, 6)
     assert torch.equal(ids, ref_ids) and torch.allclose(w, ref_w)
-    x, wgu, wd, _, _ = make_layer(8, 256, 128, 64, 6, torch.bfloat16, device="cuda")
+    x, wgu, wd, _, _ = random_layer(8, 256, 128, 64, 6, torch.bfloat16, device="cuda")
     router = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
 
     def layer(h):

@@ -15,7 +15,12 @@ transformers = pytest.importorskip("transformers")
 
 from moecache.analysis.traces import record_layer_inputs  # noqa: E402
 from moecache.data import (  # noqa: E402
-    BOS_ID, TINY_MOE_DIR, decode, encode, load_tiny_moe, validation_text,
+    BOS_ID,
+    TINY_MOE_DIR,
+    decode,
+    encode,
+    load_tiny_moe,
+    validation_text,
 )
 
 MAX_TOTAL_BYTES = 10_000_000
@@ -154,14 +159,19 @@ def test_greedy_generation_deterministic(model):
 
 def test_shipped_route_predictor_beats_lookahead_gating(model):
     """The learned routing-path predictor shipped beside the model (bench/train_predictor.py, trained on
-    training-split text only): per-token next-layer recall on the held-out sample, measured 0.853 and
-    0.881 (lookahead gating: 0.493 and 0.659)."""
+    training-split text only) predicts the next layer's experts on the held-out sample better than
+    lookahead gating (the next layer's own router on this layer's MLP input), by a clear margin."""
     from moecache.cache.learned import LearnedRoutePredictor, top_k_recall
+    from moecache.patching.families import find_router
 
     predictor = LearnedRoutePredictor.load(TINY_MOE_DIR / "route_predictor.pt")
     trace = record_layer_inputs(model, encode(validation_text()))
     first = model.config.first_k_dense_replace
-    for target, floor in ((1, 0.80), (2, 0.83)):
+    for target in (1, 2):
         x, actual = trace[first + target - 1]["hidden"], trace[first + target]["topk_ids"]
+        block = model.model.layers[first + target].mlp
+        router = find_router(block, model.config.n_routed_experts, model.config.hidden_size)
         with torch.no_grad():
-            assert top_k_recall(predictor.scores(target, 1, x), actual) >= floor
+            learned = top_k_recall(predictor.scores(target, 1, x), actual)
+            lookahead = top_k_recall(router.scores(x), actual)
+        assert learned >= lookahead + 0.1, f"layer {first + target}: learned {learned:.3f}, lookahead {lookahead:.3f}"

@@ -1,8 +1,15 @@
 """DeepSeek-VL2-style prompt workloads: tiling choice and visual token counts."""
 import pytest
 
-from moecache.analysis.workloads import (MIXES, Prompt, best_grid, candidate_grids, image_tokens, sample_prompts,
-                                visual_tokens)
+from moecache.analysis.workloads import (
+    MIXES,
+    Prompt,
+    best_grid,
+    candidate_grids,
+    image_tokens,
+    sample_prompts,
+    visual_tokens,
+)
 
 
 def test_candidate_grids_are_all_grids_of_at_most_nine_tiles():

@@ -52,7 +52,8 @@ class SimResult:
         return {"policy": self.policy, "slots": self.slots, "requests": self.requests, "hits": self.hits,
                 "misses": self.misses, "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
                 "wasted_prefetches": self.wasted_prefetches, "loads": self.loads, "hit_rate": self.hit_rate,
-                "misses_after_warmup": self.misses_after_warmup}
+                "misses_after_warmup": self.misses_after_warmup, "loads_after_warmup": self.loads_after_warmup,
+                "per_layer_misses": dict(sorted(self.per_layer_misses.items()))}
 
 
 def _accesses(trace):

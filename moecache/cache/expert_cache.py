@@ -17,7 +17,7 @@ import torch
 
 from .. import _C, ops
 from .device import device_alias, mark_static_address
-from .sources import ExpertSource, expert_source
+from .sources import expert_source
 
 logger = logging.getLogger(__name__)
 

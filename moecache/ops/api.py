@@ -5,7 +5,6 @@ The Triton paths are registered with torch.library.triton_op, so torch.compile s
 """
 from __future__ import annotations
 
-
 import torch
 
 from .._env import backend_override, moe_config_path, validate_values
@@ -51,8 +50,8 @@ def tuned_configs(device: torch.device) -> dict | None:
     MOECACHE_MOE_CONFIG=path picks a table; otherwise the one shipped for this device's name in
     moecache/kernels/configs/, if there is one. Read once per (path, device).
     """
-    from pathlib import Path
     import json
+    from pathlib import Path
 
     from moecache import kernels
 

@@ -1,7 +1,12 @@
 """Multi-threaded ExpertCache stress run for a ThreadSanitizer build of moecache._C (see run_tsan.sh)."""
-import random, threading, torch
-from moecache.cache import ExpertCache
+import random
+import threading
+
+import torch
+
 import moecache
+from moecache.cache import ExpertCache
+
 assert moecache._C.build_info()["sanitizer"] == "thread", "not a ThreadSanitizer build"
 L,E=4,16
 layers=[(torch.randn(E,16,16), torch.randn(E,16,8)) for _ in range(L)]
