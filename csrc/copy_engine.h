@@ -30,7 +30,7 @@ struct MapWrite {
 };
 
 // Adjacent jobs whose source and destination both continue each other become one transfer (small
-// experts lose bandwidth per transfer: ~31 GB/s at 1 MB vs 55 GB/s at 64 MB on the H100).
+// experts lose bandwidth per transfer: 31 GB/s at 1 MB vs 55 GB/s at 64 MB, measured on an H100).
 std::vector<CopyJob> pack_copies(std::vector<CopyJob> jobs);
 
 struct EngineTimes {

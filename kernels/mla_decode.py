@@ -12,7 +12,7 @@ Split-KV flash-decoding in two launches, without host synchronisation:
 Why a second kernel rather than "the last program to arrive combines" (as the fused-MoE down GEMM
 does): the arrival counters would need zeroing every call (a memset launch, or a zeroing pass in an
 earlier kernel, which this op does not have), the combine is tiny next to the cache read, and one
-extra launch inside a CUDA graph costs ~1 µs. The combine is also deterministic by construction.
+extra launch inside a CUDA graph costs about 1 µs (measured on an H100). The combine is also deterministic by construction.
 With one split the first kernel writes the final output and lse directly (no combine launch).
 
 The head-block axis is grid axis 0 (fastest in launch order) so the head blocks of one (split,
