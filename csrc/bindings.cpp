@@ -149,6 +149,12 @@ PYBIND11_MODULE(_C, m) {
       .def("leases_held", &CacheCore::leases_held)
       .def("record_use", &CacheCore::record_use, py::arg("layer"), py::arg("experts"),
            py::call_guard<py::gil_scoped_release>())
+      .def("use_in_place", &CacheCore::use_in_place, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("wait_for_release", &CacheCore::wait_for_release, py::arg("timeout_ms"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("_inject_copy_failures", &CacheCore::inject_copy_failures, py::arg("count"),
+           "Tests: the next `count` copy batches fail midway (the cache must stay consistent).")
       .def("set_priorities", &CacheCore::set_priorities, py::arg("layer"), py::arg("scores"),
            py::call_guard<py::gil_scoped_release>())
       .def("set_never_evict", &CacheCore::set_never_evict, py::arg("layer"), py::arg("experts"),

@@ -1,6 +1,7 @@
 #include "cache_core.h"
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -122,9 +123,28 @@ std::uint64_t CacheCore::submit(Plan& plan, std::uintptr_t compute_stream) {
   // `after` matters only if a victim's own copy may not have landed yet.
   if (plan.after != 0 && engine_->done(plan.after)) plan.after = 0;
   std::vector<CopyJob> packed = pack_copies(plan.copies);
+  std::uint64_t ticket = 0;
+  try {
+    ticket = engine_->submit(plan.invalidate, packed, plan.validate, compute_stream, plan.after);
+  } catch (...) {
+    // The batch may have written some invalidations and part of some copies: the slots it filled hold
+    // nothing usable, and neither their old nor their new experts may be read from them. Empty them and
+    // point every map entry the batch touched at the host copy.
+    std::vector<std::int32_t> entries;
+    for (const MapWrite& w : plan.invalidate) entries.push_back(w.index);
+    for (const MapWrite& w : plan.validate) {
+      entries.push_back(w.index);
+      Slot& slot = slots_[w.value];
+      state(slot.layer, slot.expert).slot = -1;
+      slot.layer = slot.expert = -1;
+      slot.ready_ticket = 0;
+      slot.prefetched_unused = false;
+    }
+    engine_->clear_map(entries);
+    throw;
+  }
   for (const CopyJob& job : packed) stats_.bytes_copied += job.bytes;
   stats_.transfers += packed.size();
-  const std::uint64_t ticket = engine_->submit(plan.invalidate, packed, plan.validate, compute_stream, plan.after);
   for (const MapWrite& w : plan.validate) slots_[w.value].ready_ticket = ticket;
   return ticket;
 }
@@ -140,6 +160,8 @@ void CacheCore::begin_call(int layer, const std::vector<int>& experts) {
 int CacheCore::prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
+  engine_->check_not_capturing(compute_stream);
+  engine_->note_stream(compute_stream);
   Plan plan;
   int issued = 0;
   for (int e : unique_sorted(experts)) {
@@ -161,6 +183,8 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const st
                                                                std::uintptr_t compute_stream) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
+  engine_->check_not_capturing(compute_stream);
+  engine_->note_stream(compute_stream);
   std::vector<int>& protected_slots = leases_[call_];
   std::uint64_t needed = 0;
   std::vector<int> missing;
@@ -196,8 +220,15 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const st
     slots_[s].leases += 1;
     protected_slots.push_back(s);
   }
-  needed = std::max(needed, submit(plan, compute_stream));
-  if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
+  try {
+    needed = std::max(needed, submit(plan, compute_stream));
+    if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
+  } catch (...) {
+    for (int s : protected_slots) slots_[s].leases -= 1;  // the call failed: it holds nothing
+    leases_.erase(call_);
+    released_.notify_all();
+    throw;
+  }
   std::vector<int> result;
   result.reserve(experts.size());
   for (int e : experts) result.push_back(state(layer, e).slot);
@@ -211,6 +242,16 @@ void CacheCore::release(std::uint64_t lease) {
   if (it == leases_.end()) throw std::invalid_argument("lease " + std::to_string(lease) + " is not held");
   for (int s : it->second) slots_[s].leases -= 1;
   leases_.erase(it);
+  released_.notify_all();
+}
+
+bool CacheCore::wait_for_release(double timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  check_open();
+  const std::size_t before = leases_.size();
+  if (before == 0) return false;  // nothing held: nothing will be released
+  return released_.wait_for(lock, std::chrono::duration<double, std::milli>(timeout_ms),
+                            [&] { return engine_ == nullptr || leases_.size() < before; });
 }
 
 std::size_t CacheCore::leases_held() {
@@ -218,18 +259,16 @@ std::size_t CacheCore::leases_held() {
   return leases_.size();
 }
 
-void CacheCore::record_use(int layer, const std::vector<int>& experts) {
-  std::lock_guard<std::mutex> lock(mu_);
-  check_open();
-  check_layer(layer);
-  for (int e : experts) check_expert(e);
+std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& experts, bool in_place) {
   clock_ += 1;
   const std::uint64_t landed = engine_->completed();
+  std::vector<int> resident;
   for (int e : unique_sorted(experts)) {
     Expert& ex = state(layer, e);
     stats_.requests += 1;
     ex.last_use = clock_;
     ex.uses += 1;
+    if (ex.slot >= 0) resident.push_back(ex.slot);
     if (ex.slot >= 0 && slots_[ex.slot].ready_ticket <= landed) {
       stats_.hits += 1;
       stats_.layer_hits[layer] += 1;
@@ -240,9 +279,48 @@ void CacheCore::record_use(int layer, const std::vector<int>& experts) {
     } else {
       stats_.misses += 1;
       stats_.layer_misses[layer] += 1;
-      stats_.in_place_reads += 1;
+      if (in_place) stats_.in_place_reads += 1;
     }
   }
+  return resident;
+}
+
+void CacheCore::record_use(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_layer(layer);
+  for (int e : experts) check_expert(e);
+  account_uses(layer, experts, /*in_place=*/true);
+}
+
+std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, const std::vector<int>& experts,
+                                                                    std::uintptr_t compute_stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  begin_call(layer, experts);
+  engine_->note_stream(compute_stream);
+  account_uses(layer, experts, /*in_place=*/true);
+  const std::uint64_t landed = engine_->completed();
+  std::vector<int>& protected_slots = leases_[call_];
+  for (int e : unique_sorted(experts)) {
+    const int s = state(layer, e).slot;
+    if (s < 0 || slots_[s].ready_ticket > landed) continue;
+    slots_[s].leases += 1;
+    slots_[s].claimed = call_;
+    protected_slots.push_back(s);
+  }
+  std::vector<int> result;
+  result.reserve(experts.size());
+  for (int e : experts) {
+    const int s = state(layer, e).slot;
+    result.push_back(s >= 0 && slots_[s].ready_ticket <= landed ? s : -1);
+  }
+  return {call_, result};
+}
+
+void CacheCore::inject_copy_failures(int count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  engine_->inject_failures(count);
 }
 
 void CacheCore::set_priorities(int layer, const std::vector<float>& scores) {
@@ -324,6 +402,7 @@ void CacheCore::close() {
   engine_->synchronize();
   engine_.reset();
   store_.reset();
+  released_.notify_all();  // waiters see the cache closed
 }
 
 }  // namespace moecache

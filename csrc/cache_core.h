@@ -5,6 +5,7 @@
 // the priority policy can favour the layers about to run. Per-layer counters keep the accounting.
 #pragma once
 #include <cstddef>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -57,8 +58,16 @@ class CacheCore {
                                                     std::uintptr_t compute_stream);
   void release(std::uint64_t lease);
   std::size_t leases_held();
-  // Accounting for experts the kernel used through the map without ensure() (misses read in place).
+  // Waits until some lease is released (or timeout_ms passes); true if one was.
+  bool wait_for_release(double timeout_ms);
+  // Accounting for experts the kernel uses through the map without ensure() (misses read in place).
   void record_use(int layer, const std::vector<int>& experts);
+  // record_use, and a lease on the listed experts that are resident with their copy landed (nothing is
+  // copied): until it is released, no prefetch evicts what the kernel is about to read from the slots.
+  // Returns the lease and each listed expert's slot, -1 for those to read from the host store (a map
+  // snapshot for callers that cannot order against later map writes, such as the host backend).
+  std::pair<std::uint64_t, std::vector<int>> use_in_place(int layer, const std::vector<int>& experts,
+                                                          std::uintptr_t compute_stream);
 
   void set_priorities(int layer, const std::vector<float>& scores);  // one score per expert
   void set_never_evict(int layer, const std::vector<int>& experts, bool never_evict);
@@ -71,6 +80,7 @@ class CacheCore {
   void synchronize();
   void close();
   bool closed() const { return engine_ == nullptr; }
+  void inject_copy_failures(int count);  // tests: the next `count` copy batches fail midway
 
   int num_layers() const { return num_layers_; }
   int num_experts() const { return num_experts_; }
@@ -108,6 +118,9 @@ class CacheCore {
   // experts scored below the one they bring in.
   int choose_victim(bool for_prefetch, float min_priority);
   void assign(int slot, int layer, int expert, Plan& plan);
+  // Records the account of every expert in `experts` used by `layer` (hits, misses); returns the
+  // resident ones' slots. mu_ held.
+  std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place);
   std::uint64_t submit(Plan& plan, std::uintptr_t compute_stream);
 
   std::shared_ptr<HostStore> store_;
@@ -124,6 +137,7 @@ class CacheCore {
   std::uint64_t clock_ = 0, call_ = 0;
   CacheStats stats_;
   std::mutex mu_;
+  std::condition_variable released_;
 };
 
 }  // namespace moecache

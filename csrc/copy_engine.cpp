@@ -48,13 +48,28 @@ class HostEngine final : public CopyEngine {
   std::uint64_t submit(const std::vector<MapWrite>& invalidate, const std::vector<CopyJob>& copies,
                        const std::vector<MapWrite>& validate, std::uintptr_t, std::uint64_t after) override {
     if (after != 0) wait_until(after, /*count_stall=*/false);
-    // The caller is the compute stream here: it runs nothing while it is in this call, so the old
-    // slot contents are free as soon as the map stops pointing at them.
+    // The caller is the compute stream here: it runs nothing while it is in this call, and every other
+    // caller reads a slot only under a lease, so the old contents are free once the map stops pointing
+    // at them.
     for (const MapWrite& w : invalidate) store_map(map_, w);
+    if (take_injected_failure()) {
+      if (!copies.empty()) {  // a partial batch: the first copy lands, the rest never starts
+        const CopyJob& job = copies.front();
+        std::memcpy(reinterpret_cast<void*>(job.dst), reinterpret_cast<const void*>(job.src), job.bytes / 2);
+      }
+      throw std::runtime_error("copy engine: injected failure (tests)");
+    }
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(Batch{++submitted_, copies, validate});
     work_cv_.notify_one();
     return submitted_;
+  }
+
+  void note_stream(std::uintptr_t) override {}
+  void check_not_capturing(std::uintptr_t) override {}
+
+  void clear_map(const std::vector<std::int32_t>& indices) override {
+    for (std::int32_t i : indices) store_map(map_, MapWrite{i, -1});
   }
 
   bool done(std::uint64_t ticket) override {
@@ -151,6 +166,7 @@ class CudaEngine final : public CopyEngine {
     check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
     check_cuda(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreateWithPriority");
     check_cuda(cudaEventCreateWithFlags(&fence_, cudaEventDisableTiming), "cudaEventCreate");
+    check_cuda(cudaEventCreateWithFlags(&other_fence_, cudaEventDisableTiming), "cudaEventCreate");
   }
 
   ~CudaEngine() override {
@@ -160,6 +176,7 @@ class CudaEngine final : public CopyEngine {
     for (auto& s : stalls_) release_events(s.begin, s.end);
     for (cudaEvent_t e : pool_) cudaEventDestroy(e);
     cudaEventDestroy(fence_);
+    cudaEventDestroy(other_fence_);
     cudaStreamDestroy(copy_stream_);
   }
 
@@ -167,25 +184,69 @@ class CudaEngine final : public CopyEngine {
                        const std::vector<MapWrite>& validate, std::uintptr_t compute_stream,
                        std::uint64_t after) override {
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    check_not_capturing(compute_stream);
+    note_stream(compute_stream);
     auto compute = reinterpret_cast<cudaStream_t>(compute_stream);
-    if (!invalidate.empty()) {
-      if (after != 0) wait(after, compute_stream, /*count_stall=*/false);
-      write_map(invalidate, compute);
-      // Copies into these slots start after every kernel enqueued so far on the compute stream.
-      check_cuda(cudaEventRecord(fence_, compute), "cudaEventRecord");
-      check_cuda(cudaStreamWaitEvent(copy_stream_, fence_, 0), "cudaStreamWaitEvent");
+    Batch b{submitted_ + 1, take_event(), take_event()};
+    try {
+      if (!invalidate.empty()) {
+        if (after != 0) wait(after, compute_stream, /*count_stall=*/false);
+        write_map(invalidate, compute);
+        // The copies start after every kernel enqueued so far on the compute stream (which also wrote
+        // the invalidations) ...
+        check_cuda(cudaEventRecord(fence_, compute), "cudaEventRecord");
+        check_cuda(cudaStreamWaitEvent(copy_stream_, fence_, 0), "cudaStreamWaitEvent");
+        // ... and on every other stream that reads the map: their later work sees the invalidations,
+        // their earlier work finishes with the old slot contents first.
+        for (cudaStream_t other : streams_) {
+          if (other == compute || capturing(other)) continue;
+          check_cuda(cudaStreamWaitEvent(other, fence_, 0), "cudaStreamWaitEvent");
+          check_cuda(cudaEventRecord(other_fence_, other), "cudaEventRecord");
+          check_cuda(cudaStreamWaitEvent(copy_stream_, other_fence_, 0), "cudaStreamWaitEvent");
+        }
+      }
+      check_cuda(cudaEventRecord(b.begin, copy_stream_), "cudaEventRecord");
+      const bool fail = take_injected_failure();
+      for (const CopyJob& job : copies) {
+        check_cuda(cudaMemcpyAsync(reinterpret_cast<void*>(job.dst), reinterpret_cast<const void*>(job.src),
+                                   fail ? job.bytes / 2 : job.bytes, cudaMemcpyHostToDevice, copy_stream_),
+                   "cudaMemcpyAsync (expert prefetch)");
+        if (fail) throw std::runtime_error("copy engine: injected failure (tests)");
+      }
+      if (fail) throw std::runtime_error("copy engine: injected failure (tests)");
+      write_map(validate, copy_stream_);
+      check_cuda(cudaEventRecord(b.done, copy_stream_), "cudaEventRecord");
+    } catch (...) {
+      // Nothing of this batch may stay pending: drain the copy stream, give the events back, keep the
+      // ticket counter where it was. The caller clears the batch's map entries.
+      cudaStreamSynchronize(copy_stream_);
+      release_events(b.begin, b.done);
+      throw;
     }
-    Batch b{++submitted_, take_event(), take_event()};
-    check_cuda(cudaEventRecord(b.begin, copy_stream_), "cudaEventRecord");
-    for (const CopyJob& job : copies) {
-      check_cuda(cudaMemcpyAsync(reinterpret_cast<void*>(job.dst), reinterpret_cast<const void*>(job.src), job.bytes,
-                                 cudaMemcpyHostToDevice, copy_stream_),
-                 "cudaMemcpyAsync (expert prefetch)");
-    }
-    write_map(validate, copy_stream_);
-    check_cuda(cudaEventRecord(b.done, copy_stream_), "cudaEventRecord");
+    submitted_ = b.ticket;
     inflight_.push_back(b);
     return b.ticket;
+  }
+
+  void note_stream(std::uintptr_t compute_stream) override {
+    auto s = reinterpret_cast<cudaStream_t>(compute_stream);
+    if (std::find(streams_.begin(), streams_.end(), s) == streams_.end()) streams_.push_back(s);
+  }
+
+  void check_not_capturing(std::uintptr_t compute_stream) override {
+    if (capturing(reinterpret_cast<cudaStream_t>(compute_stream))) {
+      throw std::runtime_error(
+          "expert cache: a stream is being captured into a CUDA graph; copies and events cannot be captured. "
+          "Compiled (CUDA-graph) decode reads misses in place through the map and must not call the cache");
+    }
+  }
+
+  void clear_map(const std::vector<std::int32_t>& indices) override {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    std::vector<MapWrite> writes;
+    for (std::int32_t i : indices) writes.push_back({i, -1});
+    write_map(writes, copy_stream_);
+    check_cuda(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize (map recovery)");
   }
 
   bool done(std::uint64_t ticket) override {
@@ -280,6 +341,12 @@ class CudaEngine final : public CopyEngine {
     }
   }
 
+  static bool capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+    return status != cudaStreamCaptureStatusNone;
+  }
+
   cudaEvent_t take_event() {
     if (!pool_.empty()) {
       cudaEvent_t e = pool_.back();
@@ -299,7 +366,8 @@ class CudaEngine final : public CopyEngine {
   std::int32_t* map_;
   int device_;
   cudaStream_t copy_stream_ = nullptr;
-  cudaEvent_t fence_ = nullptr;
+  cudaEvent_t fence_ = nullptr, other_fence_ = nullptr;
+  std::vector<cudaStream_t> streams_;  // every compute stream seen: evictions order against all of them
   std::deque<Batch> inflight_;
   std::deque<Stall> stalls_;
   std::vector<cudaEvent_t> pool_;

@@ -42,7 +42,11 @@ struct EngineTimes {
 class CopyEngine {
  public:
   virtual ~CopyEngine() = default;
-  // `after` (0 = none): a ticket whose validations must land before this batch's invalidations.
+  // One batch. `after` (0 = none): a ticket whose validations must land before this batch's
+  // invalidations. The copies start once every kernel enqueued so far on compute_stream, and on every
+  // other stream this engine has seen, has finished; those streams' later work sees the invalidations.
+  // On failure nothing of the batch stays pending: the copy stream is drained, the ticket counter is
+  // unchanged, and the caller must treat the batch's map entries as unknown (see clear_map).
   virtual std::uint64_t submit(const std::vector<MapWrite>& invalidate, const std::vector<CopyJob>& copies,
                                const std::vector<MapWrite>& validate, std::uintptr_t compute_stream,
                                std::uint64_t after) = 0;
@@ -50,9 +54,28 @@ class CopyEngine {
   virtual std::uint64_t completed() = 0;        // newest ticket known complete; never blocks
   // Work on compute_stream enqueued from now on starts after `ticket` (host: blocks the caller).
   virtual void wait(std::uint64_t ticket, std::uintptr_t compute_stream) = 0;
+  // A stream that will read the map or the slots (so later evictions order against it). Streams must
+  // outlive the engine.
+  virtual void note_stream(std::uintptr_t compute_stream) = 0;
+  // Throws when compute_stream is being captured into a CUDA graph: copies and events cannot be.
+  virtual void check_not_capturing(std::uintptr_t compute_stream) = 0;
+  // Sets these map entries to -1 and waits until they are written (recovery after a failed submit).
+  virtual void clear_map(const std::vector<std::int32_t>& indices) = 0;
   virtual void synchronize() = 0;  // every submitted batch complete
   virtual EngineTimes times() = 0;
   virtual void reset_times() = 0;
+  // Tests: the next `count` submits fail after writing their invalidations and starting their copies.
+  void inject_failures(int count) { inject_failures_ = count; }
+
+ protected:
+  bool take_injected_failure() {
+    if (inject_failures_ <= 0) return false;
+    inject_failures_ -= 1;
+    return true;
+  }
+
+ private:
+  int inject_failures_ = 0;
 };
 
 // "Device" slots in ordinary memory; a worker thread does the copies and validations.

@@ -16,8 +16,12 @@ __global__ void write_map_kernel(std::int32_t* __restrict__ map, MapWriteArgs ar
 
 int launch_write_map(std::int32_t* map, const MapWriteArgs& args, void* stream) {
   if (args.n <= 0) return 0;
-  write_map_kernel<<<1, 256, 0, static_cast<cudaStream_t>(stream)>>>(map, args);
-  return static_cast<int>(cudaGetLastError());
+  // cudaLaunchKernel reports this launch's own status; <<<>>> plus cudaGetLastError would also take
+  // (and clear) an error some other library left behind.
+  MapWriteArgs copy = args;
+  void* params[] = {&map, &copy};
+  return static_cast<int>(cudaLaunchKernel(reinterpret_cast<const void*>(&write_map_kernel), dim3(1), dim3(256),
+                                           params, 0, static_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace moecache

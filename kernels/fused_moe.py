@@ -42,14 +42,22 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SW
 
 
 @triton.jit
-def _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_e, HAS_MAP: tl.constexpr):
-    """Base pointer of expert e: its slot in the device tensor, or the host copy when the slot is -1."""
+def _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_e, num_slots, HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr):
+    """Base pointer of expert e: its slot in the device tensor, or the host copy when the slot is -1.
+
+    Memory safety only (the op validates maps before the launch unless told not to): a slot past the
+    pool is clamped to the last slot, and -1 without host weights to slot 0, so no map value can make
+    the kernel read outside the weights it was given.
+    """
     if HAS_MAP:
-        slot = tl.load(map_ptr + e)
-        if slot >= 0:
-            base = w_ptr + slot.to(tl.int64) * stride_e
+        slot = tl.minimum(tl.load(map_ptr + e), num_slots - 1)
+        if HAS_HOST:
+            if slot >= 0:
+                base = w_ptr + slot.to(tl.int64) * stride_e
+            else:
+                base = host_w_ptr + e.to(tl.int64) * stride_e
         else:
-            base = host_w_ptr + e.to(tl.int64) * stride_e
+            base = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_e
     else:
         base = w_ptr + e.to(tl.int64) * stride_e
     return base
@@ -59,18 +67,19 @@ def _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_e, HAS_MAP: tl.constexpr)
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, host_w_ptr, bias_ptr, ids_ptr, map_ptr, inter_ptr,
-    H, I, E, K,
+    H, I, E, K, num_slots,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
     ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
-    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     token = pair // K
     e = tl.load(ids_ptr + pair)
     e = tl.minimum(tl.maximum(e, 0), E - 1)  # memory safety only: ids are validated before the launch
-    base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+    base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < I
     o_gate = o_n.to(tl.int64) * gate_step
@@ -96,9 +105,9 @@ def _gate_up_gemv_kernel(
 @triton.jit
 def _down_combine_gemv_kernel(
     inter_ptr, w_ptr, host_w_ptr, bias_ptr, ids_ptr, topk_w_ptr, map_ptr, out_ptr,
-    H, I, E,
+    H, I, E, num_slots,
     stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
-    K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -111,7 +120,7 @@ def _down_combine_gemv_kernel(
         e = tl.load(ids_ptr + pair)
         e = tl.minimum(tl.maximum(e, 0), E - 1)
         weight = tl.load(topk_w_ptr + pair).to(tl.float32)
-        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
         b_acc = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, I, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
@@ -128,55 +137,69 @@ def _down_combine_gemv_kernel(
 
 # ---------------------------------------------------------------- prefill path
 @triton.jit
-def _align_kernel(ids_ptr, counts_ptr, table_ptr, num_rows, E, capacity, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One program: counts[e] = rows routed to e, table[e, place] = those rows (atomics give the places).
-
-    A single program zeroes the counts itself, so the layer needs no memset launch; rows are visited
-    BLOCK at a time (256K routed rows are 64 steps of 4096). The place of a row never changes a value.
+def _align_kernel(ids_ptr, counts_ptr, offsets_ptr, rows_ptr, num_rows, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program buckets the routed rows by expert: counts[e] rows go to expert e, listed at
+    rows[offsets[e] : offsets[e] + counts[e]] (atomics give each row its place; a place never changes a
+    value). It zeroes its own counts, so the layer needs no memset launch; rows are visited BLOCK at a
+    time (256K routed rows are 64 steps of 4096). An id outside [0, E) (possible only where the op's
+    value checks are skipped) is clamped, as in the decode path, so every row is placed and computed.
+    Within this one program the barriers order the passes and the kernel boundary orders the next
+    launch, so the atomics need no fences (relaxed).
     """
     o_e = tl.arange(0, BLOCK_E)
-    tl.store(counts_ptr + o_e, tl.zeros([BLOCK_E], tl.int32), mask=o_e < E)
+    m_e = o_e < E
+    tl.store(counts_ptr + o_e, tl.zeros([BLOCK_E], tl.int32), mask=m_e)
     tl.debug_barrier()
     for r0 in range(0, num_rows, BLOCK):
         o = r0 + tl.arange(0, BLOCK)
         m = o < num_rows
-        e = tl.load(ids_ptr + o, mask=m, other=0)
-        m = m & (e >= 0) & (e < E)
-        place = tl.atomic_add(counts_ptr + e, 1, mask=m)
-        m = m & (place < capacity)
-        tl.store(table_ptr + e.to(tl.int64) * capacity + place, o.to(tl.int32), mask=m)
+        e = tl.minimum(tl.maximum(tl.load(ids_ptr + o, mask=m, other=0), 0), E - 1)
+        tl.atomic_add(counts_ptr + e, 1, mask=m, sem="relaxed")
+    tl.debug_barrier()
+    b_cnt = tl.load(counts_ptr + o_e, mask=m_e, other=0, cache_modifier=".cg")
+    tl.store(offsets_ptr + o_e, tl.cumsum(b_cnt, axis=0) - b_cnt, mask=m_e)
+    tl.store(counts_ptr + o_e, tl.zeros([BLOCK_E], tl.int32), mask=m_e)  # counted again below, as places
+    tl.debug_barrier()
+    for r0 in range(0, num_rows, BLOCK):
+        o = r0 + tl.arange(0, BLOCK)
+        m = o < num_rows
+        e = tl.minimum(tl.maximum(tl.load(ids_ptr + o, mask=m, other=0), 0), E - 1)
+        place = tl.atomic_add(counts_ptr + e, 1, mask=m, sem="relaxed")
+        start = tl.load(offsets_ptr + e, mask=m, other=0, cache_modifier=".cg")
+        tl.store(rows_ptr + start + place, o.to(tl.int32), mask=m)
 
 
 @triton.jit
-def _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Which expert the pid_m-th M block belongs to (blocks laid out expert by expert), and its rows."""
     o_e = tl.arange(0, BLOCK_E)
-    b_cnt = tl.minimum(tl.load(counts_ptr + o_e, mask=o_e < E, other=0), capacity)
+    b_cnt = tl.load(counts_ptr + o_e, mask=o_e < E, other=0)
     b_blocks = (b_cnt + BLOCK_M - 1) // BLOCK_M
     b_end = tl.cumsum(b_blocks, axis=0)
     e = tl.sum((b_end <= pid_m).to(tl.int32), axis=0)
     first_block = tl.sum(tl.where(o_e == e, b_end - b_blocks, 0), axis=0)
     count = tl.sum(tl.where(o_e == e, b_cnt, 0), axis=0)
+    start = tl.load(offsets_ptr + tl.minimum(e, E - 1))
     o_r = (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_r = (o_r < count) & (e < E)
-    rows = tl.load(table_ptr + e.to(tl.int64) * capacity + o_r, mask=m_r, other=0).to(tl.int64)
+    rows = tl.load(rows_ptr + start + o_r, mask=m_r, other=0).to(tl.int64)
     return e, rows, m_r
 
 
 @triton.jit
 def _grouped_gate_up_kernel(
-    x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, inter_ptr,
-    arrivals_ptr, H, I, E, K, capacity, down_blocks,
+    x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, inter_ptr,
+    arrivals_ptr, H, I, E, K, num_slots, down_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
     ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
-    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ZERO_ARRIVALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
+    e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
     if e < E:
         tokens = rows // K
         if ZERO_ARRIVALS:
@@ -186,7 +209,7 @@ def _grouped_gate_up_kernel(
                 tl.store(arrivals_ptr + tokens[:, None] * down_blocks + o_j[None, :],
                          tl.zeros([BLOCK_M, BLOCK_DOWN], tl.int32),
                          mask=m_r[:, None] & (o_j[None, :] < down_blocks))
-        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
         o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < I
         o_gate = o_n.to(tl.int64) * gate_step
@@ -216,10 +239,10 @@ def _grouped_gate_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, table_ptr, topk_w_ptr, partial_ptr,
-    arrivals_ptr, out_ptr, H, I, E, K, capacity, down_blocks,
+    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, topk_w_ptr, partial_ptr,
+    arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks,
     stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
-    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Down GEMM, times the top-k weight, with the top-k combine fused.
@@ -230,9 +253,9 @@ def _grouped_down_kernel(
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e, rows, m_r = _locate_block(counts_ptr, table_ptr, pid_m, E, capacity, BLOCK_M, BLOCK_E)
+    e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
     if e < E:
-        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, HAS_MAP)
+        base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
         o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < H
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -324,7 +347,9 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     K = topk_ids.shape[1]
     num_rows = T * K
     has_map = expert_map is not None
+    has_host = host_w_gate_up is not None
     E = expert_map.numel() if has_map else w_gate_up.shape[0]  # experts, not slots
+    num_slots = w_gate_up.shape[0]
     has_bias = b_gate_up is not None
     map_arg = expert_map if has_map else topk_ids
     host_gu = host_w_gate_up if host_w_gate_up is not None else w_gate_up
@@ -341,27 +366,27 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     if config["path"] == "decode":
         wrap(_gate_up_gemv_kernel)[(num_rows, triton.cdiv(I, BN))](
             x, w_gate_up, host_gu, bgu, topk_ids, map_arg, inter,
-            H, I, E, K,
+            H, I, E, K, num_slots,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
             gate_step, up_row0,
             ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
-            HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
+            HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
         bn_down = config.get("BLOCK_N_DOWN", BN)
         wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, bn_down))](
             inter, w_down, host_d, bd, topk_ids, topk_weights, map_arg, out,
-            H, I, E,
+            H, I, E, num_slots,
             w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
-            K=K, HAS_MAP=has_map, HAS_BIAS=has_bias, BLOCK_N=bn_down, BLOCK_K=BK, **meta)
+            K=K, HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, BLOCK_N=bn_down, BLOCK_K=BK, **meta)
         return out
 
     BM = config["BLOCK_M"]
     ieee = x.dtype.itemsize == 4  # fp32 inputs: exact fp32 products, not TF32
     block_e = triton.next_power_of_2(E)
-    capacity = T  # a token routes to an expert at most once (checked before the launch)
-    counts = torch.empty((E,), dtype=torch.int32, device=x.device)
-    table = torch.empty((E * capacity,), dtype=torch.int32, device=x.device)
+    counts = torch.empty((2 * E,), dtype=torch.int32, device=x.device)  # counts, then offsets
+    offsets = counts[E:]
+    rows = torch.empty((num_rows,), dtype=torch.int32, device=x.device)
     align_block = min(4096, triton.next_power_of_2(num_rows))
-    wrap(_align_kernel)[(1,)](topk_ids, counts, table, num_rows, E, capacity, BLOCK=align_block,
+    wrap(_align_kernel)[(1,)](topk_ids, counts, offsets, rows, num_rows, E, BLOCK=align_block,
                               BLOCK_E=block_e, num_warps=8 if align_block >= 1024 else 4)
     max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
     down_blocks = triton.cdiv(H, BN)
@@ -370,18 +395,18 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     arrivals = torch.empty((T * down_blocks,) if combine else (1,), dtype=torch.int32, device=x.device)
     partial = torch.empty((num_rows, H) if combine else (1, 1), dtype=torch.float32, device=x.device)
     wrap(_grouped_gate_up_kernel)[(triton.cdiv(I, BN), max_blocks)](
-        x, w_gate_up, host_gu, bgu, map_arg, counts, table, inter,
-        arrivals, H, I, E, K, capacity, down_blocks,
+        x, w_gate_up, host_gu, bgu, map_arg, counts, offsets, rows, inter,
+        arrivals, H, I, E, K, num_slots, down_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
         ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
-        HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)
     wrap(_grouped_down_kernel)[(down_blocks, max_blocks)](
-        inter, w_down, host_d, bd, map_arg, counts, table, topk_weights, partial,
-        arrivals, out, H, I, E, K, capacity, down_blocks,
+        inter, w_down, host_d, bd, map_arg, counts, offsets, rows, topk_weights, partial,
+        arrivals, out, H, I, E, K, num_slots, down_blocks,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
-        HAS_MAP=has_map, HAS_BIAS=has_bias, IEEE=ieee,
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
     return out

@@ -102,8 +102,9 @@ def _mla_decode_split_kernel(
         b_m = b_m_new
 
     # A split with no tokens (past seq_len) leaves l = 0: zeros and lse = -inf, which the combine
-    # weighs by exp(-inf) = 0.
-    has = b_l > 0.0
+    # weighs by exp(-inf) = 0. A NaN in q or in a used cache row makes l NaN: NaN out and lse, as in the
+    # reference, never a finite value.
+    has = (b_l > 0.0) | (b_l != b_l)
     b_out = b_acc / tl.where(has, b_l, 1.0)[:, None]
     b_lse = tl.where(has, (b_m + tl.log2(tl.where(has, b_l, 1.0))) * LN2, float("-inf"))
     p_o = o_ptr + b * stride_ob + o_h[:, None] * stride_oh + pid_s * stride_os + o_r[None, :]
@@ -135,8 +136,13 @@ def _mla_decode_combine_kernel(
             b_o = tl.load(part_o_ptr + b * stride_pb + h * stride_ph + s * stride_ps + o_r, mask=m_r, other=0.0)
             b_acc += tl.exp(lse_s - m) * b_o
     b_out = b_acc / tl.where(b_sum > 0.0, b_sum, 1.0)
+    b_final_lse = tl.where(b_sum > 0.0, m + tl.log(b_sum), float("-inf"))
+    # A split whose partial is NaN (NaN in q or in a used cache row) makes the whole result NaN.
+    nan = tl.max(((b_lse != b_lse) & (o_s < num_splits)).to(tl.int32), axis=0) > 0
+    b_out = tl.where(nan, float("nan"), b_out)
+    b_final_lse = tl.where(nan, float("nan"), b_final_lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + o_r, b_out.to(out_ptr.dtype.element_ty), mask=m_r)
-    tl.store(lse_ptr + bh, tl.where(b_sum > 0.0, m + tl.log(b_sum), float("-inf")))
+    tl.store(lse_ptr + bh, b_final_lse)
 
 
 # ---------------------------------------------------------------- configuration and launcher

@@ -1,5 +1,9 @@
 """Top-k expert routing: softmax/sigmoid scores, optional selection bias, group-limited top-k,
-renormalisation and scaling, all in one kernel (one program per BLOCK_T tokens, no host sync)."""
+renormalisation and scaling, all in one kernel (one program per BLOCK_T tokens, no host sync).
+
+Non-finite input: every row gets K distinct ids in [0, E); a row whose chosen scores are NaN gets NaN
+weights (so its tokens' expert output is NaN, as with the plain PyTorch reference), never an id out of
+range or a silently finite weight."""
 import triton
 import triton.language as tl
 
@@ -31,6 +35,9 @@ def _route_kernel(
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_e, mask=m_e, other=0.0).to(tl.float32)
         b_choice = b_choice + b_bias[None, :]
+    # A NaN score (NaN logits, +inf under softmax, a NaN bias) ranks first, as in a descending sort, so
+    # every row still gets K distinct valid ids; its weight stays NaN and so does the token's output.
+    b_choice = tl.where(b_choice != b_choice, float("inf"), b_choice)
     b_choice = tl.where(m_e[None, :], b_choice, float("-inf"))
 
     if N_GROUP > 1:

@@ -8,6 +8,8 @@ import platform
 import sys
 import time
 
+from ._env import log_level
+
 log = logging.getLogger("moecache.cli")
 
 
@@ -50,7 +52,13 @@ def _info(_args) -> int:
         lines.append(("GPU", "none"))
     import moecache.kernels as kernels
 
-    lines.append(("Triton mode", "interpreter (TRITON_INTERPRET=1, CPU)" if kernels.INTERPRETING else "compiled (GPU)"))
+    if kernels.INTERPRETING:
+        mode = "interpreter (TRITON_INTERPRET=1, CPU)"
+    elif torch.cuda.is_available():
+        mode = "compiled (GPU)"
+    else:
+        mode = "compiled, but no GPU is usable: the Triton kernels cannot run (TRITON_INTERPRET=0 without a GPU)"
+    lines.append(("Triton mode", mode))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
@@ -205,22 +213,44 @@ def _demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moecache", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build flags, CUDA and Triton status")
     demo = sub.add_parser("demo", help="generate with a random-weight MoE model, unpatched vs patched vs offloaded")
-    demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    demo.add_argument("--family", default="deepseek_v2", help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe, or trained (the "
-                           "shipped small MoE with learned routing)")
-    demo.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
-    demo.add_argument("--budget", type=float, default=0.25, help="fraction of experts kept on the device")
-    demo.add_argument("--policy", default="predictive", help="lru, lfu or predictive (lookahead gating)")
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--prompt", type=int, default=16, help="prompt tokens")
-    demo.add_argument("--new-tokens", type=int, default=24)
+    demo.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
+    demo.add_argument("--family", default="deepseek_v2", choices=("deepseek_v2", "mixtral", "qwen3_moe", "trained"),
+                      help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe, or trained (the shipped small "
+                           "MoE with learned routing)")
+    demo.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
+    demo.add_argument("--budget", type=_fraction, default=0.25, help="fraction of experts kept on the device")
+    demo.add_argument("--policy", default="predictive", choices=("lru", "lfu", "predictive"),
+                      help="predictive: lookahead gating (the learned predictor with --family trained)")
+    demo.add_argument("--batch", type=_positive_int, default=1)
+    demo.add_argument("--prompt", type=_positive_int, default=16, help="prompt tokens")
+    demo.add_argument("--new-tokens", type=_positive_int, default=24)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MOECACHE_LOGLEVEL", "WARNING").upper(), stream=sys.stderr)
+    logging.basicConfig(level=log_level() or "WARNING", stream=sys.stderr)
     return {"info": _info, "demo": _demo}[args.command](args)
 
 

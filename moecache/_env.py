@@ -14,19 +14,27 @@ def backend_override() -> str:
     return value
 
 
-def configure_logging() -> None:
-    """MOECACHE_LOGLEVEL=DEBUG|INFO|WARNING|...: level of the `moecache` logger (unset: untouched)."""
+def log_level() -> str | None:
+    """MOECACHE_LOGLEVEL=DEBUG|INFO|WARNING|ERROR|CRITICAL, or None when unset. Anything else warns and
+    counts as unset."""
     level = os.environ.get("MOECACHE_LOGLEVEL")
     if not level:
-        return
+        return None
     name = level.strip().upper()
     if name.isdigit() or not isinstance(logging.getLevelName(name), int):
         import warnings
 
         warnings.warn(f"MOECACHE_LOGLEVEL={level!r} is not a logging level name (DEBUG, INFO, WARNING, ERROR, "
-                      "CRITICAL); the moecache logger keeps its default level", stacklevel=2)
-        return
-    logging.getLogger("moecache").setLevel(name)
+                      "CRITICAL); the moecache logger keeps its default level", stacklevel=3)
+        return None
+    return name
+
+
+def configure_logging() -> None:
+    """The `moecache` logger's level from MOECACHE_LOGLEVEL (unset or invalid: untouched)."""
+    name = log_level()
+    if name:
+        logging.getLogger("moecache").setLevel(name)
 
 
 def kv_block_size() -> int:

@@ -322,3 +322,142 @@ def test_gpu_pool_larger_than_free_memory_is_refused_before_allocating():
     record = 3 * 4096 * (14336 // 8) * 2
     with pytest.raises(ValueError, match="GiB of GPU memory but only"):
         ExpertCache(layers, num_slots=free // record + 10)
+
+
+# ------------------------------------------------------------------ concurrency and failures (host backend)
+def test_in_place_decode_under_concurrent_prefetches_stays_right():
+    """Regression: cache.moe on the in-place path while other threads prefetch (evicting slots) read
+    evicted slots; the resident experts it reads are now leased until the kernel has them."""
+    L, E, H, I, K = 3, 12, 32, 16, 3
+    layers = random_layers(L=L, E=E, H=H, I=I)
+    with ExpertCache(layers, num_slots=5, policy="lru") as cache:
+        stop, errors = threading.Event(), []
+
+        def prefetcher(seed):
+            rng = random.Random(seed)
+            while not stop.is_set():
+                cache.prefetch(rng.randrange(L), rng.sample(range(E), 4))
+
+        def computer(seed):
+            g = torch.Generator().manual_seed(seed)
+            try:
+                for _ in range(60):
+                    layer = int(torch.randint(L, (1,), generator=g))
+                    x = torch.randn(2, H, generator=g)
+                    w, ids = route_reference(torch.randn(2, E, generator=g), K)
+                    out = cache.moe(layer, x, w, ids, misses="in_place")
+                    assert_close(out, fused_moe_reference(x, *layers[layer], w, ids), torch.float32)
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        prefetchers = [threading.Thread(target=prefetcher, args=(s,)) for s in range(3)]
+        computers = [threading.Thread(target=computer, args=(100 + s,)) for s in range(3)]
+        for t in prefetchers + computers:
+            t.start()
+        for t in computers:
+            t.join()
+        stop.set()
+        for t in prefetchers:
+            t.join()
+        assert not errors, errors[0]
+        assert cache._core.leases_held() == 0
+
+
+def test_copy_path_waits_for_other_leases_instead_of_failing():
+    """Regression: with T > 16 and every slot leased by other calls, moe raised "no slot can be
+    evicted"; it now waits for a lease to end."""
+    L, E, H, I, K = 2, 8, 32, 16, 2
+    layers = random_layers(L=L, E=E, H=H, I=I)
+    with ExpertCache(layers, num_slots=3) as cache:
+        held = cache.ensure(0, [0, 1, 2])  # every slot leased by "another call"
+        x = torch.randn(20, H)
+        w, ids = route_reference(torch.randn(20, E), K)
+        release = threading.Timer(0.3, held.release)
+        release.start()
+        out = cache.moe(1, x, w, ids, misses="copy")  # needs slots: waits for the release above
+        release.join()
+        assert_close(out, fused_moe_reference(x, *layers[1], w, ids), torch.float32)
+        assert cache._core.leases_held() == 0
+
+
+def test_prefetch_before_compute_cannot_evict_the_layer_being_computed():
+    """Regression: on the in-place path a before_compute prefetch for layer l+1 evicted layer l's
+    resident experts (LRU, 4 slots: [0, 1, 2, 3] -> []), which were then read from the host."""
+    L, E, H, I = 2, 8, 32, 16
+    layers = random_layers(L=L, E=E, H=H, I=I)
+    with ExpertCache(layers, num_slots=4, policy="lru") as cache:
+        cache.prefetch(0, [0, 1, 2, 3])
+        cache.synchronize()
+        x = torch.randn(2, H)
+        ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+        w = torch.rand(2, 2)
+        started = []
+        out = cache.moe(0, x, w, ids, misses="in_place",
+                        before_compute=lambda used: started.append(cache.prefetch(1, [4, 5, 6, 7])))
+        assert started == [0], "the prefetch evicted experts the layer was about to read"
+        assert cache.resident(0) == [0, 1, 2, 3]
+        assert cache.stats()["in_place_reads"] == 0
+        assert_close(out, fused_moe_reference(x, *layers[0], w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("policy", ["lru", "priority"])
+def test_a_failed_copy_batch_leaves_the_cache_consistent(policy):
+    """A copy batch that fails midway (injected: invalidations written, the first copy half done) must
+    leave no slot claiming an expert it does not hold, no map entry pointing at such a slot, and every
+    later result right."""
+    L, E, H, I, K = 2, 8, 32, 16, 2
+    layers = random_layers(L=L, E=E, H=H, I=I)
+    with ExpertCache(layers, num_slots=4, policy=policy) as cache:
+        cache.prefetch(0, [0, 1, 2, 3])
+        cache.synchronize()
+        cache._core._inject_copy_failures(1)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            cache.ensure(1, [4, 5, 6, 7]).release()
+        assert cache._core.leases_held() == 0
+        cache.synchronize()
+        expert_map = cache._map.cpu()
+        for layer in range(L):
+            for e in range(E):
+                slot = cache.slot_of(layer, e)
+                assert expert_map[layer, e].item() == slot
+                if slot >= 0:
+                    assert_slot_holds(cache, layers, layer, e)
+        for layer in range(L):  # and the cache still works, in place and by copying
+            x = torch.randn(20, H)
+            w, ids = route_reference(torch.randn(20, E), K)
+            for misses in ("in_place", "copy"):
+                assert_close(cache.moe(layer, x, w, ids, misses=misses),
+                             fused_moe_reference(x, *layers[layer], w, ids), torch.float32)
+
+
+def test_closing_while_threads_run_raises_cleanly():
+    """Regression: closing the cache while other threads called it gave AttributeErrors."""
+    L, E, H, I, K = 2, 8, 32, 16, 2
+    layers = random_layers(L=L, E=E, H=H, I=I)
+    cache = ExpertCache(layers, num_slots=3)
+    errors, done = [], threading.Event()
+
+    def worker(seed):
+        g = torch.Generator().manual_seed(seed)
+        while not done.is_set():
+            x = torch.randn(20, H, generator=g)
+            w, ids = route_reference(torch.randn(20, E, generator=g), K)
+            try:
+                cache.moe(seed % L, x, w, ids)
+            except RuntimeError as exc:
+                assert "closed" in str(exc), exc
+                return
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    cache.close()
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.prefetch(0, [1])

@@ -219,3 +219,55 @@ def test_gpu_route_matches_torch_topk_and_compiles():
 
     compiled = torch.compile(layer, fullgraph=True)
     assert_close(compiled(x), layer(x), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ hardening: skipped checks, strides, NaN
+@pytest.mark.parametrize("T", [2, 20], ids=["decode", "grouped"])
+def test_bad_map_slots_never_read_outside_the_weights_when_checks_are_skipped(T, monkeypatch):
+    """Regression: with MOECACHE_VALIDATE=0 a slot of 10**6 segfaulted and a routed -1 without host
+    weights read past the pool. Slots are now clamped in the kernel: the result is the one for the
+    clamped map (last slot; slot 0 for -1), computed from memory the call was given."""
+    E, S, H, I, K = 6, 4, 40, 24, 2
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, torch.float32)
+    slots_gu, slots_d = wgu[:S].contiguous(), wd[:S].contiguous()
+    expert_map = torch.tensor([0, 1, 2, 3, 10**6, -1], dtype=torch.int32, device=DEVICE)
+    clamped = torch.tensor([0, 1, 2, 3, S - 1, 0], dtype=torch.int32, device=DEVICE)
+    monkeypatch.setenv("MOECACHE_VALIDATE", "0")
+    out = run_triton(x, slots_gu, slots_d, w, ids, expert_map=expert_map)
+    assert_close(out, fused_moe_reference(x, slots_gu, slots_d, w, ids, expert_map=clamped), torch.float32)
+
+
+@pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
+def test_non_contiguous_routing_tensors(T):
+    """Regression: column slices of wider top-k tensors were read as if contiguous (error ~100%)."""
+    x, wgu, wd, _, _ = random_layer(T, 40, 24, 8, 2, torch.float32)
+    w4, ids4 = route_reference(torch.randn(T, 8, device=DEVICE), 4)
+    w, ids = w4[:, :2], ids4[:, :2]
+    assert not ids.is_contiguous() and not w.is_contiguous()
+    assert_close(run_triton(x, wgu, wd, w, ids), fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
+def test_ids_out_of_range_are_clamped_and_every_row_is_written(T, monkeypatch):
+    """Regression: in the grouped path an id outside [0, E) was skipped, its token's combine never
+    completed and the output row kept the buffer's garbage. Now clamped, as in the decode path."""
+    E = 6
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, E, 2, torch.float32)
+    ids[0, 0] = E + 3
+    ids[1, 1] = -4
+    monkeypatch.setenv("MOECACHE_VALIDATE", "0")
+    out = run_triton(x, wgu, wd, w, ids)
+    clamped = ids.clamp(0, E - 1)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, clamped), torch.float32)
+
+
+@pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
+def test_nan_routing_weight_gives_nan_for_that_token_only(T):
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, 8, 2, torch.float32)
+    w[1, 0] = float("nan")
+    out = run_triton(x, wgu, wd, w, ids)
+    ref = fused_moe_reference(x, wgu, wd, w, ids)
+    assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all()
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[1] = False
+    assert_close(out[keep], ref[keep], torch.float32)

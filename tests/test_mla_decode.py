@@ -300,3 +300,23 @@ def test_gpu_compiles_fullgraph():
     compiled = torch.compile(attention, fullgraph=True)
     assert_close(compiled(args["q_latent"], args["q_rope"]), attention(args["q_latent"], args["q_rope"]),
                  torch.bfloat16)
+
+
+@pytest.mark.parametrize("where", ["q_latent", "q_rope", "used_latent", "used_rope"])
+def test_nan_input_gives_nan_output_for_that_request_only(where):
+    """Regression: a NaN in q gave zeros and a NaN in a used cache row a finite output; the reference
+    (and now the kernel, through the split combine too) gives NaN for that request and head."""
+    case = make_case([40, 100], 4, block_size=16)
+    if where == "q_latent":
+        case["q_latent"][1, 2, 5] = float("nan")
+    elif where == "q_rope":
+        case["q_rope"][1, 2, 3] = float("nan")
+    else:
+        page = case["block_table"][1, 3].item()  # request 1's tokens 48..63: used (length 100)
+        case["kv_cache"][page, 5, 7 if where == "used_latent" else 32 + 2] = float("nan")
+    out, lse = ops.mla_decode(**op_args(case), backend="triton", return_lse=True)
+    ref, ref_lse = mla_decode_reference(**op_args(case), return_lse=True)
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse))
+    assert torch.isnan(out[1]).any() and not torch.isnan(out[0]).any()
+    assert_close(out[0], ref[0], torch.float32)

@@ -303,3 +303,64 @@ def test_compiled_offloaded_model_reads_misses_in_place():
     assert moecache.stats(model)["cache"]["requests"] == requests  # traced path: no bookkeeping
     moecache.unpatch(model)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ state dicts, saving, copying
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_offloaded_state_dict_holds_the_real_weights_and_save_pretrained_round_trips(family, tmp_path):
+    """Regression: an offloaded model's state_dict held (0,) tensors for its experts and save_pretrained
+    failed after writing config.json. The state dict now reads the masters from the host store."""
+    model = build(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 96, (2, 7))
+    ref = model_logits(model, ids)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert_close(model_logits(reloaded, ids), ref, torch.float32)
+    with pytest.raises(RuntimeError, match="unpatch"):
+        model.load_state_dict(before)
+    assert_close(model_logits(model, ids), ref, torch.float32)  # the refused load changed nothing
+    moecache.unpatch(model)
+
+
+def test_offloaded_model_refuses_deepcopy_pickle_and_conversion_clearly():
+    import copy
+    import io
+
+    model = build("mixtral")
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        torch.save(model, io.BytesIO())
+    model.to(torch.float64)
+    with pytest.raises(TypeError, match="unpatched"):
+        model_logits(model, torch.randint(3, 96, (1, 4)))
+    model.to(torch.float32)
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])
+def test_load_state_dict_with_assign_survives_unpatch(family):
+    """Regression: load_state_dict(sd, assign=True) on a patched model was undone by unpatch (the old
+    expert weights came back)."""
+    model = build("mixtral") if family == "mixtral" else VL2LanguageModel()
+    x = torch.randint(3, 96, (2, 6)) if family == "mixtral" else torch.randn(2, 5, 48)
+    run = (lambda m: model_logits(m, x)) if family == "mixtral" else (lambda m: m(x))
+    new_state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+    moecache.patch(model)
+    model.load_state_dict(new_state, assign=True)
+    with torch.no_grad():
+        patched = run(model)
+    moecache.unpatch(model)
+    after = model.state_dict()
+    for k in new_state:
+        assert torch.equal(after[k], new_state[k]), k
+    with torch.no_grad():
+        assert_close(run(model), patched, torch.float32)

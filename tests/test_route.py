@@ -124,3 +124,37 @@ def test_bad_input_names_the_argument(kwargs, match):
         ops.route(torch.randn(3, 8), **kwargs)
     with pytest.raises(ValueError, match="router_logits"):
         ops.route(torch.randn(3, 8, 2), 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["nan-logit", "inf-logit-softmax", "all-nan", "nan-bias-sigmoid", "grouped-nan"])
+def test_non_finite_rows_get_valid_ids_and_nan_weights(case, backend):
+    """Regression: the Triton route returned id E and weight 0 for rows of NaN/inf logits or a NaN bias,
+    which the grouped kernel then skipped. Both backends now agree: every row K distinct ids in [0, E),
+    NaN weights for a row whose chosen scores are NaN, the other rows untouched."""
+    T, E, K = 5, 16, 4
+    logits = torch.randn(T, E)
+    kw = {}
+    if case == "nan-logit":
+        logits[2, 7] = float("nan")
+    elif case == "inf-logit-softmax":
+        logits[2, 3] = float("inf")
+    elif case == "all-nan":
+        logits[2] = float("nan")
+    elif case == "nan-bias-sigmoid":
+        kw = dict(scoring="sigmoid", bias=torch.randn(E) * 0.1)
+        kw["bias"][5] = float("nan")
+    else:
+        kw = dict(n_group=4, topk_group=2)
+        logits[2, 9] = float("nan")
+    w, ids = ops.route(logits, K, backend=backend, **kw)
+    assert ((ids >= 0) & (ids < E)).all()
+    assert all(len(set(row.tolist())) == K for row in ids)
+    ref_w, ref_ids = ops.route(logits, K, backend="torch", **kw)
+    bad = torch.isnan(ref_w).any(dim=1)
+    if case == "nan-bias-sigmoid":  # the bias only selects: every row picks expert 5 first, weights stay finite
+        assert not bad.any() and (ids[:, 0] == 5).all()
+    else:
+        assert bad.tolist() == [False, False, True, False, False]
+    assert torch.equal(torch.isnan(w).any(dim=1), bad)
+    assert torch.equal(ids[~bad], ref_ids[~bad]) and torch.allclose(w[~bad], ref_w[~bad])

@@ -10,7 +10,9 @@ the compute stream waits only on the copies it needs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from typing import Sequence
 
 import torch
@@ -22,6 +24,7 @@ from .sources import expert_source
 logger = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes: each expert record and its down block start on this boundary
+LEASE_WAIT_MS = 60_000.0  # how long a call waits for other calls' leases before giving up
 
 
 def _align(n: int) -> int:
@@ -38,14 +41,13 @@ class Lease:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._cache._check_open()
             self._cache._core.release(self.id)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if not self._cache._closed:
+        if not self._cache._core.closed:
             self.release()
 
     def __repr__(self):
@@ -75,6 +77,11 @@ class ExpertCache:
         if not sources:
             raise ValueError("layers: at least one MoE layer is needed")
         first = sources[0]
+        if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"layers: experts must be fp16, bf16 or fp32 (what the kernels compute), got {first.dtype}")
+        if min(first.num_experts, first.hidden, first.inter) <= 0:
+            raise ValueError(f"layers: experts must be non-empty, got E={first.num_experts}, H={first.hidden}, "
+                             f"I={first.inter}")
         for i, s in enumerate(sources):
             if (s.num_experts, s.hidden, s.inter, s.dtype, s.gate_up_interleaved) != (
                     first.num_experts, first.hidden, first.inter, first.dtype, first.gate_up_interleaved):
@@ -142,6 +149,9 @@ class ExpertCache:
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
         self._closed = False
+        self.owner: str | None = None  # who holds the only copy of the weights in this store (see close)
+        self._lifetime = threading.Condition()  # guards _closed and _active (calls in progress)
+        self._active = 0
         logger.info("expert cache: %d layers x %d experts of %.2f MiB in %s host memory (%s, %.2f s); %d slots on %s",
                     self.num_layers, self.num_experts, self.record_bytes / 2**20,
                     "pinned" if self._store.pinned else "pageable", self._store.pin_mode, self._store.pin_seconds,
@@ -160,6 +170,25 @@ class ExpertCache:
     def _check_open(self):
         if self._closed:
             raise RuntimeError("ExpertCache is closed")
+
+    @contextlib.contextmanager
+    def _in_use(self):
+        """A call in progress: close() waits for it before freeing the pool and the host store."""
+        with self._lifetime:
+            if self._closed:
+                raise RuntimeError("ExpertCache is closed")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lifetime:
+                self._active -= 1
+                self._lifetime.notify_all()
+
+    def _check_not_capturing(self):
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("expert cache: called while a CUDA graph is being captured; copies cannot be "
+                               "captured (compiled decode reads misses in place through expert_map instead)")
 
     @property
     def pinned(self) -> bool:
@@ -215,16 +244,18 @@ class ExpertCache:
     # ------------------------------------------------------------------ cache operations
     def prefetch(self, layer: int, experts) -> int:
         """Start copying these experts of `layer` into slots; returns at once (how many copies started)."""
-        self._check_open()
-        return self._core.prefetch(layer, self._ids(experts), self._stream())
+        with self._in_use():
+            self._check_not_capturing()
+            return self._core.prefetch(layer, self._ids(experts), self._stream())
 
     def ensure(self, layer: int, experts) -> "Lease":
         """Make experts resident for work enqueued next on the current stream, which waits only on the
         copies it needs. The lease's `slots` give each expert's slot (-1: no evictable slot was left);
         the slots are protected from eviction until the lease is released (`with` releases it)."""
-        self._check_open()
-        lease, slots = self._core.ensure(layer, self._ids(experts), self._stream())
-        return Lease(self, lease, slots)
+        with self._in_use():
+            self._check_not_capturing()
+            lease, slots = self._core.ensure(layer, self._ids(experts), self._stream())
+            return Lease(self, lease, slots)
 
     def release(self, lease: "Lease") -> None:
         """End a lease: its slots may be evicted again (copies into them still wait for the work enqueued
@@ -298,7 +329,12 @@ class ExpertCache:
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
         """
-        self._check_open()
+        with self._in_use():
+            return self._moe(layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
+                             b_gate_up, b_down, before_compute)
+
+    def _moe(self, layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
+             b_gate_up, b_down, before_compute):
         self._check_layer(layer)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
@@ -312,18 +348,31 @@ class ExpertCache:
         host_gate_up, host_down = self.host_weights(layer)
         extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
                      gate_up_interleaved=self.gate_up_interleaved)
-        if misses == "in_place":
-            if track_usage or before_compute is not None:
-                needed = self._ids(torch.unique(topk_ids))
-                if track_usage:
-                    self.record_use(layer, needed)
-                if before_compute is not None:
-                    before_compute(needed)
+        if misses == "in_place" and not (track_usage or before_compute is not None):
+            # No accounting and no lease (no host sync): concurrent prefetches may evict what this call
+            # reads from the slots; callers that prefetch from other threads track usage.
             return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
                                  expert_map=self._map[layer], host_w_gate_up=host_gate_up, host_w_down=host_down,
                                  **extra)
-
+        self._check_not_capturing()
         needed = self._ids(torch.unique(topk_ids))
+        if misses == "in_place":
+            # The resident experts this call reads are leased: no prefetch (before_compute's for the next
+            # layers, or another thread's) can evict them before the kernel is enqueued.
+            with Lease(self, *self._core.use_in_place(layer, needed, self._stream())) as lease:
+                if self.device.type == "cuda":
+                    # Kernels on this stream read the live map: a later eviction's copy waits for them.
+                    expert_map = self._map[layer]
+                else:
+                    # The host backend cannot order other threads' later map writes after this call:
+                    # it reads a snapshot (leased slots, host copies for the rest).
+                    expert_map = torch.full((self.num_experts,), -1, dtype=torch.int32)
+                    expert_map[needed] = torch.tensor(lease.slots, dtype=torch.int32)
+                if before_compute is not None:
+                    before_compute(needed)
+                return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
+                                     expert_map=expert_map, host_w_gate_up=host_gate_up,
+                                     host_w_down=host_down, **extra)
         lease = self.ensure(layer, needed)
         if before_compute is not None:
             before_compute(needed)
@@ -344,11 +393,18 @@ class ExpertCache:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         remaining = list(needed)
         while True:
-            with lease:
-                resident = {e: s for e, s in zip(remaining, lease.slots) if s >= 0}
-                if not resident:
+            resident = {e: s for e, s in zip(remaining, lease.slots) if s >= 0}
+            if not resident:
+                # Every slot is leased by other calls or kept resident: wait (holding nothing) for a
+                # lease to end, then try again; only slots kept resident for good are an error.
+                lease.release()
+                if not self._core.wait_for_release(LEASE_WAIT_MS):
                     raise RuntimeError(f"expert cache: no slot of {self.num_slots} can be evicted for layer {layer} "
-                                       "(all leased or kept resident); allow_eviction or use more slots")
+                                       f"(all kept resident, or leased for over {LEASE_WAIT_MS / 1e3:.0f} s); "
+                                       "allow_eviction or use more slots")
+                lease = self.ensure(layer, remaining)
+                continue
+            with lease:
                 filler = next(iter(resident.values()))
                 local_map = torch.full((self.num_experts,), filler, dtype=torch.int32)
                 local_map[list(resident)] = torch.tensor(list(resident.values()), dtype=torch.int32)
@@ -362,12 +418,20 @@ class ExpertCache:
             lease = self.ensure(layer, remaining)
 
     # ------------------------------------------------------------------ lifetime
-    def close(self) -> None:
-        """Wait for copies in flight, free the host store and the pool (idempotent)."""
-        if self._closed:
-            return
-        self._core.close()
-        self._closed = True
+    def close(self, *, owner: str | None = None) -> None:
+        """Wait for copies in flight and for calls in progress, then free the host store and the pool
+        (idempotent; calls made afterwards raise). A cache that holds the only copy of a model's experts
+        (`owner` set, as moecache.patch does) closes only for that owner: moecache.unpatch."""
+        if self.owner is not None and owner != self.owner and not self._closed:
+            raise RuntimeError(f"this expert cache holds the only copy of an offloaded model's experts; "
+                               f"{self.owner} puts them back and closes it")
+        with self._lifetime:
+            if self._closed:
+                return
+            self._closed = True
+        self._core.close()  # wakes calls waiting for a lease; their next step into the core raises
+        with self._lifetime:
+            self._lifetime.wait_for(lambda: self._active == 0)
         for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes",
                      "_device_host_views", "_device_host_bytes"):
             setattr(self, name, None)
@@ -379,9 +443,18 @@ class ExpertCache:
     def __exit__(self, *exc):
         self.close()
 
+    def __reduce__(self):
+        # Pinned host memory, device slots and a copy thread cannot be pickled or copied.
+        raise TypeError("an ExpertCache cannot be pickled or copied (pinned host memory, device slots, a copy "
+                        "engine); for a model whose experts moecache offloaded: save its state_dict (it holds the "
+                        "real weights), or unpatch it (moecache.unpatch) before deepcopy or torch.save(model)")
+
+    def __deepcopy__(self, memo):
+        self.__reduce__()
+
     def __del__(self):
         try:
-            self.close()
+            self.close(owner=self.owner)
         except Exception:  # interpreter shutdown: nothing left to report to
             pass
 

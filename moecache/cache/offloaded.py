@@ -39,6 +39,10 @@ class OffloadedExperts:
     def __call__(self, hidden_states, top_k_index, top_k_weights, *, activation: str, interleaved: bool,
                  biases: dict) -> torch.Tensor:
         cache, layer = self.cache, self.layer
+        if hidden_states.dtype != cache.dtype or hidden_states.device != cache.device:
+            raise TypeError(f"offloaded experts hold {cache.dtype} on {cache.device} but received "
+                            f"{hidden_states.dtype} on {hidden_states.device}: a model converted or moved after "
+                            "moecache offloaded it must be unpatched (moecache.unpatch), converted, then patched")
         if torch.compiler.is_compiling():
             # Traced: no host syncs or Python-side bookkeeping; misses are read in place through the map.
             gate_up, down = cache.slot_weights()

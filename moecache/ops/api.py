@@ -5,6 +5,8 @@ The Triton paths are registered with torch.library.triton_op, so torch.compile s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._env import backend_override, moe_config_path, validate_values
@@ -48,9 +50,9 @@ def tuned_configs(device: torch.device) -> dict | None:
     """fused_moe block configurations tuned by bench/tune_moe.py for this device, if any.
 
     MOECACHE_MOE_CONFIG=path picks a table; otherwise the one shipped for this device's name in
-    moecache/kernels/configs/, if there is one. Read once per (path, device).
+    moecache/kernels/configs/, if there is one. Read and checked once per (path, device): a table that
+    cannot be used raises a ValueError naming the file and the entry.
     """
-    import json
     from pathlib import Path
 
     from moecache import kernels
@@ -62,13 +64,56 @@ def tuned_configs(device: torch.device) -> dict | None:
         file = Path(path) if path else Path(kernels.__file__).parent / "configs" / f"fused_moe-{slug}.json"
         table = None
         if file.is_file():
-            data = json.loads(file.read_text())
+            data = _read_table(file)
             if path or data.get("device_slug") == slug:
                 table = data["configs"]
         elif path:
             raise ValueError(f"MOECACHE_MOE_CONFIG={path!r} is not a file")
         _TUNED_CACHE[key] = table
     return _TUNED_CACHE[key]
+
+
+_CONFIG_KEYS = {"decode": ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+                "grouped": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+
+
+def _read_table(file) -> dict:
+    import json
+
+    where = f"fused_moe config table {str(file)!r}"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: not readable JSON ({err})") from None
+    configs = data.get("configs") if isinstance(data, dict) else None
+    if not isinstance(configs, dict):
+        raise ValueError(f"{where}: expected an object with a 'configs' mapping (bench/tune_moe.py writes one)")
+    for shape, entries in configs.items():
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError(f"{where}: {shape}: expected {{token count: config}}")
+        for tokens, config in entries.items():
+            name = f"{where}: {shape}, {tokens} tokens"
+            if not str(tokens).isdigit():
+                raise ValueError(f"{name}: the token count must be a positive integer")
+            path = config.get("path") if isinstance(config, dict) else None
+            if path not in _CONFIG_KEYS:
+                raise ValueError(f"{name}: 'path' must be one of {sorted(_CONFIG_KEYS)}, got {path!r}")
+            for k in _CONFIG_KEYS[path]:
+                v = config.get(k)
+                power_of_two = k.startswith("BLOCK") or k == "num_warps"
+                if not (isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        and (not power_of_two or v & (v - 1) == 0)):
+                    raise ValueError(f"{name}: {k} must be a positive integer{' power of two' if power_of_two else ''}, "
+                                     f"got {v!r}")
+    return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -101,8 +146,12 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
            f"router_logits must be a [T, E] tensor, got {getattr(router_logits, 'shape', type(router_logits))}")
     _check(router_logits.dtype in _FLOAT_DTYPES, f"router_logits must be fp16/bf16/fp32, got {router_logits.dtype}")
     T, E = router_logits.shape
-    _check(isinstance(top_k, int) and 1 <= top_k <= E, f"top_k must be an int in [1, E={E}], got {top_k}")
+    _check(_is_int(top_k) and 1 <= top_k <= E, f"top_k must be an int in [1, E={E}], got {top_k!r}")
     _check(scoring in ("softmax", "sigmoid"), f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    _check(isinstance(renormalize, bool), f"renormalize must be a bool, got {renormalize!r}")
+    _check(_is_real(scaling) and math.isfinite(scaling), f"scaling must be a finite number, got {scaling!r}")
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        _check(value is None or (_is_int(value) and value >= 1), f"{name} must be None or an int >= 1, got {value!r}")
     if bias is not None:
         _check(bias.shape == (E,), f"bias must have shape [E]=({E},), got {tuple(bias.shape)}")
         _check(bias.device == router_logits.device, f"bias is on {bias.device}, router_logits on {router_logits.device}")
@@ -234,6 +283,10 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
                f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
         _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
+    if hidden_states.shape[1] == 0 or w_down.shape[2] == 0 or hidden_states.shape[0] == 0:
+        # Nothing to compute: no tokens, no hidden units, or zero-width experts (whose output is zeros).
+        result = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
+        return result if out is None else out.copy_(result)
     if resolve_backend(backend, hidden_states.device) == "torch":
         result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
@@ -241,9 +294,10 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+    # The kernels index [T, K] routing tensors as contiguous rows: slices of wider ones get copied.
     torch.ops.moecache.fused_moe(
         hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
-        w_gate_up, w_down, topk_weights.float(), topk_ids.to(torch.int32), activation,
+        w_gate_up, w_down, topk_weights.float().contiguous(), topk_ids.to(torch.int32).contiguous(), activation,
         expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, out)
     return out
 

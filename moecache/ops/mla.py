@@ -136,7 +136,7 @@ def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
     B, Hq, R = q_latent.shape
     out = torch.empty((B, Hq, R), dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
-    if B == 0:
+    if B == 0 or Hq == 0:
         return out, lse
     config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
                            _sm_count(q_latent.device), kernels.INTERPRETING)

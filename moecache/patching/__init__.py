@@ -24,9 +24,18 @@ from ..cache import ExpertCache
 from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
-from .families import FoundExperts, find_experts, find_router, layout_for, make_experts, unstack_list_experts
+from .families import (
+    FoundExperts,
+    find_experts,
+    find_router,
+    layout_for,
+    list_params,
+    make_experts,
+    stack_list_experts,
+    unstack_list_experts,
+)
 from .generate import install_latent_cache_default, remove_latent_cache_default
-from .offload import Offload, offload_experts, restore_offloaded, validate_offload
+from .offload import Offload, install_state_hooks, offload_experts, restore_offloaded, validate_offload
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ class PatchState:
     replaced: list[Replacement] = field(default_factory=list)
     cache: ExpertCache | None = None
     predictor: object = None
+    hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
+    restack_hook: bool = False
 
 
 @dataclass
@@ -161,8 +172,29 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
                     type(a.module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
     if plan.attention:
         install_latent_cache_default(model)
+    if new_experts:
+        if offload is not None:
+            state.hooks += install_state_hooks(model, [r.new for r in new_experts])
+        elif not state.restack_hook:
+            state.hooks.append(model.register_load_state_dict_post_hook(_restack_after_load))
+            state.restack_hook = True
     if state.replaced:
         setattr(model, _STATE, state)
+
+
+def _restack_after_load(model, incompatible_keys) -> None:
+    """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked ModuleList
+    experts are stacked again from them (with assign=False the copies land in the stack's views)."""
+    state: PatchState | None = getattr(model, _STATE, None)
+    for r in state.replaced if state is not None else []:
+        new = r.new
+        if not isinstance(new, MoecacheExperts) or new.stacked is None:
+            continue
+        gate_up = new.stacked[0]
+        lo, hi = gate_up.data_ptr(), gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
+        if not all(lo <= p.data_ptr() < hi for p in list_params(r.original, new.list_names, 0)[:2]):
+            new.stacked = stack_list_experts(r.original, new.list_names)
+
 
 
 def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
@@ -189,6 +221,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
         return model
     experts = [r.new for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+    for handle in state.hooks:
+        handle.remove()
     if state.cache is not None:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(model)
@@ -200,10 +234,23 @@ def unpatch(model: nn.Module) -> nn.Module:
         else:
             setattr(r.parent, r.attr, r.original)
         if isinstance(r.new, MoecacheExperts):
+            _give_back_parameters(r.new, r.original)
             r.new.provider = None
     delattr(model, _STATE)
     logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
     return model
+
+
+def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:
+    """The original module gets the Parameter objects the patched one holds now (load_state_dict with
+    assign=True replaces them while patched)."""
+    if new.stacked is not None or new.list_names is not None:
+        return
+    names = ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if new.layout.has_bias else [])
+    for name in names:
+        param = getattr(new, name)
+        if getattr(original, name) is not param:
+            setattr(original, name, param)
 
 
 def stats(model: nn.Module) -> dict:

@@ -22,6 +22,7 @@ from .families import FoundExperts, experts_shape, find_router, list_params
 logger = logging.getLogger(__name__)
 
 POLICIES = ("lru", "lfu", "predictive")
+CACHE_OWNER = "moecache.unpatch(model)"
 _BYTE_UNITS = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -57,7 +58,7 @@ class Offload:
         total = num_layers * num_experts
         budget = self.gpu_experts
         if isinstance(budget, str):
-            match = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
+            match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
             if not match:
                 raise ValueError(f"gpu_experts={budget!r}: expected a byte budget such as '6GiB' or '512MB'")
             budget_bytes = float(match.group(1)) * _BYTE_UNITS[match.group(2)]
@@ -65,10 +66,12 @@ class Offload:
         elif isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"gpu_experts must be a fraction, a per-layer count or a byte budget, got {budget!r}")
         elif self.bytes:
+            if not math.isfinite(budget) or budget <= 0:
+                raise ValueError(f"gpu_experts={budget!r} with bytes=True: a byte budget must be a positive finite number")
             budget_bytes = budget
             slots = int(budget // record_bytes)
         elif isinstance(budget, float):
-            if not 0 < budget <= 1:
+            if not 0 < budget <= 1:  # NaN fails this too
                 raise ValueError(f"gpu_experts={budget}: a fraction must lie in (0, 1]")
             slots = max(1, math.ceil(budget * total))
         else:
@@ -132,6 +135,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
     cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
                         policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)
+    cache.owner = CACHE_OWNER
     providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch_next=offload.prefetch)
                  for layer in range(len(modules))]
     for provider, nxt in zip(providers, providers[1:]):
@@ -152,9 +156,73 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
     return cache, predictor
 
 
+NOT_COPYABLE = ("a model whose experts moecache offloaded cannot be pickled or copied (pinned host memory, "
+                "device slots, a copy engine): save its state_dict (it holds the real weights), or unpatch it "
+                "(moecache.unpatch) before deepcopy or torch.save(model)")
+
+
+class _OffloadHook:
+    """Hooks an offloaded model carries: pickling or copying them (torch.save(model), deepcopy) raises
+    the same clear error as the expert cache would, before anything else is pickled."""
+
+    def __reduce__(self):
+        raise TypeError(NOT_COPYABLE)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(NOT_COPYABLE)
+
+
+class _OffloadedState(_OffloadHook):
+    """state_dict() of an offloaded layer: the master copies from the host store, in place of the freed
+    device parameters (clones: the store stays the cache's)."""
+
+    def __init__(self, module: MoecacheExperts):
+        self.module = module
+
+    def __call__(self, _, state_dict, prefix, local_metadata):
+        module = self.module
+        provider = module.provider
+        if not isinstance(provider, OffloadedExperts):
+            return
+        gate_up, down = provider.cache.host_weights(provider.layer)
+        if module.list_names is not None:
+            gate, up, down_name = module.list_names
+            inter = gate_up.shape[1] // 2
+            for e in range(module.num_experts):
+                state_dict[f"{prefix}{e}.{gate}.weight"] = gate_up[e, :inter].clone()
+                state_dict[f"{prefix}{e}.{up}.weight"] = gate_up[e, inter:].clone()
+                state_dict[f"{prefix}{e}.{down_name}.weight"] = down[e].clone()
+            return
+        if module.layout.transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        state_dict[prefix + "gate_up_proj"] = gate_up.contiguous().clone()
+        state_dict[prefix + "down_proj"] = down.contiguous().clone()
+
+
+class _RefuseLoad(_OffloadHook):
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("load_state_dict on a model whose experts moecache offloaded: the weights live in the "
+                           "expert cache. Call moecache.unpatch(model), load, then patch it again; nothing was "
+                           "loaded")
+
+
+def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> list:
+    """Keep an offloaded model's weights where users look for them: state_dict() (and so save_pretrained
+    and torch.save of the state dict) returns the master copies from the host store in place of the
+    freed device parameters; load_state_dict refuses before loading anything. Returns the hook handles."""
+    handles = []
+    for module in modules:
+        target = module.original if module.list_names is not None else module
+        handles.append(target.register_state_dict_post_hook(_OffloadedState(module)))
+    handles.append(model.register_load_state_dict_pre_hook(_RefuseLoad()))
+    return handles
+
+
 def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> None:
     """Copy each offloaded layer's master weights back into the original parameters (bit-exact: they were
     copied, not cast), then close the cache."""
+    if cache._closed:
+        raise RuntimeError("the expert cache was closed before unpatch: the offloaded experts' weights are gone")
     cache.synchronize()
     for module in modules:
         provider = module.provider
@@ -173,4 +241,4 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
             for param, src in ((module.original.gate_up_proj, gate_up), (module.original.down_proj, down)):
                 param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
         module.provider = None
-    cache.close()
+    cache.close(owner=CACHE_OWNER)
