@@ -5,12 +5,13 @@ import threading
 
 import pytest
 import torch
-from builders import DEVICE, random_layers
 
 from moecache import _C
 from moecache.cache import ExpertCache, expert_source
 from moecache.ops.reference import fused_moe_reference, route_reference
 from moecache.testing import assert_close
+
+from builders import DEVICE, random_layers
 
 
 def assert_slot_holds(cache, layers, layer, expert):
@@ -461,3 +462,65 @@ def test_closing_while_threads_run_raises_cleanly():
     assert not errors, errors
     with pytest.raises(RuntimeError, match="closed"):
         cache.prefetch(0, [1])
+
+
+def test_expert_dtype_and_empty_experts_are_refused():
+    layers = random_layers(L=1, E=4, H=8, I=4)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        ExpertCache([(layers[0][0].double(), layers[0][1].double())], num_slots=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        ExpertCache([(torch.empty(0, 8, 8), torch.empty(0, 8, 4))], num_slots=2)
+
+
+# ------------------------------------------------------------------ GPU: streams, capture, failures
+@pytest.mark.gpu
+def test_gpu_prefetches_from_another_stream_never_corrupt_in_place_decode():
+    """Evictions ordered against every stream that uses the cache: decode on one stream while another
+    stream's prefetches evict and refill slots."""
+    L, E, H, I, K = 3, 16, 256, 128, 2
+    layers = random_layers(L=L, E=E, H=H, I=I, dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    with ExpertCache(layers, num_slots=6) as cache:
+        for step in range(40):
+            layer = step % L
+            x = torch.randn(2, H, device="cuda", dtype=torch.bfloat16)
+            w, ids = route_reference(torch.randn(2, E, device="cuda"), K)
+            out = cache.moe(layer, x, w, ids, misses="in_place")
+            with torch.cuda.stream(side):
+                cache.prefetch((layer + 1) % L, torch.randperm(E)[:6])
+            ref = fused_moe_reference(x, *(t.cuda() for t in layers[layer]), w, ids)
+            assert_close(out, ref, torch.bfloat16)
+        torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_cache_calls_during_graph_capture_raise_clearly():
+    layers = random_layers(L=1, E=4, H=64, I=32, dtype=torch.bfloat16)
+    with ExpertCache(layers, num_slots=2) as cache:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="captured"):
+            with torch.cuda.graph(graph):
+                cache.prefetch(0, [0, 1])
+
+
+@pytest.mark.gpu
+def test_gpu_a_failed_copy_batch_leaves_the_cache_consistent():
+    L, E, H, I, K = 2, 8, 256, 128, 2
+    layers = random_layers(L=L, E=E, H=H, I=I, dtype=torch.bfloat16)
+    with ExpertCache(layers, num_slots=4) as cache:
+        cache.prefetch(0, [0, 1, 2, 3])
+        cache.synchronize()
+        cache._core._inject_copy_failures(1)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            cache.ensure(1, [4, 5, 6, 7]).release()
+        cache.synchronize()
+        expert_map = cache._map.cpu()
+        for layer in range(L):
+            for e in range(E):
+                assert expert_map[layer, e].item() == cache.slot_of(layer, e)
+                if cache.slot_of(layer, e) >= 0:
+                    assert_slot_holds(cache, layers, layer, e)
+        x = torch.randn(20, H, device="cuda", dtype=torch.bfloat16)
+        w, ids = route_reference(torch.randn(20, E, device="cuda"), K)
+        assert_close(cache.moe(1, x, w, ids), fused_moe_reference(x, *(t.cuda() for t in layers[1]), w, ids),
+                     torch.bfloat16)

@@ -41,3 +41,21 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0"  # NOTSET: the default
     assert "MOECACHE_LOGLEVEL" in proc.stderr and "not a logging level" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--layers", "0"], ["--batch", "0"], ["--prompt", "0"], ["--device", "tpu"],
+                                  ["--layers", "-1"], ["--budget", "1.5"], ["--family", "llama"]])
+def test_demo_rejects_bad_arguments_with_a_message(args):
+    proc = _run("demo", *args)
+    assert proc.returncode == 2 and "error: argument" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_says_when_compiled_kernels_cannot_run():
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, "-m", "moecache", "info"], capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=cwd, timeout=300)
+    assert proc.returncode == 0
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "cannot run" in proc.stdout

@@ -1,11 +1,12 @@
 """ops.fused_moe (Triton kernels; the interpreter on CPU) against the fp32 reference."""
 import pytest
 import torch
-from builders import DEVICE, random_layer
 
 from moecache import ops
 from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 from moecache.testing import assert_close, poisoned
+
+from builders import DEVICE, random_layer
 
 
 def run_triton(x, *args, **kwargs):
@@ -271,3 +272,33 @@ def test_nan_routing_weight_gives_nan_for_that_token_only(T):
     keep = torch.ones(T, dtype=torch.bool)
     keep[1] = False
     assert_close(out[keep], ref[keep], torch.float32)
+
+
+@pytest.mark.parametrize("H,I", [(16, 0), (0, 8)], ids=["I0", "H0"])
+def test_degenerate_widths(H, I):
+    """Zero-width experts give zeros (as the reference); zero hidden units give an empty output."""
+    T, E, K = 5, 4, 2
+    x = torch.randn(T, H, device=DEVICE)
+    wgu, wd = torch.randn(E, 2 * I, H, device=DEVICE), torch.randn(E, H, I, device=DEVICE)
+    w, ids = route_reference(torch.randn(T, E, device=DEVICE), K)
+    out = run_triton(x, wgu, wd, w, ids)
+    assert out.shape == (T, H) and torch.equal(out, fused_moe_reference(x, wgu, wd, w, ids))
+
+
+def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
+    from moecache.ops import api
+
+    x, wgu, wd, w, ids = random_layer(20, 16, 8, 4, 2, torch.float32)
+    key = "H16-I8-E4-K2"
+    cases = {"notjson.json": "{not json", "noconfigs.json": '{"device_slug": "x"}',
+             "badpath.json": '{"configs": {"%s": {"32": {"path": "fast"}}}}' % key,
+             "zero.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 0, "BLOCK_N": 16, '
+                          '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}}}' % key}
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        monkeypatch.setenv("MOECACHE_MOE_CONFIG", str(path))
+        api._TUNED_CACHE.clear()
+        with pytest.raises(ValueError, match=name):
+            api.tuned_configs(torch.device("cuda" if DEVICE == "cuda" else "cpu"))
+    api._TUNED_CACHE.clear()

@@ -10,11 +10,12 @@ import math
 
 import pytest
 import torch
-from builders import DEVICE
 
 from moecache import ops
 from moecache.ops.mla import mla_decode_reference
 from moecache.testing import assert_close
+
+from builders import DEVICE
 
 
 def make_case(lens, Hq, R=32, P=8, Dn=16, Dv=24, block_size=16, dtype=torch.float32, device=DEVICE, seed=0,
@@ -320,3 +321,11 @@ def test_nan_input_gives_nan_output_for_that_request_only(where):
     assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse))
     assert torch.isnan(out[1]).any() and not torch.isnan(out[0]).any()
     assert_close(out[0], ref[0], torch.float32)
+
+
+def test_zero_heads_gives_empty_outputs():
+    case = make_case([5, 20], 4, block_size=16)
+    args = op_args(case)
+    args["q_latent"], args["q_rope"] = args["q_latent"][:, :0], args["q_rope"][:, :0]
+    out, lse = ops.mla_decode(**args, backend="triton", return_lse=True)
+    assert out.shape == (2, 0, args["q_latent"].shape[2]) and lse.shape == (2, 0)

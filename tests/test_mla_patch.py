@@ -1,8 +1,6 @@
 """MLA attention patching: DeepSeek-V2/V3 attention over moecache's paged latent cache, on tiny models."""
-import builders
 import pytest
 import torch
-from remote_code import VL2AttentionStack
 
 import moecache
 from moecache.compat import generate_cache_key, model_cache_argument
@@ -12,6 +10,9 @@ from moecache.testing import assert_model_restored as assert_restored
 from moecache.testing import greedy as generate
 from moecache.testing import model_logits as logits
 from moecache.testing import model_snapshot as snapshot
+
+import builders
+from remote_code import VL2AttentionStack
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,15 +1,16 @@
 """moecache.patch / unpatch / stats on tiny random models built from transformers config classes."""
 import logging
 
-import builders
 import pytest
 import torch
-from remote_code import VL2LanguageModel
 
 import moecache
 from moecache import Offload
 from moecache.layers import MoecacheExperts
 from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot
+
+import builders
+from remote_code import VL2LanguageModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -364,3 +365,21 @@ def test_load_state_dict_with_assign_survives_unpatch(family):
         assert torch.equal(after[k], new_state[k]), k
     with torch.no_grad():
         assert_close(run(model), patched, torch.float32)
+
+
+def test_offload_budget_garbage_is_a_clear_error():
+    for budget, kw, match in (("1.2.3GiB", {}, "expected a byte budget"), (float("inf"), {"bytes": True}, "finite"),
+                              (float("nan"), {}, "fraction"), (0, {"bytes": True}, "finite")):
+        with pytest.raises(ValueError, match=match):
+            Offload(gpu_experts=budget, **kw).slots(3, 8, 1 << 20)
+
+
+def test_the_cache_of_an_offloaded_model_closes_only_through_unpatch():
+    """Regression: closing the cache under a patched model, then unpatching, left (0,) parameters."""
+    model = build("mixtral")
+    before = model_snapshot(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    with pytest.raises(RuntimeError, match="only copy"):
+        moecache.expert_cache(model).close()
+    moecache.unpatch(model)
+    assert_model_restored(model, before)

@@ -158,3 +158,13 @@ def test_non_finite_rows_get_valid_ids_and_nan_weights(case, backend):
         assert bad.tolist() == [False, False, True, False, False]
     assert torch.equal(torch.isnan(w).any(dim=1), bad)
     assert torch.equal(ids[~bad], ref_ids[~bad]) and torch.allclose(w[~bad], ref_w[~bad])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_argument_types_are_checked(backend):
+    logits = torch.randn(4, 8)
+    for kw, match in ((dict(top_k=True), "top_k"), (dict(top_k=2, n_group=0), "n_group"),
+                      (dict(top_k=2, scaling="2"), "scaling"), (dict(top_k=2, scaling=float("nan")), "scaling"),
+                      (dict(top_k=2, n_group=2, topk_group=0), "topk_group")):
+        with pytest.raises(ValueError, match=match):
+            ops.route(logits, backend=backend, **kw)
