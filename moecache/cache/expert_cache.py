@@ -63,7 +63,9 @@ class ExpertCache:
         policy: "lru", "lfu" or "priority" (scores from `set_priorities`; the predictor feeds them).
         device: where slots live (default: the current CUDA device, else the CPU with the host backend).
         pin: "alloc" (cudaHostAlloc) or "register" (cudaHostRegister of an aligned arena).
-        allow_pageable: if pinning fails, use pageable memory with a warning instead of raising.
+        allow_pageable: if pinning fails, use pageable memory with a warning instead of raising. Applies to
+            the CUDA backend only: the host backend (no usable GPU) keeps its store in ordinary memory, which
+            it reports as `pinned=False` whatever this says.
 
     Example:
         cache = ExpertCache([(w_gate_up, w_down) for ...], num_slots=32)
