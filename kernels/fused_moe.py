@@ -170,6 +170,18 @@ def _align_kernel(ids_ptr, counts_ptr, offsets_ptr, rows_ptr, num_rows, E, BLOCK
 
 
 @triton.jit
+def _tile(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(M block, N block) of this program. Programs run GROUP_M M blocks (laid out expert by expert)
+    over each N block before the next N block, so an expert's weight tile is read from HBM once and
+    served from L2 to its other M blocks, while the GROUP_M activation tiles stay in L2 across N."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Which expert the pid_m-th M block belongs to (blocks laid out expert by expert), and its rows."""
     o_e = tl.arange(0, BLOCK_E)
@@ -189,16 +201,15 @@ def _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M: tl.const
 @triton.jit
 def _grouped_gate_up_kernel(
     x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, inter_ptr,
-    arrivals_ptr, H, I, E, K, num_slots, down_blocks,
+    arrivals_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
     ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    ZERO_ARRIVALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZERO_ARRIVALS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m, pid_n = _tile(num_m_blocks, I, BLOCK_N, GROUP_M)
     e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
     if e < E:
         tokens = rows // K
@@ -240,9 +251,10 @@ def _grouped_gate_up_kernel(
 @triton.jit
 def _grouped_down_kernel(
     inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, topk_w_ptr, partial_ptr,
-    arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks,
+    arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Down GEMM, times the top-k weight, with the top-k combine fused.
@@ -251,8 +263,7 @@ def _grouped_down_kernel(
     program whose arrival completes a token's K rows (for this N block) sums them in k order, so the sum
     is deterministic whichever program finishes last, and no separate combine launch is needed.
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m, pid_n = _tile(num_m_blocks, H, BLOCK_N, GROUP_M)
     e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
     if e < E:
         base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
@@ -295,21 +306,26 @@ def _grouped_down_kernel(
 
 
 # ---------------------------------------------------------------- configurations and launcher
+GROUP_M = 8  # M blocks that sweep the N blocks together (tile order: see _tile)
+
 def shape_key(hidden: int, inter: int, num_experts: int, top_k: int) -> str:
     """Key of a shape in a tuned table: "H2048-I768-E128-K8"."""
     return f"H{hidden}-I{inter}-E{num_experts}-K{top_k}"
 
 
 def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, interpreting: bool,
-                  table: dict | None = None) -> dict:
-    """Block configuration from token count and shape, without autotuning.
+                  table: dict | None = None, itemsize: int = 2, arch: int = 90) -> dict:
+    """Block configuration from token count, shape and element size, without autotuning.
 
-    `table` (written by bench/tune_moe.py) maps shape_key -> {token count: config}; a tuned shape takes
-    the entry of the smallest tuned token count >= num_tokens (above the largest, the heuristic). Otherwise a
-    heuristic: the grouped path, with tl.dot tiles whose M grows with the rows each expert receives.
+    `table` (written by bench/tune_moe.py, tuned in bf16) maps shape_key -> {token count: config}; a tuned
+    shape takes the entry of the smallest tuned token count >= num_tokens (above the largest, and for
+    fp32, the heuristic decides). The heuristic: the grouped path, with tl.dot tiles whose M grows with
+    the rows each expert receives; fp32 gets tiles half as deep with 8 warps, widths that are not
+    multiples of 64 narrower tiles, and sm_8x (`arch` 80-89: no wgmma, more registers per tile) narrower
+    large tiles; each otherwise spills (tests/aot_compile.py compiles them for sm_90 and sm_80).
     The interpreter gets small tiles, and the decode (GEMV) path up to 4 tokens so tests cover it.
     """
-    tuned = (table or {}).get(shape_key(hidden, inter, num_experts, top_k))
+    tuned = (table or {}).get(shape_key(hidden, inter, num_experts, top_k)) if itemsize == 2 else None
     if tuned:
         counts = sorted(int(t) for t in tuned)
         pick = next((t for t in counts if t >= num_tokens), None)
@@ -324,10 +340,19 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     # T=16: the GEMVs took 2.7 ms, the grouped path 0.92 ms at T=64). The grouped path reads each touched
     # expert once per layer, where the GEMVs stream it once per routed row. Tables can still pick "decode".
     rows_per_expert = num_tokens * top_k / num_experts
+    if itemsize >= 4:
+        if rows_per_expert <= 16:
+            return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+        return {"path": "grouped", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    aligned = hidden % 64 == 0 and inter % 64 == 0
     if rows_per_expert <= 16:
+        if not aligned:
+            return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
         return {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     if rows_per_expert <= 64:
         return {"path": "grouped", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    if arch < 90:
+        return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
     return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
@@ -394,19 +419,20 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     # Arrival counters and fp32 partials for the fused combine (unused when K == 1: pass stand-ins).
     arrivals = torch.empty((T * down_blocks,) if combine else (1,), dtype=torch.int32, device=x.device)
     partial = torch.empty((num_rows, H) if combine else (1, 1), dtype=torch.float32, device=x.device)
-    wrap(_grouped_gate_up_kernel)[(triton.cdiv(I, BN), max_blocks)](
+    group_m = config.get("GROUP_M", GROUP_M)
+    wrap(_grouped_gate_up_kernel)[(max_blocks * triton.cdiv(I, BN),)](
         x, w_gate_up, host_gu, bgu, map_arg, counts, offsets, rows, inter,
-        arrivals, H, I, E, K, num_slots, down_blocks,
+        arrivals, H, I, E, K, num_slots, down_blocks, max_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
         ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
-        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine,
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine, GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)
-    wrap(_grouped_down_kernel)[(down_blocks, max_blocks)](
+    wrap(_grouped_down_kernel)[(max_blocks * down_blocks,)](
         inter, w_down, host_d, bd, map_arg, counts, offsets, rows, topk_weights, partial,
-        arrivals, out, H, I, E, K, num_slots, down_blocks,
+        arrivals, out, H, I, E, K, num_slots, down_blocks, max_blocks,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
-        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee,
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
     return out

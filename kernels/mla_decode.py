@@ -150,7 +150,7 @@ MAX_SPLITS = 64
 
 
 def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
-                  max_blocks: int, sm_count: int, interpreting: bool) -> dict:
+                  max_blocks: int, sm_count: int, interpreting: bool, itemsize: int = 2) -> dict:
     """Block sizes and the split count from shapes only (no tensor values, so no host sync).
 
     BLOCK_H: all heads in one block up to 64, fewer when R is wide, since the fp32 accumulator
@@ -164,6 +164,8 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     block_r = triton.next_power_of_2(kv_lora_rank)
     block_p = max(16, triton.next_power_of_2(rope_dim))
     max_h = 64 if block_r <= 256 else 32
+    if itemsize >= 4 and block_r >= 512:
+        max_h = 16  # fp32 rows are twice the registers: 32 heads spill at R = 512 (tests/aot_compile.py)
     block_h = min(max_h, max(16, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     block_n = 32
@@ -171,7 +173,7 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     min_split_pages = 1 if interpreting else triton.cdiv(256, block_size)
     most = min(MAX_SPLITS, triton.cdiv(max_blocks, min_split_pages))
     num_splits = max(1, min(most, triton.cdiv(2 * sm_count, batch * head_blocks)))
-    num_warps = 4 if block_h * block_r <= 8192 else 8
+    num_warps = 4 if block_h * block_r * itemsize <= 16384 else 8
     return {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_R": block_r, "BLOCK_P": block_p,
             "num_splits": num_splits, "min_split_pages": min_split_pages,
             "num_warps": num_warps, "num_stages": 1 if interpreting else 2}

@@ -343,7 +343,7 @@ class ExpertCache:
         in_place_ok = self._store.pinned or self.device.type == "cpu"
         if misses == "auto":
             once = ops.streams_each_expert_once(hidden_states.shape[0], topk_ids.shape[1], self.num_experts,
-                                                self.hidden, self.inter, self.device)
+                                                self.hidden, self.inter, self.device, self.dtype)
             misses = "in_place" if once and in_place_ok else "copy"
         if misses == "in_place" and not in_place_ok:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")

@@ -303,20 +303,26 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
 
 
 def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
-                device: torch.device) -> dict:
+                device: torch.device, itemsize: int) -> dict:
     from moecache import kernels
     from moecache.kernels.fused_moe import select_config
 
-    table = tuned_configs(device) if device.type == "cuda" else None
-    return select_config(num_tokens, top_k, num_experts, hidden, inter, kernels.INTERPRETING, table=table)
+    table, arch = None, 90
+    if device.type == "cuda":
+        table = tuned_configs(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    return select_config(num_tokens, top_k, num_experts, hidden, inter, kernels.INTERPRETING, table=table,
+                         itemsize=itemsize, arch=arch)
 
 
 def streams_each_expert_once(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
-                             device: torch.device) -> bool:
+                             device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether fused_moe reads each routed expert's weights once per call at this size (the GEMV path for
     one token; the grouped path while an expert's rows, at most one per token, fit one row tile).
     Where it does, a non-resident expert costs the same PCIe bytes read in place as copied."""
-    config = _moe_config(num_tokens, top_k, num_experts, hidden, inter, torch.device(device))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    config = _moe_config(num_tokens, top_k, num_experts, hidden, inter, torch.device(device), itemsize)
     if config["path"] == "decode":
         return num_tokens == 1
     return num_tokens <= config["BLOCK_M"]
@@ -334,7 +340,7 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     if x.shape[0] == 0:
         return
     E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
-    config = _moe_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], x.device)
+    config = _moe_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], x.device, x.element_size())
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation=activation,
                      swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=expert_map,
                      host_w_gate_up=host_w_gate_up, host_w_down=host_w_down, b_gate_up=b_gate_up, b_down=b_down,

@@ -139,7 +139,7 @@ def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
     if B == 0 or Hq == 0:
         return out, lse
     config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
-                           _sm_count(q_latent.device), kernels.INTERPRETING)
+                           _sm_count(q_latent.device), kernels.INTERPRETING, itemsize=q_latent.element_size())
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config,
                       launcher=torch.library.wrap_triton)
     return out, lse
