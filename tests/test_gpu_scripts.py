@@ -1,0 +1,70 @@
+"""The GPU run scripts' control flow on CPU: the plan (DRY_RUN), stage limits cut to the budget left,
+timeouts and failures recorded in the summary, SKIP/ONLY; and the traffic analysis of the kernels."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+needs_source = pytest.mark.skipif(not (BENCH / "gpu_lib.sh").is_file(), reason="needs the source tree")
+
+
+def _bash(script: str, out: Path, **env):
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(out), **env}, cwd=BENCH.parent)
+
+
+@needs_source
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_bench.sh"])
+def test_dry_run_plans_every_stage_in_order(script, tmp_path):
+    proc = _bash(f"bash bench/{script}", tmp_path, DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "run.log").read_text()
+    planned = [line.split("timeout ")[1].split()[0] for line in log.splitlines() if line.startswith("DRY_RUN:")]
+    assert planned and all(int(limit) > 0 for limit in planned)
+    summary = (tmp_path / "summary.txt").read_text()
+    if script == "gpu_smoke.sh":
+        order = ["kernels-bf16", "gpu-tests", "sanitizer", "compile-tests"]
+        assert [s for s in order if f"{s}: ok" in summary] == order
+        assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
+    else:
+        for name in ("bench_moe", "bench_e2e", "bench_mla", "bench_prefetch", "tune"):
+            assert f"{name}" in summary
+
+
+@needs_source
+def test_stage_limits_follow_the_budget_and_timeouts_are_recorded(tmp_path):
+    script = ("source bench/gpu_lib.sh; : > \"$SUMMARY\"; "
+              "stage quick 30 true; stage slow 30 sleep 30; stage late 30 true; stage fails 30 false")
+    proc = _bash(script, tmp_path, BUDGET="20")
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "quick: ok" in summary
+    assert "slow: timeout" in summary  # cut from 30 s to the 15 s left of the budget, then killed
+    assert "late: skipped (no time left)" in summary and "fails: skipped (no time left)" in summary
+    log = (tmp_path / "run.log").read_text()
+    assert "slow (limit 1" in log  # the limit printed is the budget left, not the 30 s asked for
+
+
+@needs_source
+def test_failures_skip_and_only(tmp_path):
+    script = ("source bench/gpu_lib.sh; : > \"$SUMMARY\"; "
+              "stage fails 30 false; stage skipped 30 true; stage kept 30 true")
+    proc = _bash(script, tmp_path, SKIP="skipped")
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode == 0 and "fails: rc=1" in summary and "kept: ok" in summary and "skipped:" not in summary
+    proc = _bash(script, tmp_path / "only", ONLY="kept")
+    summary = (tmp_path / "only" / "summary.txt").read_text()
+    assert summary.strip() == "kept: ok (0s)"
+
+
+@needs_source
+def test_kernel_traffic_table():
+    proc = subprocess.run([sys.executable, str(BENCH / "kernel_traffic.py"), "--markdown", "--tokens", "1,4096"],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| mixtral")]
+    t1 = lines[0].split("|")
+    assert t1[2].strip() == "1" and t1[5].strip() == "1.0x"  # one token: every path reads each expert once
