@@ -24,21 +24,35 @@ import triton.language as tl
 ACT_SILU = tl.constexpr(0)
 ACT_GELU_TANH = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
-ACTIVATION_CODES = {"silu": ACT_SILU.value, "gelu_tanh": ACT_GELU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value}
+ACT_GELU = tl.constexpr(3)
+ACT_RELU = tl.constexpr(4)
+ACTIVATION_CODES = {"silu": ACT_SILU.value, "gelu_tanh": ACT_GELU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value,
+                    "gelu": ACT_GELU.value, "relu": ACT_RELU.value}
+
+
+@triton.jit
+def _act(h, ACTIVATION: tl.constexpr):
+    """The activation alone (non-gated experts, and the gate of gated ones)."""
+    if ACTIVATION == ACT_SILU:
+        return h / (1.0 + tl.exp(-h))
+    elif ACTIVATION == ACT_GELU_TANH:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2 / pi) * (x + 0.044715 x^3)
+        return 0.5 * h * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 0.5 h (1 + tanh(inner))
+    elif ACTIVATION == ACT_GELU:
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    else:
+        return tl.maximum(h, 0.0)
 
 
 @triton.jit
 def _activate(gate, up, ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr):
-    if ACTIVATION == ACT_SILU:
-        return gate / (1.0 + tl.exp(-gate)) * up
-    elif ACTIVATION == ACT_GELU_TANH:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi) * (x + 0.044715 x^3)
-        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-        return 0.5 * gate * (1.0 + tanh) * up
-    else:  # clamped SwiGLU (GPT-OSS): the constants come from the caller
+    """act(gate) * up; GPT-OSS's clamped SwiGLU with the caller's constants."""
+    if ACTIVATION == ACT_SWIGLU_OAI:
         gate = tl.minimum(gate, SWIGLU_LIMIT)
         up = tl.minimum(tl.maximum(up, -SWIGLU_LIMIT), SWIGLU_LIMIT)
         return (up + 1.0) * (gate / (1.0 + tl.exp(-SWIGLU_ALPHA * gate)))
+    else:
+        return _act(gate, ACTIVATION) * up
 
 
 @triton.jit
@@ -70,7 +84,7 @@ def _gate_up_gemv_kernel(
     H, I, E, K, num_slots,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr, GATED: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -92,13 +106,18 @@ def _gate_up_gemv_kernel(
         b_x = tl.load(x_ptr + token * stride_xt + o_k, mask=m_k, other=0.0).to(tl.float32)
         m_w = m_n[:, None] & m_k[None, :]
         b_wg = tl.load(base + o_gate[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_w, other=0.0)
-        b_wu = tl.load(base + o_up[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_w, other=0.0)
         b_gate += tl.sum(b_wg.to(tl.float32) * b_x[None, :], axis=1)
-        b_up += tl.sum(b_wu.to(tl.float32) * b_x[None, :], axis=1)
+        if GATED:
+            b_wu = tl.load(base + o_up[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_w, other=0.0)
+            b_up += tl.sum(b_wu.to(tl.float32) * b_x[None, :], axis=1)
     if HAS_BIAS:
         b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)
-        b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)
-    b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+        if GATED:
+            b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)
+    if GATED:
+        b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+    else:
+        b_h = _act(b_gate, ACTIVATION)
     tl.store(inter_ptr + pair * I + o_n, b_h.to(inter_ptr.dtype.element_ty), mask=m_n)
 
 
@@ -204,7 +223,7 @@ def _grouped_gate_up_kernel(
     arrivals_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr, GATED: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ZERO_ARRIVALS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
@@ -233,17 +252,24 @@ def _grouped_gate_up_kernel(
             b_x = tl.load(x_ptr + tokens[:, None] * stride_xt + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
             m_w = m_k[:, None] & m_n[None, :]
             b_wg = tl.load(base + o_k[:, None] * stride_wk + o_gate[None, :] * stride_wn, mask=m_w, other=0.0)
-            b_wu = tl.load(base + o_k[:, None] * stride_wk + o_up[None, :] * stride_wn, mask=m_w, other=0.0)
             if IEEE:
                 b_gate = tl.dot(b_x, b_wg.to(b_x.dtype), b_gate, input_precision="ieee")
-                b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up, input_precision="ieee")
             else:
                 b_gate = tl.dot(b_x, b_wg.to(b_x.dtype), b_gate)
-                b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up)
+            if GATED:
+                b_wu = tl.load(base + o_k[:, None] * stride_wk + o_up[None, :] * stride_wn, mask=m_w, other=0.0)
+                if IEEE:
+                    b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up, input_precision="ieee")
+                else:
+                    b_up = tl.dot(b_x, b_wu.to(b_x.dtype), b_up)
         if HAS_BIAS:
             b_gate += tl.load(bias_ptr + e * stride_be + o_gate * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
-            b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+            if GATED:
+                b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+        else:
+            b_h = _act(b_gate, ACTIVATION)
         tl.store(inter_ptr + rows[:, None] * I + o_n[None, :], b_h.to(inter_ptr.dtype.element_ty),
                  mask=m_r[:, None] & m_n[None, :])
 
@@ -357,10 +383,13 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
 
 
 def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation, swiglu, expert_map,
-                     host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config, launcher=None):
+                     host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config, launcher=None,
+                     gated=True):
     """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton).
 
-    activation: "silu", "gelu_tanh" or "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
+    gated: w_gate_up is [E, 2I, H] and the layer computes act(gate) * up; otherwise it is [E, I, H]
+    (fc1) and the layer computes act(fc1 x). activation: "silu", "gelu_tanh", "gelu", "relu", or (gated
+    only) "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
     """
     import torch
 
@@ -368,7 +397,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     activation_code = ACTIVATION_CODES[activation]
     swiglu = tuple(float(v) for v in swiglu)
     T, H = x.shape
-    I = w_gate_up.shape[1] // 2
+    I = w_gate_up.shape[1] // 2 if gated else w_gate_up.shape[1]
     K = topk_ids.shape[1]
     num_rows = T * K
     has_map = expert_map is not None
@@ -383,7 +412,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     bd = b_down if has_bias else x
     bgu_strides = (b_gate_up.stride(0), b_gate_up.stride(1)) if has_bias else (0, 0)
     bd_strides = (b_down.stride(0), b_down.stride(1)) if has_bias else (0, 0)
-    gate_step, up_row0 = (2, 1) if gate_up_interleaved else (1, I)
+    gate_step, up_row0 = (2, 1) if gate_up_interleaved else (1, I if gated else 0)
     inter = torch.empty((num_rows, I), dtype=x.dtype, device=x.device)
     meta = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     BN, BK = config["BLOCK_N"], config["BLOCK_K"]
@@ -394,7 +423,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
             H, I, E, K, num_slots,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
             gate_step, up_row0,
-            ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
+            ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
             HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
         bn_down = config.get("BLOCK_N_DOWN", BN)
         wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, bn_down))](
@@ -425,7 +454,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
         arrivals, H, I, E, K, num_slots, down_blocks, max_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
-        ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1],
+        ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
         HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine, GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)

@@ -19,10 +19,12 @@ def random_layer(T, H, I, E, K, dtype, device=DEVICE, seed=0):
     return x.to(**to), w_gate_up.to(**to), w_down.to(**to), weights.to(device), ids.to(device)
 
 
-def random_layers(L=3, E=8, H=32, I=16, dtype=torch.float32, seed=0):
-    """L layers of experts on the CPU: [(w_gate_up [E, 2I, H], w_down [E, H, I])]."""
+def random_layers(L=3, E=8, H=32, I=16, dtype=torch.float32, seed=0, gated=True):
+    """L layers of experts on the CPU: [(w_gate_up [E, 2I, H], w_down [E, H, I])], or with gated=False
+    [(fc1 [E, I, H], fc2 [E, H, I])]."""
     g = torch.Generator().manual_seed(seed)
-    return [((torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype),
+    rows = 2 * I if gated else I
+    return [((torch.randn(E, rows, H, generator=g) / H**0.5).to(dtype),
              (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)) for _ in range(L)]
 
 

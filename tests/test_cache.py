@@ -141,6 +141,29 @@ def test_layer_output_matches_reference(slots, T, misses, backend):
             assert s["in_place_reads"] == s["misses"] > 0 and s["bytes_copied"] == 0
 
 
+@pytest.mark.parametrize("misses", ["copy", "in_place"])
+def test_non_gated_experts_are_one_record_each(misses):
+    """fc1 [I, H] and fc2 [H, I] share one record; a pool below the active experts still matches."""
+    L, E, H, I, K, T = 2, 6, 32, 24, 2, 9
+    layers = random_layers(L, E, H, I, gated=False)
+    with ExpertCache(layers, num_slots=3) as cache:
+        assert not cache.gated and cache.record_bytes >= 2 * H * I * 4
+        assert cache.record_bytes < 3 * H * I * 4  # not sized as a gated expert
+        for layer in range(L):
+            x = torch.randn(T, H)
+            w, ids = route_reference(torch.randn(T, E), K)
+            out = cache.moe(layer, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, activation="gelu_tanh")
+            ref = fused_moe_reference(x, *layers[layer], w, ids, activation="gelu_tanh", gated=False)
+            assert_close(out.cpu(), ref, torch.float32)
+        gate_up, down = cache.slot_weights()
+        assert gate_up.shape == (3, I, H) and down.shape == (3, H, I)
+
+
+def test_gated_and_non_gated_layers_do_not_mix():
+    with pytest.raises(ValueError, match=r"layers\[1\] has experts .*non-gated"):
+        ExpertCache([random_layers(1, I=16)[0], random_layers(1, I=16, gated=False)[0]], num_slots=2)
+
+
 def test_stats_add_up():
     layers = random_layers(L=2, E=8)
     with ExpertCache(layers, num_slots=4) as cache:

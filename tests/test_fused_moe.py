@@ -142,7 +142,9 @@ def test_bad_input_names_the_argument():
     _bad("topk_weights", topk_weights=w[:, :1])
     _bad("repeats an expert", topk_ids=torch.ones_like(ids))
     _bad("zero or negative stride", w_gate_up=wgu[:1].expand(4, -1, -1))
-    _bad("activation", activation="relu")
+    _bad("activation", activation="tanh")
+    _bad("fc1", gated=False, w_gate_up=wgu[:, :, :8])
+    _bad("gated must be a bool", gated=1)
     _bad("backend", backend="numpy")
     _bad("expert_map must be", expert_map=torch.arange(4))
     _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32, device=x.device))
@@ -302,3 +304,61 @@ def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=name):
             api.tuned_configs(torch.device("cuda" if DEVICE == "cuda" else "cpu"))
     api._TUNED_CACHE.clear()
+
+
+# ------------------------------------------------------------------ non-gated experts (Phi-2 / Switch / NLLB)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_non_gated_experts(activation, T, bias, dtype):
+    E, H, I, K = 5, 40, 24, 2
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(DEVICE, dtype)
+    fc1 = (torch.randn(E, I, H, generator=g) / H**0.5).to(DEVICE, dtype)
+    fc2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(DEVICE, dtype)
+    w, ids = route_reference(torch.randn(T, E, generator=g), K)
+    w, ids = w.to(DEVICE), ids.to(DEVICE)
+    kw = dict(activation=activation, gated=False)
+    if bias:
+        kw.update(b_gate_up=(torch.randn(E, I, generator=g) * 0.1).to(DEVICE, dtype),
+                  b_down=(torch.randn(E, H, generator=g) * 0.1).to(DEVICE, dtype))
+    ref = fused_moe_reference(x, fc1, fc2, w, ids, **kw)
+    assert_close(run_triton(x, fc1, fc2, w, ids, **kw), ref, dtype)
+    if not bias:  # the same expert written out: act(fc1 x) then fc2, weighted
+        act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu,
+               "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh")}[activation]
+        t, k = 1, 0
+        e = int(ids[t, k])
+        direct = act(x[t].double() @ fc1[e].double().t()) @ fc2[e].double().t() * w[t, k].double()
+        partial = fused_moe_reference(x[t:t + 1], fc1, fc2, w[t:t + 1, k:k + 1], ids[t:t + 1, k:k + 1], **kw)
+        assert_close(partial[0], direct, dtype)
+
+
+@pytest.mark.parametrize("T", [2, 20], ids=["decode", "grouped"])
+def test_non_gated_experts_from_host_through_a_map(T):
+    E, S, H, I, K = 6, 3, 32, 16, 2
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, H, generator=g, device=DEVICE)
+    fc1 = torch.randn(E, I, H, generator=g).to(DEVICE) / H**0.5
+    fc2 = torch.randn(E, H, I, generator=g).to(DEVICE) / I**0.5
+    w, ids = route_reference(torch.randn(T, E, generator=g), K)
+    w, ids = w.to(DEVICE), ids.to(DEVICE)
+    expert_map = torch.tensor([2, -1, 0, -1, 1, -1], dtype=torch.int32, device=DEVICE)
+    slots = torch.stack([fc1[2], fc1[4], fc1[0]]), torch.stack([fc2[2], fc2[4], fc2[0]])
+    assert slots[0].shape[0] == S
+    out = run_triton(x, *slots, w, ids, expert_map=expert_map, host_w_gate_up=fc1.cpu(), host_w_down=fc2.cpu(),
+                     activation="relu", gated=False)
+    assert_close(out, fused_moe_reference(x, fc1, fc2, w, ids, activation="relu", gated=False), torch.float32)
+
+
+def test_non_gated_argument_errors():
+    x = torch.randn(4, 16)
+    fc1, fc2 = torch.randn(3, 8, 16), torch.randn(3, 16, 8)
+    w, ids = route_reference(torch.randn(4, 3), 2)
+    with pytest.raises(ValueError, match="non-gated"):
+        ops.fused_moe(x, fc1, fc2, w, ids, gated=False, activation="swiglu_oai")
+    with pytest.raises(ValueError, match="w_down must be"):
+        ops.fused_moe(x, fc1, torch.randn(3, 16, 5), w, ids, gated=False)
+    with pytest.raises(ValueError, match="gate_up_interleaved needs gated"):
+        ops.fused_moe(x, fc1, fc2, w, ids, gated=False, gate_up_interleaved=True)

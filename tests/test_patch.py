@@ -227,7 +227,7 @@ def test_deepseek_vl2_moe_blocks_through_structural_detection(offload):
     with torch.no_grad():
         assert_close(model(x), ref, torch.float32)
     if offload is None:  # the per-expert weights are views of one stack: no second copy
-        gate_up, _ = model.layers[0].moe_infer.stacked
+        gate_up, _ = model.layers[0].moe_infer.stacked.weights()
         assert model.layers[0].experts[3].up_proj.weight.data_ptr() == gate_up[3, 24:].data_ptr()
     else:
         assert model.layers[0].experts[3].up_proj.weight.numel() == 0

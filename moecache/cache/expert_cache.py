@@ -85,10 +85,12 @@ class ExpertCache:
             raise ValueError(f"layers: experts must be non-empty, got E={first.num_experts}, H={first.hidden}, "
                              f"I={first.inter}")
         for i, s in enumerate(sources):
-            if (s.num_experts, s.hidden, s.inter, s.dtype, s.gate_up_interleaved) != (
-                    first.num_experts, first.hidden, first.inter, first.dtype, first.gate_up_interleaved):
-                raise ValueError(f"layers[{i}] has experts [E={s.num_experts}, H={s.hidden}, I={s.inter}, {s.dtype}]; "
-                                 f"layer 0 has [E={first.num_experts}, H={first.hidden}, I={first.inter}, {first.dtype}]")
+            if (s.num_experts, s.hidden, s.inter, s.dtype, s.gate_up_interleaved, s.gated) != (
+                    first.num_experts, first.hidden, first.inter, first.dtype, first.gate_up_interleaved, first.gated):
+                def describe(src):
+                    kind = ("gated" + (", interleaved" if src.gate_up_interleaved else "")) if src.gated else "non-gated"
+                    return f"[E={src.num_experts}, H={src.hidden}, I={src.inter}, {src.dtype}, {kind}]"
+                raise ValueError(f"layers[{i}] has experts {describe(s)}; layer 0 has {describe(first)}")
         if not isinstance(num_slots, int) or num_slots <= 0:
             raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
         if device is None:
@@ -107,9 +109,10 @@ class ExpertCache:
 
         self.num_layers, self.num_experts = len(sources), first.num_experts
         self.hidden, self.inter, self.dtype = first.hidden, first.inter, first.dtype
+        self.gated, self.gate_up_rows = first.gated, first.gate_up_rows
         self.gate_up_interleaved = first.gate_up_interleaved
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        gate_up_bytes = 2 * self.inter * self.hidden * itemsize
+        gate_up_bytes = self.gate_up_rows * self.hidden * itemsize
         self._down_offset = _align(gate_up_bytes)
         self.record_bytes = _align(self._down_offset + self.hidden * self.inter * itemsize)
         self.num_slots = num_slots
@@ -165,7 +168,7 @@ class ExpertCache:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         elems = flat_bytes.view(self.dtype)
         stride = self.record_bytes // itemsize
-        gate_up = elems.as_strided((count, 2 * self.inter, self.hidden), (stride, self.hidden, 1), 0)
+        gate_up = elems.as_strided((count, self.gate_up_rows, self.hidden), (stride, self.hidden, 1), 0)
         down = elems.as_strided((count, self.hidden, self.inter), (stride, self.inter, 1), self._down_offset // itemsize)
         return gate_up, down
 
@@ -349,7 +352,7 @@ class ExpertCache:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
         host_gate_up, host_down = self.host_weights(layer)
         extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
-                     gate_up_interleaved=self.gate_up_interleaved)
+                     gate_up_interleaved=self.gate_up_interleaved, gated=self.gated)
         if misses == "in_place" and not (track_usage or before_compute is not None):
             # No accounting and no lease (no host sync): concurrent prefetches may evict what this call
             # reads from the slots; callers that prefetch from other threads track usage.

@@ -48,7 +48,7 @@ class OffloadedExperts:
             gate_up, down = cache.slot_weights()
             host_gate_up, host_down = cache.host_weights(layer, on_device=True)
             return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, activation=activation,
-                                 gate_up_interleaved=interleaved, expert_map=cache.expert_map(layer),
+                                 gate_up_interleaved=interleaved, gated=cache.gated, expert_map=cache.expert_map(layer),
                                  host_w_gate_up=host_gate_up, host_w_down=host_down, **biases)
         predict = None
         if self.predictor is not None:

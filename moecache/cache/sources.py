@@ -18,7 +18,8 @@ from ..compat import experts_flags
 
 @dataclass
 class ExpertSource:
-    """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I])."""
+    """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I]),
+    or for non-gated experts (gated=False) (fc1 [I, H], fc2 [H, I])."""
 
     num_experts: int
     hidden: int
@@ -26,6 +27,11 @@ class ExpertSource:
     dtype: torch.dtype
     get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     gate_up_interleaved: bool = False  # gate = even rows, up = odd rows (GPT-OSS)
+    gated: bool = True
+
+    @property
+    def gate_up_rows(self) -> int:
+        return 2 * self.inter if self.gated else self.inter
 
 
 def _linear_weight(module, *names):
@@ -39,7 +45,7 @@ def _linear_weight(module, *names):
 def expert_source(experts) -> ExpertSource:
     """An ExpertSource from the ways models hold experts.
 
-    - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
+    - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]), or non-gated (fc1 [E, I, H], fc2 [E, H, I]);
     - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
       (layouts that differ, such as GPT-OSS's [E, H, 2I] interleaved, raise);
     - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
@@ -80,11 +86,15 @@ def expert_source(experts) -> ExpertSource:
 
 
 def _fused_source(gate_up, down, gu_name, down_name) -> ExpertSource:
-    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
-        raise ValueError(f"experts: {gu_name} must be [E, 2I, H], got {tuple(gate_up.shape)}")
-    E, two_i, H = gate_up.shape
-    if tuple(down.shape) != (E, H, two_i // 2):
-        raise ValueError(f"experts: {down_name} must be [E={E}, H={H}, I={two_i // 2}], got {tuple(down.shape)}")
+    """Gated when gate_up has twice down's intermediate rows, non-gated (fc1/fc2) when as many."""
+    if gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"experts: {gu_name} must be [E, 2I, H] (or [E, I, H] non-gated) and {down_name} "
+                         f"[E, H, I], got {tuple(gate_up.shape)} and {tuple(down.shape)}")
+    E, rows, H = gate_up.shape
+    inter = down.shape[2]
+    if down.shape[:2] != (E, H) or rows not in (inter, 2 * inter):
+        raise ValueError(f"experts: {down_name} must be [E={E}, H={H}, I] with {gu_name} [E, 2I or I, H], got "
+                         f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
     if down.dtype != gate_up.dtype:
         raise ValueError(f"experts: {down_name} dtype {down.dtype} differs from {gu_name}'s {gate_up.dtype}")
-    return ExpertSource(E, H, two_i // 2, gate_up.dtype, lambda e: (gate_up[e], down[e]))
+    return ExpertSource(E, H, inter, gate_up.dtype, lambda e: (gate_up[e], down[e]), gated=rows == 2 * inter)

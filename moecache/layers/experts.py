@@ -24,24 +24,23 @@ class ExpertsLayout:
     transposed: bool = False  # GPT-OSS: gate_up [E, H, 2I], down [E, I, H]
     interleaved: bool = False  # gate = even rows of gate_up, up = odd rows
     has_bias: bool = False
+    gated: bool = True  # False: fc1 [E, I, H], act(fc1 x), no up projection
 
 
 class MoecacheExperts(nn.Module):
     """Runs the routed experts of one MoE layer with moecache's kernels, on the original parameters.
 
     original: the module replaced (kept as a plain attribute, not a submodule: the state dict keeps the
-    original keys through the shared parameters). stacked: (gate_up [E, 2I, H], down [E, H, I]) built
-    from a ModuleList of expert MLPs (list_names: their gate/up/down linear layers). provider: None while
-    the weights are resident; a callable (OffloadedExperts) that serves the layer once offloaded.
+    original keys through the shared parameters). stacked: for experts kept as a list of MLPs, an object
+    whose weights() / biases() give the stacked tensors the patcher built (the MLPs' parameters are views
+    of them). provider: None while the weights are resident; a callable (OffloadedExperts) that serves
+    the layer once offloaded.
     """
 
-    def __init__(self, original: nn.Module, layout: ExpertsLayout, *,
-                 stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 list_names: tuple[str, str, str] | None = None):
+    def __init__(self, original: nn.Module, layout: ExpertsLayout, *, stacked=None):
         super().__init__()
         object.__setattr__(self, "original", original)
         self.layout = layout
-        self.list_names = list_names
         self.stacked = stacked
         if stacked is None:
             self.gate_up_proj = original.gate_up_proj
@@ -56,16 +55,25 @@ class MoecacheExperts(nn.Module):
         self.tokens = 0
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([E, 2I, H], [E, H, I]) views of the resident weights (no copies)."""
+        """([E, 2I or I, H], [E, H, I]) views of the resident weights (no copies)."""
         if self.stacked is not None:
-            return self.stacked
+            return self.stacked.weights()
         if self.layout.transposed:
             return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
         return self.gate_up_proj, self.down_proj
 
+    def biases(self) -> dict:
+        if not self.layout.has_bias:
+            return {}
+        if self.stacked is not None:
+            b_gate_up, b_down = self.stacked.biases()
+        else:
+            b_gate_up, b_down = self.gate_up_proj_bias, self.down_proj_bias
+        return dict(b_gate_up=b_gate_up, b_down=b_down)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         layout = self.layout
-        biases = dict(b_gate_up=self.gate_up_proj_bias, b_down=self.down_proj_bias) if layout.has_bias else {}
+        biases = self.biases()
         if not torch.compiler.is_compiling():
             self.calls += 1
             self.tokens += hidden_states.shape[0]
@@ -74,8 +82,10 @@ class MoecacheExperts(nn.Module):
                                  interleaved=layout.interleaved, biases=biases)
         w_gate_up, w_down = self.weights()
         return ops.fused_moe(hidden_states, w_gate_up, w_down, top_k_weights, top_k_index,
-                             activation=layout.activation, gate_up_interleaved=layout.interleaved, **biases)
+                             activation=layout.activation, gate_up_interleaved=layout.interleaved,
+                             gated=layout.gated, **biases)
 
     def extra_repr(self) -> str:
         where = repr(self.provider) if self.provider is not None else "resident"
-        return f"experts={self.num_experts}, activation={self.layout.activation}, {where}"
+        kind = "" if self.layout.gated else ", not gated"
+        return f"experts={self.num_experts}, activation={self.layout.activation}{kind}, {where}"

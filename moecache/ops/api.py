@@ -12,6 +12,8 @@ import torch
 from .._env import backend_override, moe_config_path, validate_values
 from .reference import ACTIVATIONS, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 
+NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -185,14 +187,22 @@ def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int
 
 # ------------------------------------------------------------------ fused_moe
 def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                          host_w_gate_up, host_w_down, b_gate_up, b_down):
+                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated=True, gate_up_interleaved=False):
     _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"hidden_states must be [T, H], got {getattr(x, 'shape', type(x))}")
     _check(x.dtype in _FLOAT_DTYPES, f"hidden_states must be fp16/bf16/fp32, got {x.dtype}")
+    _check(isinstance(gated, bool), f"gated must be a bool, got {gated!r}")
     T, H = x.shape
-    _check(w_gate_up.dim() == 3 and w_gate_up.shape[2] == H and w_gate_up.shape[1] % 2 == 0,
-           f"w_gate_up must be [E, 2I, H={H}], got {tuple(w_gate_up.shape)}")
+    if gated:
+        _check(w_gate_up.dim() == 3 and w_gate_up.shape[2] == H and w_gate_up.shape[1] % 2 == 0,
+               f"w_gate_up must be [E, 2I, H={H}], got {tuple(w_gate_up.shape)}")
+    else:
+        _check(w_gate_up.dim() == 3 and w_gate_up.shape[2] == H,
+               f"with gated=False w_gate_up is fc1 [E, I, H={H}], got {tuple(w_gate_up.shape)}")
+        _check(activation in NON_GATED_ACTIVATIONS,
+               f"activation must be one of {NON_GATED_ACTIVATIONS} for non-gated experts, got {activation!r}")
+        _check(not gate_up_interleaved, "gate_up_interleaved needs gated experts")
     S, two_i, _ = w_gate_up.shape
-    I = two_i // 2
+    I = two_i // 2 if gated else two_i
     _check(w_down.shape == (S, H, I), f"w_down must be [E={S}, H={H}, I={I}], got {tuple(w_down.shape)}")
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         _check(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from hidden_states' {x.dtype}")
@@ -253,21 +263,25 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
               backend: str = "auto", expert_map: torch.Tensor | None = None,
               host_w_gate_up: torch.Tensor | None = None, host_w_down: torch.Tensor | None = None,
               b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
-              gate_up_interleaved: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The routed experts of one MoE layer: out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t).
+              gate_up_interleaved: bool = False, gated: bool = True,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts of one MoE layer: out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), or
+    with gated=False (Phi-2-style, Switch, NLLB experts) sum_k w[t,k] * down_e(act(fc1_e x_t)).
 
     Args:
         hidden_states: [T, H] fp16/bf16/fp32.
         w_gate_up: [E, 2I, H] (transformers 5.x layout): gate = rows [0, I), up = rows [I, 2I);
             with gate_up_interleaved, gate = even rows and up = odd rows (GPT-OSS). Any positive strides,
             so GPT-OSS's [E, H, 2I] parameter can be passed as .transpose(1, 2) without a copy.
+            With gated=False: fc1 [E, I, H].
         w_down: [E, H, I].
         topk_weights: [T, K] (fp32 from route), topk_ids: [T, K] int32 (int64 accepted).
-        activation: "silu" (default), "gelu_tanh" or "swiglu_oai" (GPT-OSS clamped SwiGLU).
+        activation: "silu" (default), "gelu_tanh", "gelu" (erf), "relu", or, gated only, "swiglu_oai"
+            (GPT-OSS clamped SwiGLU).
         expert_map: [E] int32, the slot of each expert in w_gate_up/w_down (whose first dim is then the
             slot count); -1 = not resident: the kernel reads expert e from host_w_gate_up[e] /
             host_w_down[e] (pinned host memory) in place.
-        b_gate_up [E, 2I], b_down [E, H]: optional biases (GPT-OSS), indexed by expert id.
+        b_gate_up [E, 2I] ([E, I] non-gated), b_down [E, H]: optional biases, indexed by expert id.
         backend: "auto" | "torch" | "triton".
         out: optional [T, H] output buffer (written in place and returned).
     Returns:
@@ -278,7 +292,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         >>> y = fused_moe(x, w_gate_up, w_down, w, ids)
     """
     _check_fused_moe_args(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                          host_w_gate_up, host_w_down, b_gate_up, b_down)
+                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated, gate_up_interleaved)
     if out is not None:
         _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
                f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
@@ -290,7 +304,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     if resolve_backend(backend, hidden_states.device) == "torch":
         result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
-                                     b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved)
+                                     b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
+                                     gated=gated)
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
@@ -298,7 +313,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     torch.ops.moecache.fused_moe(
         hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
         w_gate_up, w_down, topk_weights.float().contiguous(), topk_ids.to(torch.int32).contiguous(), activation,
-        expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, out)
+        expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
     return out
 
 
@@ -333,7 +348,7 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
                   expert_map: torch.Tensor | None, host_w_gate_up: torch.Tensor | None,
                   host_w_down: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
-                  gate_up_interleaved: bool, out: torch.Tensor) -> None:
+                  gate_up_interleaved: bool, gated: bool, out: torch.Tensor) -> None:
     from moecache.kernels.fused_moe import fused_moe_launch
 
     x = hidden_states
@@ -344,4 +359,5 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation=activation,
                      swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=expert_map,
                      host_w_gate_up=host_w_gate_up, host_w_down=host_w_down, b_gate_up=b_gate_up, b_down=b_down,
-                     gate_up_interleaved=gate_up_interleaved, config=config, launcher=torch.library.wrap_triton)
+                     gate_up_interleaved=gate_up_interleaved, config=config, launcher=torch.library.wrap_triton,
+                     gated=gated)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "swiglu_oai")  # swiglu_oai: gated experts only
 # GPT-OSS's clamped SwiGLU constants (transformers GptOssExperts: alpha=1.702, limit=7.0).
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
@@ -58,16 +58,28 @@ def _topk_lowest_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
-def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def act_reference(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation alone: non-gated experts, and the gate of gated ones."""
     if activation == "silu":
-        return F.silu(gate) * up
+        return F.silu(h)
     if activation == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    raise ValueError(f"activation {activation!r} has no non-gated form; choose from {ACTIVATIONS[:4]}")
+
+
+def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up, or GPT-OSS's clamped SwiGLU."""
     if activation == "swiglu_oai":
         gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
         up = up.clamp(min=-SWIGLU_OAI_LIMIT, max=SWIGLU_OAI_LIMIT)
         return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return act_reference(gate, activation) * up
 
 def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h [..., 2I] -> gate, up: rows [0,I) and [I,2I), or even and odd rows when interleaved (GPT-OSS)."""
@@ -90,8 +102,10 @@ def fused_moe_reference(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     gate_up_interleaved: bool = False,
+    gated: bool = True,
 ) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,k]; fp32 math, input dtype out.
+    With gated=False, w_gate_up is fc1 [E, I, H] and the expert is down_e(act(fc1_e x_t)).
 
     With `expert_map`, expert e lives in slot expert_map[e] of the weight tensors, or in the host
     tensors (indexed by e) when the slot is -1. Biases are indexed by expert id.
@@ -112,8 +126,11 @@ def fused_moe_reference(
         h = x[token_idx] @ wgu.t()
         if b_gate_up is not None:
             h = h + b_gate_up[e].float()
-        gate, up = split_gate_up(h, gate_up_interleaved)
-        y = activation_reference(gate, up, activation) @ wd.t()
+        if gated:
+            gate, up = split_gate_up(h, gate_up_interleaved)
+            y = activation_reference(gate, up, activation) @ wd.t()
+        else:
+            y = act_reference(h, activation) @ wd.t()
         if b_down is not None:
             y = y + b_down[e].float()
         out.index_add_(0, token_idx, y * topk_weights[token_idx, k_idx].float().unsqueeze(-1))

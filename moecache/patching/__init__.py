@@ -24,16 +24,7 @@ from ..cache import ExpertCache
 from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
-from .families import (
-    FoundExperts,
-    find_experts,
-    find_router,
-    layout_for,
-    list_params,
-    make_experts,
-    stack_list_experts,
-    unstack_list_experts,
-)
+from .families import FoundExperts, find_experts, find_router, installed, layout_for, make_experts
 from .generate import install_latent_cache_default, remove_latent_cache_default
 from .offload import Offload, install_state_hooks, offload_experts, restore_offloaded, validate_offload
 
@@ -47,11 +38,16 @@ _LEFT_ALONE = "_moecache_left_alone"
 
 @dataclass
 class Replacement:
+    """`new` took `original`'s place at parent.attr: as a module (kind "module", MLA attention), or as an
+    instance override of a method (other kinds; `hook` is what was set there)."""
+
     name: str
     parent: nn.Module
     attr: str
     original: nn.Module
     new: nn.Module
+    kind: str = "module"
+    hook: object = None
 
 
 @dataclass
@@ -103,7 +99,12 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
     plan = _Plan(attention=plan_attention(model, strict, left_alone) if attention else [], experts_requested=experts)
     if not experts:
         return plan
-    found = find_experts(model)
+    unsupported: list = []
+    found = find_experts(model, unsupported)
+    for name, cls, reason in unsupported:
+        if strict:
+            raise ValueError(f"moecache.patch: {name} ({cls}): {reason}")
+        left_alone.append({"name": name, "kind": "experts", "type": cls, "reason": reason})
     plan.experts_found = len(found)
     for f in found:
         if isinstance(f.module, MoecacheExperts):
@@ -147,20 +148,23 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     elif not plan.experts and not plan.attention and plan.experts_patched:
         logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
 
-    new_experts = [Replacement(f.name, f.parent, f.attr, f.module, make_experts(f, layout)) for f, layout in plan.experts]
+    new_experts = []
+    for f, layout in plan.experts:
+        new = make_experts(f, layout)
+        new_experts.append(Replacement(f.name, f.parent, f.attr, f.module, new, f.kind, installed(f, new)))
     if offload is not None and new_experts:
         try:
-            state.cache, state.predictor = offload_experts([(r.parent, r.new) for r in new_experts], offload)
+            state.cache, state.predictor = offload_experts([(_router_block(r), r.new) for r in new_experts], offload)
         except Exception:
             for r in new_experts:
                 if r.new.stacked is not None:
-                    unstack_list_experts(r.original, r.new.list_names)
+                    r.new.stacked.unstack()
             raise
     for r in new_experts:
-        if r.attr == "moe_infer":
-            object.__setattr__(r.parent, "moe_infer", r.new)  # an instance override, not a submodule
-        else:
+        if r.kind == "module":
             setattr(r.parent, r.attr, r.new)
+        else:
+            object.__setattr__(r.parent, r.attr, r.hook)  # an instance override, not a submodule
         state.replaced.append(r)
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
                     r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
@@ -182,18 +186,21 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         setattr(model, _STATE, state)
 
 
+def _router_block(r: Replacement) -> nn.Module:
+    """Where this layer's router hangs (the block, or DeepSpeed's MOELayer; for Switch the experts' parent
+    is not known here, so the router is not found and predictive offload is refused for it)."""
+    return r.parent
+
+
 def _restack_after_load(model, incompatible_keys) -> None:
-    """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked ModuleList
-    experts are stacked again from them (with assign=False the copies land in the stack's views)."""
+    """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked list experts
+    are stacked again from them (with assign=False the copies land in the stack's views)."""
     state: PatchState | None = getattr(model, _STATE, None)
     for r in state.replaced if state is not None else []:
-        new = r.new
-        if not isinstance(new, MoecacheExperts) or new.stacked is None:
-            continue
-        gate_up = new.stacked[0]
-        lo, hi = gate_up.data_ptr(), gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
-        if not all(lo <= p.data_ptr() < hi for p in list_params(r.original, new.list_names, 0)[:2]):
-            new.stacked = stack_list_experts(r.original, new.list_names)
+        stacked = getattr(r.new, "stacked", None)
+        if isinstance(r.new, MoecacheExperts) and stacked is not None and stacked.weights() is not None \
+                and not stacked.is_current():
+            stacked.stack()
 
 
 
@@ -227,12 +234,12 @@ def unpatch(model: nn.Module) -> nn.Module:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(model)
     for r in reversed(state.replaced):
-        if r.attr == "moe_infer":
-            del r.parent.__dict__["moe_infer"]  # the class's own method again
-            if r.new.stacked is not None:
-                unstack_list_experts(r.original, r.new.list_names)
-        else:
+        if r.kind == "module":
             setattr(r.parent, r.attr, r.original)
+        else:
+            del r.parent.__dict__[r.attr]  # the class's own method again
+            if r.new.stacked is not None and r.new.stacked.weights() is not None:
+                r.new.stacked.unstack()
         if isinstance(r.new, MoecacheExperts):
             _give_back_parameters(r.new, r.original)
             r.new.provider = None
@@ -244,7 +251,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:
     """The original module gets the Parameter objects the patched one holds now (load_state_dict with
     assign=True replaces them while patched)."""
-    if new.stacked is not None or new.list_names is not None:
+    if new.stacked is not None:
         return
     names = ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if new.layout.has_bias else [])
     for name in names:

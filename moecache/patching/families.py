@@ -2,10 +2,10 @@
 are: the model knowledge `patch` needs, found by `config.model_type` and by structure.
 
 Fused experts (transformers 5.x `*Experts`: 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
-called as experts(hidden, top_k_index, top_k_weights)) are swapped as modules. Blocks shaped like
-DeepSeek's own modelling code (DeepSeek-V2 / DeepSeek-VL2 `DeepseekV2MoE`: a gate, an nn.ModuleList of
-expert MLPs, `moe_infer(x, topk_ids, topk_weight)`) get `moe_infer` overridden on the instance, with the
-per-expert weights stacked once.
+called as experts(hidden, top_k_index, top_k_weights)) are swapped as modules. Experts kept as a list of
+MLPs are stacked once (list_experts.py) and hooked where the family runs them: DeepSeek's own blocks
+(`moe_infer` overridden on the instance), DeepSpeed-MoE layers (MoE-LLaVA: the MOELayer's forward, the
+layer's own gate still routing) and Switch Transformers' experts (their forward).
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import compat
-from ..cache.device import mark_static_address
+from .. import compat, ops
 from ..cache.predictor import RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+from .list_experts import ListNames, StackedExperts, activation_of, names_of
 
 # config.model_type -> how the family's experts look; unknown types fall back to structural detection.
 FAMILIES: dict[str, ExpertsLayout] = {
@@ -32,26 +32,46 @@ FAMILIES: dict[str, ExpertsLayout] = {
 }
 
 # config.hidden_act -> the kernels' activation
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-
-# Linear layer names of an expert MLP in a ModuleList: (gate, up, down).
-LIST_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 @dataclass
 class FoundExperts:
-    """A routed-experts module and where it hangs: parent.attr (attr "moe_infer" for ModuleList blocks,
-    whose experts are parent.experts and list_names their linear layers)."""
+    """A routed-experts module and how it is hooked: `kind` "module" (fused 3-D experts, parent.attr
+    swapped), "moe_infer" (DeepSeek's own blocks: parent.moe_infer overridden on the instance),
+    "deepspeed" (DeepSpeed-MoE's MOELayer: parent.forward overridden) or "switch" (Switch Transformers'
+    experts: parent.forward overridden). `module` holds the experts (for lists, the ModuleList or
+    ModuleDict of MLPs, named by `names`)."""
 
     name: str
     parent: nn.Module
     attr: str
     module: nn.Module
-    list_names: tuple[str, str, str] | None = None
+    kind: str = "module"
+    names: ListNames | None = None
+
+    @property
+    def mlps(self) -> list[nn.Module]:
+        return list(self.module.values()) if isinstance(self.module, nn.ModuleDict) else list(self.module)
+
+    @property
+    def keys(self) -> list[str]:
+        """The MLPs' names inside `module` (state-dict keys): "0", "1", ... or "expert_0", ..."""
+        return list(self.module.keys()) if isinstance(self.module, nn.ModuleDict) else [str(i) for i in range(len(self.module))]
 
 
 def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout | None:
     """The layout of these experts, or None when their activation is one the kernels lack."""
+    if found.names is not None:
+        first = found.mlps[0]
+        act = activation_of(first)
+        if act is None:
+            config = compat.text_config(model) or getattr(found.parent, "config", None)
+            act = ACTIVATIONS.get(getattr(config, "hidden_act", "silu"))
+        if act is None or (not found.names.gated and act not in ops.NON_GATED_ACTIVATIONS):
+            return None
+        return ExpertsLayout(activation=act, gated=found.names.gated,
+                             has_bias=getattr(first, found.names.gate).bias is not None)
     config = getattr(model, "config", None) or getattr(found.parent, "config", None)
     model_type = getattr(config, "model_type", None)
     text_config = getattr(config, "text_config", None) or getattr(config, "language_config", None)
@@ -85,98 +105,162 @@ def is_fused_experts(module: nn.Module) -> bool:
     return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
 
 
-def list_expert_names(block: nn.Module) -> tuple[str, str, str] | None:
-    """For a block shaped like DeepSeek's own code (a gate, an nn.ModuleList of expert MLPs, `moe_infer`),
-    the names of the experts' gate/up/down linear layers; else None."""
-    experts = getattr(block, "experts", None)
-    if not (isinstance(experts, nn.ModuleList) and len(experts) > 0 and callable(getattr(block, "moe_infer", None))
-            and hasattr(block, "gate")):
+def _mlp_names(mlps) -> ListNames | None:
+    mlps = list(mlps)
+    if not mlps:
         return None
-    first = experts[0]
-    for names in LIST_EXPERT_NAMES:
-        if all(isinstance(getattr(first, n, None), nn.Linear) and getattr(first, n).bias is None for n in names):
-            return names
+    names = names_of(mlps[0])
+    return names if names is not None and all(names_of(m) == names for m in mlps) else None
+
+
+def _deepseek_block(block: nn.Module) -> ListNames | None:
+    """A block shaped like DeepSeek's own remote code (DeepSeek-V2 / DeepSeek-VL2 `DeepseekV2MoE`: a gate,
+    an nn.ModuleList of expert MLPs, optional shared_experts, `moe_infer(x, topk_ids, topk_weight)`)."""
+    experts = getattr(block, "experts", None)
+    if isinstance(experts, nn.ModuleList) and callable(getattr(block, "moe_infer", None)) and hasattr(block, "gate"):
+        return _mlp_names(experts)
     return None
 
 
-def find_experts(model: nn.Module) -> list[FoundExperts]:
-    """Every routed-experts module of the model, patched (a MoecacheExperts) or not, in module order."""
+def _deepspeed_layer(layer: nn.Module) -> ListNames | None:
+    """DeepSpeed-MoE's MOELayer (`MoE.deepspeed_moe`): gate.wg (the router), experts.deepspeed_experts."""
+    gate, experts = getattr(layer, "gate", None), getattr(layer, "experts", None)
+    mlps = getattr(experts, "deepspeed_experts", None)
+    if isinstance(getattr(gate, "wg", None), nn.Linear) and isinstance(mlps, nn.ModuleList):
+        return _mlp_names(mlps)
+    return None
+
+
+def _switch_experts(experts: nn.Module) -> ListNames | None:
+    """Switch Transformers' experts: a ModuleDict of expert_0..expert_{E-1} dense MLPs (wi, wo), called as
+    experts(hidden, one-hot router mask [T, 1, E], routing weights [T, 1])."""
+    if not (isinstance(experts, nn.ModuleDict) and type(experts).__name__.startswith("SwitchTransformers")):
+        return None
+    if list(experts.keys()) != [f"expert_{i}" for i in range(len(experts))]:
+        return None
+    return _mlp_names(experts.values())
+
+
+# Families whose experts moecache does not run, with the reason (they are left alone, and said so).
+UNSUPPORTED = {
+    "NllbMoeExperts": "NLLB-MoE's experts module (transformers 5.x) one-hot-encodes an already one-hot router "
+                      "mask, so which expert runs depends on the mask's values, not on the router's choice",
+}
+
+
+def find_experts(model: nn.Module, unsupported: list | None = None) -> list[FoundExperts]:
+    """Every routed-experts module of the model, patched or not, in module order. Experts of a family
+    moecache does not run go to `unsupported` as (name, class, reason)."""
     found = []
     for name, parent in model.named_modules():
-        override = parent.__dict__.get("moe_infer")
-        if isinstance(override, MoecacheExperts):
-            found.append(FoundExperts(f"{name}.moe_infer" if name else "moe_infer", parent, "moe_infer", override,
-                                      override.list_names))
-            continue
-        names = list_expert_names(parent)
-        if names is not None:
-            found.append(FoundExperts(f"{name}.experts" if name else "experts", parent, "moe_infer", parent.experts,
-                                      names))
-            continue
-        for attr, child in parent.named_children():
-            if isinstance(child, MoecacheExperts) or is_fused_experts(child):
-                found.append(FoundExperts(f"{name}.{attr}" if name else attr, parent, attr, child))
+        prefix = f"{name}." if name else ""
+        for attr in ("moe_infer", "forward"):
+            override = parent.__dict__.get(attr)
+            if isinstance(override, (MoecacheExperts, ExpertsAdapter)):
+                experts = override if isinstance(override, MoecacheExperts) else override.experts
+                found.append(FoundExperts(prefix + attr, parent, attr, experts.original, _kind_of(override),
+                                          experts.stacked.names if experts.stacked is not None else None))
+                break
+        else:
+            names = _deepseek_block(parent)
+            if names is not None:
+                found.append(FoundExperts(prefix + "experts", parent, "moe_infer", parent.experts, "moe_infer", names))
+                continue
+            names = _deepspeed_layer(parent)
+            if names is not None:
+                found.append(FoundExperts(prefix + "experts", parent, "forward", parent.experts.deepspeed_experts,
+                                          "deepspeed", names))
+                continue
+            names = _switch_experts(parent)
+            if names is not None:
+                found.append(FoundExperts(name, parent, "forward", parent, "switch", names))
+                continue
+            if type(parent).__name__ in UNSUPPORTED and unsupported is not None:
+                unsupported.append((name, type(parent).__name__, UNSUPPORTED[type(parent).__name__]))
+            for attr, child in parent.named_children():
+                if isinstance(child, MoecacheExperts) or is_fused_experts(child):
+                    found.append(FoundExperts(prefix + attr, parent, attr, child))
     return found
 
 
+def _kind_of(override) -> str:
+    if isinstance(override, MoecacheExperts):
+        return "moe_infer"
+    return override.kind
+
+
 def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
-    """The router of an MoE block, found by shape: a child (not the experts) whose weight is [E, H]; its
-    bias (GPT-OSS) and DeepSeek-V3's e_score_correction_bias come along."""
+    """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
+    (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H]; its bias (GPT-OSS) and
+    DeepSeek-V3's e_score_correction_bias come along."""
     for name, child in block.named_children():
         if name in ("experts", "shared_experts", "shared_expert"):
             continue
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
-            bias = getattr(child, "bias", None)
-            correction = getattr(child, "e_score_correction_bias", None)
-            return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None,
-                              correction if isinstance(correction, torch.Tensor) else None)
+        for module in (child, *child.children()):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
+                bias = getattr(module, "bias", None)
+                correction = getattr(child, "e_score_correction_bias", None)
+                return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None,
+                                  correction if isinstance(correction, torch.Tensor) else None)
     return None
 
 
 def experts_shape(found: FoundExperts) -> tuple[int, int]:
     """(experts, hidden size) of an unpatched experts module."""
-    if found.list_names is not None:
-        return len(found.module), getattr(found.module[0], found.list_names[0]).weight.shape[1]
+    if found.names is not None:
+        mlps = found.mlps
+        return len(mlps), getattr(mlps[0], found.names.gate).weight.shape[1]
     E, a, b = found.module.gate_up_proj.shape
     return E, (a if compat.experts_flags(found.module)[0] else b)
 
 
-# ------------------------------------------------------------------ ModuleList experts, stacked
-def list_params(experts: nn.ModuleList, names: tuple[str, str, str], e: int):
-    gate, up, down = names
-    m = experts[e]
-    return getattr(m, gate).weight, getattr(m, up).weight, getattr(m, down).weight
-
-
-def stack_list_experts(experts: nn.ModuleList, names: tuple[str, str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-expert linear weights into [E, 2I, H] / [E, H, I] once and point each expert's parameters
-    at views of the stack, so the weights exist once (unstack_list_experts gives each its own storage)."""
-    gate0, _, down0 = list_params(experts, names, 0)
-    inter, hidden = gate0.shape
-    E = len(experts)
-    gate_up = torch.empty(E, 2 * inter, hidden, dtype=gate0.dtype, device=gate0.device)
-    down = torch.empty(E, hidden, inter, dtype=down0.dtype, device=down0.device)
-    for e in range(E):
-        g, u, d = list_params(experts, names, e)
-        gate_up[e, :inter].copy_(g.data)
-        gate_up[e, inter:].copy_(u.data)
-        down[e].copy_(d.data)
-        g.data, u.data, d.data = gate_up[e, :inter], gate_up[e, inter:], down[e]
-    for t in (gate_up, down):  # compiled graphs read them like parameters: never copy them per replay
-        mark_static_address(t)
-    return gate_up, down
-
-
-def unstack_list_experts(experts: nn.ModuleList, names: tuple[str, str, str]) -> None:
-    for e in range(len(experts)):
-        for p in list_params(experts, names, e):
-            p.data = p.data.clone()
-
-
 def make_experts(found: FoundExperts, layout: ExpertsLayout) -> MoecacheExperts:
-    """The MoecacheExperts that replaces `found` (sharing its parameters; a ModuleList gets stacked)."""
-    if found.list_names is not None:
-        return MoecacheExperts(found.module, layout, stacked=stack_list_experts(found.module, found.list_names),
-                               list_names=found.list_names)
+    """The MoecacheExperts that replaces `found` (sharing its parameters; a list of MLPs gets stacked)."""
+    if found.names is not None:
+        return MoecacheExperts(found.module, layout, stacked=StackedExperts(found.mlps, found.names, found.keys))
     return MoecacheExperts(found.module, layout)
+
+
+def installed(found: FoundExperts, experts: MoecacheExperts):
+    """What goes where `found` was: the experts module itself, or an adapter that turns the family's
+    routing format into top-k ids and weights."""
+    if found.kind in ("module", "moe_infer"):
+        return experts
+    return ExpertsAdapter(found.kind, found.parent, experts)
+
+
+class ExpertsAdapter:
+    """Stands in for a forward method whose routing comes in another format.
+
+    deepspeed: MOELayer.forward(x, used_token=None): the layer's own gate (capacity drops included)
+    gives combine weights [S, E, C]; a token's weight for expert e is their sum over C (0 when dropped),
+    its top-k ids the k largest; l_aux and exp_counts are set on the layer as DeepSpeed does.
+    switch: experts.forward(hidden, one-hot mask [T, 1, E], weights [T, 1]): the masked expert, weight
+    times the mask (0 for a token over capacity).
+    """
+
+    def __init__(self, kind: str, owner: nn.Module, experts: MoecacheExperts):
+        self.kind, self.owner, self.experts = kind, owner, experts
+
+    def __call__(self, *args, **kwargs):
+        return self._deepspeed(*args, **kwargs) if self.kind == "deepspeed" else self._switch(*args, **kwargs)
+
+    def _deepspeed(self, hidden_states, used_token=None, *args, **kwargs):
+        layer = self.owner
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        gate_out = layer.gate(flat, used_token)
+        l_aux, combine, exp_counts = gate_out[0], gate_out[1], gate_out[3]
+        per_expert = combine.sum(dim=-1).float()  # [S, E]
+        weights, ids = per_expert.topk(layer.gate.k, dim=-1)
+        layer.l_aux, layer.exp_counts = l_aux, exp_counts
+        return self.experts(flat, ids.to(torch.int32), weights).reshape(hidden_states.shape)
+
+    def _switch(self, hidden_states, selected_experts, routing_weights):
+        mask = selected_experts.reshape(hidden_states.shape[0], -1)  # [T, E] one-hot, or zeros when dropped
+        ids = mask.argmax(dim=-1, keepdim=True).to(torch.int32)
+        weights = routing_weights.reshape(-1, 1).float() * mask.sum(dim=-1, keepdim=True).float()
+        return self.experts(hidden_states, ids, weights)
+
+    def __repr__(self) -> str:
+        return f"ExpertsAdapter({self.kind}, {self.experts!r})"

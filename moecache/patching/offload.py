@@ -17,7 +17,7 @@ from ..cache.learned import LearnedRoutePredictor
 from ..cache.offloaded import OffloadedExperts
 from ..cache.predictor import LookaheadPredictor
 from ..layers.experts import MoecacheExperts
-from .families import FoundExperts, experts_shape, find_router, list_params
+from .families import FoundExperts, experts_shape, find_router
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
                              f"none found beside {missing[0]}")
     devices = set()
     for f in found:
-        if f.list_names is None:
+        if f.names is None:
             devices.add(f.module.gate_up_proj.device)
         else:
-            devices.update(getattr(m, n).weight.device for m in f.module for n in f.list_names)
+            devices.update(getattr(m, n).weight.device for m in f.mlps for n in (*f.names.rows, f.names.down))
     if len(devices) != 1:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
@@ -132,7 +132,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
         learned = LearnedRoutePredictor.load(offload.predictor, device=device) if offload.predictor else None
         routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
         predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
-    cache = ExpertCache([m.original if m.stacked is None else m.stacked for m in modules], num_slots=num_slots,
+    cache = ExpertCache([m.original if m.stacked is None else m.stacked.weights() for m in modules], num_slots=num_slots,
                         policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)
     cache.owner = CACHE_OWNER
@@ -144,12 +144,10 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
         module.provider = provider
         # The host store now holds the master copy: free the device memory the experts held.
         if module.stacked is not None:
-            params = [p for e in range(E) for p in list_params(module.original, module.list_names, e)]
-            module.stacked = None
+            module.stacked.free_weights()
         else:
-            params = [module.gate_up_proj, module.down_proj]
-        for param in params:
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for param in (module.gate_up_proj, module.down_proj):
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
                 len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
                 num_slots * cache.record_bytes / 2**30)
@@ -185,13 +183,9 @@ class _OffloadedState(_OffloadHook):
         if not isinstance(provider, OffloadedExperts):
             return
         gate_up, down = provider.cache.host_weights(provider.layer)
-        if module.list_names is not None:
-            gate, up, down_name = module.list_names
-            inter = gate_up.shape[1] // 2
-            for e in range(module.num_experts):
-                state_dict[f"{prefix}{e}.{gate}.weight"] = gate_up[e, :inter].clone()
-                state_dict[f"{prefix}{e}.{up}.weight"] = gate_up[e, inter:].clone()
-                state_dict[f"{prefix}{e}.{down_name}.weight"] = down[e].clone()
+        if module.stacked is not None:
+            for name, tensor in module.stacked.per_layer(gate_up, down).items():
+                state_dict[prefix + name] = tensor.clone()
             return
         if module.layout.transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
@@ -212,7 +206,7 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
     freed device parameters; load_state_dict refuses before loading anything. Returns the hook handles."""
     handles = []
     for module in modules:
-        target = module.original if module.list_names is not None else module
+        target = module.original if module.stacked is not None else module
         handles.append(target.register_state_dict_post_hook(_OffloadedState(module)))
     handles.append(model.register_load_state_dict_pre_hook(_RefuseLoad()))
     return handles
@@ -229,12 +223,8 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
         if not isinstance(provider, OffloadedExperts):
             continue
         gate_up, down = cache.host_weights(provider.layer)
-        if module.list_names is not None:
-            inter = gate_up.shape[1] // 2
-            for e in range(module.num_experts):
-                g, u, d = list_params(module.original, module.list_names, e)
-                for param, src in ((g, gate_up[e, :inter]), (u, gate_up[e, inter:]), (d, down[e])):
-                    param.data = src.to(device=param.device, dtype=param.dtype).clone()
+        if module.stacked is not None:
+            module.stacked.load_weights(gate_up, down)
         else:
             if module.layout.transposed:
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)

@@ -1,0 +1,169 @@
+"""Experts kept as an nn.ModuleList of MLPs (DeepSeek's own code, DeepSpeed-MoE, transformers 4.x layouts):
+which linear layers they have, and their weights stacked once into the [E, R, H] / [E, H, I] tensors the
+kernels read, with each layer's parameters re-pointed at views of the stack (still one copy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache.device import mark_static_address
+
+
+@dataclass(frozen=True)
+class ListNames:
+    """An expert MLP's linear layers: out = down(act(gate(x)) * up(x)), or with up None (non-gated),
+    out = down(act(gate(x))), gate then being fc1."""
+
+    gate: str
+    up: str | None
+    down: str
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return (self.gate, self.up) if self.gated else (self.gate,)
+
+
+# Checked in order. Qwen-1 (MoE-LLaVA-Qwen): intermediate = w1(x) * silu(w2(x)), so w2 is the gate.
+KNOWN_NAMES = (
+    ListNames("gate_proj", "up_proj", "down_proj"),  # Llama, Qwen2, StableLM, DeepSeek, transformers 4.x
+    ListNames("w2", "w1", "c_proj"),                 # Qwen-1
+    ListNames("w1", "w3", "w2"),                     # Mixtral 4.x
+    ListNames("fc1", None, "fc2"),                   # Phi-2 (MoE-LLaVA-Phi2), NLLB
+    ListNames("wi", None, "wo"),                     # Switch Transformers
+)
+
+# Activation modules (by class name) and functions -> the kernels' activation.
+_ACTIVATION_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+                       "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "GELUActivation": "gelu",
+                       "ReLU": "relu"}
+
+
+def names_of(expert: nn.Module) -> ListNames | None:
+    """The known linear-layer naming this expert MLP has, or None."""
+    for names in KNOWN_NAMES:
+        layers = [getattr(expert, n, None) for n in (*names.rows, names.down)]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            if len({layer.bias is None for layer in layers}) == 1:  # all biased or none
+                return names
+    return None
+
+
+def activation_of(expert: nn.Module) -> str | None:
+    """The activation an expert MLP applies, read from its own act module or function (None if unknown)."""
+    for attr in ("act_fn", "activation_fn", "act", "activation"):
+        act = getattr(expert, attr, None)
+        if act is None:
+            continue
+        if isinstance(act, nn.GELU):
+            return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        name = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", "")
+        if name in _ACTIVATION_CLASSES:
+            return _ACTIVATION_CLASSES[name]
+        if name in ("silu", "relu", "gelu"):
+            return name
+    return None
+
+
+class StackedExperts:
+    """The weights (and biases) of a ModuleList of expert MLPs, stacked once; the layers' parameters
+    become views of the stacks. weights() -> (gate_up [E, R, H], down [E, H, I]) with R = 2I (gated:
+    gate rows then up rows) or I; biases() -> ([E, R], [E, H]) or None."""
+
+    def __init__(self, experts: list[nn.Module], names: ListNames, keys: list[str] | None = None):
+        self.experts, self.names = list(experts), names
+        self.keys = keys if keys is not None else [str(i) for i in range(len(self.experts))]
+        self.has_bias = getattr(experts[0], names.gate).bias is not None
+        self.stack()
+
+    def _linears(self, e: int) -> tuple[list[nn.Linear], nn.Linear]:
+        m = self.experts[e]
+        return [getattr(m, n) for n in self.names.rows], getattr(m, self.names.down)
+
+    def stack(self) -> None:
+        rows0, down0 = self._linears(0)
+        inter, hidden = rows0[0].weight.shape
+        E, R = len(self.experts), inter * len(rows0)
+        like = dict(dtype=down0.weight.dtype, device=down0.weight.device)
+        gate_up, down = torch.empty(E, R, hidden, **like), torch.empty(E, hidden, inter, **like)
+        b_gate_up = torch.empty(E, R, **like) if self.has_bias else None
+        b_down = torch.empty(E, hidden, **like) if self.has_bias else None
+        for e in range(E):
+            rows, d = self._linears(e)
+            for i, layer in enumerate(rows):
+                block = slice(i * inter, (i + 1) * inter)
+                gate_up[e, block].copy_(layer.weight.data)
+                layer.weight.data = gate_up[e, block]
+                if self.has_bias:
+                    b_gate_up[e, block].copy_(layer.bias.data)
+                    layer.bias.data = b_gate_up[e, block]
+            down[e].copy_(d.weight.data)
+            d.weight.data = down[e]
+            if self.has_bias:
+                b_down[e].copy_(d.bias.data)
+                d.bias.data = b_down[e]
+        for t in (gate_up, down, b_gate_up, b_down):  # compiled graphs read them like parameters: never copy
+            mark_static_address(t)
+        self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._weights
+
+    def biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._biases
+
+    def weight_params(self) -> list[nn.Parameter]:
+        return [p for e in range(len(self.experts)) for p in self._params(e)]
+
+    def _params(self, e: int) -> list[nn.Parameter]:
+        rows, d = self._linears(e)
+        return [layer.weight for layer in rows] + [d.weight]
+
+    def is_current(self) -> bool:
+        """Whether the layers' weights are still views of the stack (load_state_dict(assign=True) replaces
+        them with new tensors)."""
+        gate_up = self._weights[0]
+        lo, hi = gate_up.data_ptr(), gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
+        return lo <= self._params(0)[0].data_ptr() < hi
+
+    def unstack(self) -> None:
+        """Give every parameter its own storage again (the stack is dropped)."""
+        for e in range(len(self.experts)):
+            rows, d = self._linears(e)
+            for layer in (*rows, d):
+                layer.weight.data = layer.weight.data.clone()
+                if self.has_bias:
+                    layer.bias.data = layer.bias.data.clone()
+        self._weights = self._biases = None
+
+    def per_layer(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'<key>.<linear>.weight': tensor} for stacked-shaped (gate_up, down), e.g. an offloaded layer's
+        master copies; views, no copies."""
+        inter = down.shape[2]
+        out = {}
+        for e, key in enumerate(self.keys):
+            for i, name in enumerate(self.names.rows):
+                out[f"{key}.{name}.weight"] = gate_up[e, i * inter:(i + 1) * inter]
+            out[f"{key}.{self.names.down}.weight"] = down[e]
+        return out
+
+    def load_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Each layer's weight gets its own copy of its part of (gate_up, down) (an offloaded layer's
+        masters, put back by unpatch)."""
+        index = {key: e for e, key in enumerate(self.keys)}
+        for name, src in self.per_layer(gate_up, down).items():
+            key, linear, _ = name.split(".")
+            param = getattr(self.experts[index[key]], linear).weight
+            param.data = src.to(device=param.device, dtype=param.dtype).clone()
+        self._weights = None
+
+    def free_weights(self) -> None:
+        """The host store holds the masters now: the device memory of the weights goes (biases stay)."""
+        for param in self.weight_params():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self._weights = None
