@@ -28,7 +28,7 @@ if _C.__version__ != __version__:
         f"moecache._C is version {_C.__version__} but the Python package is {__version__}: reinstall with `pip install .`"
     )
 
-__all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "patch", "unpatch", "stats", "Offload",
+__all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "models", "patch", "unpatch", "stats", "Offload",
            "patched_experts", "routers", "expert_cache"]
 
 _PATCHING = ("patch", "unpatch", "stats", "Offload", "patched_experts", "routers", "expert_cache")
@@ -38,7 +38,7 @@ def __getattr__(name):
     # ops, cache and patching pull in torch and triton; keep `import moecache` light for `moecache info`.
     import importlib
 
-    if name in ("ops", "cache", "layers", "analysis", "patching"):
+    if name in ("ops", "cache", "layers", "analysis", "models", "patching"):
         return importlib.import_module("." + name, __name__)
     if name in _PATCHING:
         return getattr(importlib.import_module(".patching", __name__), name)

@@ -65,6 +65,10 @@ def _info(_args) -> int:
     return 0
 
 
+MOE_LLAVA_FAMILIES = ("moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen")
+DEMO_FAMILIES = ("deepseek_v2", "mixtral", "qwen3_moe", "trained", *MOE_LLAVA_FAMILIES)
+
+
 def _demo_model(family: str, on_gpu: bool, layers: int | None):
     """A random-weight model: DeepSeek-V2 shaped like DeepSeek-VL2-Small's language model at full width
     (fewer layers) on a GPU, scaled down on CPU; or a Mixtral / Qwen3-MoE of matching size."""
@@ -76,6 +80,15 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
 
         return load_tiny_moe(device="cuda" if on_gpu else "cpu",
                              dtype=torch.bfloat16 if on_gpu else torch.float32)
+    if family in MOE_LLAVA_FAMILIES:  # MoE-LLaVA's language model: DeepSpeed-MoE layers on every other layer
+        from dataclasses import replace
+
+        from .models.llava import SHAPES, build_language_model, scaled_down
+
+        shape = SHAPES[family]
+        shape = replace(shape, layers=layers or 8) if on_gpu else scaled_down(shape, layers=layers or 4)
+        return build_language_model(shape, dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                    device="cuda" if on_gpu else "cpu")
     if on_gpu:
         width = dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
                      max_position_embeddings=4096)
@@ -105,7 +118,7 @@ def _demo_model(family: str, on_gpu: bool, layers: int | None):
                                              num_experts_per_tok=moe["top_k"], head_dim=128 if on_gpu else 64)
         cls = transformers.Qwen3MoeForCausalLM
     else:
-        raise SystemExit(f"--family must be deepseek_v2, mixtral, qwen3_moe or trained, got {family!r}")
+        raise SystemExit(f"--family must be one of {DEMO_FAMILIES}, got {family!r}")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     with torch.device("cuda" if on_gpu else "cpu"):
@@ -164,6 +177,7 @@ def _demo(args) -> int:
                                generator=torch.Generator(device=device).manual_seed(1))
 
     def run(label):
+        torch.manual_seed(0)  # DeepSpeed-MoE's top-2 gating draws noise: every run sees the same draws
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up / compile
             if on_gpu:
@@ -239,9 +253,10 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, build flags, CUDA and Triton status")
     demo = sub.add_parser("demo", help="generate with a random-weight MoE model, unpatched vs patched vs offloaded")
     demo.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
-    demo.add_argument("--family", default="deepseek_v2", choices=("deepseek_v2", "mixtral", "qwen3_moe", "trained"),
-                      help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe, or trained (the shipped small "
-                           "MoE with learned routing)")
+    demo.add_argument("--family", default="deepseek_v2", choices=DEMO_FAMILIES,
+                      help="deepseek_v2 (VL2-Small's LM shape), mixtral, qwen3_moe, trained (the shipped small "
+                           "MoE with learned routing), or a MoE-LLaVA language model (DeepSpeed-MoE layers; full "
+                           "width on a GPU, scaled down on CPU)")
     demo.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
     demo.add_argument("--budget", type=_fraction, default=0.25, help="fraction of experts kept on the device")
     demo.add_argument("--policy", default="predictive", choices=("lru", "lfu", "predictive"),

@@ -94,3 +94,15 @@ def set_experts_implementation(model, name: str) -> None:
     if setter is None:
         raise NotImplementedError(f"transformers {transformers_version()} has no set_experts_implementation")
     setter(name)
+
+
+def skip_weight_init():
+    """A context in which transformers models are built without initialising their weights (they are
+    about to be loaded); a no-op context where this transformers lacks one."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()

@@ -32,6 +32,15 @@ def test_demo_generates_unpatched_patched_and_offloaded_with_identical_tokens():
             assert line.strip().endswith("100.0%"), line
 
 
+@pytest.mark.parametrize("family", ["moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen"])
+def test_demo_runs_moe_llava_language_models(family):
+    proc = _run("demo", "--family", family, "--new-tokens", "6", "--prompt", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("tokens/s") == 3
+    identical = [line for line in proc.stdout.splitlines() if "tokens identical" in line]
+    assert len(identical) == 2 and all(line.strip().endswith("100.0%") for line in identical), proc.stdout
+
+
 @pytest.mark.parametrize("level", ["garbage", "5"])
 def test_bad_loglevel_warns_and_keeps_the_default(level):
     env = {**os.environ, "MOECACHE_LOGLEVEL": level}

@@ -48,6 +48,7 @@ class Replacement:
     new: nn.Module
     kind: str = "module"
     hook: object = None
+    block: nn.Module | None = None  # the MoE block whose router routes these experts
 
 
 @dataclass
@@ -151,10 +152,11 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     new_experts = []
     for f, layout in plan.experts:
         new = make_experts(f, layout)
-        new_experts.append(Replacement(f.name, f.parent, f.attr, f.module, new, f.kind, installed(f, new)))
+        new_experts.append(Replacement(f.name, f.parent, f.attr, f.module, new, f.kind, installed(f, new),
+                                       f.router_block))
     if offload is not None and new_experts:
         try:
-            state.cache, state.predictor = offload_experts([(_router_block(r), r.new) for r in new_experts], offload)
+            state.cache, state.predictor = offload_experts([(r.block, r.new) for r in new_experts], offload)
         except Exception:
             for r in new_experts:
                 if r.new.stacked is not None:
@@ -186,12 +188,6 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         setattr(model, _STATE, state)
 
 
-def _router_block(r: Replacement) -> nn.Module:
-    """Where this layer's router hangs (the block, or DeepSpeed's MOELayer; for Switch the experts' parent
-    is not known here, so the router is not found and predictive offload is refused for it)."""
-    return r.parent
-
-
 def _restack_after_load(model, incompatible_keys) -> None:
     """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked list experts
     are stacked again from them (with assign=False the copies land in the stack's views)."""
@@ -201,7 +197,6 @@ def _restack_after_load(model, incompatible_keys) -> None:
         if isinstance(r.new, MoecacheExperts) and stacked is not None and stacked.weights() is not None \
                 and not stacked.is_current():
             stacked.stack()
-
 
 
 def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
@@ -284,7 +279,7 @@ def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]
     state: PatchState | None = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("the model is not patched: call moecache.patch(model) first")
-    return [(r.parent, r.new) for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+    return [(r.block, r.new) for r in state.replaced if isinstance(r.new, MoecacheExperts)]
 
 
 def patched_experts(model: nn.Module) -> list[MoecacheExperts]:

@@ -9,6 +9,7 @@ layer's own gate still routing) and Switch Transformers' experts (their forward)
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,11 @@ class FoundExperts:
     module: nn.Module
     kind: str = "module"
     names: ListNames | None = None
+    block: nn.Module | None = None  # where the router hangs, when not `parent` (Switch: the sparse MLP)
+
+    @property
+    def router_block(self) -> nn.Module:
+        return self.block if self.block is not None else self.parent
 
     @property
     def mlps(self) -> list[nn.Module]:
@@ -133,7 +139,7 @@ def _deepspeed_layer(layer: nn.Module) -> ListNames | None:
 
 def _switch_experts(experts: nn.Module) -> ListNames | None:
     """Switch Transformers' experts: a ModuleDict of expert_0..expert_{E-1} dense MLPs (wi, wo), called as
-    experts(hidden, one-hot router mask [T, 1, E], routing weights [T, 1])."""
+    experts(hidden, one-hot router mask [T, 1, E], routing weights [T, 1]); the router is their parent's."""
     if not (isinstance(experts, nn.ModuleDict) and type(experts).__name__.startswith("SwitchTransformers")):
         return None
     if list(experts.keys()) != [f"expert_{i}" for i in range(len(experts))]:
@@ -152,14 +158,17 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
     """Every routed-experts module of the model, patched or not, in module order. Experts of a family
     moecache does not run go to `unsupported` as (name, class, reason)."""
     found = []
+    owner_of = {id(child): module for module in model.modules() for child in module.children()}
     for name, parent in model.named_modules():
         prefix = f"{name}." if name else ""
         for attr in ("moe_infer", "forward"):
             override = parent.__dict__.get(attr)
             if isinstance(override, (MoecacheExperts, ExpertsAdapter)):
                 experts = override if isinstance(override, MoecacheExperts) else override.experts
-                found.append(FoundExperts(prefix + attr, parent, attr, experts.original, _kind_of(override),
-                                          experts.stacked.names if experts.stacked is not None else None))
+                kind = _kind_of(override)
+                found.append(FoundExperts(prefix + attr, parent, attr, experts.original, kind,
+                                          experts.stacked.names if experts.stacked is not None else None,
+                                          owner_of.get(id(parent)) if kind == "switch" else None))
                 break
         else:
             names = _deepseek_block(parent)
@@ -173,7 +182,7 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
                 continue
             names = _switch_experts(parent)
             if names is not None:
-                found.append(FoundExperts(name, parent, "forward", parent, "switch", names))
+                found.append(FoundExperts(name, parent, "forward", parent, "switch", names, owner_of.get(id(parent))))
                 continue
             if type(parent).__name__ in UNSUPPORTED and unsupported is not None:
                 unsupported.append((name, type(parent).__name__, UNSUPPORTED[type(parent).__name__]))
@@ -181,6 +190,13 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
                 if isinstance(child, MoecacheExperts) or is_fused_experts(child):
                     found.append(FoundExperts(prefix + attr, parent, attr, child))
     return found
+
+
+def _parameters(fn) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _kind_of(override) -> str:
@@ -242,6 +258,10 @@ class ExpertsAdapter:
 
     def __init__(self, kind: str, owner: nn.Module, experts: MoecacheExperts):
         self.kind, self.owner, self.experts = kind, owner, experts
+        # DeepSpeed >= 0.18's TopKGate can return its routes sparsely ([K, S] ids, -1 when dropped, and
+        # gates), which spares building the dense [S, E, capacity] combine tensor.
+        gate = getattr(owner, "gate", None)
+        self._sparse_routes = kind == "deepspeed" and "sparse_routes" in _parameters(gate.forward)
 
     def __call__(self, *args, **kwargs):
         return self._deepspeed(*args, **kwargs) if self.kind == "deepspeed" else self._switch(*args, **kwargs)
@@ -249,10 +269,17 @@ class ExpertsAdapter:
     def _deepspeed(self, hidden_states, used_token=None, *args, **kwargs):
         layer = self.owner
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        gate_out = layer.gate(flat, used_token)
-        l_aux, combine, exp_counts = gate_out[0], gate_out[1], gate_out[3]
-        per_expert = combine.sum(dim=-1).float()  # [S, E]
-        weights, ids = per_expert.topk(layer.gate.k, dim=-1)
+        E = self.experts.num_experts
+        if self._sparse_routes:
+            l_aux, _, _, ids, _, gates, exp_counts = layer.gate(flat, used_token, sparse_routes=True)
+            kept = ids >= 0  # [K, S]
+            per_expert = torch.zeros(flat.shape[0], E, dtype=torch.float32, device=flat.device)
+            per_expert.scatter_add_(1, ids.long().clamp(min=0).t(), (gates.float() * kept).t())
+        else:
+            l_aux, combine, _, exp_counts = layer.gate(flat, used_token)
+            per_expert = combine.sum(dim=-1).float()  # [S, E]: a dropped route's weight is 0
+        # The k largest per token: the chosen experts (a dropped route keeps an expert with weight 0).
+        weights, ids = per_expert.topk(min(layer.gate.k, E), dim=-1)
         layer.l_aux, layer.exp_counts = l_aux, exp_counts
         return self.experts(flat, ids.to(torch.int32), weights).reshape(hidden_states.shape)
 

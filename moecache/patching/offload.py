@@ -96,7 +96,7 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
         if not Path(offload.predictor).is_file():
             raise ValueError(f"offload predictor={offload.predictor!r}: no such file")
     if offload.policy == "predictive":
-        missing = [f.name for f in found if find_router(f.parent, *experts_shape(f)) is None]
+        missing = [f.name for f in found if find_router(f.router_block, *experts_shape(f)) is None]
         if missing:
             raise ValueError(f"offload policy 'predictive' needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")

@@ -1,0 +1,318 @@
+"""MoE-LLaVA's language models (DeepSpeed-MoE layers, patched in place), the DeepSpeed-MoE stand-in's
+gating, local-checkpoint loading, and transformers' non-gated MoE families (Switch, NLLB-MoE)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moecache
+from moecache.models import deepspeed_moe
+from moecache.models.llava import SHAPES, build_language_model, parameter_count, scaled_down
+from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen")
+OFFLOADS = {"resident": None, "offload50": moecache.Offload(gpu_experts=0.5),
+            "pool-below-topk": moecache.Offload(gpu_experts=1),
+            "predictive": moecache.Offload(gpu_experts=0.5, policy="predictive")}
+
+
+def tiny(family, **overrides):
+    from dataclasses import replace
+
+    return build_language_model(replace(scaled_down(SHAPES[family]), **overrides), seed=3)
+
+
+def seeded(fn, *args, **kwargs):
+    """DeepSpeed's top-2 gating samples the second expert with Gumbel noise from the global generator:
+    the same seed before each run gives both runs the same draws."""
+    torch.manual_seed(1234)
+    return fn(*args, **kwargs)
+
+
+def _moe_layers(model):
+    return [m for m in model.modules() if isinstance(m, deepspeed_moe.MOELayer)]
+
+
+# ------------------------------------------------------------------ the stand-in's gating
+def _gshard_top2(gates: torch.Tensor, second: torch.Tensor, capacity: int):
+    """Top-2 routing with capacity, written plainly: all first choices claim buffer places in token
+    order, then all second choices; a route finding its expert full is dropped; kept gates renormalised."""
+    S, E = gates.shape
+    first = gates.argmax(dim=1)
+    used = [0] * E
+    kept = torch.zeros(S, 2, dtype=torch.bool)
+    for k, choice in enumerate((first, second)):
+        for t in range(S):
+            e = int(choice[t])
+            if used[e] < capacity:
+                used[e] += 1
+                kept[t, k] = True
+    g = torch.stack([gates[torch.arange(S), first], gates[torch.arange(S), second]], dim=1) * kept
+    g = g / g.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
+    dense = torch.zeros(S, E)
+    dense[torch.arange(S), first] += g[:, 0]
+    dense[torch.arange(S), second] += g[:, 1]
+    return dense, kept
+
+
+@pytest.mark.parametrize("S,E,factor,min_capacity", [(40, 4, 0.5, 0), (40, 4, 1.0, 4), (7, 4, 0.25, 4), (33, 8, 0.3, 1)])
+def test_stand_in_top2_drops_routes_beyond_capacity_in_token_order(S, E, factor, min_capacity):
+    g = torch.Generator().manual_seed(S)
+    logits = torch.randn(S, E, generator=g) + torch.tensor([1.5] + [0.0] * (E - 1))  # expert 0 oversubscribed
+    torch.manual_seed(5)
+    l_aux, combine, dispatch, counts = deepspeed_moe.top2gating(logits.clone(), factor, min_capacity)
+    torch.manual_seed(5)
+    second = (logits + deepspeed_moe._gumbel(logits.shape, logits.device)).masked_fill(
+        torch.nn.functional.one_hot(logits.argmax(1), E).bool(), float("-inf")).argmax(1)
+    capacity = max(int(torch.ceil(torch.tensor(S / E * factor * 2))), min_capacity)
+    expected, kept = _gshard_top2(torch.softmax(logits, dim=1), second, capacity)
+    assert combine.shape == (S, E, capacity) and torch.equal(dispatch, combine > 0)
+    assert_close(combine.sum(dim=2), expected, torch.float32)
+    assert (combine > 0).sum(dim=(0, 2)).max() <= capacity  # no expert over capacity
+    if factor < 1:
+        assert not kept.all()  # the cases with small factors do drop routes
+    assert counts.sum() == 2 * S  # exp_counts counts routes before dropping, as DeepSpeed's does
+    assert torch.isfinite(l_aux)
+
+
+def test_stand_in_top1_keeps_at_most_capacity_per_expert():
+    logits = torch.randn(30, 4) + torch.tensor([2.0, 0, 0, 0])
+    _, combine, _, counts = deepspeed_moe.top1gating(logits, 0.5, 2, use_rts=True)
+    capacity = 4  # ceil(30 / 4 * 0.5)
+    per_expert = (combine > 0).sum(dim=(0, 2))
+    assert combine.shape[2] == capacity and per_expert.max() <= capacity and per_expert.sum() < 30
+    assert counts.sum() == 30
+    chosen = combine.sum(dim=2)
+    probs = torch.softmax(logits, dim=1)
+    kept = chosen.sum(dim=1) > 0
+    assert_close(chosen[kept].max(dim=1).values, probs[kept].max(dim=1).values, torch.float32)
+
+
+def test_stand_in_rejects_what_it_does_not_model():
+    with pytest.raises(ValueError, match="ep_size"):
+        deepspeed_moe.MoE(16, torch.nn.Linear(16, 16), num_experts=4, ep_size=2)
+    with pytest.raises(ValueError, match="k must be 1 or 2"):
+        deepspeed_moe.MoE(16, torch.nn.Linear(16, 16), num_experts=4, k=3)
+
+
+def test_moe_returns_deepspeeds_tuple_and_the_model_sees_the_output():
+    model = tiny("moe-llava-phi2")
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+    out, l_aux, counts = seeded(moe.forward, x)  # DeepSpeed's MoE.forward: the tuple
+    assert out.shape == x.shape and l_aux.dim() == 0 and counts.shape == (4,)
+    assert torch.equal(seeded(moe, x), out)  # called as a module (the builder's hook): the output, for the decoder layer
+    assert isinstance(model.model.layers[1].mlp, transformers.models.phi.modeling_phi.PhiMLP)  # every other layer
+
+
+# ------------------------------------------------------------------ patched in place
+@pytest.mark.parametrize("offload", OFFLOADS.values(), ids=OFFLOADS.keys())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_llava_patched_offloaded_and_unpatched_give_the_same_logits_and_tokens(family, offload):
+    model = tiny(family)
+    ids = torch.randint(3, 256, (2, 14), generator=torch.Generator().manual_seed(0))
+    ref_logits = seeded(model_logits, model, ids)
+    ref_tokens = seeded(greedy, model, ids, n=8)
+    before = model_snapshot(model)
+    moecache.patch(model, offload=offload)
+    layers = _moe_layers(model)
+    assert len(layers) == 2 and all("forward" in layer.__dict__ for layer in layers)
+    assert_close(seeded(model_logits, model, ids), ref_logits, torch.float32)
+    assert torch.equal(seeded(greedy, model, ids, n=8), ref_tokens)
+    stats = moecache.stats(model)
+    assert stats["calls"] > 0 and {l["activation"] for l in stats["layers"]} == {
+        "gelu_tanh" if family == "moe-llava-phi2" else "silu"}
+    if offload is not None:
+        assert stats["cache"]["misses"] > 0
+        assert all(e.fc1.weight.numel() == 0 if family == "moe-llava-phi2" else True
+                   for e in layers[0].experts.deepspeed_experts)
+    out, l_aux, counts = model.model.layers[0].mlp.forward(torch.randn(1, 3, 64))  # the MoE's tuple, unchanged
+    assert out.shape == (1, 3, 64) and torch.isfinite(l_aux) and int(counts.sum()) == 6
+    moecache.unpatch(model)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert_model_restored(model, before)
+    assert torch.equal(seeded(model_logits, model, ids), ref_logits)
+
+
+@pytest.mark.parametrize("family", ["moe-llava-phi2", "moe-llava-qwen"])
+def test_dropped_routes_weigh_zero_as_in_deepspeed(family):
+    """A small capacity drops routes (over a batch of prompts, counted together as DeepSpeed does)."""
+    model = tiny(family, eval_capacity_factor=0.3, min_capacity=0)
+    ids = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    ref = seeded(model_logits, model, ids)
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids).reshape(-1, 64)
+        _, combine, _, counts = _moe_layers(model)[0].gate(x)
+    assert int((combine > 0).sum()) < int(counts.sum())  # some routes were dropped
+    moecache.patch(model)
+    assert_close(seeded(model_logits, model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+def test_moe_llava_patch_in_half_precision_on_cpu_uses_the_reference_path():
+    model = tiny("moe-llava-stablelm").half()
+    ids = torch.randint(3, 256, (1, 9))
+    ref = seeded(model_logits, model.float(), ids)
+    model.half()
+    moecache.patch(model)
+    assert_close(seeded(model_logits, model, ids).float(), ref, torch.float16, rtol=3e-2)
+    moecache.unpatch(model)
+
+
+def test_full_size_shapes_build_on_the_meta_device_with_the_published_sizes():
+    for name, shape in SHAPES.items():
+        model = build_language_model(shape, device="meta")
+        count = parameter_count(shape)
+        assert sum(p.numel() for p in model.parameters()) == count["total"], name
+        assert len(model.model.layers) == shape.layers
+        assert len(_moe_layers(model)) == (shape.layers // 2 if shape.num_experts else 0)
+    # Llama-2 7B / 13B, and MoE-LLaVA-Phi2's 2.7B x 4e: about 5.3B weights, 3.6B active per token
+    assert round(parameter_count(SHAPES["llava-1.5-7b"])["total"] / 1e9, 2) == 6.74
+    assert round(parameter_count(SHAPES["llava-1.5-13b"])["total"] / 1e9, 1) == 13.0
+    phi = parameter_count(SHAPES["moe-llava-phi2"])
+    assert round(phi["total"] / 1e9, 1) == 5.3 and round(phi["active"] / 1e9, 1) == 3.6
+
+
+def test_unknown_shape_is_refused():
+    with pytest.raises(ValueError, match="shape must be one of"):
+        build_language_model("moe-llava-phi3")
+
+
+# ------------------------------------------------------------------ local checkpoints
+def _qwen1_state(model, hidden):
+    """The tiny Qwen-shaped model's weights under Qwen-1's names (what MoE-LLaVA-Qwen checkpoints hold)."""
+    out = {}
+    sd = model.state_dict()
+    for key, t in sd.items():
+        if key.startswith("model.embed_tokens."):
+            out[key.replace("model.embed_tokens.", "transformer.wte.")] = t
+        elif key.startswith("model.norm."):
+            out[key.replace("model.norm.", "transformer.ln_f.")] = t
+        elif key.startswith("model.layers."):
+            k = key.replace("model.layers.", "transformer.h.", 1)
+            if ".self_attn.q_proj." in k:
+                kv = [sd[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+                out[k.replace(".self_attn.q_proj.", ".attn.c_attn.")] = torch.cat(kv)
+            elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+                continue
+            else:
+                for new, old in ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                                 (".attn.c_proj.", ".self_attn.o_proj.")):
+                    k = k.replace(old, new)
+                out[k] = t
+        else:
+            out[key] = t
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_checkpoint_loads_the_language_model(family, tmp_path):
+    from safetensors.torch import save_file
+
+    from moecache.models.llava import load_language_model
+
+    shape = scaled_down(SHAPES[family])
+    model = build_language_model(shape, seed=7)
+    state = _qwen1_state(model, shape.hidden) if family == "moe-llava-qwen" else dict(model.state_dict())
+    state = {k: v.contiguous() for k, v in state.items()}
+    prefix = "transformer" if family == "moe-llava-qwen" else "model"
+    state[f"{prefix}.mm_projector.0.weight"] = torch.randn(64, 32)  # vision parts: not the language model
+    state[f"{prefix}.image_tower.proj.weight"] = torch.randn(8, 8)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    base = {"moe-llava-phi2": "phi", "moe-llava-stablelm": "stablelm", "moe-llava-qwen": "qwen"}[family]
+    config = {"model_type": f"moe_llava_{base}", "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+              "num_attention_heads": shape.heads, "vocab_size": shape.vocab, "torch_dtype": "float32",
+              "intermediate_size": shape.ffn * (2 if base == "qwen" else 1), "max_position_embeddings": 256,
+              "moe": {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": shape.moe_layers, "ep_size": 1,
+                      "top_k_experts": 2, "capacity_factor": 1.5, "eval_capacity_factor": 1.0, "min_capacity": 4,
+                      "use_residual": False, "num_experts": [4] * len(shape.moe_layers)}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_language_model(tmp_path)
+    ids = torch.randint(3, 256, (1, 11))
+    assert_close(seeded(model_logits, loaded, ids), seeded(model_logits, model, ids), torch.float32)
+    moecache.patch(loaded, offload=moecache.Offload(gpu_experts=0.5))
+    assert_close(seeded(model_logits, loaded, ids), seeded(model_logits, model, ids), torch.float32)
+
+
+def test_local_checkpoint_errors_name_the_problem(tmp_path):
+    from moecache.models.llava import load_language_model
+
+    with pytest.raises(ValueError, match="no config.json"):
+        load_language_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_language_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama", "hidden_size": 64,
+                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "vocab_size": 64, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        load_language_model(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="language-model weights missing"):
+        load_language_model(tmp_path)
+
+
+# ------------------------------------------------------------------ transformers' non-gated families
+def _switch(expert_capacity=64, seed=0):
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=128, d_model=48, d_kv=12, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, expert_capacity=expert_capacity, encoder_sparse_step=1, decoder_sparse_step=2,
+        router_jitter_noise=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # routers and experts with spread, so routing and drops are exercised
+        for name, p in model.named_parameters():
+            if "router" in name or "experts" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return model
+
+
+@pytest.mark.parametrize("capacity", [64, 3], ids=["no-drops", "drops"])
+@pytest.mark.parametrize("offload", [None, moecache.Offload(gpu_experts=0.5),
+                                     moecache.Offload(gpu_experts=0.5, policy="predictive")],
+                         ids=["resident", "offload50", "predictive"])
+def test_switch_transformers_top1_relu_experts(capacity, offload):
+    model = _switch(capacity)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    masks = []
+    hook = model.encoder.block[0].layer[-1].mlp.router.register_forward_hook(lambda m, a, out: masks.append(out[0]))
+    ref = model_logits(model, ids, decoder_input_ids=dec)
+    hook.remove()
+    routed = int(masks[0].sum())
+    assert routed < ids.numel() if capacity == 3 else routed == ids.numel()  # tokens over capacity are dropped
+    ref_tokens = greedy(model, ids, n=6)
+    before = model_snapshot(model)
+    moecache.patch(model, offload=offload)
+    stats = moecache.stats(model)
+    assert len(stats["layers"]) == 3 and {l["activation"] for l in stats["layers"]} == {"relu"}
+    assert_close(model_logits(model, ids, decoder_input_ids=dec), ref, torch.float32)
+    assert torch.equal(greedy(model, ids, n=6), ref_tokens)
+    if offload is not None and offload.policy == "predictive":
+        assert moecache.stats(model)["prediction"] is not None
+    moecache.unpatch(model)
+    assert_model_restored(model, before)
+    assert torch.equal(model_logits(model, ids, decoder_input_ids=dec), ref)
+
+
+def test_nllb_moe_is_left_alone_with_the_reason():
+    config = transformers.NllbMoeConfig(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_experts=4, expert_capacity=8,
+        encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64)
+    model = transformers.NllbMoeForConditionalGeneration(config).eval()
+    before = model_snapshot(model)
+    moecache.patch(model)
+    left = moecache.stats(model)["left_alone"]
+    assert left and all("NLLB-MoE" in item["reason"] and item["kind"] == "experts" for item in left)
+    assert_model_restored(model, before)
+    with pytest.raises(ValueError, match="NLLB-MoE"):
+        moecache.patch(model, strict=True)
