@@ -378,7 +378,7 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     if rows_per_expert <= 64:
         return {"path": "grouped", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
     if arch < 90:
-        return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+        return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
     return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 

@@ -53,6 +53,12 @@ MOE_SHAPES = {  # (H, I, E, K)
     "v3": (7168, 2048, 256, 8),
 }
 MOE_TOKENS = (1, 16, 64, 512, 4096)
+# MoE-LLaVA's experts (4, top-2): Phi-2's non-gated fc1/fc2 with biases, StableLM's and Qwen's SwiGLU.
+MOE_LLAVA_SHAPES = {  # name: ((H, I, E, K), activation, gated, biases)
+    "phi2": ((2560, 10240, 4, 2), "gelu_tanh", False, True),
+    "stablelm": ((2048, 5632, 4, 2), "silu", True, False),
+    "qwen": ((2048, 5504, 4, 2), "silu", True, False),
+}
 # fp32/fp16 shapes and token counts the GPU tests use (they run there in fp32 too).
 TEST_MOE_CASES = (((40, 24, 8, 3), 26), ((72, 40, 7, 2), 37), ((64, 32, 8, 2), 3), ((2048, 1408, 64, 6), 4096),
                   ((2048, 1408, 64, 6), 512), ((1024, 768, 8, 2), 300), ((512, 256, 16, 4), 64))
@@ -185,16 +191,19 @@ def problems(row) -> list[str]:
 
 
 # ---------------------------------------------------------------- the launches
-def moe_launches(shape, T, dtype, *, has_map=False):
+def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False):
     H, I, E, K = shape
+    R = 2 * I if gated else I
     cap = Capture()
     config = fm.select_config(T, K, E, H, I, False, itemsize=torch.empty((), dtype=dtype).element_size(), arch=ARCH)
-    fm.fused_moe_launch(meta((T, H), dtype), meta((E, 2 * I, H), dtype), meta((E, H, I), dtype),
+    fm.fused_moe_launch(meta((T, H), dtype), meta((E, R, H), dtype), meta((E, H, I), dtype),
                         meta((T, K), torch.float32), meta((T, K), torch.int32), meta((T, H), dtype),
-                        activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=meta((E,), torch.int32) if has_map else None,
-                        host_w_gate_up=meta((E, 2 * I, H), dtype) if has_map else None,
-                        host_w_down=meta((E, H, I), dtype) if has_map else None, b_gate_up=None, b_down=None,
-                        gate_up_interleaved=False, config=config, launcher=cap)
+                        activation=activation, swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
+                        expert_map=meta((E,), torch.int32) if has_map else None,
+                        host_w_gate_up=meta((E, R, H), dtype) if has_map else None,
+                        host_w_down=meta((E, H, I), dtype) if has_map else None,
+                        b_gate_up=meta((E, R), dtype) if biases else None, b_down=meta((E, H), dtype) if biases else None,
+                        gate_up_interleaved=False, config=config, launcher=cap, gated=gated)
     return cap.records
 
 
@@ -235,6 +244,13 @@ def launches(group):
     elif group == "moe_gpu_tests":
         for shape, T in GPU_TEST_MOE_CASES:
             yield f"moe-gpu-test-{'x'.join(map(str, shape))}-T{T}", True, moe_launches(shape, T, torch.bfloat16)
+    elif group == "moe_llava":
+        for name, (shape, activation, gated, biases) in MOE_LLAVA_SHAPES.items():
+            for T in (1, 16, 640):
+                yield (f"moe-llava-{name}-T{T}", True,
+                       moe_launches(shape, T, torch.bfloat16, activation=activation, gated=gated, biases=biases))
+            yield (f"moe-llava-{name}-map-T1", True, moe_launches(shape, 1, torch.bfloat16, has_map=True,
+                                                                   activation=activation, gated=gated, biases=biases))
     elif group == "route":
         for name, case in ROUTE_CASES.items():
             for T in (1, 4096):
@@ -245,13 +261,13 @@ def launches(group):
                 for dtype in (torch.bfloat16, torch.float16, torch.float32):
                     yield f"mla-H{Hq}-B{B}-{str(dtype)[6:]}", dtype != torch.float32, mla_launches(B, Hq, dtype)
     else:
-        raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_tests, moe_gpu_tests, route, mla")
+        raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_llava, moe_tests, moe_gpu_tests, route, mla")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90)
-    parser.add_argument("--groups", default="moe,moe_map,moe_tests,moe_gpu_tests,route,mla")
+    parser.add_argument("--groups", default="moe,moe_map,moe_llava,moe_tests,moe_gpu_tests,route,mla")
     parser.add_argument("--float-type", choices=("fp32", "fp64"), default="fp32")
     parser.add_argument("--json", help="write one JSON row per compiled launch here")
     args = parser.parse_args(argv)

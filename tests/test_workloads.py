@@ -1,7 +1,8 @@
-"""DeepSeek-VL2-style prompt workloads: tiling choice and visual token counts."""
+"""Prompt workloads: DeepSeek-VL2 tiling and visual token counts, LLaVA-style 576 tokens per image."""
 import pytest
 
 from moecache.analysis.workloads import (
+    LLAVA_IMAGE_TOKENS,
     MIXES,
     Prompt,
     best_grid,
@@ -47,3 +48,21 @@ def test_mixes_are_deterministic_and_shaped_as_stated():
     assert mean(mmmu) > mean(vista) > 421  # bigger images tile into more tokens
     with pytest.raises(ValueError, match="mix"):
         sample_prompts("coco", 1)
+
+
+def test_llava_prompts_cost_576_tokens_per_image_whatever_its_size():
+    assert LLAVA_IMAGE_TOKENS == (336 // 14) ** 2
+    assert Prompt(30, ((4000, 300), (100, 100)), "llava").tokens == 30 + 2 * 576
+    mmmu = sample_prompts("mmmu", 2000, seed=3, encoder="llava")
+    counts = [len(p.images) for p in mmmu]
+    assert max(counts) == 7 and min(counts) == 1
+    assert 0.04 < sum(c > 1 for c in counts) / len(counts) < 0.10  # about 7% multi-image, as stated
+    assert all(p.tokens == p.text_tokens + 576 * len(p.images) for p in mmmu)
+    vista = sample_prompts("mathvista", 100, encoder="llava")
+    assert all(p.tokens == p.text_tokens + 576 for p in vista)
+    text = sample_prompts("text", 50, seed=4, encoder="llava")
+    assert [p.tokens for p in text] == [p.tokens for p in sample_prompts("text", 50, seed=4)]
+    # the DeepSeek-VL2 mixes are unchanged by the encoder argument's default
+    assert sample_prompts("mmmu", 20, seed=9) == sample_prompts("mmmu", 20, seed=9, encoder="deepseek-vl2")
+    with pytest.raises(ValueError, match="encoder"):
+        sample_prompts("mmmu", 1, encoder="clip")
