@@ -362,3 +362,46 @@ def test_non_gated_argument_errors():
         ops.fused_moe(x, fc1, torch.randn(3, 16, 5), w, ids, gated=False)
     with pytest.raises(ValueError, match="gate_up_interleaved needs gated"):
         ops.fused_moe(x, fc1, fc2, w, ids, gated=False, gate_up_interleaved=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("T", [1, 16, 640])
+def test_gpu_non_gated_bf16_with_biases_matches_reference(activation, T):
+    """MoE-LLaVA-Phi2-like experts (4, top-2, fc1/fc2 with biases), narrowed to keep the test quick."""
+    E, H, I, K = 4, 512, 2048, 2
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    fc1 = (torch.randn(E, I, H, device="cuda", generator=g) / H**0.5).bfloat16()
+    fc2 = (torch.randn(E, H, I, device="cuda", generator=g) / I**0.5).bfloat16()
+    b1, b2 = (torch.randn(E, I, device="cuda", generator=g) * 0.1).bfloat16(), (torch.randn(E, H, device="cuda", generator=g) * 0.1).bfloat16()
+    w, ids = route_reference(torch.randn(T, E, device="cuda", generator=g), K)
+    kw = dict(activation=activation, gated=False, b_gate_up=b1, b_down=b2)
+    assert_close(run_triton(x, fc1, fc2, w, ids, **kw), fused_moe_reference(x, fc1, fc2, w, ids, **kw), torch.bfloat16)
+
+
+@pytest.mark.compile
+@pytest.mark.gpu
+def test_gpu_non_gated_layer_captures_and_compiles():
+    E, H, I, K, T = 4, 256, 1024, 2, 8
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    fc1 = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    fc2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
+    w, ids = route_reference(torch.randn(T, E, device="cuda"), K)
+    ref = fused_moe_reference(x, fc1, fc2, w, ids, activation="gelu_tanh", gated=False)
+    out = poisoned(x.shape, x.dtype, "cuda")
+
+    def layer():
+        ops.fused_moe(x, fc1, fc2, w, ids, activation="gelu_tanh", gated=False, out=out)
+
+    layer()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref, torch.bfloat16)
+    compiled = torch.compile(lambda h: ops.fused_moe(h, fc1, fc2, w, ids, activation="gelu_tanh", gated=False),
+                             fullgraph=True)
+    assert_close(compiled(x), ref, torch.bfloat16)

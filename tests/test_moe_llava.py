@@ -316,3 +316,18 @@ def test_nllb_moe_is_left_alone_with_the_reason():
     assert_model_restored(model, before)
     with pytest.raises(ValueError, match="NLLB-MoE"):
         moecache.patch(model, strict=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_moe_llava_bf16_patched_and_offloaded(family):
+    from dataclasses import replace
+
+    shape = replace(SHAPES[family], layers=4, vocab=1024)  # full width, fewer layers
+    model = build_language_model(shape, dtype=torch.bfloat16, device="cuda", seed=3)
+    ids = torch.randint(3, 1024, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    ref = seeded(model_logits, model, ids).float()
+    for offload in (None, moecache.Offload(gpu_experts=0.5, policy="predictive")):
+        moecache.patch(model, offload=offload)
+        assert_close(seeded(model_logits, model, ids).float(), ref, torch.bfloat16)
+        moecache.unpatch(model)
