@@ -158,6 +158,22 @@ def test_predictive_offload_stats_add_up():
     moecache.unpatch(model)
 
 
+def test_predictions_without_prefetch_cost_no_copies():
+    """policy predictive with prefetch=False: the predictor runs (its cost can be measured alone) and
+    steers eviction, but copies only what is missed."""
+    model = _tiny_deepseek()
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", prefetch=False))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), ref)
+    s = moecache.stats(model)
+    assert s["cache"]["prefetches"] == 0 and s["cache"]["misses"] > 0
+    assert s["prediction"]["predictor_seconds"] > 0 and s["prediction"]["by_depth"][1]["recall"] > 0
+    moecache.unpatch(model)
+
+
 def test_group_by_routes_partitions_and_groups_alike_requests():
     a, b = {(0, 1), (0, 2), (1, 3)}, {(0, 5), (0, 6), (1, 7)}
     routes = [a, b, set(a), set(b), a | {(1, 4)}, b | {(1, 0)}]

@@ -28,11 +28,12 @@ class OffloadedExperts:
     copied first (the cache decides), prefetching for the following layers as the policy says."""
 
     def __init__(self, cache: ExpertCache, layer: int, *, predictor: LookaheadPredictor | None = None,
-                 prefetch_next: bool = False):
+                 prefetch: bool = False):
         self.cache = cache
         self.layer = layer
         self.predictor = predictor
-        self.prefetch_next = prefetch_next and predictor is None
+        self.prefetch = prefetch  # with a predictor: copy its picks (else predict and prioritise only)
+        self.prefetch_next = prefetch and predictor is None
         self.next: OffloadedExperts | None = None  # set by whoever wires the layers in order
         self.last_experts: torch.Tensor | None = None  # experts this layer used on its last call
 
@@ -70,7 +71,7 @@ class OffloadedExperts:
     def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
         """Score this layer's earlier guess, drop its priorities to the frequency prior (it is done until
         the next step), then raise the priorities of the experts the next layers are predicted to use
-        and start copying them."""
+        and (when prefetching) start copying them."""
         predictor, cache, layer = self.predictor, self.cache, self.layer
         predictor.observe(layer, used)
         cache.set_priorities(layer, predictor.prior(layer, cache.num_experts))
@@ -78,7 +79,8 @@ class OffloadedExperts:
         for target, depth, counts in predictor.predict(layer, hidden_states, top_k):
             base = PRIORITY_PER_DEPTH_STEP * (predictor.depth - depth + 1)
             cache.set_priorities(target, (base + counts.float() / tokens) * (counts > 0))
-            cache.prefetch(target, torch.nonzero(counts).reshape(-1))
+            if self.prefetch:
+                cache.prefetch(target, torch.nonzero(counts).reshape(-1))
 
     def __repr__(self) -> str:
         return f"OffloadedExperts(layer {self.layer} of {self.cache!r})"

@@ -36,7 +36,8 @@ class Offload:
         the experts the next layer used on the previous step after each layer. "predictive": each layer
         applies the routers of the next `lookahead` layers to its hidden state and prefetches the experts
         they pick while it computes; the cache evicts by those predictions (its "priority" eviction).
-    prefetch: copy ahead of need as the policy says (False: load on demand only).
+    prefetch: copy ahead of need as the policy says (False: load on demand only; with "predictive" the
+        predictions are still made and still steer eviction, so their cost is measured without copies).
     pin: how the host store is page-locked: "alloc" (cudaHostAlloc) or "register" (cudaHostRegister).
     allow_pageable: if page-locking fails, use pageable memory with a warning instead of raising.
     lookahead: how many layers ahead the predictive policy looks (1 or 2 are typical).
@@ -128,7 +129,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
     record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     num_slots = offload.slots(len(modules), E, record_bytes)
     predictor = None
-    if offload.policy == "predictive" and offload.prefetch:
+    if offload.policy == "predictive":
         learned = LearnedRoutePredictor.load(offload.predictor, device=device) if offload.predictor else None
         routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
         predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
@@ -136,7 +137,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
                         policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)
     cache.owner = CACHE_OWNER
-    providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch_next=offload.prefetch)
+    providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch=offload.prefetch)
                  for layer in range(len(modules))]
     for provider, nxt in zip(providers, providers[1:]):
         provider.next = nxt
