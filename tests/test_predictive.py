@@ -200,6 +200,28 @@ def test_scheduling_preserves_every_requests_tokens():
     moecache.unpatch(model)
 
 
+def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
+    model = _tiny_deepseek()
+    moecache.patch(model)
+    torch.manual_seed(3)
+    lengths = [7, 4, 6, 3]
+    S = max(lengths)
+    prompts = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros_like(prompts)
+    alone = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, 96, (1, n))
+        prompts[i, S - n:], mask[i, S - n:] = ids[0], 1
+        alone.append(model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, n:])
+    experts = moecache.patched_experts(model)
+    for schedule in (False, True):
+        out, info = generate_scheduled(model, prompts, experts, batch_size=2, schedule=schedule, max_new_tokens=5,
+                                       attention_mask=mask)
+        for i in range(len(lengths)):
+            assert torch.equal(out[i, S:], alone[i]), (schedule, i)
+    moecache.unpatch(model)
+
+
 def test_learned_route_predictor_learns_a_routing_function_and_round_trips(tmp_path):
     from moecache.cache.learned import LearnedRoutePredictor, top_k_recall, train_route_predictor
 

@@ -86,6 +86,16 @@ class Prompt:
     def tokens(self) -> int:
         return self.text_tokens + self.image_tokens
 
+    @property
+    def encoder_inputs(self) -> int:
+        """Images (LLaVA) or tiles (DeepSeek-VL2: each image's global view and its local grid) the vision
+        encoder runs on."""
+        if self.encoder == "llava":
+            return len(self.images)
+        if len(self.images) > 2:
+            return 2 * len(self.images)
+        return sum(1 + n_w * n_h for n_w, n_h in (best_grid(w, h) for w, h in self.images))
+
 
 def _page(rng: random.Random) -> tuple[int, int]:
     long_side = rng.randint(600, 1600)

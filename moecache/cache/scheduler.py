@@ -42,9 +42,10 @@ def distinct_experts(routes: list[set], groups: list[list[int]]) -> float:
 
 
 def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: int = 4,
-                  batch_size: int = 16) -> list[set]:
+                  batch_size: int = 16, attention_mask: torch.Tensor | None = None) -> list[set]:
     """(layer, expert) pairs each request's last `last_tokens` prompt tokens route to (one extra prefill).
-    experts: the model's patched experts modules in layer order (moecache.patched_experts(model))."""
+    experts: the model's patched experts modules in layer order (moecache.patched_experts(model)).
+    Prompts of different lengths come left-padded, with their attention_mask."""
     index = {id(m): i for i, m in enumerate(experts)}
     routes = [set() for _ in range(prompts.shape[0])]
     current: list[int] = []
@@ -61,7 +62,7 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
         with torch.no_grad():
             for start in range(0, prompts.shape[0], batch_size):
                 current[:] = list(range(start, min(start + batch_size, prompts.shape[0])))
-                model(prompts[current])
+                model(prompts[current], attention_mask=None if attention_mask is None else attention_mask[current])
     finally:
         for h in handles:
             h.remove()
@@ -69,16 +70,18 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
 
 
 def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_size: int, schedule: bool = True,
-                       max_new_tokens: int = 16, **generate_kwargs) -> tuple[torch.Tensor, dict]:
-    """Greedy-generate for every prompt ([N, S], equal lengths) in micro-batches of batch_size, grouped by
-    predicted routes when `schedule`, else in order. experts: the model's patched experts modules in layer
-    order (moecache.patched_experts(model)). Returns (outputs [N, S + new] in the prompts' order, info:
-    groups, scheduler_s (host time spent grouping, the routing forward included), predicted distinct
-    experts per step)."""
+                       max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
+                       **generate_kwargs) -> tuple[torch.Tensor, dict]:
+    """Greedy-generate for every prompt ([N, S]; left-padded with `attention_mask` when lengths differ) in
+    micro-batches of batch_size, grouped by predicted routes when `schedule`, else in order. experts: the
+    model's patched experts modules in layer order (moecache.patched_experts(model)). Returns (outputs
+    [N, S + new] in the prompts' order, info: groups, scheduler_s (host time spent grouping, the routing
+    forward included), predicted distinct experts per step)."""
     n = prompts.shape[0]
+    mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     start = time.perf_counter()
     if schedule:
-        routes = prompt_routes(model, prompts, experts, batch_size=batch_size)
+        routes = prompt_routes(model, prompts, experts, batch_size=batch_size, attention_mask=mask)
         groups = group_by_routes(routes, batch_size)
     else:
         routes, groups = None, [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
@@ -86,7 +89,7 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
     outputs: list = [None] * n
     with torch.no_grad():
         for group in groups:
-            out = model.generate(prompts[group], attention_mask=torch.ones_like(prompts[group]),
+            out = model.generate(prompts[group], attention_mask=mask[group],
                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                                  **generate_kwargs)
             for row, request in enumerate(group):
