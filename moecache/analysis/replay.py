@@ -1,0 +1,216 @@
+"""Routing replayed from a trained model onto a larger target model, so that a random-weight target
+(the shapes the study times) routes with the locality real routers have.
+
+A random-weight model routes without structure: its hit rates, its predictor's recall and what token
+scheduling gains all reflect random routing. A trained model's routing has structure (tokens alike in
+context reuse experts; lookahead gating predicts the next layers), and a small trained model can be
+recorded on CPU in seconds. Its routes are recorded per token (`record_token_routes`), mapped onto the
+target's layers and experts (`map_routes`), and replayed into the target's patched experts modules
+(`RoutingReplay`), where they replace the target router's choice of experts (its combine weights stay).
+
+The mapping rule (`map_routes`), stated once:
+- layers: target MoE layer j replays source MoE layer j mod L_src;
+- experts: source expert e's r-th replica is target expert perm_j[(e + r * E_src) mod E_tgt], perm_j a
+  seeded permutation of the target's E_tgt experts, one per target layer; a token's K_tgt target
+  experts are its K_src source experts' replicas taken in the order (replica 0 of every source pick,
+  in the source's rank order, then replica 1, ...), the first K_tgt distinct ones. E_tgt >= E_src is
+  required (a target with fewer experts than its source would merge experts and invent hits);
+- tokens: a target forward of T rows takes the source step's rows r mod T_src (the prompt step for the
+  prompt, decode steps for decode steps, which cycle through the recorded ones when the target decodes
+  longer than the source was recorded);
+- predictions: the source's lookahead guesses (the next layers' routers applied to each token's hidden
+  state) are recorded per token and mapped by the same rule; target layer j's guess for layer j + d is
+  the source's depth-d guess for the layer j + d replays, where the source made one (not across the
+  source's last layer: there the target predicts nothing, as lookahead cannot see past a step).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache.predictor import LookaheadPredictor
+
+
+@dataclass
+class RouteRecording:
+    """Per forward step (the prompt, then each decode step) and MoE layer, every token's experts
+    [T, K] in the router's rank order, and its lookahead guesses per depth (or None)."""
+
+    source: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    depth: int
+    routes: list = field(default_factory=list)       # routes[s][layer] = LongTensor [T, K]
+    predictions: list = field(default_factory=list)  # predictions[s][layer][d - 1] = LongTensor [T, K] or None
+
+
+def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: list, *, max_new_tokens: int,
+                        depth: int = 1, source: str = "", attention_mask: torch.Tensor | None = None) -> RouteRecording:
+    """Greedy-generate with a patched model and record, per token, the experts each MoE layer used and
+    what lookahead gating (routers of the next `depth` layers on this layer's input) guessed for them.
+    experts / routers: moecache.patched_experts(model) / moecache.routers(model)."""
+    if not experts:
+        raise ValueError("record_token_routes: no MoE layers given (patch the model, then pass "
+                         "moecache.patched_experts(model))")
+    index = {id(m): i for i, m in enumerate(experts)}
+    recording = RouteRecording(source, len(experts), experts[0].num_experts, 0, depth)
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        layer = index[id(module)]
+        if layer == 0:
+            recording.routes.append([None] * recording.num_layers)
+            recording.predictions.append([[None] * depth for _ in range(recording.num_layers)])
+        recording.top_k = int(ids.shape[1])
+        step = len(recording.routes) - 1
+        recording.routes[step][layer] = ids.long().cpu()
+        for d in range(1, depth + 1):
+            target = layer + d
+            if target >= len(routers) or routers[target] is None:
+                break
+            scores = routers[target].scores(hidden)
+            recording.predictions[step][target][d - 1] = scores.topk(recording.top_k, dim=1).indices.cpu()
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts]
+    try:
+        with torch.no_grad():
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return recording
+
+
+@dataclass
+class MappedRoutes:
+    """A recording mapped onto a target of `num_layers` MoE layers, `num_experts` experts, top-`top_k`."""
+
+    recording: RouteRecording
+    num_layers: int
+    num_experts: int
+    top_k: int
+    permutations: torch.Tensor  # [num_layers, num_experts]
+
+    def _step(self, step: int) -> int:
+        n = len(self.recording.routes)
+        if step < n:
+            return step
+        return 1 + (step - 1) % (n - 1) if n > 1 else 0
+
+    def _map(self, source_ids: torch.Tensor, layer: int, rows: int) -> torch.Tensor:
+        src = source_ids[torch.arange(rows) % source_ids.shape[0]]  # [rows, K_src]
+        E_src, E_tgt = self.recording.num_experts, self.num_experts
+        replicas = -(-self.top_k // src.shape[1])
+        candidates = torch.cat([(src + r * E_src) % E_tgt for r in range(replicas)], dim=1)
+        out = torch.empty(rows, self.top_k, dtype=torch.long)
+        for i, row in enumerate(candidates.tolist()):
+            picked = list(dict.fromkeys(row))[: self.top_k]
+            e = 0
+            while len(picked) < self.top_k:  # replicas collided (only when E_tgt < K_src * replicas)
+                if e not in picked:
+                    picked.append(e)
+                e += 1
+            out[i] = torch.tensor(picked)
+        return self.permutations[layer][out]
+
+    def routes(self, step: int, layer: int, rows: int) -> torch.Tensor:
+        """[rows, top_k] target experts for target layer `layer` at forward step `step`."""
+        s = self._step(step)
+        return self._map(self.recording.routes[s][layer % self.recording.num_layers], layer, rows)
+
+    def prediction(self, step: int, layer: int, depth: int, rows: int) -> torch.Tensor | None:
+        """[rows, top_k] experts guessed for target layer `layer` from `depth` layers before it, or None."""
+        source_layer = layer % self.recording.num_layers
+        if depth > self.recording.depth or source_layer - depth < 0:
+            return None
+        guess = self.recording.predictions[self._step(step)][source_layer][depth - 1]
+        return None if guess is None else self._map(guess, layer, rows)
+
+
+def map_routes(recording: RouteRecording, num_layers: int, num_experts: int, top_k: int, *,
+               seed: int | None = 0) -> MappedRoutes:
+    """Map `recording` onto a target's MoE layers and experts by the rule in the module docstring
+    (seed None: identity permutations, so a model replaying its own recording routes as it did)."""
+    if num_experts < recording.num_experts:
+        raise ValueError(f"num_experts={num_experts}: the target has fewer experts than the recorded source "
+                         f"({recording.num_experts}); mapping would merge experts and invent hits")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must lie in [1, num_experts={num_experts}]")
+    if not recording.routes:
+        raise ValueError("the recording holds no steps")
+    if seed is None:
+        permutations = torch.arange(num_experts).repeat(num_layers, 1)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        permutations = torch.stack([torch.randperm(num_experts, generator=generator) for _ in range(num_layers)])
+    return MappedRoutes(recording, num_layers, num_experts, top_k, permutations)
+
+
+class RoutingReplay:
+    """Replays mapped routes into a patched model's experts modules (moecache.patched_experts(model)) while
+    active: each module's top-k ids are replaced by the mapped source routes of the current forward step.
+    When the experts are offloaded with a predictor (policy "predictive") and `predictions` is set, its
+    guesses are replaced by the mapped source guesses, so predictions and routes come from the same
+    trained model. Use as a context manager; `reset()` starts again from the prompt step."""
+
+    def __init__(self, experts: list, mapped: MappedRoutes, *, predictions: bool = True):
+        if len(experts) != mapped.num_layers:
+            raise ValueError(f"the routes were mapped onto {mapped.num_layers} MoE layers, the model has {len(experts)}")
+        predictor = getattr(getattr(experts[0], "provider", None), "predictor", None) if predictions else None
+        self.experts, self.mapped = experts, mapped
+        self.predictor: LookaheadPredictor | None = predictor
+        self.index = {id(m): i for i, m in enumerate(experts)}
+        self.step = -1
+        self.handles: list = []
+
+    def reset(self) -> None:
+        self.step = -1
+
+    def _hook(self, module, args, kwargs):
+        layer = self.index[id(module)]
+        if layer == 0:
+            self.step += 1
+        hidden = args[0] if args else kwargs["hidden_states"]
+        ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+        if ids.shape[1] != self.mapped.top_k:
+            raise ValueError(f"layer {layer} routes top-{ids.shape[1]}; the routes were mapped for top-{self.mapped.top_k}")
+        replayed = self.mapped.routes(self.step, layer, ids.shape[0]).to(device=ids.device, dtype=ids.dtype)
+        return (hidden, replayed, weights), {}
+
+    def _predict(self, layer: int, hidden_states: torch.Tensor, top_k: int):
+        predictor = self.predictor
+        start = time.perf_counter()
+        out = []
+        for d in range(1, predictor.depth + 1):
+            target = layer + d
+            if target >= self.mapped.num_layers:
+                break
+            guess = self.mapped.prediction(self.step, target, d, hidden_states.shape[0])
+            if guess is None:
+                continue
+            counts = torch.bincount(guess.reshape(-1), minlength=self.mapped.num_experts)
+            predictor.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())
+            out.append((target, d, counts))
+        predictor.seconds += time.perf_counter() - start
+        return out
+
+    def __enter__(self):
+        self.reset()
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.experts]
+        if self.predictor is not None:
+            self.predictor.predict = self._predict  # the instance attribute shadows the method until __exit__
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.predictor is not None:
+            del self.predictor.predict

@@ -1,0 +1,102 @@
+"""Routing replayed from the shipped trained model onto other models (moecache.analysis.replay)."""
+import pytest
+import torch
+
+import moecache
+from moecache import Offload
+from moecache.analysis.replay import map_routes, record_token_routes, RoutingReplay
+
+transformers = pytest.importorskip("transformers")
+data = pytest.importorskip("moecache.data")
+
+import builders  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def source():
+    model = data.load_tiny_moe()
+    ids = data.encode(data.validation_text()[:4000])[0]
+    prompts = torch.stack([ids[i * 300: i * 300 + 40] for i in range(4)])
+    moecache.patch(model)
+    recording = record_token_routes(model, prompts, moecache.patched_experts(model), moecache.routers(model),
+                                    max_new_tokens=6, depth=1, source="trained-tiny-moe")
+    moecache.unpatch(model)
+    return model, prompts, recording
+
+
+def test_recording_holds_every_tokens_routes_and_guesses(source):
+    _, prompts, rec = source
+    assert len(rec.routes) == 6 and rec.num_layers == 3 and rec.top_k == 4 and rec.num_experts == 32
+    assert rec.routes[0][0].shape == (prompts.numel(), 4) and rec.routes[1][2].shape == (4, 4)
+    assert rec.predictions[1][0][0] is None and rec.predictions[1][1][0].shape == (4, 4)
+    assert all(len(set(row)) == 4 for row in rec.routes[0][1].tolist())
+
+
+def test_a_model_replaying_its_own_routes_generates_its_own_tokens(source):
+    model, prompts, rec = source
+    reference = model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    moecache.patch(model)
+    experts = moecache.patched_experts(model)
+    mapped = map_routes(rec, len(experts), 32, 4, seed=None)
+    with RoutingReplay(experts, mapped):
+        assert torch.equal(model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False), reference)
+    # a different recording's routes change the tokens: the replayed ids are the ones used
+    shifted = map_routes(rec, len(experts), 32, 4, seed=5)
+    with RoutingReplay(experts, shifted):
+        assert not torch.equal(model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False), reference)
+    moecache.unpatch(model)
+
+
+def test_replayed_guesses_score_as_the_sources_live_predictor(source):
+    model, prompts, rec = source
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=1))
+    model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    live = moecache.stats(model)["prediction"]["by_depth"][1]
+    moecache.unpatch(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=1))
+    experts = moecache.patched_experts(model)
+    with RoutingReplay(experts, map_routes(rec, 3, 32, 4, seed=None)):
+        model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    replayed = moecache.stats(model)["prediction"]["by_depth"][1]
+    moecache.unpatch(model)
+    assert replayed == live and 0.2 < live["recall"] < 1.0
+
+
+def test_mapping_onto_a_larger_target_follows_the_stated_rule(source):
+    _, _, rec = source
+    target = builders.deepseek(n_routed_experts=64, num_experts_per_tok=6, num_hidden_layers=8, first_k_dense_replace=1)
+    moecache.patch(target)
+    experts = moecache.patched_experts(target)
+    mapped = map_routes(rec, len(experts), 64, 6, seed=0)
+    seen = []
+
+    def spy(module, args):
+        seen.append(args[1].clone())
+
+    with RoutingReplay(experts, mapped):
+        handles = [m.register_forward_pre_hook(spy) for m in experts]  # after the replay's hook: sees its ids
+        target(torch.randint(3, 96, (2, 9)))
+        target(torch.randint(3, 96, (2, 1)))  # a decode step shaped forward: step 1
+        for h in handles:
+            h.remove()
+    moecache.unpatch(target)
+    L = len(experts)
+    assert len(seen) == 2 * L
+    for j in range(L):
+        src = rec.routes[0][j % 3]
+        ids = seen[j].long()
+        assert ids.shape == (18, 6) and all(len(set(r)) == 6 for r in ids.tolist())
+        rows = torch.arange(18) % src.shape[0]
+        first = mapped.permutations[j][src[rows]]  # replica 0 of each source pick, in rank order
+        assert torch.equal(ids[:, :4], first)
+        assert torch.equal(ids[:, 4:], mapped.permutations[j][(src[rows, :2] + 32) % 64])
+        step1 = seen[L + j].long()
+        assert torch.equal(step1[:, :4], mapped.permutations[j][rec.routes[1][j % 3][:2]])
+
+
+def test_bad_mappings_are_refused_by_name(source):
+    _, _, rec = source
+    with pytest.raises(ValueError, match="num_experts=16"):
+        map_routes(rec, 4, 16, 4)
+    with pytest.raises(ValueError, match="top_k=0"):
+        map_routes(rec, 4, 64, 0)
