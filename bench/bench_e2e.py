@@ -1,161 +1,277 @@
-"""End-to-end throughput: MoE models with moecache (kernels, expert offload, predictive caching, token
-scheduling) against dense 7B / 13B models, on DeepSeek-VL2-style multimodal prompt lengths.
+"""The end-to-end study: how do expert prediction's latency and token scheduling's overhead change
+end-to-end tokens/s on multimodal reasoning prompts (MMMU, MathVista), for MoE-LLaVA and DeepSeek-VL2
+against dense LLaVA-1.5 7B / 13B?
 
-For every model, prompt mix and batch size: prefill tokens/s and decode tokens/s, for
-  - MoE models (random weights at full width; `--layers` decoder layers, tokens/s also extrapolated to
-    the full depth by scaling the per-layer time: decode time x full layers / measured layers):
-      hf:eager         transformers' own expert loop          (unpatched)
-      hf:grouped_mm    transformers' grouped_mm experts       (set_experts_implementation)
-      moecache         patched, experts resident              (budget 100%)
-      offloaded        patched with Offload at 25% / 50% of experts on the GPU, policies:
-                       on_demand (1 slot per layer, LRU, no prefetch), lru, predictive, predictive+sched
-  - dense Llama-7B- and 13B-shaped models (bf16), same depth rule;
-and two ways of running decode, named in every row ("mode"):
-      eager   transformers' generate as users get it (CPU-bound launch overhead included)
-      graph   static cache + torch.compile(mode="reduce-overhead") forward: CUDA graphs (GPU only)
-Per decode step (eager) the time is split with CUDA events around attention and expert modules:
-attention, experts, exposed copy stall (cache stats), predictor, scheduler, other. Offloaded rows carry
-two bounds from the same run: all experts resident, and the PCIe bound (the misses' expert bytes over
-the pinned H2D bandwidth measured at the start, on top of resident decode).
-transformers/accelerate CPU offload: accelerate is not installed here, so its scheme is written out as
-hooks (hf:cpu-offload: every experts module's weights copied from pinned memory before each call).
+Every row is one configuration measured in this run on the named device, with these axes named in it:
+- model: moe-llava-phi2 / -stablelm / -qwen, vl2-small, vl2-base (MoE) and llava-1.5-7b / -13b (dense),
+  built from config classes at full depth with random weights (GPU), or scaled down (--quick, CPU);
+  `--checkpoint DIR` loads a MoE-LLaVA checkpoint from a local directory instead (its routing is real);
+- request: prompts sampled from a mix's whole length distribution (LLaVA: 576 tokens per image; VL2:
+  its tiling), batched B at a time in sampled order, left-padded, each truncated to the model's
+  positions minus the new tokens (counted in `truncated`); an output-length sweep (--new-tokens);
+- encode: the family's vision tower (CLIP ViT-L/14-336 + projector; SigLIP-SO400M-384 per tile) run on
+  the batch's images and timed as part of the request; the language model then reads the same number
+  of image tokens as token ids (the tower's output is computed, not consumed: weights are random);
+- routing: "random-weights" (the target's own random routers: no locality, the worst case) or
+  "replayed:<source>" (routes and lookahead guesses recorded from a model the project trained and
+  mapped onto the target by the rule in moecache/analysis/replay.py: tiny DeepSeek-style for VL2
+  targets, tiny MoE-LLaVA-style for MoE-LLaVA targets; moecache providers only) or "checkpoint";
+- provider: hf:eager (transformers / DeepSpeed-MoE modules as loaded), hf:grouped_mm (transformers'
+  experts only), hf:cpu-offload (every experts module's weights copied from pinned memory before each
+  call, what accelerate's hooks do), moecache (experts resident), and at each --budgets fraction of
+  experts on the GPU: offload{b}:on-demand (LRU, no prefetch), :lru-prefetch (the next layer's last
+  experts copied ahead), :predict-only (lookahead gating predicts and steers eviction, no copies: the
+  predictor's cost alone), :predict-only-learned (a learned predictor's heads, untrained: cost only),
+  :predictive (predict and prefetch), and for B > 1 :in-order / :scheduled (predictive, micro-batches
+  of B/2 in arrival order / grouped by predicted routes: the scheduler's cost and gain at equal size);
+- mode: eager (generate as users run it) or graph (static KV cache + CUDA graphs, GPU only); a graph
+  row of an offloaded model is labelled cache "static" (compiled decode does no cache bookkeeping) and
+  is compared with nothing but other static rows.
+Prefill and decode are split inside each timed generate (a forward over more than one token per row
+is prefill): time, cache counters (hits, misses, prefetches, bytes moved) and, for decode, the per
+step breakdown (attention, experts, exposed copy stall, predictor host and GPU time, scheduler,
+other). Decode rows carry the PCIe bound: the same routing's resident decode time plus the bytes the
+cache moved (demand copies, prefetches and in-place reads) over the pinned H2D rate measured here.
+A configuration that fails is a skipped row with its reason, and the run exits non-zero unless
+--keep-going; one not started before --deadline is listed as not run.
 
-    python bench/bench_e2e.py --json bench/results/bench_e2e.jsonl    # GPU
-    python bench/bench_e2e.py --quick                                  # CPU smoke run, tiny shapes
+    python bench/bench_e2e.py --quick                       # CPU: every axis, scaled down
+    python bench/bench_e2e.py --slice 1 --json bench/results/study.jsonl   # GPU: see GPU_SLICES
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure_h2d_gbps, time_ms  # noqa: E402
+from common import append_rows, environment, measure_h2d_gbps  # noqa: E402
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
+from moecache.analysis.replay import RoutingReplay, map_routes, record_token_routes  # noqa: E402
 from moecache.analysis.workloads import sample_prompts  # noqa: E402
 from moecache.cache.scheduler import generate_scheduled  # noqa: E402
 from moecache.compat import set_experts_implementation  # noqa: E402
+from moecache.models import llava  # noqa: E402
+from moecache.models.vision import VISION, build_vision_tower, scaled_down_vision  # noqa: E402
 
-try:
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(x, **_):
-        return x
-
-# name -> (transformers class name, config kwargs, full depth). VL2-base is stated as used here.
-FULL = {
+# DeepSeek-VL2's language models (VL2-base stated as used here); LLaVA-family shapes are llava.SHAPES.
+VL2 = {
     "vl2-small": ("DeepseekV2", dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16,
                                      num_key_value_heads=16, intermediate_size=10944, moe_intermediate_size=1408,
                                      n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
                                      first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=1.0,
                                      kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
-                                     qk_nope_head_dim=128, v_head_dim=128), 27),
+                                     qk_nope_head_dim=128, v_head_dim=128, num_hidden_layers=27,
+                                     max_position_embeddings=4096)),
     "vl2-base": ("DeepseekV3", dict(vocab_size=129280, hidden_size=2560, num_attention_heads=32,
                                     num_key_value_heads=32, intermediate_size=12288, moe_intermediate_size=1536,
                                     n_routed_experts=72, num_experts_per_tok=6, n_shared_experts=2,
                                     first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
                                     routed_scaling_factor=2.0, kv_lora_rank=512, q_lora_rank=1536,
-                                    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128), 30),
-    "mixtral-8x7b": ("Mixtral", dict(vocab_size=32000, hidden_size=4096, num_attention_heads=32,
-                                     num_key_value_heads=8, intermediate_size=14336, num_local_experts=8,
-                                     num_experts_per_tok=2), 32),
-    "llama-7b": ("Llama", dict(vocab_size=32000, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
-                               intermediate_size=11008), 32),
-    "llama-13b": ("Llama", dict(vocab_size=32000, hidden_size=5120, num_attention_heads=40, num_key_value_heads=40,
-                                intermediate_size=13824), 40),
+                                    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_hidden_layers=30,
+                                    max_position_embeddings=4096)),
 }
-QUICK = {
-    "vl2-small": ("DeepseekV2", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                                     intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
-                                     num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
-                                     topk_method="greedy", routed_scaling_factor=1.0, kv_lora_rank=16,
-                                     q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), 27),
-    "vl2-base": ("DeepseekV3", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                                    intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
-                                    num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                                    topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, kv_lora_rank=16,
-                                    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), 30),
-    "mixtral-8x7b": ("Mixtral", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                     intermediate_size=64, num_local_experts=8, num_experts_per_tok=2), 32),
-    "llama-7b": ("Llama", dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                               intermediate_size=128), 32),
+VL2_QUICK = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                 moe_intermediate_size=32, n_routed_experts=32, num_experts_per_tok=6, n_shared_experts=1,
+                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_hidden_layers=4,
+                 max_position_embeddings=512)
+MODELS = ("moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen", "vl2-small", "vl2-base", "llava-1.5-7b",
+          "llava-1.5-13b")
+ENCODER = {"vl2-small": "deepseek-vl2", "vl2-base": "deepseek-vl2"}  # else "llava"
+ROUTINGS = ("random-weights", "replayed")
+POLICIES = ("on-demand", "lru-prefetch", "predict-only", "predict-only-learned", "predictive", "in-order", "scheduled")
+
+# Each slice fits one GPU call of under 9 minutes (--deadline stops starting configurations before the
+# limit; what is left is listed as not run). Slice 1 alone answers the headline question at one budget.
+GPU_SLICES = {
+    1: dict(models="moe-llava-phi2,vl2-small,llava-1.5-7b,llava-1.5-13b", mixes="mmmu,mathvista", batches="1,16",
+            new_tokens="128", budgets="0.5", routing="random-weights,replayed", modes="eager",
+            policies="on-demand,lru-prefetch,predictive,in-order,scheduled"),
+    2: dict(models="moe-llava-phi2,vl2-small", mixes="mmmu", batches="1,16", new_tokens="16,512", budgets="0.5",
+            routing="replayed", modes="eager", policies="on-demand,predict-only,predict-only-learned,predictive"),
+    3: dict(models="moe-llava-stablelm,moe-llava-qwen,vl2-base", mixes="mmmu,mathvista", batches="1,16",
+            new_tokens="128", budgets="0.5", routing="random-weights,replayed", modes="eager",
+            policies="on-demand,predictive,in-order,scheduled"),
+    4: dict(models="moe-llava-phi2,vl2-small,llava-1.5-7b,llava-1.5-13b", mixes="mmmu", batches="1,16",
+            new_tokens="128", budgets="0.25,0.5", routing="random-weights", modes="graph,eager",
+            policies="on-demand,predictive"),
 }
-DENSE = ("llama-7b", "llama-13b")
-GRAPH_PROVIDERS = ("hf:eager", "moecache", "offload50:predictive")
 
 
-def build(name, table, layers, device, dtype):
-    import transformers
-
-    kind, kwargs, full_layers = table[name]
-    config = getattr(transformers, f"{kind}Config")(**kwargs, num_hidden_layers=layers,
-                                                     max_position_embeddings=16384)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
-    if hasattr(model, "set_experts_implementation") and name not in DENSE:
-        set_experts_implementation(model, "eager")  # transformers 5.23 defaults to grouped_mm: hf:eager means eager
-    return model, full_layers
+def check_grid(models: str, routing: str, policies: str, modes: str | None) -> None:
+    """Unknown names in a grid are refused up front, naming the argument (a typo would silently run less)."""
+    for arg, given, known in (("--models", models, MODELS), ("--routing", routing, ROUTINGS),
+                              ("--policies", policies, POLICIES), ("--modes", modes or "eager", ("eager", "graph"))):
+        unknown = [x for x in given.split(",") if x not in known]
+        if unknown:
+            raise SystemExit(f"bench_e2e: {arg} {','.join(unknown)} unknown; choose from {','.join(known)}")
 
 
-class StepTimer:
-    """Eager-mode split of a forward into attention and expert time (CUDA events; perf_counter on CPU)."""
+def build(name: str, quick: bool, device, dtype):
+    """(model, facts): facts name the family, encoder, positions and MoE structure."""
+    if name in VL2:
+        import transformers
 
-    def __init__(self, model):
+        kind, kwargs = VL2[name]
+        if quick:
+            kwargs = dict(VL2_QUICK, **({"q_lora_rank": 24, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                                         "routed_scaling_factor": 2.0} if kind == "DeepseekV3" else
+                                        {"q_lora_rank": None, "topk_method": "greedy"}), first_k_dense_replace=1)
+        config = getattr(transformers, f"{kind}Config")(**kwargs)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
+        set_experts_implementation(model, "eager")  # transformers >= 5.23 defaults to grouped_mm: hf:eager is eager
+        moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+        return model, dict(family="transformers", kind="moe", max_positions=config.max_position_embeddings,
+                           moe_layers=moe_layers, num_experts=config.n_routed_experts,
+                           top_k=config.num_experts_per_tok, hidden=config.hidden_size)
+    shape = llava.SHAPES[name]
+    if quick:
+        shape = llava.scaled_down(shape)
+    model = llava.build_language_model(shape, dtype=dtype, device=device)
+    return model, dict(family="deepspeed" if shape.num_experts else "dense", kind="moe" if shape.num_experts else "dense",
+                       max_positions=shape.max_positions, moe_layers=len(shape.moe_layers) if shape.num_experts else 0,
+                       num_experts=shape.num_experts, top_k=shape.top_k, hidden=shape.hidden)
+
+
+def load_checkpoint(path: str, device, dtype):
+    model = llava.load_language_model(path, dtype=dtype, device=device)
+    cfg = model.config
+    experts = moecache.patch(model) and moecache.patched_experts(model)
+    facts = dict(family="deepspeed", kind="moe", max_positions=cfg.max_position_embeddings, moe_layers=len(experts),
+                 num_experts=experts[0].num_experts, top_k=None, hidden=cfg.hidden_size)
+    moecache.unpatch(model)
+    return model, facts
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Mark:
+    """A point in time on the device's stream (a CUDA event) or the host's clock."""
+
+    def __init__(self, on_gpu: bool):
+        if on_gpu:
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.event, self.t = None, time.perf_counter()
+
+    def ms_to(self, other: "Mark") -> float:
+        return self.event.elapsed_time(other.event) if self.event is not None else (other.t - self.t) * 1e3
+
+
+class Phases:
+    """Splits one timed run into prefill (forwards over more than one token per row) and decode forwards:
+    per phase, device time of its forwards, cache and predictor counters, and (decode) the time of
+    attention and expert modules. Eager only: its hooks run Python between graph pieces."""
+
+    def __init__(self, model, on_gpu: bool, predictor=None):
         from moecache.layers import MoecacheExperts
 
-        self.on_gpu = next(model.parameters()).device.type == "cuda"
+        self.model, self.on_gpu = model, on_gpu
+        self.phase = None
+        self.forward_ms = {"prefill": [], "decode": []}
         self.spans = {"attention": [], "experts": []}
-        self.handles = []
+        self.counters = {"prefill": _zero_counters(), "decode": _zero_counters()}
+        self.predict_host_s = {"prefill": 0.0, "decode": 0.0}
+        self.predict_marks: list = []
+        self.forwards = {"prefill": 0, "decode": 0}
+        self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                        model.register_forward_hook(self._end)]
         for name, module in model.named_modules():
             kind = ("experts" if isinstance(module, MoecacheExperts) or name.endswith(".experts") else
-                    "attention" if name.endswith("self_attn") else None)
+                    "attention" if name.endswith(("self_attn", "self_attention")) else None)
             if kind is None:
                 continue
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, kind=kind: self._start(kind)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o, kind=kind: self._stop(kind)))
-        self.open = {}
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, kind=kind: self._open(kind)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, kind=kind: self._close(kind)))
+        self.open: dict = {}
+        self.predictor = predictor
+        self.saved_predict = predictor.__dict__.get("predict") if predictor is not None else None
+        if predictor is not None:
+            inner = predictor.predict
 
-    def _mark(self):
-        if self.on_gpu:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
+            def timed_predict(*args, **kwargs):
+                begin, t0 = Mark(on_gpu), time.perf_counter()
+                out = inner(*args, **kwargs)
+                self.predict_host_s[self.phase] += time.perf_counter() - t0
+                if self.phase == "decode":
+                    self.predict_marks.append((begin, Mark(on_gpu)))
+                return out
+            predictor.predict = timed_predict
 
-    def _start(self, kind):
-        self.open[kind] = self._mark()
+    def _begin(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        self.phase = "prefill" if ids.shape[1] > 1 else "decode"
+        self.forwards[self.phase] += 1
+        self.before = _counters(self.model)
+        self.start = Mark(self.on_gpu)
 
-    def _stop(self, kind):
-        self.spans[kind].append((self.open.pop(kind), self._mark()))
+    def _end(self, module, args, output):
+        self.forward_ms[self.phase].append((self.start, Mark(self.on_gpu)))
+        after = _counters(self.model)
+        acc = self.counters[self.phase]
+        for k in acc:
+            acc[k] += after[k] - self.before[k]
 
-    def totals_ms(self) -> dict:
-        if self.on_gpu:
-            torch.cuda.synchronize()
-            return {k: sum(a.elapsed_time(b) for a, b in v) for k, v in self.spans.items()}
-        return {k: sum(b - a for a, b in v) * 1e3 for k, v in self.spans.items()}
+    def _open(self, kind):
+        self.open[kind] = Mark(self.on_gpu)
+
+    def _close(self, kind):
+        if self.phase == "decode":
+            self.spans[kind].append((self.open.pop(kind), Mark(self.on_gpu)))
+
+    def totals(self) -> dict:
+        sync(torch.device("cuda" if self.on_gpu else "cpu"))
+        ms = {p: sum(a.ms_to(b) for a, b in v) for p, v in self.forward_ms.items()}
+        spans = {k: sum(a.ms_to(b) for a, b in v) for k, v in self.spans.items()}
+        return {"forward_ms": ms, "spans_ms": spans, "counters": self.counters, "forwards": self.forwards,
+                "predictor_host_ms": {p: 1e3 * s for p, s in self.predict_host_s.items()},
+                "predictor_gpu_ms": sum(a.ms_to(b) for a, b in self.predict_marks)}
 
     def close(self):
         for h in self.handles:
             h.remove()
+        if self.predictor is not None:
+            self.predictor.__dict__.pop("predict", None)
+            if self.saved_predict is not None:  # a replay's guesses stay in place
+                self.predictor.predict = self.saved_predict
+
+
+def _zero_counters() -> dict:
+    return {"requests": 0, "hits": 0, "misses": 0, "prefetches": 0, "wasted_prefetches": 0, "bytes_copied": 0,
+            "in_place_reads": 0, "stall_ms": 0.0}
+
+
+def _counters(model) -> dict:
+    cache = moecache.stats(model).get("cache") or {}
+    return {k: cache.get(k, 0) for k in _zero_counters()}
 
 
 class CpuOffloadHooks:
-    """The accelerate-style CPU offload baseline, written out (accelerate is not installed here): each
-    experts module's weights live in pinned host memory and are copied to the device before every call
-    and dropped after it, which is what accelerate's cpu_offload hooks do."""
+    """The accelerate-style CPU offload baseline, written out (accelerate is not a dependency): each experts
+    module's weights live in pinned host memory, are copied to the device before every call and dropped
+    after it."""
 
     def __init__(self, model, device):
         self.device, self.saved, self.handles = device, [], []
         for name, module in model.named_modules():
             if not name.endswith(".experts"):
                 continue
-            params = list(module.parameters(recurse=False))
+            params = list(module.parameters())
             host = [p.data.to("cpu").pin_memory() if device.type == "cuda" else p.data.clone() for p in params]
             for p in params:
                 p.data = torch.empty(0, dtype=p.dtype, device=device)
@@ -179,205 +295,383 @@ class CpuOffloadHooks:
                 p.data = h.to(self.device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def providers(facts: dict, budgets: list[float], batch: int, routing: str, policies: list[str],
+              learned_path: str | None) -> list[tuple[str, str | None, Offload | None]]:
+    """(provider, policy, offload) rows that apply to this model, routing and batch."""
+    if facts["kind"] == "dense":
+        return [("hf:eager", None, None)] if routing == "random-weights" else []
+    out = []
+    if routing == "random-weights":
+        out.append(("hf:eager", None, None))
+        if facts["family"] == "transformers":
+            out.append(("hf:grouped_mm", None, None))
+        out.append(("hf:cpu-offload", None, None))
+    out.append(("moecache", None, None))
+    for b in budgets:
+        made = {"on-demand": Offload(gpu_experts=b, policy="lru", prefetch=False),
+                "lru-prefetch": Offload(gpu_experts=b, policy="lru", prefetch=True),
+                "predict-only": Offload(gpu_experts=b, policy="predictive", prefetch=False),
+                "predictive": Offload(gpu_experts=b, policy="predictive")}
+        if learned_path and routing == "random-weights":  # replayed guesses replace any predictor's
+            made["predict-only-learned"] = Offload(gpu_experts=b, policy="predictive", prefetch=False,
+                                                   predictor=learned_path)
+        if batch > 1:
+            made["in-order"] = made["scheduled"] = Offload(gpu_experts=b, policy="predictive")
+        for policy in policies:
+            if policy in made:
+                out.append((f"offload{round(b * 100)}:{policy}", policy, made[policy]))
+    return out
 
 
-def measure(model, prompts, new_tokens, mode, device, scheduled_batch=None):
-    """(prefill tokens/s, decode tokens/s, breakdown ms per decode step, generated ids)."""
-    B, S = prompts.shape
-    mask = torch.ones_like(prompts)
+def untrained_predictor(facts, path) -> str:
+    """A learned predictor with untrained heads (one per MoE layer after the first, depth 1): what its
+    predictions cost is measured; what they are worth is not (random weights route at random anyway)."""
+    from moecache.cache.learned import LearnedRoutePredictor
+
+    heads = LearnedRoutePredictor(facts["hidden"], facts["num_experts"],
+                                  [(t, 1) for t in range(1, facts["moe_layers"])])
+    heads.save(path)
+    return path
+
+
+def sample_batches(mix, encoder, batch, new_tokens, facts, args):
+    """The first `batch` sampled prompts of the mix: token lengths (scaled on --quick), truncated to fit."""
+    prompts = sample_prompts(mix, batch, seed=args.seed, encoder=encoder)
+    limit = facts["max_positions"] - new_tokens
+    lengths = [max(1, round(p.tokens * args.prompt_scale)) for p in prompts]
+    truncated = sum(n > limit for n in lengths)
+    lengths = [min(n, limit) for n in lengths]
+    return prompts, lengths, truncated
+
+
+def make_inputs(lengths, vocab, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    ids = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, S - n:] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[i, S - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_ms(tower, images: int, device, on_gpu) -> float:
+    """Time of the vision tower over `images` inputs (chunks of 16), random pixels."""
+    if tower is None or images == 0:
+        return 0.0
+    side = tower.shape.image
+    dtype = next(tower.parameters()).dtype
     with torch.no_grad():
-        model(prompts[:, : min(S, 8)])  # warm-up
-        prefill = time_ms(lambda: model(prompts), warmup=1, rep=3, flush_l2=False, device=device)["ms"]
-        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if mode == "graph":
-            # A static cache makes transformers' generate compile the decode step (reduce-overhead: CUDA
-            # graphs) and run the prompt eagerly; drop the compiled call a previous configuration left.
-            kwargs["cache_implementation"] = "static"
-            model.__dict__.pop("_compiled_call", None)
-            torch._dynamo.reset()
-        scheduler = {"s": 0.0}  # host time the token scheduler spent grouping, on the timed run
+        sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, images, 16):
+            n = min(16, images - start)
+            tower(torch.randn(n, 3, side, side, device=device, dtype=dtype))
+        sync(device)
+    return (time.perf_counter() - t0) * 1e3
 
-        def run():
-            if scheduled_batch is None:
-                return model.generate(prompts, **kwargs)
-            out, info = generate_scheduled(model, prompts, moecache.patched_experts(model), batch_size=scheduled_batch,
-                                           max_new_tokens=new_tokens)
-            scheduler["s"] = info["scheduler_s"]
-            return out
-        run()  # warm-up (and compile, in graph mode)
-        timer = StepTimer(model) if mode == "eager" else None
+
+def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, schedule, replay, predictor):
+    """One timed request batch (after a short warm-up); returns measurements."""
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if mode == "graph":
+        kwargs["cache_implementation"] = "static"
+        model.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
+    info = {"scheduler_s": 0.0}
+    groups: list = []
+
+    def before_group(requests):
+        groups.append(requests)
+        if replay is not None:
+            replay.requests = requests
+
+    def run(tokens):
+        if replay is not None:
+            replay.reset()
+            replay.requests = None
+        if sched_batch is None:
+            return model.generate(ids, **{**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens})
+        out, i = generate_scheduled(model, ids, moecache.patched_experts(model), batch_size=sched_batch,
+                                    schedule=schedule, max_new_tokens=tokens, attention_mask=mask,
+                                    before_group=before_group,
+                                    **({"cache_implementation": "static"} if mode == "graph" else {}))
+        info["scheduler_s"] = i["scheduler_s"]
+        return out
+
+    with torch.no_grad():
+        run(2 if mode == "eager" else new_tokens)  # warm-up: kernels compiled, graphs captured
+        if replay is not None:  # routes mapped before the clock starts
+            replay.prepare(groups or [list(range(ids.shape[0]))], ids.shape[1], new_tokens, ids.device)
+        prefill_graph_ms = None
+        if mode == "graph":  # no hooks inside compiled decode: prefill is timed as its own forward
+            sync(device)
+            t0 = time.perf_counter()
+            model(ids, attention_mask=mask)
+            sync(device)
+            prefill_graph_ms = (time.perf_counter() - t0) * 1e3
+        phases = Phases(model, on_gpu, predictor) if mode == "eager" else None
         before = _counters(model)
         sync(device)
-        start = time.perf_counter()
-        out = run()
-        sync(device)
-        seconds = time.perf_counter() - start
+        t0 = time.perf_counter()
+        try:
+            out = run(new_tokens)
+            sync(device)
+        finally:
+            if phases is not None:
+                phases.close()
+        wall_ms = (time.perf_counter() - t0) * 1e3
         after = _counters(model)
-        breakdown = timer.totals_ms() if timer else {}
-        if timer:
-            timer.close()
-
-    decode_s = max(seconds - prefill / 1e3, 1e-9)
-    steps = new_tokens - 1
-    forwards = steps + 1  # the prompt, then one forward per further token
-    per_step = {k: v / forwards for k, v in breakdown.items()}
-    delta = {k: after[k] - before[k] for k in after}
-    per_step.update(stall=delta["stall_ms"] / forwards, predictor=1e3 * delta["predictor_s"] / forwards,
-                    scheduler=1e3 * scheduler["s"] / forwards)
-    return B * S / (prefill / 1e3), B * steps / decode_s, per_step, delta, out
+    split = phases.totals() if phases else None
+    return dict(out=out, wall_ms=wall_ms, split=split, scheduler_ms=1e3 * info["scheduler_s"],
+                prefill_graph_ms=prefill_graph_ms, total_counters={k: after[k] - before[k] for k in after})
 
 
-def _counters(model) -> dict:
-    """Cache and predictor counters of a patched model (zeros otherwise), to difference around a run."""
-    stats = moecache.stats(model)
-    cache = stats.get("cache") or {}
-    return {"requests": cache.get("requests", 0), "hits": cache.get("hits", 0), "misses": cache.get("misses", 0),
-            "stall_ms": cache.get("stall_ms", 0.0),
-            "predictor_s": (stats.get("prediction") or {}).get("predictor_seconds", 0.0)}
+def record_sources(args, device, dtype, batch, new_tokens):
+    """Per family, the trained source model's routes recorded once: {"transformers": rec, "deepspeed": rec}."""
+    from moecache import data
+
+    sources = {}
+    loaders = {"transformers": ("trained-tiny-moe", getattr(data, "load_tiny_moe", None))}
+    if hasattr(data, "load_tiny_moe_llava"):
+        loaders["deepspeed"] = ("trained-tiny-moe-llava", data.load_tiny_moe_llava)
+    text = data.encode(data.validation_text())[0]
+    for family, (label, load) in loaders.items():
+        model = load(device=device, dtype=torch.float32)
+        length = 64
+        steps = min(new_tokens, model.config.max_position_embeddings - length)
+        prompts = torch.stack([text[i * 997: i * 997 + length] for i in range(batch)]).to(device)
+        moecache.patch(model)
+        sources[family] = record_token_routes(model, prompts, moecache.patched_experts(model), moecache.routers(model),
+                                              max_new_tokens=steps, depth=1, source=label)
+        moecache.unpatch(model)
+        del model
+    return sources
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="CPU: models, towers and prompt lengths scaled down")
+    parser.add_argument("--slice", type=int, choices=sorted(GPU_SLICES), help="a prepared GPU slice's grid")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers built per model (GPU)")
-    # The default grid runs in under ten minutes on one GPU; the whole study is --batches 1,4,16,64
-    # --mixes mmmu,mathvista,text, run per --models across calls (rows append).
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--checkpoint", default=None, help="a local MoE-LLaVA checkpoint directory (real routing)")
+    parser.add_argument("--mixes", default="mmmu,mathvista")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--mixes", default="mmmu")
-    parser.add_argument("--models", default="vl2-small,vl2-base,mixtral-8x7b,llama-7b,llama-13b")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--max-prompt", type=int, default=2048, help="prompt tokens are capped here")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated providers to run (default: all), e.g. hf:eager,moecache")
-    parser.add_argument("--modes", default=None, help="eager,graph (default: both on a GPU)")
-    parser.add_argument("--graph-providers", default=",".join(GRAPH_PROVIDERS),
-                        help="providers also run in graph mode (each costs a compile)")
+    parser.add_argument("--new-tokens", default="16,128,512", help="the output-length sweep")
+    parser.add_argument("--budgets", default="0.5", help="fractions of all experts on the GPU")
+    parser.add_argument("--routing", default=",".join(ROUTINGS))
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--modes", default=None, help="eager,graph (graph on a GPU only)")
+    parser.add_argument("--prompt-scale", type=float, default=1.0, help="prompt lengths multiplied by this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--h2d-gbps", type=float, default=None,
+                        help="pinned H2D GB/s for the PCIe bound when none can be measured (CPU); a GPU measures it")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds; start no configuration after it")
+    parser.add_argument("--keep-going", action="store_true", help="exit 0 even when configurations were skipped")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
-    table = FULL
+    if args.slice:
+        for k, v in GPU_SLICES[args.slice].items():
+            setattr(args, k, v)
     if args.quick:
-        table, args.layers, args.batches, args.mixes = QUICK, 3, "1,2", "mathvista"
-        args.models, args.new_tokens, args.max_prompt = "vl2-small,vl2-base,mixtral-8x7b,llama-7b", 6, 48
-    elif not on_gpu:
+        args.models = "moe-llava-phi2,vl2-small,llava-1.5-7b"
+        args.batches, args.new_tokens, args.prompt_scale = "1,4", "4,8", 1 / 16
+        args.h2d_gbps = args.h2d_gbps or 55.0  # the H200's pinned rate, assumed: the CPU has no PCIe link to time
+        args.mixes = "mmmu,mathvista"
+    check_grid(args.models, args.routing, args.policies, args.modes)
+    if not args.quick and not on_gpu:
         raise SystemExit("bench_e2e: full sizes need a GPU; use --quick on CPU")
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    modes = ("eager", "graph") if on_gpu else ("eager",)
-    if args.modes:
-        modes = tuple(m for m in args.modes.split(",") if m in modes)
+    modes = [m for m in (args.modes or ("eager,graph" if on_gpu else "eager")).split(",") if on_gpu or m == "eager"]
     env = environment()
-    h2d = measure_h2d_gbps()
-    rows = []
+    h2d, h2d_source = measure_h2d_gbps(), "measured"
+    if h2d is None and args.h2d_gbps:
+        h2d, h2d_source = args.h2d_gbps, "assumed (--h2d-gbps)"
+    env = {**env, "h2d_source": h2d_source if h2d else None}
     batches = [int(b) for b in args.batches.split(",")]
-    mixes = args.mixes.split(",")
-    for name in tqdm(args.models.split(","), desc="models"):
-        model, full_layers = build(name, table, args.layers, device, dtype)
-        depth_scale = full_layers / args.layers
-        is_moe = name not in DENSE
-        configs = [("hf:eager", None, None)]
-        if is_moe:
-            configs += [("hf:grouped_mm", None, None), ("moecache", None, None), ("hf:cpu-offload", None, 0.0)]
-            for budget in (0.25, 0.5):
-                configs += [(f"offload{int(budget * 100)}:on_demand", Offload(gpu_experts=1, prefetch=False), budget),
-                            (f"offload{int(budget * 100)}:lru", Offload(gpu_experts=budget, prefetch=False), budget),
-                            (f"offload{int(budget * 100)}:predictive",
-                             Offload(gpu_experts=budget, policy="predictive"), budget),
-                            (f"offload{int(budget * 100)}:predictive+sched",
-                             Offload(gpu_experts=budget, policy="predictive"), budget)]
-        if args.providers:
-            wanted = args.providers.split(",")
-            configs = [c for c in configs if c[0] in wanted]
-        for mix in mixes:
-            length = min(args.max_prompt, sorted(p.tokens for p in sample_prompts(mix, 101))[50])  # median
-            for B in batches:
-                prompts = torch.randint(3, model.config.vocab_size, (B, length), device=device)
-                resident_decode = None
-                for provider, offload, budget in configs:
-                    for mode in modes:
-                        if mode == "graph" and provider not in args.graph_providers.split(","):
-                            continue  # each compiled configuration costs a compile; these carry the comparison
-                        if provider == "hf:grouped_mm":
-                            try:
-                                set_experts_implementation(model, "grouped_mm")
-                            except Exception as err:  # noqa: BLE001 - recorded, not hidden
-                                rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name,
-                                             "provider": provider, "reason": str(err)})
-                                continue
-                        elif provider == "hf:cpu-offload":
-                            hooks = CpuOffloadHooks(model, device)
-                        elif provider != "hf:eager":
-                            moecache.patch(model, offload=offload)
-                        sched = B // 2 if provider.endswith("+sched") and B > 1 else None
-                        try:
-                            prefill, decode, per_step, delta, _ = measure(model, prompts, args.new_tokens, mode,
-                                                                          device, scheduled_batch=sched)
-                        except Exception as err:  # noqa: BLE001 - an OOM or a capture failure is a result
-                            rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name, "mix": mix,
-                                         "batch": B, "provider": provider, "mode": mode, "reason": repr(err)[:300]})
-                            per_step = None
-                        record_bytes = moecache.expert_cache(model).record_bytes if offload is not None else 0
-                        gpu_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                                        if p.device.type == device.type)
-                        if offload is not None:
-                            gpu_bytes += moecache.expert_cache(model).num_slots * record_bytes
-                        if provider == "hf:grouped_mm":
-                            set_experts_implementation(model, "eager")
-                        elif provider == "hf:cpu-offload":
-                            hooks.remove()
-                        elif provider != "hf:eager":
-                            moecache.unpatch(model)
-                        if per_step is None:
-                            continue
-                        if provider == "moecache" and mode == "eager":
-                            resident_decode = decode
-                        tokens = B * args.new_tokens
-                        misses_per_token = delta["misses"] / tokens
-                        hit_rate = delta["hits"] / delta["requests"] if delta["requests"] else None
-                        bound = None
-                        if offload is not None and resident_decode and h2d:
-                            per_token = 1 / resident_decode + misses_per_token * record_bytes / (h2d * 1e9)
-                            bound = 1 / per_token  # tokens/s if every miss cost its PCIe transfer on top
-                        step_ms = 1e3 * B / decode if decode else None
-                        other = max(step_ms - sum(per_step.values()), 0.0) if step_ms and mode == "eager" else None
-                        rows.append({**env, "benchmark": "bench_e2e", "model": name, "kind": "moe" if is_moe else "dense",
-                                     "layers": args.layers, "full_layers": full_layers, "mix": mix, "prompt": length,
-                                     "batch": B, "provider": provider, "mode": mode, "budget": 1.0 if budget is None else budget,
-                                     "prefill_tok_s": prefill, "decode_tok_s": decode,
-                                     "decode_tok_s_full_depth": decode / depth_scale,
-                                     "prefill_tok_s_full_depth": prefill / depth_scale,
-                                     "hit_rate": hit_rate, "misses_per_token": misses_per_token,
-                                     "resident_decode_tok_s": resident_decode,
-                                     "pcie_bound_decode_tok_s": bound, "h2d_gbps": h2d,
-                                     "step_ms": step_ms, "breakdown_ms": {**per_step, "other": other},
-                                     "note": ("time includes the scheduler's routing forward and each group's own "
-                                              "prefill" if sched else
-                                              "compiled decode does no cache bookkeeping: slots hold what eager "
-                                              "warm-up left, misses are read in place over PCIe"
-                                              if offload is not None and mode == "graph" else None),
-                                     "gpu_weight_bytes": gpu_bytes,
-                                     "gpu_weight_bytes_full_depth": gpu_bytes * depth_scale})
-        del model
-        if on_gpu:  # compiled graphs and their memory pools hold GPU memory until reset
+    sweep = [int(n) for n in args.new_tokens.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    routings = args.routing.split(",")
+    policies = args.policies.split(",")
+    rows, not_run = [], []
+    sources = record_sources(args, device, dtype, max(batches), max(sweep)) if "replayed" in routings else {}
+    tmp = tempfile.mkdtemp(prefix="moecache-study-")
+    names = args.models.split(",") + (["checkpoint"] if args.checkpoint else [])
+    for name in names:
+        if name == "checkpoint":
+            model, facts = load_checkpoint(args.checkpoint, device, dtype)
+            model_routings = ["checkpoint"]
+        else:
+            model, facts = build(name, args.quick, device, dtype)
+            model_routings = routings
+        encoder = ENCODER.get(name, "llava")
+        vision = scaled_down_vision(VISION[encoder]) if args.quick else VISION[encoder]
+        tower = build_vision_tower(encoder, facts["hidden"], scaled=args.quick, dtype=dtype, device=device)
+        assert tower.shape == vision
+        learned = untrained_predictor(facts, os.path.join(tmp, f"{name}.pt")) if facts["kind"] == "moe" else None
+        vocab = model.config.vocab_size
+        for routing in model_routings:
+            mapped = None
+            if routing == "replayed":
+                source = sources.get(facts["family"]) if facts["kind"] == "moe" else None
+                if facts["kind"] == "moe" and source is None:
+                    rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name, "routing": routing,
+                                 "reason": f"no trained source model recorded for the {facts['family']} family"})
+                    continue
+                if source is not None:
+                    mapped = map_routes(source, facts["moe_layers"], facts["num_experts"], facts["top_k"], seed=args.seed)
+            label = f"replayed:{mapped.recording.source}" if mapped else routing
+            for mix in args.mixes.split(","):
+                for B in batches:
+                    for new_tokens in sweep:
+                        prompts, lengths, truncated = sample_batches(mix, encoder, B, new_tokens, facts, args)
+                        ids, mask = make_inputs(lengths, vocab, device, args.seed)
+                        images = sum(p.encoder_inputs for p in prompts)
+                        enc_ms = encode_ms(tower, images, device, on_gpu)
+                        resident = {}
+                        for provider, policy, offload in providers(facts, budgets, B, routing, policies, learned):
+                            for mode in modes:
+                                key = dict(model=name, routing=label, mix=mix, batch=B, new_tokens=new_tokens,
+                                           provider=provider, mode=mode)
+                                if args.deadline and time.perf_counter() - started > args.deadline:
+                                    not_run.append(key)
+                                    continue
+                                row = measure_row(model, facts, provider, policy, offload, mode, ids, mask, lengths,
+                                                  new_tokens, device, on_gpu, mapped, resident, h2d, env, key)
+                                row.update(prompt_tokens=lengths, truncated=truncated, encoder=encoder,
+                                           encoder_inputs=images, encode_ms=enc_ms, kind=facts["kind"],
+                                           family=facts["family"], quick=args.quick)
+                                if row["benchmark"] == "bench_e2e.study":
+                                    finish_row(row)
+                                rows.append(row)
+                                print(_line(row), flush=True)
+        del model, tower
+        if on_gpu:
             import gc
 
             torch._dynamo.reset()
             gc.collect()
             torch.cuda.empty_cache()
-    done = [r for r in rows if r["benchmark"] == "bench_e2e"]
-    print(f"\n{'model':<13} {'mix':<10} {'B':>3} {'provider':<28} {'mode':<6} {'prefill tok/s':>13} {'decode tok/s':>12}"
-          f" {'(full depth)':>12} {'hit':>6}")
-    for r in done:
-        hit = f"{r['hit_rate']:.0%}" if r["hit_rate"] is not None else ""
-        print(f"{r['model']:<13} {r['mix']:<10} {r['batch']:>3} {r['provider']:<28} {r['mode']:<6} "
-              f"{r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} {r['decode_tok_s_full_depth']:>12.1f} {hit:>6}")
+    skipped = [r for r in rows if r["benchmark"] == "bench_e2e.skipped"]
+    for key in not_run:
+        rows.append({**env, **key, "benchmark": "bench_e2e.not_run", "reason": f"--deadline {args.deadline} s passed"})
     if args.json:
         append_rows(args.json, rows)
         print(f"{len(rows)} rows -> {args.json}")
-    return 0
+    for r in skipped:
+        print(f"SKIPPED {r.get('model')} {r.get('routing')} {r.get('provider', '')} {r.get('mode', '')}: {r['reason']}",
+              file=sys.stderr)
+    if not_run:
+        print(f"NOT RUN (deadline): {len(not_run)} configurations", file=sys.stderr)
+    return 1 if skipped and not args.keep_going else 0
+
+
+def measure_row(model, facts, provider, policy, offload, mode, ids, mask, lengths, new_tokens, device, on_gpu,
+                mapped, resident, h2d, env, key) -> dict:
+    """Set the provider up, run, take it down; a row (or a skipped row with the reason)."""
+    hooks = replay = None
+    row = {**env, "benchmark": "bench_e2e.study", **key, "policy": policy,
+           "budget": offload.gpu_experts if offload else (1.0 if provider == "moecache" else None),
+           "cache": ("static" if mode == "graph" else "dynamic") if offload else None}
+    try:
+        if provider == "hf:grouped_mm":
+            set_experts_implementation(model, "grouped_mm")
+        elif provider == "hf:cpu-offload":
+            hooks = CpuOffloadHooks(model, device)
+        elif provider != "hf:eager":
+            moecache.patch(model, offload=offload)
+            if mapped is not None:
+                replay = RoutingReplay(model, moecache.patched_experts(model), mapped).__enter__()
+        predictor = getattr(getattr(moecache.patched_experts(model)[0], "provider", None), "predictor", None) \
+            if offload is not None else None
+        sched = ids.shape[0] // 2 if policy in ("in-order", "scheduled") else None
+        result = run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched, policy == "scheduled",
+                            replay, predictor)
+        cache = moecache.expert_cache(model) if offload is not None else None
+        row["record_bytes"] = cache.record_bytes if cache else None
+        row["gpu_weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
+                                      if p.device.type == device.type) + (cache.num_slots * cache.record_bytes if cache else 0)
+        if provider == "hf:cpu-offload":
+            row["gpu_weight_bytes"] = None  # experts held on the GPU for one layer at a time
+        prediction = moecache.stats(model).get("prediction") if offload is not None else None
+        row["recall"] = prediction["by_depth"][1]["recall"] if prediction and prediction["by_depth"] else None
+    except Exception as err:  # noqa: BLE001 - an OOM or a capture failure is a result, reported and counted
+        return {**env, "benchmark": "bench_e2e.skipped", **key, "reason": repr(err)[:300]}
+    finally:
+        if replay is not None:
+            replay.__exit__(None, None, None)
+        if provider == "hf:grouped_mm":
+            set_experts_implementation(model, "eager")
+        elif hooks is not None:
+            hooks.remove()
+        elif provider not in ("hf:eager", "hf:cpu-offload") and moecache.stats(model)["patched"]:
+            moecache.unpatch(model)
+    row.update(result=result, h2d_gbps=h2d)
+    if provider == "moecache":
+        resident[mode] = result
+    row["_resident"] = resident.get(mode)
+    return row
+
+
+def finish_row(row) -> None:
+    """Times, rates, counters and bounds from a run's measurements (the result is dropped from the row)."""
+    result, resident = row.pop("result"), row.pop("_resident")
+    B, new = row["batch"], row["new_tokens"]
+    split = result["split"]
+    scheduler_ms = result["scheduler_ms"]
+    if split is not None:
+        prefill_ms = split["forward_ms"]["prefill"]
+        decode_ms = max(result["wall_ms"] - prefill_ms - scheduler_ms, 1e-6)
+        counters = split["counters"]
+        forwards = split["forwards"]["decode"]
+        per_step = {k: v / max(forwards, 1) for k, v in split["spans_ms"].items()}
+        per_step["stall"] = counters["decode"]["stall_ms"] / max(forwards, 1)
+        per_step["predictor_host"] = split["predictor_host_ms"]["decode"] / max(forwards, 1)
+        per_step["predictor_gpu"] = split["predictor_gpu_ms"] / max(forwards, 1)
+        per_step["scheduler"] = scheduler_ms / max(forwards, 1)
+        step_ms = decode_ms / max(forwards, 1)
+        # stall and predictor time fall inside the experts' span; the scheduler's is outside every forward
+        per_step["other"] = max(step_ms - per_step["attention"] - per_step["experts"] - per_step["scheduler"], 0.0)
+        row["breakdown_ms"] = per_step
+        row["prefill_counters"], row["decode_counters"] = counters["prefill"], counters["decode"]
+        row["prefill_timing"] = "prefill forwards' own time, inside the timed run"
+    else:
+        prefill_ms = result["prefill_graph_ms"]
+        decode_ms = max(result["wall_ms"] - prefill_ms - scheduler_ms, 1e-6)
+        row["breakdown_ms"] = None
+        row["prefill_counters"], row["decode_counters"] = None, None
+        row["prefill_timing"] = "a separate eager prefill forward (no hooks inside compiled decode)"
+    tokens_in = sum(row["prompt_tokens"])
+    row.update(wall_ms=result["wall_ms"], prefill_ms=prefill_ms, decode_ms=decode_ms, scheduler_ms=scheduler_ms,
+               prefill_tok_s=tokens_in / (prefill_ms / 1e3), decode_tok_s=B * (new - 1) / (decode_ms / 1e3),
+               e2e_ms=row["encode_ms"] + result["wall_ms"],
+               e2e_tok_s_per_request=new / ((row["encode_ms"] + result["wall_ms"]) / 1e3))
+    decode = row["decode_counters"]
+    if decode is not None and row.get("record_bytes"):
+        moved = decode["bytes_copied"] + decode["in_place_reads"] * row["record_bytes"]
+        row["decode_bytes_moved"] = moved
+        row["decode_hit_rate"] = decode["hits"] / decode["requests"] if decode["requests"] else None
+        row["misses_per_token"] = decode["misses"] / (B * (new - 1))
+        row["experts_moved_per_token"] = moved / row["record_bytes"] / (B * (new - 1))
+        res_split = resident["split"] if resident else None
+        if res_split is not None and row["h2d_gbps"]:
+            res_decode_ms = resident["wall_ms"] - res_split["forward_ms"]["prefill"] - resident["scheduler_ms"]
+            bound_ms = res_decode_ms + moved / (row["h2d_gbps"] * 1e9) * 1e3
+            row["resident_decode_tok_s"] = B * (new - 1) / (res_decode_ms / 1e3)
+            row["pcie_bound_decode_tok_s"] = B * (new - 1) / (bound_ms / 1e3)
+
+
+def _line(row) -> str:
+    if row["benchmark"] != "bench_e2e.study":
+        return f"SKIPPED {row['model']} {row.get('provider')} {row.get('mode')}: {row['reason']}"
+    hit = row.get("decode_hit_rate")
+    return (f"{row['model']:<19} {row['routing']:<32} {row['mix']:<9} B={row['batch']:<3} new={row['new_tokens']:<4} "
+            f"{row['provider']:<30} {row['mode']:<5} prefill {row['prefill_tok_s']:>9.1f} tok/s  decode "
+            f"{row['decode_tok_s']:>8.1f} tok/s  e2e/request {row['e2e_tok_s_per_request']:>7.2f} tok/s"
+            + (f"  hit {hit:.0%}" if hit is not None else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Plots and the README "Results" section, generated from bench_e2e JSON rows (every number traces to a row).
+"""The README's generated sections, from JSON rows (every number traces to a row):
+- "Results" (between results markers): the first H200 run's bench_e2e rows (a 4-layer schema);
+- "The study" (between study markers): bench_e2e.study rows (bench/bench_e2e.py now), with the
+  trace-simulator and live host-backend cache rows of bench_cache as the CPU evidence on trained models.
 
     python bench/report.py bench/results/bench_e2e.jsonl --plots bench/results --readme README.md
+    python bench/report.py bench/results/study.jsonl --cache-rows bench/results/bench_cache-cpu.jsonl \
+        --plots bench/results --readme README.md
 """
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+STUDY_START, STUDY_END = "<!-- study:start -->", "<!-- study:end -->"
 POLICIES = ("on_demand", "lru", "predictive", "predictive+sched")
 
 
@@ -126,32 +134,45 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme, text) -> None:
+def update_readme(readme, text, start=START, end=END) -> None:
     path = Path(readme)
     content = path.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f"{readme} has no {START} ... {END} block")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(head + START + "\n" + text + END + tail)
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme} has no {start} ... {end} block")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + start + "\n" + text + end + tail)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("rows")
+    parser.add_argument("--cache-rows", default=None, help="bench_cache rows (trace simulator, live CPU cache)")
     parser.add_argument("--plots", default=None, help="write PNG plots here")
-    parser.add_argument("--readme", default=None, help="rewrite this file's results block")
+    parser.add_argument("--readme", default=None, help="rewrite this file's generated block")
     args = parser.parse_args(argv)
     rows = load(args.rows)
-    if args.plots:
-        for p in plots(rows, args.plots):
-            print(p)
-    text = markdown(rows)
+    import study_report
+
+    if any(r.get("benchmark", "").startswith("bench_e2e.study") or r.get("benchmark") in STUDY_KINDS for r in rows):
+        cache_rows = load(args.cache_rows) if args.cache_rows else []
+        if args.plots:
+            for p in study_report.plots(rows, args.plots):
+                print(p)
+        text, start, end = study_report.markdown(rows, cache_rows), STUDY_START, STUDY_END
+    else:
+        if args.plots:
+            for p in plots(rows, args.plots):
+                print(p)
+        text, start, end = markdown(rows), START, END
     if args.readme:
-        update_readme(args.readme, text)
+        update_readme(args.readme, text, start, end)
     else:
         print(text)
     return 0
+
+
+STUDY_KINDS = ("bench_e2e.skipped", "bench_e2e.not_run")
 
 
 if __name__ == "__main__":

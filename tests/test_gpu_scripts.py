@@ -17,7 +17,7 @@ def _bash(script: str, out: Path, **env):
 
 
 @needs_source
-@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_bench.sh"])
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_bench.sh", "gpu_study.sh 1"])
 def test_dry_run_plans_every_stage_in_order(script, tmp_path):
     proc = _bash(f"bash bench/{script}", tmp_path, DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
@@ -29,9 +29,30 @@ def test_dry_run_plans_every_stage_in_order(script, tmp_path):
         order = ["kernels-bf16", "gpu-tests", "sanitizer", "compile-tests"]
         assert [s for s in order if f"{s}: ok" in summary] == order
         assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
-    else:
+    elif script == "gpu_bench.sh":
         for name in ("bench_moe", "bench_e2e", "bench_mla", "bench_prefetch", "tune"):
             assert f"{name}" in summary
+    else:
+        assert "study-slice-1: ok" in summary and "--slice 1" in log and "--deadline" in log
+
+
+@needs_source
+def test_study_slices_and_the_bench_point_name_known_configurations():
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("bench_e2e_module", ROOT / "bench" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for grid in module.GPU_SLICES.values():
+        module.check_grid(grid["models"], grid["routing"], grid["policies"], grid["modes"])
+    assert set(module.GPU_SLICES[1]["models"].split(",")) >= {"moe-llava-phi2", "vl2-small", "llava-1.5-7b",
+                                                              "llava-1.5-13b"}
+    point = (ROOT / "bench" / "gpu_bench.sh").read_text()
+    args = dict(re.findall(r"--(models|routing|policies|modes) (\S+)", point))
+    module.check_grid(args["models"], args["routing"], args["policies"], args["modes"])
+    with pytest.raises(SystemExit, match="--policies predictiv unknown"):
+        module.check_grid("vl2-small", "replayed", "predictiv", None)
 
 
 @needs_source

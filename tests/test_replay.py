@@ -38,11 +38,11 @@ def test_a_model_replaying_its_own_routes_generates_its_own_tokens(source):
     moecache.patch(model)
     experts = moecache.patched_experts(model)
     mapped = map_routes(rec, len(experts), 32, 4, seed=None)
-    with RoutingReplay(experts, mapped):
+    with RoutingReplay(model, experts, mapped):
         assert torch.equal(model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False), reference)
     # a different recording's routes change the tokens: the replayed ids are the ones used
     shifted = map_routes(rec, len(experts), 32, 4, seed=5)
-    with RoutingReplay(experts, shifted):
+    with RoutingReplay(model, experts, shifted):
         assert not torch.equal(model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False), reference)
     moecache.unpatch(model)
 
@@ -55,7 +55,7 @@ def test_replayed_guesses_score_as_the_sources_live_predictor(source):
     moecache.unpatch(model)
     moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=1))
     experts = moecache.patched_experts(model)
-    with RoutingReplay(experts, map_routes(rec, 3, 32, 4, seed=None)):
+    with RoutingReplay(model, experts, map_routes(rec, 3, 32, 4, seed=None)):
         model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     replayed = moecache.stats(model)["prediction"]["by_depth"][1]
     moecache.unpatch(model)
@@ -73,25 +73,34 @@ def test_mapping_onto_a_larger_target_follows_the_stated_rule(source):
     def spy(module, args):
         seen.append(args[1].clone())
 
-    with RoutingReplay(experts, mapped):
+    with RoutingReplay(target, experts, mapped) as replay:
         handles = [m.register_forward_pre_hook(spy) for m in experts]  # after the replay's hook: sees its ids
         target(torch.randint(3, 96, (2, 9)))
-        target(torch.randint(3, 96, (2, 1)))  # a decode step shaped forward: step 1
+        target(torch.randint(3, 96, (2, 1)))  # decode step 1 of requests 0 and 1
+        replay.requests = [3, 6]  # a micro-batch of other requests: request 6 replays source request 2
+        target(torch.randint(3, 96, (2, 1)))
         for h in handles:
             h.remove()
     moecache.unpatch(target)
     L = len(experts)
-    assert len(seen) == 2 * L
+    assert len(seen) == 3 * L
+    source_rows = (torch.arange(2).repeat_interleave(9) * 40 + torch.arange(9).repeat(2))  # request r, position p
     for j in range(L):
-        src = rec.routes[0][j % 3]
+        src = rec.routes[0][j % 3][source_rows]
         ids = seen[j].long()
         assert ids.shape == (18, 6) and all(len(set(r)) == 6 for r in ids.tolist())
-        rows = torch.arange(18) % src.shape[0]
-        first = mapped.permutations[j][src[rows]]  # replica 0 of each source pick, in rank order
-        assert torch.equal(ids[:, :4], first)
-        assert torch.equal(ids[:, 4:], mapped.permutations[j][(src[rows, :2] + 32) % 64])
-        step1 = seen[L + j].long()
-        assert torch.equal(step1[:, :4], mapped.permutations[j][rec.routes[1][j % 3][:2]])
+        assert torch.equal(ids[:, :4], mapped.permutations[j][src])  # replica 0 of each source pick, in rank order
+        assert torch.equal(ids[:, 4:], mapped.permutations[j][(src[:, :2] + 32) % 64])
+        assert torch.equal(seen[L + j].long()[:, :4], mapped.permutations[j][rec.routes[1][j % 3][:2]])
+        assert torch.equal(seen[2 * L + j].long()[:, :4], mapped.permutations[j][rec.routes[2][j % 3][[3, 2]]])
+
+
+def test_colliding_replicas_still_give_distinct_experts(source):
+    _, _, rec = source
+    mapped = map_routes(rec, 3, 32, 6, seed=1)  # as many target experts as source experts: replicas collide
+    ids = mapped.routes(0, 1, [0, 1, 2, 3], rec.routes[0][0].shape[0])
+    assert ids.shape == (160, 6) and all(len(set(r)) == 6 for r in ids.tolist())
+    assert torch.equal(ids[:, :4], mapped.permutations[1][rec.routes[0][1]])
 
 
 def test_bad_mappings_are_refused_by_name(source):

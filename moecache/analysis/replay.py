@@ -10,14 +10,16 @@ target's layers and experts (`map_routes`), and replayed into the target's patch
 
 The mapping rule (`map_routes`), stated once:
 - layers: target MoE layer j replays source MoE layer j mod L_src;
-- experts: source expert e's r-th replica is target expert perm_j[(e + r * E_src) mod E_tgt], perm_j a
-  seeded permutation of the target's E_tgt experts, one per target layer; a token's K_tgt target
-  experts are its K_src source experts' replicas taken in the order (replica 0 of every source pick,
-  in the source's rank order, then replica 1, ...), the first K_tgt distinct ones. E_tgt >= E_src is
+- experts: with R = ceil(K_tgt / K_src), source expert e's r-th replica is target expert
+  perm_j[(e + r * floor(E_tgt / R)) mod E_tgt], perm_j a seeded permutation of the target's E_tgt
+  experts, one per target layer; a token's K_tgt target experts are its K_src source experts' replicas
+  taken in the order (replica 0 of every source pick, in the source's rank order, then replica 1, ...),
+  the first K_tgt distinct ones (further replicas only where earlier ones collided). E_tgt >= E_src is
   required (a target with fewer experts than its source would merge experts and invent hits);
-- tokens: a target forward of T rows takes the source step's rows r mod T_src (the prompt step for the
-  prompt, decode steps for decode steps, which cycle through the recorded ones when the target decodes
-  longer than the source was recorded);
+- tokens: request i of the target replays request i mod B_src of the source (B_src requests were
+  recorded), so a request keeps its routes across micro-batches; in the prompt step its position p
+  takes the source prompt's position p mod S_src; decode step s takes source decode step s, cycling
+  through the recorded decode steps when the target decodes longer than the source was recorded;
 - predictions: the source's lookahead guesses (the next layers' routers applied to each token's hidden
   state) are recorded per token and mapped by the same rule; target layer j's guess for layer j + d is
   the source's depth-d guess for the layer j + d replays, where the source made one (not across the
@@ -39,6 +41,7 @@ class RouteRecording:
     [T, K] in the router's rank order, and its lookahead guesses per depth (or None)."""
 
     source: str
+    batch: int
     num_layers: int
     num_experts: int
     top_k: int
@@ -56,7 +59,7 @@ def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: 
         raise ValueError("record_token_routes: no MoE layers given (patch the model, then pass "
                          "moecache.patched_experts(model))")
     index = {id(m): i for i, m in enumerate(experts)}
-    recording = RouteRecording(source, len(experts), experts[0].num_experts, 0, depth)
+    recording = RouteRecording(source, int(input_ids.shape[0]), len(experts), experts[0].num_experts, 0, depth)
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -103,34 +106,57 @@ class MappedRoutes:
             return step
         return 1 + (step - 1) % (n - 1) if n > 1 else 0
 
-    def _map(self, source_ids: torch.Tensor, layer: int, rows: int) -> torch.Tensor:
-        src = source_ids[torch.arange(rows) % source_ids.shape[0]]  # [rows, K_src]
-        E_src, E_tgt = self.recording.num_experts, self.num_experts
-        replicas = -(-self.top_k // src.shape[1])
-        candidates = torch.cat([(src + r * E_src) % E_tgt for r in range(replicas)], dim=1)
-        out = torch.empty(rows, self.top_k, dtype=torch.long)
-        for i, row in enumerate(candidates.tolist()):
-            picked = list(dict.fromkeys(row))[: self.top_k]
-            e = 0
-            while len(picked) < self.top_k:  # replicas collided (only when E_tgt < K_src * replicas)
-                if e not in picked:
-                    picked.append(e)
-                e += 1
+    def _rows(self, step: int, requests: list[int], rows: int) -> torch.Tensor:
+        """Source rows for a target forward over `requests` (their tokens flattened, `rows` in all)."""
+        per_request = rows // len(requests)
+        source_batch = self.recording.batch
+        req = torch.tensor(requests).repeat_interleave(per_request) % source_batch
+        if step == 0:
+            source_len = self.recording.routes[0][0].shape[0] // source_batch
+            pos = torch.arange(per_request).repeat(len(requests)) % source_len
+            return req * source_len + pos
+        return req
+
+    def _map(self, source_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        E_tgt, K = self.num_experts, self.top_k
+        replicas = -(-K // source_ids.shape[1])
+        offset = max(1, E_tgt // replicas)
+        candidates = torch.cat([(source_ids + r * offset) % E_tgt for r in range(replicas)], dim=1)
+        out = candidates[:, :K].clone()
+        sorted_ids = out.sort(dim=1).values
+        clashes = torch.nonzero((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=1)).reshape(-1)
+        for i in clashes.tolist():  # replicas collided: further replicas, then the next free ids
+            row = source_ids[i].tolist()
+            picked: list[int] = []
+            for r in range(E_tgt + 1):
+                for e in row:
+                    candidate = (e + r * offset) % E_tgt if r < E_tgt else None
+                    if candidate is None:
+                        candidate = next(x for x in range(E_tgt) if x not in picked)
+                    if candidate not in picked:
+                        picked.append(candidate)
+                    if len(picked) == K:
+                        break
+                if len(picked) == K:
+                    break
             out[i] = torch.tensor(picked)
         return self.permutations[layer][out]
 
-    def routes(self, step: int, layer: int, rows: int) -> torch.Tensor:
-        """[rows, top_k] target experts for target layer `layer` at forward step `step`."""
+    def routes(self, step: int, layer: int, requests: list[int], rows: int) -> torch.Tensor:
+        """[rows, top_k] target experts of target layer `layer` at forward step `step` (0: the prompt) for a
+        forward over `requests` (target request indices) with `rows` tokens in all."""
         s = self._step(step)
-        return self._map(self.recording.routes[s][layer % self.recording.num_layers], layer, rows)
+        source = self.recording.routes[s][layer % self.recording.num_layers]
+        return self._map(source[self._rows(s, requests, rows)], layer)
 
-    def prediction(self, step: int, layer: int, depth: int, rows: int) -> torch.Tensor | None:
+    def prediction(self, step: int, layer: int, depth: int, requests: list[int], rows: int) -> torch.Tensor | None:
         """[rows, top_k] experts guessed for target layer `layer` from `depth` layers before it, or None."""
         source_layer = layer % self.recording.num_layers
         if depth > self.recording.depth or source_layer - depth < 0:
             return None
-        guess = self.recording.predictions[self._step(step)][source_layer][depth - 1]
-        return None if guess is None else self._map(guess, layer, rows)
+        s = self._step(step)
+        guess = self.recording.predictions[s][source_layer][depth - 1]
+        return None if guess is None else self._map(guess[self._rows(s, requests, rows)], layer)
 
 
 def map_routes(recording: RouteRecording, num_layers: int, num_experts: int, top_k: int, *,
@@ -157,31 +183,72 @@ class RoutingReplay:
     active: each module's top-k ids are replaced by the mapped source routes of the current forward step.
     When the experts are offloaded with a predictor (policy "predictive") and `predictions` is set, its
     guesses are replaced by the mapped source guesses, so predictions and routes come from the same
-    trained model. Use as a context manager; `reset()` starts again from the prompt step."""
+    trained model. A forward of `model` over more than one token per row is a prompt step (step 0), each
+    other forward the next decode step. `requests` names the target requests of the coming forwards
+    (default: its rows in order); set it per micro-batch (generate_scheduled's before_group). Use as a
+    context manager."""
 
-    def __init__(self, experts: list, mapped: MappedRoutes, *, predictions: bool = True):
+    def __init__(self, model, experts: list, mapped: MappedRoutes, *, predictions: bool = True):
         if len(experts) != mapped.num_layers:
             raise ValueError(f"the routes were mapped onto {mapped.num_layers} MoE layers, the model has {len(experts)}")
         predictor = getattr(getattr(experts[0], "provider", None), "predictor", None) if predictions else None
-        self.experts, self.mapped = experts, mapped
+        self.experts, self.mapped, self.model = experts, mapped, model
         self.predictor: LookaheadPredictor | None = predictor
         self.index = {id(m): i for i, m in enumerate(experts)}
         self.step = -1
+        self.batch: int | None = None
+        self.requests: list[int] | None = None
         self.handles: list = []
+        self.memo: dict = {}  # (kind, step, layer, depth, requests, rows, device) -> ids, so replays repeat cheaply
 
     def reset(self) -> None:
         self.step = -1
 
+    def _forward(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        self.step = 0 if ids.shape[1] > 1 else self.step + 1
+        self.batch = int(ids.shape[0])
+
+    def _requests(self, rows: int) -> list[int]:
+        return self.requests if self.requests is not None else list(range(self.batch))
+
+    def _lookup(self, kind, layer, depth, rows, device):
+        requests = self._requests(rows)
+        key = (kind, self.step, layer, depth, tuple(requests), rows, device)
+        if key not in self.memo:
+            if kind == "routes":
+                value = self.mapped.routes(self.step, layer, requests, rows)
+            else:
+                value = self.mapped.prediction(self.step, layer, depth, requests, rows)
+            self.memo[key] = None if value is None else value.to(device)
+        return self.memo[key]
+
+    def prepare(self, groups: list[list[int]], prompt_length: int, new_tokens: int, device) -> None:
+        """Map ahead of time every route and guess that forwards over `groups` (lists of target requests) with
+        prompts of `prompt_length` positions generating `new_tokens` will ask for, so that timed runs spend
+        no host time mapping."""
+        saved = self.step, self.requests
+        for group in groups:
+            self.requests = list(group)
+            for step in range(new_tokens):
+                self.step = step
+                rows = len(group) * (prompt_length if step == 0 else 1)
+                for layer in range(self.mapped.num_layers):
+                    self._lookup("routes", layer, 0, rows, torch.device(device))
+                    for d in range(1, (self.predictor.depth if self.predictor else 0) + 1):
+                        self._lookup("prediction", layer, d, rows, torch.device("cpu"))
+        self.step, self.requests = saved
+
     def _hook(self, module, args, kwargs):
         layer = self.index[id(module)]
-        if layer == 0:
-            self.step += 1
         hidden = args[0] if args else kwargs["hidden_states"]
         ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
         weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
         if ids.shape[1] != self.mapped.top_k:
             raise ValueError(f"layer {layer} routes top-{ids.shape[1]}; the routes were mapped for top-{self.mapped.top_k}")
-        replayed = self.mapped.routes(self.step, layer, ids.shape[0]).to(device=ids.device, dtype=ids.dtype)
+        replayed = self._lookup("routes", layer, 0, ids.shape[0], ids.device).to(dtype=ids.dtype)
         return (hidden, replayed, weights), {}
 
     def _predict(self, layer: int, hidden_states: torch.Tensor, top_k: int):
@@ -192,7 +259,7 @@ class RoutingReplay:
             target = layer + d
             if target >= self.mapped.num_layers:
                 break
-            guess = self.mapped.prediction(self.step, target, d, hidden_states.shape[0])
+            guess = self._lookup("prediction", target, d, hidden_states.shape[0], torch.device("cpu"))
             if guess is None:
                 continue
             counts = torch.bincount(guess.reshape(-1), minlength=self.mapped.num_experts)
@@ -204,6 +271,7 @@ class RoutingReplay:
     def __enter__(self):
         self.reset()
         self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.experts]
+        self.handles.append(self.model.register_forward_pre_hook(self._forward, with_kwargs=True))
         if self.predictor is not None:
             self.predictor.predict = self._predict  # the instance attribute shadows the method until __exit__
         return self
@@ -213,4 +281,4 @@ class RoutingReplay:
             h.remove()
         self.handles = []
         if self.predictor is not None:
-            del self.predictor.predict
+            self.predictor.__dict__.pop("predict", None)

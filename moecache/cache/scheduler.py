@@ -8,6 +8,7 @@ request's cache is exactly what it would be in any other grouping, and greedy ou
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -42,7 +43,8 @@ def distinct_experts(routes: list[set], groups: list[list[int]]) -> float:
 
 
 def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: int = 4,
-                  batch_size: int = 16, attention_mask: torch.Tensor | None = None) -> list[set]:
+                  batch_size: int = 16, attention_mask: torch.Tensor | None = None,
+                  before_group: Callable[[list[int]], None] | None = None) -> list[set]:
     """(layer, expert) pairs each request's last `last_tokens` prompt tokens route to (one extra prefill).
     experts: the model's patched experts modules in layer order (moecache.patched_experts(model)).
     Prompts of different lengths come left-padded, with their attention_mask."""
@@ -62,6 +64,8 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
         with torch.no_grad():
             for start in range(0, prompts.shape[0], batch_size):
                 current[:] = list(range(start, min(start + batch_size, prompts.shape[0])))
+                if before_group is not None:
+                    before_group(list(current))
                 model(prompts[current], attention_mask=None if attention_mask is None else attention_mask[current])
     finally:
         for h in handles:
@@ -71,17 +75,19 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
 
 def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_size: int, schedule: bool = True,
                        max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
-                       **generate_kwargs) -> tuple[torch.Tensor, dict]:
+                       before_group: Callable[[list[int]], None] | None = None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
     """Greedy-generate for every prompt ([N, S]; left-padded with `attention_mask` when lengths differ) in
     micro-batches of batch_size, grouped by predicted routes when `schedule`, else in order. experts: the
     model's patched experts modules in layer order (moecache.patched_experts(model)). Returns (outputs
     [N, S + new] in the prompts' order, info: groups, scheduler_s (host time spent grouping, the routing
-    forward included), predicted distinct experts per step)."""
+    forward included), predicted distinct experts per step). before_group(requests) is called before each
+    forward pass over a group of requests (the routing pass's and each micro-batch's generate)."""
     n = prompts.shape[0]
     mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     start = time.perf_counter()
     if schedule:
-        routes = prompt_routes(model, prompts, experts, batch_size=batch_size, attention_mask=mask)
+        routes = prompt_routes(model, prompts, experts, batch_size=batch_size, attention_mask=mask,
+                               before_group=before_group)
         groups = group_by_routes(routes, batch_size)
     else:
         routes, groups = None, [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
@@ -89,6 +95,8 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
     outputs: list = [None] * n
     with torch.no_grad():
         for group in groups:
+            if before_group is not None:
+                before_group(list(group))
             out = model.generate(prompts[group], attention_mask=mask[group],
                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                                  **generate_kwargs)
