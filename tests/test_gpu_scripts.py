@@ -41,14 +41,14 @@ def test_study_slices_and_the_bench_point_name_known_configurations():
     import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("bench_e2e_module", ROOT / "bench" / "bench_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_e2e_module", BENCH / "bench_e2e.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for grid in module.GPU_SLICES.values():
         module.check_grid(grid["models"], grid["routing"], grid["policies"], grid["modes"])
     assert set(module.GPU_SLICES[1]["models"].split(",")) >= {"moe-llava-phi2", "vl2-small", "llava-1.5-7b",
                                                               "llava-1.5-13b"}
-    point = (ROOT / "bench" / "gpu_bench.sh").read_text()
+    point = (BENCH / "gpu_bench.sh").read_text()
     args = dict(re.findall(r"--(models|routing|policies|modes) (\S+)", point))
     module.check_grid(args["models"], args["routing"], args["policies"], args["modes"])
     with pytest.raises(SystemExit, match="--policies predictiv unknown"):

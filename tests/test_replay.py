@@ -4,7 +4,7 @@ import torch
 
 import moecache
 from moecache import Offload
-from moecache.analysis.replay import map_routes, record_token_routes, RoutingReplay
+from moecache.analysis.replay import RoutingReplay, map_routes, record_token_routes
 
 transformers = pytest.importorskip("transformers")
 data = pytest.importorskip("moecache.data")
