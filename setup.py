@@ -156,7 +156,7 @@ if __name__ == "__main__":
         version=_version(),
         packages=find_packages(include=["moecache", "moecache.*"]) + ["moecache.kernels"],
         package_dir={"moecache": "moecache", "moecache.kernels": "kernels"},
-        package_data={"moecache.kernels": ["configs/*.json"], "moecache.data": ["tiny_moe/*"]},
+        package_data={"moecache.kernels": ["configs/*.json"], "moecache.data": ["tiny_moe/*", "tiny_moe_llava/*"]},
         ext_modules=[CMakeExtension("moecache._C", sourcedir=str(ROOT))],
         cmdclass={"build_ext": CMakeBuild},
         zip_safe=False,

@@ -22,13 +22,24 @@ decay, fp32, one thread, deterministic seeds.
 Writes config.json + model.safetensors (fp16), heldout.txt (~32 KB of validation-split files) and
 TRAINING.md (command, time, metrics, lookahead-gating recall) into --out.
 
+With `--family moe-llava` it trains instead the MoE-LLaVA-style model shipped as
+`moecache/data/tiny_moe_llava/` on the same data, loop, schedule and split: StableLM base
+(`moecache.models.llava`, byte vocabulary, hidden 128, 4 layers, 4 heads, FFN 256, 512 positions) with
+DeepSpeed-MoE layers (4 experts, top-2, capacity factor 1.5 in training, on layers[::2] as MoE-LLaVA's
+sparse mode), loss + 0.01 x the sum of the gates' l_aux (MoE-LLaVA's router aux loss); it writes a
+MoE-LLaVA checkpoint directory (config.json with a "moe" section, fp16 safetensors) that
+`moecache.models.llava.load_language_model` loads, and TRAINING.md (routing balance, temporal locality).
+Its held-out text is tiny_moe's heldout.txt (the same split), not written twice.
+
     python bench/train_tiny_moe.py                      # the shipped model (~20 min, 1 CPU thread)
     python bench/train_tiny_moe.py --steps 20 --out /tmp/tiny_moe   # a smoke run / step timing
+    python bench/train_tiny_moe.py --family moe-llava --steps 550 --warmup 50 --micro-batch 4 --eval-every 110
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import platform
 import random
@@ -42,6 +53,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "moecache" / "data" / "tiny_moe"
+FAMILIES = ("deepseek", "moe-llava")
+DEFAULT_OUTS = {"deepseek": DEFAULT_OUT, "moe-llava": REPO / "moecache" / "data" / "tiny_moe_llava"}
+DEFAULT_STEPS = {"deepseek": 1300, "moe-llava": 550}
 BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE = 256, 257, 258, 259  # the same as moecache.data
 SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "encodings"}
 SEQ_LEN = 256
@@ -225,11 +239,93 @@ def heldout_metrics(model, text: str) -> dict:
     return {"bpb": total / count / math.log(2), "tokens": win.numel(), "layers": layers}
 
 
+# ------------------------------------------------------------------ data and loop (both families)
+def load_data(seed: int) -> dict:
+    """The stdlib streams split by file, the held-out sample and 128 validation windows of SEQ_LEN + 1."""
+    root, files = stdlib_files()
+    train_files, val_files = split_files(files, seed)
+    train, n_train_files, train_bytes = build_stream(root, train_files)
+    val, n_val_files, val_bytes = build_stream(root, val_files)
+    held, held_sources = heldout_text(root, val_files)
+    print(f"data: {root} ({platform.python_version()}): {n_train_files} train files ({train_bytes / 1e6:.2f} MB), "
+          f"{n_val_files} validation files ({val_bytes / 1e6:.2f} MB); held-out sample {len(held.encode())} bytes "
+          f"from {len(held_sources)} files", flush=True)
+    n_eval = 128
+    starts = torch.linspace(0, val.numel() - SEQ_LEN - 2, n_eval).long()
+    val_windows = torch.stack([val[s:s + SEQ_LEN + 1] for s in starts.tolist()])
+    return {"root": root, "train": train, "held": held, "held_sources": held_sources, "val_windows": val_windows,
+            "n_train_files": n_train_files, "train_bytes": train_bytes, "n_val_files": n_val_files,
+            "val_bytes": val_bytes}
+
+
+def train_loop(model, args, train: torch.Tensor, aux_loss, evaluate) -> tuple[list, float, float]:
+    """AdamW with linear warmup and cosine decay on random SEQ_LEN + 1 crops of `train`; loss = cross
+    entropy + args.aux_coef * aux_loss() (called after each forward). A batch runs as chunks of
+    args.micro_batch sequences (gradients accumulated; all of it at once by default). evaluate() gives
+    validation bits/byte every args.eval_every steps. Returns (history, training seconds, final loss)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step <= args.warmup:
+            return args.lr * step / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    micro = args.micro_batch or args.batch
+    gen = torch.Generator().manual_seed(args.seed)
+    history = []
+    window_ce, window_aux, recent_ce = [], [], []
+    t_train = time.perf_counter()
+    t_log = t_train
+    for step in range(1, args.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(0, train.numel() - SEQ_LEN - 1, (args.batch,), generator=gen)
+        batch = torch.stack([train[i:i + SEQ_LEN + 1] for i in idx.tolist()]).long()
+        opt.zero_grad(set_to_none=True)
+        ce_sum, aux_sum = 0.0, 0.0
+        for chunk in batch.split(micro):
+            logits = model(chunk[:, :-1], use_cache=False).logits
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+            aux = aux_loss()
+            loss = ce + args.aux_coef * aux
+            if chunk.shape[0] != batch.shape[0]:
+                loss = loss * (chunk.shape[0] / batch.shape[0])
+            loss.backward()
+            ce_sum += ce.item() * chunk.shape[0] / batch.shape[0]
+            aux_sum += aux.item() * chunk.shape[0] / batch.shape[0]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        window_ce.append(ce_sum)
+        window_aux.append(aux_sum)
+        recent_ce.append(ce_sum)
+        recent_ce = recent_ce[-50:]
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.perf_counter()
+            mean_ce = sum(window_ce) / len(window_ce)
+            print(f"step {step:5d}  lr {lr_at(step):.2e}  train loss {mean_ce:.4f} ({mean_ce / math.log(2):.3f} bits/byte)"
+                  f"  balance {sum(window_aux) / len(window_aux):.3f}  {(now - t_log) / len(window_ce):.3f} s/step"
+                  f"  elapsed {now - t_train:.0f} s", flush=True)
+            window_ce, window_aux, t_log = [], [], now
+        if step % args.eval_every == 0 or step == args.steps:
+            vb = evaluate()
+            history.append((step, sum(recent_ce) / len(recent_ce), vb))
+            print(f"step {step:5d}  validation {vb:.4f} bits/byte", flush=True)
+            t_log = time.perf_counter()  # keep the eval out of s/step
+    return history, time.perf_counter() - t_train, sum(recent_ce) / len(recent_ce)
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=1300)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--family", choices=FAMILIES, default="deepseek",
+                    help="deepseek: the DeepSeek-V2-style model (tiny_moe/); moe-llava: the MoE-LLaVA-style one "
+                         "(tiny_moe_llava/)")
+    ap.add_argument("--steps", type=int, default=None, help="default: 1300 (deepseek), 550 (moe-llava)")
+    ap.add_argument("--out", type=Path, default=None, help="default: moecache/data/tiny_moe[_llava]/")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -240,7 +336,15 @@ def main(argv=None) -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="sequences per forward (gradients accumulated over the batch); default: the whole batch")
     args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.family]
+    if args.out is None:
+        args.out = DEFAULT_OUTS[args.family]
+    if args.family == "moe-llava":
+        return main_llava(args, argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -249,17 +353,10 @@ def main(argv=None) -> None:
     from transformers import DeepseekV2ForCausalLM
 
     t_start = time.perf_counter()
-    root, files = stdlib_files()
-    train_files, val_files = split_files(files, args.seed)
-    train, n_train_files, train_bytes = build_stream(root, train_files)
-    val, n_val_files, val_bytes = build_stream(root, val_files)
-    held, held_sources = heldout_text(root, val_files)
-    print(f"data: {root} ({platform.python_version()}): {n_train_files} train files ({train_bytes / 1e6:.2f} MB), "
-          f"{n_val_files} validation files ({val_bytes / 1e6:.2f} MB); held-out sample {len(held.encode())} bytes "
-          f"from {len(held_sources)} files", flush=True)
-    n_eval = 128
-    starts = torch.linspace(0, val.numel() - SEQ_LEN - 2, n_eval).long()
-    val_windows = torch.stack([val[s:s + SEQ_LEN + 1] for s in starts.tolist()])
+    d = load_data(args.seed)
+    root, held, held_sources, val_windows = d["root"], d["held"], d["held_sources"], d["val_windows"]
+    n_train_files, train_bytes, n_val_files, val_bytes = (d["n_train_files"], d["train_bytes"], d["n_val_files"],
+                                                          d["val_bytes"])
 
     config = make_config()
     model = DeepseekV2ForCausalLM(config)
@@ -275,57 +372,16 @@ def main(argv=None) -> None:
           + ", ".join(f"layer {i} {m['recall_prev']:.3f}" for i, m in init["layers"].items()), flush=True)
     balance = BalanceLoss(model)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    def evaluate() -> float:
+        model.eval()
+        balance.enabled = False
+        vb = bits_per_byte(model, val_windows, args.batch)
+        balance.enabled = True
+        model.train()
+        return vb
 
-    def lr_at(step: int) -> float:
-        if step <= args.warmup:
-            return args.lr * step / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    history, train_s, final_train_loss = train_loop(model, args, d["train"], balance.pop, evaluate)
 
-    gen = torch.Generator().manual_seed(args.seed)
-    history = []
-    window_ce, window_aux, recent_ce = [], [], []
-    t_train = time.perf_counter()
-    t_log = t_train
-    for step in range(1, args.steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        idx = torch.randint(0, train.numel() - SEQ_LEN - 1, (args.batch,), generator=gen)
-        batch = torch.stack([train[i:i + SEQ_LEN + 1] for i in idx.tolist()]).long()
-        logits = model(batch[:, :-1], use_cache=False).logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        aux = balance.pop()
-        loss = ce + args.aux_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        window_ce.append(ce.item())
-        window_aux.append(aux.item())
-        recent_ce.append(ce.item())
-        recent_ce = recent_ce[-50:]
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.perf_counter()
-            mean_ce = sum(window_ce) / len(window_ce)
-            print(f"step {step:5d}  lr {lr_at(step):.2e}  train loss {mean_ce:.4f} ({mean_ce / math.log(2):.3f} bits/byte)"
-                  f"  balance {sum(window_aux) / len(window_aux):.3f}  {(now - t_log) / len(window_ce):.3f} s/step"
-                  f"  elapsed {now - t_train:.0f} s", flush=True)
-            window_ce, window_aux, t_log = [], [], now
-        if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            balance.enabled = False
-            vb = bits_per_byte(model, val_windows, args.batch)
-            balance.enabled = True
-            model.train()
-            history.append((step, sum(recent_ce) / len(recent_ce), vb))
-            print(f"step {step:5d}  validation {vb:.4f} bits/byte", flush=True)
-            t_log = time.perf_counter()  # keep the eval out of s/step
-    train_s = time.perf_counter() - t_train
-    final_train_loss = sum(recent_ce) / len(recent_ce)
 
     # Ship fp16; measure what ships (fp16 weights loaded back in fp32), as moecache.data.load_tiny_moe does.
     for h in balance.handles:
@@ -457,6 +513,273 @@ load-balancing loss) and route on context beyond the current byte, and recall fr
 """
     (out / "TRAINING.md").write_text(text, encoding="utf-8")
 
+
+
+# ------------------------------------------------------------------ the MoE-LLaVA-style model
+def llava_shape():
+    """The tiny MoE-LLaVA-style shape: StableLM base (SwiGLU FFN, LayerNorm, q/k/v biases, 25% partial
+    rotary), byte vocabulary, 4 layers with DeepSpeed-MoE (4 experts, top-2) on layers 0 and 2."""
+    from moecache.models.llava import LanguageModelShape
+
+    return LanguageModelShape("tiny-moe-llava", "stablelm", hidden=128, layers=4, heads=4, ffn=256,
+                              vocab=VOCAB_SIZE, max_positions=512, num_experts=4, top_k=2, moe_every=2,
+                              capacity_factor=1.5, eval_capacity_factor=1.0, min_capacity=4)
+
+
+def _moe_layers(model) -> dict[int, torch.nn.Module]:
+    """{decoder layer index: its MOELayer (mlp.deepspeed_moe)}."""
+    return {i: layer.mlp.deepspeed_moe for i, layer in enumerate(model.model.layers)
+            if hasattr(layer.mlp, "deepspeed_moe")}
+
+
+def llava_config_dict(model, shape, aux_coef: float) -> dict:
+    """config.json as MoE-LLaVA writes it (model_type moe_llava_stablelm, a "moe" section), what
+    moecache.models.llava.load_language_model reads."""
+    cfg = model.config.to_dict()
+    cfg.update({
+        "_name_or_path": shape.name, "architectures": ["MoELLaVAStablelmForCausalLM"],
+        "model_type": "moe_llava_stablelm", "torch_dtype": "float16", "dtype": "float16",
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "use_cache": True,
+        "moe": {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": shape.moe_layers, "ep_size": 1,
+                "top_k_experts": shape.top_k, "capacity_factor": shape.capacity_factor,
+                "eval_capacity_factor": shape.eval_capacity_factor, "min_capacity": shape.min_capacity,
+                "use_residual": False, "router_aux_loss_coef": aux_coef,
+                "num_experts": [shape.num_experts] * len(shape.moe_layers)},
+    })
+    return cfg
+
+
+@torch.no_grad()
+def llava_heldout_metrics(model, text: str, seed: int = 0, batch_size: int = 4) -> dict:
+    """bits/byte on the held-out windows (eval mode: the config's eval capacity, drops counted over each
+    batch of `batch_size` windows as DeepSpeed counts them; the global generator seeded for the top-2
+    gate's Gumbel draws) and, per MoE layer, routing statistics of its gate on the same tokens."""
+    win = text_windows(text)
+    moes = _moe_layers(model)
+    inputs = {i: [] for i in moes}
+    kept = {i: [] for i in moes}
+    handles = []
+
+    def hook(i, args, out) -> None:
+        inputs[i].append(args[0].detach())
+        kept[i].append(out[1].sum(-1) > 0)
+
+    for i, moe in moes.items():
+        handles.append(moe.gate.register_forward_hook(lambda m, args, out, i=i: hook(i, args, out)))
+    total, count = 0.0, 0
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for s in range(0, win.shape[0], batch_size):
+                w = win[s:s + batch_size]
+                logits = model(w, use_cache=False).logits[:, :-1]
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1),
+                                         reduction="sum").item()
+                count += w[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+    n_win, n_pos = win.shape
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i, moe in moes.items():
+        x = torch.cat(inputs[i]).float()
+        logits = x @ moe.gate.wg.weight.float().t()  # [S, E]
+        n_exp = logits.shape[-1]
+        top2 = logits.topk(2, dim=-1).indices  # the two largest router scores
+        # The routes the gate takes when nothing is dropped (decode: one token, min_capacity): the first by
+        # score, the second by score + Gumbel noise (DeepSpeed's top-2 sampling).
+        u = torch.rand(logits.shape, generator=gen).clamp(1e-20, 1 - 1e-7)
+        noisy = (logits - (-u.log()).log()).scatter(1, top2[:, :1], float("-inf"))
+        sampled = torch.cat([top2[:, :1], noisy.argmax(-1, keepdim=True)], dim=1)
+        kept_routes = torch.cat(kept[i])  # [S, E] the eval forward's kept routes
+        stats = {"drop": 1 - kept_routes.sum().item() / (2 * kept_routes.shape[0])}
+        for name, routes in (("top2", top2), ("sampled", sampled)):
+            counts = torch.bincount(routes.reshape(-1), minlength=n_exp)
+            pair = routes.sort(-1).values.view(n_win, n_pos, 2)
+            same = (pair[:, 1:] == pair[:, :-1]).all(-1).float().mean().item()
+            overlap = ((pair[:, 1:].unsqueeze(-1) == pair[:, :-1].unsqueeze(-2)).any(-1).sum(-1).float() / 2)
+            top1 = routes[:, 0].view(n_win, n_pos)
+            pair_id = pair[..., 0] * n_exp + pair[..., 1]
+            pair_freq = torch.bincount(pair_id.reshape(-1), minlength=n_exp * n_exp).float() / pair_id.numel()
+            top1_freq = torch.bincount(top1.reshape(-1), minlength=n_exp).float() / top1.numel()
+            stats[name] = {"shares": (counts.float() / routes.numel()).tolist(),
+                           "same_pair": same, "same_pair_chance": (pair_freq ** 2).sum().item(),
+                           "overlap": overlap.mean().item(),
+                           "same_top1": (top1[:, 1:] == top1[:, :-1]).float().mean().item(),
+                           "same_top1_chance": (top1_freq ** 2).sum().item()}
+        layers[i] = stats
+    return {"bpb": total / count / math.log(2), "tokens": count, "windows": n_win, "layers": layers}
+
+
+def main_llava(args, argv) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    import transformers
+    from safetensors.torch import save_file
+
+    from moecache.models.llava import build_language_model, load_language_model
+
+    t_start = time.perf_counter()
+    d = load_data(args.seed)
+    held, val_windows = d["held"], d["val_windows"]
+    shipped_held = DEFAULT_OUTS["deepseek"] / "heldout.txt"
+    same_held = shipped_held.is_file() and shipped_held.read_text(encoding="utf-8") == held
+    print(f"held-out sample {'equals' if same_held else 'DIFFERS from'} {shipped_held}", flush=True)
+
+    shape = llava_shape()
+    model = build_language_model(shape, seed=args.seed)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    moes = _moe_layers(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".deepspeed_experts." in n)
+    print(f"model: {n_params / 1e6:.3f}M parameters ({n_expert / 1e6:.3f}M in experts); MoE layers {list(moes)}",
+          flush=True)
+    group = args.micro_batch or args.batch  # windows per forward in evaluation too: one routing group, as in training
+    init = llava_heldout_metrics(model.eval(), held, args.seed, group)  # random weights, for comparison
+    print(f"random init: held-out {init['bpb']:.3f} bits/byte", flush=True)
+    model.train()
+
+    def aux_loss() -> torch.Tensor:  # MoE-LLaVA: the sum of the MoE layers' l_aux
+        return torch.stack([moe.l_aux for moe in moes.values()]).sum()
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.random.fork_rng():  # the top-2 gate's Gumbel draws: seeded, and training's draws undisturbed
+            torch.manual_seed(args.seed)
+            vb = bits_per_byte(model, val_windows, group)
+        model.train()
+        return vb
+
+    history, train_s, final_train_loss = train_loop(model, args, d["train"], aux_loss, evaluate)
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.safetensors"):
+        stale.unlink()
+    model.eval()
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llava_config_dict(model, shape, args.aux_coef), indent=2,
+                                                sort_keys=True) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; the files ship in the wheel
+    # Measure what ships: the fp16 files loaded back, in fp32, by the local-checkpoint loader.
+    shipped = load_language_model(out, dtype=torch.float32)
+    assert [m.gate.eval_capacity_factor for m in _moe_layers(shipped).values()] == [shape.eval_capacity_factor] * 2
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        val_bpb = bits_per_byte(shipped, val_windows, group)
+    hm = llava_heldout_metrics(shipped, held, args.seed, group)
+    total_s = time.perf_counter() - t_start
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "TRAINING.md"}
+    print(f"shipped (fp16): validation {val_bpb:.4f} bits/byte; held-out sample {hm['bpb']:.4f} bits/byte", flush=True)
+    for i, m in hm["layers"].items():
+        print(f"layer {i}: dropped {m['drop']:.4f}; " + "; ".join(
+            f"{k}: shares {[round(x, 3) for x in m[k]['shares']]}, same pair {m[k]['same_pair']:.3f} "
+            f"(chance {m[k]['same_pair_chance']:.3f}), same top-1 {m[k]['same_top1']:.3f} "
+            f"(chance {m[k]['same_top1_chance']:.3f})" for k in ("top2", "sampled")), flush=True)
+    print(f"files: {sizes} = {sum(sizes.values()) / 1e6:.2f} MB; training {train_s:.0f} s, total {total_s:.0f} s",
+          flush=True)
+    write_llava_md(out, args, argv, shape, n_params, n_expert, train_s, total_s, final_train_loss, val_bpb, hm, init,
+                   history, sizes, d, same_held, transformers.__version__)
+
+
+def write_llava_md(out, args, argv, shape, n_params, n_expert, train_s, total_s, final_train_loss, val_bpb, hm, init,
+                   history, sizes, d, same_held, tf_version) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python bench/train_tiny_moe.py", *argv])
+    e = shape.num_experts
+
+    def rows(metrics, kind):
+        return "\n".join(
+            f"| {i} | {' / '.join(f'{x:.3f}' for x in m[kind]['shares'])} | {m[kind]['same_pair']:.3f} | "
+            f"{m[kind]['same_pair_chance']:.3f} | {m[kind]['overlap']:.3f} | {m[kind]['same_top1']:.3f} | "
+            f"{m[kind]['same_top1_chance']:.3f} |" for i, m in metrics["layers"].items())
+
+    header = ("| layer | share of routes, experts 0-3 | same pair as t-1 | chance | overlap with t-1 | "
+              "same top-1 as t-1 | chance |\n| --- | --- | --- | --- | --- | --- | --- |")
+    drops = ", ".join(f"layer {i} {m['drop']:.2%}" for i, m in hm["layers"].items())
+    hist = "\n".join(f"| {s} | {tl:.4f} ({tl / math.log(2):.3f} bits/byte) | {vb:.4f} |" for s, tl, vb in history)
+    files = "\n".join(f"| {name} | {size:,} |" for name, size in sizes.items())
+    held_note = ("the same text as `../tiny_moe/heldout.txt` (same data, seed and split), so it is not stored "
+                 "twice: `moecache.data.validation_text()` returns it" if same_held else
+                 "NOT the same as `../tiny_moe/heldout.txt` (different data or seed)")
+    text = f"""# tiny_moe_llava: how it was trained
+
+A byte-level MoE-LLaVA-style language model (StableLM base, DeepSpeed-MoE layers as MoE-LLaVA builds
+them) trained by this project so that its routers have learned structure (random-weight models route
+without it). The files are a MoE-LLaVA checkpoint directory (config.json with model_type
+`moe_llava_stablelm` and a `moe` section, fp16 safetensors under MoE-LLaVA's parameter names), loaded
+by `moecache.models.llava.load_language_model(path)`; `moecache.data.load_tiny_moe_llava()` does that
+for this directory. Held-out text: {held_note}.
+
+- Command: `{cmd}` (from the repository root)
+- Date: {_dt.date.today().isoformat()}; Python {platform.python_version()}, torch {torch.__version__}, transformers {tf_version}; CPU, fp32, {args.threads} thread
+- Steps: {args.steps} x batch {args.batch} x {SEQ_LEN} bytes ({args.steps * args.batch * SEQ_LEN / 1e6:.1f}M tokens), forward in chunks of {args.micro_batch or args.batch} sequences (gradients accumulated; each chunk is one routing group for capacity); seed {args.seed}
+- Wall time: training {train_s / 60:.1f} min ({train_s:.0f} s), whole script {total_s / 60:.1f} min
+- Optimizer: AdamW (betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr}, {args.warmup} warmup steps, cosine to {args.min_lr_ratio} x peak, grad-norm clip 1.0
+- Loss: next-byte cross entropy + {args.aux_coef} x sum over the MoE layers of the gate's `l_aux` (DeepSpeed's top-2 balancing loss E^2 * mean_e(P_e * f_e), f_e = share of tokens whose first choice is e), read from each `MOELayer.l_aux` after the forward, as MoE-LLaVA adds it (router_aux_loss_coef {args.aux_coef})
+- Capacity: training capacity_factor {shape.capacity_factor} (train mode), evaluation eval_capacity_factor {shape.eval_capacity_factor}, min_capacity {shape.min_capacity} (eval mode; what config.json says and the loader sets); DeepSpeed doubles the factor for top-2 and drops routes beyond an expert's capacity in token order
+- Final train loss (mean of the last 50 steps): {final_train_loss:.4f} nats/byte = {final_train_loss / math.log(2):.3f} bits/byte
+- Validation (128 windows of {SEQ_LEN} bytes from the validation files, batches of {args.micro_batch or args.batch}, shipped fp16 weights): **{val_bpb:.4f} bits/byte**
+- Held-out sample (`validation_text()`, {hm['tokens']} bytes scored in {hm['windows']} windows of {SEQ_LEN}, batches of {args.micro_batch or args.batch} (each batch one routing group for capacity), global generator seeded {args.seed}): **{hm['bpb']:.4f} bits/byte** (uniform: 8; random init: {init['bpb']:.3f}); routes dropped by the eval capacity there: {drops}
+
+## Model
+
+StableLM (`transformers.StableLmForCausalLM` as `moecache.models.llava` configures it: LayerNorm, q/k/v
+biases, partial rotary 0.25, SwiGLU FFN), hidden {shape.hidden}, {shape.layers} decoder layers, {shape.heads}
+heads (head_dim {shape.hidden // shape.heads}), FFN intermediate {shape.ffn}; DeepSpeed-MoE on layers
+{shape.moe_layers} (MoE-LLaVA's "sparse" mode, layers[::2]): {e} experts (each a SwiGLU FFN of
+{shape.ffn}), top-{shape.top_k} (first expert by softmax score, second by score + Gumbel noise, as
+DeepSpeed's top2gating samples it, also in eval), router `deepspeed_moe.gate.wg` Linear({shape.hidden}, {e});
+the other layers dense. Vocabulary {shape.vocab} (bytes 0-255, BOS 256, EOS 257, PAD 258),
+{shape.max_positions} positions, untied embeddings. {n_params:,} parameters ({n_expert:,} in experts);
+stored in fp16.
+
+| file | bytes |
+| --- | --- |
+{files}
+
+Total {sum(sizes.values()) / 1e6:.2f} MB.
+
+## Data
+
+The same as `../tiny_moe/TRAINING.md`: the *.py sources of Python {platform.python_version()}'s standard library
+(`{d['root']}`), split by file with seed {args.seed}: {d['n_train_files']} train files ({d['train_bytes'] / 1e6:.2f} MB),
+{d['n_val_files']} validation files ({d['val_bytes'] / 1e6:.2f} MB); random {SEQ_LEN + 1}-byte crops of the train stream.
+
+## Routing on the held-out sample (shipped weights)
+
+Per MoE layer, over every held-out token: each expert's share of the routes, and temporal locality,
+how often token t's expert pair (as a set) equals token t-1's in the same window ("chance" = the same
+for independent tokens with these pair frequencies, sum over pairs of freq^2), the mean share of t's two
+experts that t-1 also used, and the same for the top-1 expert.
+
+"top2": the two largest router scores (what a deterministic replay would use):
+
+{header}
+{rows(hm, 'top2')}
+
+"sampled": the routes the gate takes when nothing is dropped (decode; second expert by score + Gumbel
+noise, seeded):
+
+{header}
+{rows(hm, 'sampled')}
+
+For comparison, the same seed's random initial weights ("top2"):
+
+{header}
+{rows(init, 'top2')}
+
+## Training curve
+
+| step | train loss (last 50 steps) | validation bits/byte |
+| --- | --- | --- |
+{hist}
+"""
+    (out / "TRAINING.md").write_text(text, encoding="utf-8")
 
 if __name__ == "__main__":
     main()

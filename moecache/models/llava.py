@@ -299,4 +299,9 @@ def load_language_model(path: str | Path, *, dtype: torch.dtype | None = None, d
         raise ValueError(f"{path}: {len(missing)} language-model weights missing from the checkpoint, "
                          f"e.g. {missing[:3]}")
     model.load_state_dict(usable, strict=True)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the checkpoint's special tokens, for generate
+        if cfg.get(key) is not None:
+            setattr(model.config, key, cfg[key])
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, cfg[key])
     return model.eval()
