@@ -3,8 +3,13 @@
 1. trace:  the model's routing while it greedy-decodes held-out text (recorded once, in order and
            regrouped by the token scheduler) replayed through every policy at budgets of 12.5/25/50/100%
            of all experts: on-demand (nothing kept), LRU, LFU, predictive (lookahead gating, depth 1
-           and 2), predictive + scheduling, and Belady's MIN (the fewest loads any demand-loading cache
-           can do, knowing the future). Also the predictor's recall and precision by depth.
+           and 2), predictive + scheduling, budgeted (prefetch only the surest guesses that land before
+           their layer runs), and Belady's MIN (the fewest loads any demand-loading cache can do,
+           knowing the future). Also the predictor's recall and precision by depth. Timing model
+           (simulate.Timing): one FIFO copy engine moving a target model's expert (--expert-bytes,
+           default a DeepSeek-VL2-Small expert, 3 x 2048 x 1408 bf16) at --h2d-gbps (default 55, pinned
+           H2D on an H100/H200) against --layer-ms of compute per layer (default 0.04, a decode step's
+           MoE layer): stall ms per token (the compute waiting on copies) beside loads per token.
 2. live:   the patched, offloaded model generating for real at each budget and policy (the C++ cache;
            its host backend on CPU): measured hit rate, prefetches, wasted prefetches, stall, tokens/s,
            next to all experts resident, and next to the tokens/s Belady's hit rate would give if every
@@ -31,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, environment  # noqa: E402
 
 import moecache  # noqa: E402
-from moecache import Offload  # noqa: E402
-from moecache.analysis.simulate import simulate  # noqa: E402
+from moecache import Offload, prefetch_allowance  # noqa: E402
+from moecache.analysis.simulate import Timing, simulate  # noqa: E402
 from moecache.analysis.traces import record_routing  # noqa: E402
 from moecache.cache.scheduler import group_by_routes, prompt_routes  # noqa: E402
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
+VL2_SMALL_EXPERT_BYTES = 3 * 2048 * 1408 * 2  # gate, up, down of one DeepSeek-VL2-Small expert in bf16
 
 
 def load_model(device, dtype, quick):
@@ -81,14 +87,15 @@ def shipped_predictor(label):
 def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
     """Routing traces of generating every prompt in micro-batches (in order, or the given groups)."""
     groups = groups or [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
-    steps, predictions = [], []
+    steps, predictions, scores = [], [], []
     trace = None
     for group in groups:
         trace, _ = record_routing(model, prompts[group], moecache.patched_experts(model), moecache.routers(model),
                                   max_new_tokens=new_tokens, depth=depth, learned=learned)
         steps += trace.steps
         predictions += trace.predictions
-    trace.steps, trace.predictions = steps, predictions
+        scores += trace.scores
+    trace.steps, trace.predictions, trace.scores = steps, predictions, scores
     return trace
 
 
@@ -122,37 +129,49 @@ def trace_rows(model, prompts, args, label, env):
                   f"per layer " + ", ".join(f"{l}: {r:.1%}" for l, r in rec["per_layer"].items()))
     print(f"scheduler {scheduler_s * 1e3:.1f} ms for {len(prompts)} requests (target: next-layer recall >= 85% on "
           "the trained model)")
-    columns = ["on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady", "belady+sched"]
-    if learned_in_order:
-        columns[6:6] = ["learned-d1", "learned-d2", "learned-d2+sched"]
-    print(f"{'budget':>7} {'slots':>5}  " + "  ".join(f"{p:>17}" for p in columns))
+    timing = Timing.from_pcie(args.layer_ms, args.expert_bytes, args.h2d_gbps)
+    print(f"timing model (assumed): {args.layer_ms} ms of compute per layer, experts of {args.expert_bytes / 1e6:.1f} MB "
+          f"at {args.h2d_gbps} GB/s = {timing.load_ms:.3f} ms each, one FIFO copy engine")
+    print("cells: hit rate, loads (experts moved) per decoded token, exposed stall ms per decoded token")
+
+    def sim(trace, slots, policy, predicted=None, depth=1):
+        return simulate(trace.steps, slots, policy, depth=depth, timing=timing,
+                        predictions=None if predicted is None else predicted.predictions,
+                        scores=None if predicted is None else predicted.scores)
+
+    rows_by_budget = {}
     for budget in BUDGETS:
         slots = max(1, round(budget * L * E))
         results = {
-            "on_demand": simulate(in_order.steps, slots, "on_demand"),
-            "lru": simulate(in_order.steps, slots, "lru"),
-            "lfu": simulate(in_order.steps, slots, "lfu"),
-            "predictive-d1": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=1),
-            "predictive-d2": simulate(in_order.steps, slots, "predictive", predictions=in_order.predictions, depth=2),
-            "pred-d2+sched": simulate(scheduled.steps, slots, "predictive", predictions=scheduled.predictions, depth=2),
+            "on_demand": sim(in_order, slots, "on_demand"),
+            "lru": sim(in_order, slots, "lru"),
+            "lfu": sim(in_order, slots, "lfu"),
+            "predictive-d1": sim(in_order, slots, "predictive", in_order, 1),
+            "predictive-d2": sim(in_order, slots, "predictive", in_order, 2),
+            "pred-d2+sched": sim(scheduled, slots, "predictive", scheduled, 2),
+            "budgeted-d2": sim(in_order, slots, "budgeted", in_order, 2),
             **({} if not learned_in_order else {
-                "learned-d1": simulate(in_order.steps, slots, "predictive", predictions=learned_in_order.predictions,
-                                       depth=1),
-                "learned-d2": simulate(in_order.steps, slots, "predictive", predictions=learned_in_order.predictions,
-                                       depth=2),
-                "learned-d2+sched": simulate(scheduled.steps, slots, "predictive",
-                                             predictions=learned_scheduled.predictions, depth=2)}),
-            "belady": simulate(in_order.steps, slots, "belady"),
-            "belady+sched": simulate(scheduled.steps, slots, "belady"),
+                "learned-d1": sim(in_order, slots, "predictive", learned_in_order, 1),
+                "learned-d2": sim(in_order, slots, "predictive", learned_in_order, 2),
+                "learned-d2+sched": sim(scheduled, slots, "predictive", learned_scheduled, 2),
+                "learned-budgeted-d2": sim(in_order, slots, "budgeted", learned_in_order, 2)}),
+            "belady": sim(in_order, slots, "belady"),
+            "belady+sched": sim(scheduled, slots, "belady"),
         }
-        cells = []
+        rows_by_budget[(budget, slots)] = results
         for name, r in results.items():
             rows.append({**env, "benchmark": "bench_cache.trace", "model": label, "budget": budget, "slots": slots,
                          "batch": args.batch, "requests": len(prompts), "new_tokens": args.new_tokens,
                          "provider": name, **r.as_dict(), "loads_per_token": r.loads / decode_tokens,
+                         "stall_ms_per_token": r.stall_ms / decode_tokens, "layer_ms": args.layer_ms,
+                         "h2d_gbps": args.h2d_gbps, "expert_bytes": args.expert_bytes, "load_ms": timing.load_ms,
                          "scheduler_ms": scheduler_s * 1e3 if "sched" in name else None})
-            cells.append(f"{r.hit_rate:6.1%} {r.loads / decode_tokens:6.2f}l/t")
-        print(f"{budget:7.3f} {slots:5d}  " + "  ".join(f"{c:>17}" for c in cells))
+    columns = list(next(iter(rows_by_budget.values())))
+    print(f"{'policy':>20}  " + "  ".join(f"{f'{b:.3f} ({s} slots)':>24}" for b, s in rows_by_budget))
+    for name in columns:
+        cells = [f"{r[name].hit_rate:6.1%} {r[name].loads / decode_tokens:6.2f}l/t "
+                 f"{r[name].stall_ms / decode_tokens:6.3f}ms" for r in rows_by_budget.values()]
+        print(f"{name:>20}  " + "  ".join(f"{c:>24}" for c in cells))
     return rows
 
 
@@ -187,6 +206,7 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
                 "hit_rate": delta["hits"] / delta["requests"] if delta["requests"] else 1.0,
                 "misses_per_token": delta["misses"] / tokens, **delta,
                 "stall_ms": cache.get("stall_ms"), "record_bytes": record_bytes,
+                "prefetch_limit": getattr(offload, "prefetch_limit", None),
                 "recall_d1": (stats.get("prediction") or {}).get("by_depth", {}).get(1, {}).get("recall")}, out
 
     resident, ref = run("resident", None)
@@ -211,9 +231,14 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
     return rows
 
 
-def policies(budget, learned_path=None):
+def policies(budget, learned_path=None, *, layer_ms=0.04, h2d_gbps=55.0, expert_bytes=VL2_SMALL_EXPERT_BYTES):
+    """The live policies at one budget. The budgeted ones copy what the timing model's PCIe budget allows
+    (prefetch_allowance of the target model's expert, as in the trace part)."""
     learned = [("learned-d1", Offload(gpu_experts=budget, policy="predictive", lookahead=1,
                                       predictor=str(learned_path)))] if learned_path else []
+    limit = prefetch_allowance(layer_ms, h2d_gbps, expert_bytes)
+    learned += [("learned-budgeted-d2", Offload(gpu_experts=budget, policy="budgeted", lookahead=2,
+                                                prefetch_limit=limit, predictor=str(learned_path)))] if learned_path else []
     return learned + [
         ("on_demand(1 slot/layer)", Offload(gpu_experts=1, policy="lru", prefetch=False)),
         ("lru", Offload(gpu_experts=budget, policy="lru", prefetch=False)),
@@ -221,6 +246,7 @@ def policies(budget, learned_path=None):
         ("lfu", Offload(gpu_experts=budget, policy="lfu", prefetch=False)),
         ("predictive-d1", Offload(gpu_experts=budget, policy="predictive", lookahead=1)),
         ("predictive-d2", Offload(gpu_experts=budget, policy="predictive", lookahead=2)),
+        ("budgeted-d2", Offload(gpu_experts=budget, policy="budgeted", lookahead=2, prefetch_limit=limit)),
     ]
 
 
@@ -246,6 +272,13 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--full-layers", type=int, default=6)
+    parser.add_argument("--layer-ms", type=float, default=0.04,
+                        help="timing model: compute per MoE layer per decode step, ms (assumed; default 0.04)")
+    parser.add_argument("--h2d-gbps", type=float, default=55.0,
+                        help="timing model: pinned host-to-device rate, GB/s (assumed; default 55)")
+    parser.add_argument("--expert-bytes", type=int, default=VL2_SMALL_EXPERT_BYTES,
+                        help="timing model: bytes of one expert of the target model (default: DeepSeek-VL2-Small, "
+                             f"{VL2_SMALL_EXPERT_BYTES})")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if args.quick:
@@ -267,12 +300,13 @@ def main(argv=None) -> int:
     prompts = prompts_from(ids, args.requests, args.prompt, device)
     rows = trace_rows(model, prompts, args, label, env)
     learned_path = shipped_predictor(label)
+    timing_args = dict(layer_ms=args.layer_ms, h2d_gbps=args.h2d_gbps, expert_bytes=args.expert_bytes)
     if args.quick:
         def quick_policies(budget):
-            return [p for p in policies(budget) if p[0] in ("lru", "predictive-d2")]
+            return [p for p in policies(budget, **timing_args) if p[0] in ("lru", "predictive-d2", "budgeted-d2")]
         rows += live_rows(model, prompts, args, label, env, ceilings, quick_policies, (0.25,))
     else:
-        rows += live_rows(model, prompts, args, label, env, ceilings, lambda b: policies(b, learned_path),
+        rows += live_rows(model, prompts, args, label, env, ceilings, lambda b: policies(b, learned_path, **timing_args),
                           BUDGETS[:-1])
     if on_gpu and not args.quick:
         del model
@@ -280,7 +314,7 @@ def main(argv=None) -> int:
         big = full_size_model(args.full_layers, device)
         big_prompts = torch.randint(3, 4096, (args.batch, args.prompt), device=device)
         rows += live_rows(big, big_prompts, args, f"deepseek-v2-lite-shape-{args.full_layers}L-random", env,
-                          ceilings, policies, (0.125, 0.25, 0.5))
+                          ceilings, lambda b: policies(b, **timing_args), (0.125, 0.25, 0.5))
     if args.json:
         append_rows(args.json, rows)
         print(f"\n{len(rows)} rows -> {args.json}")

@@ -164,7 +164,12 @@ int CacheCore::prefetch(int layer, const std::vector<int>& experts, std::uintptr
   engine_->note_stream(compute_stream);
   Plan plan;
   int issued = 0;
-  for (int e : unique_sorted(experts)) {
+  // Highest priority first (ties by id): a victim a prefetch may take is one any lower-priority prefetch
+  // could take too, so stopping at the first expert without a victim skips only less wanted ones.
+  std::vector<int> order = unique_sorted(experts);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return state(layer, a).priority > state(layer, b).priority; });
+  for (int e : order) {
     Expert& ex = state(layer, e);
     if (ex.slot >= 0) continue;
     const int s = choose_victim(/*for_prefetch=*/true, ex.priority);

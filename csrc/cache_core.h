@@ -47,8 +47,10 @@ class CacheCore {
               int device);
   ~CacheCore();
 
-  // Starts copies of the listed experts that are not resident; returns at once. Returns how many
-  // copies it started (it stops early when no slot may be evicted).
+  // Starts copies of the listed experts that are not resident, highest priority first; returns at once.
+  // Returns how many copies it started (it stops early when no slot may be evicted). With the priority
+  // policy a prefetch evicts only experts scored strictly below the one it brings in; never a leased
+  // slot (the running layer's experts), a kept-resident one, or one this call assigned.
   int prefetch(int layer, const std::vector<int>& experts, std::uintptr_t compute_stream);
   // Makes the listed experts resident for work enqueued next on compute_stream, which waits only on
   // the copies it needs. Returns a lease and each expert's slot, or -1 where the pool had no evictable

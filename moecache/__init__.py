@@ -29,9 +29,9 @@ if _C.__version__ != __version__:
     )
 
 __all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "models", "patch", "unpatch", "stats", "Offload",
-           "patched_experts", "routers", "expert_cache"]
+           "prefetch_allowance", "patched_experts", "routers", "expert_cache"]
 
-_PATCHING = ("patch", "unpatch", "stats", "Offload", "patched_experts", "routers", "expert_cache")
+_PATCHING = ("patch", "unpatch", "stats", "Offload", "prefetch_allowance", "patched_experts", "routers", "expert_cache")
 
 
 def __getattr__(name):

@@ -114,10 +114,10 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     trace = [r for r in rows if r["benchmark"] == "bench_cache.trace"]
     providers = {r["provider"] for r in trace}
-    assert providers >= {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "belady",
-                         "belady+sched"}
+    assert providers >= {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "budgeted-d2",
+                         "belady", "belady+sched"}
     if trace[0]["model"] == "trained-tiny-moe":  # the shipped learned predictor joins the comparison
-        assert providers >= {"learned-d1", "learned-d2", "learned-d2+sched"}
+        assert providers >= {"learned-d1", "learned-d2", "learned-d2+sched", "learned-budgeted-d2"}
     assert {r["budget"] for r in trace} == {0.125, 0.25, 0.5, 1.0}
     for r in trace:
         assert r["hits"] + r["misses"] == r["requests"] > 0
@@ -125,8 +125,11 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
         by = {r["provider"]: r for r in trace if r["budget"] == budget}
         assert by["belady"]["loads"] <= min(by[p]["loads"] for p in ("lru", "lfu", "on_demand"))
         assert by["on_demand"]["hits"] == 0
+        # the timing model (assumed PCIe rate and layer time) gives every policy a stall and bytes moved
+        assert all(r["stall_ms"] >= 0 and r["bytes_moved"] == r["loads"] * r["expert_bytes"] for r in by.values())
+        assert by["budgeted-d2"]["loads"] <= by["predictive-d2"]["loads"]
     live = [r for r in rows if r["benchmark"] == "bench_cache.live"]
-    assert {r["provider"] for r in live} == {"resident", "lru", "predictive-d2"}
+    assert {r["provider"] for r in live} == {"resident", "lru", "predictive-d2", "budgeted-d2"}
     assert all(r["tokens_per_s"] > 0 for r in live)
     assert all(r["tokens_identical"] for r in live if r["provider"] != "resident")
     assert {r["depth"] for r in rows if r["benchmark"] == "bench_cache.recall"} == {1, 2}

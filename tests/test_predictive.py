@@ -7,7 +7,7 @@ import torch
 
 import moecache
 from moecache import Offload
-from moecache.analysis.simulate import POLICIES, simulate
+from moecache.analysis.simulate import POLICIES, Timing, simulate
 from moecache.analysis.traces import RoutingTrace, record_routing
 from moecache.cache import ExpertCache
 from moecache.cache.scheduler import distinct_experts, generate_scheduled, group_by_routes
@@ -37,13 +37,16 @@ def random_trace(steps=120, layers=3, experts=16, k=4, seed=0, hot=None):
 def test_simulated_policies_add_up_and_belady_loads_least(slots):
     trace = random_trace()
     preds = [[[sorted(set(s[l]) | {0}) , None] for l in range(3)] for s in trace]  # a noisy predictor
-    results = {p: simulate(trace, slots, p, predictions=preds, depth=2) for p in POLICIES}
+    timing = Timing(layer_ms=0.5, load_ms=1.0)  # the budgeted policy needs one; the counts do not depend on it
+    results = {p: simulate(trace, slots, p, predictions=preds, depth=2, timing=timing) for p in POLICIES}
     for r in results.values():
         assert r.hits + r.misses == r.requests == sum(len(set(l)) for s in trace for l in s)
         assert r.prefetch_hits <= r.prefetches and r.wasted_prefetches <= r.prefetches
     assert results["on_demand"].hits == 0
     demand = [results[p].loads for p in ("lru", "lfu", "on_demand")]
     assert all(results["belady"].loads <= d for d in demand)  # MIN is optimal among demand-loading caches
+    for r in results.values():  # compute plus the exposed stall: every layer run once per step
+        assert r.time_ms == pytest.approx(r.stall_ms + 0.5 * 3 * len(trace)) and r.stall_ms >= 0
     if slots >= 48:
         assert results["lru"].misses == len({(l, e) for s in trace for l, ex in enumerate(s) for e in ex})
 

@@ -6,7 +6,9 @@ and, for MoE layers, the routing (the learned predictor's training pairs).
 
 A routing record holds, per forward step (the prompt, then each decode step) and per MoE layer, the experts the
 layer used for the whole batch, and the experts the lookahead predictor guessed for it from the hidden
-states of the `depth` layers before it in the same step.
+states of the `depth` layers before it in the same step, with each guessed expert's confidence: how many
+of the step's tokens the predictor sent to it (scores, parallel to predictions; simulate.py's budgeted
+policy prefetches the most confident first).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class RoutingTrace:
     steps: list = field(default_factory=list)        # steps[s][layer] = sorted experts used
     predictions: list = field(default_factory=list)  # predictions[s][layer][d-1] = sorted guess or None
     tokens: list = field(default_factory=list)       # tokens[s] = tokens routed at step s
+    scores: list = field(default_factory=list)       # scores[s][layer][d-1][i] = tokens that chose predictions[..][i]
 
     def recall(self, depth: int = 1, skip_steps: int = 1) -> dict:
         """Per layer and overall: |guess ∩ used| / |used| over the steps (the prompt step skipped)."""
@@ -49,7 +52,7 @@ class RoutingTrace:
     def to_json(self) -> str:
         return json.dumps({"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
                            "depth": self.depth, "steps": self.steps, "predictions": self.predictions,
-                           "tokens": self.tokens})
+                           "tokens": self.tokens, "scores": self.scores})
 
     @classmethod
     def from_json(cls, text: str) -> "RoutingTrace":
@@ -60,8 +63,8 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
                    depth: int = 2, learned=None, **generate_kwargs) -> tuple[RoutingTrace, torch.Tensor]:
     """Greedy-generate and record the routing of `experts` (the model's patched experts modules in layer
     order: moecache.patched_experts(model)), with lookahead-gating predictions from `routers`
-    (moecache.routers(model)), or a LearnedRoutePredictor's where `learned` has a head.
-    Returns (trace, generated ids)."""
+    (moecache.routers(model)), or a LearnedRoutePredictor's where `learned` has a head, and how many
+    tokens the predictor sent to each guessed expert (trace.scores). Returns (trace, generated ids)."""
     layers = list(experts)
     if not layers:
         raise ValueError("record_routing: no MoE layers given (patch the model, then pass moecache.patched_experts(model))")
@@ -76,12 +79,15 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
         if layer == 0:
             trace.steps.append([None] * trace.num_layers)
             trace.predictions.append([[None] * depth for _ in range(trace.num_layers)])
+            trace.scores.append([[None] * depth for _ in range(trace.num_layers)])
             trace.tokens.append(int(hidden.shape[0]))
         trace.top_k = int(top_k_index.shape[1])
         step = len(trace.steps) - 1
         trace.steps[step][layer] = sorted(torch.unique(top_k_index).tolist())
         for target, d, counts in predictor.predict(layer, hidden, trace.top_k):
-            trace.predictions[step][target][d - 1] = sorted(torch.nonzero(counts).reshape(-1).tolist())
+            guess = sorted(torch.nonzero(counts).reshape(-1).tolist())
+            trace.predictions[step][target][d - 1] = guess
+            trace.scores[step][target][d - 1] = [int(counts[e]) for e in guess]
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
     try:

@@ -26,11 +26,18 @@ from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
 from .families import FoundExperts, find_experts, find_router, installed, layout_for, make_experts
 from .generate import install_latent_cache_default, remove_latent_cache_default
-from .offload import Offload, install_state_hooks, offload_experts, restore_offloaded, validate_offload
+from .offload import (
+    Offload,
+    install_state_hooks,
+    offload_experts,
+    prefetch_allowance,
+    restore_offloaded,
+    validate_offload,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "stats", "Offload", "patched_experts", "routers", "expert_cache"]
+__all__ = ["patch", "unpatch", "stats", "Offload", "prefetch_allowance", "patched_experts", "routers", "expert_cache"]
 
 _STATE = "_moecache_patch"
 _LEFT_ALONE = "_moecache_left_alone"
@@ -257,7 +264,7 @@ def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:
 
 def stats(model: nn.Module) -> dict:
     """Per-layer calls and tokens of the patched experts, the expert cache's counters when offloaded, the
-    predictor's recall and precision (policy "predictive"), the patched MLA attention's calls, and
+    predictor's recall and precision (policies "predictive" and "budgeted"), the patched MLA attention's calls, and
     what patch left alone and why."""
     state: PatchState | None = getattr(model, _STATE, None)
     left_alone = list(model.__dict__.get(_LEFT_ALONE, []))

@@ -14,15 +14,16 @@ from torch import nn
 from .. import _C
 from ..cache import ExpertCache
 from ..cache.learned import LearnedRoutePredictor
-from ..cache.offloaded import OffloadedExperts
+from ..cache.offloaded import OffloadedExperts, PrefetchBudget
 from ..cache.predictor import LookaheadPredictor
 from ..layers.experts import MoecacheExperts
 from .families import FoundExperts, experts_shape, find_router
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("lru", "lfu", "predictive")
+POLICIES = ("lru", "lfu", "predictive", "budgeted")
 CACHE_OWNER = "moecache.unpatch(model)"
+PREDICTING = ("predictive", "budgeted")  # the policies that run a LookaheadPredictor
 _BYTE_UNITS = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -36,13 +37,24 @@ class Offload:
         the experts the next layer used on the previous step after each layer. "predictive": each layer
         applies the routers of the next `lookahead` layers to its hidden state and prefetches the experts
         they pick while it computes; the cache evicts by those predictions (its "priority" eviction).
+        "budgeted": predictive within a PCIe budget: each layer copies only the most confident guesses
+        (nearest layer first, then the share of tokens that chose the expert) that its copy allowance
+        (`prefetch_limit`) covers, so useless copies do not queue ahead of demand loads; a prefetch never
+        evicts the running layer's experts, nor an expert predicted with at least its own priority.
     prefetch: copy ahead of need as the policy says (False: load on demand only; with "predictive" the
         predictions are still made and still steer eviction, so their cost is measured without copies).
     pin: how the host store is page-locked: "alloc" (cudaHostAlloc) or "register" (cudaHostRegister).
     allow_pageable: if page-locking fails, use pageable memory with a warning instead of raising.
     lookahead: how many layers ahead the predictive policy looks (1 or 2 are typical).
-    predictor: with policy "predictive", the path of a LearnedRoutePredictor (bench/train_predictor.py
-        writes one) whose heads replace router reuse where they exist; None: lookahead gating only.
+    predictor: with policy "predictive" or "budgeted", the path of a LearnedRoutePredictor
+        (bench/train_predictor.py writes one) whose heads replace router reuse where they exist; None:
+        lookahead gating only.
+    prefetch_limit: with policy "budgeted" (and only there; required): the per-layer copy allowance in
+        experts, what the copy engine moves while one layer computes; `prefetch_allowance(layer_ms,
+        h2d_gbps, record_bytes)` derives it. A fraction accumulates (0.25: one copy every 4 layers). The
+        unspent allowance is capped at `lookahead` layers' worth (a copy queued behind more could not
+        land before the farthest predicted layer runs), and every expert loaded on demand is paid from
+        it (it crosses PCIe ahead of any prefetch). 0 prefetches nothing (as prefetch=False).
     """
 
     gpu_experts: float | int | str = 0.25
@@ -53,6 +65,7 @@ class Offload:
     allow_pageable: bool = False
     lookahead: int = 1
     predictor: str | None = None
+    prefetch_limit: float | None = None
 
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         """Device slots for this budget (at least one, at most every expert)."""
@@ -85,6 +98,20 @@ class Offload:
         return min(slots, total)
 
 
+def prefetch_allowance(layer_ms: float, h2d_gbps: float, record_bytes: int) -> float:
+    """The budgeted policy's per-layer copy allowance (Offload.prefetch_limit): how many experts of
+    `record_bytes` the host-to-device copies move at `h2d_gbps` (pinned, GB/s = 1e9 bytes/s) while one
+    layer computes for `layer_ms`. The lookahead is applied by the policy: unspent allowance is capped at
+    `lookahead` layers' worth. E.g. a DeepSeek-VL2-Small expert (3 x 2048 x 1408 bf16, 17.3 MB) at 55 GB/s
+    takes 0.31 ms: with 40 us of compute per layer the allowance is 0.13, and with lookahead 2 the cap (0.26)
+    stays below one copy: nothing can land in time, so nothing is prefetched."""
+    for name, value in (("layer_ms", layer_ms), ("h2d_gbps", h2d_gbps), ("record_bytes", record_bytes)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"prefetch_allowance: {name} must be a positive finite number, got {value!r}")
+    load_ms = record_bytes / (h2d_gbps * 1e9) * 1e3
+    return layer_ms / load_ms
+
+
 def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     """Everything that can be wrong with an offload request, raised before the model changes."""
     if offload.policy not in POLICIES:
@@ -92,14 +119,23 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
         raise ValueError(f"offload lookahead must be an int >= 1, got {offload.lookahead!r}")
     if offload.predictor is not None:
-        if offload.policy != "predictive":
-            raise ValueError(f"offload predictor={offload.predictor!r} needs policy='predictive'")
+        if offload.policy not in PREDICTING:
+            raise ValueError(f"offload predictor={offload.predictor!r} needs policy='predictive' or 'budgeted'")
         if not Path(offload.predictor).is_file():
             raise ValueError(f"offload predictor={offload.predictor!r}: no such file")
-    if offload.policy == "predictive":
+    limit = offload.prefetch_limit
+    if offload.policy == "budgeted":
+        if limit is None:
+            raise ValueError("offload policy 'budgeted' needs prefetch_limit (experts copied per layer of compute; "
+                             "moecache.prefetch_allowance(layer_ms, h2d_gbps, record_bytes) derives it)")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (math.isfinite(limit) and limit >= 0):
+            raise ValueError(f"offload prefetch_limit must be a finite number >= 0 (experts per layer), got {limit!r}")
+    elif limit is not None:
+        raise ValueError(f"offload prefetch_limit={limit!r} needs policy='budgeted', not {offload.policy!r}")
+    if offload.policy in PREDICTING:
         missing = [f.name for f in found if find_router(f.router_block, *experts_shape(f)) is None]
         if missing:
-            raise ValueError(f"offload policy 'predictive' needs each MoE block's router ([E, H] weight); "
+            raise ValueError(f"offload policy {offload.policy!r} needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")
     devices = set()
     for f in found:
@@ -128,16 +164,18 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
     device = gate_up.device
     record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     num_slots = offload.slots(len(modules), E, record_bytes)
-    predictor = None
-    if offload.policy == "predictive":
+    predictor = budget = None
+    if offload.policy == "budgeted":
+        budget = PrefetchBudget(offload.prefetch_limit, offload.lookahead)
+    if offload.policy in PREDICTING:
         learned = LearnedRoutePredictor.load(offload.predictor, device=device) if offload.predictor else None
         routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
         predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
     cache = ExpertCache([m.original if m.stacked is None else m.stacked.weights() for m in modules], num_slots=num_slots,
-                        policy="priority" if offload.policy == "predictive" else offload.policy, device=device,
+                        policy="priority" if offload.policy in PREDICTING else offload.policy, device=device,
                         pin=offload.pin, allow_pageable=offload.allow_pageable)
     cache.owner = CACHE_OWNER
-    providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch=offload.prefetch)
+    providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch=offload.prefetch, budget=budget)
                  for layer in range(len(modules))]
     for provider, nxt in zip(providers, providers[1:]):
         provider.next = nxt
