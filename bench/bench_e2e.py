@@ -22,7 +22,8 @@ Every row is one configuration measured in this run on the named device, with th
   experts on the GPU: offload{b}:on-demand (LRU, no prefetch), :lru-prefetch (the next layer's last
   experts copied ahead), :predict-only (lookahead gating predicts and steers eviction, no copies: the
   predictor's cost alone), :predict-only-learned (a learned predictor's heads, untrained: cost only),
-  :predictive (predict and prefetch), and for B > 1 :in-order / :scheduled (predictive, micro-batches
+  :predictive (predict and prefetch), :budgeted (predictions copied only as far as the PCIe time of the
+  resident decode's per-layer compute allows, lookahead 2: moecache.prefetch_allowance), and for B > 1 :in-order / :scheduled (predictive, micro-batches
   of B/2 in arrival order / grouped by predicted routes: the scheduler's cost and gain at equal size);
 - mode: eager (generate as users run it) or graph (static KV cache + CUDA graphs, GPU only); a graph
   row of an offloaded model is labelled cache "static" (compiled decode does no cache bookkeeping) and
@@ -86,7 +87,8 @@ MODELS = ("moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen", "vl2-small",
           "llava-1.5-13b")
 ENCODER = {"vl2-small": "deepseek-vl2", "vl2-base": "deepseek-vl2"}  # else "llava"
 ROUTINGS = ("random-weights", "replayed")
-POLICIES = ("on-demand", "lru-prefetch", "predict-only", "predict-only-learned", "predictive", "in-order", "scheduled")
+POLICIES = ("on-demand", "lru-prefetch", "predict-only", "predict-only-learned", "predictive", "budgeted", "in-order",
+            "scheduled")
 
 # Each slice fits one GPU call of under 9 minutes (--deadline stops starting configurations before the
 # limit; what is left is listed as not run). Slice 1 alone answers the headline question at one budget.
@@ -145,7 +147,8 @@ def build(name: str, quick: bool, device, dtype):
 def load_checkpoint(path: str, device, dtype):
     model = llava.load_language_model(path, dtype=dtype, device=device)
     cfg = model.config
-    experts = moecache.patch(model) and moecache.patched_experts(model)
+    moecache.patch(model)
+    experts = moecache.patched_experts(model)
     facts = dict(family="deepspeed", kind="moe", max_positions=cfg.max_position_embeddings, moe_layers=len(experts),
                  num_experts=experts[0].num_experts, top_k=None, hidden=cfg.hidden_size)
     moecache.unpatch(model)
@@ -311,7 +314,9 @@ def providers(facts: dict, budgets: list[float], batch: int, routing: str, polic
         made = {"on-demand": Offload(gpu_experts=b, policy="lru", prefetch=False),
                 "lru-prefetch": Offload(gpu_experts=b, policy="lru", prefetch=True),
                 "predict-only": Offload(gpu_experts=b, policy="predictive", prefetch=False),
-                "predictive": Offload(gpu_experts=b, policy="predictive")}
+                "predictive": Offload(gpu_experts=b, policy="predictive"),
+                # its allowance is set per run from the resident decode's layer time (measure_row)
+                "budgeted": Offload(gpu_experts=b, policy="budgeted", prefetch_limit=0.0, lookahead=2)}
         if learned_path and routing == "random-weights":  # replayed guesses replace any predictor's
             made["predict-only-learned"] = Offload(gpu_experts=b, policy="predictive", prefetch=False,
                                                    predictor=learned_path)
@@ -432,9 +437,8 @@ def record_sources(args, device, dtype, batch, new_tokens):
     from moecache import data
 
     sources = {}
-    loaders = {"transformers": ("trained-tiny-moe", getattr(data, "load_tiny_moe", None))}
-    if hasattr(data, "load_tiny_moe_llava"):
-        loaders["deepspeed"] = ("trained-tiny-moe-llava", data.load_tiny_moe_llava)
+    loaders = {"transformers": ("trained-tiny-moe", data.load_tiny_moe),
+               "deepspeed": ("trained-tiny-moe-llava", data.load_tiny_moe_llava)}
     text = data.encode(data.validation_text())[0]
     for family, (label, load) in loaders.items():
         model = load(device=device, dtype=torch.float32)
@@ -442,6 +446,7 @@ def record_sources(args, device, dtype, batch, new_tokens):
         steps = min(new_tokens, model.config.max_position_embeddings - length)
         prompts = torch.stack([text[i * 997: i * 997 + length] for i in range(batch)]).to(device)
         moecache.patch(model)
+        torch.manual_seed(args.seed)  # DeepSpeed's top-2 gate samples its second expert, in eval mode too
         sources[family] = record_token_routes(model, prompts, moecache.patched_experts(model), moecache.routers(model),
                                               max_new_tokens=steps, depth=1, source=label)
         moecache.unpatch(model)
@@ -478,6 +483,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.models = "moe-llava-phi2,vl2-small,llava-1.5-7b"
         args.batches, args.new_tokens, args.prompt_scale = "1,4", "4,8", 1 / 16
+        if args.checkpoint is None:  # the shipped trained MoE-LLaVA-style model is a checkpoint directory
+            from moecache.data import TINY_MOE_LLAVA_DIR
+
+            args.checkpoint = str(TINY_MOE_LLAVA_DIR)
         args.h2d_gbps = args.h2d_gbps or 55.0  # the H200's pinned rate, assumed: the CPU has no PCIe link to time
         args.mixes = "mmmu,mathvista"
     check_grid(args.models, args.routing, args.policies, args.modes)
@@ -504,6 +513,7 @@ def main(argv=None) -> int:
         if name == "checkpoint":
             model, facts = load_checkpoint(args.checkpoint, device, dtype)
             model_routings = ["checkpoint"]
+            name = f"checkpoint:{Path(args.checkpoint).name}"
         else:
             model, facts = build(name, args.quick, device, dtype)
             model_routings = routings
@@ -577,6 +587,9 @@ def measure_row(model, facts, provider, policy, offload, mode, ids, mask, length
            "budget": offload.gpu_experts if offload else (1.0 if provider == "moecache" else None),
            "cache": ("static" if mode == "graph" else "dynamic") if offload else None}
     try:
+        if policy == "budgeted":
+            offload = budgeted(offload, model, facts, resident.get(mode), h2d)
+            row["prefetch_limit"] = offload.prefetch_limit
         if provider == "hf:grouped_mm":
             set_experts_implementation(model, "grouped_mm")
         elif provider == "hf:cpu-offload":
@@ -614,6 +627,25 @@ def measure_row(model, facts, provider, policy, offload, mode, ids, mask, length
         resident[mode] = result
     row["_resident"] = resident.get(mode)
     return row
+
+
+def budgeted(offload, model, facts, resident, h2d):
+    """The budgeted policy's Offload with its allowance: experts copied per layer of compute, from the resident
+    run's decode time per MoE layer, one expert's bytes and the H2D rate."""
+    import dataclasses
+
+    if resident is None or resident["split"] is None or not h2d:
+        raise RuntimeError("the budgeted policy needs this run's resident eager decode time and an H2D rate")
+    split = resident["split"]
+    decode_ms = resident["wall_ms"] - split["forward_ms"]["prefill"] - resident["scheduler_ms"]
+    layer_ms = decode_ms / max(split["forwards"]["decode"], 1) / facts["moe_layers"]
+    moecache.patch(model)
+    try:
+        w_gate_up, w_down = moecache.patched_experts(model)[0].weights()
+        record_bytes = (w_gate_up[0].numel() + w_down[0].numel()) * w_gate_up.element_size()
+    finally:
+        moecache.unpatch(model)
+    return dataclasses.replace(offload, prefetch_limit=moecache.prefetch_allowance(layer_ms, h2d, record_bytes))
 
 
 def finish_row(row) -> None:
