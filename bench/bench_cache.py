@@ -45,7 +45,15 @@ BUDGETS = (0.125, 0.25, 0.5, 1.0)
 VL2_SMALL_EXPERT_BYTES = 3 * 2048 * 1408 * 2  # gate, up, down of one DeepSeek-VL2-Small expert in bf16
 
 
-def load_model(device, dtype, quick):
+PHI2_EXPERT_BYTES = 2 * 2560 * 10240 * 2  # fc1 and fc2 of one MoE-LLaVA-Phi2 expert in bf16
+
+
+def load_model(device, dtype, quick, which="tiny-moe"):
+    if which == "tiny-moe-llava":
+        from moecache.data import encode, load_tiny_moe_llava, validation_text
+
+        torch.manual_seed(0)  # DeepSpeed's top-2 gate samples its second expert, in eval mode too
+        return load_tiny_moe_llava(device=device, dtype=dtype), encode(validation_text())[0], "trained-tiny-moe-llava"
     try:
         from moecache.data import encode, load_tiny_moe, validation_text
     except ImportError:
@@ -189,6 +197,7 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
             before = moecache.stats(model)["cache"] or {}
             if on_gpu:
                 torch.cuda.synchronize()
+            torch.manual_seed(0)  # a sampling gate (DeepSpeed's top-2) draws the same noise in every run
             t0 = time.perf_counter()
             out = model.generate(prompts[: args.batch], attention_mask=mask, max_new_tokens=args.new_tokens,
                                  min_new_tokens=args.new_tokens, do_sample=False)
@@ -276,9 +285,12 @@ def main(argv=None) -> int:
                         help="timing model: compute per MoE layer per decode step, ms (assumed; default 0.04)")
     parser.add_argument("--h2d-gbps", type=float, default=55.0,
                         help="timing model: pinned host-to-device rate, GB/s (assumed; default 55)")
-    parser.add_argument("--expert-bytes", type=int, default=VL2_SMALL_EXPERT_BYTES,
+    parser.add_argument("--expert-bytes", type=int, default=None,
                         help="timing model: bytes of one expert of the target model (default: DeepSeek-VL2-Small, "
-                             f"{VL2_SMALL_EXPERT_BYTES})")
+                             f"{VL2_SMALL_EXPERT_BYTES}, for tiny-moe; MoE-LLaVA-Phi2, {PHI2_EXPERT_BYTES}, for "
+                             "tiny-moe-llava)")
+    parser.add_argument("--model", choices=("tiny-moe", "tiny-moe-llava"), default="tiny-moe",
+                        help="the trained model whose routing is studied")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if args.quick:
@@ -296,7 +308,9 @@ def main(argv=None) -> int:
         ceilings["h2d_gbps"] = measure_h2d_gbps()
     env = {**env, **{f"ceiling_{k}": v for k, v in ceilings.items()}}
 
-    model, ids, label = load_model(device, dtype, args.quick)
+    if args.expert_bytes is None:
+        args.expert_bytes = PHI2_EXPERT_BYTES if args.model == "tiny-moe-llava" else VL2_SMALL_EXPERT_BYTES
+    model, ids, label = load_model(device, dtype, args.quick, args.model)
     prompts = prompts_from(ids, args.requests, args.prompt, device)
     rows = trace_rows(model, prompts, args, label, env)
     learned_path = shipped_predictor(label)
