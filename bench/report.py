@@ -151,10 +151,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG plots here")
     parser.add_argument("--readme", default=None, help="rewrite this file's generated block")
     args = parser.parse_args(argv)
-    rows = load(args.rows)
     import study_report
 
-    if any(r.get("benchmark", "").startswith("bench_e2e.study") or r.get("benchmark") in STUDY_KINDS for r in rows):
+    # The study's rows file does not exist before its first GPU slice; its section then shows the CPU rows.
+    rows = load(args.rows) if Path(args.rows).exists() or not args.cache_rows else []
+    if args.cache_rows or any(r.get("benchmark", "").startswith("bench_e2e.study") or r.get("benchmark") in STUDY_KINDS
+                              for r in rows):
         cache_rows = load(args.cache_rows) if args.cache_rows else []
         if args.plots:
             for p in study_report.plots(rows, args.plots):
