@@ -7,7 +7,8 @@ Every row is one configuration measured in this run on the named device, with th
   built from config classes at full depth with random weights (GPU), or scaled down (--quick, CPU);
   `--checkpoint DIR` loads a MoE-LLaVA checkpoint from a local directory instead (its routing is real);
 - request: prompts sampled from a mix's whole length distribution (LLaVA: 576 tokens per image; VL2:
-  its tiling), batched B at a time in sampled order, left-padded, each truncated to the model's
+  its tiling; at least --requests per configuration), batched B at a time in sampled order and run one
+  batch after another, left-padded, each truncated to the model's
   positions minus the new tokens (counted in `truncated`); an output-length sweep (--new-tokens);
 - encode: the family's vision tower (CLIP ViT-L/14-336 + projector; SigLIP-SO400M-384 per tile) run on
   the batch's images and timed as part of the request; the language model then reads the same number
@@ -23,8 +24,9 @@ Every row is one configuration measured in this run on the named device, with th
   experts copied ahead), :predict-only (lookahead gating predicts and steers eviction, no copies: the
   predictor's cost alone), :predict-only-learned (a learned predictor's heads, untrained: cost only),
   :predictive (predict and prefetch), :budgeted (predictions copied only as far as the PCIe time of the
-  resident decode's per-layer compute allows, lookahead 2: moecache.prefetch_allowance), and for B > 1 :in-order / :scheduled (predictive, micro-batches
-  of B/2 in arrival order / grouped by predicted routes: the scheduler's cost and gain at equal size);
+  resident decode's per-layer compute allows, lookahead 2: moecache.prefetch_allowance), and for B > 1
+  :in-order / :scheduled (predictive, micro-batches of B/2 in arrival order / grouped by predicted
+  routes: the scheduler's cost and gain at equal size);
 - mode: eager (generate as users run it) or graph (static KV cache + CUDA graphs, GPU only); a graph
   row of an offloaded model is labelled cache "static" (compiled decode does no cache bookkeeping) and
   is compared with nothing but other static rows.
@@ -376,8 +378,23 @@ def encode_ms(tower, images: int, device, on_gpu) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, schedule, replay, predictor):
-    """One timed request batch (after a short warm-up); returns measurements."""
+def merge_results(results: list[dict], encode: list[float]) -> dict:
+    """The measurements of batches run one after another, added up; each batch's end-to-end time kept."""
+    def add(a, b):
+        if isinstance(a, dict):
+            return {k: add(a[k], b[k]) for k in a}
+        return None if a is None or b is None else a + b
+    total = results[0]
+    for r in results[1:]:
+        total = {k: (add(total[k], r[k]) if k != "out" else r[k]) for k in total}
+    total["batch_e2e_ms"] = [e + r["wall_ms"] for e, r in zip(encode, results)]
+    return total
+
+
+def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, schedule, replay, predictor,
+               offset=0):
+    """One timed request batch (after a short warm-up); returns measurements. offset: the index of the batch's
+    first request among the configuration's requests (a replay gives each request its own routes)."""
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "graph":
         kwargs["cache_implementation"] = "static"
@@ -389,12 +406,12 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
     def before_group(requests):
         groups.append(requests)
         if replay is not None:
-            replay.requests = requests
+            replay.requests = [offset + r for r in requests]
 
     def run(tokens):
         if replay is not None:
             replay.reset()
-            replay.requests = None
+            replay.requests = list(range(offset, offset + ids.shape[0]))
         if sched_batch is None:
             return model.generate(ids, **{**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens})
         out, i = generate_scheduled(model, ids, moecache.patched_experts(model), batch_size=sched_batch,
@@ -407,7 +424,8 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
     with torch.no_grad():
         run(2 if mode == "eager" else new_tokens)  # warm-up: kernels compiled, graphs captured
         if replay is not None:  # routes mapped before the clock starts
-            replay.prepare(groups or [list(range(ids.shape[0]))], ids.shape[1], new_tokens, ids.device)
+            replay.prepare([[offset + r for r in g] for g in groups] or [list(range(offset, offset + ids.shape[0]))],
+                           ids.shape[1], new_tokens, ids.device)
         prefill_graph_ms = None
         if mode == "graph":  # no hooks inside compiled decode: prefill is timed as its own forward
             sync(device)
@@ -469,6 +487,8 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--modes", default=None, help="eager,graph (graph on a GPU only)")
     parser.add_argument("--prompt-scale", type=float, default=1.0, help="prompt lengths multiplied by this")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="requests per configuration at least (whole batches, run one after another)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--h2d-gbps", type=float, default=None,
                         help="pinned H2D GB/s for the PCIe bound when none can be measured (CPU); a GPU measures it")
@@ -482,7 +502,7 @@ def main(argv=None) -> int:
             setattr(args, k, v)
     if args.quick:
         args.models = "moe-llava-phi2,vl2-small,llava-1.5-7b"
-        args.batches, args.new_tokens, args.prompt_scale = "1,4", "4,8", 1 / 16
+        args.batches, args.new_tokens, args.prompt_scale, args.requests = "1,4", "4,8", 1 / 16, 2
         if args.checkpoint is None:  # the shipped trained MoE-LLaVA-style model is a checkpoint directory
             from moecache.data import TINY_MOE_LLAVA_DIR
 
@@ -537,10 +557,14 @@ def main(argv=None) -> int:
             for mix in args.mixes.split(","):
                 for B in batches:
                     for new_tokens in sweep:
-                        prompts, lengths, truncated = sample_batches(mix, encoder, B, new_tokens, facts, args)
-                        ids, mask = make_inputs(lengths, vocab, device, args.seed)
-                        images = sum(p.encoder_inputs for p in prompts)
-                        enc_ms = encode_ms(tower, images, device, on_gpu)
+                        R = -(-max(B, args.requests) // B) * B  # whole batches of B, at least --requests requests
+                        prompts, lengths, truncated = sample_batches(mix, encoder, R, new_tokens, facts, args)
+                        chunks = []
+                        for start in range(0, R, B):
+                            ids, mask = make_inputs(lengths[start:start + B], vocab, device, args.seed + start)
+                            images = sum(p.encoder_inputs for p in prompts[start:start + B])
+                            chunks.append(dict(ids=ids, mask=mask, offset=start, images=images,
+                                               encode_ms=encode_ms(tower, images, device, on_gpu)))
                         resident = {}
                         for provider, policy, offload in providers(facts, budgets, B, routing, policies, learned):
                             for mode in modes:
@@ -549,10 +573,11 @@ def main(argv=None) -> int:
                                 if args.deadline and time.perf_counter() - started > args.deadline:
                                     not_run.append(key)
                                     continue
-                                row = measure_row(model, facts, provider, policy, offload, mode, ids, mask, lengths,
-                                                  new_tokens, device, on_gpu, mapped, resident, h2d, env, key)
-                                row.update(prompt_tokens=lengths, truncated=truncated, encoder=encoder,
-                                           encoder_inputs=images, encode_ms=enc_ms, kind=facts["kind"],
+                                row = measure_row(model, facts, provider, policy, offload, mode, chunks, new_tokens,
+                                                  device, on_gpu, mapped, resident, h2d, env, key)
+                                row.update(requests=R, prompt_tokens=lengths, truncated=truncated, encoder=encoder,
+                                           encoder_inputs=sum(c["images"] for c in chunks),
+                                           encode_ms=sum(c["encode_ms"] for c in chunks), kind=facts["kind"],
                                            family=facts["family"], quick=args.quick)
                                 if row["benchmark"] == "bench_e2e.study":
                                     finish_row(row)
@@ -579,7 +604,7 @@ def main(argv=None) -> int:
     return 1 if skipped and not args.keep_going else 0
 
 
-def measure_row(model, facts, provider, policy, offload, mode, ids, mask, lengths, new_tokens, device, on_gpu,
+def measure_row(model, facts, provider, policy, offload, mode, chunks, new_tokens, device, on_gpu,
                 mapped, resident, h2d, env, key) -> dict:
     """Set the provider up, run, take it down; a row (or a skipped row with the reason)."""
     hooks = replay = None
@@ -600,9 +625,13 @@ def measure_row(model, facts, provider, policy, offload, mode, ids, mask, length
                 replay = RoutingReplay(model, moecache.patched_experts(model), mapped).__enter__()
         predictor = getattr(getattr(moecache.patched_experts(model)[0], "provider", None), "predictor", None) \
             if offload is not None else None
-        sched = ids.shape[0] // 2 if policy in ("in-order", "scheduled") else None
-        result = run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched, policy == "scheduled",
-                            replay, predictor)
+        results = []
+        for chunk in chunks:  # the batches of requests, one after another
+            ids = chunk["ids"]
+            sched = ids.shape[0] // 2 if policy in ("in-order", "scheduled") else None
+            results.append(run_config(model, ids, chunk["mask"], new_tokens, mode, device, on_gpu, sched,
+                                      policy == "scheduled", replay, predictor, chunk["offset"]))
+        result = merge_results(results, [c["encode_ms"] for c in chunks])
         cache = moecache.expert_cache(model) if offload is not None else None
         row["record_bytes"] = cache.record_bytes if cache else None
         row["gpu_weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
@@ -651,7 +680,7 @@ def budgeted(offload, model, facts, resident, h2d):
 def finish_row(row) -> None:
     """Times, rates, counters and bounds from a run's measurements (the result is dropped from the row)."""
     result, resident = row.pop("result"), row.pop("_resident")
-    B, new = row["batch"], row["new_tokens"]
+    R, new = row["requests"], row["new_tokens"]
     split = result["split"]
     scheduler_ms = result["scheduler_ms"]
     if split is not None:
@@ -678,22 +707,22 @@ def finish_row(row) -> None:
         row["prefill_timing"] = "a separate eager prefill forward (no hooks inside compiled decode)"
     tokens_in = sum(row["prompt_tokens"])
     row.update(wall_ms=result["wall_ms"], prefill_ms=prefill_ms, decode_ms=decode_ms, scheduler_ms=scheduler_ms,
-               prefill_tok_s=tokens_in / (prefill_ms / 1e3), decode_tok_s=B * (new - 1) / (decode_ms / 1e3),
-               e2e_ms=row["encode_ms"] + result["wall_ms"],
-               e2e_tok_s_per_request=new / ((row["encode_ms"] + result["wall_ms"]) / 1e3))
+               prefill_tok_s=tokens_in / (prefill_ms / 1e3), decode_tok_s=R * (new - 1) / (decode_ms / 1e3),
+               e2e_ms=sum(result["batch_e2e_ms"]) / len(result["batch_e2e_ms"]),
+               e2e_tok_s_per_request=sum(new / (ms / 1e3) for ms in result["batch_e2e_ms"]) / len(result["batch_e2e_ms"]))
     decode = row["decode_counters"]
     if decode is not None and row.get("record_bytes"):
         moved = decode["bytes_copied"] + decode["in_place_reads"] * row["record_bytes"]
         row["decode_bytes_moved"] = moved
         row["decode_hit_rate"] = decode["hits"] / decode["requests"] if decode["requests"] else None
-        row["misses_per_token"] = decode["misses"] / (B * (new - 1))
-        row["experts_moved_per_token"] = moved / row["record_bytes"] / (B * (new - 1))
+        row["misses_per_token"] = decode["misses"] / (R * (new - 1))
+        row["experts_moved_per_token"] = moved / row["record_bytes"] / (R * (new - 1))
         res_split = resident["split"] if resident else None
         if res_split is not None and row["h2d_gbps"]:
             res_decode_ms = resident["wall_ms"] - res_split["forward_ms"]["prefill"] - resident["scheduler_ms"]
             bound_ms = res_decode_ms + moved / (row["h2d_gbps"] * 1e9) * 1e3
-            row["resident_decode_tok_s"] = B * (new - 1) / (res_decode_ms / 1e3)
-            row["pcie_bound_decode_tok_s"] = B * (new - 1) / (bound_ms / 1e3)
+            row["resident_decode_tok_s"] = R * (new - 1) / (res_decode_ms / 1e3)
+            row["pcie_bound_decode_tok_s"] = R * (new - 1) / (bound_ms / 1e3)
 
 
 def _line(row) -> str:

@@ -162,7 +162,8 @@ def test_bench_e2e_quick_exercises_every_axis_and_report(tmp_path):
     assert {r["provider"] for r in study if r["model"] == "llava-1.5-7b"} == {"hf:eager"}
     for r in study:
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["e2e_tok_s_per_request"] > 0
-        assert r["encode_ms"] > 0 and r["encoder_inputs"] >= r["batch"]  # every sampled prompt has an image
+        assert r["requests"] == max(r["batch"], 2) and len(r["prompt_tokens"]) == r["requests"]
+        assert r["encode_ms"] > 0 and r["encoder_inputs"] >= r["requests"]  # every sampled prompt has an image
         assert max(r["prompt_tokens"]) + r["new_tokens"] <= 512 and r["truncated"] >= 0
         parts = r["breakdown_ms"]  # eager: measured spans of decode forwards only
         assert all(v >= 0 for v in parts.values()) and parts["attention"] > 0
