@@ -322,3 +322,27 @@ def test_tensor_parallel_ranks_offload_their_shards(vllm_alone, children):
     assert run["tokens"] == vllm_alone[0]["runs"]["qwen3_moe"]["tokens"]
     lines = [line for line in stderr.splitlines() if "moecache runs 3 vLLM MoE layers" in line]
     assert len(lines) == 2 and all("offloaded to" in line for line in lines)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_offload_benchmark_script_runs(tmp_path):
+    """bench/bench_vllm.py --quick: both providers at batch 1 and 4, rows with tokens/s, TTFT and the cache's
+    counters (on CPU this checks the script, not speed)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_vllm.py"
+    out = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    proc = subprocess.run([sys.executable, "-P", str(script), "--quick", "--out", str(out)], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["provider"], r["shape"]["batch"]) for r in rows) == [
+        ("moecache-offload", 1), ("moecache-offload", 4), ("vllm-offload", 1), ("vllm-offload", 4)]
+    for r in rows:
+        assert r["tok_s"] > 0 and r["ttft_ms"] > 0 and r["device"].startswith("cpu")
+        assert 0 < r["shape"]["gpu_expert_gib"] < r["shape"]["expert_gib"]
+        if r["provider"] == "vllm-offload":
+            assert r["moecache_stats"] is None and r["cpu_offload_gb"] > 0
+        else:
+            stats = r["moecache_stats"]
+            assert stats["offloaded"] and stats["calls"] > 0 and stats["cache"]["misses"] > 0

@@ -121,6 +121,15 @@ def stats() -> dict | None:
     return None if engine is None else engine.stats()
 
 
+def reset_stats() -> None:
+    """Zero the counters `stats` reports (calls, and the expert cache's hits, misses, bytes...)."""
+    engine = _last_engine() if _last_engine is not None else None
+    if engine is not None:
+        engine.calls = 0
+        if engine.cache is not None:
+            engine.cache.reset_stats()
+
+
 def _register(method):
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
