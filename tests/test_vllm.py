@@ -123,6 +123,91 @@ def test_offload_switch_errors_name_the_variable(clean_env, env, message):
         backend.offload_from_env()
 
 
+# ---------------------------------------------------------------------------------------------- engine
+def _fake_layers(count=3, experts=8, hidden=32, inter=16):
+    """What the engine reads of vLLM's RoutedExperts: layer_name, top_k, w13_weight [E, 2I, H], w2_weight [E, H, I]."""
+    from types import SimpleNamespace
+
+    layers = []
+    for i in range(count):
+        w13 = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2, requires_grad=False)
+        w2 = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.2, requires_grad=False)
+        layers.append(SimpleNamespace(layer_name=f"model.layers.{i}.mlp.experts", top_k=2, w13_weight=w13,
+                                      w2_weight=w2, e_score_correction_bias=None))
+    runners = {layer.layer_name: SimpleNamespace(gate=torch.nn.Linear(hidden, experts, bias=False)) for layer in layers}
+    return layers, runners
+
+
+def _steps(layers, runners, steps=4, tokens=5):
+    """Random inputs and vLLM-style routing (softmax top-2, renormalized) per step and layer, in forward order."""
+    from moecache import ops
+
+    out = []
+    for _ in range(steps):
+        for layer in layers:
+            x = torch.randn(tokens, layer.w13_weight.shape[2])
+            weights, ids = ops.route(runners[layer.layer_name].gate(x).detach(), 2)
+            out.append((layer, x, weights, ids))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["resident", "lru", "lfu", "predictive", "budgeted"])
+def test_engine_matches_fused_moe(policy):
+    from moecache import ops
+    from moecache.patching.offload import Offload
+
+    layers, runners = _fake_layers()
+    references = [(layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone()) for layer in layers]
+    steps = _steps(layers, runners)
+    expected = [ops.fused_moe(x, *references[layers.index(layer)], w, ids) for layer, x, w, ids in steps]
+    offload = None if policy == "resident" else Offload(
+        gpu_experts=0.25, policy=policy, lookahead=2, prefetch_limit=1.0 if policy == "budgeted" else None)
+    engine = backend._Engine(runners, offload)
+    for layer in (layers[2], layers[0], layers[1], layers[0]):  # any processing order; a repeat is ignored
+        engine.add(layer)
+    outputs = []
+    for layer, x, w, ids in steps:
+        outputs.append(engine.run(layer, x, w, ids, "silu", True))
+    assert [layer.layer_name for layer in engine.layers] == [layer.layer_name for layer in layers]
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    stats = engine.stats()
+    assert stats["layers"] == 3 and stats["calls"] == len(steps)
+    if offload is not None:
+        assert stats["slots"] == 6 and stats["cache"]["misses"] > 0 and stats["cache"]["prefetches"] > 0
+        assert all(layer.w13_weight.numel() == 0 for layer in layers)  # the host store holds the only copy
+        if policy in ("predictive", "budgeted"):
+            assert engine.predictor is not None
+    with pytest.raises(RuntimeError, match="after the model's first forward"):
+        engine.add(_fake_layers(count=1)[0][0])
+
+
+def test_engine_refuses_reloading_offloaded_weights():
+    from moecache.patching.offload import Offload
+
+    layers, runners = _fake_layers()
+    engine = backend._Engine(runners, Offload(gpu_experts=0.5))
+    for layer in layers:
+        engine.add(layer)
+    layer, x, w, ids = _steps(layers, runners, steps=1)[0]
+    engine.run(layer, x, w, ids, "silu", True)
+    with pytest.raises(RuntimeError, match="reloading vLLM's weights into an offloaded model is not supported"):
+        engine.add(layers[1])
+
+
+def test_engine_predictive_needs_the_runners_gate():
+    from moecache.patching.offload import Offload
+
+    layers, runners = _fake_layers()
+    runners[layers[1].layer_name].gate = None
+    engine = backend._Engine(runners, Offload(gpu_experts=0.5, policy="predictive"))
+    for layer in layers:
+        engine.add(layer)
+    layer, x, w, ids = _steps(layers, {n: r for n, r in _fake_layers()[1].items()}, steps=1)[0]
+    with pytest.raises(ValueError, match="runner for model.layers.1.mlp.experts holds none"):
+        engine.run(layer, x, w, ids, "silu", True)
+
+
 # ---------------------------------------------------------------------------------------------- vLLM
 def _save_model(family: str, path: Path) -> None:
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
@@ -180,7 +265,8 @@ def _finish(proc: subprocess.Popen) -> tuple[dict, str]:
     stdout, stderr = proc.communicate(timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("VLLM_RUNS ")]
     assert proc.returncode == 0 and lines, f"vllm_runs.py failed (rc {proc.returncode}):\n{stderr[-6000:]}"
-    return json.loads(lines[-1][len("VLLM_RUNS "):]), stderr
+    # vLLM logs to stdout (its workers' errors too), moecache's line goes to stderr: the log is both.
+    return json.loads(lines[-1][len("VLLM_RUNS "):]), stdout + stderr
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +285,10 @@ def children(models, tmp_path_factory):
     plans["excluded"] = ([], {**on, "VLLM_PLUGINS": "another_plugin"})
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
+        # Expert parallelism over two ranks: refused in each worker, whose message reaches the log.
+        ep_run = {"name": "qwen3_moe-expert-parallel", "model": str(models["qwen3_moe"]), "tensor_parallel_size": 2,
+                  "enable_expert_parallel": True}
+        plans["qwen3_moe-expert-parallel"] = ([ep_run], {**on, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
         # Two tensor-parallel ranks (worker processes), one CPU each, each offloading its shard of every expert.
         tp_run = {"name": "qwen3_moe-tp2", "model": str(models["qwen3_moe"]), "tensor_parallel_size": 2,
                   "env": {backend.OFFLOAD_ENV: "0.25"}}
@@ -235,10 +325,10 @@ def test_vllm_alone_matches_transformers(models, vllm_alone, family):
 @needs_vllm
 @pytest.mark.slow
 def test_installed_but_not_enabled_changes_nothing(vllm_alone):
-    results, stderr = vllm_alone
+    results, log = vllm_alone
     assert results["method"] is None
     assert "UnquantizedFusedMoEMethod" not in results["registered"]
-    assert "moecache runs" not in stderr
+    assert "moecache runs" not in log
 
 
 @needs_vllm
@@ -300,9 +390,21 @@ def test_plugin_refusals_are_clear(children, name):
 
 @needs_vllm
 @pytest.mark.slow
+def test_expert_parallelism_is_refused(children):
+    if "qwen3_moe-expert-parallel" not in children:
+        pytest.skip("needs two CPUs for two expert-parallel ranks")
+    results, log = children["qwen3_moe-expert-parallel"]
+    assert "error" in results["runs"]["qwen3_moe-expert-parallel"]  # the engine did not start
+    refusals = [line for line in log.splitlines()
+                if "ValueError: moecache's vLLM backend does not run expert parallelism (enable_expert_parallel)" in line]
+    assert len(refusals) == 2  # one per rank
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_plugin_logs_one_line_per_model(vllm_moecache):
-    results, stderr = vllm_moecache
-    lines = [line for line in stderr.splitlines() if "moecache runs" in line]
+    results, log = vllm_moecache
+    lines = [line for line in log.splitlines() if "moecache runs" in line]
     generated = [name for name, run in results["runs"].items() if "tokens" in run and not name.endswith("-zero")]
     assert len(lines) == len(generated)
     assert all(line.startswith("INFO moecache.integrations.vllm: moecache runs 3 vLLM MoE layers") for line in lines)
@@ -314,13 +416,13 @@ def test_plugin_logs_one_line_per_model(vllm_moecache):
 def test_tensor_parallel_ranks_offload_their_shards(vllm_alone, children):
     if "tp2" not in children:
         pytest.skip("needs two CPUs for two tensor-parallel ranks")
-    results, stderr = children["tp2"]
+    results, log = children["tp2"]
     run = results["runs"]["qwen3_moe-tp2"]
     assert "error" not in run, run.get("error")
     # Each rank computes its intermediate-dimension shard; vLLM sums the ranks. Full experts on each rank would
     # double the output, a missing shard halve it: either changes the tokens.
     assert run["tokens"] == vllm_alone[0]["runs"]["qwen3_moe"]["tokens"]
-    lines = [line for line in stderr.splitlines() if "moecache runs 3 vLLM MoE layers" in line]
+    lines = [line for line in log.splitlines() if "moecache runs 3 vLLM MoE layers" in line]
     assert len(lines) == 2 and all("offloaded to" in line for line in lines)
 
 

@@ -2,7 +2,8 @@
 
 tests/test_vllm.py starts this in a subprocess for each plugin setting, because vLLM loads its plugins once
 per process. Usage: python vllm_runs.py SPEC.json, where SPEC holds "prompts", "max_tokens" and "runs":
-a list of {"name", "model", "env": {...}, "enforce_eager": bool, "zero_moe": bool, "tensor_parallel_size": int};
+a list of {"name", "model", "env": {...}, "enforce_eager": bool, "zero_moe": bool, "tensor_parallel_size": int,
+"enable_expert_parallel": bool};
 each run's env is applied before its engine is built (MOECACHE_VLLM itself is read once, when vLLM loads the
 plugin). With tensor parallelism the ranks are worker processes: their moecache state is not seen here.
 """
@@ -46,7 +47,8 @@ def main(spec_path: str) -> None:
             tp = run.get("tensor_parallel_size", 1)
             llm = LLM(model=run["model"], skip_tokenizer_init=True, dtype="float32", max_model_len=128,
                       enforce_eager=run.get("enforce_eager", True), seed=0, tensor_parallel_size=tp,
-                      distributed_executor_backend="mp" if tp > 1 else None)
+                      distributed_executor_backend="mp" if tp > 1 else None,
+                      enable_expert_parallel=run.get("enable_expert_parallel", False))
             generated = llm.generate(prompts, params, use_tqdm=False)
             out["tokens"] = [list(g.outputs[0].token_ids) for g in generated]
             out["stats"] = backend.stats() if cls is not None else None

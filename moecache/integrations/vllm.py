@@ -209,6 +209,11 @@ class _Engine:
         self.started = False
 
     def add(self, layer) -> None:
+        if any(known is layer for known in self.layers):  # vLLM processed this layer's weights again
+            if self.cache is not None:
+                raise RuntimeError(f"moecache: the experts of {layer.layer_name} live in moecache's expert cache; "
+                                   "reloading vLLM's weights into an offloaded model is not supported")
+            return
         if self.started:
             raise RuntimeError(f"moecache: MoE layer {layer.layer_name} was processed after the model's first "
                                "forward; the expert cache covers the layers present then")
