@@ -23,7 +23,7 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (bash .ci/vllm 
 RUNS = Path(__file__).with_name("vllm_runs.py")
 PROMPTS = [[3, 17, 101, 45, 9, 250, 77], [200, 5], [12, 99, 140, 33, 61, 8, 190, 47, 2, 130, 66]]
 MAX_TOKENS = 10
-MODELS = ("qwen3_moe", "mixtral")
+MODELS = ("qwen3_moe", "mixtral", "qwen2_moe")  # qwen2_moe: a shared expert beside the routed ones
 LAYERS = 3
 EXPERTS = 8
 ENV_KEYS = (backend.ENABLE_ENV, backend.OFFLOAD_ENV, backend.POLICY_ENV, backend.LOOKAHEAD_ENV,
@@ -38,6 +38,7 @@ OFFLOADED = [
                                          backend.PREFETCH_LIMIT_ENV: "1.5"}),
     ("mixtral-lru", "mixtral", {backend.OFFLOAD_ENV: "0.25"}),
     ("mixtral-bytes", "mixtral", {backend.OFFLOAD_ENV: "40KiB", backend.POLICY_ENV: "lfu"}),
+    ("qwen2_moe-lru", "qwen2_moe", {backend.OFFLOAD_ENV: "0.25"}),
 ]
 
 # Refused configurations: (name, model, env, enforce_eager), each with what its error must say.
@@ -210,7 +211,7 @@ def test_engine_predictive_needs_the_runners_gate():
 
 # ---------------------------------------------------------------------------------------------- vLLM
 def _save_model(family: str, path: Path) -> None:
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
@@ -219,9 +220,13 @@ def _save_model(family: str, path: Path) -> None:
         # head_dim >= 32: vLLM's CPU attention needs it.
         config = Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, head_dim=32, num_experts=EXPERTS,
                                 decoder_sparse_step=1, norm_topk_prob=True, **common)
+    elif family == "qwen2_moe":
+        config = Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                num_experts=EXPERTS, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False,
+                                **common)
     else:
         config = MixtralConfig(intermediate_size=48, num_local_experts=EXPERTS, **common)
-    torch.manual_seed({"qwen3_moe": 1, "mixtral": 2}[family])
+    torch.manual_seed({"qwen3_moe": 1, "mixtral": 2, "qwen2_moe": 3}[family])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
 

@@ -321,6 +321,9 @@ def _define_method():
             config = get_current_vllm_config()
             self.activation_name, self.gated = _check_config(moe, config)
             self.engine = _engine_for(config)
+            # Offloaded experts stay in host memory while vLLM post-processes weights (by default it moves a
+            # layer's host parameters to the GPU for that, and back).
+            self.requires_device_loading = self.engine.offload is None
 
         @property
         def is_monolithic(self) -> bool:
