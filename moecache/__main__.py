@@ -213,12 +213,14 @@ def _demo(args) -> int:
     same = run("moecache, experts resident")
     moecache.unpatch(model)
     learned = None
-    if args.family == "trained" and args.policy == "predictive":  # the routing-path predictor shipped with it
+    if args.family == "trained" and args.policy in ("predictive", "budgeted"):  # the shipped routing predictor
         from .data import TINY_MOE_DIR
 
         path = TINY_MOE_DIR / "route_predictor.pt"
         learned = str(path) if path.is_file() else None
-    moecache.patch(model, offload=moecache.Offload(gpu_experts=args.budget, policy=args.policy, predictor=learned))
+    limit = None if args.policy != "budgeted" else (1.0 if args.prefetch_limit is None else args.prefetch_limit)
+    moecache.patch(model, offload=moecache.Offload(gpu_experts=args.budget, policy=args.policy, predictor=learned,
+                                                   prefetch_limit=limit))
     offloaded = run(f"moecache, offload {args.budget}")
     moecache.unpatch(model)
     for label, tokens in (("resident", same), ("offload", offloaded)):
@@ -247,6 +249,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,12 +271,17 @@ def main(argv=None) -> int:
                            "width on a GPU, scaled down on CPU)")
     demo.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default: 8 on a GPU, 4 on CPU)")
     demo.add_argument("--budget", type=_fraction, default=0.25, help="fraction of experts kept on the device")
-    demo.add_argument("--policy", default="predictive", choices=("lru", "lfu", "predictive"),
-                      help="predictive: lookahead gating (the learned predictor with --family trained)")
+    demo.add_argument("--policy", default="predictive", choices=("lru", "lfu", "predictive", "budgeted"),
+                      help="predictive: lookahead gating (the learned predictor with --family trained); budgeted: "
+                           "predictive within a copy allowance (--prefetch-limit)")
+    demo.add_argument("--prefetch-limit", type=_non_negative, default=None,
+                      help="with --policy budgeted: experts copied ahead per layer of compute (default 1)")
     demo.add_argument("--batch", type=_positive_int, default=1)
     demo.add_argument("--prompt", type=_positive_int, default=16, help="prompt tokens")
     demo.add_argument("--new-tokens", type=_positive_int, default=24)
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.prefetch_limit is not None and args.policy != "budgeted":
+        parser.error(f"argument --prefetch-limit: applies to --policy budgeted, not {args.policy}")
     logging.basicConfig(level=log_level() or "WARNING", stream=sys.stderr)
     return {"info": _info, "demo": _demo}[args.command](args)
 

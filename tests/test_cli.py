@@ -32,6 +32,16 @@ def test_demo_generates_unpatched_patched_and_offloaded_with_identical_tokens():
             assert line.strip().endswith("100.0%"), line
 
 
+@pytest.mark.parametrize("args", [["--policy", "budgeted"], ["--policy", "budgeted", "--prefetch-limit", "0.5"],
+                                  ["--policy", "budgeted", "--family", "trained"]])
+def test_demo_runs_the_budgeted_policy(args):
+    proc = _run("demo", "--new-tokens", "6", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "moecache, offload 0.25" in proc.stdout and proc.stdout.count("tokens/s") == 3
+    identical = [line for line in proc.stdout.splitlines() if "tokens identical" in line]
+    assert len(identical) == 2 and all(line.strip().endswith("100.0%") for line in identical), proc.stdout
+
+
 @pytest.mark.parametrize("family", ["moe-llava-phi2", "moe-llava-stablelm", "moe-llava-qwen"])
 def test_demo_runs_moe_llava_language_models(family):
     proc = _run("demo", "--family", family, "--new-tokens", "6", "--prompt", "12")
@@ -53,7 +63,9 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
 
 
 @pytest.mark.parametrize("args", [["--layers", "0"], ["--batch", "0"], ["--prompt", "0"], ["--device", "tpu"],
-                                  ["--layers", "-1"], ["--budget", "1.5"], ["--family", "llama"]])
+                                  ["--layers", "-1"], ["--budget", "1.5"], ["--family", "llama"],
+                                  ["--prefetch-limit", "-1", "--policy", "budgeted"], ["--prefetch-limit", "nan"],
+                                  ["--prefetch-limit", "2", "--policy", "lru"]])
 def test_demo_rejects_bad_arguments_with_a_message(args):
     proc = _run("demo", *args)
     assert proc.returncode == 2 and "error: argument" in proc.stderr and "Traceback" not in proc.stderr
