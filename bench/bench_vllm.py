@@ -54,8 +54,13 @@ def expert_bytes(model_dir: Path) -> int:
     return total
 
 
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+
+
 def _dtype_bytes(name: str) -> int:
-    return {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}.get(name, 2)
+    if name not in DTYPE_BYTES:
+        raise SystemExit(f"--model: expert tensors of safetensors dtype {name}; sizes known for {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
 
 
 def run_child(args) -> dict:
@@ -156,7 +161,6 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny random model through the same code (CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--cpu-offload-gb", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--expert-gib", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.child:

@@ -117,17 +117,21 @@ def method_class():
 def stats() -> dict | None:
     """This process's last engine: how many MoE layers moecache runs, how many calls, and with offload the
     expert cache's counters (hits, misses, bytes copied...); None before the first forward."""
-    engine = _last_engine() if _last_engine is not None else None
+    engine = _current_engine()
     return None if engine is None else engine.stats()
 
 
 def reset_stats() -> None:
     """Zero the counters `stats` reports (calls, and the expert cache's hits, misses, bytes...)."""
-    engine = _last_engine() if _last_engine is not None else None
+    engine = _current_engine()
     if engine is not None:
         engine.calls = 0
         if engine.cache is not None:
             engine.cache.reset_stats()
+
+
+def _current_engine() -> "_Engine | None":
+    return _last_engine() if _last_engine is not None else None
 
 
 def _register(method):
@@ -246,7 +250,7 @@ class _Engine:
         try:
             num_slots = offload.slots(len(layers), num_experts, record_bytes)
         except ValueError as exc:
-            raise ValueError(f"{OFFLOAD_ENV}={os.environ.get(OFFLOAD_ENV)!r}: {exc}") from None
+            raise ValueError(f"{OFFLOAD_ENV}={str(offload.gpu_experts)!r}: {exc}") from None
         if offload.policy in PREDICTING:
             routers = []
             for layer in layers:
@@ -301,8 +305,8 @@ class _Engine:
 def _engine_for(vllm_config) -> _Engine:
     """One engine per model (per vLLM config) in this process."""
     context = vllm_config.compilation_config.static_forward_context
-    engine = _engines.get(id(context))
-    if engine is None or engine.forward_context is not context:
+    engine = _engines.get(id(context))  # a live engine keeps its context alive, so the id is not reused
+    if engine is None:
         engine = _Engine(context, offload_from_env())
         _engines[id(context)] = engine
     return engine
