@@ -37,7 +37,7 @@ def _mla_decode_split_kernel(
     Hq, R, P, block_size, num_blocks, max_blocks, num_splits, min_split_pages, qk_scale,
     stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kvb, stride_kvt, stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, PAGE_ALIGNED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One (head block, split, request): partial out [BLOCK_H, R] and lse [BLOCK_H] of its pages.
@@ -74,10 +74,15 @@ def _mla_decode_split_kernel(
     for t0 in range(start, end, BLOCK_N):
         o_t = t0 + tl.arange(0, BLOCK_N)
         m_t = o_t < end
-        # Each token's page from the block table: any block_size works, pages in any order.
-        page = tl.load(table_ptr + b * stride_tb + o_t // block_size, mask=m_t, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
-        p_row = kv_ptr + page.to(tl.int64) * stride_kvb + (o_t % block_size).to(tl.int64) * stride_kvt
+        if PAGE_ALIGNED:
+            page = tl.load(table_ptr + b * stride_tb + t0 // block_size)
+            page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
+            p_row = kv_ptr + page.to(tl.int64) * stride_kvb + ((t0 % block_size) + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_kvt
+        else:
+            # Each token's page from the block table: any block_size works, pages in any order.
+            page = tl.load(table_ptr + b * stride_tb + o_t // block_size, mask=m_t, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
+            p_row = kv_ptr + page.to(tl.int64) * stride_kvb + (o_t % block_size).to(tl.int64) * stride_kvt
         # Masked loads (not just masked scores): rows past seq_len may hold anything, NaN included.
         b_kv = tl.load(p_row[:, None] + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0.0)
         b_kr = tl.load(p_row[:, None] + R + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.0)
@@ -157,9 +162,17 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     [BLOCK_H, R] lives in registers: for R = 512 (DeepSeek), ptxas (sm_90, triton 3.6) fits 32 heads
     with 8 warps and BLOCK_N = 32 without spilling, while 64 heads spill (8 or 16 warps). tl.dot
     needs every dimension >= 16, so heads, rope and token blocks are padded to 16.
-    num_splits: enough programs for ~2 per SM (B * splits * head_blocks ~ 2 x SMs), never more than
-    the pages a request can hold; on the GPU a split spans >= 256 tokens, so the fp32 partials stay
-    small next to the cache rows they summarise. Not tuned yet on the GPU: re-measure.
+    BLOCK_N divides the page where it can (32 rows, 16 in fp32 or where 32 does not divide it), so a
+    step reads within one page: one block-table entry per step instead of one per token.
+    num_stages: the cache rows of a step are addressed through the block table, a load whose result
+    makes the next load's address; Triton's pipeliner then keeps two row buffers (the copy of step
+    i + 1 in flight while step i computes) only from 5 stages up (sm_90, triton 3.6: with 2-4 stages
+    one buffer, so every step waits for its own copy; tests/aot_compile.py checks the buffers).
+    num_splits: the count whose programs finish soonest, counting waves of `blocks_per_sm` programs
+    per SM (the sm_90 footprint of these configs: 16 heads of R = 512 in fp16/bf16 take 188
+    registers x 128 threads and 93 KB of shared memory, two per SM; tests/aot_compile.py checks it)
+    times the pages each program reads; ties go to fewer splits, whose fp32 partials are fewer bytes.
+    On the GPU a split spans >= 256 tokens. Not yet timed on a GPU.
     """
     block_r = triton.next_power_of_2(kv_lora_rank)
     block_p = max(16, triton.next_power_of_2(rope_dim))
@@ -168,15 +181,23 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
         max_h = 16  # fp32 rows are twice the registers: 32 heads spill at R = 512 (tests/aot_compile.py)
     block_h = min(max_h, max(16, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
-    block_n = 32
+    block_n = 16 if itemsize >= 4 else 32  # fp32: two buffers of 32 rows would exceed sm_80's shared memory
+    if block_size % block_n and block_size % 16 == 0:
+        block_n = 16
+    num_warps = 4 if block_h * block_r * itemsize <= 16384 else 8
+    blocks_per_sm = 2 if block_h * block_r * itemsize <= 16384 else 1
     # The interpreter takes one-page splits so small test sequences still exercise the combine.
     min_split_pages = 1 if interpreting else triton.cdiv(256, block_size)
     most = min(MAX_SPLITS, triton.cdiv(max_blocks, min_split_pages))
-    num_splits = max(1, min(most, triton.cdiv(2 * sm_count, batch * head_blocks)))
-    num_warps = 4 if block_h * block_r * itemsize <= 16384 else 8
+
+    def finish(splits):  # (waves of programs) x (pages per program), in page reads
+        pages = max(triton.cdiv(max_blocks, splits), min_split_pages)
+        return triton.cdiv(batch * head_blocks * splits, blocks_per_sm * sm_count) * pages
+
+    num_splits = min(range(1, most + 1), key=lambda s: (finish(s), s))
     return {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_R": block_r, "BLOCK_P": block_p,
-            "num_splits": num_splits, "min_split_pages": min_split_pages,
-            "num_warps": num_warps, "num_stages": 1 if interpreting else 2}
+            "num_splits": num_splits, "min_split_pages": min_split_pages, "blocks_per_sm": blocks_per_sm,
+            "num_warps": num_warps, "num_stages": 1 if interpreting else 5}
 
 
 def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, *, scale, config,
@@ -205,7 +226,7 @@ def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, ls
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         *part_strides, part_lse.stride(0), part_lse.stride(1),
-        IEEE=q_latent.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=config["BLOCK_N"],
+        IEEE=q_latent.dtype == torch.float32, PAGE_ALIGNED=block_size % config["BLOCK_N"] == 0, BLOCK_H=block_h, BLOCK_N=config["BLOCK_N"],
         BLOCK_R=config["BLOCK_R"], BLOCK_P=config["BLOCK_P"],
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:

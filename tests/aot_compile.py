@@ -146,12 +146,12 @@ def occupancy(regs: int, warps: int, smem: int, arch: int) -> int:
 _compiled: dict = {}
 
 
-def compile_launch(tag, kernel, grid, args, kwargs, *, arch, float_type, production):
+def compile_launch(tag, kernel, grid, args, kwargs, *, arch, float_type, production, expect=None):
     sig, cex, attrs, opts = specialise(kernel, args, kwargs, float_type)
     key = (kernel.__name__, arch, json.dumps(sig, sort_keys=True), repr(sorted(cex.items())),
            repr(sorted(attrs.items())), repr(sorted(opts.items())))
     row = {"tag": tag, "kernel": kernel.__name__, "arch": arch, "grid": [int(g) for g in grid],
-           "float_type": float_type, "production": production,
+           "float_type": float_type, "production": production, "expect": expect,
            "constexprs": {kernel.arg_names[k[0]]: v if isinstance(v, (int, float, bool, str)) else str(v)
                           for k, v in cex.items()}, **opts}
     if key in _compiled:
@@ -166,9 +166,11 @@ def compile_launch(tag, kernel, grid, args, kwargs, *, arch, float_type, product
         ptx = compiled.asm["ptx"]
         smem = compiled.metadata.shared
         warps = compiled.metadata.num_warps
+        # Shared-memory ring buffers the pipeliner made for rank-2 tiles (memdesc<N x rows x cols>).
+        rings = [int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])]
         result = {**ptxas_report(ptx, arch), "smem": smem, "num_warps": warps,
                   "num_stages": compiled.metadata.num_stages, "fences": len(re.findall(r"\bfence\.", ptx)),
-                  "barriers": len(re.findall(r"\bbar\.sync\b", ptx))}
+                  "barriers": len(re.findall(r"\bbar\.sync\b", ptx)), "tile_buffers": max(rings, default=0)}
         result["blocks_per_sm"] = occupancy(result["regs"], warps, smem, arch)
     result["compile_s"] = round(time.time() - t0, 2)
     _compiled[key] = result
@@ -187,6 +189,12 @@ def problems(row) -> list[str]:
         out.append(f"spills {row['spill_stores']}/{row['spill_loads']} B")
     if row["kernel"] == "_align_kernel" and row["fences"]:
         out.append(f"{row['fences']} fences in the align kernel (atomics must be relaxed)")
+    expect = row.get("expect") or {}
+    if row["arch"] == 90 and row["blocks_per_sm"] < expect.get("blocks_per_sm", 0):  # the sm_90 footprint
+        out.append(f"{row['blocks_per_sm']} programs fit an SM; the split count assumes {expect['blocks_per_sm']}")
+    if row["tile_buffers"] < expect.get("tile_buffers", 0):
+        out.append(f"{row['tile_buffers']} buffer(s) per loaded tile; the config means to keep {expect['tile_buffers']} "
+                   "(a copy in flight while the previous tile computes)")
     return out
 
 
@@ -222,7 +230,10 @@ def mla_launches(B, Hq, dtype, R=512, P=64, block_size=64, max_blocks=128, sm_co
     md.mla_decode_launch(meta((B, Hq, R), dtype), meta((B, Hq, P), dtype), meta((4096, block_size, R + P), dtype),
                          meta((B, max_blocks), torch.int32), meta((B,), torch.int32), meta((B, Hq, R), dtype),
                          meta((B, Hq), torch.float32), scale=0.07, config=config, launcher=cap)
-    return cap.records
+    # What the configuration counts on: the split count's programs per SM, and the cache rows of step i + 1
+    # copied while step i computes (two buffers).
+    expect = {"blocks_per_sm": config["blocks_per_sm"], "tile_buffers": 2}
+    return [(k, g, a, kw, expect if k is md._mla_decode_split_kernel else None) for k, g, a, kw in cap.records]
 
 
 def launches(group):
@@ -276,9 +287,9 @@ def main(argv=None) -> int:
     rows, bad = [], []
     for group in args.groups.split(","):
         for tag, production, records in launches(group):
-            for kernel, grid, a, kw in records:
+            for kernel, grid, a, kw, *expect in records:
                 row = compile_launch(tag, kernel, grid, a, kw, arch=args.arch, float_type=args.float_type,
-                                     production=production)
+                                     production=production, expect=expect[0] if expect else None)
                 rows.append(row)
                 found = problems(row)
                 if found:

@@ -145,6 +145,28 @@ def test_split_counts_and_empty_splits(splits):
     assert len(launched) == (1 if splits == 1 else 2), launched
 
 
+@pytest.mark.parametrize("block_size,block_n", [(32, 32), (64, 16), (48, 32)], ids=["page-32rows", "page-16rows", "per-token"])
+def test_steps_within_a_page_and_across_pages(block_size, block_n):
+    """A step that lies within one page looks the page up once (block sizes BLOCK_N divides); otherwise
+    every row looks up its own page (48-token pages, 32-row steps). Both read the same rows."""
+    case = make_case([1, 47, 100, 129], 4, block_size=block_size)
+    out, lse = _launch(case, BLOCK_N=block_n, num_splits=3)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+def test_split_count_fills_whole_waves():
+    """The split count minimises waves x pages per program: 64 requests of 64 pages with 2 programs on
+    each of 132 SMs take 4 splits (256 programs, one wave of 16 pages), not 5 (two waves of 13)."""
+    from moecache.kernels.mla_decode import select_config
+
+    config = select_config(64, 16, 512, 64, 64, 64, 132, False, itemsize=2)
+    assert (config["num_splits"], config["blocks_per_sm"]) == (4, 2)
+    # One request: as many splits as its pages allow (>= 256 tokens each), one wave.
+    assert select_config(1, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 16
+    # More requests than programs fit: no split (the combine would only add bytes).
+    assert select_config(512, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 1
+
+
 def test_several_head_blocks():
     """20 heads in blocks of 16: two head blocks re-read the same pages."""
     case = make_case([40, 7], 20, block_size=16)
