@@ -158,10 +158,30 @@ class HostEngine final : public CopyEngine {
 
 #ifdef MOECACHE_WITH_CUDA
 // ------------------------------------------------------------------ CUDA backend
+// Makes the engine's device current for one call and gives the caller's thread its own device back
+// (torch keeps its current device per thread; events and streams belong to the device current when made).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    switched_ = previous_ != device;
+    if (switched_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 class CudaEngine final : public CopyEngine {
  public:
   CudaEngine(std::int32_t* map, int device) : map_(map), device_(device) {
-    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard guard(device_);
     int least = 0, greatest = 0;
     check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
     check_cuda(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreateWithPriority");
@@ -170,6 +190,8 @@ class CudaEngine final : public CopyEngine {
   }
 
   ~CudaEngine() override {
+    int previous = 0;
+    cudaGetDevice(&previous);
     cudaSetDevice(device_);
     cudaStreamSynchronize(copy_stream_);
     for (auto& b : inflight_) release_events(b.begin, b.done);
@@ -178,12 +200,13 @@ class CudaEngine final : public CopyEngine {
     cudaEventDestroy(fence_);
     cudaEventDestroy(other_fence_);
     cudaStreamDestroy(copy_stream_);
+    cudaSetDevice(previous);
   }
 
   std::uint64_t submit(const std::vector<MapWrite>& invalidate, const std::vector<CopyJob>& copies,
                        const std::vector<MapWrite>& validate, std::uintptr_t compute_stream,
                        std::uint64_t after) override {
-    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard guard(device_);
     check_not_capturing(compute_stream);
     note_stream(compute_stream);
     auto compute = reinterpret_cast<cudaStream_t>(compute_stream);
@@ -242,7 +265,7 @@ class CudaEngine final : public CopyEngine {
   }
 
   void clear_map(const std::vector<std::int32_t>& indices) override {
-    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard guard(device_);
     std::vector<MapWrite> writes;
     for (std::int32_t i : indices) writes.push_back({i, -1});
     write_map(writes, copy_stream_);
@@ -259,10 +282,13 @@ class CudaEngine final : public CopyEngine {
     return completed_;
   }
 
-  void wait(std::uint64_t ticket, std::uintptr_t compute_stream) override { wait(ticket, compute_stream, true); }
+  void wait(std::uint64_t ticket, std::uintptr_t compute_stream) override {
+    DeviceGuard guard(device_);
+    wait(ticket, compute_stream, true);
+  }
 
   void synchronize() override {
-    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard guard(device_);
     check_cuda(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize (copy stream)");
     poll();
   }

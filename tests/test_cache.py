@@ -348,13 +348,13 @@ def test_gpu_pool_larger_than_free_memory_is_refused_before_allocating():
         ExpertCache(layers, num_slots=free // record + 10)
 
 
-# ------------------------------------------------------------------ concurrency and failures (host backend)
+# ------------------------------------------------------------------ concurrency and failures (host backend, on any machine)
 def test_in_place_decode_under_concurrent_prefetches_stays_right():
     """Regression: cache.moe on the in-place path while other threads prefetch (evicting slots) read
     evicted slots; the resident experts it reads are now leased until the kernel has them."""
     L, E, H, I, K = 3, 12, 32, 16, 3
     layers = random_layers(L=L, E=E, H=H, I=I)
-    with ExpertCache(layers, num_slots=5, policy="lru") as cache:
+    with ExpertCache(layers, num_slots=5, policy="lru", device="cpu") as cache:
         stop, errors = threading.Event(), []
 
         def prefetcher(seed):
@@ -392,7 +392,7 @@ def test_copy_path_waits_for_other_leases_instead_of_failing():
     evicted"; it now waits for a lease to end."""
     L, E, H, I, K = 2, 8, 32, 16, 2
     layers = random_layers(L=L, E=E, H=H, I=I)
-    with ExpertCache(layers, num_slots=3) as cache:
+    with ExpertCache(layers, num_slots=3, device="cpu") as cache:
         held = cache.ensure(0, [0, 1, 2])  # every slot leased by "another call"
         x = torch.randn(20, H)
         w, ids = route_reference(torch.randn(20, E), K)
@@ -409,7 +409,7 @@ def test_prefetch_before_compute_cannot_evict_the_layer_being_computed():
     resident experts (LRU, 4 slots: [0, 1, 2, 3] -> []), which were then read from the host."""
     L, E, H, I = 2, 8, 32, 16
     layers = random_layers(L=L, E=E, H=H, I=I)
-    with ExpertCache(layers, num_slots=4, policy="lru") as cache:
+    with ExpertCache(layers, num_slots=4, policy="lru", device="cpu") as cache:
         cache.prefetch(0, [0, 1, 2, 3])
         cache.synchronize()
         x = torch.randn(2, H)
@@ -431,7 +431,7 @@ def test_a_failed_copy_batch_leaves_the_cache_consistent(policy):
     later result right."""
     L, E, H, I, K = 2, 8, 32, 16, 2
     layers = random_layers(L=L, E=E, H=H, I=I)
-    with ExpertCache(layers, num_slots=4, policy=policy) as cache:
+    with ExpertCache(layers, num_slots=4, policy=policy, device="cpu") as cache:
         cache.prefetch(0, [0, 1, 2, 3])
         cache.synchronize()
         cache._core._inject_copy_failures(1)
@@ -458,7 +458,7 @@ def test_closing_while_threads_run_raises_cleanly():
     """Regression: closing the cache while other threads called it gave AttributeErrors."""
     L, E, H, I, K = 2, 8, 32, 16, 2
     layers = random_layers(L=L, E=E, H=H, I=I)
-    cache = ExpertCache(layers, num_slots=3)
+    cache = ExpertCache(layers, num_slots=3, device="cpu")
     errors, done = [], threading.Event()
 
     def worker(seed):

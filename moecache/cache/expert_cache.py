@@ -150,6 +150,10 @@ class ExpertCache:
         for t in (self._pool, self._map, self._device_host_bytes, self._slot_gate_up, self._slot_down,
                   *(self._device_host_views or ())):
             mark_static_address(t)
+        if self.device.type == "cuda":
+            # The map's -1 fill is queued on this stream; the copy engine writes the map from its own
+            # (non-blocking) stream, so the fill must have landed before the first copy can validate a slot.
+            torch.cuda.current_stream(self.device).synchronize()
         self._core = _C.CacheCore(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
