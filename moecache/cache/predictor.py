@@ -27,10 +27,16 @@ class RouterSpec:
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32 ranking scores (top-k of these is the router's top-k choice, groups aside)."""
-        logits = torch.nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias).float()
-        if self.correction is not None:
-            return torch.sigmoid(logits) + self.correction.float()
-        return logits
+        logits = torch.nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)
+        return ranking_scores(logits, self.correction)
+
+
+def ranking_scores(logits: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
+    """A router's [T, E] logits as fp32 scores whose top-k is its choice: sigmoid plus the selection
+    bias where the router has one (DeepSeek-V3 e_score_correction_bias), else the logits themselves."""
+    if correction is not None:
+        return torch.sigmoid(logits.float()) + correction.float()
+    return logits.float()
 
 
 @dataclass

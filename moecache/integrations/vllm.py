@@ -192,11 +192,10 @@ class _GateScores:
         self.correction = correction  # DeepSeek-V3-style selection bias, added to sigmoid scores for ranking
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from ..cache.predictor import ranking_scores
+
         out = self.gate(hidden_states)
-        logits = (out[0] if isinstance(out, tuple) else out).float()
-        if self.correction is not None:
-            return torch.sigmoid(logits) + self.correction.float()
-        return logits
+        return ranking_scores(out[0] if isinstance(out, tuple) else out, self.correction)
 
 
 class _Engine:
