@@ -330,8 +330,35 @@ def test_gpu_moe_llava_bf16_patched_and_offloaded(family):
     shape = replace(SHAPES[family], layers=4, vocab=1024)  # full width, fewer layers
     model = build_language_model(shape, dtype=torch.bfloat16, device="cuda", seed=3)
     ids = torch.randint(3, 1024, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    ref = seeded(model_logits, model, ids).float()
+    ref_inputs, ref_outputs = moe_layer_io(model, shape, ids)
     for offload in (None, moecache.Offload(gpu_experts=0.5, policy="predictive")):
         moecache.patch(model, offload=offload)
-        assert_close(seeded(model_logits, model, ids).float(), ref, torch.bfloat16)
+        _, outputs = moe_layer_io(model, shape, ids, inputs=ref_inputs)
+        for layer, (out, ref) in enumerate(zip(outputs, ref_outputs)):
+            assert_close(out.float(), ref.float(), torch.bfloat16, name=f"MoE layer {layer}")
         moecache.unpatch(model)
+
+
+def moe_layer_io(model, shape, ids, inputs=None):
+    """Each MoE layer's input and output in one seeded forward. With `inputs`, each MoE layer reads the
+    given input instead of its own: in bf16 the hidden states reaching a later MoE layer differ by rounding
+    between two runs, which can flip a near-tied top-2 choice (seen on CPU for MoE-LLaVA-Qwen's second MoE
+    layer) and then whole tokens differ; fed the same input, a layer must give the same output."""
+    seen_in, seen_out, hooks = [], [], []
+
+    def record(module, args, output):
+        seen_in.append(args[0].detach().clone())
+        seen_out.append(output.detach().clone())
+
+    for i, layer_idx in enumerate(shape.moe_layers):
+        moe = model.model.layers[layer_idx].mlp
+        if inputs is not None:
+            hooks.append(moe.register_forward_pre_hook(lambda module, args, i=i: (inputs[i],) + tuple(args[1:])))
+        hooks.append(moe.register_forward_hook(record))  # after the layer's own hook, which unwraps its tuple
+    try:
+        seeded(model_logits, model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen_out) == len(shape.moe_layers)
+    return seen_in, seen_out

@@ -131,14 +131,16 @@ def _moe_output_only(module, args, output):
 
 
 def _reinit_expert(expert: nn.Module, generator: torch.Generator) -> None:
-    """Distinct random experts (MoE-LLaVA starts them as copies of one FFN; trained, they differ)."""
+    """Distinct random experts (MoE-LLaVA starts them as copies of one FFN; trained, they differ).
+    Drawn on the generator's device (an enclosing torch.device context would otherwise pick the model's)."""
     for layer in expert.modules():
         if isinstance(layer, nn.Linear):
             with torch.no_grad():
-                w = torch.randn(layer.weight.shape, generator=generator) * layer.in_features ** -0.5
-                layer.weight.copy_(w.to(layer.weight.dtype))
+                w = torch.randn(layer.weight.shape, generator=generator, device=generator.device)
+                layer.weight.copy_((w * layer.in_features ** -0.5).to(layer.weight.dtype))
                 if layer.bias is not None:
-                    layer.bias.copy_((torch.randn(layer.bias.shape, generator=generator) * 0.1).to(layer.bias.dtype))
+                    b = torch.randn(layer.bias.shape, generator=generator, device=generator.device)
+                    layer.bias.copy_((b * 0.1).to(layer.bias.dtype))
 
 
 def _install_moe(model: nn.Module, shape: LanguageModelShape, moe_class, num_experts: list[int] | None = None,
