@@ -60,7 +60,7 @@ from moecache import Offload  # noqa: E402
 from moecache.analysis.replay import RoutingReplay, map_routes, record_token_routes  # noqa: E402
 from moecache.analysis.workloads import sample_prompts  # noqa: E402
 from moecache.cache.scheduler import generate_scheduled  # noqa: E402
-from moecache.compat import set_experts_implementation  # noqa: E402
+from moecache.compat import decode_experts_implementation, set_experts_implementation  # noqa: E402
 from moecache.models import llava  # noqa: E402
 from moecache.models.vision import VISION, build_vision_tower, scaled_down_vision  # noqa: E402
 
@@ -92,27 +92,34 @@ ROUTINGS = ("random-weights", "replayed")
 POLICIES = ("on-demand", "lru-prefetch", "predict-only", "predict-only-learned", "predictive", "budgeted", "in-order",
             "scheduled")
 
-# Each slice fits one GPU call of under 9 minutes (--deadline stops starting configurations before the
-# limit; what is left is listed as not run). Slice 1 alone answers the headline question at one budget.
+# Each slice is sized for one GPU call of under 9 minutes (the earlier H200 rows, scaled from 4 layers to
+# full depth, put eager decode at roughly 5-12 steps/s: a slice holds a few dozen request batches); --deadline stops starting
+# configurations before the limit, and what is left is listed as not run. Rows are written as they are
+# measured. Slice 1 alone answers the headline question at one budget, MoE rows next to their dense pair.
 GPU_SLICES = {
-    1: dict(models="moe-llava-phi2,vl2-small,llava-1.5-7b,llava-1.5-13b", mixes="mmmu,mathvista", batches="1,16",
-            new_tokens="128", budgets="0.5", routing="random-weights,replayed", modes="eager",
-            policies="on-demand,lru-prefetch,predictive,in-order,scheduled"),
-    2: dict(models="moe-llava-phi2,vl2-small", mixes="mmmu", batches="1,16", new_tokens="16,512", budgets="0.5",
-            routing="replayed", modes="eager", policies="on-demand,predict-only,predict-only-learned,predictive"),
-    3: dict(models="moe-llava-stablelm,moe-llava-qwen,vl2-base", mixes="mmmu,mathvista", batches="1,16",
-            new_tokens="128", budgets="0.5", routing="random-weights,replayed", modes="eager",
-            policies="on-demand,predictive,in-order,scheduled"),
-    4: dict(models="moe-llava-phi2,vl2-small,llava-1.5-7b,llava-1.5-13b", mixes="mmmu", batches="1,16",
-            new_tokens="128", budgets="0.25,0.5", routing="random-weights", modes="graph,eager",
-            policies="on-demand,predictive"),
+    1: dict(models="vl2-small,llava-1.5-7b,moe-llava-phi2,llava-1.5-13b", mixes="mmmu", batches="1,16",
+            new_tokens="64", budgets="0.5", routing="random-weights", modes="eager", requests=1,
+            providers="hf:eager,moecache,offload", policies="on-demand,predictive,in-order,scheduled"),
+    2: dict(models="moe-llava-phi2,vl2-small", mixes="mmmu", batches="1,16", new_tokens="16,256", budgets="0.5",
+            routing="random-weights,replayed", modes="eager", requests=1, providers="moecache,offload",
+            policies="on-demand,predict-only,predict-only-learned,predictive"),
+    3: dict(models="vl2-base,moe-llava-stablelm,moe-llava-qwen", mixes="mathvista", batches="1,16",
+            new_tokens="64", budgets="0.5", routing="random-weights,replayed", modes="eager", requests=1,
+            providers="hf:eager,moecache,offload", policies="on-demand,predictive,in-order,scheduled"),
+    4: dict(models="vl2-small,moe-llava-phi2,llava-1.5-7b", mixes="mmmu", batches="1,16", new_tokens="64",
+            budgets="0.25,0.5", routing="random-weights", modes="eager,graph", requests=1,
+            providers="hf:grouped_mm,hf:cpu-offload,moecache,offload", policies="on-demand,predictive,budgeted"),
 }
+PROVIDERS = ("hf:eager", "hf:grouped_mm", "hf:cpu-offload", "moecache", "offload")
 
 
-def check_grid(models: str, routing: str, policies: str, modes: str | None) -> None:
+def check_grid(models: str, routing: str, policies: str, modes: str | None, providers: str,
+               graph_providers: str | None = None) -> None:
     """Unknown names in a grid are refused up front, naming the argument (a typo would silently run less)."""
     for arg, given, known in (("--models", models, MODELS), ("--routing", routing, ROUTINGS),
-                              ("--policies", policies, POLICIES), ("--modes", modes or "eager", ("eager", "graph"))):
+                              ("--policies", policies, POLICIES), ("--modes", modes or "eager", ("eager", "graph")),
+                              ("--providers", providers, PROVIDERS),
+                              ("--graph-providers", graph_providers or providers, PROVIDERS)):
         unknown = [x for x in given.split(",") if x not in known]
         if unknown:
             raise SystemExit(f"bench_e2e: {arg} {','.join(unknown)} unknown; choose from {','.join(known)}")
@@ -210,13 +217,19 @@ class Phases:
             def timed_predict(*args, **kwargs):
                 begin, t0 = Mark(on_gpu), time.perf_counter()
                 out = inner(*args, **kwargs)
-                self.predict_host_s[self.phase] += time.perf_counter() - t0
+                if self.phase is not None:
+                    self.predict_host_s[self.phase] += time.perf_counter() - t0
                 if self.phase == "decode":
                     self.predict_marks.append((begin, Mark(on_gpu)))
                 return out
             predictor.predict = timed_predict
 
     def _begin(self, module, args, kwargs):
+        if "use_cache" not in kwargs:
+            # Not a generation step (generate passes use_cache): the scheduler's routing pass, whose time
+            # counts as the scheduler's, not as prefill.
+            self.phase = None
+            return
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             ids = kwargs["inputs_embeds"]
@@ -226,6 +239,8 @@ class Phases:
         self.start = Mark(self.on_gpu)
 
     def _end(self, module, args, output):
+        if self.phase is None:
+            return
         self.forward_ms[self.phase].append((self.start, Mark(self.on_gpu)))
         after = _counters(self.model)
         acc = self.counters[self.phase]
@@ -273,16 +288,20 @@ class CpuOffloadHooks:
 
     def __init__(self, model, device):
         self.device, self.saved, self.handles = device, [], []
-        for name, module in model.named_modules():
-            if not name.endswith(".experts"):
-                continue
-            params = list(module.parameters())
-            host = [p.data.to("cpu").pin_memory() if device.type == "cuda" else p.data.clone() for p in params]
-            for p in params:
-                p.data = torch.empty(0, dtype=p.dtype, device=device)
-            self.saved.append((params, host))
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, ps=params, hs=host: self._load(ps, hs)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o, ps=params: self._drop(ps)))
+        try:
+            for name, module in model.named_modules():
+                if not name.endswith(".experts"):
+                    continue
+                params = list(module.parameters())
+                host = [p.data.to("cpu").pin_memory() if device.type == "cuda" else p.data.clone() for p in params]
+                for p in params:
+                    p.data = torch.empty(0, dtype=p.dtype, device=device)
+                self.saved.append((params, host))
+                self.handles.append(module.register_forward_pre_hook(lambda m, a, ps=params, hs=host: self._load(ps, hs)))
+                self.handles.append(module.register_forward_hook(lambda m, a, o, ps=params: self._drop(ps)))
+        except BaseException:  # e.g. pinning ran out of host memory: the model gets its weights back
+            self.remove()
+            raise
 
     def _load(self, params, host):
         for p, h in zip(params, host):
@@ -298,13 +317,24 @@ class CpuOffloadHooks:
         for params, host in self.saved:
             for p, h in zip(params, host):
                 p.data = h.to(self.device)
+        self.saved.clear()
+        # torch's pinned-memory allocator keeps freed blocks cached (sizes rounded up to powers of two):
+        # give them back, or the next provider's pinned expert store may not fit in host memory.
+        if self.device.type == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 def providers(facts: dict, budgets: list[float], batch: int, routing: str, policies: list[str],
-              learned_path: str | None) -> list[tuple[str, str | None, Offload | None]]:
-    """(provider, policy, offload) rows that apply to this model, routing and batch."""
+              learned_path: str | None, wanted=PROVIDERS) -> list[tuple[str, str | None, Offload | None]]:
+    """(provider, policy, offload) rows that apply to this model, routing and batch, of the `wanted` kinds
+    ("offload" stands for every offload{budget}:{policy})."""
     if facts["kind"] == "dense":
         return [("hf:eager", None, None)] if routing == "random-weights" else []
+    return [p for p in _moe_providers(facts, budgets, batch, routing, policies, learned_path)
+            if (p[0] if p[2] is None else "offload") in wanted]
+
+
+def _moe_providers(facts, budgets, batch, routing, policies, learned_path):
     out = []
     if routing == "random-weights":
         out.append(("hf:eager", None, None))
@@ -398,8 +428,6 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "graph":
         kwargs["cache_implementation"] = "static"
-        model.__dict__.pop("_compiled_call", None)
-        torch._dynamo.reset()
     info = {"scheduler_s": 0.0}
     groups: list = []
 
@@ -427,10 +455,13 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
             replay.prepare([[offset + r for r in g] for g in groups] or [list(range(offset, offset + ids.shape[0]))],
                            ids.shape[1], new_tokens, ids.device)
         prefill_graph_ms = None
-        if mode == "graph":  # no hooks inside compiled decode: prefill is timed as its own forward
+        if mode == "graph":  # no hooks inside compiled decode: prefill is timed as a one-token generate
+            if replay is not None:
+                replay.reset()
+                replay.requests = list(range(offset, offset + ids.shape[0]))
             sync(device)
             t0 = time.perf_counter()
-            model(ids, attention_mask=mask)
+            model.generate(ids, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
             sync(device)
             prefill_graph_ms = (time.perf_counter() - t0) * 1e3
         phases = Phases(model, on_gpu, predictor) if mode == "eager" else None
@@ -485,6 +516,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", default="0.5", help="fractions of all experts on the GPU")
     parser.add_argument("--routing", default=",".join(ROUTINGS))
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="kinds of rows: hf:eager, hf:grouped_mm, hf:cpu-offload, moecache, offload (every "
+                             "offload{budget}:{policy}); dense models always get hf:eager")
+    parser.add_argument("--graph-providers", default=None,
+                        help="the kinds that also run in graph mode (default: --providers); hf:eager there is "
+                             "transformers' own static cache + compile, whose compile of a full-depth model is long")
     parser.add_argument("--modes", default=None, help="eager,graph (graph on a GPU only)")
     parser.add_argument("--prompt-scale", type=float, default=1.0, help="prompt lengths multiplied by this")
     parser.add_argument("--requests", type=int, default=4,
@@ -509,7 +546,7 @@ def main(argv=None) -> int:
             args.checkpoint = str(TINY_MOE_LLAVA_DIR)
         args.h2d_gbps = args.h2d_gbps or 55.0  # the H200's pinned rate, assumed: the CPU has no PCIe link to time
         args.mixes = "mmmu,mathvista"
-    check_grid(args.models, args.routing, args.policies, args.modes)
+    check_grid(args.models, args.routing, args.policies, args.modes, args.providers, args.graph_providers)
     if not args.quick and not on_gpu:
         raise SystemExit("bench_e2e: full sizes need a GPU; use --quick on CPU")
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -525,11 +562,25 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     routings = args.routing.split(",")
     policies = args.policies.split(",")
+    wanted = args.providers.split(",")
+    in_graph = (args.graph_providers or args.providers).split(",")
     rows, not_run = [], []
+
+    def emit(row):  # each row is written when measured, so a run killed at its time limit keeps its rows
+        rows.append(row)
+        if args.json:
+            append_rows(args.json, [row])
+
+    def late() -> bool:
+        return bool(args.deadline) and time.perf_counter() - started > args.deadline
+
     sources = record_sources(args, device, dtype, max(batches), max(sweep)) if "replayed" in routings else {}
     tmp = tempfile.mkdtemp(prefix="moecache-study-")
     names = args.models.split(",") + (["checkpoint"] if args.checkpoint else [])
     for name in names:
+        if late():  # not even built: the models left are listed as not run
+            not_run.append(dict(model=name))
+            continue
         if name == "checkpoint":
             model, facts = load_checkpoint(args.checkpoint, device, dtype)
             model_routings = ["checkpoint"]
@@ -548,8 +599,8 @@ def main(argv=None) -> int:
             if routing == "replayed":
                 source = sources.get(facts["family"]) if facts["kind"] == "moe" else None
                 if facts["kind"] == "moe" and source is None:
-                    rows.append({**env, "benchmark": "bench_e2e.skipped", "model": name, "routing": routing,
-                                 "reason": f"no trained source model recorded for the {facts['family']} family"})
+                    emit({**env, "benchmark": "bench_e2e.skipped", "model": name, "routing": routing,
+                          "reason": f"no trained source model recorded for the {facts['family']} family"})
                     continue
                 if source is not None:
                     mapped = map_routes(source, facts["moe_layers"], facts["num_experts"], facts["top_k"], seed=args.seed)
@@ -557,6 +608,15 @@ def main(argv=None) -> int:
             for mix in args.mixes.split(","):
                 for B in batches:
                     for new_tokens in sweep:
+                        todo = providers(facts, budgets, B, routing, policies, learned, wanted)
+                        runs = [(mode, p) for mode in modes for p in todo
+                                if mode == "eager" or (p[0] if p[2] is None else "offload") in in_graph
+                                or facts["kind"] == "dense"]
+                        keys = [dict(model=name, routing=label, mix=mix, batch=B, new_tokens=new_tokens,
+                                     provider=p[0], mode=mode) for mode, p in runs]
+                        if late():  # nothing of this point starts: no vision tower run either
+                            not_run.extend(keys)
+                            continue
                         R = -(-max(B, args.requests) // B) * B  # whole batches of B, at least --requests requests
                         prompts, lengths, truncated = sample_batches(mix, encoder, R, new_tokens, facts, args)
                         chunks = []
@@ -566,23 +626,21 @@ def main(argv=None) -> int:
                             chunks.append(dict(ids=ids, mask=mask, offset=start, images=images,
                                                encode_ms=encode_ms(tower, images, device, on_gpu)))
                         resident = {}
-                        for provider, policy, offload in providers(facts, budgets, B, routing, policies, learned):
-                            for mode in modes:
-                                key = dict(model=name, routing=label, mix=mix, batch=B, new_tokens=new_tokens,
-                                           provider=provider, mode=mode)
-                                if args.deadline and time.perf_counter() - started > args.deadline:
-                                    not_run.append(key)
-                                    continue
-                                row = measure_row(model, facts, provider, policy, offload, mode, chunks, new_tokens,
-                                                  device, on_gpu, mapped, resident, h2d, env, key)
-                                row.update(requests=R, prompt_tokens=lengths, truncated=truncated, encoder=encoder,
-                                           encoder_inputs=sum(c["images"] for c in chunks),
-                                           encode_ms=sum(c["encode_ms"] for c in chunks), kind=facts["kind"],
-                                           family=facts["family"], quick=args.quick)
-                                if row["benchmark"] == "bench_e2e.study":
-                                    finish_row(row)
-                                rows.append(row)
-                                print(_line(row), flush=True)
+                        # Eager rows first (every mode's resident row precedes its offload rows).
+                        for key, (_, (provider, policy, offload)) in zip(keys, runs):
+                            if late():
+                                not_run.append(key)
+                                continue
+                            row = measure_row(model, facts, provider, policy, offload, key["mode"], chunks,
+                                              new_tokens, device, on_gpu, mapped, resident, h2d, env, key)
+                            row.update(requests=R, prompt_tokens=lengths, truncated=truncated, encoder=encoder,
+                                       encoder_inputs=sum(c["images"] for c in chunks),
+                                       encode_ms=sum(c["encode_ms"] for c in chunks), kind=facts["kind"],
+                                       family=facts["family"], quick=args.quick)
+                            if row["benchmark"] == "bench_e2e.study":
+                                finish_row(row)
+                            emit(row)
+                            print(_line(row), flush=True)
         del model, tower
         if on_gpu:
             import gc
@@ -592,9 +650,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     skipped = [r for r in rows if r["benchmark"] == "bench_e2e.skipped"]
     for key in not_run:
-        rows.append({**env, **key, "benchmark": "bench_e2e.not_run", "reason": f"--deadline {args.deadline} s passed"})
+        emit({**env, **key, "benchmark": "bench_e2e.not_run", "reason": f"--deadline {args.deadline} s passed"})
     if args.json:
-        append_rows(args.json, rows)
         print(f"{len(rows)} rows -> {args.json}")
     for r in skipped:
         print(f"SKIPPED {r.get('model')} {r.get('routing')} {r.get('provider', '')} {r.get('mode', '')}: {r['reason']}",
@@ -608,6 +665,9 @@ def measure_row(model, facts, provider, policy, offload, mode, chunks, new_token
                 mapped, resident, h2d, env, key) -> dict:
     """Set the provider up, run, take it down; a row (or a skipped row with the reason)."""
     hooks = replay = None
+    if mode == "graph":  # compiled once per configuration, for all its request batches
+        model.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
     row = {**env, "benchmark": "bench_e2e.study", **key, "policy": policy,
            "budget": offload.gpu_experts if offload else (1.0 if provider == "moecache" else None),
            "cache": ("static" if mode == "graph" else "dynamic") if offload else None}
@@ -617,6 +677,7 @@ def measure_row(model, facts, provider, policy, offload, mode, chunks, new_token
             row["prefetch_limit"] = offload.prefetch_limit
         if provider == "hf:grouped_mm":
             set_experts_implementation(model, "grouped_mm")
+            row["hf_decode_experts"] = decode_experts_implementation(model)
         elif provider == "hf:cpu-offload":
             hooks = CpuOffloadHooks(model, device)
         elif provider != "hf:eager":
@@ -697,6 +758,7 @@ def finish_row(row) -> None:
         # stall and predictor time fall inside the experts' span; the scheduler's is outside every forward
         per_step["other"] = max(step_ms - per_step["attention"] - per_step["experts"] - per_step["scheduler"], 0.0)
         row["breakdown_ms"] = per_step
+        row["forwards"] = split["forwards"]  # generation forwards only: a routing pass is the scheduler's
         row["prefill_counters"], row["decode_counters"] = counters["prefill"], counters["decode"]
         row["prefill_timing"] = "prefill forwards' own time, inside the timed run"
     else:

@@ -20,8 +20,9 @@ bench bench_moe ${MOE_LIMIT:-150} --shapes deepseek-v2-lite/vl2-small,mixtral-8x
 bench bench_moe 60 --shapes qwen3-30b-a3b,vl2-base --tokens 1,4096 --rep 20
 # The study's slices have their own script (gpu_study.sh); here one point of it, resident and graph mode.
 stage bench_e2e ${E2E_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/bench_e2e.py' --json '$RES/study.jsonl' \
-  ${E2E_ARGS:---models vl2-small --batches 1 --mixes mmmu --new-tokens 16 --routing random-weights \
-  --policies predictive --modes eager,graph --deadline 130 --keep-going}"
+  ${E2E_ARGS:---models vl2-small --batches 1 --mixes mmmu --new-tokens 16 --routing random-weights --requests 1 \
+  --providers hf:eager,moecache,offload --graph-providers moecache --policies predictive --modes eager,graph \
+  --deadline 130 --keep-going}"
 [ -f "$RES/study.jsonl" ] && cp "$RES/study.jsonl" "$OUTDIR/"
 bench bench_mla 70 --heads 16,128 --points 1x4096,64x4096 --rep 30
 bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB

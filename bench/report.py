@@ -159,13 +159,11 @@ def main(argv=None) -> int:
                               for r in rows):
         cache_rows = load(args.cache_rows) if args.cache_rows else []
         if args.plots:
-            for p in study_report.plots(rows, args.plots):
-                print(p)
+            draw(study_report.plots, rows, args.plots)
         text, start, end = study_report.markdown(rows, cache_rows), STUDY_START, STUDY_END
     else:
         if args.plots:
-            for p in plots(rows, args.plots):
-                print(p)
+            draw(plots, rows, args.plots)
         text, start, end = markdown(rows), START, END
     if args.readme:
         update_readme(args.readme, text, start, end)
@@ -175,6 +173,17 @@ def main(argv=None) -> int:
 
 
 STUDY_KINDS = ("bench_e2e.skipped", "bench_e2e.not_run")
+
+
+def draw(make_plots, rows, outdir) -> None:
+    """The plots where matplotlib is installed (it is optional: the tables come out without it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("report: matplotlib is not installed, no plots drawn (pip install matplotlib)", file=sys.stderr)
+        return
+    for p in make_plots(rows, outdir):
+        print(p, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,22 @@ def set_experts_implementation(model, name: str) -> None:
     setter(name)
 
 
+def decode_experts_implementation(model) -> str:
+    """The experts implementation transformers' generate runs while decoding, given the one selected now:
+    from 5.17 its generate swaps grouped_mm for batched_mm on GPUs (GenerationMixin._optimize_model_for_decode).
+    Read by entering that context itself, which restores the selection on exit."""
+    optimize = getattr(model, "_optimize_model_for_decode", None)
+    getter = getattr(model, "get_experts_implementation", None)
+    if getter is None:
+        raise NotImplementedError(f"transformers {transformers_version()} has no get_experts_implementation")
+    if optimize is None:
+        used = getter()
+    else:
+        with optimize():
+            used = getter()
+    return ",".join(sorted({str(v) for v in used.values()}))
+
+
 def skip_weight_init():
     """A context in which transformers models are built without initialising their weights (they are
     about to be loaded); a no-op context where this transformers lacks one."""

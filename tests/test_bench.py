@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # The --quick runs are CPU smoke runs (tiny shapes, the Triton interpreter) even on a GPU machine.
@@ -178,6 +179,12 @@ def test_bench_e2e_quick_exercises_every_axis_and_report(tmp_path):
             assert parts["predictor_host"] > 0 and r["decode_counters"]["prefetches"] == 0
         if r["provider"].endswith("scheduled"):
             assert r["scheduler_ms"] > 0
+            # The routing pass is the scheduler's: as many prefill forwards as in order (two micro-batches).
+            in_order = next(o for o in study if o["provider"].endswith("in-order") and
+                            all(o[k] == r[k] for k in ("model", "routing", "mix", "batch", "new_tokens")))
+            assert r["forwards"] == in_order["forwards"] and r["forwards"]["prefill"] == 2 * r["requests"] // r["batch"]
+        if r["provider"] == "hf:grouped_mm":
+            assert r["hf_decode_experts"] == "grouped_mm"  # transformers swaps it for batched_mm on GPUs only
     readme = tmp_path / "R.md"
     readme.write_text("# r\n<!-- study:start -->\nold\n<!-- study:end -->\nend\n")
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--plots", str(tmp_path / "plots"),
@@ -188,6 +195,106 @@ def test_bench_e2e_quick_exercises_every_axis_and_report(tmp_path):
     row = next(r for r in study if r["provider"] == "offload50:predict-only" and r["routing"] == "random-weights")
     assert f"{row['breakdown_ms']['predictor_host']:.3f} ms" in text  # the sentences' numbers come from rows
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"study_breakdown.png", "study_e2e_mmmu.png"}
+
+
+def _bench_e2e_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_bench_e2e_writes_each_row_when_measured_and_filters_providers(tmp_path, monkeypatch):
+    """A run killed at its time limit keeps the rows measured so far; --providers picks the kinds of rows."""
+    import json
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    module = _bench_e2e_module("bench_e2e_rows")
+    calls = []
+
+    def measure(model, facts, provider, policy, offload, mode, *args):
+        calls.append(provider)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the stage's timeout
+        return {"benchmark": "bench_e2e.skipped", **args[-1], "reason": "stand-in"}
+
+    monkeypatch.setattr(module, "measure_row", measure)
+    monkeypatch.setattr(module, "record_sources", lambda *a: {})
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--quick", "--routing", "random-weights", "--mixes", "mmmu", "--policies", "predictive",
+                     "--providers", "moecache,offload", "--json", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["provider"] for r in rows] == calls[:2] == ["moecache", "offload50:predictive"]
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_bench_e2e_past_its_deadline_builds_nothing_and_lists_what_did_not_run(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    module = _bench_e2e_module("bench_e2e_deadline")
+
+    def no_build(*args):
+        raise AssertionError("a model was built after the deadline")
+
+    monkeypatch.setattr(module, "build", no_build)
+    monkeypatch.setattr(module, "record_sources", lambda *a: {})
+    out = tmp_path / "rows.jsonl"
+    assert module.main(["--quick", "--routing", "random-weights", "--deadline", "1e-9", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"bench_e2e.not_run"}
+    assert {r["model"] for r in rows} == {"moe-llava-phi2", "vl2-small", "llava-1.5-7b", "checkpoint"}
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_cpu_offload_baseline_gives_the_weights_back_when_it_cannot_start(monkeypatch):
+    """If copying the experts out fails partway (pinned memory exhausted), the layers already emptied get
+    their weights back, so later providers on the same model are not corrupted."""
+    from builders import deepseek
+
+    module = _bench_e2e_module("bench_e2e_offload")
+    model = deepseek()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    copies = []
+    real_clone = torch.Tensor.clone
+
+    def failing_clone(self, *args, **kwargs):
+        copies.append(1)
+        if len(copies) == 3:
+            raise RuntimeError("out of pinned memory")
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", failing_clone)
+    with pytest.raises(RuntimeError, match="pinned"):
+        module.CpuOffloadHooks(model, torch.device("cpu"))
+    monkeypatch.undo()
+    assert len(copies) == 3
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_decode_experts_implementation_reads_transformers_own_swap(monkeypatch):
+    """transformers' generate decodes with batched_mm when grouped_mm is selected on a GPU, and keeps
+    grouped_mm on the CPU; the hf:grouped_mm rows record which one decoded."""
+    import transformers
+
+    from moecache.compat import decode_experts_implementation, set_experts_implementation
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    set_experts_implementation(model, "grouped_mm")
+    assert decode_experts_implementation(model) == "grouped_mm"
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert decode_experts_implementation(model) == "batched_mm"
+    assert set(model.get_experts_implementation().values()) == {"grouped_mm"}  # the selection is kept
+    set_experts_implementation(model, "eager")
+    assert decode_experts_implementation(model) == "eager"
 
 
 @pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
@@ -217,3 +324,18 @@ def test_bench_e2e_skipped_configurations_fail_the_run_and_are_reported(tmp_path
 
     text = study_report.markdown(rows)
     assert "Skipped configurations" in text and "out of memory in offload50:on-demand" in text
+
+
+@pytest.mark.skipif(not (BENCH / "report.py").is_file(), reason="needs the source tree")
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path):
+    """The GPU machine may lack matplotlib: the study's section still comes out, the plots are skipped."""
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['report.py', {str(tmp_path / 'none.jsonl')!r}, '--cache-rows', "
+            f"{str(BENCH / 'results' / 'bench_cache-cpu.jsonl')!r}, '--plots', {str(tmp_path / 'plots')!r}]; "
+            f"sys.path.insert(0, {str(BENCH)!r}); runpy.run_path({str(BENCH / 'report.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CPU_ENV, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "matplotlib is not installed" in proc.stderr
+    assert "| experts moved per token |" in proc.stdout and "| trained-tiny-moe |" in proc.stdout
+    assert not (tmp_path / "plots").exists()

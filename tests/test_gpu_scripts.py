@@ -45,14 +45,17 @@ def test_study_slices_and_the_bench_point_name_known_configurations():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for grid in module.GPU_SLICES.values():
-        module.check_grid(grid["models"], grid["routing"], grid["policies"], grid["modes"])
+        module.check_grid(grid["models"], grid["routing"], grid["policies"], grid["modes"], grid["providers"])
     assert set(module.GPU_SLICES[1]["models"].split(",")) >= {"moe-llava-phi2", "vl2-small", "llava-1.5-7b",
                                                               "llava-1.5-13b"}
     point = (BENCH / "gpu_bench.sh").read_text()
-    args = dict(re.findall(r"--(models|routing|policies|modes) (\S+)", point))
-    module.check_grid(args["models"], args["routing"], args["policies"], args["modes"])
+    args = dict(re.findall(r"--(models|routing|policies|modes|providers|graph-providers) (\S+)", point))
+    module.check_grid(args["models"], args["routing"], args["policies"], args["modes"], args["providers"],
+                      args["graph-providers"])
     with pytest.raises(SystemExit, match="--policies predictiv unknown"):
-        module.check_grid("vl2-small", "replayed", "predictiv", None)
+        module.check_grid("vl2-small", "replayed", "predictiv", None, "moecache")
+    with pytest.raises(SystemExit, match="--graph-providers hf:compiled unknown"):
+        module.check_grid("vl2-small", "replayed", "predictive", None, "moecache", "hf:compiled")
 
 
 @needs_source
