@@ -441,6 +441,9 @@ class ExpertCache:
         self._core.close()  # wakes calls waiting for a lease; their next step into the core raises
         with self._lifetime:
             self._lifetime.wait_for(lambda: self._active == 0)
+        if self.device.type == "cuda":
+            # Kernels enqueued by finished calls, on any stream, may still read the pool or the pinned store.
+            torch.cuda.synchronize(self.device)
         for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes",
                      "_device_host_views", "_device_host_bytes"):
             setattr(self, name, None)
