@@ -137,7 +137,7 @@ def build(name: str, quick: bool, device, dtype):
                                         {"q_lora_rank": None, "topk_method": "greedy"}), first_k_dense_replace=1)
         config = getattr(transformers, f"{kind}Config")(**kwargs)
         torch.manual_seed(0)
-        with torch.device(device):
+        with torch.device(device), llava.built_in(dtype):
             model = getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
         set_experts_implementation(model, "eager")  # transformers >= 5.23 defaults to grouped_mm: hf:eager is eager
         moe_layers = config.num_hidden_layers - config.first_k_dense_replace

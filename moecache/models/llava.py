@@ -25,6 +25,7 @@ min_capacity 4 (its config class's defaults), unless a checkpoint's config says 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -130,16 +131,30 @@ def _moe_output_only(module, args, output):
     return output[0] if isinstance(output, tuple) else output
 
 
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype):
+    """Modules constructed inside get `dtype` parameters: a bf16 model is built in bf16, not first in fp32
+    at twice its size (a full-depth VL2-base is 108 GB in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _reinit_expert(expert: nn.Module, generator: torch.Generator) -> None:
     """Distinct random experts (MoE-LLaVA starts them as copies of one FFN; trained, they differ).
     Drawn on the generator's device (an enclosing torch.device context would otherwise pick the model's)."""
     for layer in expert.modules():
         if isinstance(layer, nn.Linear):
             with torch.no_grad():
-                w = torch.randn(layer.weight.shape, generator=generator, device=generator.device)
+                w = torch.randn(layer.weight.shape, generator=generator, device=generator.device,
+                                dtype=torch.float32)
                 layer.weight.copy_((w * layer.in_features ** -0.5).to(layer.weight.dtype))
                 if layer.bias is not None:
-                    b = torch.randn(layer.bias.shape, generator=generator, device=generator.device)
+                    b = torch.randn(layer.bias.shape, generator=generator, device=generator.device,
+                                    dtype=torch.float32)
                     layer.bias.copy_((b * 0.1).to(layer.bias.dtype))
 
 
@@ -171,7 +186,7 @@ def build_language_model(shape: LanguageModelShape | str, *, dtype: torch.dtype 
         shape = SHAPES[shape]
     config = _config(shape)
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device), built_in(dtype):
         model = _causal_lm_class(shape.base)(config)
         if shape.base == "qwen":
             for layer in model.model.layers:
