@@ -63,3 +63,16 @@ def randomize(model, seed=0, std_1d=0.3):
             if "e_score_correction_bias" in name:
                 b.normal_(0, 0.1)
     return model.eval()
+
+
+def count_host_reads(monkeypatch) -> list:
+    """Every tensor-to-host read (each one a host sync on a GPU), recorded by name."""
+    reads = []
+    for name in ("tolist", "item", "__int__", "__bool__", "__index__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads

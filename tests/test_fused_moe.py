@@ -6,7 +6,7 @@ from moecache import ops
 from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 from moecache.testing import assert_close, poisoned
 
-from builders import DEVICE, random_layer
+from builders import DEVICE, count_host_reads, random_layer
 
 
 def run_triton(x, *args, **kwargs):
@@ -152,6 +152,21 @@ def test_bad_input_names_the_argument():
     _bad("host_w_gate_up must be", expert_map=torch.arange(4, dtype=torch.int32),
          host_w_gate_up=wgu[:, :4], host_w_down=wd)
     _bad("out must be", out=torch.empty(4, 16))
+
+
+def test_value_checks_read_the_device_once(monkeypatch):
+    """The value checks (ids in range, no repeats, map slots) cost eager calls one host sync, not five."""
+    from moecache.ops.api import _check_fused_moe_args
+
+    x, wgu, wd, w, ids = random_layer(6, 32, 16, 8, 3, torch.float32)
+    expert_map = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32, device=x.device)
+    reads = count_host_reads(monkeypatch)
+    _check_fused_moe_args(x, wgu, wd, w, ids, "silu", expert_map, None, None, None, None)
+    assert reads == ["tolist"]
+    reads.clear()
+    with pytest.raises(ValueError, match=r"found values in \[0, 8\]"):
+        _check_fused_moe_args(x, wgu, wd, w, torch.where(ids == ids.max(), 8, ids), "silu", None, None, None, None, None)
+    assert reads == ["tolist"]
 
 
 # ------------------------------------------------------------------ GPU (bf16 and graph capture)

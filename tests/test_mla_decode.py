@@ -167,6 +167,18 @@ def test_split_count_fills_whole_waves():
     assert select_config(512, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 1
 
 
+def test_value_checks_read_the_device_once(monkeypatch):
+    from moecache.ops.mla import _check_mla_args
+
+    from builders import count_host_reads
+
+    case = make_case([5, 40, 17], 4, block_size=16)
+    reads = count_host_reads(monkeypatch)
+    _check_mla_args(case["q_latent"], case["q_rope"], case["kv_cache"], case["block_table"], case["seq_lens"],
+                    case["scale"])
+    assert reads == ["tolist"]
+
+
 def test_several_head_blocks():
     """20 heads in blocks of 16: two head blocks re-read the same pages."""
     case = make_case([40, 7], 20, block_size=16)

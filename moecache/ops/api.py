@@ -243,18 +243,26 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
     _check((b_gate_up is None) == (b_down is None), "pass both b_gate_up and b_down, or neither")
 
     if _value_checks_allowed() and T > 0:
+        # Every value check is reduced on the device and read back in one transfer: one host sync per call.
         ids = topk_ids.long()
-        lo, hi = int(ids.min()), int(ids.max())
-        _check(lo >= 0 and hi < E, f"topk_ids must lie in [0, E={E}), found values in [{lo}, {hi}]")
+        facts = list(torch.aminmax(ids))
         if K > 1:
             srt = ids.sort(dim=1).values
-            _check(not bool((srt[:, 1:] == srt[:, :-1]).any()), "topk_ids repeats an expert within a token's row")
+            facts.append((srt[:, 1:] == srt[:, :-1]).any())
         if expert_map is not None:
-            used = expert_map[ids.reshape(-1)]
-            _check(int(used.max()) < S, f"expert_map points at slot {int(used.max())} but the weights hold {S} slots")
-            _check(int(used.min()) >= -1, f"expert_map has slot {int(used.min())}; slots are >= 0, or -1 for host")
+            used = expert_map[ids.clamp(0, E - 1).reshape(-1)]  # clamped: an id out of range is reported below
+            facts += list(torch.aminmax(used))
+        values = torch.stack([f.to(torch.int64) for f in facts]).tolist()
+        lo, hi = values[0], values[1]
+        _check(lo >= 0 and hi < E, f"topk_ids must lie in [0, E={E}), found values in [{lo}, {hi}]")
+        if K > 1:
+            _check(not values[2], "topk_ids repeats an expert within a token's row")
+        if expert_map is not None:
+            slot_lo, slot_hi = values[-2], values[-1]
+            _check(slot_hi < S, f"expert_map points at slot {slot_hi} but the weights hold {S} slots")
+            _check(slot_lo >= -1, f"expert_map has slot {slot_lo}; slots are >= 0, or -1 for host")
             if host_w_gate_up is None:
-                _check(int(used.min()) >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
+                _check(slot_lo >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
     return T, H, I, E, K
 
 

@@ -72,15 +72,16 @@ def _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
 
     if _value_checks_allowed() and B > 0:
         max_blocks = block_table.shape[1]
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
-        _check(lo >= 1 and hi <= max_blocks * block_size,
-               f"seq_lens must lie in [1, max_blocks * block_size = {max_blocks * block_size}], "
-               f"found values in [{lo}, {hi}]")
         # Only the pages a request uses must be valid; the rest of its row may hold anything (e.g. -1).
         used = torch.arange(max_blocks, device=block_table.device)[None, :] < \
             ((seq_lens.long() + block_size - 1) // block_size)[:, None]
         bad = used & ((block_table < 0) | (block_table >= num_blocks))
-        if bool(bad.any()):
+        # Reduced on the device, read back in one transfer: one host sync per call.
+        lo, hi, any_bad = torch.stack([*torch.aminmax(seq_lens.long()), bad.any().long()]).tolist()
+        _check(lo >= 1 and hi <= max_blocks * block_size,
+               f"seq_lens must lie in [1, max_blocks * block_size = {max_blocks * block_size}], "
+               f"found values in [{lo}, {hi}]")
+        if any_bad:
             b, j = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} must lie in [0, num_blocks={num_blocks}) "
                              f"(request {b} uses its first {(int(seq_lens[b]) + block_size - 1) // block_size} pages)")
