@@ -271,6 +271,8 @@ def launches(group):
             for B in (1, 64):
                 for dtype in (torch.bfloat16, torch.float16, torch.float32):
                     yield f"mla-H{Hq}-B{B}-{str(dtype)[6:]}", dtype != torch.float32, mla_launches(B, Hq, dtype)
+        # Pages that steps do not divide: each row looks its page up (the GPU test's 24-token pages).
+        yield "mla-H16-B8-bs24-bfloat16", True, mla_launches(8, 16, torch.bfloat16, block_size=24, max_blocks=64)
     else:
         raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_llava, moe_tests, moe_gpu_tests, route, mla")
 

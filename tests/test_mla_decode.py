@@ -285,7 +285,8 @@ def test_gpu_bf16_deepseek_sizes(Hq, lens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,block_size", [(1, 64), (64, 16), (200, 64)], ids=["B1", "B64-bs16", "B200"])
+@pytest.mark.parametrize("B,block_size", [(1, 64), (64, 16), (200, 64), (8, 24)],
+                         ids=["B1", "B64-bs16", "B200", "B8-bs24-per-token-pages"])
 def test_gpu_bf16_batch_and_block_sizes(B, block_size):
     lens = torch.randint(1, 1500, (B,), generator=torch.Generator().manual_seed(B)).tolist()
     case = make_case(lens, 16, **{**DEEPSEEK, "block_size": block_size})
