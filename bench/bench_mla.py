@@ -168,14 +168,14 @@ def mla_decode_2stage(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
     import triton
 
     from moecache import kernels
-    from moecache.kernels.mla_decode import MAX_SPLITS, mla_decode_launch, select_config
+    from moecache.kernels.mla_decode import mla_decode_launch, select_config
 
     B, Hq, R = q_latent.shape
     block_size, max_blocks = kv_cache.shape[1], block_table.shape[1]
     sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
     config = select_config(B, Hq, R, q_rope.shape[2], block_size, max_blocks, sms, kernels.INTERPRETING,
                            itemsize=q_latent.element_size())
-    most = min(MAX_SPLITS, triton.cdiv(max_blocks, config["min_split_pages"]))
+    most = min(64, triton.cdiv(max_blocks, config["min_split_pages"]))
     head_blocks = triton.cdiv(Hq, config["BLOCK_H"])
     config.update(num_stages=1 if kernels.INTERPRETING else 2,
                   num_splits=max(1, min(most, triton.cdiv(2 * sms, B * head_blocks))))

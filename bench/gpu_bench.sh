@@ -24,7 +24,7 @@ stage bench_e2e ${E2E_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/bench
   --providers hf:eager,moecache,offload --graph-providers moecache --policies predictive --modes eager,graph \
   --deadline 130 --keep-going}"
 [ -f "$RES/study.jsonl" ] && cp "$RES/study.jsonl" "$OUTDIR/"
-bench bench_mla 70 --heads 16,128 --points 1x4096,64x4096 --rep 30
+bench bench_mla 80 --heads 16,128 --points 1x4096,64x4096,1x32768 --rep 30
 bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB
 # Block configurations for this GPU (a dozen candidates per point, each checked before it is timed),
 # then the layer benchmark again with that table.

@@ -2,12 +2,12 @@
 
 Split-KV flash-decoding in two launches, without host synchronisation:
 
-- `_mla_decode_split_kernel`, grid (head_blocks, num_splits, B): one program takes BLOCK_H heads of
+- `_mla_decode_split_kernel`, one program per (head block, split, request): BLOCK_H heads of
   request b and the s-th of num_splits contiguous page ranges of that request's own length. Every
   latent row it loads ([BLOCK_N, R + P] per step) serves all BLOCK_H heads at once through tl.dot,
   so for Hq <= BLOCK_H the cache is read exactly once. Online softmax in fp32 (log2 domain), fp32
   accumulator [BLOCK_H, R]; it writes a partial output and the partial log-sum-exp.
-- `_mla_decode_combine_kernel`, grid (B, Hq): merges the splits by their log-sum-exp.
+- `_mla_decode_combine_kernel`, grid (B, Hq, column blocks of R): merges the splits by their log-sum-exp.
 
 Why a second kernel rather than "the last program to arrive combines" (as the fused-MoE down GEMM
 does): the arrival counters would need zeroing every call (a memset launch, or a zeroing pass in an
@@ -15,8 +15,9 @@ earlier kernel, which this op does not have), the combine is tiny next to the ca
 extra launch inside a CUDA graph costs about 1 µs (measured on an H100). The combine is also deterministic by construction.
 With one split the first kernel writes the final output and lse directly (no combine launch).
 
-The head-block axis is grid axis 0 (fastest in launch order) so the head blocks of one (split,
-request) run side by side and all but the first read the pages from L2.
+The split kernel's grid is one axis (a batch can pass CUDA's 65535 cap on the other two) with the head
+block fastest in launch order, so the head blocks of one (split, request) run side by side and all but
+the first read the pages from L2.
 
 Split boundaries come from each request's own seq_len, read on the device: request b's
 pages_b = ceil(seq_len_b / block_size) are cut into num_splits ranges of
@@ -46,9 +47,12 @@ def _mla_decode_split_kernel(
     o_ptr/lse_ptr are the fp32 partials [B, Hq, splits, R] / [B, Hq, splits], or, with one split,
     the final out [B, Hq, R] (q's dtype) and lse [B, Hq] (stride_os is then unused).
     """
-    pid_h = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # One grid axis (CUDA caps the other two at 65535, a batch could pass that), head blocks fastest.
+    pid = tl.program_id(0)
+    head_blocks = tl.cdiv(Hq, BLOCK_H)
+    pid_h = pid % head_blocks
+    pid_s = (pid // head_blocks) % num_splits
+    b = (pid // (head_blocks * num_splits)).to(tl.int64)
 
     # Clamps are for memory safety only: values are validated before the launch in eager mode.
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), max_blocks * block_size)
@@ -121,37 +125,47 @@ def _mla_decode_split_kernel(
 def _mla_decode_combine_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, R, num_splits,
     stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_RC: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """out[b, h] = sum_s exp(lse_s - lse) * part_o[b, h, s], lse = logsumexp_s lse_s (fp32)."""
-    h = tl.program_id(1)
+    """out[b, h, cols] = sum_s exp(lse_s - lse) * part_o[b, h, s, cols], lse = logsumexp_s lse_s (fp32).
+
+    One program per (request, head, BLOCK_RC columns of R) loads every split's partial as one tile, so it
+    waits for memory once, not once per split (a loop over splits is a chain of dependent loads).
+    """
     b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pid_c = tl.program_id(2)
     bh = b * Hq + h
     o_s = tl.arange(0, BLOCK_S)
-    b_lse = tl.load(part_lse_ptr + bh * num_splits + o_s, mask=o_s < num_splits, other=float("-inf"))
+    m_s = o_s < num_splits
+    b_lse = tl.load(part_lse_ptr + bh * num_splits + o_s, mask=m_s, other=float("-inf"))
     m = tl.max(b_lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # no tokens at all (seq_len 0): zeros, lse -inf
-    o_r = tl.arange(0, BLOCK_R)
+    b_w = tl.exp(b_lse - m)  # 0 for empty splits, which are not read at all
+    b_sum = tl.sum(b_w, axis=0)
+    o_r = pid_c * BLOCK_RC + tl.arange(0, BLOCK_RC)
     m_r = o_r < R
-    b_sum = tl.sum(tl.exp(b_lse - m), axis=0)
-    b_acc = tl.zeros([BLOCK_R], tl.float32)
-    for s in range(0, num_splits):
-        lse_s = tl.load(part_lse_ptr + bh * num_splits + s)
-        if lse_s > float("-inf"):  # empty splits (weight exp(-inf) = 0) are not read at all
-            b_o = tl.load(part_o_ptr + b * stride_pb + h * stride_ph + s * stride_ps + o_r, mask=m_r, other=0.0)
-            b_acc += tl.exp(lse_s - m) * b_o
+    b_o = tl.load(part_o_ptr + b * stride_pb + h * stride_ph + o_s[:, None] * stride_ps + o_r[None, :],
+                  mask=(b_lse > float("-inf"))[:, None] & m_r[None, :], other=0.0)
+    b_acc = tl.sum(b_w[:, None] * b_o, axis=0)
     b_out = b_acc / tl.where(b_sum > 0.0, b_sum, 1.0)
     b_final_lse = tl.where(b_sum > 0.0, m + tl.log(b_sum), float("-inf"))
     # A split whose partial is NaN (NaN in q or in a used cache row) makes the whole result NaN.
-    nan = tl.max(((b_lse != b_lse) & (o_s < num_splits)).to(tl.int32), axis=0) > 0
+    nan = tl.max(((b_lse != b_lse) & m_s).to(tl.int32), axis=0) > 0
     b_out = tl.where(nan, float("nan"), b_out)
     b_final_lse = tl.where(nan, float("nan"), b_final_lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + o_r, b_out.to(out_ptr.dtype.element_ty), mask=m_r)
-    tl.store(lse_ptr + bh, b_final_lse)
+    tl.store(lse_ptr + bh, b_final_lse, mask=pid_c == 0)
 
 
 # ---------------------------------------------------------------- configuration and launcher
-MAX_SPLITS = 64
+MAX_SPLITS = 128  # one request of 32K tokens in 256-token splits: 128 programs, about one per SM
+
+
+def combine_columns(block_r: int, block_s: int) -> int:
+    """Columns of R per combine program: a [splits, columns] fp32 tile of at most 4096 values (32 per
+    thread at 4 warps), and at most 128 columns so a small batch still spreads over several SMs."""
+    return max(16, min(block_r, 128, 4096 // block_s))
 
 
 def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
@@ -169,7 +183,7 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     i + 1 in flight while step i computes) only from 5 stages up (sm_90, triton 3.6: with 2-4 stages
     one buffer, so every step waits for its own copy; tests/aot_compile.py checks the buffers).
     num_splits: the count whose programs finish soonest, counting waves of `blocks_per_sm` programs
-    per SM (the sm_90 footprint of these configs: 16 heads of R = 512 in fp16/bf16 take 188
+    per SM (the sm_90 footprint of these configs: 16 heads of R = 512 in fp16/bf16 take 179
     registers x 128 threads and 93 KB of shared memory, two per SM; tests/aot_compile.py checks it)
     times the pages each program reads; ties go to fewer splits, whose fp32 partials are fewer bytes.
     On the GPU a split spans >= 256 tokens. Not yet timed on a GPU.
@@ -220,7 +234,7 @@ def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, ls
         part_o = torch.empty((B, Hq, splits, R), dtype=torch.float32, device=q_latent.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q_latent.device)
         part_strides = part_o.stride()[:3]
-    wrap(_mla_decode_split_kernel)[(triton.cdiv(Hq, block_h), splits, B)](
+    wrap(_mla_decode_split_kernel)[(triton.cdiv(Hq, block_h) * splits * B,)](
         q_latent, q_rope, kv_cache, block_table, seq_lens, part_o, part_lse,
         Hq, R, P, block_size, num_blocks, max_blocks, splits, config["min_split_pages"], float(scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
@@ -230,8 +244,10 @@ def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, ls
         BLOCK_R=config["BLOCK_R"], BLOCK_P=config["BLOCK_P"],
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
-        wrap(_mla_decode_combine_kernel)[(B, Hq)](
+        block_s = triton.next_power_of_2(splits)
+        block_rc = combine_columns(config["BLOCK_R"], block_s)
+        wrap(_mla_decode_combine_kernel)[(B, Hq, triton.cdiv(R, block_rc))](
             part_o, part_lse, out, lse, Hq, R, splits,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), out.stride(0), out.stride(1),
-            BLOCK_R=config["BLOCK_R"], BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
+            BLOCK_RC=block_rc, BLOCK_S=block_s, num_warps=4)
     return out, lse

@@ -187,6 +187,8 @@ def problems(row) -> list[str]:
         out.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]} B")
     if row["spill_stores"] or row["spill_loads"]:
         out.append(f"spills {row['spill_stores']}/{row['spill_loads']} B")
+    if any(g > 65535 for g in row["grid"][1:]):
+        out.append(f"grid {row['grid']}: CUDA caps axes 1 and 2 at 65535")
     if row["kernel"] == "_align_kernel" and row["fences"]:
         out.append(f"{row['fences']} fences in the align kernel (atomics must be relaxed)")
     expect = row.get("expect") or {}
@@ -273,6 +275,8 @@ def launches(group):
                     yield f"mla-H{Hq}-B{B}-{str(dtype)[6:]}", dtype != torch.float32, mla_launches(B, Hq, dtype)
         # Pages that steps do not divide: each row looks its page up (the GPU test's 24-token pages).
         yield "mla-H16-B8-bs24-bfloat16", True, mla_launches(8, 16, torch.bfloat16, block_size=24, max_blocks=64)
+        # One request of 32K tokens: the most splits, the combine's tallest tile.
+        yield "mla-H16-B1-S32K-bfloat16", True, mla_launches(1, 16, torch.bfloat16, max_blocks=512)
     else:
         raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_llava, moe_tests, moe_gpu_tests, route, mla")
 

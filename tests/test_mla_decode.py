@@ -134,7 +134,7 @@ def _launch(case, launched=None, **overrides):
     return out, lse
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 5, 16], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 16, 128], ids=lambda s: f"splits{s}")
 def test_split_counts_and_empty_splits(splits):
     """Any split count gives the same answer: splits past a request's pages (lengths 1 and 9 here)
     hold no tokens and must drop out of the combine; one split writes the output directly."""
@@ -143,6 +143,44 @@ def test_split_counts_and_empty_splits(splits):
     out, lse = _launch(case, launched, num_splits=splits)
     check_against_decompressed(case, out, lse, torch.float32)
     assert len(launched) == (1 if splits == 1 else 2), launched
+
+
+def test_combine_in_column_blocks():
+    """40 splits (a 64-row tile of partials) over R = 96: the combine takes 64 columns per program, so
+    two programs per head, the second one half masked; every split's weight reaches every column."""
+    from moecache.kernels.mla_decode import combine_columns
+
+    assert combine_columns(128, 64) == 64
+    case = make_case([300, 17, 129], 4, R=96, block_size=8)
+    out, lse = _launch(case, num_splits=40)
+    check_against_decompressed(case, out, lse, torch.float32)
+
+
+def test_a_batch_past_the_grid_axis_limit_launches():
+    """CUDA caps grid axes 1 and 2 at 65535: 70000 requests still launch (the split kernel's grid is one
+    axis; the combine puts requests on axis 0)."""
+    from moecache.kernels.mla_decode import mla_decode_launch, select_config
+
+    B, Hq, R, P, block_size, max_blocks = 70000, 16, 512, 64, 64, 8
+    grids = []
+
+    def launcher(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: grids.append(tuple(grid))
+        return Grid()
+
+    meta = dict(device="meta")
+    config = select_config(B, Hq, R, P, block_size, max_blocks, 132, False)
+    config["num_splits"] = 2  # both launches
+    mla_decode_launch(torch.empty(B, Hq, R, **meta), torch.empty(B, Hq, P, **meta),
+                      torch.empty(64, block_size, R + P, **meta), torch.empty(B, max_blocks, dtype=torch.int32, **meta),
+                      torch.empty(B, dtype=torch.int32, **meta), torch.empty(B, Hq, R, **meta),
+                      torch.empty(B, Hq, **meta), scale=0.1, config=config, launcher=launcher)
+    assert len(grids) == 2
+    for grid in grids:
+        assert all(g <= 65535 for g in grid[1:]), grids
+    assert grids[0] == (B * 2,) and grids[1][:2] == (B, Hq), grids
 
 
 @pytest.mark.parametrize("block_size,block_n", [(32, 32), (64, 16), (48, 32)], ids=["page-32rows", "page-16rows", "per-token"])
@@ -163,6 +201,8 @@ def test_split_count_fills_whole_waves():
     assert (config["num_splits"], config["blocks_per_sm"]) == (4, 2)
     # One request: as many splits as its pages allow (>= 256 tokens each), one wave.
     assert select_config(1, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 16
+    # One request of 32K tokens: 128 splits of 256 tokens, about one program per SM.
+    assert select_config(1, 16, 512, 64, 64, 512, 132, False, itemsize=2)["num_splits"] == 128
     # More requests than programs fit: no split (the combine would only add bytes).
     assert select_config(512, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 1
 
