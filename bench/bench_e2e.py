@@ -35,6 +35,10 @@ is prefill): time, cache counters (hits, misses, prefetches, bytes moved) and, f
 step breakdown (attention, experts, exposed copy stall, predictor host and GPU time, scheduler,
 other). Decode rows carry the PCIe bound: the same routing's resident decode time plus the bytes the
 cache moved (demand copies, prefetches and in-place reads) over the pinned H2D rate measured here.
+Batch-1 rows with every weight on the GPU also carry the HBM floor: the HBM read rate measured at the
+start of the run over the weight bytes one decoded token reads (`decode_weight_bytes`: everything but
+the routed experts and the embedding table, plus top-k experts per MoE layer and one embedding row; the
+KV cache is not counted), and decode tok/s as a share of it.
 A configuration that fails is a skipped row with its reason, and the run exits non-zero unless
 --keep-going; one not started before --deadline is listed as not run.
 
@@ -53,7 +57,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure_h2d_gbps  # noqa: E402
+from common import append_rows, environment, measure_ceilings, measure_h2d_gbps  # noqa: E402
 
 import moecache  # noqa: E402
 from moecache import Offload  # noqa: E402
@@ -143,14 +147,38 @@ def build(name: str, quick: bool, device, dtype):
         moe_layers = config.num_hidden_layers - config.first_k_dense_replace
         return model, dict(family="transformers", kind="moe", max_positions=config.max_position_embeddings,
                            moe_layers=moe_layers, num_experts=config.n_routed_experts,
-                           top_k=config.num_experts_per_tok, hidden=config.hidden_size)
+                           top_k=config.num_experts_per_tok, hidden=config.hidden_size,
+                           decode_weight_bytes=decode_weight_bytes(model, config.n_routed_experts,
+                                                                   config.num_experts_per_tok))
     shape = llava.SHAPES[name]
     if quick:
         shape = llava.scaled_down(shape)
     model = llava.build_language_model(shape, dtype=dtype, device=device)
     return model, dict(family="deepspeed" if shape.num_experts else "dense", kind="moe" if shape.num_experts else "dense",
                        max_positions=shape.max_positions, moe_layers=len(shape.moe_layers) if shape.num_experts else 0,
-                       num_experts=shape.num_experts, top_k=shape.top_k, hidden=shape.hidden)
+                       num_experts=shape.num_experts, top_k=shape.top_k, hidden=shape.hidden,
+                       decode_weight_bytes=decode_weight_bytes(model, shape.num_experts, shape.top_k))
+
+
+def decode_weight_bytes(model, num_experts: int | None, top_k: int | None) -> int | None:
+    """Weight bytes one decoded token reads at batch 1: every parameter but the routed experts and the input
+    embedding table, plus top_k of each MoE layer's experts and one embedding row (a table tied to the
+    output head is read whole by the head). None where top_k is unknown."""
+    from moecache.patching.families import find_experts
+
+    if num_experts and not top_k:
+        return None
+    params = {id(p): p for p in model.parameters()}
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    total = nbytes(params.values())
+    routed = nbytes({id(p): p for f in find_experts(model) for p in f.module.parameters()}.values())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    active = total - routed + (routed * top_k // num_experts if num_experts else 0)
+    if not tied:
+        active -= nbytes([embedding]) - embedding.shape[1] * embedding.element_size()
+    return active
 
 
 def load_checkpoint(path: str, device, dtype):
@@ -159,7 +187,7 @@ def load_checkpoint(path: str, device, dtype):
     moecache.patch(model)
     experts = moecache.patched_experts(model)
     facts = dict(family="deepspeed", kind="moe", max_positions=cfg.max_position_embeddings, moe_layers=len(experts),
-                 num_experts=experts[0].num_experts, top_k=None, hidden=cfg.hidden_size)
+                 num_experts=experts[0].num_experts, top_k=None, hidden=cfg.hidden_size, decode_weight_bytes=None)
     moecache.unpatch(model)
     return model, facts
 
@@ -556,7 +584,8 @@ def main(argv=None) -> int:
     h2d, h2d_source = measure_h2d_gbps(), "measured"
     if h2d is None and args.h2d_gbps:
         h2d, h2d_source = args.h2d_gbps, "assumed (--h2d-gbps)"
-    env = {**env, "h2d_source": h2d_source if h2d else None}
+    env = {**env, "h2d_source": h2d_source if h2d else None,
+           "hbm_read_gbps": measure_ceilings().get("hbm_read_gbps") if on_gpu else None}
     batches = [int(b) for b in args.batches.split(",")]
     sweep = [int(n) for n in args.new_tokens.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -636,7 +665,8 @@ def main(argv=None) -> int:
                             row.update(requests=R, prompt_tokens=lengths, truncated=truncated, encoder=encoder,
                                        encoder_inputs=sum(c["images"] for c in chunks),
                                        encode_ms=sum(c["encode_ms"] for c in chunks), kind=facts["kind"],
-                                       family=facts["family"], quick=args.quick)
+                                       family=facts["family"], quick=args.quick,
+                                       decode_weight_bytes=facts["decode_weight_bytes"])
                             if row["benchmark"] == "bench_e2e.study":
                                 finish_row(row)
                             emit(row)
@@ -772,6 +802,11 @@ def finish_row(row) -> None:
                prefill_tok_s=tokens_in / (prefill_ms / 1e3), decode_tok_s=R * (new - 1) / (decode_ms / 1e3),
                e2e_ms=sum(result["batch_e2e_ms"]) / len(result["batch_e2e_ms"]),
                e2e_tok_s_per_request=sum(new / (ms / 1e3) for ms in result["batch_e2e_ms"]) / len(result["batch_e2e_ms"]))
+    # The HBM floor: batch 1, every weight on the GPU (offload rows are bound by PCIe, not HBM).
+    resident_weights = row.get("budget") in (None, 1.0) and row["provider"] != "hf:cpu-offload"
+    if row["batch"] == 1 and resident_weights and row.get("decode_weight_bytes") and row.get("hbm_read_gbps"):
+        row["hbm_floor_tok_s"] = row["hbm_read_gbps"] * 1e9 / row["decode_weight_bytes"]
+        row["frac_hbm_floor"] = row["decode_tok_s"] / row["hbm_floor_tok_s"]
     decode = row["decode_counters"]
     if decode is not None and row.get("record_bytes"):
         moved = decode["bytes_copied"] + decode["in_place_reads"] * row["record_bytes"]

@@ -100,17 +100,26 @@ def answer_sentences(rows) -> list[str]:
     return out
 
 
+def floor(r) -> str:
+    """Decode tok/s as a share of the HBM floor (weights read once per token at the measured read rate)."""
+    if r.get("frac_hbm_floor") is None:
+        return ""
+    return f"{r['frac_hbm_floor']:.0%} of {r['hbm_floor_tok_s']:.0f}"
+
+
 def table(rows) -> list[str]:
     lines = ["| model | routing | mix | B | new | provider | mode | cache | encode ms | prefill tok/s | decode tok/s "
-             "| e2e tok/s per request | decode hit rate | experts moved / token | PCIe-bound decode tok/s "
-             "| predictor ms/step (host / device) | scheduler ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| share of HBM floor (B=1) | e2e tok/s per request | decode hit rate | experts moved / token "
+             "| PCIe-bound decode tok/s | predictor ms/step (host / device) | scheduler ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- |"]
     for r in sorted(rows, key=lambda r: tuple(str(r.get(k)) for k in KEY)):
         b = r.get("breakdown_ms") or {}
         pred = f"{b['predictor_host']:.3f} / {b['predictor_gpu']:.3f}" if b.get("predictor_host") else ""
         lines.append(f"| {r['model']} | {r['routing']} | {r['mix']} | {r['batch']} | {r['new_tokens']} | {r['provider']} "
                      f"| {r['mode']} | {r.get('cache') or ''} | {r['encode_ms']:.1f} | {r['prefill_tok_s']:.1f} "
-                     f"| {r['decode_tok_s']:.1f} | {r['e2e_tok_s_per_request']:.2f} | {_pct(r.get('decode_hit_rate'))} "
+                     f"| {r['decode_tok_s']:.1f} | {floor(r)} | {r['e2e_tok_s_per_request']:.2f} "
+                     f"| {_pct(r.get('decode_hit_rate'))} "
                      f"| {_f(r.get('experts_moved_per_token'), '.2f')} | {_f(r.get('pcie_bound_decode_tok_s'))} "
                      f"| {pred} | {_f(r.get('scheduler_ms') or None)} |")
     return lines

@@ -232,6 +232,48 @@ def test_bench_e2e_writes_each_row_when_measured_and_filters_providers(tmp_path,
 
 
 @pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+@pytest.mark.parametrize("name", ["vl2-small", "moe-llava-phi2", "llava-1.5-7b"])
+def test_decode_weight_bytes_counts_top_k_experts_and_one_embedding_row(name):
+    """The HBM floor's bytes, counted here from parameter names: routed experts (transformers' fused experts,
+    DeepSpeed-MoE's expert lists) at top_k / E, the embedding table as one row, everything else whole."""
+    module = _bench_e2e_module("bench_e2e_weights")
+    model, facts = module.build(name, True, torch.device("cpu"), torch.float32)
+    E, K = facts["num_experts"], facts["top_k"]
+    routed = whole = 0
+    for pname, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if ".experts." in pname:
+            routed += nbytes
+        elif pname != "model.embed_tokens.weight":
+            whole += nbytes
+    assert (routed > 0) == (facts["kind"] == "moe")
+    row = model.get_input_embeddings().weight[0]
+    expected = whole + (routed * K // E if E else 0) + row.numel() * row.element_size()
+    assert facts["decode_weight_bytes"] == expected
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_hbm_floor_only_for_batch_one_with_every_weight_on_the_gpu():
+    module = _bench_e2e_module("bench_e2e_floor")
+    result = {"split": None, "prefill_graph_ms": 5.0, "wall_ms": 105.0, "scheduler_ms": 0.0, "batch_e2e_ms": [120.0]}
+
+    def finished(**key):
+        row = {"requests": 1, "new_tokens": 11, "prompt_tokens": [50], "batch": 1, "provider": "moecache",
+               "budget": 1.0, "decode_weight_bytes": 4e9, "hbm_read_gbps": 4000.0, "result": result,
+               "_resident": None, **key}
+        module.finish_row(row)
+        return row
+
+    row = finished()
+    assert row["decode_tok_s"] == pytest.approx(10 / 0.1)
+    assert row["hbm_floor_tok_s"] == pytest.approx(1000.0)
+    assert row["frac_hbm_floor"] == pytest.approx(0.1)
+    for key in ({"batch": 2}, {"budget": 0.5, "provider": "offload50:predictive"}, {"provider": "hf:cpu-offload",
+                "budget": None}, {"hbm_read_gbps": None}):
+        assert "hbm_floor_tok_s" not in finished(**key), key
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
 def test_bench_e2e_past_its_deadline_builds_nothing_and_lists_what_did_not_run(tmp_path, monkeypatch):
     import json
 
