@@ -325,6 +325,20 @@ def test_gpu_bf16_deepseek_sizes(Hq, lens):
 
 
 @pytest.mark.gpu
+def test_gpu_bf16_one_long_request_many_splits():
+    """One 32K-token request: over a hundred splits, so the combine's tallest tile (128 splits x 32
+    columns) runs at DeepSeek sizes."""
+    from moecache.kernels.mla_decode import select_config
+
+    case = make_case([32000], 16, **DEEPSEEK)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert select_config(1, 16, 512, 64, DEEPSEEK["block_size"], case["block_table"].shape[1], sms,
+                         False)["num_splits"] > 64
+    out, lse = ops.mla_decode(**op_args(case), return_lse=True)
+    check_against_decompressed(case, out, lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,block_size", [(1, 64), (64, 16), (200, 64), (8, 24)],
                          ids=["B1", "B64-bs16", "B200", "B8-bs24-per-token-pages"])
 def test_gpu_bf16_batch_and_block_sizes(B, block_size):
