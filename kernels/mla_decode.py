@@ -169,7 +169,8 @@ def combine_columns(block_r: int, block_s: int) -> int:
 
 
 def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
-                  max_blocks: int, sm_count: int, interpreting: bool, itemsize: int = 2) -> dict:
+                  max_blocks: int, sm_count: int, interpreting: bool, itemsize: int = 2,
+                  min_split_tokens: int = 256) -> dict:
     """Block sizes and the split count from shapes only (no tensor values, so no host sync).
 
     BLOCK_H: all heads in one block up to 64, fewer when R is wide, since the fp32 accumulator
@@ -186,7 +187,8 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     per SM (the sm_90 footprint of these configs: 16 heads of R = 512 in fp16/bf16 take 179
     registers x 128 threads and 93 KB of shared memory, two per SM; tests/aot_compile.py checks it)
     times the pages each program reads; ties go to fewer splits, whose fp32 partials are fewer bytes.
-    On the GPU a split spans >= 256 tokens. Not yet timed on a GPU.
+    On the GPU a split spans >= min_split_tokens (256: fewer partials to write and combine; bench_mla
+    times 64 beside it, where short requests gain from more programs). Not yet timed on a GPU.
     """
     block_r = triton.next_power_of_2(kv_lora_rank)
     block_p = max(16, triton.next_power_of_2(rope_dim))
@@ -201,7 +203,7 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     num_warps = 4 if block_h * block_r * itemsize <= 16384 else 8
     blocks_per_sm = 2 if block_h * block_r * itemsize <= 16384 else 1
     # The interpreter takes one-page splits so small test sequences still exercise the combine.
-    min_split_pages = 1 if interpreting else triton.cdiv(256, block_size)
+    min_split_pages = 1 if interpreting else triton.cdiv(min_split_tokens, block_size)
     most = min(MAX_SPLITS, triton.cdiv(max_blocks, min_split_pages))
 
     def finish(splits):  # (waves of programs) x (pages per program), in page reads

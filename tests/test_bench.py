@@ -91,18 +91,19 @@ def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
                           capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"moecache", "moecache_2stage", "torch_absorbed", "transformers"}
+    assert {r["method"] for r in rows} == {"moecache", "moecache_2stage", "moecache_64tok", "torch_absorbed",
+                                           "transformers"}
     assert not [r for r in rows if "skipped" in r or "error" in r]
     assert all(r["us"] > 0 and r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] and r["transformers"]
                for r in rows)
     points = {(r["Hq"], r["B"], r["S"]) for r in rows}
-    assert len(points) == 2 and len(rows) == 4 * len(points)
+    assert len(points) == 2 and len(rows) == 5 * len(points)
     for r in rows:
         if r["method"] == "moecache":  # the Triton kernel (interpreter, fp32) against both references
             assert r["max_err_vs_torch_absorbed"] < 1e-4 and r["max_err_vs_fp32_ref"] < 1e-4
             assert r["speedup_vs_torch_absorbed"] > 0 and r["speedup_vs_transformers"] > 0
-            assert r["speedup_vs_moecache_2stage"] > 0
-        if r["method"] == "moecache_2stage":  # the 2-stage configuration gives the default's answer
+            assert r["speedup_vs_moecache_2stage"] > 0 and r["speedup_vs_moecache_64tok"] > 0
+        if r["method"] in ("moecache_2stage", "moecache_64tok"):  # other configurations give the default's answer
             assert r["max_err_vs_moecache"] < 1e-5
         assert r["kv_bytes_per_token"] > 0 and r["latent_bytes"] == r["B"] * r["S"] * (r["shape"]["R"] + r["shape"]["P"]) * 4
 

@@ -201,6 +201,9 @@ def test_split_count_fills_whole_waves():
     assert (config["num_splits"], config["blocks_per_sm"]) == (4, 2)
     # One request: as many splits as its pages allow (>= 256 tokens each), one wave.
     assert select_config(1, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 16
+    # Splits as short as 64 tokens (bench_mla times this beside the default): one 4K request in 64.
+    assert select_config(1, 16, 512, 64, 64, 64, 132, False, itemsize=2, min_split_tokens=64)["num_splits"] == 64
+    assert select_config(64, 16, 512, 64, 64, 64, 132, False, itemsize=2, min_split_tokens=64)["num_splits"] == 4
     # One request of 32K tokens: 128 splits of 256 tokens, about one program per SM.
     assert select_config(1, 16, 512, 64, 64, 512, 132, False, itemsize=2)["num_splits"] == 128
     # More requests than programs fit: no split (the combine would only add bytes).
