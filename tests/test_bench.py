@@ -108,6 +108,24 @@ def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
         assert r["kv_bytes_per_token"] > 0 and r["latent_bytes"] == r["B"] * r["S"] * (r["shape"]["R"] + r["shape"]["P"]) * 4
 
 
+@pytest.mark.skipif(not (BENCH / "kernel_times.py").is_file(), reason="needs the source tree")
+def test_kernel_times_quick_lists_each_op_of_a_call(tmp_path):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "kernel_times.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
+    moe, mla = rows["moe tiny T=3"], rows["mla 4 heads B=2 S=40"]
+    assert {k["name"] for k in moe["kernels"]} == {"moecache::route", "moecache::fused_moe"}
+    assert [k["name"] for k in mla["kernels"]] == ["moecache::mla_decode"]
+    for r in (moe, mla):
+        assert all(k["us_per_call"] > 0 and k["launches_per_call"] == 1 for k in r["kernels"])
+        assert r["kernel_us_sum"] == pytest.approx(sum(k["us_per_call"] for k in r["kernels"]))
+        assert r["device"] and r["commit"]
+
+
 @pytest.mark.skipif(not (BENCH / "bench_cache.py").is_file(), reason="needs the source tree")
 def test_bench_cache_quick_runs_every_policy(tmp_path):
     import json

@@ -30,7 +30,7 @@ def test_dry_run_plans_every_stage_in_order(script, tmp_path):
         assert [s for s in order if f"{s}: ok" in summary] == order
         assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
     elif script == "gpu_bench.sh":
-        for name in ("bench_moe", "bench_e2e", "bench_mla", "bench_prefetch", "tune"):
+        for name in ("bench_moe", "bench_e2e", "bench_mla", "kernel_times", "bench_prefetch", "tune"):
             assert f"{name}" in summary
     else:
         assert "study-slice-1: ok" in summary and "--slice 1" in log and "--deadline" in log
