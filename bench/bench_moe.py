@@ -2,6 +2,8 @@
   - hf_loop:    transformers' eager expert loop (one pair of GEMMs per touched expert, softmax top-k routing)
   - grouped_mm: torch routing + argsort permutation + torch._grouped_mm (F.grouped_mm) + index_add combine
   - moecache:   ops.route + ops.fused_moe
+  - moecache_separate: the same, with the top-k combine as its own kernel (config COMBINE "separate")
+                instead of fused into the down GEMM (K > 1); checked bit for bit against moecache first
 Each is timed eagerly and, for T <= 64, as a CUDA-graph replay (launch overhead removed), with the L2
 flushed before every run. GB/s counts the bytes of the expert weights the batch touches; ratios are to
 the HBM and bf16 matmul ceilings measured at the start of the run.
@@ -61,8 +63,22 @@ def grouped_mm_layer(x, router, w_gate_up_t, w_down_t, k):
 
 
 def moecache_layer(x, router, w_gate_up, w_down, k, out):
-    w, ids = ops.route(x @ router.t(), k)
-    return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out)
+    w, ids = ops.route(x @ router.t(), k, backend="triton")  # the kernels on every device (interpreter on CPU)
+    return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out, backend="triton")
+
+
+def moecache_separate_layer(x, router, w_gate_up, w_down, k, out):
+    """moecache_layer with the op's own block configuration, but the combine as a separate kernel."""
+    from moecache.kernels.fused_moe import fused_moe_launch
+    from moecache.ops.api import _moe_config
+    from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+
+    w, ids = ops.route(x @ router.t(), k, backend="triton")
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    config = {**_moe_config(x.shape[0], k, E, x.shape[1], I, x.device, x.element_size()), "COMBINE": "separate"}
+    return fused_moe_launch(x, w_gate_up, w_down, w, ids, out, activation="silu",
+                            swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
+                            host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False, config=config)
 
 
 def hf_loop_layer(x, router, w_gate_up, w_down, k):
@@ -84,12 +100,12 @@ def main(argv=None):
         shapes = {"tiny": (64, 32, 8, 2)}
         tokens = [1, 8]
         dtype, rep = torch.float32, 2
-        providers = ("hf_loop", "moecache")
+        providers = ("hf_loop", "moecache", "moecache_separate")
     else:
         shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
         tokens = [int(t) for t in args.tokens.split(",")]
         dtype, rep = torch.bfloat16, args.rep
-        providers = ("hf_loop", "grouped_mm", "moecache")
+        providers = ("hf_loop", "grouped_mm", "moecache", "moecache_separate")
     ceilings = measure_ceilings() if on_gpu else {}
     if ceilings:
         print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, HBM read {ceilings['hbm_read_gbps']:.0f} GB/s, "
@@ -127,6 +143,7 @@ def main(argv=None):
             "hf_loop": lambda: hf_loop_layer(x, router, w_gate_up, w_down, K),
             "grouped_mm": lambda: grouped_mm_layer(x, router, wgu_t, wd_t, K),
             "moecache": lambda: moecache_layer(x, router, w_gate_up, w_down, K, out),
+            "moecache_separate": lambda: moecache_separate_layer(x, router, w_gate_up, w_down, K, out),
         }
         shape = {"name": name, "T": T, "H": H, "I": I, "E": E, "K": K, "dtype": str(dtype).replace("torch.", ""),
                  "experts_touched": touched}
@@ -134,6 +151,13 @@ def main(argv=None):
         for provider in providers:
             if provider == "hf_loop" and T > 4096:
                 continue  # minutes per shape; its trend is clear well before
+            if provider == "moecache_separate":
+                if K == 1 or T < 8:
+                    continue  # no combine to separate; at a few tokens the extra launch only adds
+                fused = moecache_layer(x, router, w_gate_up, w_down, K, torch.empty_like(x))
+                separate = moecache_separate_layer(x, router, w_gate_up, w_down, K, torch.empty_like(x))
+                if not torch.equal(fused, separate):
+                    raise AssertionError(f"{name} T={T}: the separate combine differs from the fused one")
             variants = [("eager", fns[provider])]
             if on_gpu and T <= 64 and provider != "hf_loop":
                 try:
@@ -150,7 +174,7 @@ def main(argv=None):
                 rows.append(r)
                 base_ms[(provider, mode)] = timing["ms"]
                 vs = base_ms.get(("grouped_mm", mode))
-                speedup = f"{vs / timing['ms']:.2f}x" if vs and provider == "moecache" else ""
+                speedup = f"{vs / timing['ms']:.2f}x" if vs and provider.startswith("moecache") else ""
                 lines.append(f"{name:<28}{T:>6}  {provider + ':' + mode:<18}{timing['ms']:>9.4f}{r['gbps']:>9.0f}"
                              f"{r['tflops']:>9.1f}{100 * r.get('frac_hbm_read', 0):>6.0f}%  {speedup}")
     print(header)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla import make_paged_cache  # noqa: E402
-from bench_moe import SHAPES  # noqa: E402
+from bench_moe import SHAPES, moecache_layer  # noqa: E402
 from common import _flush_l2, append_rows, cuda_graph_fn, environment, time_ms  # noqa: E402
 
 from moecache import ops  # noqa: E402
@@ -42,11 +42,7 @@ def moe_call(name, T, shapes, device, dtype):
     router = torch.randn(E, H, device=device, dtype=dtype, generator=g) * H**-0.5
     x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
     out = torch.empty_like(x)
-
-    def layer():  # bench_moe's moecache layer, on the Triton kernels on every device
-        w, ids = ops.route(x @ router.t(), K, backend="triton")
-        return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out, backend="triton")
-    return layer
+    return lambda: moecache_layer(x, router, w_gate_up, w_down, K, out)
 
 
 def mla_call(Hq, B, S, device, dtype, R=512, P=64, block_size=64):

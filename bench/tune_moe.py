@@ -48,11 +48,16 @@ def focused_candidates(num_tokens: int, shape: tuple) -> list[dict]:
         for bm, bn, bk in ((16, 64, 128), (16, 128, 128), (32, 64, 128), (32, 128, 64), (64, 64, 64), (64, 128, 64)):
             out.append({"path": "grouped", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
                         "num_stages": 4})
+        if K > 1:  # the combine as its own kernel, on the heuristic's tiles
+            out.append({**out[0], "COMBINE": "separate"})
     else:
         for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                           (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)):
             out.append({"path": "grouped", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
                         "num_stages": stages})
+        if K > 1:  # the combine as its own kernel: the down GEMM's epilogue is then a plain store
+            distinct = [c for i, c in enumerate(out) if c not in out[:i]]
+            out += [{**c, "COMBINE": "separate"} for c in distinct[:2]]
     unique = []
     for c in out:
         if c not in unique:
@@ -64,8 +69,8 @@ def candidates(num_tokens: int, quick: bool) -> list[dict]:
     if quick:
         if num_tokens <= 4:
             return [{"path": "decode", "BLOCK_N": bn, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1} for bn in (16, 32)]
-        return [{"path": "grouped", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-                for bn in (16, 32)]
+        return [{"path": "grouped", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
+                 **combine} for bn in (16, 32) for combine in ({}, {"COMBINE": "separate"})]
     out = []
     if num_tokens <= 16:
         for bn, bn_down, bk, warps, stages in itertools.product((8, 16, 32), (4, 8, 16, 32), (128, 256), (4, 8), (3, 4)):
@@ -77,6 +82,8 @@ def candidates(num_tokens: int, quick: bool) -> list[dict]:
                 continue
             out.append({"path": "grouped", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
                         "num_stages": stages})
+            if bm >= 64 and num_tokens >= 256:
+                out.append({**out[-1], "COMBINE": "separate"})
     return out
 
 

@@ -10,7 +10,9 @@ Two paths, both without host synchronisation:
 - grouped (every token count by default): three launches. `_align_kernel` (one program) buckets routed rows per expert
   (atomics give each row its place; the place never changes a value), `_grouped_gate_up_kernel` and
   `_grouped_down_kernel` run tl.dot tiles per expert, and the down kernel's last-arriving program for a
-  token sums that token's K rows in k order (deterministic, no combine launch).
+  token sums that token's K rows in k order (deterministic, no combine launch). A configuration may
+  say COMBINE "separate": the down kernel then only stores the partials and `_sum_partials_kernel` adds
+  them in the same order (bit-identical output, one more launch, no arrival tail in the GEMM).
 
 Expert e's weights are at slot expert_map[e] of w_gate_up / w_down; a slot of -1 reads expert e from the
 host tensors in place (pinned memory is device-addressable through unified addressing). In the
@@ -280,14 +282,17 @@ def _grouped_down_kernel(
     arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Down GEMM, times the top-k weight, with the top-k combine fused.
+    """Down GEMM, times the top-k weight, with the top-k combine fused (or left to _sum_partials_kernel).
 
-    K == 1 writes the output directly. Otherwise each routed row's fp32 partial goes to partial[row]; the
-    program whose arrival completes a token's K rows (for this N block) sums them in k order, so the sum
-    is deterministic whichever program finishes last, and no separate combine launch is needed.
+    K == 1 writes the output directly. Otherwise each routed row's fp32 partial goes to partial[row]; with
+    FUSED_COMBINE the program whose arrival completes a token's K rows (for this N block) sums them in k
+    order, so the sum is deterministic whichever program finishes last, and no separate combine launch is
+    needed. Without it the program only stores its partials, and _sum_partials_kernel adds them up in the
+    same order (the same bits): a plain store epilogue, for shapes where the arrival's tail costs more
+    than a launch.
     """
     pid_m, pid_n = _tile(num_m_blocks, H, BLOCK_N, GROUP_M)
     e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
@@ -316,22 +321,36 @@ def _grouped_down_kernel(
                      mask=m_tile)
         else:
             tl.store(partial_ptr + rows[:, None] * H + o_n[None, :], b_acc, mask=m_tile)
-            # Every thread's partial stores must be ordered before the (release) arrival.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + tokens * down_blocks + pid_n, 1, mask=m_r,
-                                    sem="acq_rel", scope="gpu")
-            m_last = m_r & (arrived == K - 1)
-            tl.debug_barrier()
-            b_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for kk in range(K):
-                # .cg: read through L2, where the other programs' partials are; never a stale L1 line.
-                b_sum += tl.load(partial_ptr + (tokens * K + kk)[:, None] * H + o_n[None, :],
-                                 mask=m_last[:, None] & m_n[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + tokens[:, None] * stride_ot + o_n[None, :], b_sum.to(out_ptr.dtype.element_ty),
-                     mask=m_last[:, None] & m_n[None, :])
+            if FUSED_COMBINE:
+                # Every thread's partial stores must be ordered before the (release) arrival.
+                tl.debug_barrier()
+                arrived = tl.atomic_add(arrivals_ptr + tokens * down_blocks + pid_n, 1, mask=m_r,
+                                        sem="acq_rel", scope="gpu")
+                m_last = m_r & (arrived == K - 1)
+                tl.debug_barrier()
+                b_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for kk in range(K):
+                    # .cg: read through L2, where the other programs' partials are; never a stale L1 line.
+                    b_sum += tl.load(partial_ptr + (tokens * K + kk)[:, None] * H + o_n[None, :],
+                                     mask=m_last[:, None] & m_n[None, :], other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + tokens[:, None] * stride_ot + o_n[None, :], b_sum.to(out_ptr.dtype.element_ty),
+                         mask=m_last[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, H, stride_ot, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[token] = sum over k, in k order, of the fp32 partials of the token's K routed rows."""
+    token = tl.program_id(0).to(tl.int64)
+    o_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < H
+    b_sum = tl.zeros([BLOCK_N], tl.float32)
+    for kk in range(K):
+        b_sum += tl.load(partial_ptr + (token * K + kk) * H + o_n, mask=m_n, other=0.0)
+    tl.store(out_ptr + token * stride_ot + o_n, b_sum.to(out_ptr.dtype.element_ty), mask=m_n)
 
 
 # ---------------------------------------------------------------- configurations and launcher
+COMBINES = ("fused", "separate")  # config["COMBINE"] (optional, grouped path): see _grouped_down_kernel
 GROUP_M = 8  # M blocks that sweep the N blocks together (tile order: see _tile)
 
 def shape_key(hidden: int, inter: int, num_experts: int, top_k: int) -> str:
@@ -445,8 +464,10 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
     down_blocks = triton.cdiv(H, BN)
     combine = K > 1
-    # Arrival counters and fp32 partials for the fused combine (unused when K == 1: pass stand-ins).
-    arrivals = torch.empty((T * down_blocks,) if combine else (1,), dtype=torch.int32, device=x.device)
+    fused_combine = config.get("COMBINE", "fused") == "fused"
+    # fp32 partials for the combine, and arrival counters for the fused one (stand-ins where unused).
+    arrivals = torch.empty((T * down_blocks,) if combine and fused_combine else (1,), dtype=torch.int32,
+                           device=x.device)
     partial = torch.empty((num_rows, H) if combine else (1, 1), dtype=torch.float32, device=x.device)
     group_m = config.get("GROUP_M", GROUP_M)
     wrap(_grouped_gate_up_kernel)[(max_blocks * triton.cdiv(I, BN),)](
@@ -455,13 +476,18 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
         ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
-        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine, GROUP_M=group_m,
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine and fused_combine,
+        GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)
     wrap(_grouped_down_kernel)[(max_blocks * down_blocks,)](
         inter, w_down, host_d, bd, map_arg, counts, offsets, rows, topk_weights, partial,
         arrivals, out, H, I, E, K, num_slots, down_blocks, max_blocks,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
-        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, GROUP_M=group_m,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
+        HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, FUSED_COMBINE=fused_combine,
+        GROUP_M=group_m, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
+    if combine and not fused_combine:
+        block_sum = min(1024, triton.next_power_of_2(H))
+        wrap(_sum_partials_kernel)[(T, triton.cdiv(H, block_sum))](
+            partial, out, H, out.stride(0), K=K, BLOCK_N=block_sum, num_warps=4)
     return out

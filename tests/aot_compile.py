@@ -201,11 +201,13 @@ def problems(row) -> list[str]:
 
 
 # ---------------------------------------------------------------- the launches
-def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False):
+def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False, combine=None):
     H, I, E, K = shape
     R = 2 * I if gated else I
     cap = Capture()
     config = fm.select_config(T, K, E, H, I, False, itemsize=torch.empty((), dtype=dtype).element_size(), arch=ARCH)
+    if combine is not None:
+        config["COMBINE"] = combine
     fm.fused_moe_launch(meta((T, H), dtype), meta((E, R, H), dtype), meta((E, H, I), dtype),
                         meta((T, K), torch.float32), meta((T, K), torch.int32), meta((T, H), dtype),
                         activation=activation, swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
@@ -245,6 +247,10 @@ def launches(group):
             for T in MOE_TOKENS:
                 for dtype in (torch.bfloat16, torch.float16):
                     yield f"moe-{name}-T{T}-{str(dtype)[6:]}", True, moe_launches(shape, T, dtype)
+            # The combine as its own kernel (a tuned table may pick it): the down GEMM's plain-store epilogue.
+            for T in (64, 4096):
+                yield f"moe-{name}-T{T}-separate-combine", True, moe_launches(shape, T, torch.bfloat16,
+                                                                              combine="separate")
     elif group == "moe_map":
         for name, shape in MOE_SHAPES.items():
             for T in (1, 64, 4096):

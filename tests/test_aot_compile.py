@@ -33,7 +33,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills(tmp_path):
         assert code == 0, f"sm_{arch}:\n{out[-3000:]}\n{err[-3000:]}"
         rows = [json.loads(line) for line in (tmp_path / f"sm{arch}.jsonl").read_text().splitlines()]
         kernels = {r["kernel"] for r in rows}
-        assert {"_grouped_gate_up_kernel", "_grouped_down_kernel", "_align_kernel", "_route_kernel",
+        assert {"_grouped_gate_up_kernel", "_grouped_down_kernel", "_align_kernel", "_route_kernel", "_sum_partials_kernel",
                 "_mla_decode_split_kernel", "_mla_decode_combine_kernel"} <= kernels
         assert all(not r.get("error") and r["spill_stores"] == 0 for r in rows)
         assert all(r["fences"] == 0 for r in rows if r["kernel"] == "_align_kernel")

@@ -20,7 +20,8 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
     import json
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager"}
+    assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager", "moecache_separate:eager"}
+    assert [r["shape"]["T"] for r in rows if r["provider"] == "moecache_separate:eager"] == [8]
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
 
 
@@ -61,9 +62,10 @@ def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch
     assert set(tuned) == {"2", "24"} and tuned["2"]["path"] == "decode" and tuned["24"]["path"] == "grouped"
 
     # A hand-made table with a distinctive tile: fused_moe must pick it up through MOECACHE_MOE_CONFIG.
-    tuned["24"]["BLOCK_N"] = 16
+    tuned["24"].update(BLOCK_N=16, COMBINE="separate")
     table_path.write_text(json.dumps(table))
-    assert select_config(20, 2, 8, 64, 32, True, table=table["configs"])["BLOCK_N"] == 16
+    picked = select_config(20, 2, 8, 64, 32, True, table=table["configs"])
+    assert picked["BLOCK_N"] == 16 and picked["COMBINE"] == "separate"
     # above the largest tuned count the heuristic decides
     assert select_config(99, 2, 8, 64, 32, True, table=table["configs"]) == select_config(99, 2, 8, 64, 32, True)
     assert select_config(20, 2, 8, 64, 40, True, table=table["configs"]) == select_config(20, 2, 8, 64, 40, True)

@@ -121,6 +121,39 @@ def test_launch_count(T, K, launches):
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,K,bias", [(30, 4, False), (37, 2, True), (21, 1, False)], ids=["K4", "K2-bias", "K1"])
+def test_separate_combine_gives_the_fused_combines_bits(T, K, bias, dtype):
+    """COMBINE "separate": the down kernel stores its partials and a fourth kernel adds them in k order,
+    the order the fused combine uses, so the two outputs are identical bit for bit (K = 1: no combine)."""
+    from moecache.kernels import INTERPRETING
+    from moecache.kernels.fused_moe import fused_moe_launch, select_config
+
+    E, H, I = 6, 40, 24
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, dtype)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    b_gate_up = torch.randn(E, 2 * I, generator=g).to(dtype=dtype, device=x.device) if bias else None
+    b_down = torch.randn(E, H, generator=g).to(dtype=dtype, device=x.device) if bias else None
+    outs = {}
+    for combine in ("fused", "separate"):
+        launched = []
+
+        def launcher(kernel):
+            launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+            return kernel
+
+        config = {**select_config(T, K, E, H, I, INTERPRETING), "COMBINE": combine}
+        assert config["path"] == "grouped"
+        out = poisoned(x.shape, x.dtype, x.device)
+        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
+                         expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=b_gate_up, b_down=b_down,
+                         gate_up_interleaved=False, config=config, launcher=launcher)
+        outs[combine] = out
+        assert ("_sum_partials_kernel" in launched) == (combine == "separate" and K > 1), launched
+    assert_close(outs["fused"], fused_moe_reference(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down), dtype)
+    assert torch.equal(outs["separate"], outs["fused"])
+
+
 def _bad(match, **overrides):
     x, wgu, wd, w, ids = random_layer(4, 32, 16, 4, 2, torch.float32)
     args = dict(hidden_states=x, w_gate_up=wgu, w_down=wd, topk_weights=w, topk_ids=ids)
@@ -310,7 +343,9 @@ def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
     cases = {"notjson.json": "{not json", "noconfigs.json": '{"device_slug": "x"}',
              "badpath.json": '{"configs": {"%s": {"32": {"path": "fast"}}}}' % key,
              "zero.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 0, "BLOCK_N": 16, '
-                          '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}}}' % key}
+                          '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}}}' % key,
+             "combine.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, '
+                             '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1, "COMBINE": "atomic"}}}}' % key}
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)

@@ -82,6 +82,8 @@ _CONFIG_KEYS = {"decode": ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
 def _read_table(file) -> dict:
     import json
 
+    from moecache.kernels.fused_moe import COMBINES
+
     where = f"fused_moe config table {str(file)!r}"
     try:
         data = json.loads(file.read_text())
@@ -100,6 +102,8 @@ def _read_table(file) -> dict:
             path = config.get("path") if isinstance(config, dict) else None
             if path not in _CONFIG_KEYS:
                 raise ValueError(f"{name}: 'path' must be one of {sorted(_CONFIG_KEYS)}, got {path!r}")
+            if "COMBINE" in config and config["COMBINE"] not in COMBINES:
+                raise ValueError(f"{name}: COMBINE must be one of {list(COMBINES)}, got {config['COMBINE']!r}")
             for k in _CONFIG_KEYS[path]:
                 v = config.get(k)
                 power_of_two = k.startswith("BLOCK") or k == "num_warps"
