@@ -67,15 +67,24 @@ def moecache_layer(x, router, w_gate_up, w_down, k, out):
     return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out, backend="triton")
 
 
-def moecache_separate_layer(x, router, w_gate_up, w_down, k, out):
-    """moecache_layer with the op's own block configuration, but the combine as a separate kernel."""
-    from moecache.kernels.fused_moe import fused_moe_launch
+def separate_combine_config(T, k, w_gate_up, x) -> dict:
+    """The op's own block configuration for this call, with the combine as a separate kernel."""
     from moecache.ops.api import _moe_config
+
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    return {**_moe_config(T, k, E, x.shape[1], I, x.device, x.element_size()), "COMBINE": "separate"}
+
+
+def moecache_separate_layer(x, router, w_gate_up, w_down, k, out):
+    """moecache_layer with the combine as a separate kernel: the op's argument and value checks (the same
+    host sync in eager mode), then its kernels with COMBINE "separate"."""
+    from moecache.kernels.fused_moe import fused_moe_launch
+    from moecache.ops.api import _check_fused_moe_args
     from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 
     w, ids = ops.route(x @ router.t(), k, backend="triton")
-    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    config = {**_moe_config(x.shape[0], k, E, x.shape[1], I, x.device, x.element_size()), "COMBINE": "separate"}
+    _check_fused_moe_args(x, w_gate_up, w_down, w, ids, "silu", None, None, None, None, None)
+    config = separate_combine_config(x.shape[0], k, w_gate_up, x)
     return fused_moe_launch(x, w_gate_up, w_down, w, ids, out, activation="silu",
                             swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
                             host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False, config=config)
@@ -152,7 +161,7 @@ def main(argv=None):
             if provider == "hf_loop" and T > 4096:
                 continue  # minutes per shape; its trend is clear well before
             if provider == "moecache_separate":
-                if K == 1 or T < 8:
+                if K == 1 or T < 8 or separate_combine_config(T, K, w_gate_up, x)["path"] != "grouped":
                     continue  # no combine to separate; at a few tokens the extra launch only adds
                 fused = moecache_layer(x, router, w_gate_up, w_down, K, torch.empty_like(x))
                 separate = moecache_separate_layer(x, router, w_gate_up, w_down, K, torch.empty_like(x))

@@ -26,7 +26,7 @@ stage bench_e2e ${E2E_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/bench
 [ -f "$RES/study.jsonl" ] && cp "$RES/study.jsonl" "$OUTDIR/"
 bench bench_mla 80 --heads 16,128 --points 1x4096,64x4096,1x32768 --rep 30
 # Each kernel's own time in one MoE layer and one MLA step, beside the call's graph replay time.
-stage kernel_times ${KT_LIMIT:-60} bash -c "cd /tmp && python3 '$ROOT/bench/kernel_times.py' --json '$RES/kernel_times.jsonl'"
+stage kernel_times ${KT_LIMIT:-90} bash -c "cd /tmp && python3 '$ROOT/bench/kernel_times.py' --json '$RES/kernel_times.jsonl'"
 [ -f "$RES/kernel_times.jsonl" ] && cp "$RES/kernel_times.jsonl" "$OUTDIR/"
 bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB
 # Block configurations for this GPU (a dozen candidates per point, each checked before it is timed),

@@ -77,17 +77,26 @@ def _profile(fn, reps: int, on_gpu: bool, flush: bool):
 
 def kernel_table(fn, reps: int, on_gpu: bool) -> list[dict]:
     """[{name, us_per_call, launches_per_call}], largest first: the GPU kernels (copies and memsets too) of
-    one call on a GPU, without the L2 flush's own kernels; moecache's ops (CPU time) on the interpreter."""
+    one call on a GPU, the L2 flush's own kernels taken out (profiled alone, subtracted by name, so a
+    kernel of the call that shares a name with one of them keeps its own launches); moecache's ops (CPU
+    time) on the interpreter."""
     from torch.autograd import DeviceType
 
     for _ in range(2):
         fn()
     table = []
     if on_gpu:
-        flush_kernels = {e.key for e in _profile(lambda: None, 2, True, True) if e.device_type == DeviceType.CUDA}
+        flush = {e.key: e for e in _profile(lambda: None, reps, True, True) if e.device_type == DeviceType.CUDA}
+        if not flush:
+            raise RuntimeError("kernel_times: the profiler saw no kernel of the L2 flush (is CUPTI tracing on?)")
         for e in _profile(fn, reps, True, True):
-            if e.device_type == DeviceType.CUDA and e.key not in flush_kernels:
-                table.append({"name": e.key, "us_per_call": _device_us(e) / reps, "launches_per_call": e.count / reps})
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us, count = _device_us(e), e.count
+            if e.key in flush:
+                us, count = us - _device_us(flush[e.key]), count - flush[e.key].count
+            if count > 0:
+                table.append({"name": e.key, "us_per_call": max(us, 0.0) / reps, "launches_per_call": count / reps})
     else:
         for e in _profile(fn, reps, False, False):
             if e.key.startswith("moecache::"):

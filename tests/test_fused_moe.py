@@ -225,6 +225,31 @@ def test_gpu_fused_combine_is_deterministic(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T,shape", [(256, (2048, 1408, 64, 6)), (4096, (1024, 512, 64, 8))],
+                         ids=["v2lite-T256", "K8-T4096"])
+def test_gpu_separate_combine_gives_the_fused_combines_bits(T, shape):
+    """On the GPU the fused combine (acq_rel arrivals, .cg reads of other programs' partials) and the
+    separate sum kernel add the same fp32 partials in the same order: the same bits, at the configuration
+    the op picks for these shapes."""
+    from moecache.kernels.fused_moe import fused_moe_launch
+    from moecache.ops.api import _moe_config
+
+    H, I, E, K = shape
+    x, wgu, wd, w, ids = random_layer(T, H, I, E, K, torch.bfloat16, device="cuda")
+    config = _moe_config(T, K, E, H, I, x.device, x.element_size())
+    assert config["path"] == "grouped"
+    outs = []
+    for combine in ("fused", "separate"):
+        out = poisoned(x.shape, x.dtype, x.device)
+        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
+                         expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=None, b_down=None,
+                         gate_up_interleaved=False, config={**config, "COMBINE": combine})
+        outs.append(out)
+    assert_close(outs[0], fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
+    assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [2, 64])
 def test_gpu_pinned_host_experts_and_cuda_graph(T):
     E, S, H, I, K = 16, 6, 512, 256, 4
@@ -345,7 +370,9 @@ def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
              "zero.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 0, "BLOCK_N": 16, '
                           '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1}}}}' % key,
              "combine.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, '
-                             '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1, "COMBINE": "atomic"}}}}' % key}
+                             '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1, "COMBINE": "atomic"}}}}' % key,
+             "decodecombine.json": '{"configs": {"%s": {"32": {"path": "decode", "BLOCK_N": 16, "BLOCK_K": 16, '
+                                   '"num_warps": 4, "num_stages": 1, "COMBINE": "separate"}}}}' % key}
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)

@@ -102,8 +102,9 @@ def _read_table(file) -> dict:
             path = config.get("path") if isinstance(config, dict) else None
             if path not in _CONFIG_KEYS:
                 raise ValueError(f"{name}: 'path' must be one of {sorted(_CONFIG_KEYS)}, got {path!r}")
-            if "COMBINE" in config and config["COMBINE"] not in COMBINES:
-                raise ValueError(f"{name}: COMBINE must be one of {list(COMBINES)}, got {config['COMBINE']!r}")
+            if "COMBINE" in config and (path != "grouped" or config["COMBINE"] not in COMBINES):
+                raise ValueError(f"{name}: COMBINE (grouped path only) must be one of {list(COMBINES)}, "
+                                 f"got {config['COMBINE']!r} on the {path} path")
             for k in _CONFIG_KEYS[path]:
                 v = config.get(k)
                 power_of_two = k.startswith("BLOCK") or k == "num_warps"
