@@ -165,9 +165,10 @@ def back_to_back_us(kv_cache, call, *, rep):
     return t["ms"] * 1e3 / n, n
 
 
-def mla_decode_2stage(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
-    """ops.mla_decode's kernels under the 2-stage configuration: one row buffer, and
-    splits = cdiv(2 * SMs, B * head blocks) (at most 64, each >= 256 tokens on a GPU)."""
+def _mla_decode_configured(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, *, min_split_tokens=256,
+                           two_stage=False):
+    """ops.mla_decode's kernels under another configuration than the op's own (the variants bench_mla
+    times beside it)."""
     import triton
 
     from moecache import kernels
@@ -177,30 +178,27 @@ def mla_decode_2stage(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
     block_size, max_blocks = kv_cache.shape[1], block_table.shape[1]
     sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
     config = select_config(B, Hq, R, q_rope.shape[2], block_size, max_blocks, sms, kernels.INTERPRETING,
-                           itemsize=q_latent.element_size())
-    most = min(64, triton.cdiv(max_blocks, config["min_split_pages"]))
-    head_blocks = triton.cdiv(Hq, config["BLOCK_H"])
-    config.update(num_stages=1 if kernels.INTERPRETING else 2,
-                  num_splits=max(1, min(most, triton.cdiv(2 * sms, B * head_blocks))))
+                           itemsize=q_latent.element_size(), min_split_tokens=min_split_tokens)
+    if two_stage:  # the earlier configuration: at most 64 splits, about 2 programs per SM
+        most = min(64, triton.cdiv(max_blocks, config["min_split_pages"]))
+        head_blocks = triton.cdiv(Hq, config["BLOCK_H"])
+        config.update(num_stages=1 if kernels.INTERPRETING else 2,
+                      num_splits=max(1, min(most, triton.cdiv(2 * sms, B * head_blocks))))
     out = torch.empty_like(q_latent)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config)
     return out
 
 
-def mla_decode_short_splits(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
-    """ops.mla_decode's kernels with splits as short as 64 tokens (the split count from the same rule)."""
-    from moecache import kernels
-    from moecache.kernels.mla_decode import mla_decode_launch, select_config
+def mla_decode_2stage(*args):
+    """The 2-stage configuration: one row buffer, and splits = cdiv(2 * SMs, B * head blocks) (at most 64,
+    each >= 256 tokens on a GPU)."""
+    return _mla_decode_configured(*args, two_stage=True)
 
-    B, Hq, R = q_latent.shape
-    sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
-    config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1], sms,
-                           kernels.INTERPRETING, itemsize=q_latent.element_size(), min_split_tokens=64)
-    out = torch.empty_like(q_latent)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
-    mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config)
-    return out
+
+def mla_decode_short_splits(*args):
+    """The op's own rule for the split count, with splits as short as 64 tokens."""
+    return _mla_decode_configured(*args, min_split_tokens=64)
 
 
 def evaluate_targets(rows):

@@ -35,6 +35,15 @@ SHAPES = {  # name: (H, I, E, K)
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
+def random_experts(H, I, E, device, dtype):
+    """(w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H]): seeded random weights at unit output scale."""
+    g = torch.Generator(device=device).manual_seed(0)
+    w_gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * H**-0.5
+    w_down = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I**-0.5
+    router = torch.randn(E, H, device=device, dtype=dtype, generator=g) * H**-0.5
+    return w_gate_up, w_down, router
+
+
 def torch_route(logits, k):
     probs = torch.softmax(logits.float(), dim=-1)
     w, ids = torch.topk(probs, k, dim=-1)
@@ -135,10 +144,7 @@ def main(argv=None):
             cache.clear()
             if on_gpu:
                 torch.cuda.empty_cache()
-            g = torch.Generator(device=device).manual_seed(0)
-            w_gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * H**-0.5)
-            w_down = (torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I**-0.5)
-            router = torch.randn(E, H, device=device, dtype=dtype, generator=g) * H**-0.5
+            w_gate_up, w_down, router = random_experts(H, I, E, device, dtype)
             cache[name] = (w_gate_up, w_down, router, w_gate_up.transpose(1, 2).contiguous() if on_gpu else None,
                            w_down.transpose(1, 2).contiguous() if on_gpu else None)
         w_gate_up, w_down, router, wgu_t, wd_t = cache[name]

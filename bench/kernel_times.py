@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla import make_paged_cache  # noqa: E402
-from bench_moe import SHAPES, moecache_layer  # noqa: E402
+from bench_moe import SHAPES, moecache_layer, random_experts  # noqa: E402
 from common import _flush_l2, append_rows, cuda_graph_fn, environment, time_ms  # noqa: E402
 
 from moecache import ops  # noqa: E402
@@ -36,11 +36,8 @@ QUICK_MOE = {"tiny": (64, 32, 8, 2)}
 
 def moe_call(name, T, shapes, device, dtype):
     H, I, E, K = shapes[name]
-    g = torch.Generator(device=device).manual_seed(0)
-    w_gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * H**-0.5
-    w_down = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I**-0.5
-    router = torch.randn(E, H, device=device, dtype=dtype, generator=g) * H**-0.5
-    x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+    w_gate_up, w_down, router = random_experts(H, I, E, device, dtype)
+    x = torch.randn(T, H, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
     out = torch.empty_like(x)
     return lambda: moecache_layer(x, router, w_gate_up, w_down, K, out)
 

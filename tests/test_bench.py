@@ -11,15 +11,20 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
 
 
-@pytest.mark.skipif(not (BENCH / "bench_moe.py").is_file(), reason="needs the source tree")
-def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_moe.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def quick_rows(script, tmp_path, out_flag="--json"):
+    """Run a bench script's --quick CPU smoke run; its JSON rows (it must exit 0)."""
     import json
 
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", out_flag, str(out)],
+                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.mark.skipif(not (BENCH / "bench_moe.py").is_file(), reason="needs the source tree")
+def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
+    rows = quick_rows("bench_moe.py", tmp_path)
     assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager", "moecache_separate:eager"}
     assert [r["shape"]["T"] for r in rows if r["provider"] == "moecache_separate:eager"] == [8]
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
@@ -27,13 +32,8 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
 
 @pytest.mark.skipif(not (BENCH / "bench_prefetch.py").is_file(), reason="needs the source tree")
 def test_bench_prefetch_quick_runs_and_writes_rows(tmp_path):
-    import json
 
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_prefetch.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = quick_rows("bench_prefetch.py", tmp_path)
     assert {r["benchmark"] for r in rows} == {"bench_prefetch.pin", "bench_prefetch.h2d", "bench_prefetch.overlap",
                                               "bench_prefetch.misses"}
     assert all(r["ms"] > 0 for r in rows)
@@ -86,13 +86,8 @@ def test_tune_moe_quick_writes_a_table_that_fused_moe_uses(tmp_path, monkeypatch
 
 @pytest.mark.skipif(not (BENCH / "bench_mla.py").is_file(), reason="needs the source tree")
 def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
-    import json
 
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_mla.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = quick_rows("bench_mla.py", tmp_path, out_flag="--out")
     assert {r["method"] for r in rows} == {"moecache", "moecache_2stage", "moecache_64tok", "torch_absorbed",
                                            "transformers"}
     assert not [r for r in rows if "skipped" in r or "error" in r]
@@ -112,13 +107,8 @@ def test_bench_mla_quick_runs_and_writes_rows(tmp_path):
 
 @pytest.mark.skipif(not (BENCH / "kernel_times.py").is_file(), reason="needs the source tree")
 def test_kernel_times_quick_lists_each_op_of_a_call(tmp_path):
-    import json
 
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "kernel_times.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
+    rows = {r["case"]: r for r in quick_rows("kernel_times.py", tmp_path)}
     moe, mla = rows["moe tiny T=3"], rows["mla 4 heads B=2 S=40"]
     assert {k["name"] for k in moe["kernels"]} == {"moecache::route", "moecache::fused_moe"}
     assert [k["name"] for k in mla["kernels"]] == ["moecache::mla_decode"]
@@ -130,13 +120,8 @@ def test_kernel_times_quick_lists_each_op_of_a_call(tmp_path):
 
 @pytest.mark.skipif(not (BENCH / "bench_cache.py").is_file(), reason="needs the source tree")
 def test_bench_cache_quick_runs_every_policy(tmp_path):
-    import json
 
-    out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_cache.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = quick_rows("bench_cache.py", tmp_path)
     trace = [r for r in rows if r["benchmark"] == "bench_cache.trace"]
     providers = {r["provider"] for r in trace}
     assert providers >= {"on_demand", "lru", "lfu", "predictive-d1", "predictive-d2", "pred-d2+sched", "budgeted-d2",
