@@ -178,6 +178,7 @@ def test_bad_input_names_the_argument():
     _bad("activation", activation="tanh")
     _bad("fc1", gated=False, w_gate_up=wgu[:, :, :8])
     _bad("gated must be a bool", gated=1)
+    _bad("validate must be a bool", validate=0)
     _bad("backend", backend="numpy")
     _bad("expert_map must be", expert_map=torch.arange(4))
     _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32, device=x.device))
@@ -203,6 +204,23 @@ def test_value_checks_read_the_device_once(monkeypatch):
 
 
 # ------------------------------------------------------------------ GPU (bf16 and graph capture)
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_validate_false_never_synchronises(T):
+    """validate=False enqueues the layer without a host sync; the default checks sync once (caught)."""
+    x, wgu, wd, w, ids = random_layer(T, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")
+    ops.fused_moe(x, wgu, wd, w, ids, validate=False)  # compiles the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.fused_moe(x, wgu, wd, w, ids, validate=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ops.fused_moe(x, wgu, wd, w, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 4, 16, 17, 64, 300, 2048])
 @pytest.mark.parametrize("shape", [(2048, 1408, 64, 6), (512, 192, 72, 6), (1024, 768, 8, 2)], ids=["v2lite", "small72", "mixtral-ish"])
@@ -323,16 +341,25 @@ def test_non_contiguous_routing_tensors(T):
     assert_close(run_triton(x, wgu, wd, w, ids), fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
 
 
+@pytest.mark.parametrize("skip", ["environment", "argument"])
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
-def test_ids_out_of_range_are_clamped_and_every_row_is_written(T, monkeypatch):
+def test_ids_out_of_range_are_clamped_and_every_row_is_written(T, skip, monkeypatch):
     """Regression: in the grouped path an id outside [0, E) was skipped, its token's combine never
-    completed and the output row kept the buffer's garbage. Now clamped, as in the decode path."""
+    completed and the output row kept the buffer's garbage. Now clamped, as in the decode path. The
+    checks are skipped by MOECACHE_VALIDATE=0 or by the call's validate=False, without reading the device."""
     E = 6
     x, wgu, wd, w, ids = random_layer(T, 40, 24, E, 2, torch.float32)
     ids[0, 0] = E + 3
     ids[1, 1] = -4
-    monkeypatch.setenv("MOECACHE_VALIDATE", "0")
-    out = run_triton(x, wgu, wd, w, ids)
+    if skip == "environment":
+        monkeypatch.setenv("MOECACHE_VALIDATE", "0")
+    kwargs = {"validate": False} if skip == "argument" else {}
+    from moecache.ops.api import _check_fused_moe_args
+
+    reads = count_host_reads(monkeypatch)
+    _check_fused_moe_args(x, wgu, wd, w, ids, "silu", None, None, None, None, None, **kwargs)
+    assert reads == []
+    out = run_triton(x, wgu, wd, w, ids, **kwargs)
     clamped = ids.clamp(0, E - 1)
     assert_close(out, fused_moe_reference(x, wgu, wd, w, clamped), torch.float32)
 

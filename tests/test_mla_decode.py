@@ -298,22 +298,41 @@ def test_bad_input_names_the_argument():
     _bad(r"block_table\[1, 1\] = -1 must lie in", block_table=bad_table)
     _bad("scale must be a finite float", scale=float("nan"))
     _bad("backend", backend="numpy")
+    _bad("validate must be a bool", validate="no")
 
 
-def test_value_checks_skip_when_disabled(monkeypatch):
-    """MOECACHE_VALIDATE=0 (as while compiling/capturing) skips the checks that read values; the
-    kernel clamps, so a bad page index still reads inside the cache."""
+@pytest.mark.parametrize("skip", ["environment", "argument"])
+def test_value_checks_skip_when_disabled(skip, monkeypatch):
+    """MOECACHE_VALIDATE=0 (as while compiling/capturing) or validate=False skips the checks that read
+    values; the kernel clamps, so a bad page index still reads inside the cache."""
     case = make_case([5, 20], 4, block_size=16)
     case["kv_cache"] = torch.nan_to_num(case["kv_cache"], nan=0.5)  # the clamped page may be an unused one
     case["block_table"][1, 0] = 10**6
-    monkeypatch.setenv("MOECACHE_VALIDATE", "0")
-    out = ops.mla_decode(**op_args(case), backend="triton")
+    if skip == "environment":
+        monkeypatch.setenv("MOECACHE_VALIDATE", "0")
+    out = ops.mla_decode(**op_args(case), backend="triton", **({"validate": False} if skip == "argument" else {}))
     clamped = {**case, "block_table": case["block_table"].clamp(max=case["kv_cache"].shape[0] - 1)}
     assert_close(out, mla_decode_reference(**op_args(clamped)), torch.float32)
 
 
 # ------------------------------------------------------------------ GPU (bf16 at DeepSeek sizes, compile, graphs)
 DEEPSEEK = dict(R=512, P=64, Dn=128, Dv=128, block_size=64, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_validate_false_never_synchronises():
+    """validate=False enqueues the step without a host sync; the default checks sync once (caught)."""
+    case = make_case([1, 777, 4096], 16, **DEEPSEEK)
+    ops.mla_decode(**op_args(case), validate=False)  # compiles the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.mla_decode(**op_args(case), validate=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ops.mla_decode(**op_args(case))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(out, mla_decode_reference(**op_args(case)), torch.bfloat16)
 
 
 @pytest.mark.gpu

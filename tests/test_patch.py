@@ -110,6 +110,42 @@ def test_triton_kernels_in_a_patched_model(monkeypatch):
     moecache.unpatch(model)
 
 
+def _spy_value_checks(monkeypatch) -> list:
+    """Record every run of the ops' value checks (each a host sync on a GPU)."""
+    from moecache.ops import api, mla
+
+    runs = []
+    for module, name in ((api, "_check_fused_moe_values"), (mla, "_check_mla_values")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            runs.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    return runs
+
+
+@pytest.mark.parametrize("offload", ["resident", "offload25", "predictive25"])
+def test_patched_layers_skip_the_value_checks(offload, monkeypatch):
+    """A patched model's experts take the model's own top-k ids and its MLA layers moecache's own block
+    table, so neither pays the ops' value checks (one host sync per call); the ops themselves still run
+    them for a direct call."""
+    model = build("deepseek_v3")
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    runs = _spy_value_checks(monkeypatch)
+    moecache.patch(model, offload=OFFLOADS[offload])
+    assert torch.equal(generate(model, ids, n=4), ref)
+    calls = moecache.stats(model)
+    assert runs == [], runs
+    assert sum(c["decode"] for c in calls["attention"]) > 0  # the MLA decode path ran
+
+    moecache.unpatch(model)
+    weights, top = moecache.ops.route(torch.randn(3, 8), 2)
+    moecache.ops.fused_moe(torch.randn(3, 16), torch.randn(8, 12, 16), torch.randn(8, 16, 6), weights, top)
+    assert runs == ["_check_fused_moe_values"]  # the spy sees a direct call's checks
+
+
 def test_router_logits_and_aux_loss_still_work():
     model = build("mixtral")
     ids = torch.randint(3, 96, (2, 6))

@@ -327,7 +327,7 @@ class ExpertCache:
     def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
             activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto",
             b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
-            before_compute=None) -> torch.Tensor:
+            before_compute=None, validate: bool = True) -> torch.Tensor:
         """The routed experts of `layer` for these tokens, with weights served by the cache.
 
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
@@ -337,13 +337,14 @@ class ExpertCache:
         before_compute: called with the layer's distinct experts (a list) once they are accounted for
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
+        validate: ops.fused_moe's value checks on topk_ids (a host sync); False for a model's own top-k.
         """
         with self._in_use():
             return self._moe(layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
-                             b_gate_up, b_down, before_compute)
+                             b_gate_up, b_down, before_compute, validate)
 
     def _moe(self, layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
-             b_gate_up, b_down, before_compute):
+             b_gate_up, b_down, before_compute, validate):
         self._check_layer(layer)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
@@ -356,7 +357,7 @@ class ExpertCache:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
         host_gate_up, host_down = self.host_weights(layer)
         extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
-                     gate_up_interleaved=self.gate_up_interleaved, gated=self.gated)
+                     gate_up_interleaved=self.gate_up_interleaved, gated=self.gated, validate=validate)
         if misses == "in_place" and not (track_usage or before_compute is not None):
             # No accounting and no lease (no host sync): concurrent prefetches may evict what this call
             # reads from the slots; callers that prefetch from other threads track usage.

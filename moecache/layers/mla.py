@@ -79,7 +79,8 @@ class MoecacheMLA(nn.Module):
             layer.append(rows)
             q_latent = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)
             out = ops.mla_decode(q_latent.contiguous(), q_rot[:, :, 0].contiguous().to(q_latent.dtype), layer.pages,
-                                 layer.block_table, layer.seq_lens, scale=self.scale)
+                                 layer.block_table, layer.seq_lens, scale=self.scale,
+                                 validate=False)  # moecache's own table and lengths: no value checks (a sync)
             out = torch.einsum("bhr,hvr->bhv", out, w_uv).reshape(B, 1, self.num_heads * self.v_head_dim)
         else:
             if not torch.compiler.is_compiling():

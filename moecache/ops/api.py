@@ -192,7 +192,8 @@ def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int
 
 # ------------------------------------------------------------------ fused_moe
 def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated=True, gate_up_interleaved=False):
+                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated=True, gate_up_interleaved=False,
+                          validate=True):
     _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"hidden_states must be [T, H], got {getattr(x, 'shape', type(x))}")
     _check(x.dtype in _FLOAT_DTYPES, f"hidden_states must be fp16/bf16/fp32, got {x.dtype}")
     _check(isinstance(gated, bool), f"gated must be a bool, got {gated!r}")
@@ -246,29 +247,35 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
             _check(tuple(b.shape) == shape, f"{name} must be {list(shape)}, got {tuple(b.shape)}")
             _check(b.device == x.device, f"{name} is on {b.device}, hidden_states on {x.device}")
     _check((b_gate_up is None) == (b_down is None), "pass both b_gate_up and b_down, or neither")
-
-    if _value_checks_allowed() and T > 0:
-        # Every value check is reduced on the device and read back in one transfer: one host sync per call.
-        ids = topk_ids.long()
-        facts = list(torch.aminmax(ids))
-        if K > 1:
-            srt = ids.sort(dim=1).values
-            facts.append((srt[:, 1:] == srt[:, :-1]).any())
-        if expert_map is not None:
-            used = expert_map[ids.clamp(0, E - 1).reshape(-1)]  # clamped: an id out of range is reported below
-            facts += list(torch.aminmax(used))
-        values = torch.stack([f.to(torch.int64) for f in facts]).tolist()
-        lo, hi = values[0], values[1]
-        _check(lo >= 0 and hi < E, f"topk_ids must lie in [0, E={E}), found values in [{lo}, {hi}]")
-        if K > 1:
-            _check(not values[2], "topk_ids repeats an expert within a token's row")
-        if expert_map is not None:
-            slot_lo, slot_hi = values[-2], values[-1]
-            _check(slot_hi < S, f"expert_map points at slot {slot_hi} but the weights hold {S} slots")
-            _check(slot_lo >= -1, f"expert_map has slot {slot_lo}; slots are >= 0, or -1 for host")
-            if host_w_gate_up is None:
-                _check(slot_lo >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
+    _check(isinstance(validate, bool), f"validate must be a bool, got {validate!r}")
+    if validate and _value_checks_allowed() and T > 0:
+        _check_fused_moe_values(topk_ids, expert_map, host_w_gate_up, E, S)
     return T, H, I, E, K
+
+
+def _check_fused_moe_values(topk_ids, expert_map, host_w_gate_up, E, S):
+    """The checks that read routing values. Every one is reduced on the device and read back in one
+    transfer: one host sync per call."""
+    K = topk_ids.shape[1]
+    ids = topk_ids.long()
+    facts = list(torch.aminmax(ids))
+    if K > 1:
+        srt = ids.sort(dim=1).values
+        facts.append((srt[:, 1:] == srt[:, :-1]).any())
+    if expert_map is not None:
+        used = expert_map[ids.clamp(0, E - 1).reshape(-1)]  # clamped: an id out of range is reported below
+        facts += list(torch.aminmax(used))
+    values = torch.stack([f.to(torch.int64) for f in facts]).tolist()
+    lo, hi = values[0], values[1]
+    _check(lo >= 0 and hi < E, f"topk_ids must lie in [0, E={E}), found values in [{lo}, {hi}]")
+    if K > 1:
+        _check(not values[2], "topk_ids repeats an expert within a token's row")
+    if expert_map is not None:
+        slot_lo, slot_hi = values[-2], values[-1]
+        _check(slot_hi < S, f"expert_map points at slot {slot_hi} but the weights hold {S} slots")
+        _check(slot_lo >= -1, f"expert_map has slot {slot_lo}; slots are >= 0, or -1 for host")
+        if host_w_gate_up is None:
+            _check(slot_lo >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
 
 
 def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -277,7 +284,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
               host_w_gate_up: torch.Tensor | None = None, host_w_down: torch.Tensor | None = None,
               b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
               gate_up_interleaved: bool = False, gated: bool = True,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """The routed experts of one MoE layer: out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), or
     with gated=False (Phi-2-style, Switch, NLLB experts) sum_k w[t,k] * down_e(act(fc1_e x_t)).
 
@@ -297,6 +304,11 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         b_gate_up [E, 2I] ([E, I] non-gated), b_down [E, H]: optional biases, indexed by expert id.
         backend: "auto" | "torch" | "triton".
         out: optional [T, H] output buffer (written in place and returned).
+        validate: check the routing values (ids in [0, E), no expert twice in a row, map slots in range),
+            one host sync per call (skipped anyway while compiling or capturing, and with
+            MOECACHE_VALIDATE=0). False where the caller guarantees them, as a model's own top-k does:
+            the kernels clamp ids and slots either way, so a wrong one gives a wrong row, never a read
+            outside the weights.
     Returns:
         [T, H] in hidden_states' dtype.
 
@@ -305,7 +317,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         >>> y = fused_moe(x, w_gate_up, w_down, w, ids)
     """
     _check_fused_moe_args(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated, gate_up_interleaved)
+                          host_w_gate_up, host_w_down, b_gate_up, b_down, gated, gate_up_interleaved, validate)
     if out is not None:
         _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
                f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")

@@ -41,7 +41,7 @@ def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     return (out, lse) if return_lse else out
 
 
-def _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
+def _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, validate=True):
     def shape(t):
         return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -69,26 +69,31 @@ def _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale):
     for name, t in (("q_rope", q_rope), ("kv_cache", kv_cache), ("block_table", block_table), ("seq_lens", seq_lens)):
         _check(t.device == q_latent.device, f"{name} is on {t.device}, q_latent on {q_latent.device}")
     _check(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
+    _check(isinstance(validate, bool), f"validate must be a bool, got {validate!r}")
+    if validate and _value_checks_allowed() and B > 0:
+        _check_mla_values(block_table, seq_lens, num_blocks, block_size)
 
-    if _value_checks_allowed() and B > 0:
-        max_blocks = block_table.shape[1]
-        # Only the pages a request uses must be valid; the rest of its row may hold anything (e.g. -1).
-        used = torch.arange(max_blocks, device=block_table.device)[None, :] < \
-            ((seq_lens.long() + block_size - 1) // block_size)[:, None]
-        bad = used & ((block_table < 0) | (block_table >= num_blocks))
-        # Reduced on the device, read back in one transfer: one host sync per call.
-        lo, hi, any_bad = torch.stack([*torch.aminmax(seq_lens.long()), bad.any().long()]).tolist()
-        _check(lo >= 1 and hi <= max_blocks * block_size,
-               f"seq_lens must lie in [1, max_blocks * block_size = {max_blocks * block_size}], "
-               f"found values in [{lo}, {hi}]")
-        if any_bad:
-            b, j = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} must lie in [0, num_blocks={num_blocks}) "
-                             f"(request {b} uses its first {(int(seq_lens[b]) + block_size - 1) // block_size} pages)")
+
+def _check_mla_values(block_table, seq_lens, num_blocks, block_size):
+    """The checks that read seq_lens and the block table: reduced on the device, one host sync."""
+    max_blocks = block_table.shape[1]
+    # Only the pages a request uses must be valid; the rest of its row may hold anything (e.g. -1).
+    used = torch.arange(max_blocks, device=block_table.device)[None, :] < \
+        ((seq_lens.long() + block_size - 1) // block_size)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    lo, hi, any_bad = torch.stack([*torch.aminmax(seq_lens.long()), bad.any().long()]).tolist()
+    _check(lo >= 1 and hi <= max_blocks * block_size,
+           f"seq_lens must lie in [1, max_blocks * block_size = {max_blocks * block_size}], "
+           f"found values in [{lo}, {hi}]")
+    if any_bad:
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} must lie in [0, num_blocks={num_blocks}) "
+                         f"(request {b} uses its first {(int(seq_lens[b]) + block_size - 1) // block_size} pages)")
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, *, scale: float, backend: str = "auto", return_lse: bool = False):
+               seq_lens: torch.Tensor, *, scale: float, backend: str = "auto", return_lse: bool = False,
+               validate: bool = True):
     """One decode step of MLA attention (absorbed form) over a paged latent cache.
 
     Args:
@@ -103,6 +108,9 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         scale: softmax scale (DeepSeek: qk_head_dim ** -0.5, times mscale ** 2 under YaRN rope scaling).
         backend: "auto" | "torch" | "triton".
         return_lse: also return the log-sum-exp of the scaled scores.
+        validate: check seq_lens and the used block_table entries, one host sync per call (skipped anyway
+            while compiling or capturing, and with MOECACHE_VALIDATE=0). False where the caller built
+            them, as moecache's latent cache does: the kernel clamps lengths and pages either way.
     Returns:
         out [B, Hq, R] in q's dtype = softmax_t(scale * (q_latent . latent_t + q_rope . rope_t)) @ latent;
         with return_lse, (out, lse [B, Hq] fp32, natural log).
@@ -112,7 +120,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         >>> o = mla_decode(q_latent, q_pe, cache, table, lens, scale=192 ** -0.5)
         >>> attn = torch.einsum("bhr,hvr->bhv", o, w_uv)                     # apply W_UV [Hq, Dv, R]
     """
-    _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale)
+    _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, validate)
     if resolve_backend(backend, q_latent.device) == "torch":
         return mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=scale,
                                     return_lse=return_lse)
