@@ -1,7 +1,8 @@
 """Whole MoE layer (route, permute, both expert GEMMs, combine), bf16, against baselines in the same run:
   - hf_loop:    transformers' eager expert loop (one pair of GEMMs per touched expert, softmax top-k routing)
   - grouped_mm: torch routing + argsort permutation + torch._grouped_mm (F.grouped_mm) + index_add combine
-  - moecache:   ops.route + ops.fused_moe
+  - moecache:   ops.route + ops.fused_moe(validate=False), as a patched model's layer runs it
+  - moecache_checked: the same with the op's default value checks (one host sync per call), eager, T <= 64
   - moecache_separate: the same, with the top-k combine as its own kernel (config COMBINE "separate")
                 instead of fused into the down GEMM (K > 1); checked bit for bit against moecache first
 Each is timed eagerly and, for T <= 64, as a CUDA-graph replay (launch overhead removed), with the L2
@@ -71,9 +72,9 @@ def grouped_mm_layer(x, router, w_gate_up_t, w_down_t, k):
     return out.to(x.dtype)
 
 
-def moecache_layer(x, router, w_gate_up, w_down, k, out):
+def moecache_layer(x, router, w_gate_up, w_down, k, out, validate=False):
     w, ids = ops.route(x @ router.t(), k, backend="triton")  # the kernels on every device (interpreter on CPU)
-    return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out, backend="triton")
+    return ops.fused_moe(x, w_gate_up, w_down, w, ids, out=out, backend="triton", validate=validate)
 
 
 def separate_combine_config(T, k, w_gate_up, x) -> dict:
@@ -85,14 +86,14 @@ def separate_combine_config(T, k, w_gate_up, x) -> dict:
 
 
 def moecache_separate_layer(x, router, w_gate_up, w_down, k, out):
-    """moecache_layer with the combine as a separate kernel: the op's argument and value checks (the same
-    host sync in eager mode), then its kernels with COMBINE "separate"."""
+    """moecache_layer with the combine as a separate kernel: the op's argument checks (its value checks
+    skipped, as in moecache_layer), then its kernels with COMBINE "separate"."""
     from moecache.kernels.fused_moe import fused_moe_launch
     from moecache.ops.api import _check_fused_moe_args
     from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 
     w, ids = ops.route(x @ router.t(), k, backend="triton")
-    _check_fused_moe_args(x, w_gate_up, w_down, w, ids, "silu", None, None, None, None, None)
+    _check_fused_moe_args(x, w_gate_up, w_down, w, ids, "silu", None, None, None, None, None, validate=False)
     config = separate_combine_config(x.shape[0], k, w_gate_up, x)
     return fused_moe_launch(x, w_gate_up, w_down, w, ids, out, activation="silu",
                             swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
@@ -118,12 +119,12 @@ def main(argv=None):
         shapes = {"tiny": (64, 32, 8, 2)}
         tokens = [1, 8]
         dtype, rep = torch.float32, 2
-        providers = ("hf_loop", "moecache", "moecache_separate")
+        providers = ("hf_loop", "moecache", "moecache_checked", "moecache_separate")
     else:
         shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
         tokens = [int(t) for t in args.tokens.split(",")]
         dtype, rep = torch.bfloat16, args.rep
-        providers = ("hf_loop", "grouped_mm", "moecache", "moecache_separate")
+        providers = ("hf_loop", "grouped_mm", "moecache", "moecache_checked", "moecache_separate")
     ceilings = measure_ceilings() if on_gpu else {}
     if ceilings:
         print(f"ceilings: HBM copy {ceilings['hbm_gbps']:.0f} GB/s, HBM read {ceilings['hbm_read_gbps']:.0f} GB/s, "
@@ -158,6 +159,7 @@ def main(argv=None):
             "hf_loop": lambda: hf_loop_layer(x, router, w_gate_up, w_down, K),
             "grouped_mm": lambda: grouped_mm_layer(x, router, wgu_t, wd_t, K),
             "moecache": lambda: moecache_layer(x, router, w_gate_up, w_down, K, out),
+            "moecache_checked": lambda: moecache_layer(x, router, w_gate_up, w_down, K, out, validate=True),
             "moecache_separate": lambda: moecache_separate_layer(x, router, w_gate_up, w_down, K, out),
         }
         shape = {"name": name, "T": T, "H": H, "I": I, "E": E, "K": K, "dtype": str(dtype).replace("torch.", ""),
@@ -166,6 +168,8 @@ def main(argv=None):
         for provider in providers:
             if provider == "hf_loop" and T > 4096:
                 continue  # minutes per shape; its trend is clear well before
+            if provider == "moecache_checked" and T > 64:
+                continue  # the checks' cost is the host sync, which matters where the layer is short
             if provider == "moecache_separate":
                 if K == 1 or T < 8 or separate_combine_config(T, K, w_gate_up, x)["path"] != "grouped":
                     continue  # no combine to separate; at a few tokens the extra launch only adds
@@ -174,7 +178,7 @@ def main(argv=None):
                 if not torch.equal(fused, separate):
                     raise AssertionError(f"{name} T={T}: the separate combine differs from the fused one")
             variants = [("eager", fns[provider])]
-            if on_gpu and T <= 64 and provider != "hf_loop":
+            if on_gpu and T <= 64 and provider not in ("hf_loop", "moecache_checked"):  # checks skip in capture
                 try:
                     variants.append(("graph", cuda_graph_fn(fns[provider])))
                 except Exception as exc:  # report, do not hide: a provider that cannot be captured

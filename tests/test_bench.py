@@ -25,7 +25,8 @@ def quick_rows(script, tmp_path, out_flag="--json"):
 @pytest.mark.skipif(not (BENCH / "bench_moe.py").is_file(), reason="needs the source tree")
 def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
     rows = quick_rows("bench_moe.py", tmp_path)
-    assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager", "moecache_separate:eager"}
+    assert {r["provider"] for r in rows} == {"hf_loop:eager", "moecache:eager", "moecache_checked:eager",
+                                             "moecache_separate:eager"}
     assert [r["shape"]["T"] for r in rows if r["provider"] == "moecache_separate:eager"] == [8]
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
 
