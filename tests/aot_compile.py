@@ -201,7 +201,8 @@ def problems(row) -> list[str]:
 
 
 # ---------------------------------------------------------------- the launches
-def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False, combine=None):
+def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False, combine=None,
+                 model_routing=False):
     H, I, E, K = shape
     R = 2 * I if gated else I
     cap = Capture()
@@ -209,7 +210,8 @@ def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=Tru
     if combine is not None:
         config["COMBINE"] = combine
     fm.fused_moe_launch(meta((T, H), dtype), meta((E, R, H), dtype), meta((E, H, I), dtype),
-                        meta((T, K), torch.float32), meta((T, K), torch.int32), meta((T, H), dtype),
+                        meta((T, K), dtype if model_routing else torch.float32),
+                        meta((T, K), torch.int64 if model_routing else torch.int32), meta((T, H), dtype),
                         activation=activation, swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
                         expert_map=meta((E,), torch.int32) if has_map else None,
                         host_w_gate_up=meta((E, R, H), dtype) if has_map else None,
@@ -251,6 +253,10 @@ def launches(group):
             for T in (64, 4096):
                 yield f"moe-{name}-T{T}-separate-combine", True, moe_launches(shape, T, torch.bfloat16,
                                                                               combine="separate")
+            # A patched model's routing as its router gives it: int64 ids, weights in the model's dtype.
+            for T in (1, 64):
+                yield f"moe-{name}-T{T}-model-routing", True, moe_launches(shape, T, torch.bfloat16,
+                                                                           model_routing=True)
     elif group == "moe_map":
         for name, shape in MOE_SHAPES.items():
             for T in (1, 64, 4096):

@@ -179,6 +179,7 @@ def test_bad_input_names_the_argument():
     _bad("fc1", gated=False, w_gate_up=wgu[:, :, :8])
     _bad("gated must be a bool", gated=1)
     _bad("validate must be a bool", validate=0)
+    _bad("topk_weights must be fp16", topk_weights=w.to(torch.int32))
     _bad("backend", backend="numpy")
     _bad("expert_map must be", expert_map=torch.arange(4))
     _bad("points at slot 7", expert_map=torch.tensor([7, 7, 7, 7], dtype=torch.int32, device=x.device))
@@ -204,6 +205,15 @@ def test_value_checks_read_the_device_once(monkeypatch):
 
 
 # ------------------------------------------------------------------ GPU (bf16 and graph capture)
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_gpu_model_routing_dtypes_give_the_same_bits(T):
+    """bf16 weights and int64 ids, read as given, give the bits of the fp32 / int32 conversions."""
+    x, wgu, wd, w, ids = random_layer(T, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")
+    w16 = w.to(torch.bfloat16)
+    assert torch.equal(run_triton(x, wgu, wd, w16, ids.long()), run_triton(x, wgu, wd, w16.float(), ids.int()))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64])
 def test_gpu_validate_false_never_synchronises(T):
@@ -362,6 +372,24 @@ def test_ids_out_of_range_are_clamped_and_every_row_is_written(T, skip, monkeypa
     out = run_triton(x, wgu, wd, w, ids, **kwargs)
     clamped = ids.clamp(0, E - 1)
     assert_close(out, fused_moe_reference(x, wgu, wd, w, clamped), torch.float32)
+
+
+@pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
+def test_a_models_routing_dtypes_are_read_as_given(T, monkeypatch):
+    """int64 ids and fp16 weights (a model's own top-k) reach the kernels without a conversion copy and
+    give the same bits as the converted int32 / fp32 inputs."""
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, 8, 2, torch.float16)
+    w16, ids64 = w.half(), ids.long()
+    expected = run_triton(x, wgu, wd, w16.float(), ids64.int())
+    seen = []
+    real = torch.ops.moecache.fused_moe
+
+    def spy(*args):
+        seen.append((args[3].data_ptr(), args[4].data_ptr()))
+        return real(*args)
+    monkeypatch.setattr(torch.ops.moecache, "fused_moe", spy)
+    assert torch.equal(run_triton(x, wgu, wd, w16, ids64), expected)
+    assert seen == [(w16.data_ptr(), ids64.data_ptr())]
 
 
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])

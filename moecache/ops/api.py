@@ -221,7 +221,8 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
     _check(1 <= K <= E, f"topk_ids has K={K} columns; K must be in [1, E={E}]")
     _check(topk_ids.dtype in (torch.int32, torch.int64), f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     _check(topk_weights.shape == (T, K), f"topk_weights must be [T={T}, K={K}], got {tuple(topk_weights.shape)}")
-    _check(topk_weights.is_floating_point(), f"topk_weights must be floating point, got {topk_weights.dtype}")
+    _check(topk_weights.dtype in (*_FLOAT_DTYPES, torch.float64),
+           f"topk_weights must be fp16/bf16/fp32/fp64, got {topk_weights.dtype}")
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         _check(t.device == x.device, f"{name} is on {t.device}, hidden_states on {x.device}")
     _check(activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -295,7 +296,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
             so GPT-OSS's [E, H, 2I] parameter can be passed as .transpose(1, 2) without a copy.
             With gated=False: fc1 [E, I, H].
         w_down: [E, H, I].
-        topk_weights: [T, K] (fp32 from route), topk_ids: [T, K] int32 (int64 accepted).
+        topk_weights: [T, K] float (fp32 from route; a model's bf16 or fp16 weights are read as they are
+            and widened to fp32 in the kernel), topk_ids: [T, K] int32 or int64 (read as given).
         activation: "silu" (default), "gelu_tanh", "gelu" (erf), "relu", or, gated only, "swiglu_oai"
             (GPT-OSS clamped SwiGLU).
         expert_map: [E] int32, the slot of each expert in w_gate_up/w_down (whose first dim is then the
@@ -334,10 +336,12 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
-    # The kernels index [T, K] routing tensors as contiguous rows: slices of wider ones get copied.
+    # The kernels index [T, K] routing tensors as contiguous rows (slices of wider ones get copied) and
+    # read them in their own dtypes (int32/int64 ids, any float weights, widened to fp32 as they are
+    # loaded), so a model's int64 top-k and bf16 weights cost no conversion launches.
     torch.ops.moecache.fused_moe(
         hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
-        w_gate_up, w_down, topk_weights.float().contiguous(), topk_ids.to(torch.int32).contiguous(), activation,
+        w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
         expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
     return out
 
