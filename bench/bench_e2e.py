@@ -449,10 +449,29 @@ def merge_results(results: list[dict], encode: list[float]) -> dict:
     return total
 
 
+def decode_profile(run, new_tokens: int, on_gpu: bool) -> dict:
+    """Where a decode step's GPU time goes: each kernel group's own time and launches (kernel_times'
+    groups) in a profiled generate of new_tokens, less those of a profiled one-token generate (its prefill),
+    per decode step; on a CPU the ops' own CPU time."""
+    from kernel_times import grouped_kernel_time
+
+    full = grouped_kernel_time(lambda: run(new_tokens), on_gpu)
+    prefill = grouped_kernel_time(lambda: run(1), on_gpu)
+    steps = new_tokens - 1
+    none = {"us": 0.0, "count": 0}
+    groups = {g: {"us_per_step": (full.get(g, none)["us"] - prefill.get(g, none)["us"]) / steps,
+                  "launches_per_step": (full.get(g, none)["count"] - prefill.get(g, none)["count"]) / steps}
+              for g in sorted(set(full) | set(prefill))}
+    return {"groups": groups, "kernel_us_per_step": sum(g["us_per_step"] for g in groups.values()),
+            "launches_per_step": sum(g["launches_per_step"] for g in groups.values()),
+            "what": "GPU kernels' own time (CUPTI)" if on_gpu else "ops' own CPU time"}
+
+
 def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, schedule, replay, predictor,
-               offset=0):
+               offset=0, profile=False):
     """One timed request batch (after a short warm-up); returns measurements. offset: the index of the batch's
-    first request among the configuration's requests (a replay gives each request its own routes)."""
+    first request among the configuration's requests (a replay gives each request its own routes). profile:
+    after the timed run, also profile the decode steps' kernels (decode_profile)."""
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "graph":
         kwargs["cache_implementation"] = "static"
@@ -504,9 +523,11 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
                 phases.close()
         wall_ms = (time.perf_counter() - t0) * 1e3
         after = _counters(model)
+        profiled = decode_profile(run, new_tokens, on_gpu) if profile and new_tokens > 1 else None
     split = phases.totals() if phases else None
     return dict(out=out, wall_ms=wall_ms, split=split, scheduler_ms=1e3 * info["scheduler_s"],
-                prefill_graph_ms=prefill_graph_ms, total_counters={k: after[k] - before[k] for k in after})
+                prefill_graph_ms=prefill_graph_ms, total_counters={k: after[k] - before[k] for k in after},
+                decode_profile=profiled)
 
 
 def record_sources(args, device, dtype, batch, new_tokens):
@@ -559,6 +580,9 @@ def main(argv=None) -> int:
                         help="pinned H2D GB/s for the PCIe bound when none can be measured (CPU); a GPU measures it")
     parser.add_argument("--deadline", type=float, default=None, help="seconds; start no configuration after it")
     parser.add_argument("--keep-going", action="store_true", help="exit 0 even when configurations were skipped")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="batch-1 rows: profile the decode steps' kernels after the timed run (kernel groups' "
+                             "own time and launches per step, beside the step's wall time)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
@@ -661,7 +685,8 @@ def main(argv=None) -> int:
                                 not_run.append(key)
                                 continue
                             row = measure_row(model, facts, provider, policy, offload, key["mode"], chunks,
-                                              new_tokens, device, on_gpu, mapped, resident, h2d, env, key)
+                                              new_tokens, device, on_gpu, mapped, resident, h2d, env, key,
+                                              profile=args.profile_decode)
                             row.update(requests=R, prompt_tokens=lengths, truncated=truncated, encoder=encoder,
                                        encoder_inputs=sum(c["images"] for c in chunks),
                                        encode_ms=sum(c["encode_ms"] for c in chunks), kind=facts["kind"],
@@ -692,8 +717,9 @@ def main(argv=None) -> int:
 
 
 def measure_row(model, facts, provider, policy, offload, mode, chunks, new_tokens, device, on_gpu,
-                mapped, resident, h2d, env, key) -> dict:
-    """Set the provider up, run, take it down; a row (or a skipped row with the reason)."""
+                mapped, resident, h2d, env, key, profile=False) -> dict:
+    """Set the provider up, run, take it down; a row (or a skipped row with the reason). profile: a batch-1
+    row also gets its decode steps' kernel profile (decode_profile)."""
     hooks = replay = None
     if mode == "graph":  # compiled once per configuration, for all its request batches
         model.__dict__.pop("_compiled_call", None)
@@ -717,11 +743,15 @@ def measure_row(model, facts, provider, policy, offload, mode, chunks, new_token
         predictor = getattr(getattr(moecache.patched_experts(model)[0], "provider", None), "predictor", None) \
             if offload is not None else None
         results = []
-        for chunk in chunks:  # the batches of requests, one after another
+        for i, chunk in enumerate(chunks):  # the batches of requests, one after another
             ids = chunk["ids"]
             sched = ids.shape[0] // 2 if policy in ("in-order", "scheduled") else None
             results.append(run_config(model, ids, chunk["mask"], new_tokens, mode, device, on_gpu, sched,
-                                      policy == "scheduled", replay, predictor, chunk["offset"]))
+                                      policy == "scheduled", replay, predictor, chunk["offset"],
+                                      profile=profile and i == 0 and ids.shape[0] == 1 and sched is None))
+        row["decode_profile"] = results[0].pop("decode_profile")  # the first batch's, not added up
+        for r in results[1:]:
+            r.pop("decode_profile")
         result = merge_results(results, [c["encode_ms"] for c in chunks])
         cache = moecache.expert_cache(model) if offload is not None else None
         row["record_bytes"] = cache.record_bytes if cache else None
@@ -807,6 +837,10 @@ def finish_row(row) -> None:
     if row["batch"] == 1 and resident_weights and row.get("decode_weight_bytes") and row.get("hbm_read_gbps"):
         row["hbm_floor_tok_s"] = row["hbm_read_gbps"] * 1e9 / row["decode_weight_bytes"]
         row["frac_hbm_floor"] = row["decode_tok_s"] / row["hbm_floor_tok_s"]
+    profile = row.get("decode_profile")
+    if profile is not None:  # batch 1: one decode step per new token after the first, per request
+        profile["wall_us_per_step"] = decode_ms * 1e3 / (R * (new - 1))
+        profile["outside_kernels_us_per_step"] = profile["wall_us_per_step"] - profile["kernel_us_per_step"]
     decode = row["decode_counters"]
     if decode is not None and row.get("record_bytes"):
         moved = decode["bytes_copied"] + decode["in_place_reads"] * row["record_bytes"]
@@ -829,7 +863,16 @@ def _line(row) -> str:
     return (f"{row['model']:<19} {row['routing']:<32} {row['mix']:<9} B={row['batch']:<3} new={row['new_tokens']:<4} "
             f"{row['provider']:<30} {row['mode']:<5} prefill {row['prefill_tok_s']:>9.1f} tok/s  decode "
             f"{row['decode_tok_s']:>8.1f} tok/s  e2e/request {row['e2e_tok_s_per_request']:>7.2f} tok/s"
-            + (f"  hit {hit:.0%}" if hit is not None else ""))
+            + (f"  hit {hit:.0%}" if hit is not None else "") + _profile_line(row.get("decode_profile")))
+
+
+def _profile_line(profile) -> str:
+    if profile is None:
+        return ""
+    groups = sorted(profile["groups"].items(), key=lambda kv: -kv[1]["us_per_step"])
+    parts = ", ".join(f"{g} {v['us_per_step']:.0f} us x{v['launches_per_step']:.0f}" for g, v in groups)
+    return (f"\n    decode step {profile['wall_us_per_step']:.0f} us, {profile['what']} {profile['kernel_us_per_step']:.0f} us "
+            f"in {profile['launches_per_step']:.0f}: {parts}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ bench bench_moe 60 --shapes qwen3-30b-a3b,vl2-base --tokens 1,4096 --rep 20
 stage bench_e2e ${E2E_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/bench_e2e.py' --json '$RES/study.jsonl' \
   ${E2E_ARGS:---models vl2-small --batches 1 --mixes mmmu --new-tokens 16 --routing random-weights --requests 1 \
   --providers hf:eager,moecache,offload --graph-providers moecache --policies predictive --modes eager,graph \
-  --deadline 130 --keep-going}"
+  --profile-decode --deadline 130 --keep-going}"
 [ -f "$RES/study.jsonl" ] && cp "$RES/study.jsonl" "$OUTDIR/"
 bench bench_mla 80 --heads 16,128 --points 1x4096,64x4096,1x32768 --rep 30
 # Each kernel's own time in one MoE layer and one MLA step, beside the call's graph replay time.
@@ -38,6 +38,6 @@ stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.
   --tokens 1,4,16,64 --rep 20" && cp "$RES/bench_moe.jsonl" "$OUTDIR/"
 
 log "summary"
-grep -E "vs grouped_mm|moecache:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small" \
+grep -E "vs grouped_mm|moecache:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small|decode step" \
   "$LOG" | head -80 >> "$SUMMARY"
 cat "$SUMMARY"

@@ -4,8 +4,10 @@ call's CUDA-graph replay time measured in the same run (L2 flushed before each r
 bench_mla time it). Replay time minus the kernels' own time is what launches, dependencies between
 kernels and the graph itself add.
 
-Kernel times come from eager calls with value checks off (MOECACHE_VALIDATE=0: no host sync between
-the kernels), each preceded by the same L2 flush, so the weights come from HBM as in the replays.
+Kernel times come from eager calls with value checks off (validate=False: no host sync between the
+kernels), each preceded by the same L2 flush, so the weights come from HBM as in the replays.
+`grouped_kernel_time` sums a call's kernels by group (moecache's kernels, matmuls, compiled fusions,
+copies, the rest); bench_e2e --profile-decode uses it for a whole model's decode step.
 
     python bench/kernel_times.py --json bench/results/kernel_times.jsonl   # GPU
     python bench/kernel_times.py --quick                                    # CPU: the interpreter; op times only
@@ -13,13 +15,11 @@ the kernels), each preceded by the same L2 flush, so the weights come from HBM a
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("MOECACHE_VALIDATE", "0")  # before moecache reads it: no host sync inside a call
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla import make_paged_cache  # noqa: E402
@@ -48,7 +48,7 @@ def mla_call(Hq, B, S, device, dtype, R=512, P=64, block_size=64):
     q_latent = torch.randn(B, Hq, R, device=device, dtype=dtype, generator=g)
     q_rope = torch.randn(B, Hq, P, device=device, dtype=dtype, generator=g)
     return lambda: ops.mla_decode(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=192**-0.5,
-                                  backend="triton")
+                                  backend="triton", validate=False)
 
 
 def _device_us(event) -> float:
@@ -70,6 +70,37 @@ def _profile(fn, reps: int, on_gpu: bool, flush: bool):
         if on_gpu:
             torch.cuda.synchronize()
     return prof.key_averages()
+
+
+KERNEL_GROUPS = (  # (group, pattern searched in a kernel's or op's name); the first that matches names it
+    ("moecache experts", r"_align_kernel|_grouped_gate_up_kernel|_grouped_down_kernel|_sum_partials_kernel|"
+                         r"_gemv_kernel|moecache::fused_moe"),
+    ("moecache route", r"_route_kernel|moecache::route"),
+    ("moecache mla", r"_mla_decode_|moecache::mla_decode"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|aten::(mm|addmm|bmm|baddbmm|matmul|linear|einsum)$"),
+    ("compiled fusions", r"^triton_"),
+    ("copy and fill", r"(?i)memcpy|memset|fill_|copy_|Memcpy|Memset"),
+)
+
+
+def kernel_group(name: str) -> str:
+    return next((group for group, pattern in KERNEL_GROUPS if re.search(pattern, name)), "other")
+
+
+def grouped_kernel_time(fn, on_gpu: bool) -> dict:
+    """{group: {"us": own time, "count": launches}} of one fn() call: the GPU kernels (CUPTI, graph
+    replays included) on a GPU, the ops' own CPU time on a CPU. The caller warms fn up first."""
+    from torch.autograd import DeviceType
+
+    groups: dict = {}
+    for e in _profile(fn, 1, on_gpu, flush=False):
+        if on_gpu and e.device_type != DeviceType.CUDA:
+            continue
+        us = _device_us(e) if on_gpu else float(e.self_cpu_time_total)
+        group = groups.setdefault(kernel_group(e.key), {"us": 0.0, "count": 0})
+        group["us"] += us
+        group["count"] += e.count
+    return groups
 
 
 def kernel_table(fn, reps: int, on_gpu: bool) -> list[dict]:

@@ -119,6 +119,36 @@ def test_kernel_times_quick_lists_each_op_of_a_call(tmp_path):
         assert r["device"] and r["commit"]
 
 
+@pytest.mark.skipif(not (BENCH / "kernel_times.py").is_file(), reason="needs the source tree")
+def test_kernel_groups_name_the_kernels_of_a_decode_step():
+    """The groups a whole-model profile sums kernels into, from the kernel names CUDA and Triton give."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_times_groups", BENCH / "kernel_times.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    names = {
+        "_grouped_gate_up_kernel": "moecache experts", "_align_kernel": "moecache experts",
+        "_grouped_down_kernel": "moecache experts", "_sum_partials_kernel": "moecache experts",
+        "_gate_up_gemv_kernel": "moecache experts", "_down_combine_gemv_kernel": "moecache experts",
+        "_route_kernel": "moecache route", "_mla_decode_split_kernel": "moecache mla",
+        "_mla_decode_combine_kernel": "moecache mla", "moecache::fused_moe": "moecache experts",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64": "matmul",
+        "nvjet_tst_64x8_64x16_4x1_v_bz_TNN": "matmul", "aten::addmm": "matmul",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x1_tn_align8>": "matmul",
+        "triton_poi_fused__to_copy_add_mul_0": "compiled fusions", "triton_red_fused_mean_pow_1": "compiled fusions",
+        "Memcpy DtoD (Device -> Device)": "copy and fill", "Memset (Device)": "copy and fill",
+        "aten::copy_": "copy and fill",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+        "aten::add": "other",
+    }
+    assert {name: module.kernel_group(name) for name in names} == names
+
+
 @pytest.mark.skipif(not (BENCH / "bench_cache.py").is_file(), reason="needs the source tree")
 def test_bench_cache_quick_runs_every_policy(tmp_path):
 
@@ -152,7 +182,7 @@ def test_bench_e2e_quick_exercises_every_axis_and_report(tmp_path):
     import json
 
     out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--profile-decode", "--json", str(out)],
                           capture_output=True, text=True, env=CPU_ENV, timeout=900, cwd=tmp_path)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     skipped = [r for r in rows if r["benchmark"] == "bench_e2e.skipped"]
@@ -192,6 +222,13 @@ def test_bench_e2e_quick_exercises_every_axis_and_report(tmp_path):
             assert r["forwards"] == in_order["forwards"] and r["forwards"]["prefill"] == 2 * r["requests"] // r["batch"]
         if r["provider"] == "hf:grouped_mm":
             assert r["hf_decode_experts"] == "grouped_mm"  # transformers swaps it for batched_mm on GPUs only
+        profile = r["decode_profile"]  # batch 1, not scheduled: the decode steps' ops, grouped
+        if r["batch"] > 1 or r["provider"].endswith(("in-order", "scheduled")):
+            assert profile is None
+        else:
+            assert profile["groups"]["matmul"]["us_per_step"] > 0 and profile["launches_per_step"] > 0
+            assert profile["kernel_us_per_step"] == pytest.approx(sum(g["us_per_step"] for g in profile["groups"].values()))
+            assert profile["wall_us_per_step"] > 0
     readme = tmp_path / "R.md"
     readme.write_text("# r\n<!-- study:start -->\nold\n<!-- study:end -->\nend\n")
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--plots", str(tmp_path / "plots"),
