@@ -38,6 +38,6 @@ stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.
   --tokens 1,4,16,64 --rep 20" && cp "$RES/bench_moe.jsonl" "$OUTDIR/"
 
 log "summary"
-grep -E "vs grouped_mm|moecache:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small|decode step" \
+grep -E "vs grouped_mm|moecache(_checked)?:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small|decode step" \
   "$LOG" | head -80 >> "$SUMMARY"
 cat "$SUMMARY"

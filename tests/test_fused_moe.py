@@ -338,7 +338,10 @@ def test_bad_map_slots_never_read_outside_the_weights_when_checks_are_skipped(T,
     clamped = torch.tensor([0, 1, 2, 3, S - 1, 0], dtype=torch.int32, device=DEVICE)
     monkeypatch.setenv("MOECACHE_VALIDATE", "0")
     out = run_triton(x, slots_gu, slots_d, w, ids, expert_map=expert_map)
-    assert_close(out, fused_moe_reference(x, slots_gu, slots_d, w, ids, expert_map=clamped), torch.float32)
+    expected = fused_moe_reference(x, slots_gu, slots_d, w, ids, expert_map=clamped)
+    assert_close(out, expected, torch.float32)
+    # The torch backend clamps the same way.
+    assert torch.equal(ops.fused_moe(x, slots_gu, slots_d, w, ids, expert_map=expert_map, backend="torch"), expected)
 
 
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
@@ -371,15 +374,19 @@ def test_ids_out_of_range_are_clamped_and_every_row_is_written(T, skip, monkeypa
     assert reads == []
     out = run_triton(x, wgu, wd, w, ids, **kwargs)
     clamped = ids.clamp(0, E - 1)
-    assert_close(out, fused_moe_reference(x, wgu, wd, w, clamped), torch.float32)
+    expected = fused_moe_reference(x, wgu, wd, w, clamped)
+    assert_close(out, expected, torch.float32)
+    # The torch backend clamps the same way.
+    assert torch.equal(ops.fused_moe(x, wgu, wd, w, ids, backend="torch", **kwargs), expected)
 
 
+@pytest.mark.parametrize("weights_dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
-def test_a_models_routing_dtypes_are_read_as_given(T, monkeypatch):
-    """int64 ids and fp16 weights (a model's own top-k) reach the kernels without a conversion copy and
-    give the same bits as the converted int32 / fp32 inputs."""
+def test_a_models_routing_dtypes_are_read_as_given(T, weights_dtype, monkeypatch):
+    """int64 ids and weights in a model's dtype (its own top-k) reach the kernels without a conversion
+    copy and give the same bits as the converted int32 / fp32 inputs."""
     x, wgu, wd, w, ids = random_layer(T, 40, 24, 8, 2, torch.float16)
-    w16, ids64 = w.half(), ids.long()
+    w16, ids64 = w.to(weights_dtype), ids.long()
     expected = run_triton(x, wgu, wd, w16.float(), ids64.int())
     seen = []
     real = torch.ops.moecache.fused_moe

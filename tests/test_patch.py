@@ -125,7 +125,7 @@ def _spy_value_checks(monkeypatch) -> list:
     return runs
 
 
-@pytest.mark.parametrize("offload", ["resident", "offload25", "predictive25"])
+@pytest.mark.parametrize("offload", ["resident", "offload25", "predictive25", "pool-below-topk"])
 def test_patched_layers_skip_the_value_checks(offload, monkeypatch):
     """A patched model's experts take the model's own top-k ids and its MLA layers moecache's own block
     table, so neither pays the ops' value checks (one host sync per call); the ops themselves still run
@@ -139,6 +139,7 @@ def test_patched_layers_skip_the_value_checks(offload, monkeypatch):
     calls = moecache.stats(model)
     assert runs == [], runs
     assert sum(c["decode"] for c in calls["attention"]) > 0  # the MLA decode path ran
+    assert all(layer["calls"] > 0 for layer in calls["layers"])  # and every patched experts module
 
     moecache.unpatch(model)
     weights, top = moecache.ops.route(torch.randn(3, 8), 2)

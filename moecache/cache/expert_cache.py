@@ -338,6 +338,8 @@ class ExpertCache:
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
         validate: ops.fused_moe's value checks on topk_ids (a host sync); False for a model's own top-k.
+            The cache reads the layer's distinct ids anyway (one sync, and an IndexError for an expert
+            outside the layer) unless misses are read in place without tracking usage.
         """
         with self._in_use():
             return self._moe(layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
@@ -348,6 +350,8 @@ class ExpertCache:
         self._check_layer(layer)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
+        if not isinstance(validate, bool):
+            raise ValueError(f"validate must be a bool, got {validate!r}")
         in_place_ok = self._store.pinned or self.device.type == "cpu"
         if misses == "auto":
             once = ops.streams_each_expert_once(hidden_states.shape[0], topk_ids.shape[1], self.num_experts,

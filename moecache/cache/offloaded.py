@@ -84,7 +84,7 @@ class OffloadedExperts:
             host_gate_up, host_down = cache.host_weights(layer, on_device=True)
             return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, activation=activation,
                                  gate_up_interleaved=interleaved, gated=cache.gated, expert_map=cache.expert_map(layer),
-                                 host_w_gate_up=host_gate_up, host_w_down=host_down, **biases)
+                                 host_w_gate_up=host_gate_up, host_w_down=host_down, validate=False, **biases)
         predict = None
         if self.predictor is not None:
             def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):

@@ -109,20 +109,26 @@ def fused_moe_reference(
 
     With `expert_map`, expert e lives in slot expert_map[e] of the weight tensors, or in the host
     tensors (indexed by e) when the slot is -1. Biases are indexed by expert id.
+    Ids outside [0, E) and slots past the pool (or -1 without host tensors) are clamped as the kernels
+    clamp them, so both backends compute the same thing where the op's value checks are skipped.
     """
     T, H = hidden_states.shape
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
     x = hidden_states.float()
-    flat_ids = topk_ids.reshape(-1).long()
-    for e in torch.unique(flat_ids).tolist():
-        slot = e if expert_map is None else int(expert_map[e])
+    num_slots = w_gate_up.shape[0]
+    num_experts = expert_map.numel() if expert_map is not None else num_slots
+    ids = topk_ids.long().clamp(0, num_experts - 1)
+    for e in torch.unique(ids).tolist():
+        slot = e if expert_map is None else min(int(expert_map[e]), num_slots - 1)
+        if slot < 0 and host_w_gate_up is None:
+            slot = 0
         if slot >= 0:
             wgu, wd = w_gate_up[slot], w_down[slot]
         else:
             wgu, wd = host_w_gate_up[e], host_w_down[e]
         wgu = wgu.to(x.device).float()
         wd = wd.to(x.device).float()
-        token_idx, k_idx = torch.where(topk_ids.long() == e)
+        token_idx, k_idx = torch.where(ids == e)
         h = x[token_idx] @ wgu.t()
         if b_gate_up is not None:
             h = h + b_gate_up[e].float()

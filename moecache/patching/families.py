@@ -281,11 +281,11 @@ class ExpertsAdapter:
         # The k largest per token: the chosen experts (a dropped route keeps an expert with weight 0).
         weights, ids = per_expert.topk(min(layer.gate.k, E), dim=-1)
         layer.l_aux, layer.exp_counts = l_aux, exp_counts
-        return self.experts(flat, ids.to(torch.int32), weights).reshape(hidden_states.shape)
+        return self.experts(flat, ids, weights).reshape(hidden_states.shape)
 
     def _switch(self, hidden_states, selected_experts, routing_weights):
         mask = selected_experts.reshape(hidden_states.shape[0], -1)  # [T, E] one-hot, or zeros when dropped
-        ids = mask.argmax(dim=-1, keepdim=True).to(torch.int32)
+        ids = mask.argmax(dim=-1, keepdim=True)
         weights = routing_weights.reshape(-1, 1).float() * mask.sum(dim=-1, keepdim=True).float()
         return self.experts(hidden_states, ids, weights)
 
