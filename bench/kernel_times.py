@@ -1,5 +1,5 @@
 """Where one call's GPU time goes: each kernel's own time (CUPTI, through torch.profiler) in an MoE layer
-(router matmul, route, align, gate/up, down with the combine) and in an MLA decode step, beside the
+(router matmul, route, align (not for one token), gate/up, down with the combine) and in an MLA decode step, beside the
 call's CUDA-graph replay time measured in the same run (L2 flushed before each replay, as bench_moe and
 bench_mla time it). Replay time minus the kernels' own time is what launches, dependencies between
 kernels and the graph itself add.

@@ -8,7 +8,8 @@ Two paths, both without host synchronisation:
   a tuned table picks it (and by the interpreter at tiny sizes): measured on the H200, the grouped path
   was faster at every small token count tried.
 - grouped (every token count by default): three launches. `_align_kernel` (one program) buckets routed rows per expert
-  (atomics give each row its place; the place never changes a value), `_grouped_gate_up_kernel` and
+  (atomics give each row its place; the place never changes a value; one token needs no bucketing: its
+  k-th routed row is the k-th M block, and the align launch is skipped), `_grouped_gate_up_kernel` and
   `_grouped_down_kernel` run tl.dot tiles per expert, and the down kernel's last-arriving program for a
   token sums that token's K rows in k order (deterministic, no combine launch). A configuration may
   say COMBINE "separate": the down kernel then only stores the partials and `_sum_partials_kernel` adds
@@ -220,18 +221,36 @@ def _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M: tl.const
 
 
 @triton.jit
+def _routed_row(ids_ptr, pid_m, E, BLOCK_M: tl.constexpr):
+    """One token: M block pid_m is the token's pid_m-th routed row alone (the first lane of the tile)."""
+    e = tl.load(ids_ptr + pid_m)
+    e = tl.minimum(tl.maximum(e, 0), E - 1)  # memory safety only, as in the align kernel
+    o = tl.arange(0, BLOCK_M)
+    return e, (pid_m + 0 * o).to(tl.int64), o == 0
+
+
+@triton.jit
+def _block_rows(ids_ptr, counts_ptr, offsets_ptr, rows_ptr, pid_m, E, ONE_TOKEN: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    if ONE_TOKEN:
+        return _routed_row(ids_ptr, pid_m, E, BLOCK_M)
+    else:
+        return _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
+
+
+@triton.jit
 def _grouped_gate_up_kernel(
-    x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, inter_ptr,
+    x_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, ids_ptr, counts_ptr, offsets_ptr, rows_ptr, inter_ptr,
     arrivals_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
     ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr, GATED: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    ZERO_ARRIVALS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
+    ZERO_ARRIVALS: tl.constexpr, ONE_TOKEN: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
 ):
     pid_m, pid_n = _tile(num_m_blocks, I, BLOCK_N, GROUP_M)
-    e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
+    e, rows, m_r = _block_rows(ids_ptr, counts_ptr, offsets_ptr, rows_ptr, pid_m, E, ONE_TOKEN, BLOCK_M, BLOCK_E)
     if e < E:
         tokens = rows // K
         if ZERO_ARRIVALS:
@@ -278,11 +297,11 @@ def _grouped_gate_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, counts_ptr, offsets_ptr, rows_ptr, topk_w_ptr, partial_ptr,
-    arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
+    inter_ptr, w_ptr, host_w_ptr, bias_ptr, map_ptr, ids_ptr, counts_ptr, offsets_ptr, rows_ptr, topk_w_ptr,
+    partial_ptr, arrivals_ptr, out_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr, ONE_TOKEN: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Down GEMM, times the top-k weight, with the top-k combine fused (or left to _sum_partials_kernel).
@@ -295,7 +314,7 @@ def _grouped_down_kernel(
     than a launch.
     """
     pid_m, pid_n = _tile(num_m_blocks, H, BLOCK_N, GROUP_M)
-    e, rows, m_r = _locate_block(counts_ptr, offsets_ptr, rows_ptr, pid_m, E, BLOCK_M, BLOCK_E)
+    e, rows, m_r = _block_rows(ids_ptr, counts_ptr, offsets_ptr, rows_ptr, pid_m, E, ONE_TOKEN, BLOCK_M, BLOCK_E)
     if e < E:
         base = _expert_base(w_ptr, host_w_ptr, map_ptr, e, stride_we, num_slots, HAS_MAP, HAS_HOST)
         o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -455,13 +474,18 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     BM = config["BLOCK_M"]
     ieee = x.dtype.itemsize == 4  # fp32 inputs: exact fp32 products, not TF32
     block_e = triton.next_power_of_2(E)
-    counts = torch.empty((2 * E,), dtype=torch.int32, device=x.device)  # counts, then offsets
-    offsets = counts[E:]
-    rows = torch.empty((num_rows,), dtype=torch.int32, device=x.device)
-    align_block = min(4096, triton.next_power_of_2(num_rows))
-    wrap(_align_kernel)[(1,)](topk_ids, counts, offsets, rows, num_rows, E, BLOCK=align_block,
-                              BLOCK_E=block_e, num_warps=8 if align_block >= 1024 else 4)
-    max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
+    one_token = T == 1  # each routed row is an M block of its own: nothing to bucket
+    if one_token:
+        counts = offsets = rows = topk_ids  # not read
+        max_blocks = K
+    else:
+        counts = torch.empty((2 * E,), dtype=torch.int32, device=x.device)  # counts, then offsets
+        offsets = counts[E:]
+        rows = torch.empty((num_rows,), dtype=torch.int32, device=x.device)
+        align_block = min(4096, triton.next_power_of_2(num_rows))
+        wrap(_align_kernel)[(1,)](topk_ids, counts, offsets, rows, num_rows, E, BLOCK=align_block,
+                                  BLOCK_E=block_e, num_warps=8 if align_block >= 1024 else 4)
+        max_blocks = triton.cdiv(num_rows, BM) + min(E, num_rows)
     down_blocks = triton.cdiv(H, BN)
     combine = K > 1
     fused_combine = config.get("COMBINE", "fused") == "fused"
@@ -471,21 +495,21 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     partial = torch.empty((num_rows, H) if combine else (1, 1), dtype=torch.float32, device=x.device)
     group_m = config.get("GROUP_M", GROUP_M)
     wrap(_grouped_gate_up_kernel)[(max_blocks * triton.cdiv(I, BN),)](
-        x, w_gate_up, host_gu, bgu, map_arg, counts, offsets, rows, inter,
+        x, w_gate_up, host_gu, bgu, map_arg, topk_ids, counts, offsets, rows, inter,
         arrivals, H, I, E, K, num_slots, down_blocks, max_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
         ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
         HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine and fused_combine,
-        GROUP_M=group_m,
+        ONE_TOKEN=one_token, GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),
         **meta)
     wrap(_grouped_down_kernel)[(max_blocks * down_blocks,)](
-        inter, w_down, host_d, bd, map_arg, counts, offsets, rows, topk_weights, partial,
+        inter, w_down, host_d, bd, map_arg, topk_ids, counts, offsets, rows, topk_weights, partial,
         arrivals, out, H, I, E, K, num_slots, down_blocks, max_blocks,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), *bd_strides, out.stride(0),
         HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, FUSED_COMBINE=fused_combine,
-        GROUP_M=group_m, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
+        ONE_TOKEN=one_token, GROUP_M=group_m, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, **meta)
     if combine and not fused_combine:
         block_sum = min(1024, triton.next_power_of_2(H))
         wrap(_sum_partials_kernel)[(T, triton.cdiv(H, block_sum))](

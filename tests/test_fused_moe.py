@@ -121,6 +121,48 @@ def test_launch_count(T, K, launches):
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
 
 
+@pytest.mark.parametrize("where", ["resident", "map-host"])
+@pytest.mark.parametrize("combine", ["fused", "separate"])
+@pytest.mark.parametrize("K,bias", [(1, False), (3, True), (6, False)], ids=["K1", "K3-bias", "K6"])
+def test_one_token_on_the_grouped_path_needs_no_alignment(K, bias, combine, where):
+    """One token: the grouped kernels take its k-th routed row as their k-th M block, so the align launch
+    is skipped; resident experts, and a map with non-resident experts read from host memory in place."""
+    from moecache.kernels import INTERPRETING
+    from moecache.kernels.fused_moe import fused_moe_launch, select_config
+
+    E, S, H, I = 6, 4, 40, 24
+    x, wgu, wd, w, ids = random_layer(1, H, I, E, K, torch.float32)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    b_gate_up = torch.randn(E, 2 * I, generator=g).to(x.device) if bias else None
+    b_down = torch.randn(E, H, generator=g).to(x.device) if bias else None
+    maps = {}
+    if where == "map-host":
+        expert_map = torch.tensor([2, -1, 0, -1, 3, 1], dtype=torch.int32, device=x.device)
+        slots_gu, slots_d = torch.empty(S, 2 * I, H), torch.empty(S, H, I)
+        for e, s in enumerate(expert_map.tolist()):
+            if s >= 0:
+                slots_gu[s], slots_d[s] = wgu[e], wd[e]
+        maps = dict(expert_map=expert_map, host_w_gate_up=wgu, host_w_down=wd)
+        weights = (slots_gu.to(x.device), slots_d.to(x.device))
+    else:
+        maps = dict(expert_map=None, host_w_gate_up=None, host_w_down=None)
+        weights = (wgu, wd)
+    launched = []
+
+    def launcher(kernel):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return kernel
+
+    config = {**select_config(30, K, E, H, I, INTERPRETING), "COMBINE": combine}
+    assert config["path"] == "grouped"
+    out = poisoned(x.shape, x.dtype, x.device)
+    fused_moe_launch(x, *weights, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
+                     b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=False, config=config,
+                     launcher=launcher, **maps)
+    assert "_align_kernel" not in launched and launched[:2] == ["_grouped_gate_up_kernel", "_grouped_down_kernel"]
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("T,K,bias", [(30, 4, False), (37, 2, True), (21, 1, False)], ids=["K4", "K2-bias", "K1"])
 def test_separate_combine_gives_the_fused_combines_bits(T, K, bias, dtype):
