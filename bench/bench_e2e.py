@@ -451,17 +451,34 @@ def merge_results(results: list[dict], encode: list[float]) -> dict:
 
 def decode_profile(run, new_tokens: int, on_gpu: bool) -> dict:
     """Where a decode step's GPU time goes: each kernel group's own time and launches (kernel_times'
-    groups) in a profiled generate of new_tokens, less those of a profiled one-token generate (its prefill),
-    per decode step; on a CPU the ops' own CPU time."""
+    groups) per decode step of a generate of new_tokens, profiled from the first logits on (after the
+    prefill forward, its kernels finished: exactly the new_tokens - 1 decode forwards and their sampling);
+    on a CPU the ops' own CPU time."""
     from kernel_times import grouped_kernel_time
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LogitsProcessor, LogitsProcessorList
 
-    full = grouped_kernel_time(lambda: run(new_tokens), on_gpu)
-    prefill = grouped_kernel_time(lambda: run(1), on_gpu)
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []))
+
+    class StartAfterPrefill(LogitsProcessor):
+        started = False
+
+        def __call__(self, input_ids, scores):
+            if not self.started:
+                sync(scores.device)
+                prof.start()
+                self.started = True
+            return scores
+
+    start = StartAfterPrefill()
+    run(new_tokens, LogitsProcessorList([start]))
+    if not start.started:
+        raise RuntimeError("decode_profile: generate never called its logits processors")
+    sync(torch.device("cuda") if on_gpu else torch.device("cpu"))
+    prof.stop()
     steps = new_tokens - 1
-    none = {"us": 0.0, "count": 0}
-    groups = {g: {"us_per_step": (full.get(g, none)["us"] - prefill.get(g, none)["us"]) / steps,
-                  "launches_per_step": (full.get(g, none)["count"] - prefill.get(g, none)["count"]) / steps}
-              for g in sorted(set(full) | set(prefill))}
+    groups = {g: {"us_per_step": v["us"] / steps, "launches_per_step": v["count"] / steps}
+              for g, v in sorted(grouped_kernel_time(prof.key_averages(), on_gpu).items())}
     return {"groups": groups, "kernel_us_per_step": sum(g["us_per_step"] for g in groups.values()),
             "launches_per_step": sum(g["launches_per_step"] for g in groups.values()),
             "what": "GPU kernels' own time (CUPTI)" if on_gpu else "ops' own CPU time"}
@@ -483,12 +500,13 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
         if replay is not None:
             replay.requests = [offset + r for r in requests]
 
-    def run(tokens):
+    def run(tokens, logits_processor=None):
         if replay is not None:
             replay.reset()
             replay.requests = list(range(offset, offset + ids.shape[0]))
         if sched_batch is None:
-            return model.generate(ids, **{**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens})
+            extra = {"logits_processor": logits_processor} if logits_processor is not None else {}
+            return model.generate(ids, **{**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}, **extra)
         out, i = generate_scheduled(model, ids, moecache.patched_experts(model), batch_size=sched_batch,
                                     schedule=schedule, max_new_tokens=tokens, attention_mask=mask,
                                     before_group=before_group,

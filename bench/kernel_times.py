@@ -6,8 +6,8 @@ kernels and the graph itself add.
 
 Kernel times come from eager calls with value checks off (validate=False: no host sync between the
 kernels), each preceded by the same L2 flush, so the weights come from HBM as in the replays.
-`grouped_kernel_time` sums a call's kernels by group (moecache's kernels, matmuls, compiled fusions,
-copies, the rest); bench_e2e --profile-decode uses it for a whole model's decode step.
+`grouped_kernel_time` sums a profile's kernels by group (moecache's kernels, matmuls, compiled fusions,
+copies, the rest); bench_e2e --profile-decode uses it for a whole model's decode steps.
 
     python bench/kernel_times.py --json bench/results/kernel_times.jsonl   # GPU
     python bench/kernel_times.py --quick                                    # CPU: the interpreter; op times only
@@ -87,13 +87,13 @@ def kernel_group(name: str) -> str:
     return next((group for group, pattern in KERNEL_GROUPS if re.search(pattern, name)), "other")
 
 
-def grouped_kernel_time(fn, on_gpu: bool) -> dict:
-    """{group: {"us": own time, "count": launches}} of one fn() call: the GPU kernels (CUPTI, graph
-    replays included) on a GPU, the ops' own CPU time on a CPU. The caller warms fn up first."""
+def grouped_kernel_time(events, on_gpu: bool) -> dict:
+    """{group: {"us": own time, "count": launches}} of a profile's key_averages(): the GPU kernels (CUPTI,
+    graph replays included) on a GPU, the ops' own CPU time on a CPU."""
     from torch.autograd import DeviceType
 
     groups: dict = {}
-    for e in _profile(fn, 1, on_gpu, flush=False):
+    for e in events:
         if on_gpu and e.device_type != DeviceType.CUDA:
             continue
         us = _device_us(e) if on_gpu else float(e.self_cpu_time_total)

@@ -259,7 +259,7 @@ def test_bench_e2e_writes_each_row_when_measured_and_filters_providers(tmp_path,
     module = _bench_e2e_module("bench_e2e_rows")
     calls = []
 
-    def measure(model, facts, provider, policy, offload, mode, *args):
+    def measure(model, facts, provider, policy, offload, mode, *args, profile=False):
         calls.append(provider)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the stage's timeout
@@ -393,7 +393,7 @@ def test_bench_e2e_skipped_configurations_fail_the_run_and_are_reported(tmp_path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    def failing(model, facts, provider, policy, offload, mode, *args):
+    def failing(model, facts, provider, policy, offload, mode, *args, profile=False):
         key = args[-1]
         return {"benchmark": "bench_e2e.skipped", **key, "reason": f"RuntimeError('out of memory in {provider}')"}
 
