@@ -430,15 +430,51 @@ def test_a_models_routing_dtypes_are_read_as_given(T, weights_dtype, monkeypatch
     x, wgu, wd, w, ids = random_layer(T, 40, 24, 8, 2, torch.float16)
     w16, ids64 = w.to(weights_dtype), ids.long()
     expected = run_triton(x, wgu, wd, w16.float(), ids64.int())
+    from moecache.ops import api
+
     seen = []
-    real = torch.ops.moecache.fused_moe
+    real = api._fused_moe_kernels
 
     def spy(*args):
         seen.append((args[3].data_ptr(), args[4].data_ptr()))
         return real(*args)
-    monkeypatch.setattr(torch.ops.moecache, "fused_moe", spy)
+    monkeypatch.setattr(api, "_fused_moe_kernels", spy)
     assert torch.equal(run_triton(x, wgu, wd, w16, ids64), expected)
     assert seen == [(w16.data_ptr(), ids64.data_ptr())]
+
+
+def test_eager_inference_launches_without_the_dispatcher(monkeypatch):
+    """Eager calls with nothing to record for autograd launch the kernels directly (the dispatcher's Python
+    layers cost more than the launches); the custom ops still run where autograd, a dispatch mode or
+    torch.compile needs them. Both paths give the same bits, and a profile still names the op."""
+    from test_mla_decode import make_case, op_args
+
+    x, wgu, wd, w, ids = random_layer(5, 40, 24, 8, 2, torch.float32)
+    logits = torch.randn(5, 8, device=x.device)
+    case = make_case([5, 20], 4, block_size=16)
+    calls = {
+        "fused_moe": lambda: ops.fused_moe(x, wgu, wd, w, ids, backend="triton"),
+        "route": lambda: ops.route(logits, 2, backend="triton"),
+        "mla_decode": lambda: ops.mla_decode(**op_args(case), backend="triton"),
+    }
+    seen = []
+    for name in calls:
+        real = getattr(torch.ops.moecache, name)
+        monkeypatch.setattr(torch.ops.moecache, name, lambda *a, _real=real, _name=name: (seen.append(_name), _real(*a))[1])
+    direct = {name: call() for name, call in calls.items()}
+    assert seen == []
+    wgu.requires_grad_(True)
+    logits.requires_grad_(True)
+    case["q_latent"].requires_grad_(True)
+    through_op = {name: call() for name, call in calls.items()}
+    assert seen == ["fused_moe", "route", "mla_decode"]
+    assert torch.equal(through_op["fused_moe"], direct["fused_moe"])
+    assert all(torch.equal(a, b) for a, b in zip(through_op["route"], direct["route"]))
+    assert torch.equal(through_op["mla_decode"], direct["mla_decode"])
+    wgu.requires_grad_(False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        calls["fused_moe"]()
+    assert "moecache::fused_moe" in {e.key for e in prof.key_averages()}
 
 
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])

@@ -1,7 +1,9 @@
 """Public MoE ops: argument checks, backend dispatch, torch custom-op registration.
 
 The Triton paths are registered with torch.library.triton_op, so torch.compile sees the kernels
-(no graph break) and CUDA graphs capture them (no host synchronisation inside).
+(no graph break) and CUDA graphs capture them (no host synchronisation inside). Eager inference calls
+(no tensor needing grad, no compile, no dispatch mode, plain tensors) launch the same kernels without
+going through the dispatcher, whose Python layers cost more per call than the launches themselves.
 """
 from __future__ import annotations
 
@@ -27,6 +29,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def eager_inference(*tensors) -> bool:
+    """Whether a call can launch its kernels directly rather than through its torch custom op: not
+    compiling or under a dispatch mode (fake tensors, functionalization), no autograd to record, and
+    only plain tensors (a subclass may route ops elsewhere). The op stays the path for all of those."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in present)
+
+
+def run_direct(name: str, fn, *args):
+    """fn(*args), named in a running profile the way the custom op would be."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
 
 
 def _value_checks_allowed() -> bool:
@@ -172,13 +196,14 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
     if resolve_backend(backend, router_logits.device) == "torch":
         return route_reference(router_logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
                                n_group=n_group, topk_group=topk_group, scaling=scaling)
-    return torch.ops.moecache.route(router_logits, bias, top_k, scoring == "sigmoid", renormalize,
-                                    n_group if grouped else 1, topk_group if grouped else 1, float(scaling))
+    args = (router_logits, bias, top_k, scoring == "sigmoid", renormalize, n_group if grouped else 1,
+            topk_group if grouped else 1, float(scaling))
+    if eager_inference(router_logits, bias):
+        return run_direct("moecache::route", _route_kernels, *args, None)
+    return torch.ops.moecache.route(*args)
 
 
-@torch.library.triton_op("moecache::route", mutates_args=())
-def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sigmoid: bool,
-              renormalize: bool, n_group: int, topk_group: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_kernels(router_logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, scaling, launcher):
     from moecache.kernels.moe_route import route_launch
 
     T = router_logits.shape[0]
@@ -186,8 +211,15 @@ def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int
     ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
     route_launch(router_logits, bias, weights, ids, top_k, sigmoid=sigmoid, renormalize=renormalize,
                  n_group=n_group, topk_group=topk_group, scaling=scaling,
-                 group_by_top2=bias is not None, launcher=torch.library.wrap_triton)
+                 group_by_top2=bias is not None, launcher=launcher)
     return weights, ids
+
+
+@torch.library.triton_op("moecache::route", mutates_args=())
+def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sigmoid: bool,
+              renormalize: bool, n_group: int, topk_group: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_kernels(router_logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, scaling,
+                          torch.library.wrap_triton)
 
 
 # ------------------------------------------------------------------ fused_moe
@@ -339,10 +371,13 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     # The kernels index [T, K] routing tensors as contiguous rows (slices of wider ones get copied) and
     # read them in their own dtypes (int32/int64 ids, any float weights, widened to fp32 as they are
     # loaded), so a model's int64 top-k and bf16 weights cost no conversion launches.
-    torch.ops.moecache.fused_moe(
-        hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
-        w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
-        expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
+    args = (hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
+            w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
+            expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
+    if eager_inference(*(a for a in args if isinstance(a, torch.Tensor))):
+        run_direct("moecache::fused_moe", _fused_moe_kernels, *args, None)
+    else:
+        torch.ops.moecache.fused_moe(*args)
     return out
 
 
@@ -378,6 +413,13 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
                   expert_map: torch.Tensor | None, host_w_gate_up: torch.Tensor | None,
                   host_w_down: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
                   gate_up_interleaved: bool, gated: bool, out: torch.Tensor) -> None:
+    _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out,
+                       torch.library.wrap_triton)
+
+
+def _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out, launcher):
     from moecache.kernels.fused_moe import fused_moe_launch
 
     x = hidden_states
@@ -388,5 +430,5 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation=activation,
                      swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=expert_map,
                      host_w_gate_up=host_w_gate_up, host_w_down=host_w_down, b_gate_up=b_gate_up, b_down=b_down,
-                     gate_up_interleaved=gate_up_interleaved, config=config, launcher=torch.library.wrap_triton,
+                     gate_up_interleaved=gate_up_interleaved, config=config, launcher=launcher,
                      gated=gated)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, resolve_backend
+from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, eager_inference, resolve_backend, run_direct
 
 
 def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -124,8 +124,12 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if resolve_backend(backend, q_latent.device) == "torch":
         return mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=scale,
                                     return_lse=return_lse)
-    out, lse = torch.ops.moecache.mla_decode(q_latent.contiguous(), q_rope.contiguous(), kv_cache,
-                                             block_table.contiguous(), seq_lens.contiguous(), float(scale))
+    args = (q_latent.contiguous(), q_rope.contiguous(), kv_cache, block_table.contiguous(), seq_lens.contiguous(),
+            float(scale))
+    if eager_inference(*args[:5]):
+        out, lse = run_direct("moecache::mla_decode", _mla_decode_kernels, *args, None)
+    else:
+        out, lse = torch.ops.moecache.mla_decode(*args)
     return (out, lse) if return_lse else out
 
 
@@ -139,6 +143,10 @@ def _sm_count(device: torch.device) -> int:
 @torch.library.triton_op("moecache::mla_decode", mutates_args=())
 def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, torch.library.wrap_triton)
+
+
+def _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, launcher):
     from moecache import kernels
     from moecache.kernels.mla_decode import mla_decode_launch, select_config
 
@@ -150,5 +158,5 @@ def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
     config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
                            _sm_count(q_latent.device), kernels.INTERPRETING, itemsize=q_latent.element_size())
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config,
-                      launcher=torch.library.wrap_triton)
+                      launcher=launcher)
     return out, lse
