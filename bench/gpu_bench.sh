@@ -29,6 +29,8 @@ bench bench_mla 80 --heads 16,128 --points 1x4096,64x4096,1x32768 --rep 30
 stage kernel_times ${KT_LIMIT:-90} bash -c "cd /tmp && python3 '$ROOT/bench/kernel_times.py' --json '$RES/kernel_times.jsonl'"
 [ -f "$RES/kernel_times.jsonl" ] && cp "$RES/kernel_times.jsonl" "$OUTDIR/"
 bench bench_prefetch 70 --parts h2d,overlap,misses --experts qwen3-30b-9.4MB,deepseek-v2-lite-17.3MB
+# Host time per eager call: direct launches against the custom-op dispatcher, value checks on and off.
+bench host_overhead 40
 # Block configurations for this GPU (a dozen candidates per point, each checked before it is timed),
 # then the layer benchmark again with that table.
 stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.py' --focused --out '$TABLE' \
@@ -38,6 +40,6 @@ stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.
   --tokens 1,4,16,64 --rep 20" && cp "$RES/bench_moe.jsonl" "$OUTDIR/"
 
 log "summary"
-grep -E "vs grouped_mm|moecache(_checked)?:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small|decode step" \
+grep -E "vs grouped_mm|moecache(_checked)?:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |h2d |overlap|misses T|vl2-small|decode step|us/call" \
   "$LOG" | head -80 >> "$SUMMARY"
 cat "$SUMMARY"

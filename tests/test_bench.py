@@ -119,6 +119,15 @@ def test_kernel_times_quick_lists_each_op_of_a_call(tmp_path):
         assert r["device"] and r["commit"]
 
 
+@pytest.mark.skipif(not (BENCH / "host_overhead.py").is_file(), reason="needs the source tree")
+def test_host_overhead_quick_times_every_path(tmp_path):
+    rows = quick_rows("host_overhead.py", tmp_path)
+    assert [(r["op"], r["variant"]) for r in rows] == [
+        ("fused_moe", "direct"), ("fused_moe", "checked"), ("fused_moe", "dispatcher"),
+        ("route", "direct"), ("route", "dispatcher"), ("mla_decode", "direct"), ("mla_decode", "dispatcher")]
+    assert all(0 < r["host_us_per_call"] <= r["device_inclusive_us_per_call"] and r["commit"] for r in rows)
+
+
 @pytest.mark.skipif(not (BENCH / "kernel_times.py").is_file(), reason="needs the source tree")
 def test_kernel_groups_name_the_kernels_of_a_decode_step():
     """The groups a whole-model profile sums kernels into, from the kernel names CUDA and Triton give."""
