@@ -7,7 +7,7 @@ Two paths, both without host synchronisation:
   the combine is fused and deterministic. Each routed row streams its expert's weights. Taken only where
   a tuned table picks it (and by the interpreter at tiny sizes): measured on the H200, the grouped path
   was faster at every small token count tried.
-- grouped (every token count by default): three launches. `_align_kernel` (one program) buckets routed rows per expert
+- grouped (every token count by default): three launches (two for one token). `_align_kernel` (one program) buckets routed rows per expert
   (atomics give each row its place; the place never changes a value; one token needs no bucketing: its
   k-th routed row is the k-th M block, and the align launch is skipped), `_grouped_gate_up_kernel` and
   `_grouped_down_kernel` run tl.dot tiles per expert, and the down kernel's last-arriving program for a

@@ -101,7 +101,8 @@ def test_int64_ids_and_deterministic():
 
 @pytest.mark.parametrize("T,K,launches", [(3, 2, 2), (30, 1, 3), (30, 4, 3)], ids=["decode", "grouped-K1", "grouped-K4"])
 def test_launch_count(T, K, launches):
-    """Decode is two kernels; the grouped path three (align, gate/up, down with the combine fused)."""
+    """Decode is two kernels; the grouped path three (align, gate/up, down with the combine fused; no align
+    for one token)."""
     from moecache.kernels import INTERPRETING
     from moecache.kernels.fused_moe import fused_moe_launch, select_config
 
@@ -471,7 +472,34 @@ def test_eager_inference_launches_without_the_dispatcher(monkeypatch):
     assert torch.equal(through_op["fused_moe"], direct["fused_moe"])
     assert all(torch.equal(a, b) for a, b in zip(through_op["route"], direct["route"]))
     assert torch.equal(through_op["mla_decode"], direct["mla_decode"])
+    seen.clear()
+    with torch.no_grad():  # a model's parameters need grad, but nothing is recorded here
+        assert torch.equal(calls["fused_moe"](), direct["fused_moe"]) and seen == []
+
+    monkeypatch.undo()  # the op itself again: a dispatch mode redispatches through it
+    from moecache.ops import api
+
+    direct_launch = []
+    real = api._fused_moe_kernels
+    monkeypatch.setattr(api, "_fused_moe_kernels", lambda *a: (direct_launch.append(a[-1] is None), real(*a))[1])
+
+    class Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
     wgu.requires_grad_(False)
+    with Passthrough():
+        assert torch.equal(calls["fused_moe"](), direct["fused_moe"])
+
+    class Subclass(torch.Tensor):
+        pass
+    ops.fused_moe(x.as_subclass(Subclass), wgu, wd, w, ids, backend="triton")
+    ops.fused_moe(x, wgu, wd, w, ids, backend="triton")
+    assert direct_launch == [False, False, True]  # a dispatch mode and a subclass see the op; plain eager not
+
+    out = torch.zeros_like(x)
+    version = out._version
+    ops.fused_moe(x, wgu, wd, w, ids, backend="triton", out=out)
+    assert out._version > version  # autograd sees the write, as with the op
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         calls["fused_moe"]()
     assert "moecache::fused_moe" in {e.key for e in prof.key_averages()}

@@ -37,7 +37,7 @@ def eager_inference(*tensors) -> bool:
     only plain tensors (a subclass may route ops elsewhere). The op stays the path for all of those."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     present = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
@@ -376,6 +376,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
             expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
     if eager_inference(*(a for a in args if isinstance(a, torch.Tensor))):
         run_direct("moecache::fused_moe", _fused_moe_kernels, *args, None)
+        # As the op would: autograd must see that out changed (a graph that saved it then refuses backward).
+        torch.autograd.graph.increment_version(out)
     else:
         torch.ops.moecache.fused_moe(*args)
     return out
