@@ -56,6 +56,15 @@ def time_ms(fn, *, warmup: int = 5, rep: int = 50, flush_l2: bool = True, device
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": rep}
 
 
+def gpu_or_quick(quick: bool, name: str) -> tuple[bool, torch.device, torch.dtype]:
+    """(on_gpu, device, dtype) of a GPU benchmark: bf16 on the GPU, fp32 on the CPU for --quick (the
+    interpreter); without a GPU and without --quick the script exits, naming itself."""
+    on_gpu = torch.cuda.is_available() and not quick
+    if not on_gpu and not quick:
+        raise SystemExit(f"{name}: needs a GPU (or --quick on CPU)")
+    return on_gpu, torch.device("cuda" if on_gpu else "cpu"), torch.bfloat16 if on_gpu else torch.float32
+
+
 def cuda_graph_fn(fn, warmup: int = 3):
     """Capture fn into a CUDA graph and return a replay callable (fn must not sync the host)."""
     stream = torch.cuda.Stream()

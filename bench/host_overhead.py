@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla import make_paged_cache  # noqa: E402
 from bench_moe import SHAPES, random_experts  # noqa: E402
-from common import append_rows, environment  # noqa: E402
+from common import append_rows, environment, gpu_or_quick  # noqa: E402
 
 from moecache import ops  # noqa: E402
 from moecache.ops import api, mla  # noqa: E402
@@ -95,11 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bursts", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes on the interpreter")
     args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.quick
-    if not on_gpu and not args.quick:
-        raise SystemExit("host_overhead: needs a GPU (or --quick on CPU)")
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    on_gpu, device, dtype = gpu_or_quick(args.quick, "host_overhead")
     calls, bursts = (args.calls, args.bursts) if on_gpu else (3, 2)
     env = environment()
     rows = []

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla import make_paged_cache  # noqa: E402
 from bench_moe import SHAPES, moecache_layer, random_experts  # noqa: E402
-from common import _flush_l2, append_rows, cuda_graph_fn, environment, time_ms  # noqa: E402
+from common import _flush_l2, append_rows, cuda_graph_fn, environment, gpu_or_quick, time_ms  # noqa: E402
 
 from moecache import ops  # noqa: E402
 
@@ -150,11 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes on the interpreter")
     args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.quick
-    if not on_gpu and not args.quick:
-        raise SystemExit("kernel_times: needs a GPU (or --quick on CPU)")
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    on_gpu, device, dtype = gpu_or_quick(args.quick, "kernel_times")
     env = environment()
     cases = []
     if on_gpu:
