@@ -170,13 +170,17 @@ def combine_columns(block_r: int, block_s: int) -> int:
 
 def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
                   max_blocks: int, sm_count: int, interpreting: bool, itemsize: int = 2,
-                  min_split_tokens: int = 256) -> dict:
+                  min_split_tokens: int = 256, arch: int = 90, block_h: int | None = None) -> dict:
     """Block sizes and the split count from shapes only (no tensor values, so no host sync).
 
     BLOCK_H: all heads in one block up to 64, fewer when R is wide, since the fp32 accumulator
-    [BLOCK_H, R] lives in registers: for R = 512 (DeepSeek), ptxas (sm_90, triton 3.6) fits 32 heads
-    with 8 warps and BLOCK_N = 32 without spilling, while 64 heads spill (8 or 16 warps). tl.dot
-    needs every dimension >= 16, so heads, rope and token blocks are padded to 16.
+    [BLOCK_H, R] lives in registers. For R = 512 (DeepSeek) in fp16/bf16: on sm_90 (`arch` 90) 64 heads
+    with 8 warps, where Triton gives the dots warpgroup MMAs (wgmma, M = 64 rows per warpgroup; ptxas,
+    triton 3.6: 244-255 registers, no spills); with 32 heads it falls back to mma.sync, which caps the
+    128-head case (about 242 flop per latent byte: bound by the MMA rate, not by HBM), and 128 heads
+    read the cache four times instead of twice. Elsewhere 32 heads (sm_80: 64 heads take 255 registers
+    and mma.sync anyway). tl.dot needs every dimension >= 16, so heads, rope and token blocks are
+    padded to 16. `block_h` overrides the rule (benchmarks time the alternatives beside the default).
     BLOCK_N divides the page where it can (32 rows, 16 in fp32 or where 32 does not divide it), so a
     step reads within one page: one block-table entry per step instead of one per token.
     num_stages: the cache rows of a step are addressed through the block table, a load whose result
@@ -192,10 +196,13 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     """
     block_r = triton.next_power_of_2(kv_lora_rank)
     block_p = max(16, triton.next_power_of_2(rope_dim))
-    max_h = 64 if block_r <= 256 else 32
+    max_h = 64 if block_r <= 256 or arch // 10 == 9 else 32
     if itemsize >= 4 and block_r >= 512:
         max_h = 16  # fp32 rows are twice the registers: 32 heads spill at R = 512 (tests/aot_compile.py)
-    block_h = min(max_h, max(16, triton.next_power_of_2(num_heads)))
+    if block_h is None:
+        block_h = min(max_h, max(16, triton.next_power_of_2(num_heads)))
+    elif block_h < 16 or block_h & (block_h - 1):
+        raise ValueError(f"block_h must be a power of two >= 16, got {block_h}")
     head_blocks = triton.cdiv(num_heads, block_h)
     block_n = 16 if itemsize >= 4 else 32  # fp32: two buffers of 32 rows would exceed sm_80's shared memory
     if block_size % block_n and block_size % 16 == 0:

@@ -170,7 +170,8 @@ def compile_launch(tag, kernel, grid, args, kwargs, *, arch, float_type, product
         rings = [int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])]
         result = {**ptxas_report(ptx, arch), "smem": smem, "num_warps": warps,
                   "num_stages": compiled.metadata.num_stages, "fences": len(re.findall(r"\bfence\.", ptx)),
-                  "barriers": len(re.findall(r"\bbar\.sync\b", ptx)), "tile_buffers": max(rings, default=0)}
+                  "barriers": len(re.findall(r"\bbar\.sync\b", ptx)), "tile_buffers": max(rings, default=0),
+                  "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx))}
         result["blocks_per_sm"] = occupancy(result["regs"], warps, smem, arch)
     result["compile_s"] = round(time.time() - t0, 2)
     _compiled[key] = result
@@ -194,6 +195,8 @@ def problems(row) -> list[str]:
     expect = row.get("expect") or {}
     if row["arch"] == 90 and row["blocks_per_sm"] < expect.get("blocks_per_sm", 0):  # the sm_90 footprint
         out.append(f"{row['blocks_per_sm']} programs fit an SM; the split count assumes {expect['blocks_per_sm']}")
+    if expect.get("wgmma") and not row["wgmma"]:
+        out.append(f"no warpgroup MMA (wgmma) in the PTX ({row['mma_sync']} mma.sync): the configuration is sized for it")
     if row["tile_buffers"] < expect.get("tile_buffers", 0):
         out.append(f"{row['tile_buffers']} buffer(s) per loaded tile; the config means to keep {expect['tile_buffers']} "
                    "(a copy in flight while the previous tile computes)")
@@ -232,13 +235,15 @@ def route_launches(T, E, K, sigmoid, bias, n_group, topk_group):
 def mla_launches(B, Hq, dtype, R=512, P=64, block_size=64, max_blocks=128, sm_count=132):
     cap = Capture()
     config = md.select_config(B, Hq, R, P, block_size, max_blocks, sm_count, False,
-                              itemsize=torch.empty((), dtype=dtype).element_size())
+                              itemsize=torch.empty((), dtype=dtype).element_size(), arch=ARCH)
     md.mla_decode_launch(meta((B, Hq, R), dtype), meta((B, Hq, P), dtype), meta((4096, block_size, R + P), dtype),
                          meta((B, max_blocks), torch.int32), meta((B,), torch.int32), meta((B, Hq, R), dtype),
                          meta((B, Hq), torch.float32), scale=0.07, config=config, launcher=cap)
     # What the configuration counts on: the split count's programs per SM, and the cache rows of step i + 1
     # copied while step i computes (two buffers).
     expect = {"blocks_per_sm": config["blocks_per_sm"], "tile_buffers": 2}
+    if ARCH == 90 and config["BLOCK_H"] >= 64:  # head blocks of 64 rows are chosen for the warpgroup MMAs
+        expect["wgmma"] = True
     return [(k, g, a, kw, expect if k is md._mla_decode_split_kernel else None) for k, g, a, kw in cap.records]
 
 
@@ -287,6 +292,8 @@ def launches(group):
                     yield f"mla-H{Hq}-B{B}-{str(dtype)[6:]}", dtype != torch.float32, mla_launches(B, Hq, dtype)
         # Pages that steps do not divide: each row looks its page up (the GPU test's 24-token pages).
         yield "mla-H16-B8-bs24-bfloat16", True, mla_launches(8, 16, torch.bfloat16, block_size=24, max_blocks=64)
+        # 40 heads: one 64-row head block on sm_90, 24 rows of it padding (the GPU test's case).
+        yield "mla-H40-B4-bfloat16", True, mla_launches(4, 40, torch.bfloat16)
         # One request of 32K tokens: the most splits, the combine's tallest tile.
         yield "mla-H16-B1-S32K-bfloat16", True, mla_launches(1, 16, torch.bfloat16, max_blocks=512)
     else:

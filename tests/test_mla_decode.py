@@ -210,6 +210,37 @@ def test_split_count_fills_whole_waves():
     assert select_config(512, 16, 512, 64, 64, 64, 132, False, itemsize=2)["num_splits"] == 1
 
 
+def test_head_block_follows_the_architecture():
+    """R = 512 in fp16/bf16: 64 heads a block on sm_90 (the size at which Triton gives the dots warpgroup
+    MMAs, checked in tests/aot_compile.py), 32 on sm_80; fp32 rows 16; few heads are padded only to 16."""
+    from moecache.kernels.mla_decode import select_config
+
+    def pick(Hq, **kw):
+        c = select_config(64, Hq, 512, 64, 64, 64, 132, False, **kw)
+        return c["BLOCK_H"], c["num_warps"], c["blocks_per_sm"]
+
+    assert pick(128, itemsize=2, arch=90) == (64, 8, 1)
+    assert pick(40, itemsize=2, arch=90) == (64, 8, 1)
+    assert pick(128, itemsize=2, arch=80) == (32, 8, 1)
+    assert pick(128, itemsize=4, arch=90) == (16, 8, 1)
+    assert pick(16, itemsize=2, arch=90) == (16, 4, 2)
+    assert pick(16, itemsize=2, arch=90, block_h=64) == (64, 8, 1)  # an override re-derives warps and splits
+    with pytest.raises(ValueError, match="block_h"):
+        select_config(64, 16, 512, 64, 64, 64, 132, False, block_h=48)
+
+
+def test_sixty_four_row_head_block_at_deepseek_width():
+    """The sm_90 configuration for many heads at R = 512 (fp16; the interpreter): 40 heads in one 64-row
+    block, 24 rows of it padding that must be neither read nor written."""
+    from moecache.kernels.mla_decode import select_config
+
+    case = make_case([70, 3, 129], 40, R=512, P=64, block_size=32, dtype=torch.float16)
+    config = select_config(3, 40, 512, 64, 32, case["block_table"].shape[1], 4, True, itemsize=2, arch=90)
+    assert config["BLOCK_H"] == 64
+    out, lse = _launch(case, BLOCK_H=64, num_warps=config["num_warps"], num_splits=2)
+    check_against_decompressed(case, out, lse, torch.float16)
+
+
 def test_value_checks_read_the_device_once(monkeypatch):
     from moecache.ops.mla import _check_mla_args
 
@@ -336,7 +367,7 @@ def test_gpu_validate_false_never_synchronises():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("Hq", [16, 128])
+@pytest.mark.parametrize("Hq", [16, 40, 128])  # 40: a padded 64-row head block on sm_90
 @pytest.mark.parametrize("lens", [[1, 777, 4096, 5000], [5000, 4999, 64, 65]], ids=["mixed", "long"])
 def test_gpu_bf16_deepseek_sizes(Hq, lens):
     case = make_case(lens, Hq, **DEEPSEEK)

@@ -388,13 +388,18 @@ def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
     from moecache import kernels
     from moecache.kernels.fused_moe import select_config
 
-    table, arch = None, 90
-    if device.type == "cuda":
-        table = tuned_configs(device)
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
+    table = tuned_configs(device) if device.type == "cuda" else None
     return select_config(num_tokens, top_k, num_experts, hidden, inter, kernels.INTERPRETING, table=table,
-                         itemsize=itemsize, arch=arch)
+                         itemsize=itemsize, arch=device_arch(device))
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 for sm_90); 90 off CUDA, where the interpreter runs
+    the configuration the kernels are chosen for first."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def streams_each_expert_once(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, eager_inference, resolve_backend, run_direct
+from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, device_arch, eager_inference, resolve_backend, run_direct
 
 
 def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -156,7 +156,8 @@ def _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale
     if B == 0 or Hq == 0:
         return out, lse
     config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
-                           _sm_count(q_latent.device), kernels.INTERPRETING, itemsize=q_latent.element_size())
+                           _sm_count(q_latent.device), kernels.INTERPRETING, itemsize=q_latent.element_size(),
+                           arch=device_arch(q_latent.device))
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config,
                       launcher=launcher)
     return out, lse
