@@ -7,11 +7,10 @@ cache, against baselines in the same run on the same device:
                      (two row buffers, splits that fill whole waves) is measured in the same run
   - moecache_64tok:  the default configuration but splits as short as 64 tokens (default: 256), so the
                      cost of more partials against more programs for short requests is measured
-  - moecache_h32:    head blocks of 32 (mma.sync on sm_90), where the default takes 64 (Hq >= 33 on sm_90:
-                     warpgroup MMAs, and half the passes over the cache)
-  - moecache_h64:    head blocks of 64 rows where the default takes fewer (16 heads padded to 64 rows, as
-                     FlashMLA pads them): warpgroup MMAs on sm_90 against 4x the MMA work
-                     (each variant only where its head block differs from the default's)
+  - moecache_h32:    head blocks of 32 (mma.sync on sm_90) where the default takes 64 (sm_90, Hq >= 33 at
+                     R = 512: warpgroup MMAs, and half the passes over the cache)
+  - moecache_h64:    head blocks of 64 rows where the default takes 16 or 32 (heads padded to 64 rows, as
+                     FlashMLA pads them): warpgroup MMAs on sm_90 against up to 4x the MMA work
   - torch_absorbed:  plain PyTorch, absorbed form, same paged cache: one gather of the pages by block
                      table, scores = [q_latent | q_rope] . [latent | rope] (one bmm), fp32 softmax, @ latent
   - transformers:    the installed transformers' DeepseekV2Attention, one decode step of the FULL module
@@ -45,7 +44,7 @@ from common import RESULTS_DIR, append_rows, cuda_graph_fn, measure_ceilings, ro
 
 from moecache import ops  # noqa: E402  (switches the Triton interpreter on when there is no GPU)
 from moecache.compat import attention_cache_argument  # noqa: E402
-from moecache.ops.mla import mla_decode_reference  # noqa: E402
+from moecache.ops.mla import mla_decode_config, mla_decode_reference, sm_count  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
 FULL = {"R": 512, "P": 64, "nope": 128, "v": 128, "hidden": 2048, "q_lora_rank": 1536, "block_size": 64,
@@ -55,8 +54,8 @@ QUICK = {"R": 32, "P": 8, "nope": 16, "v": 16, "hidden": 64, "q_lora_rank": 32, 
          "heads": (4,), "points": ((1, 64), (2, 100)), "dtype": torch.float32}
 METHODS = ("moecache", "moecache_2stage", "moecache_64tok", "moecache_h32", "moecache_h64", "torch_absorbed",
            "transformers")
-VARIANTS = ("moecache_2stage", "moecache_64tok", "moecache_h32", "moecache_h64")
-HEAD_BLOCK_VARIANTS = {"moecache_h32": 32, "moecache_h64": 64}  # the same kernels under other configurations
+VARIANTS = ("moecache_2stage", "moecache_64tok", "moecache_h32", "moecache_h64")  # the same kernels, other configurations
+HEAD_BLOCK_VARIANTS = {"moecache_h32": 32, "moecache_h64": 64}
 HF_SKIP_BYTES = 20e9  # transformers re-expands the whole cache: B*S*Hq*(192+128)*2 bytes of K and V
 REF_MAX_BYTES = 8e9  # fp32 reference check only where its gathered copies fit comfortably
 
@@ -172,19 +171,6 @@ def back_to_back_us(kv_cache, call, *, rep):
     return t["ms"] * 1e3 / n, n
 
 
-def mla_config(q_latent, q_rope, kv_cache, block_table, **overrides):
-    """The configuration ops.mla_decode takes for these inputs, or, with overrides, a variant of it."""
-    from moecache import kernels
-    from moecache.kernels.mla_decode import select_config
-    from moecache.ops.api import device_arch
-
-    B, Hq, R = q_latent.shape
-    sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
-    return select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1], sms,
-                         kernels.INTERPRETING, itemsize=q_latent.element_size(), arch=device_arch(q_latent.device),
-                         **overrides)
-
-
 def _mla_decode_configured(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, *, min_split_tokens=256,
                            two_stage=False, block_h=None):
     """ops.mla_decode's kernels under another configuration than the op's own (the variants bench_mla
@@ -195,13 +181,13 @@ def _mla_decode_configured(q_latent, q_rope, kv_cache, block_table, seq_lens, sc
     from moecache.kernels.mla_decode import mla_decode_launch
 
     B, Hq, R = q_latent.shape
-    sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
-    config = mla_config(q_latent, q_rope, kv_cache, block_table, min_split_tokens=min_split_tokens, block_h=block_h)
+    config = mla_decode_config(q_latent, q_rope, kv_cache, block_table, min_split_tokens=min_split_tokens,
+                               block_h=block_h)
     if two_stage:  # the earlier configuration: at most 64 splits, about 2 programs per SM
         most = min(64, triton.cdiv(block_table.shape[1], config["min_split_pages"]))
         head_blocks = triton.cdiv(Hq, config["BLOCK_H"])
         config.update(num_stages=1 if kernels.INTERPRETING else 2,
-                      num_splits=max(1, min(most, triton.cdiv(2 * sms, B * head_blocks))))
+                      num_splits=max(1, min(most, triton.cdiv(2 * sm_count(q_latent.device), B * head_blocks))))
     out = torch.empty_like(q_latent)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config)
@@ -355,14 +341,14 @@ def main(argv=None):
                 "moecache": lambda: ops.mla_decode(*args_mla, scale=scale, backend="triton"),
                 "moecache_2stage": lambda: mla_decode_2stage(*args_mla, scale),
                 "moecache_64tok": lambda: mla_decode_short_splits(*args_mla, scale),
-                "moecache_h32": lambda: mla_decode_head_block(32)(*args_mla, scale),
-                "moecache_h64": lambda: mla_decode_head_block(64)(*args_mla, scale),
                 "torch_absorbed": lambda: torch_absorbed(*args_mla, scale),
+                **{name: (lambda h=h: mla_decode_head_block(h)(*args_mla, scale))
+                   for name, h in HEAD_BLOCK_VARIANTS.items()},
             }
-            default_h = mla_config(*args_mla[:4])["BLOCK_H"]
+            default_h = mla_decode_config(*args_mla[:4])["BLOCK_H"]
             for method in METHODS:
-                if method in HEAD_BLOCK_VARIANTS and HEAD_BLOCK_VARIANTS[method] == default_h:
-                    continue  # the default configuration itself
+                if not {"moecache_h32": default_h > 32, "moecache_h64": default_h < 64}.get(method, True):
+                    continue  # the default's own block, or on its side of it
                 extra = {}
                 if method == "transformers":
                     est = B * S * Hq * (spec["nope"] + P + spec["v"]) * itemsize

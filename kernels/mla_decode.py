@@ -124,7 +124,7 @@ def _mla_decode_split_kernel(
 @triton.jit
 def _mla_decode_combine_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, Hq, R, num_splits,
-    stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+    stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_lb, stride_lh,
     BLOCK_RC: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out[b, h, cols] = sum_s exp(lse_s - lse) * part_o[b, h, s, cols], lse = logsumexp_s lse_s (fp32).
@@ -155,7 +155,7 @@ def _mla_decode_combine_kernel(
     b_out = tl.where(nan, float("nan"), b_out)
     b_final_lse = tl.where(nan, float("nan"), b_final_lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + o_r, b_out.to(out_ptr.dtype.element_ty), mask=m_r)
-    tl.store(lse_ptr + bh, b_final_lse, mask=pid_c == 0)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh, b_final_lse, mask=pid_c == 0)
 
 
 # ---------------------------------------------------------------- configuration and launcher
@@ -176,11 +176,13 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
     BLOCK_H: all heads in one block up to 64, fewer when R is wide, since the fp32 accumulator
     [BLOCK_H, R] lives in registers. For R = 512 (DeepSeek) in fp16/bf16: on sm_90 (`arch` 90) 64 heads
     with 8 warps, where Triton gives the dots warpgroup MMAs (wgmma, M = 64 rows per warpgroup; ptxas,
-    triton 3.6: 244-255 registers, no spills); with 32 heads it falls back to mma.sync, which caps the
-    128-head case (about 242 flop per latent byte: bound by the MMA rate, not by HBM), and 128 heads
-    read the cache four times instead of twice. Elsewhere 32 heads (sm_80: 64 heads take 255 registers
-    and mma.sync anyway). tl.dot needs every dimension >= 16, so heads, rope and token blocks are
-    padded to 16. `block_h` overrides the rule (benchmarks time the alternatives beside the default).
+    triton 3.6: 244-255 registers, no spills); with 32 heads it falls back to mma.sync, whose rate then
+    sets the 128-head case's speed (about 242 flop per latent byte, near or above the ridge of an
+    H100/H200 even at the warpgroup MMAs' peak), and 128 heads pass over the cache (through L2) four
+    times instead of twice. Elsewhere 32 heads (sm_80: 64 heads take 255 registers and mma.sync
+    anyway). tl.dot needs every dimension >= 16, so heads, rope and token blocks are padded to 16.
+    `block_h` replaces the rule as given, with no register cap (benchmarks time the alternatives beside
+    the default; fp32 at R = 512 spills above 16).
     BLOCK_N divides the page where it can (32 rows, 16 in fp32 or where 32 does not divide it), so a
     step reads within one page: one block-table entry per step instead of one per token.
     num_stages: the cache rows of a step are addressed through the block table, a load whose result
@@ -225,8 +227,9 @@ def select_config(batch: int, num_heads: int, kv_lora_rank: int, rope_dim: int, 
 
 def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, *, scale, config,
                       launcher=None):
-    """Fill out [B, Hq, R] (q's dtype) and lse [B, Hq] fp32. q_*, block_table: unit last stride;
-    kv_cache: unit last stride, any page/row strides. `launcher` wraps kernels (wrap_triton)."""
+    """Fill out [B, Hq, R] (q's dtype) and lse [B, Hq] fp32. q_*, out, block_table: unit last stride;
+    kv_cache: unit last stride, any page/row strides; lse: any strides. `launcher` wraps kernels
+    (wrap_triton)."""
     import torch
 
     wrap = (lambda k: k) if launcher is None else launcher
@@ -258,5 +261,5 @@ def mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, ls
         wrap(_mla_decode_combine_kernel)[(B, Hq, triton.cdiv(R, block_rc))](
             part_o, part_lse, out, lse, Hq, R, splits,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), out.stride(0), out.stride(1),
-            BLOCK_RC=block_rc, BLOCK_S=block_s, num_warps=4)
+            lse.stride(0), lse.stride(1), BLOCK_RC=block_rc, BLOCK_S=block_s, num_warps=4)
     return out, lse

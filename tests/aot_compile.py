@@ -242,7 +242,8 @@ def mla_launches(B, Hq, dtype, R=512, P=64, block_size=64, max_blocks=128, sm_co
     # What the configuration counts on: the split count's programs per SM, and the cache rows of step i + 1
     # copied while step i computes (two buffers).
     expect = {"blocks_per_sm": config["blocks_per_sm"], "tile_buffers": 2}
-    if ARCH == 90 and config["BLOCK_H"] >= 64:  # head blocks of 64 rows are chosen for the warpgroup MMAs
+    # Head blocks of 64 rows are chosen for the warpgroup MMAs (fp32 takes the exact FMA path: no MMA at all).
+    if ARCH == 90 and config["BLOCK_H"] >= 64 and dtype != torch.float32:
         expect["wgmma"] = True
     return [(k, g, a, kw, expect if k is md._mla_decode_split_kernel else None) for k, g, a, kw in cap.records]
 

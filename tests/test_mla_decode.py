@@ -231,14 +231,21 @@ def test_head_block_follows_the_architecture():
 
 def test_sixty_four_row_head_block_at_deepseek_width():
     """The sm_90 configuration for many heads at R = 512 (fp16; the interpreter): 40 heads in one 64-row
-    block, 24 rows of it padding that must be neither read nor written."""
-    from moecache.kernels.mla_decode import select_config
+    block, 24 rows of it padding. The outputs are views of taller buffers whose extra head rows must stay
+    untouched, and NaN cache rows past each length would show any stray read."""
+    from moecache.kernels.mla_decode import mla_decode_launch, select_config
 
     case = make_case([70, 3, 129], 40, R=512, P=64, block_size=32, dtype=torch.float16)
     config = select_config(3, 40, 512, 64, 32, case["block_table"].shape[1], 4, True, itemsize=2, arch=90)
     assert config["BLOCK_H"] == 64
-    out, lse = _launch(case, BLOCK_H=64, num_warps=config["num_warps"], num_splits=2)
-    check_against_decompressed(case, out, lse, torch.float16)
+    for splits in (1, 2):  # the final output written directly, and through the combine
+        out_rows = torch.full((3, 64, 512), float("nan"), dtype=torch.float16)
+        lse_rows = torch.full((3, 64), float("nan"))
+        out, lse = out_rows[:, :40], lse_rows[:, :40]
+        mla_decode_launch(case["q_latent"], case["q_rope"], case["kv_cache"], case["block_table"], case["seq_lens"],
+                          out, lse, scale=case["scale"], config={**config, "num_splits": splits})
+        check_against_decompressed(case, out, lse, torch.float16)
+        assert out_rows[:, 40:].isnan().all() and lse_rows[:, 40:].isnan().all()
 
 
 def test_value_checks_read_the_device_once(monkeypatch):

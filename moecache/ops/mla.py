@@ -133,11 +133,24 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     return (out, lse) if return_lse else out
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (host metadata, no sync); a small number on CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def mla_decode_config(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                      block_table: torch.Tensor, **overrides) -> dict:
+    """The kernels' configuration mla_decode takes for these inputs (shapes, dtype and device only);
+    `overrides` (select_config's min_split_tokens, block_h) give the variants benchmarks time beside it."""
+    from moecache import kernels
+    from moecache.kernels.mla_decode import select_config
+
+    B, Hq, R = q_latent.shape
+    return select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1], sm_count(q_latent.device),
+                         kernels.INTERPRETING, itemsize=q_latent.element_size(), arch=device_arch(q_latent.device),
+                         **overrides)
 
 
 @torch.library.triton_op("moecache::mla_decode", mutates_args=())
@@ -147,17 +160,14 @@ def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
 
 
 def _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, launcher):
-    from moecache import kernels
-    from moecache.kernels.mla_decode import mla_decode_launch, select_config
+    from moecache.kernels.mla_decode import mla_decode_launch
 
     B, Hq, R = q_latent.shape
     out = torch.empty((B, Hq, R), dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q_latent.device)
     if B == 0 or Hq == 0:
         return out, lse
-    config = select_config(B, Hq, R, q_rope.shape[2], kv_cache.shape[1], block_table.shape[1],
-                           _sm_count(q_latent.device), kernels.INTERPRETING, itemsize=q_latent.element_size(),
-                           arch=device_arch(q_latent.device))
+    config = mla_decode_config(q_latent, q_rope, kv_cache, block_table)
     mla_decode_launch(q_latent, q_rope, kv_cache, block_table, seq_lens, out, lse, scale=scale, config=config,
                       launcher=launcher)
     return out, lse
