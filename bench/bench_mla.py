@@ -44,7 +44,8 @@ from common import RESULTS_DIR, append_rows, cuda_graph_fn, measure_ceilings, ro
 
 from moecache import ops  # noqa: E402  (switches the Triton interpreter on when there is no GPU)
 from moecache.compat import attention_cache_argument  # noqa: E402
-from moecache.ops.mla import mla_decode_config, mla_decode_reference, sm_count  # noqa: E402
+from moecache.ops.api import sm_count  # noqa: E402
+from moecache.ops.mla import mla_decode_config, mla_decode_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
 FULL = {"R": 512, "P": 64, "nope": 128, "v": 128, "hidden": 2048, "q_lora_rank": 1536, "block_size": 64,
@@ -205,11 +206,6 @@ def mla_decode_short_splits(*args):
     return _mla_decode_configured(*args, min_split_tokens=64)
 
 
-def mla_decode_head_block(block_h):
-    """The op's own configuration with head blocks of block_h (the split count re-derived for them)."""
-    return lambda *args: _mla_decode_configured(*args, block_h=block_h)
-
-
 def evaluate_targets(rows):
     """The project's speed targets (absolute figures set against an H100's HBM; on other GPUs read the
     rows' frac_hbm_read), judged on the moecache rows: [(target, 'pass'|'FAIL'|'n/a', detail)]."""
@@ -342,7 +338,8 @@ def main(argv=None):
                 "moecache_2stage": lambda: mla_decode_2stage(*args_mla, scale),
                 "moecache_64tok": lambda: mla_decode_short_splits(*args_mla, scale),
                 "torch_absorbed": lambda: torch_absorbed(*args_mla, scale),
-                **{name: (lambda h=h: mla_decode_head_block(h)(*args_mla, scale))
+                # the op's own configuration with other head blocks (the split count re-derived for them)
+                **{name: (lambda h=h: _mla_decode_configured(*args_mla, scale, block_h=h))
                    for name, h in HEAD_BLOCK_VARIANTS.items()},
             }
             default_h = mla_decode_config(*args_mla[:4])["BLOCK_H"]

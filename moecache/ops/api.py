@@ -7,6 +7,7 @@ going through the dispatcher, whose Python layers cost more per call than the la
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -396,10 +397,23 @@ def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inte
 def device_arch(device: torch.device) -> int:
     """Compute capability as 10 * major + minor (90 for sm_90); 90 off CUDA, where the interpreter runs
     the configuration the kernels are chosen for first."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _cuda_properties(_cuda_index(device))[0] if device.type == "cuda" else 90
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (host metadata, no sync); a small number on CPU."""
+    return _cuda_properties(_cuda_index(device))[1] if device.type == "cuda" else 4
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _cuda_properties(index: int) -> tuple[int, int]:
+    """(arch, SM count) of a CUDA device: read once, since every kernel configuration asks for them."""
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor, props.multi_processor_count
 
 
 def streams_each_expert_once(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,

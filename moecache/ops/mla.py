@@ -11,7 +11,16 @@ import math
 
 import torch
 
-from .api import _FLOAT_DTYPES, _check, _value_checks_allowed, device_arch, eager_inference, resolve_backend, run_direct
+from .api import (
+    _FLOAT_DTYPES,
+    _check,
+    _value_checks_allowed,
+    device_arch,
+    eager_inference,
+    resolve_backend,
+    run_direct,
+    sm_count,
+)
 
 
 def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -131,13 +140,6 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         out, lse = torch.ops.moecache.mla_decode(*args)
     return (out, lse) if return_lse else out
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (host metadata, no sync); a small number on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def mla_decode_config(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
