@@ -45,6 +45,14 @@ def model_logits(model, ids, **kwargs) -> torch.Tensor:
         return model(ids, **kwargs).logits
 
 
+def parameter_grads(model, ids) -> dict[str, torch.Tensor]:
+    """{name: gradient} of the language-model loss on `ids` (the next-token targets), every parameter that
+    gets one; earlier gradients are cleared first."""
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def greedy(model, ids, n=20, **kwargs) -> torch.Tensor:
     """n greedy tokens (never stopping early at EOS, so every run produces the same number)."""
     with torch.no_grad():

@@ -650,3 +650,91 @@ def test_gpu_non_gated_layer_captures_and_compiles():
     compiled = torch.compile(lambda h: ops.fused_moe(h, fc1, fc2, w, ids, activation="gelu_tanh", gated=False),
                              fullgraph=True)
     assert_close(compiled(x), ref, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ autograd
+def _moe_token_by_token(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, interleaved, gated):
+    """The layer one routed row at a time, in plain autograd-tracked ops: the gradients' yardstick."""
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            h = w_gate_up[e] @ x[t] + b_gate_up[e]
+            if gated:
+                gate, up = (h[0::2], h[1::2]) if interleaved else h.chunk(2)
+                a = torch.nn.functional.silu(gate) * up
+            else:
+                a = torch.nn.functional.gelu(h, approximate="tanh")
+            acc = acc + topk_weights[t, k] * (w_down[e] @ a + b_down[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("layout", ["gated", "interleaved", "not-gated"])
+@pytest.mark.parametrize("T", [1, 6], ids=["one-token", "grouped"])
+def test_backward_reaches_the_hidden_states_router_weights_and_biases(T, layout):
+    """Training through the kernels: the forward is the kernels' (the same bits as without autograd), and
+    every input that needs a gradient gets the one the row-by-row layer gives (the router's through the
+    top-k weights). Before, the Triton path returned an output detached from the graph: no error, and
+    the MoE's share of every gradient silently missing."""
+    E, H, I, K = 5, 24, 16, 2
+    gated, interleaved = layout != "not-gated", layout == "interleaved"
+    x, w_gate_up, w_down, _, _ = random_layer(T, H, I, E, K, torch.float32)
+    if not gated:
+        w_gate_up = w_gate_up[:, :I].contiguous()
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(T, E, generator=g).to(DEVICE)
+    b_gate_up = (torch.randn(E, w_gate_up.shape[1], generator=g) / 4).to(DEVICE)
+    b_down = (torch.randn(E, H, generator=g) / 4).to(DEVICE)
+    grad_out = torch.randn(T, H, generator=g).to(DEVICE)
+    options = dict(activation="silu" if gated else "gelu_tanh", gate_up_interleaved=interleaved, gated=gated)
+
+    def run(layer, **kw):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_gate_up, w_down, logits, b_gate_up, b_down)]
+        weights, ids = torch.topk(leaves[3].softmax(-1), K)
+        out = layer(leaves[0], leaves[1], leaves[2], weights, ids, leaves[4], leaves[5], **kw)
+        (out * grad_out).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    with torch.no_grad():
+        weights, ids = torch.topk(logits.softmax(-1), K)
+        plain = ops.fused_moe(x, w_gate_up, w_down, weights, ids, b_gate_up=b_gate_up, b_down=b_down,
+                              backend="triton", **options)
+    out, grads = run(lambda x, wgu, wd, w, i, bgu, bd: ops.fused_moe(x, wgu, wd, w, i, b_gate_up=bgu, b_down=bd,
+                                                                    backend="triton", **options))
+    _, expected = run(_moe_token_by_token, interleaved=interleaved, gated=gated)
+    assert torch.equal(out, plain)
+    for name, got, want in zip(("x", "w_gate_up", "w_down", "router logits", "b_gate_up", "b_down"), grads, expected):
+        assert got is not None, f"no gradient for {name}"
+        assert_close(got, want, torch.float32, name=f"grad {name}")
+
+
+def test_backward_into_an_out_buffer_and_only_where_asked():
+    x, w_gate_up, w_down, weights, ids = random_layer(4, 24, 16, 5, 2, torch.float32)
+    x.requires_grad_(True)
+    out = poisoned(x.shape, x.dtype, x.device)
+    result = ops.fused_moe(x, w_gate_up, w_down, weights, ids, out=out, backend="triton")
+    assert result is out and out.grad_fn is not None
+    out.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    fused_moe_reference(x_ref, w_gate_up, w_down, weights, ids).sum().backward()
+    assert_close(x.grad, x_ref.grad, torch.float32)
+    assert w_gate_up.grad is None and w_down.grad is None
+
+
+def test_backward_through_an_expert_map_is_refused_clearly():
+    """Slots of an expert cache can be refilled between the forward and the backward (copies autograd
+    does not see): the backward raises instead of differentiating through whatever they then hold. The
+    forward under autograd still runs, as it does for a model called without torch.no_grad()."""
+    E, S, H, I, K = 6, 4, 24, 16, 2
+    x, w_gate_up, w_down, weights, ids = random_layer(5, H, I, E, K, torch.float32)
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1], dtype=torch.int32, device=DEVICE)
+    host = dict(host_w_gate_up=w_gate_up.cpu(), host_w_down=w_down.cpu())
+    for backend in ("triton", "torch"):
+        leaf = x.clone().requires_grad_(True)
+        out = ops.fused_moe(leaf, w_gate_up[:S], w_down[:S], weights, ids, expert_map=expert_map, backend=backend,
+                            **host)
+        assert_close(out.detach(), fused_moe_reference(x, w_gate_up, w_down, weights, ids), torch.float32)
+        with pytest.raises(RuntimeError, match="no gradients through an expert_map"):
+            out.sum().backward()

@@ -10,7 +10,7 @@ import torch
 import moecache
 from moecache.models import deepspeed_moe
 from moecache.models.llava import SHAPES, build_language_model, parameter_count, scaled_down
-from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot
+from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot, parameter_grads
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,6 +151,23 @@ def test_dropped_routes_weigh_zero_as_in_deepspeed(family):
     assert int((combine > 0).sum()) < int(counts.sum())  # some routes were dropped
     moecache.patch(model)
     assert_close(seeded(model_logits, model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["moe-llava-phi2", "moe-llava-qwen"])
+def test_gradients_reach_each_expert_mlp_of_a_patched_model(family, monkeypatch):
+    """The experts' linear layers are views of the stacks the kernels read: a backward through the
+    patched model (Triton kernels) gives each of them, and every other parameter, the original's
+    gradient. Before, the stacks were plain tensors and the experts' weights got none."""
+    monkeypatch.setenv("MOECACHE_BACKEND", "triton")
+    model = tiny(family)
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(4))
+    expected = seeded(parameter_grads, model, ids)
+    moecache.patch(model)
+    got = seeded(parameter_grads, model, ids)
+    assert got.keys() == expected.keys() and any(".deepspeed_experts." in name for name in got)
+    for name in expected:
+        assert_close(got[name], expected[name], torch.float32, name=f"grad {name}")
     moecache.unpatch(model)
 
 

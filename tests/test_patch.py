@@ -7,7 +7,7 @@ import torch
 import moecache
 from moecache import Offload
 from moecache.layers import MoecacheExperts
-from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot
+from moecache.testing import assert_close, assert_model_restored, greedy, model_logits, model_snapshot, parameter_grads
 
 import builders
 from remote_code import VL2LanguageModel
@@ -157,6 +157,29 @@ def test_router_logits_and_aux_loss_still_work():
         out = model(ids, output_router_logits=True)
     assert len(out.router_logits) == len(ref.router_logits)
     assert_close(out.aux_loss, ref.aux_loss, torch.float32)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v2-greedy"])
+def test_gradients_through_a_patched_model_match_the_original(family, monkeypatch):
+    """Fine-tuning a patched model (the Triton kernels; the interpreter on CPU): every parameter gets the
+    gradient the original model gives, the router and the experts included. Offloaded, the forward
+    under autograd still matches and the backward refuses clearly (the experts live in cache slots)."""
+    monkeypatch.setenv("MOECACHE_BACKEND", "triton")
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    expected = parameter_grads(model, ids)
+    moecache.patch(model)
+    got = parameter_grads(model, ids)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], torch.float32, name=f"grad {name}")
+    ref = logits(model, ids)
+    moecache.patch(moecache.unpatch(model), offload=Offload(gpu_experts=0.5))
+    loss = model(ids, labels=ids, use_cache=False)
+    assert_close(loss.logits.detach(), ref, torch.float32)
+    with pytest.raises(RuntimeError, match="no gradients through an expert_map"):
+        loss.loss.backward()
+    moecache.unpatch(model)
 
 
 def test_model_without_moe_layers_gets_a_clear_message(caplog):

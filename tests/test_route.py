@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from moecache import ops
+from moecache.testing import assert_close
+
+from builders import DEVICE
 
 BACKENDS = ["torch", "triton"]
 
@@ -168,3 +171,23 @@ def test_route_argument_types_are_checked(backend):
                       (dict(top_k=2, n_group=2, topk_group=0), "topk_group")):
         with pytest.raises(ValueError, match=match):
             ops.route(logits, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(scoring="sigmoid", renormalize=False, scaling=2.5),
+                                     dict(scaling=16.0, n_group=4, topk_group=2)],
+                         ids=["softmax-renormalized", "sigmoid-scaled", "grouped"])
+def test_route_backward_gives_the_logits_the_gradient_of_the_chosen_weights(options):
+    """The chosen experts' weights are differentiable in the logits (the choice is not): with softmax
+    scores renormalised over the chosen ones they are a softmax over the chosen logits; sigmoid scores
+    without renormalisation are the chosen logits' sigmoids."""
+    T, E, K = 7, 8, 3
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(T, E, generator=g).to(DEVICE).requires_grad_(True)
+    grad_w = torch.randn(T, K, generator=g).to(DEVICE)
+    weights, ids = ops.route(logits, K, backend="triton", **options)
+    (weights * grad_w).sum().backward()
+    expected_logits = logits.detach().clone().requires_grad_(True)
+    chosen = expected_logits.gather(1, ids.long())
+    scores = chosen.sigmoid() if options.get("scoring") == "sigmoid" else chosen.softmax(-1)
+    (scores * options.get("scaling", 1.0) * grad_w).sum().backward()
+    assert_close(logits.grad, expected_logits.grad, torch.float32)

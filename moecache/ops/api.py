@@ -13,7 +13,14 @@ import math
 import torch
 
 from .._env import backend_override, moe_config_path, validate_values
-from .reference import ACTIVATIONS, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
+from .reference import (
+    ACTIVATIONS,
+    SWIGLU_OAI_ALPHA,
+    SWIGLU_OAI_LIMIT,
+    fused_moe_reference,
+    route_reference,
+    route_weights_reference,
+)
 
 NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -223,6 +230,26 @@ def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int
                           torch.library.wrap_triton)
 
 
+def _route_setup_context(ctx, inputs, output):
+    router_logits, _, _, sigmoid, renormalize, _, _, scaling = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.options = dict(scoring="sigmoid" if sigmoid else "softmax", renormalize=renormalize, scaling=scaling)
+
+
+def _route_backward(ctx, grad_weights, _grad_ids):
+    """The chosen experts' weights as functions of the logits (the choice itself has no gradient),
+    differentiated through route_weights_reference."""
+    router_logits, ids = ctx.saved_tensors
+    with torch.enable_grad():
+        logits = router_logits.detach().requires_grad_(True)
+        weights = route_weights_reference(logits, ids, **ctx.options)
+        (grad_logits,) = torch.autograd.grad(weights, logits, grad_weights)
+    return grad_logits, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("moecache::route", _route_backward, setup_context=_route_setup_context)
+
+
 # ------------------------------------------------------------------ fused_moe
 def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                           host_w_gate_up, host_w_down, b_gate_up, b_down, gated=True, gate_up_interleaved=False,
@@ -345,7 +372,9 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
             the kernels clamp ids and slots either way, so a wrong one gives a wrong row, never a read
             outside the weights.
     Returns:
-        [T, H] in hidden_states' dtype.
+        [T, H] in hidden_states' dtype. Differentiable in hidden_states, topk_weights, the weights and the
+        biases (the backward recomputes the layer through fused_moe_reference), except through an
+        expert_map, whose backward raises.
 
     Example:
         >>> w, ids = route(x @ router.T, 6)
@@ -361,12 +390,26 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         # Nothing to compute: no tokens, no hidden units, or zero-width experts (whose output is zeros).
         result = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
         return result if out is None else out.copy_(result)
-    if resolve_backend(backend, hidden_states.device) == "torch":
+    use_torch = resolve_backend(backend, hidden_states.device) == "torch"
+    differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    if needs_grad and (expert_map is not None or not use_torch):
+        result = _FusedMoeFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down,
+                                         expert_map, host_w_gate_up, host_w_down,
+                                         (activation, gate_up_interleaved, gated, use_torch))
+        return result if out is None else out.copy_(result)
+    if use_torch:
         result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
                                      b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
                                      gated=gated)
         return result if out is None else out.copy_(result)
+    return _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                             host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
+
+
+def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                      host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out):
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     # The kernels index [T, K] routing tensors as contiguous rows (slices of wider ones get copied) and
@@ -382,6 +425,57 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     else:
         torch.ops.moecache.fused_moe(*args)
     return out
+
+
+class _FusedMoeFunction(torch.autograd.Function):
+    """fused_moe where autograd needs a backward: the forward runs the kernels (or, on the torch backend,
+    the reference) as without autograd; the backward recomputes the layer through fused_moe_reference
+    with autograd (PyTorch ops, one expert at a time: no Triton backward kernels), so gradients reach the
+    hidden states, the top-k weights (the router), the expert weights and the biases that need them.
+
+    With an expert_map the weights are the slots of an expert cache, which later calls may refill
+    before the backward runs (copies that autograd's version counters do not see), so the backward
+    raises rather than differentiate through whatever the slots then hold.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map,
+                host_w_gate_up, host_w_down, options):
+        activation, gate_up_interleaved, gated, use_torch = options
+        ctx.options = options
+        ctx.through_map = expert_map is not None
+        if not ctx.through_map:
+            ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down)
+        if use_torch:
+            return fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
+                                       expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
+                                       b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
+                                       gated=gated)
+        return _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                                 host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.through_map:
+            raise RuntimeError("fused_moe has no gradients through an expert_map (experts served from an expert "
+                               "cache's slots, which may have been refilled since the forward): run the forward "
+                               "under torch.no_grad() or torch.inference_mode(), or keep the experts resident (no "
+                               "offload) to train through them")
+        activation, gate_up_interleaved, gated, _ = ctx.options
+        saved = ctx.saved_tensors
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:7]) if needed]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(i in wanted) if t is not None and t.is_floating_point() else t
+                      for i, t in enumerate(saved)]
+            x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down = inputs
+            recomputed = fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
+                                             b_gate_up=b_gate_up, b_down=b_down,
+                                             gate_up_interleaved=gate_up_interleaved, gated=gated)
+            grads = torch.autograd.grad(recomputed, [inputs[i] for i in wanted], grad_out, allow_unused=True)
+        result = [None] * 11
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
 
 
 def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,

@@ -161,6 +161,31 @@ def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
     return _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, torch.library.wrap_triton)
 
 
+def _mla_decode_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.scale = inputs[5]
+
+
+def _mla_decode_backward(ctx, grad_out, grad_lse):
+    """Gradients for the queries and the cache (the pages read), differentiated through
+    mla_decode_reference (PyTorch ops, recomputed: no Triton backward kernels)."""
+    q_latent, q_rope, kv_cache, block_table, seq_lens = ctx.saved_tensors
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(i in wanted) for i, t in enumerate((q_latent, q_rope, kv_cache))]
+        out, lse = mla_decode_reference(*inputs, block_table, seq_lens, scale=ctx.scale, return_lse=True)
+        pairs = [(o, g) for o, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    allow_unused=True)
+    result = [None] * 6
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
+torch.library.register_autograd("moecache::mla_decode", _mla_decode_backward, setup_context=_mla_decode_setup_context)
+
+
 def _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, launcher):
     from moecache.kernels.mla_decode import mla_decode_launch
 

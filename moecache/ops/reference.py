@@ -46,11 +46,20 @@ def route_reference(
         expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     ids = _topk_lowest_index_first(choice, top_k)
-    weights = scores.gather(1, ids)
+    return route_weights_reference(router_logits, ids, scoring=scoring, renormalize=renormalize,
+                                   scaling=scaling), ids.to(torch.int32)
+
+
+def route_weights_reference(router_logits: torch.Tensor, ids: torch.Tensor, *, scoring: str = "softmax",
+                            renormalize: bool = True, scaling: float = 1.0) -> torch.Tensor:
+    """The fp32 [T, K] weights of the experts `ids` [T, K] picked from [T, E] logits (the selection, with
+    its bias and groups, is route_reference's): unbiased scores, renormalised if asked, times `scaling`."""
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    weights = scores.gather(1, ids.long())
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    weights = weights * scaling
-    return weights.float(), ids.to(torch.int32)
+    return weights * scaling
 
 def _topk_lowest_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values per row, ties to the lower index (torch.topk's CUDA order;

@@ -112,13 +112,24 @@ class StackedExperts:
         self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._weights
+        """The stacks; where autograd records, ones whose gradients reach the layers' weights."""
+        return self._tracked(self._weights, self.weight_params())
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self._biases
+        return None if self._biases is None else self._tracked(self._biases, self.bias_params())
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for e in range(len(self.experts)) for p in self._params(e)]
+
+    def bias_params(self) -> list[nn.Parameter]:
+        return [layer.bias for e in range(len(self.experts)) for layer in (*self._linears(e)[0], self._linears(e)[1])]
+
+    @staticmethod
+    def _tracked(stacks: tuple[torch.Tensor, torch.Tensor], params: list[nn.Parameter]):
+        # The stacks are plain tensors the parameters view (shared storage, not autograd's views).
+        if stacks is None or not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return stacks
+        return _StackOfParameters.apply(stacks, *params)
 
     def _params(self, e: int) -> list[nn.Parameter]:
         rows, d = self._linears(e)
@@ -167,3 +178,26 @@ class StackedExperts:
         for param in self.weight_params():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self._weights = None
+
+
+class _StackOfParameters(torch.autograd.Function):
+    """The two stacks (gate_up and down, or their biases) as functions of the parameters that view them,
+    without a copy: the backward gives each parameter its slice of the stacks' gradients. The parameters
+    come in the stacks' own order (per expert: its row layers, then its down layer)."""
+
+    @staticmethod
+    def forward(ctx, stacks, *params):
+        first, second = stacks
+        per_expert = len(params) // first.shape[0]
+        ctx.rows = first.shape[1] // (per_expert - 1)
+        ctx.per_expert = per_expert
+        return first.detach(), second.detach()
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_second):
+        grads = []
+        for e in range(grad_first.shape[0] if grad_first is not None else grad_second.shape[0]):
+            for i in range(ctx.per_expert - 1):
+                grads.append(None if grad_first is None else grad_first[e, i * ctx.rows:(i + 1) * ctx.rows])
+            grads.append(None if grad_second is None else grad_second[e])
+        return (None, *grads)
