@@ -526,6 +526,13 @@ def test_degenerate_widths(H, I):
     w, ids = route_reference(torch.randn(T, E, device=DEVICE), K)
     out = run_triton(x, wgu, wd, w, ids)
     assert out.shape == (T, H) and torch.equal(out, fused_moe_reference(x, wgu, wd, w, ids))
+    if I == 0:
+        # Regression: zero-width experts with a down bias gave zeros; each expert's output is its bias.
+        b_gate_up, b_down = torch.randn(E, 0, device=DEVICE), torch.randn(E, H, device=DEVICE)
+        expected = (w.unsqueeze(-1) * b_down[ids.long()]).sum(1)
+        for backend in ("triton", "torch"):
+            got = ops.fused_moe(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down, backend=backend)
+            assert_close(got, expected, torch.float32)
 
 
 def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
@@ -710,17 +717,38 @@ def test_backward_reaches_the_hidden_states_router_weights_and_biases(T, layout)
         assert_close(got, want, torch.float32, name=f"grad {name}")
 
 
-def test_backward_into_an_out_buffer_and_only_where_asked():
+def test_backward_into_an_out_buffer():
+    x, w_gate_up, w_down, weights, ids = random_layer(4, 24, 16, 5, 2, torch.float32)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w_down)]
+    out = poisoned(x.shape, x.dtype, x.device)
+    result = ops.fused_moe(leaves[0], w_gate_up, leaves[1], weights, ids, out=out, backend="triton")
+    assert result is out and out.grad_fn is not None
+    (out * grad_out).sum().backward()
+    expected = [t.clone().requires_grad_(True) for t in (x, w_down)]
+    (_moe_token_by_token(expected[0], w_gate_up, expected[1], weights, ids, torch.zeros(5, 32, device=DEVICE),
+                         torch.zeros(5, 24, device=DEVICE), False, True) * grad_out).sum().backward()
+    for name, got, want in zip(("x", "w_down"), leaves, expected):
+        assert_close(got.grad, want.grad, torch.float32, name=f"grad {name}")
+
+
+def test_second_derivatives_are_refused_clearly():
+    """The ops' backwards are not recorded: create_graph=True through them raises, rather than giving
+    their gradients as constants."""
+    from test_mla_decode import make_case, op_args
+
     x, w_gate_up, w_down, weights, ids = random_layer(4, 24, 16, 5, 2, torch.float32)
     x.requires_grad_(True)
-    out = poisoned(x.shape, x.dtype, x.device)
-    result = ops.fused_moe(x, w_gate_up, w_down, weights, ids, out=out, backend="triton")
-    assert result is out and out.grad_fn is not None
-    out.sum().backward()
-    x_ref = x.detach().clone().requires_grad_(True)
-    fused_moe_reference(x_ref, w_gate_up, w_down, weights, ids).sum().backward()
-    assert_close(x.grad, x_ref.grad, torch.float32)
-    assert w_gate_up.grad is None and w_down.grad is None
+    with pytest.raises(RuntimeError, match="fused_moe: no second derivatives"):
+        torch.autograd.grad(ops.fused_moe(x, w_gate_up, w_down, weights, ids, backend="triton").sum(), x,
+                            create_graph=True)
+    logits = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="route: no second derivatives"):
+        torch.autograd.grad(ops.route(logits, 2, backend="triton")[0].sum(), logits, create_graph=True)
+    args = op_args(make_case([5, 20], 4, block_size=16))
+    args["q_latent"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="mla_decode: no second derivatives"):
+        torch.autograd.grad(ops.mla_decode(**args, backend="triton").sum(), args["q_latent"], create_graph=True)
 
 
 def test_backward_through_an_expert_map_is_refused_clearly():

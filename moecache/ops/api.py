@@ -236,9 +236,18 @@ def _route_setup_context(ctx, inputs, output):
     ctx.options = dict(scoring="sigmoid" if sigmoid else "softmax", renormalize=renormalize, scaling=scaling)
 
 
+def refuse_double_backward(op: str) -> None:
+    """Backwards of the custom ops are computed once, not recorded: a backward that builds a graph
+    (create_graph=True) would get constants for the op's gradients."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: no second derivatives (its backward is not differentiable); "
+                           "create_graph=True is not supported through it")
+
+
 def _route_backward(ctx, grad_weights, _grad_ids):
     """The chosen experts' weights as functions of the logits (the choice itself has no gradient),
     differentiated through route_weights_reference."""
+    refuse_double_backward("route")
     router_logits, ids = ctx.saved_tensors
     with torch.enable_grad():
         logits = router_logits.detach().requires_grad_(True)
@@ -386,11 +395,12 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
                f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
         _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
-    if hidden_states.shape[1] == 0 or w_down.shape[2] == 0 or hidden_states.shape[0] == 0:
-        # Nothing to compute: no tokens, no hidden units, or zero-width experts (whose output is zeros).
+    if hidden_states.shape[1] == 0 or hidden_states.shape[0] == 0:
+        # Nothing to compute: no tokens or no hidden units.
         result = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
         return result if out is None else out.copy_(result)
-    use_torch = resolve_backend(backend, hidden_states.device) == "torch"
+    # Zero-width experts output their down bias (zeros without one): nothing for the kernels to do.
+    use_torch = resolve_backend(backend, hidden_states.device) == "torch" or w_down.shape[2] == 0
     differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if needs_grad and (expert_map is not None or not use_torch):
@@ -456,6 +466,7 @@ class _FusedMoeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("fused_moe")
         if ctx.through_map:
             raise RuntimeError("fused_moe has no gradients through an expert_map (experts served from an expert "
                                "cache's slots, which may have been refilled since the forward): run the forward "

@@ -17,6 +17,7 @@ from .api import (
     _value_checks_allowed,
     device_arch,
     eager_inference,
+    refuse_double_backward,
     resolve_backend,
     run_direct,
     sm_count,
@@ -169,6 +170,7 @@ def _mla_decode_setup_context(ctx, inputs, output):
 def _mla_decode_backward(ctx, grad_out, grad_lse):
     """Gradients for the queries and the cache (the pages read), differentiated through
     mla_decode_reference (PyTorch ops, recomputed: no Triton backward kernels)."""
+    refuse_double_backward("mla_decode")
     q_latent, q_rope, kv_cache, block_table, seq_lens = ctx.saved_tensors
     wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
     with torch.enable_grad():

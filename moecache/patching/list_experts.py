@@ -112,11 +112,16 @@ class StackedExperts:
         self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stacks; where autograd records, ones whose gradients reach the layers' weights."""
+        """The stacks; where autograd records, ones whose gradients reach the layers' weights (every
+        expert's, zeros for an expert no token chose, as fused-experts models give)."""
+        if self._weights is None or not torch.is_grad_enabled():
+            return self._weights
         return self._tracked(self._weights, self.weight_params())
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self._biases is None else self._tracked(self._biases, self.bias_params())
+        if self._biases is None or not torch.is_grad_enabled():
+            return self._biases
+        return self._tracked(self._biases, self.bias_params())
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for e in range(len(self.experts)) for p in self._params(e)]
@@ -127,7 +132,7 @@ class StackedExperts:
     @staticmethod
     def _tracked(stacks: tuple[torch.Tensor, torch.Tensor], params: list[nn.Parameter]):
         # The stacks are plain tensors the parameters view (shared storage, not autograd's views).
-        if stacks is None or not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if not any(p.requires_grad for p in params):
             return stacks
         return _StackOfParameters.apply(stacks, *params)
 
