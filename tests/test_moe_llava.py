@@ -171,6 +171,29 @@ def test_gradients_reach_each_expert_mlp_of_a_patched_model(family, monkeypatch)
     moecache.unpatch(model)
 
 
+def test_converting_a_patched_model_restacks_its_experts():
+    """model.half() after patch gives every expert parameter new storage: the stacks the kernels read
+    follow (before, a forward failed on the old fp32 stacks, and a conversion keeping the dtype would
+    have left the layers computing with stale weights). Back to fp32, the model matches the unpatched one
+    converted the same way, and unpatch gives its weights back."""
+    model, plain = tiny("moe-llava-qwen"), tiny("moe-llava-qwen")
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    moecache.patch(model)
+    model.half()
+    plain.half()
+    assert_close(seeded(model_logits, model, ids), seeded(model_logits, plain, ids), torch.float16)
+    from moecache import patching
+
+    stacked = [r.new.stacked for r in getattr(model, patching._STATE).replaced]
+    assert len(stacked) == 2 and all(s.weights()[0].dtype == torch.float16 and s.is_current() for s in stacked)
+    model.float()
+    plain.float()
+    assert_close(seeded(model_logits, model, ids), seeded(model_logits, plain, ids), torch.float32)
+    before = model_snapshot(plain)
+    moecache.unpatch(model)
+    assert_model_restored(model, before)
+
+
 def test_moe_llava_patch_in_half_precision_on_cpu_uses_the_reference_path():
     model = tiny("moe-llava-stablelm").half()
     ids = torch.randint(3, 256, (1, 9))

@@ -86,6 +86,7 @@ class StackedExperts:
         return [getattr(m, n) for n in self.names.rows], getattr(m, self.names.down)
 
     def stack(self) -> None:
+        self._weights = self._biases = None  # a stack the layers no longer view is freed before the new one
         rows0, down0 = self._linears(0)
         inter, hidden = rows0[0].weight.shape
         E, R = len(self.experts), inter * len(rows0)
@@ -110,18 +111,29 @@ class StackedExperts:
         for t in (gate_up, down, b_gate_up, b_down):  # compiled graphs read them like parameters: never copy
             mark_static_address(t)
         self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
+        self._first = rows0[0].weight
+        self._first_address = self._first.data_ptr()
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacks; where autograd records, ones whose gradients reach the layers' weights (every
         expert's, zeros for an expert no token chose, as fused-experts models give)."""
+        self._follow_conversions()
         if self._weights is None or not torch.is_grad_enabled():
             return self._weights
         return self._tracked(self._weights, self.weight_params())
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._follow_conversions()
         if self._biases is None or not torch.is_grad_enabled():
             return self._biases
         return self._tracked(self._biases, self.bias_params())
+
+    def _follow_conversions(self) -> None:
+        """model.half(), .to(device) and the like give each parameter new storage in place of its view of
+        the stack: the layers' weights (and biases) are stacked again, in their new dtype and device."""
+        if self._weights is not None and not torch.compiler.is_compiling() \
+                and self._first.data_ptr() != self._first_address:
+            self.stack()
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for e in range(len(self.experts)) for p in self._params(e)]
