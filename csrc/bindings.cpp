@@ -144,7 +144,7 @@ PYBIND11_MODULE(_C, m) {
       .def("prefetch", &CacheCore::prefetch, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("ensure", &CacheCore::ensure, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("count") = true, py::call_guard<py::gil_scoped_release>())
       .def("release", &CacheCore::release, py::arg("lease"), py::call_guard<py::gil_scoped_release>())
       .def("leases_held", &CacheCore::leases_held)
       .def("record_use", &CacheCore::record_use, py::arg("layer"), py::arg("experts"),

@@ -185,7 +185,7 @@ int CacheCore::prefetch(int layer, const std::vector<int>& experts, std::uintptr
 }
 
 std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const std::vector<int>& experts,
-                                                               std::uintptr_t compute_stream) {
+                                                               std::uintptr_t compute_stream, bool count) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
   engine_->check_not_capturing(compute_stream);
@@ -196,20 +196,22 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const st
   const std::vector<int> wanted = unique_sorted(experts);
   for (int e : wanted) {
     Expert& ex = state(layer, e);
-    stats_.requests += 1;
     ex.last_use = clock_;
-    ex.uses += 1;
+    if (count) {
+      stats_.requests += 1;
+      ex.uses += 1;
+    }
     if (ex.slot < 0) {
       missing.push_back(e);
       continue;
     }
     Slot& slot = slots_[ex.slot];
-    stats_.hits += 1;
-    stats_.layer_hits[layer] += 1;
-    if (slot.prefetched_unused) {
-      stats_.prefetch_hits += 1;
-      slot.prefetched_unused = false;
+    if (count) {
+      stats_.hits += 1;
+      stats_.layer_hits[layer] += 1;
+      if (slot.prefetched_unused) stats_.prefetch_hits += 1;
     }
+    slot.prefetched_unused = false;
     slot.leases += 1;
     slot.claimed = call_;
     protected_slots.push_back(ex.slot);
@@ -217,8 +219,10 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const st
   }
   Plan plan;
   for (int e : missing) {
-    stats_.misses += 1;
-    stats_.layer_misses[layer] += 1;
+    if (count) {
+      stats_.misses += 1;
+      stats_.layer_misses[layer] += 1;
+    }
     const int s = choose_victim(/*for_prefetch=*/false, 0.f);
     if (s < 0) continue;  // pool exhausted by protected slots: the caller runs this expert in a later round
     assign(s, layer, e, plan);

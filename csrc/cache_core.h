@@ -55,9 +55,11 @@ class CacheCore {
   // Makes the listed experts resident for work enqueued next on compute_stream, which waits only on
   // the copies it needs. Returns a lease and each expert's slot, or -1 where the pool had no evictable
   // slot left (the caller works in rounds). The slots stay protected until release(lease): leases,
-  // not layers, so threads running the same layer never release each other's slots.
+  // not layers, so threads running the same layer never release each other's slots. count = false: the
+  // experts were already counted as requests (a later round of the same layer call), so the statistics
+  // and the usage counts the policies read stay one per expert and call.
   std::pair<std::uint64_t, std::vector<int>> ensure(int layer, const std::vector<int>& experts,
-                                                    std::uintptr_t compute_stream);
+                                                    std::uintptr_t compute_stream, bool count = true);
   void release(std::uint64_t lease);
   std::size_t leases_held();
   // Waits until some lease is released (or timeout_ms passes); true if one was.

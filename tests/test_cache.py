@@ -125,18 +125,24 @@ def test_an_expert_in_use_is_never_evicted_even_with_a_tiny_pool():
 @pytest.mark.parametrize("slots,T,misses", [(2, 6, "copy"), (3, 19, "copy"), (4, 3, "in_place"), (40, 19, "copy")],
                          ids=["rounds-decode", "rounds-grouped", "in-place", "roomy"])
 def test_layer_output_matches_reference(slots, T, misses, backend):
-    """A pool smaller than the layer's active experts works in rounds; in place reads the host copy."""
+    """A pool smaller than the layer's active experts works in rounds; in place reads the host copy.
+    Each expert a layer call routes to is one request, however many rounds it takes (regression: every
+    round counted its experts again, as requests and misses, and as uses for LFU)."""
     L, E, H, I, K = 2, 8, 40, 24, 3
     layers = random_layers(L, E, H, I)
+    routed = 0
     with ExpertCache(layers, num_slots=slots) as cache:
         for layer in range(L):
             x = torch.randn(T, H)
             w, ids = route_reference(torch.randn(T, E), K)
             assert len(torch.unique(ids)) > min(slots, E - 1) or slots == 40
+            routed += len(torch.unique(ids))
             out = cache.moe(layer, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend)
             assert_close(out.cpu(), fused_moe_reference(x, *layers[layer], w, ids), torch.float32)
         s = cache.stats()
-        assert s["hits"] + s["misses"] == s["requests"] > 0
+        assert s["hits"] + s["misses"] == s["requests"] == routed
+        if misses == "copy":  # an empty pool, and each layer's experts new to it
+            assert s["misses"] == routed and s["bytes_copied"] == routed * cache.record_bytes
         if misses == "in_place":
             assert s["in_place_reads"] == s["misses"] > 0 and s["bytes_copied"] == 0
 

@@ -262,9 +262,13 @@ class ExpertCache:
         copies it needs. The lease's `slots` give each expert's slot (-1: no evictable slot was left);
         the slots are protected from eviction until the lease is released (`with` releases it)."""
         with self._in_use():
-            self._check_not_capturing()
-            lease, slots = self._core.ensure(layer, self._ids(experts), self._stream())
-            return Lease(self, lease, slots)
+            return self._ensure(layer, experts)
+
+    def _ensure(self, layer: int, experts, count: bool = True) -> "Lease":
+        # count=False: a later round of one layer call asks again for experts it already counted.
+        self._check_not_capturing()
+        lease, slots = self._core.ensure(layer, self._ids(experts), self._stream(), count)
+        return Lease(self, lease, slots)
 
     def release(self, lease: "Lease") -> None:
         """End a lease: its slots may be evicted again (copies into them still wait for the work enqueued
@@ -416,7 +420,7 @@ class ExpertCache:
                     raise RuntimeError(f"expert cache: no slot of {self.num_slots} can be evicted for layer {layer} "
                                        f"(all kept resident, or leased for over {LEASE_WAIT_MS / 1e3:.0f} s); "
                                        "allow_eviction or use more slots")
-                lease = self.ensure(layer, remaining)
+                lease = self._ensure(layer, remaining, count=False)
                 continue
             with lease:
                 filler = next(iter(resident.values()))
@@ -429,7 +433,7 @@ class ExpertCache:
             remaining = [e for e in remaining if e not in resident]
             if not remaining:
                 return out.to(x.dtype)
-            lease = self.ensure(layer, remaining)
+            lease = self._ensure(layer, remaining, count=False)
 
     # ------------------------------------------------------------------ lifetime
     def close(self, *, owner: str | None = None) -> None:
