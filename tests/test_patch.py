@@ -97,6 +97,23 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
     assert moecache.stats(model)["patched"] is False
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_temporal_prefetch_reaches_every_layer_after_the_first(policy, monkeypatch):
+    """lru/lfu prefetch, after each layer, what the next layer used on the previous step. Regression: the
+    last layer never kept what it used, so the layer before it never prefetched (with two MoE layers,
+    nothing was ever prefetched)."""
+    model = build("mixtral")
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy=policy))
+    cache = moecache.expert_cache(model)
+    targets = []
+    real = cache.prefetch
+    monkeypatch.setattr(cache, "prefetch", lambda layer, experts: (targets.append(layer), real(layer, experts))[1])
+    steps = 6
+    generate(model, torch.randint(3, 96, (1, 5)), n=steps)
+    assert sorted(set(targets)) == [1, 2] and targets.count(2) == steps - 1
+    moecache.unpatch(model)
+
+
 def test_triton_kernels_in_a_patched_model(monkeypatch):
     """The same model through the Triton kernels (the interpreter on CPU), not the torch reference."""
     model = build("qwen2_moe")

@@ -92,14 +92,15 @@ class OffloadedExperts:
         # The ids are the model's own top-k: no value checks (their host sync) on them.
         out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, activation=activation,
                         before_compute=predict, validate=False, **biases)
-        if self.prefetch_next and self.next is not None:
+        if self.prefetch_next:
             self._prefetch_next_layer(top_k_index)
         return out
 
     def _prefetch_next_layer(self, top_k_index: torch.Tensor) -> None:
-        """Temporal locality: the next layer will likely route to what it routed to on the previous step."""
+        """Temporal locality: the next layer will likely route to what it routed to on the previous step.
+        Every layer, the last one too, keeps what it used for the layer before it to prefetch."""
         nxt = self.next
-        if nxt.last_experts is not None:
+        if nxt is not None and nxt.last_experts is not None:
             self.cache.prefetch(nxt.layer, nxt.last_experts)
         self.last_experts = torch.unique(top_k_index).cpu()
 
