@@ -242,6 +242,22 @@ def test_experts_spread_over_devices_are_refused_for_offload():
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, kept)
 
 
+def test_patching_an_offloaded_model_with_another_offload_is_refused():
+    """Regression: the second request was ignored without a word. The same request again changes nothing."""
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (1, 6))
+    ref = logits(model, ids)
+    first = Offload(gpu_experts=0.5, policy="lru")
+    moecache.patch(model, offload=first)
+    cache = moecache.expert_cache(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="lru"))
+    with pytest.raises(ValueError, match="already offloaded with .*policy='lru'.*unpatch it first"):
+        moecache.patch(model, offload=Offload(gpu_experts=1, policy="predictive"))
+    assert moecache.expert_cache(model) is cache and cache.policy == "lru"
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
 def test_offload_budget_forms():
     record = 3 * 64 * 32 * 4
     assert Offload(gpu_experts=0.25).slots(3, 8, record) == 6

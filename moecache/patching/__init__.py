@@ -16,7 +16,7 @@ record (what unpatch and stats need).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -64,6 +64,7 @@ class PatchState:
 
     replaced: list[Replacement] = field(default_factory=list)
     cache: ExpertCache | None = None
+    offload: Offload | None = None  # what the cache was built for
     predictor: object = None
     hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
     restack_hook: bool = False
@@ -140,6 +141,9 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
     if offload is not None:
         if not plan.experts and state is not None and state.cache is None:
             raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
+        if state is not None and state.cache is not None and offload != state.offload:
+            raise ValueError(f"moecache.patch: the model is already offloaded with {state.offload}; unpatch it "
+                             f"first to offload it with {offload}")
         if plan.experts:
             validate_offload([f for f, _ in plan.experts], offload)
 
@@ -164,6 +168,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     if offload is not None and new_experts:
         try:
             state.cache, state.predictor = offload_experts([(r.block, r.new) for r in new_experts], offload)
+            state.offload = replace(offload)  # a snapshot: the caller's object may change later
         except Exception:
             for r in new_experts:
                 if r.new.stacked is not None:
