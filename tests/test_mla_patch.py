@@ -146,6 +146,40 @@ def test_paged_layer_grows_and_reorders_beams():
         PagedLatentLayer(block_size=0)
 
 
+def test_prompt_lookup_decoding_rolls_the_latent_cache_back(monkeypatch):
+    """Prompt-lookup (and assisted) decoding rolls back rejected candidates with crop(-k). Regression: the
+    latent cache read -k as "keep k" and crop(0) as "keep none", and generated other tokens."""
+    from moecache.layers.latent_cache import PagedLatentLayer
+
+    model = _deepseek("v2")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    options = dict(max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=2)
+    with torch.no_grad():
+        ref = model.generate(ids, **options)
+    moecache.patch(model)
+    crops = []
+    real = PagedLatentLayer.crop
+    monkeypatch.setattr(PagedLatentLayer, "crop", lambda self, n: (crops.append(n), real(self, n))[1])
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **options), ref)
+    assert any(n < 0 for n in crops), "no candidate was rejected: the prompt does not test the roll-back"
+
+    L = model.config.num_hidden_layers
+    new = torch.tensor([[11, 12, 13]])
+    with torch.no_grad():
+        kept = LatentKVCache(L, block_size=4)
+        model(ids[:, :8], **{model_cache_argument(model): kept})
+        expected = model(new, **{model_cache_argument(model): kept}).logits
+        cache = LatentKVCache(L, block_size=4)
+        model(ids[:, :10], **{model_cache_argument(model): cache})
+        for length, after in ((0, 10), (-2, 8), (9, 8), (0, 8)):  # remove 2; keep 9 (older form): nothing to drop
+            cache.crop(length)
+            assert cache.get_seq_length() == after and all(int(layer.seq_lens[0]) == after for layer in cache.layers)
+        assert_close(model(new, **{model_cache_argument(model): cache}).logits, expected, torch.float32)
+        cache.crop(5)  # the older form: keep 5
+        assert cache.get_seq_length() == 5
+
+
 def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched():
     model = MODELS["v2-q_lora"]()
     moecache.patch(model, attention=False)

@@ -167,10 +167,12 @@ class PagedLatentLayer(CacheLayerMixin):
         else:
             self.positions = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, length: int) -> None:
+        """Roll back the newest tokens, as transformers' caches do: a negative `length` removes that many
+        (prompt-lookup and assisted decoding drop rejected candidates so); a positive one, the older
+        form, keeps that many; 0 changes nothing."""
         positions = int(self.positions)
-        if tokens_to_remove < 0:  # transformers passes a negative count as "keep this many"
-            tokens_to_remove = positions + tokens_to_remove
+        tokens_to_remove = -length if length < 0 else positions - length if length > 0 else 0
         if tokens_to_remove <= 0 or not self.is_initialized:
             return
         self.seq_lens.sub_(tokens_to_remove).clamp_(min=0)
