@@ -100,6 +100,26 @@ def test_left_padded_batch_matches_unpatched():
     moecache.unpatch(model)
 
 
+def test_left_padding_under_flex_attention_is_not_stored():
+    """flex_attention hands the layers a BlockMask, not a tensor. Regression: the patched layer saw no
+    padding in it, stored the padding as tokens and attended over it (relative error ~1 on real tokens)."""
+    model = _deepseek("v2", attn_implementation="flex_attention")
+    ids = torch.randint(3, 96, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref_logits = model(ids, attention_mask=mask).logits
+    moecache.patch(model)
+    with torch.no_grad():
+        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
+        out_logits = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
+    assert cache.layers[0].seq_lens.tolist() == [6, 9, 3]
+    assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
+    moecache.unpatch(model)
+
+
 def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
     monkeypatch.setenv("MOECACHE_KV_BLOCK_SIZE", "8")
     model = MODELS["v3-interleaved"]()

@@ -119,12 +119,25 @@ class MoecacheMLA(nn.Module):
 
 
 def _new_token_validity(attention_mask, B: int, S: int, offset: int) -> torch.Tensor | None:
-    """[B, S] bool: which new tokens are real (not padding), read off the mask's diagonal; None if all are."""
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+    """[B, S] bool: which new tokens are real (not padding), read off the mask's diagonal (a token masked
+    from itself is padding); None if all are. The mask: a [B, 1 or H, S, T] tensor (bool, or additive
+    float), or flex attention's BlockMask, whose mask_mod(b, h, q, kv) is evaluated on the diagonal."""
+    if attention_mask is None:
         return None
-    j = torch.arange(S, device=attention_mask.device)
-    cols = (offset + j).clamp(max=attention_mask.shape[-1] - 1)
-    diag = attention_mask[:, 0, j, cols]                                           # [B, S]
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dim() != 4:
+            return None
+        j = torch.arange(S, device=attention_mask.device)
+        cols = (offset + j).clamp(max=attention_mask.shape[-1] - 1)
+        diag = attention_mask[:, 0, j, cols]                                       # [B, S]
+    elif callable(getattr(attention_mask, "mask_mod", None)):
+        device = attention_mask.kv_num_blocks.device
+        b = torch.arange(B, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        diag = attention_mask.mask_mod(b, torch.zeros_like(b), j, offset + j).expand(B, S)
+    else:
+        raise TypeError(f"moecache's MLA attention reads padding from a 4-D tensor mask or a flex BlockMask, "
+                        f"got {type(attention_mask).__name__}")
     valid = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
     if bool(valid.all()):
         return None
