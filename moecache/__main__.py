@@ -162,6 +162,11 @@ def _demo(args) -> int:
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no CUDA device")
     model = _demo_model(args.family, on_gpu, args.layers)
+    from moecache.patching.families import find_experts
+
+    if not find_experts(model):
+        raise SystemExit(f"moecache demo: --layers {args.layers} leaves {args.family} without an MoE layer "
+                         "(its first layers are dense); ask for more layers")
     cfg = model.config
     weights = "trained weights (moecache.data)" if args.family == "trained" else "random weights"
     print(f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {weights}, "
@@ -200,7 +205,8 @@ def _demo(args) -> int:
             hits = cache["hits"] - stats_before.get("hits", 0)
             hit = f"  expert hit rate {hits / max(req, 1):6.1%}"
         if model_stats.get("prediction"):
-            hit += f"  next-layer recall {model_stats['prediction']['by_depth'][1]['recall']:6.1%}"
+            recall = model_stats["prediction"]["by_depth"][1]["recall"]
+            hit += f"  next-layer recall {recall:6.1%}" if recall is not None else "  next-layer recall    n/a"
         mem = f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if on_gpu else ""
         kv = _kv_bytes_per_token(output_cache(result), out.shape[0] * (out.shape[1] - 1))
         print(f"  {label:<28} {new.numel() / seconds:8.1f} tokens/s  weights on {device.type} "

@@ -80,3 +80,17 @@ def test_info_says_when_compiled_kernels_cannot_run():
 
     if not torch.cuda.is_available():
         assert "cannot run" in proc.stdout
+
+
+def test_demo_without_an_moe_layer_says_so():
+    """DeepSeek-V2's first layer is dense: one layer leaves nothing to patch (regression: a traceback)."""
+    proc = _run("demo", "--family", "deepseek_v2", "--layers", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--layers 1 leaves deepseek_v2 without an MoE layer" in proc.stderr
+
+
+def test_demo_with_one_moe_layer_has_no_next_layer_to_predict():
+    """Regression: the recall of predictions never made printed as 0.0%."""
+    proc = _run("demo", "--family", "mixtral", "--layers", "1", "--new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "next-layer recall    n/a" in proc.stdout

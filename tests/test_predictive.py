@@ -257,6 +257,13 @@ def test_offload_with_a_learned_predictor(tmp_path):
         moecache.patch(model, offload=Offload(policy="lru", predictor=str(path)))
     with pytest.raises(ValueError, match="no such file"):
         moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "missing.pt")))
+    (tmp_path / "garbage.pt").write_bytes(b"not a predictor")
+    with pytest.raises(ValueError, match="garbage.pt' is not a route predictor saved by LearnedRoutePredictor"):
+        moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "garbage.pt")))
+    torch.save({"hidden": 64}, tmp_path / "other.pt")  # readable, but not a predictor's contents
+    with pytest.raises(ValueError, match="other.pt' is not a route predictor"):
+        moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "other.pt")))
+    assert not moecache.stats(model)["patched"]
     moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", predictor=str(path)))
     assert moecache.patched_experts(model)[0].provider.predictor.learned is not None
     with torch.no_grad():

@@ -39,9 +39,16 @@ class LearnedRoutePredictor(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu") -> "LearnedRoutePredictor":
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        model = cls(blob["hidden"], blob["num_experts"], [tuple(t) for t in blob["targets"]], blob["width"])
-        model.load_state_dict(blob["state"])
+        """A predictor `save` wrote (bench/train_predictor.py); anything else is a ValueError naming the file."""
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+            model = cls(blob["hidden"], blob["num_experts"], [tuple(t) for t in blob["targets"]], blob["width"])
+            model.load_state_dict(blob["state"])
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise ValueError(f"{str(path)!r} is not a route predictor saved by LearnedRoutePredictor.save "
+                             f"(bench/train_predictor.py writes one): {type(err).__name__}: {err}") from err
         return model.to(device).eval()
 
 

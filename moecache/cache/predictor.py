@@ -126,6 +126,7 @@ class LookaheadPredictor:
             actual = sum(p["actual"] for p in rows)
             predicted = sum(p["predicted"] for p in rows)
             correct = sum(p["correct"] for p in rows)
-            total[d] = {"recall": correct / actual if actual else 0.0,
-                        "precision": correct / predicted if predicted else 0.0}
+            # None where nothing was scored at this depth (a model with one MoE layer has no next one).
+            total[d] = {"recall": correct / actual if actual else None,
+                        "precision": correct / predicted if predicted else None}
         return {"depth": self.depth, "per_layer": per, "by_depth": total, "predictor_seconds": self.seconds}
