@@ -200,6 +200,15 @@ def test_prompt_lookup_decoding_rolls_the_latent_cache_back(monkeypatch):
         assert cache.get_seq_length() == 5
 
 
+def test_a_latent_cache_with_too_few_layers_is_a_clear_error():
+    model = _deepseek("v2")
+    moecache.patch(model)
+    short = LatentKVCache(model.config.num_hidden_layers - 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="LatentKVCache has 2 layers but this is attention layer 2"):
+        model(torch.randint(3, 96, (1, 5)), **{model_cache_argument(model): short})
+    moecache.unpatch(model)
+
+
 def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched():
     model = MODELS["v2-q_lora"]()
     moecache.patch(model, attention=False)

@@ -57,6 +57,9 @@ class MoecacheMLA(nn.Module):
             if not torch.compiler.is_compiling():
                 self.calls["original"] += 1
             return self.original(hidden_states, *args, **kwargs)
+        if self.layer_idx >= len(cache.layers):
+            raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
+                             f"{self.layer_idx}: build it with the model's num_hidden_layers")
         layer = cache.layers[self.layer_idx]
         B, S, _ = hidden_states.shape
         R, P, Dn = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
