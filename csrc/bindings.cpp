@@ -151,7 +151,8 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("use_in_place", &CacheCore::use_in_place, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
            py::call_guard<py::gil_scoped_release>())
-      .def("wait_for_release", &CacheCore::wait_for_release, py::arg("timeout_ms"),
+      .def("releases", &CacheCore::releases)
+      .def("wait_for_release", &CacheCore::wait_for_release, py::arg("timeout_ms"), py::arg("since"),
            py::call_guard<py::gil_scoped_release>())
       .def("_inject_copy_failures", &CacheCore::inject_copy_failures, py::arg("count"),
            "Tests: the next `count` copy batches fail midway (the cache must stay consistent).")

@@ -25,11 +25,11 @@ CacheCore::CacheCore(std::shared_ptr<HostStore> store, int num_layers, int num_e
   if (num_experts <= 0) throw std::invalid_argument("num_experts must be positive, got " + std::to_string(num_experts));
   if (num_slots <= 0) throw std::invalid_argument("num_slots must be positive, got " + std::to_string(num_slots));
   if (record_bytes == 0) throw std::invalid_argument("record_bytes must be positive");
-  const std::size_t needed = static_cast<std::size_t>(num_layers) * num_experts * record_bytes;
-  if (store_->bytes() < needed) {
-    throw std::invalid_argument("store holds " + std::to_string(store_->bytes()) + " bytes; " +
+  const std::size_t records = static_cast<std::size_t>(num_layers) * static_cast<std::size_t>(num_experts);
+  if (record_bytes > store_->bytes() / records) {  // a division: the product may not fit in size_t
+    throw std::invalid_argument("store holds " + std::to_string(store_->bytes()) + " bytes, fewer than " +
                                 std::to_string(num_layers) + " layers x " + std::to_string(num_experts) +
-                                " experts x " + std::to_string(record_bytes) + " bytes need " + std::to_string(needed));
+                                " experts x " + std::to_string(record_bytes) + " bytes");
   }
   if (slot_pool == 0) throw std::invalid_argument("slot_pool is a null pointer");
   if (expert_map == 0) throw std::invalid_argument("expert_map is a null pointer");
@@ -179,8 +179,8 @@ int CacheCore::prefetch(int layer, const std::vector<int>& experts, std::uintptr
     ex.last_use = clock_;  // so the next victim search does not take it straight back
     issued += 1;
   }
-  stats_.prefetches += issued;
   submit(plan, compute_stream);
+  stats_.prefetches += issued;  // once the batch is submitted: a failed one copied nothing
   return issued;
 }
 
@@ -250,17 +250,30 @@ void CacheCore::release(std::uint64_t lease) {
   auto it = leases_.find(lease);
   if (it == leases_.end()) throw std::invalid_argument("lease " + std::to_string(lease) + " is not held");
   for (int s : it->second) slots_[s].leases -= 1;
+  if (!it->second.empty()) releases_ += 1;  // a lease that protected nothing frees nothing to wait for
   leases_.erase(it);
   released_.notify_all();
 }
 
-bool CacheCore::wait_for_release(double timeout_ms) {
+std::uint64_t CacheCore::releases() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return releases_;
+}
+
+bool CacheCore::wait_for_release(double timeout_ms, std::uint64_t since) {
   std::unique_lock<std::mutex> lock(mu_);
   check_open();
-  const std::size_t before = leases_.size();
-  if (before == 0) return false;  // nothing held: nothing will be released
-  return released_.wait_for(lock, std::chrono::duration<double, std::milli>(timeout_ms),
-                            [&] { return engine_ == nullptr || leases_.size() < before; });
+  if (releases_ > since) return true;
+  if (leases_.empty()) return false;  // nothing held: nothing will be released
+  // A day at most: longer (or infinite) durations overflow the clock's arithmetic; NaN waits not at all.
+  const double ms = timeout_ms >= 0 ? std::min(timeout_ms, 86400e3) : 0.0;
+  return released_.wait_for(lock, std::chrono::duration<double, std::milli>(ms),
+                            [&] { return engine_ == nullptr || releases_ > since; });
+}
+
+bool CacheCore::closed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return engine_ == nullptr;
 }
 
 std::size_t CacheCore::leases_held() {
@@ -394,6 +407,7 @@ void CacheCore::reset_stats() {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
   stats_ = CacheStats{};
+  for (Slot& slot : slots_) slot.prefetched_unused = false;  // a later hit is no prefetch hit of these stats
   stats_.layer_hits.assign(num_layers_, 0);
   stats_.layer_misses.assign(num_layers_, 0);
   engine_->reset_times();

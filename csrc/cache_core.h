@@ -62,8 +62,12 @@ class CacheCore {
                                                     std::uintptr_t compute_stream, bool count = true);
   void release(std::uint64_t lease);
   std::size_t leases_held();
-  // Waits until some lease is released (or timeout_ms passes); true if one was.
-  bool wait_for_release(double timeout_ms);
+  // Releases so far of leases that protected at least one slot: read it before ensure(), then pass it to
+  // wait_for_release, so a release that lands in between is not missed.
+  std::uint64_t releases();
+  // Waits until the release count passes `since` (at once if it already has), or timeout_ms passes;
+  // true if it did, false on timeout or when no lease is held (nothing could be released).
+  bool wait_for_release(double timeout_ms, std::uint64_t since);
   // Accounting for experts the kernel uses through the map without ensure() (misses read in place).
   void record_use(int layer, const std::vector<int>& experts);
   // record_use, and a lease on the listed experts that are resident with their copy landed (nothing is
@@ -76,14 +80,14 @@ class CacheCore {
   void set_priorities(int layer, const std::vector<float>& scores);  // one score per expert
   void set_never_evict(int layer, const std::vector<int>& experts, bool never_evict);
 
-  int slot_of(int layer, int expert);  // -1 when not resident (or not yet landed)
+  int slot_of(int layer, int expert);  // -1 when not resident; assigned slots count while their copy is in flight (ready())
   bool ready(int layer, int expert);   // resident and its copy complete
   std::vector<int> resident(int layer);
   CacheStats stats();
   void reset_stats();
   void synchronize();
   void close();
-  bool closed() const { return engine_ == nullptr; }
+  bool closed();
   void inject_copy_failures(int count);  // tests: the next `count` copy batches fail midway
 
   int num_layers() const { return num_layers_; }
@@ -138,7 +142,7 @@ class CacheCore {
   std::vector<Slot> slots_;
   std::vector<Expert> experts_;
   std::unordered_map<std::uint64_t, std::vector<int>> leases_;  // lease -> slots it protects
-  std::uint64_t clock_ = 0, call_ = 0;
+  std::uint64_t clock_ = 0, call_ = 0, releases_ = 0;
   CacheStats stats_;
   std::mutex mu_;
   std::condition_variable released_;

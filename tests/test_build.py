@@ -51,6 +51,13 @@ def test_bad_arguments_raise():
     if not _C.cuda_available():
         with pytest.raises(RuntimeError, match="host store"):
             _C.HostStore(64, backend="cuda")
+    import torch
+
+    store = _C.HostStore(4096, backend="host", pin="pageable")
+    pool, expert_map = torch.zeros(4096, dtype=torch.uint8), torch.full((2, 1), -1, dtype=torch.int32)
+    # 2 x 1 x 2**63 bytes wraps to 0 in size_t: the check must not multiply (it accepted, then a copy crashed).
+    with pytest.raises(ValueError, match="store holds 4096 bytes, fewer than 2 layers x 1 experts"):
+        _C.CacheCore(store, 2, 1, 2**63, 1, pool.data_ptr(), expert_map.data_ptr(), backend="host")
 
 
 def _setup_py_env(**extra):

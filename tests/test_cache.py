@@ -187,6 +187,52 @@ def test_stats_add_up():
         assert s["evictions"] == 7 - 4
         cache.reset_stats()
         assert cache.stats()["requests"] == 0
+        cache.prefetch(0, [7])
+        cache.synchronize()
+        cache.reset_stats()
+        cache.ensure(0, [7]).release()  # the prefetch belongs to the stats before the reset
+        assert cache.stats()["prefetch_hits"] == 0 and cache.stats()["hits"] == 1
+        cache._core._inject_copy_failures(1)
+        with pytest.raises(RuntimeError, match="injected"):
+            cache.prefetch(1, [0])
+        assert cache.stats()["prefetches"] == 0  # a failed batch copied nothing
+
+
+def test_a_release_before_the_wait_is_not_missed():
+    """A layer call that finds every slot leased releases its empty lease and waits for another release.
+    Regression: a release landing between its ensure and its wait was missed (the wait compared lease
+    counts), so the call failed with "no slot can be evicted" although every slot was free again."""
+    layers = random_layers(L=2, E=8)
+    with ExpertCache(layers, num_slots=2) as cache:
+        holder = cache.ensure(0, [0, 1])
+        waiter = cache._ensure(1, [2, 3])
+        assert waiter.slots == [-1, -1]
+        holder.release()  # lands before the waiter waits
+        waiter.release()  # protected nothing: no release to wait for
+        assert cache._core.wait_for_release(60_000, waiter.releases_before) is True
+        assert cache._core.releases() == waiter.releases_before + 1
+        with cache._ensure(1, [2, 3]) as again:
+            assert sorted(again.slots) == [0, 1]
+        quiet = cache._core.releases()
+        assert cache._core.wait_for_release(float("inf"), quiet) is False  # nothing held: nothing to wait for
+        with cache.ensure(0, [4]):
+            assert cache._core.wait_for_release(float("nan"), quiet) is False  # no wait at all
+
+
+def test_a_failing_before_compute_leaves_no_lease_behind():
+    layers = random_layers(L=2, E=8)
+    with ExpertCache(layers, num_slots=2) as cache:
+        x = torch.randn(3, layers[0][0].shape[2])
+        w, ids = route_reference(torch.randn(3, 8), 2)
+
+        def fail(_):
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses="copy", before_compute=fail)
+        assert cache._core.leases_held() == 0
+        dropped = cache.ensure(1, [5, 6])
+        del dropped  # a lease dropped unreleased gives its slots back
+        assert cache._core.leases_held() == 0
 
 
 def test_random_request_streams_from_threads_keep_slots_and_map_consistent():

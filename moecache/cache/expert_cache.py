@@ -34,8 +34,9 @@ def _align(n: int) -> int:
 class Lease:
     """Slots that ensure() made resident, protected from eviction until release() (or the `with` ends)."""
 
-    def __init__(self, cache: "ExpertCache", lease: int, slots: list[int]):
+    def __init__(self, cache: "ExpertCache", lease: int, slots: list[int], releases_before: int = 0):
         self._cache, self.id, self.slots = cache, lease, slots
+        self.releases_before = releases_before  # the core's release count before this lease was taken
         self._held = True
 
     def release(self) -> None:
@@ -49,6 +50,14 @@ class Lease:
     def __exit__(self, *exc):
         if not self._cache._core.closed:
             self.release()
+
+    def __del__(self):
+        # A lease dropped unreleased would protect its slots for good.
+        try:
+            if self._held and not self._cache._core.closed:
+                self.release()
+        except Exception:  # interpreter shutdown, or a cache already torn down
+            pass
 
     def __repr__(self):
         return f"Lease({self.id}, slots={self.slots}, {'held' if self._held else 'released'})"
@@ -267,8 +276,9 @@ class ExpertCache:
     def _ensure(self, layer: int, experts, count: bool = True) -> "Lease":
         # count=False: a later round of one layer call asks again for experts it already counted.
         self._check_not_capturing()
+        releases = self._core.releases()
         lease, slots = self._core.ensure(layer, self._ids(experts), self._stream(), count)
-        return Lease(self, lease, slots)
+        return Lease(self, lease, slots, releases)
 
     def release(self, lease: "Lease") -> None:
         """End a lease: its slots may be evicted again (copies into them still wait for the work enqueued
@@ -391,9 +401,13 @@ class ExpertCache:
                 return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
                                      expert_map=expert_map, host_w_gate_up=host_gate_up,
                                      host_w_down=host_down, **extra)
-        lease = self.ensure(layer, needed)
+        lease = self._ensure(layer, needed)
         if before_compute is not None:
-            before_compute(needed)
+            try:
+                before_compute(needed)
+            except BaseException:
+                lease.release()
+                raise
         if all(s >= 0 for s in lease.slots):
             with lease:
                 return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
@@ -416,7 +430,7 @@ class ExpertCache:
                 # Every slot is leased by other calls or kept resident: wait (holding nothing) for a
                 # lease to end, then try again; only slots kept resident for good are an error.
                 lease.release()
-                if not self._core.wait_for_release(LEASE_WAIT_MS):
+                if not self._core.wait_for_release(LEASE_WAIT_MS, lease.releases_before):
                     raise RuntimeError(f"expert cache: no slot of {self.num_slots} can be evicted for layer {layer} "
                                        f"(all kept resident, or leased for over {LEASE_WAIT_MS / 1e3:.0f} s); "
                                        "allow_eviction or use more slots")
