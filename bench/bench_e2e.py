@@ -747,7 +747,7 @@ def measure_row(model, facts, provider, policy, offload, mode, chunks, new_token
            "cache": ("static" if mode == "graph" else "dynamic") if offload else None}
     try:
         if policy == "budgeted":
-            offload = budgeted(offload, model, facts, resident.get(mode), h2d)
+            offload = budgeted(offload, model, facts, resident.get(mode), h2d, new_tokens)
             row["prefetch_limit"] = offload.prefetch_limit
         if provider == "hf:grouped_mm":
             set_experts_implementation(model, "grouped_mm")
@@ -797,16 +797,28 @@ def measure_row(model, facts, provider, policy, offload, mode, chunks, new_token
     return row
 
 
-def budgeted(offload, model, facts, resident, h2d):
+def resident_layer_ms(resident: dict, moe_layers: int, new_tokens: int) -> float:
+    """The resident run's decode time per step and MoE layer, in its own mode: eager runs count their decode
+    forwards; graph runs time the compiled decode as a whole (prefill in a separate eager forward), one step
+    per new token after the first, per request batch."""
+    split = resident["split"]
+    if split is not None:
+        decode_ms = resident["wall_ms"] - split["forward_ms"]["prefill"] - resident["scheduler_ms"]
+        steps = split["forwards"]["decode"]
+    else:
+        decode_ms = resident["wall_ms"] - resident["prefill_graph_ms"] - resident["scheduler_ms"]
+        steps = len(resident["batch_e2e_ms"]) * (new_tokens - 1)
+    return decode_ms / max(steps, 1) / moe_layers
+
+
+def budgeted(offload, model, facts, resident, h2d, new_tokens):
     """The budgeted policy's Offload with its allowance: experts copied per layer of compute, from the resident
-    run's decode time per MoE layer, one expert's bytes and the H2D rate."""
+    run's decode time per MoE layer (same mode), one expert's bytes and the H2D rate."""
     import dataclasses
 
-    if resident is None or resident["split"] is None or not h2d:
-        raise RuntimeError("the budgeted policy needs this run's resident eager decode time and an H2D rate")
-    split = resident["split"]
-    decode_ms = resident["wall_ms"] - split["forward_ms"]["prefill"] - resident["scheduler_ms"]
-    layer_ms = decode_ms / max(split["forwards"]["decode"], 1) / facts["moe_layers"]
+    if resident is None or not h2d:
+        raise RuntimeError("the budgeted policy needs this run's resident decode time (same mode) and an H2D rate")
+    layer_ms = resident_layer_ms(resident, facts["moe_layers"], new_tokens)
     moecache.patch(model)
     try:
         w_gate_up, w_down = moecache.patched_experts(model)[0].weights()

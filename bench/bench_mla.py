@@ -24,8 +24,9 @@ said in the row) timed by CUDA events with the L2 flushed before each run. Befor
 checked against torch_absorbed (and both against the fp32 reference); a wrong point is reported loudly,
 not timed, and makes the script exit non-zero.
 
-GB/s counts the latent cache bytes a step must read, B*S*(R+P)*itemsize; ratios are to the HBM copy and
-bf16 matmul ceilings measured at the start of the run; TFLOP/s counts 2*B*Hq*S*(R+P) + 2*B*Hq*S*R.
+GB/s counts the latent cache bytes a step must read, B*S*(R+P)*itemsize; ratios are to the HBM read
+ceiling (frac_hbm_read, the one printed and judged; frac_hbm is to the copy ceiling) and the bf16 matmul
+ceiling, measured at the start of the run; TFLOP/s counts 2*B*Hq*S*(R+P) + 2*B*Hq*S*R.
 
     python bench/bench_mla.py                      # GPU: full grid, rows appended to bench/results/bench_mla.jsonl
     python bench/bench_mla.py --quick --out x.jsonl  # CPU smoke run (Triton interpreter, tiny sizes, fp32)

@@ -100,7 +100,7 @@ def bench_h2d(device, quick, peak, names=None):
     experts = {"tiny": (64, 32), "small": (128, 96)} if quick else {n: EXPERTS[n] for n in names or EXPERTS}
     rep = 2 if quick else 5
     for name, (H, I) in experts.items():
-        E = max(2, min(64, int(1.5e9 // (3 * H * I * 2))))  # ~1.5 GB of experts per layer (2 for Mixtral)
+        E = max(2, min(64, int(1.5e9 // (3 * H * I * 2))))  # ~1.5 GB of experts per layer (4 of Mixtral's)
         layers = random_layers(2, E, H, I, dtype)
         cache = ExpertCache(layers, num_slots=E, device=device)
         nbytes = E * cache.record_bytes

@@ -19,10 +19,14 @@ TABLE="$OUTDIR/fused_moe-$(cd /tmp && python3 -c 'import torch; from moecache.op
 bench bench_moe ${MOE_LIMIT:-150} --shapes deepseek-v2-lite/vl2-small,mixtral-8x7b --tokens 1,16,64,4096 --rep 20
 bench bench_moe 60 --shapes qwen3-30b-a3b,vl2-base --tokens 1,4096 --rep 20
 # The study's slices have their own script (gpu_study.sh); here one point of it, resident and graph mode.
-stage bench_e2e ${E2E_LIMIT:-150} bash -c "cd /tmp && python3 '$ROOT/bench/bench_e2e.py' --json '$RES/study.jsonl' \
+# Its deadline (no configuration starts after it) follows the stage's limit, cut where little time is left.
+E2E_LIMIT=${E2E_LIMIT:-150}
+(( E2E_LIMIT > $(remaining) - 5 )) && E2E_LIMIT=$(( $(remaining) - 5 ))
+E2E_DEADLINE=$(( E2E_LIMIT > 40 ? E2E_LIMIT - 20 : 20 ))
+stage bench_e2e $E2E_LIMIT bash -c "cd /tmp && python3 '$ROOT/bench/bench_e2e.py' --json '$RES/study.jsonl' \
   ${E2E_ARGS:---models vl2-small --batches 1 --mixes mmmu --new-tokens 16 --routing random-weights --requests 1 \
   --providers hf:eager,moecache,offload --graph-providers moecache --policies predictive --modes eager,graph \
-  --profile-decode --deadline 130 --keep-going}"
+  --profile-decode --deadline $E2E_DEADLINE --keep-going}"
 [ -f "$RES/study.jsonl" ] && cp "$RES/study.jsonl" "$OUTDIR/"
 bench bench_mla 80 --heads 16,128 --points 1x4096,64x4096,1x32768 --rep 30
 # Each kernel's own time in one MoE layer and one MLA step, beside the call's graph replay time.

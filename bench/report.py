@@ -111,8 +111,9 @@ def markdown(rows) -> str:
     if not rows:
         return "No bench_e2e rows yet.\n"
     device, date = rows[0]["device"], rows[0]["date"][:10]
-    lines = [f"Measured on {device}, {date} (bench_e2e rows; `layers` built of `full_layers`, full-depth "
-             "tokens/s scaled by the per-layer time).", "",
+    lines = [f"Measured on {device}, {date} (bench_e2e rows; `layers` built of `full_layers`; full-depth "
+             "tokens/s = decode tokens/s x layers / full_layers, the whole step scaled, its fixed costs (lm_head, "
+             "generate's host work) included: a lower bound).", "",
              "| model | mix | batch | provider | mode | prefill tok/s | decode tok/s | decode tok/s (full depth) "
              "| hit rate | PCIe-bound tok/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
 
     # The study's rows file does not exist before its first GPU slice; its section then shows the CPU rows.
     rows = load(args.rows) if Path(args.rows).exists() or not args.cache_rows else []
-    if args.cache_rows or any(r.get("benchmark", "").startswith("bench_e2e.study") or r.get("benchmark") in STUDY_KINDS
-                              for r in rows):
+    if args.cache_rows or is_study(rows):
         cache_rows = load(args.cache_rows) if args.cache_rows else []
         if args.plots:
             draw(study_report.plots, rows, args.plots)
@@ -173,6 +173,15 @@ def main(argv=None) -> int:
 
 
 STUDY_KINDS = ("bench_e2e.skipped", "bench_e2e.not_run")
+
+
+def is_study(rows: list[dict]) -> bool:
+    """Rows of the study (its own rows, or only its skipped / not-run records), not the Results' rows, which
+    may hold a skipped configuration of their own beside their plain bench_e2e rows."""
+    kinds = {r.get("benchmark", "") for r in rows}
+    if any(k.startswith("bench_e2e.study") for k in kinds):
+        return True
+    return bool(kinds & set(STUDY_KINDS)) and "bench_e2e" not in kinds
 
 
 def draw(make_plots, rows, outdir) -> None:

@@ -338,6 +338,19 @@ def test_hbm_floor_only_for_batch_one_with_every_weight_on_the_gpu():
 
 
 @pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
+def test_budgeted_allowance_reads_the_resident_decode_time_in_either_mode():
+    """Regression: in graph mode the resident run has no per-forward split, and the budgeted policy's
+    allowance raised there, so every budgeted graph row of slice 4 was skipped."""
+    module = _bench_e2e_module("bench_e2e_budget")
+    eager = {"split": {"forward_ms": {"prefill": 20.0}, "forwards": {"decode": 40}}, "wall_ms": 120.0,
+             "scheduler_ms": 4.0}
+    assert module.resident_layer_ms(eager, moe_layers=24, new_tokens=11) == pytest.approx(96.0 / 40 / 24)
+    graph = {"split": None, "prefill_graph_ms": 5.0, "wall_ms": 105.0, "scheduler_ms": 0.0,
+             "batch_e2e_ms": [60.0, 60.0]}  # two request batches of 10 decode steps each
+    assert module.resident_layer_ms(graph, moe_layers=25, new_tokens=11) == pytest.approx(100.0 / 20 / 25)
+
+
+@pytest.mark.skipif(not (BENCH / "bench_e2e.py").is_file(), reason="needs the source tree")
 def test_bench_e2e_past_its_deadline_builds_nothing_and_lists_what_did_not_run(tmp_path, monkeypatch):
     import json
 
@@ -445,3 +458,19 @@ def test_report_without_matplotlib_still_writes_the_tables(tmp_path):
     assert "matplotlib is not installed" in proc.stderr
     assert "| experts moved per token |" in proc.stdout and "| trained-tiny-moe |" in proc.stdout
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.skipif(not (BENCH / "report.py").is_file(), reason="needs the source tree")
+def test_report_regenerates_the_results_block_from_the_committed_rows(tmp_path):
+    """The README's Results command: the committed rows hold a skipped configuration beside their results.
+    Regression: that row made report.py take them for the study's and rewrite the study's block instead."""
+    import shutil
+
+    readme = tmp_path / "README.md"
+    shutil.copy(BENCH.parent / "README.md", readme)
+    before = readme.read_text()
+    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(BENCH / "results" / "bench_e2e.jsonl"),
+                           "--readme", str(readme)], capture_output=True, text=True, env=CPU_ENV, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert readme.read_text() == before  # the committed Results block is what the rows give; the study's untouched

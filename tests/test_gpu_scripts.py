@@ -92,3 +92,16 @@ def test_kernel_traffic_table():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| mixtral")]
     t1 = lines[0].split("|")
     assert t1[2].strip() == "1" and t1[5].strip() == "1.0x"  # one token: every path reads each expert once
+
+
+@needs_source
+def test_the_bench_points_deadline_follows_its_stage_limit(tmp_path):
+    """bench_e2e stops starting configurations at its deadline: 20 s inside the stage's limit, which is cut
+    to the budget left (regression: a fixed 130 s deadline under a cut limit got the run killed mid-way)."""
+    import re
+
+    proc = _bash("bash bench/gpu_bench.sh", tmp_path, DRY_RUN="1", BUDGET="100", ONLY="bench_e2e")
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "run.log").read_text()
+    limit, deadline = re.search(r"DRY_RUN: timeout (\d+) .*bench_e2e\.py.*--deadline (\d+)", log).groups()
+    assert int(limit) <= 95 and int(deadline) == int(limit) - 20
