@@ -508,7 +508,7 @@ def run_config(model, ids, mask, new_tokens, mode, device, on_gpu, sched_batch, 
             extra = {"logits_processor": logits_processor} if logits_processor is not None else {}
             return model.generate(ids, **{**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}, **extra)
         out, i = generate_scheduled(model, ids, moecache.patched_experts(model), batch_size=sched_batch,
-                                    schedule=schedule, max_new_tokens=tokens, attention_mask=mask,
+                                    schedule=schedule, max_new_tokens=tokens, min_new_tokens=tokens, attention_mask=mask,
                                     before_group=before_group,
                                     **({"cache_implementation": "static"} if mode == "graph" else {}))
         info["scheduler_s"] = i["scheduler_s"]

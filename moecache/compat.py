@@ -81,6 +81,15 @@ def text_config(model):
     return config
 
 
+def config_value(config, key: str):
+    """A config field by its config.json name; rope fields (rope_theta, partial_rotary_factor) are kept in
+    rope_parameters from transformers 5 on, at the top level before. None where the config has no such field."""
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and key in rope:
+        return rope[key]
+    return getattr(config, key, None)
+
+
 def experts_flags(module) -> tuple[bool, bool, bool]:
     """(transposed, interleaved, has_bias) of a fused experts module: GPT-OSS stores gate_up_proj
     [E, H, 2I] with gate and up interleaved, and biases; the other families [E, 2I, H], concatenated."""

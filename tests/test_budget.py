@@ -17,6 +17,19 @@ from builders import random_layers
 # ------------------------------------------------------------------ simulator: timing model
 
 
+def test_belady_is_the_fewest_loads_even_below_a_layers_experts():
+    """A layer using more experts than there are slots: LRU and LFU read the extra ones in place without
+    caching them. Regression: MIN always evicted, thrashed, and loaded almost twice what LRU did."""
+    trace = [[[1, 2]] for _ in range(10)]
+    assert simulate(trace, 1, "belady").loads == simulate(trace, 1, "lru").loads == 11
+    rng = random.Random(0)
+    for _ in range(60):
+        trace = [[sorted(rng.sample(range(8), rng.randint(1, 4))) for _ in range(2)] for _ in range(30)]
+        for slots in (1, 2, 3, 5, 8):
+            best = simulate(trace, slots, "belady").loads
+            assert best <= min(simulate(trace, slots, p).loads for p in ("lru", "lfu", "on_demand")), (trace, slots)
+
+
 def test_timing_model_on_demand_lru_and_belady_by_hand():
     """layer 1 ms, load 0.5 ms. Step 0: layer 0 misses 0, 1 (land at 0.5, 1.0: stall 1.0, done 2.0);
     layer 1 misses 2 (lands 2.5: stall 0.5, done 3.5). Step 1 hits everything: 2 ms more.

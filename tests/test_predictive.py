@@ -203,6 +203,26 @@ def test_scheduling_preserves_every_requests_tokens():
     moecache.unpatch(model)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_scheduled_generation_stops_at_eos_as_generate_does(batch_size):
+    """Regression: every group generated max_new_tokens tokens (EOS suppressed), so a request that ends
+    early got other tokens than plain greedy generate gives it."""
+    model = _tiny_deepseek()
+    moecache.patch(model)
+    torch.manual_seed(0)
+    prompts = torch.randint(3, 96, (3, 5))
+    with torch.no_grad():
+        free = model.generate(prompts, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        eos = int(free[0, 5 + 2])  # request 0's third new token ends it
+        plain = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert (plain[0, 5:] == 0).any(), "request 0 did not stop early: the test does not test EOS"
+    for schedule in (False, True):
+        out, _ = generate_scheduled(model, prompts, moecache.patched_experts(model), batch_size=batch_size,
+                                    schedule=schedule, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out, plain), (schedule, out.tolist(), plain.tolist())
+    moecache.unpatch(model)
+
+
 def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
     model = _tiny_deepseek()
     moecache.patch(model)

@@ -103,6 +103,22 @@ def test_colliding_replicas_still_give_distinct_experts(source):
     assert torch.equal(ids[:, :4], mapped.permutations[1][rec.routes[0][1]])
 
 
+@pytest.mark.parametrize("source_shape,target_shape", [((8, 3), (9, 8)), ((4, 2), (8, 8)), ((8, 2), (8, 8)),
+                                                       ((8, 3), (8, 8))])
+def test_mapping_fills_every_top_k_where_replicas_run_out(source_shape, target_shape):
+    """Regression: where the replicas of a row's experts cycled through too few ids, the fallback added
+    one free id per source expert and came up short of the target's top-k (a shape error)."""
+    from moecache.analysis.replay import RouteRecording
+
+    (E_src, K_src), (E_tgt, K_tgt) = source_shape, target_shape
+    g = torch.Generator().manual_seed(0)
+    routes = torch.stack([torch.randperm(E_src, generator=g)[:K_src] for _ in range(5)])
+    rec = RouteRecording("src", 5, 1, E_src, K_src, 1, routes=[[routes]], predictions=[[[None]]])
+    ids = map_routes(rec, 1, E_tgt, K_tgt).routes(0, 0, [0, 1, 2, 3, 4], 5)
+    assert ids.shape == (5, K_tgt) and all(len(set(row)) == K_tgt for row in ids.tolist())
+    assert int(ids.min()) >= 0 and int(ids.max()) < E_tgt
+
+
 def test_bad_mappings_are_refused_by_name(source):
     _, _, rec = source
     with pytest.raises(ValueError, match="num_experts=16"):

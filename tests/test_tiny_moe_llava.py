@@ -178,3 +178,33 @@ def test_patched_gives_the_same_greedy_tokens(one_thread, offload):
     finally:
         moecache.unpatch(model)
     assert torch.equal(seeded(greedy, model, prompt, n=24), ref)
+
+
+def test_a_checkpoint_unlike_its_family_is_refused_by_name(tmp_path):
+    """Regression: the architecture came from the family alone, so a config.json asking for another rope
+    base or norm, or a checkpoint with experts the config does not count, loaded without a word (extra
+    weights dropped, the model computing something else than what was saved)."""
+    import json
+    import shutil
+
+    from moecache.models.llava import load_language_model
+
+    def variant(name, **changes):
+        where = tmp_path / name
+        shutil.copytree(TINY_MOE_LLAVA_DIR, where)
+        cfg = json.loads((where / "config.json").read_text())
+        for key, value in changes.items():
+            if key == "num_experts":
+                cfg["moe"]["num_experts"] = value
+            else:
+                cfg[key] = value
+        (where / "config.json").write_text(json.dumps(cfg))
+        return where
+
+    load_language_model(variant("same"))  # the shipped checkpoint itself loads
+    for key, value in (("rope_theta", 500000.0), ("layer_norm_eps", 1e-3), ("hidden_act", "gelu"),
+                       ("use_parallel_residual", True), ("num_key_value_heads", 2)):
+        with pytest.raises(ValueError, match=f"config.json sets {key}="):
+            load_language_model(variant(key, **{key: value}))
+    with pytest.raises(ValueError, match="language-model weights in the checkpoint that the model its config"):
+        load_language_model(variant("fewer-experts", num_experts=[2, 2]))

@@ -125,21 +125,15 @@ class MappedRoutes:
         out = candidates[:, :K].clone()
         sorted_ids = out.sort(dim=1).values
         clashes = torch.nonzero((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(dim=1)).reshape(-1)
-        for i in clashes.tolist():  # replicas collided: further replicas, then the next free ids
+        for i in clashes.tolist():  # replicas collided: further replicas, then the lowest free ids
             row = source_ids[i].tolist()
             picked: list[int] = []
-            for r in range(E_tgt + 1):
-                for e in row:
-                    candidate = (e + r * offset) % E_tgt if r < E_tgt else None
-                    if candidate is None:
-                        candidate = next(x for x in range(E_tgt) if x not in picked)
-                    if candidate not in picked:
-                        picked.append(candidate)
-                    if len(picked) == K:
-                        break
-                if len(picked) == K:
+            for r in range(E_tgt):
+                picked += [c for c in dict.fromkeys((e + r * offset) % E_tgt for e in row) if c not in picked]
+                if len(picked) >= K:
                     break
-            out[i] = torch.tensor(picked)
+            picked += [x for x in range(E_tgt) if x not in picked][:max(K - len(picked), 0)]
+            out[i] = torch.tensor(picked[:K])
         return self.permutations[layer][out]
 
     def routes(self, step: int, layer: int, requests: list[int], rows: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ Policies:
   lru, lfu    demand loading with least-recently / least-frequently used eviction
   predictive  before layer l runs, the experts predicted for l+1..l+d are prefetched; experts predicted
               for the coming layers are evicted last (nearer layers last of all), then LRU
-  belady      demand loading evicting the expert whose next use is farthest away (Belady's MIN): the
-              fewest loads any demand-loading cache can do with this budget, knowing the future
+  belady      demand loading evicting the expert whose next use is farthest away (Belady's MIN), or,
+              where the expert needed now is needed again later than every resident one, reading it
+              without caching it (as the other policies read a miss in place when no slot can be freed):
+              the fewest loads any demand-loading cache can do with this budget, knowing the future
   oracle      predictive with the true future routing as its predictions
   budgeted    predictive that knows the PCIe budget (needs `timing`): while layer l computes, it copies
               predicted experts, nearest layer and most confident first, only while the copy would land
@@ -308,11 +310,11 @@ def _belady(trace, slots: int, result: SimResult, warmup_steps: int, timing: Tim
                 result.misses_after_warmup += 1
                 result.loads_after_warmup += 1
             if len(resident) >= slots:
-                while heap:
-                    neg_next, victim = heapq.heappop(heap)
-                    if victim in resident and resident[victim] == -neg_next:
-                        del resident[victim]
-                        break
+                while not (heap[0][1] in resident and resident[heap[0][1]] == -heap[0][0]):
+                    heapq.heappop(heap)  # entries left behind by a later use of the same expert
+                if -heap[0][0] <= next_use[i]:
+                    continue  # every resident expert is needed sooner: read this one without caching it
+                del resident[heapq.heappop(heap)[1]]
         resident[key] = next_use[i]
         heapq.heappush(heap, (-next_use[i], key))
     if timing is not None:

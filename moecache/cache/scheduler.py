@@ -81,7 +81,11 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
     model's patched experts modules in layer order (moecache.patched_experts(model)). Returns (outputs
     [N, S + new] in the prompts' order, info: groups, scheduler_s (host time spent grouping, the routing
     forward included), predicted distinct experts per step). before_group(requests) is called before each
-    forward pass over a group of requests (the routing pass's and each micro-batch's generate)."""
+    forward pass over a group of requests (the routing pass's and each micro-batch's generate).
+
+    The outputs are plain greedy generate's over all prompts at once: a request stops at EOS and its row
+    is padded with the pad token to the longest output (pass min_new_tokens=max_new_tokens, as the
+    benchmarks do, for outputs of a fixed length)."""
     n = prompts.shape[0]
     mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     start = time.perf_counter()
@@ -98,10 +102,27 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
             if before_group is not None:
                 before_group(list(group))
             out = model.generate(prompts[group], attention_mask=mask[group],
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                                 **generate_kwargs)
+                                 max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
             for row, request in enumerate(group):
                 outputs[request] = out[row]
     info = {"groups": groups, "scheduler_s": scheduler_s,
             "predicted_distinct_experts": distinct_experts(routes, groups) if routes else None}
+    longest = max(o.shape[0] for o in outputs)
+    if any(o.shape[0] < longest for o in outputs):  # every request of a group stopped early: pad as generate does
+        pad = _pad_token(model, generate_kwargs)
+        outputs = [torch.cat([o, o.new_full((longest - o.shape[0],), pad)]) for o in outputs]
     return torch.stack(outputs), info
+
+
+def _pad_token(model, generate_kwargs: dict) -> int:
+    """The token generate pads finished rows with: pad_token_id, else (as transformers does) the first EOS."""
+    config = model.generation_config
+    pad = generate_kwargs.get("pad_token_id", config.pad_token_id)
+    if pad is None:
+        pad = generate_kwargs.get("eos_token_id", config.eos_token_id)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    if pad is None:
+        raise ValueError("generate_scheduled: groups stopped at different lengths and the model has neither "
+                         "pad_token_id nor eos_token_id to pad the shorter ones with")
+    return int(pad)

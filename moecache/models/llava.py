@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def _config(shape: LanguageModelShape):
     if shape.base == "llama":
         return transformers.LlamaConfig(**common, hidden_act="silu", rms_norm_eps=1e-5)
     raise ValueError(f"unknown base {shape.base!r}")
+
+
+# config.json fields that change the language model's computation, which _config sets from the family.
+_ARCHITECTURE_FIELDS = ("hidden_act", "layer_norm_eps", "rms_norm_eps", "num_key_value_heads", "rope_theta",
+                        "partial_rotary_factor", "use_parallel_residual", "qk_layernorm", "use_qkv_bias")
+
+
+def _check_architecture(path, cfg: dict, config) -> None:
+    """A checkpoint whose config.json sets one of these fields otherwise than the family's build is refused,
+    naming the field (it would load and compute something else than what was saved)."""
+    saved = [(k, v) for source in (cfg, cfg.get("rope_parameters") or {}) for k, v in source.items()]
+    wrong = []
+    for key, value in saved:
+        built = compat.config_value(config, key) if key in _ARCHITECTURE_FIELDS else None
+        if built is None:
+            continue
+        same = math.isclose(value, built, rel_tol=1e-9) if isinstance(value, float) and isinstance(built, float) \
+            else value == built
+        if not same:
+            wrong.append(f"{key}={value!r} (built: {built!r})")
+    if wrong:
+        raise ValueError(f"{path}: config.json sets {', '.join(wrong)}; moecache builds this family's language "
+                         "model with the values in parentheses only")
 
 
 def _causal_lm_class(base: str):
@@ -299,6 +323,7 @@ def load_language_model(path: str | Path, *, dtype: torch.dtype | None = None, d
     saved = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     dtype = dtype or getattr(torch, saved, torch.float32)
     config = _config(shape)
+    _check_architecture(path, cfg, config)
     with compat.skip_weight_init(), torch.device(device):
         model = _causal_lm_class(shape.base)(config)
         if shape.base == "qwen":
@@ -315,6 +340,13 @@ def load_language_model(path: str | Path, *, dtype: torch.dtype | None = None, d
     if missing:
         raise ValueError(f"{path}: {len(missing)} language-model weights missing from the checkpoint, "
                          f"e.g. {missing[:3]}")
+    # Weights outside the language model (vision tower, projector) are left out; unknown ones inside it
+    # (an expert the config does not count, a layer norm this build lacks) mean the model is not the one saved.
+    language_model = {".".join(k.split(".")[:2]) for k in own}
+    unknown = sorted(k for k in state if k not in own and ".".join(k.split(".")[:2]) in language_model)
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} language-model weights in the checkpoint that the model its "
+                         f"config.json describes does not have, e.g. {unknown[:3]}")
     model.load_state_dict(usable, strict=True)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the checkpoint's special tokens, for generate
         if cfg.get(key) is not None:
