@@ -151,7 +151,7 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("use_in_place", &CacheCore::use_in_place, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
            py::call_guard<py::gil_scoped_release>())
-      .def("releases", &CacheCore::releases)
+      .def("releases", &CacheCore::releases, py::call_guard<py::gil_scoped_release>())
       .def("wait_for_release", &CacheCore::wait_for_release, py::arg("timeout_ms"), py::arg("since"),
            py::call_guard<py::gil_scoped_release>())
       .def("_inject_copy_failures", &CacheCore::inject_copy_failures, py::arg("count"),
@@ -176,7 +176,10 @@ PYBIND11_MODULE(_C, m) {
       .def("reset_stats", &CacheCore::reset_stats, py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &CacheCore::synchronize, py::call_guard<py::gil_scoped_release>())
       .def("close", &CacheCore::close, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("closed", &CacheCore::closed)
+      .def_property_readonly("closed", [](CacheCore& core) {
+        py::gil_scoped_release released;  // the core's lock may be held across a copy or a synchronize
+        return core.closed();
+      })
       .def_property_readonly("num_layers", &CacheCore::num_layers)
       .def_property_readonly("num_experts", &CacheCore::num_experts)
       .def_property_readonly("num_slots", &CacheCore::num_slots)

@@ -255,6 +255,9 @@ def test_patching_an_offloaded_model_with_another_offload_is_refused():
         moecache.patch(model, offload=Offload(gpu_experts=1, policy="predictive"))
     assert moecache.expert_cache(model) is cache and cache.policy == "lru"
     assert_close(logits(model, ids), ref, torch.float32)
+    moecache.patch(moecache.unpatch(model), offload=Offload(gpu_experts=1))  # one expert per layer ...
+    with pytest.raises(ValueError, match="already offloaded"):
+        moecache.patch(model, offload=Offload(gpu_experts=1.0))  # ... is not every expert, though 1 == 1.0
     moecache.unpatch(model)
 
 

@@ -202,6 +202,13 @@ def test_a_checkpoint_unlike_its_family_is_refused_by_name(tmp_path):
         return where
 
     load_language_model(variant("same"))  # the shipped checkpoint itself loads
+    from safetensors.torch import load_file, save_file
+
+    older = variant("older-transformers")  # which saved rotary_emb.inv_freq buffers with the weights
+    weights = load_file(str(older / "model.safetensors"))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(weights, str(older / "model.safetensors"))
+    load_language_model(older)
     for key, value in (("rope_theta", 500000.0), ("layer_norm_eps", 1e-3), ("hidden_act", "gelu"),
                        ("use_parallel_residual", True), ("num_key_value_heads", 2)):
         with pytest.raises(ValueError, match=f"config.json sets {key}="):

@@ -44,7 +44,7 @@ class LearnedRoutePredictor(nn.Module):
             blob = torch.load(Path(path), map_location="cpu", weights_only=True)
             model = cls(blob["hidden"], blob["num_experts"], [tuple(t) for t in blob["targets"]], blob["width"])
             model.load_state_dict(blob["state"])
-        except FileNotFoundError:
+        except OSError:  # missing, a directory, unreadable: the file system's own message says which
             raise
         except Exception as err:
             raise ValueError(f"{str(path)!r} is not a route predictor saved by LearnedRoutePredictor.save "

@@ -116,12 +116,14 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
 
 def _pad_token(model, generate_kwargs: dict) -> int:
     """The token generate pads finished rows with: pad_token_id, else (as transformers does) the first EOS."""
-    config = model.generation_config
+    config = generate_kwargs.get("generation_config") or model.generation_config
     pad = generate_kwargs.get("pad_token_id", config.pad_token_id)
     if pad is None:
         pad = generate_kwargs.get("eos_token_id", config.eos_token_id)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
+    if isinstance(pad, torch.Tensor):
+        pad = pad.reshape(-1)[0] if pad.numel() else None
+    elif isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
     if pad is None:
         raise ValueError("generate_scheduled: groups stopped at different lengths and the model has neither "
                          "pad_token_id nor eos_token_id to pad the shorter ones with")

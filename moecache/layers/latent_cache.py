@@ -171,9 +171,11 @@ class PagedLatentLayer(CacheLayerMixin):
         """Roll back the newest tokens, as transformers' caches do: a negative `length` removes that many
         (prompt-lookup and assisted decoding drop rejected candidates so); a positive one, the older
         form, keeps that many; 0 changes nothing."""
+        if length == 0 or not self.is_initialized:
+            return
         positions = int(self.positions)
-        tokens_to_remove = -length if length < 0 else positions - length if length > 0 else 0
-        if tokens_to_remove <= 0 or not self.is_initialized:
+        tokens_to_remove = -length if length < 0 else positions - length
+        if tokens_to_remove <= 0:
             return
         self.seq_lens.sub_(tokens_to_remove).clamp_(min=0)
         self._host_lengths = [max(n - tokens_to_remove, 0) for n in self._host_lengths]

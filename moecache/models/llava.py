@@ -342,8 +342,10 @@ def load_language_model(path: str | Path, *, dtype: torch.dtype | None = None, d
                          f"e.g. {missing[:3]}")
     # Weights outside the language model (vision tower, projector) are left out; unknown ones inside it
     # (an expert the config does not count, a layer norm this build lacks) mean the model is not the one saved.
+    # (rotary_emb.inv_freq: a buffer older transformers saved with the weights, recomputed from the config.)
     language_model = {".".join(k.split(".")[:2]) for k in own}
-    unknown = sorted(k for k in state if k not in own and ".".join(k.split(".")[:2]) in language_model)
+    unknown = sorted(k for k in state if k not in own and ".".join(k.split(".")[:2]) in language_model
+                     and not k.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} language-model weights in the checkpoint that the model its "
                          f"config.json describes does not have, e.g. {unknown[:3]}")

@@ -16,7 +16,7 @@ record (what unpatch and stats need).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from torch import nn
 
@@ -141,11 +141,16 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
     if offload is not None:
         if not plan.experts and state is not None and state.cache is None:
             raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
-        if state is not None and state.cache is not None and offload != state.offload:
+        if state is not None and state.cache is not None and not _same_offload(offload, state.offload):
             raise ValueError(f"moecache.patch: the model is already offloaded with {state.offload}; unpatch it "
                              f"first to offload it with {offload}")
         if plan.experts:
             validate_offload([f for f, _ in plan.experts], offload)
+
+
+def _same_offload(a: Offload, b: Offload | None) -> bool:
+    """Equal fields of equal types: gpu_experts=1 (one expert per layer) is not gpu_experts=1.0 (all)."""
+    return b is not None and all(x == y and type(x) is type(y) for x, y in zip(astuple(a), astuple(b)))
 
 
 def _no_experts_message(model) -> str:
