@@ -183,6 +183,20 @@ def test_engine_matches_fused_moe(policy):
         engine.add(_fake_layers(count=1)[0][0])
 
 
+def test_clamped_activations_are_refused():
+    """vLLM clamps SiLU's gate and up where a layer sets swiglu_limit (EXAONE-MoE, Bailing-MoE V3); moecache
+    does not, so such a layer is refused. Regression: it ran unclamped without a word."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=True))
+    moe = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False, ep_size=1, dp_size=1), activation="silu",
+                          swiglu_limit=None, swiglu_alpha=None, swiglu_beta=None)
+    assert backend._check_config(moe, config) == ("silu", True)
+    moe.swiglu_limit = 7.0
+    with pytest.raises(ValueError, match="runs 'silu' without a clamp; this MoE layer sets {'swiglu_limit': 7.0}"):
+        backend._check_config(moe, config)
+
+
 def test_engine_refuses_reloading_offloaded_weights():
     from moecache.patching.offload import Offload
 

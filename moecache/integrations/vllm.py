@@ -172,6 +172,11 @@ def _check_config(moe, vllm_config) -> tuple[str, bool]:
     if not gated:
         raise ValueError(f"moecache's vLLM backend runs the gated activations {sorted(ACTIVATIONS)}; this MoE layer "
                          f"uses {activation!r}: unset {ENABLE_ENV} for this model")
+    clamped = {k: getattr(moe, k, None) for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")}
+    clamped = {k: v for k, v in clamped.items() if v is not None}
+    if clamped:  # vLLM clamps the gate and up projections then (EXAONE-MoE, Bailing-MoE V3): another function
+        raise ValueError(f"moecache's vLLM backend runs {activation!r} without a clamp; this MoE layer sets "
+                         f"{clamped}: unset {ENABLE_ENV} for this model")
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None and not model_config.enforce_eager:
         raise ValueError(f"{ENABLE_ENV}=1 needs an eager engine: pass enforce_eager=True (--enforce-eager). "
@@ -328,6 +333,14 @@ def _define_method():
             # Offloaded experts stay in host memory while vLLM post-processes weights (by default it moves a
             # layer's host parameters to the GPU for that, and back).
             self.requires_device_loading = self.engine.offload is None
+            # Weights saved after a vLLM backend's own conversion (swapped or shuffled halves) are not the
+            # layout moecache reads.
+            self.supports_pre_processed_weights = False
+
+        def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+            # vLLM's backends pad the sizes for their kernels and zero the padding in their own weight
+            # conversion, which moecache skips: unpadded sizes, so no uninitialised row is ever read.
+            return hidden_size, intermediate_size_per_partition
 
         @property
         def is_monolithic(self) -> bool:
