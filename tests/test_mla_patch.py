@@ -88,16 +88,24 @@ def test_left_padded_batch_matches_unpatched():
     ids[mask == 0] = 0
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    _patch_and_check_padded_prefill(model, ids, mask, [5, 8, 3])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(out, ref)
+    moecache.unpatch(model)
+
+
+def _patch_and_check_padded_prefill(model, ids, mask, stored):
+    """Patch the model; a left-padded prefill through a LatentKVCache stores `stored` tokens per request and
+    gives the unpatched model's logits on the real tokens."""
+    with torch.no_grad():
         ref_logits = model(ids, attention_mask=mask).logits
     moecache.patch(model)
     with torch.no_grad():
         cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
         out_logits = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
-        assert cache.layers[0].seq_lens.tolist() == [5, 8, 3]
-        assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert torch.equal(out, ref)
-    moecache.unpatch(model)
+    assert cache.layers[0].seq_lens.tolist() == stored
+    assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
 
 
 def test_left_padding_under_flex_attention_is_not_stored():
@@ -109,14 +117,7 @@ def test_left_padding_under_flex_attention_is_not_stored():
     mask[0, :3] = 0
     mask[2, :6] = 0
     ids[mask == 0] = 0
-    with torch.no_grad():
-        ref_logits = model(ids, attention_mask=mask).logits
-    moecache.patch(model)
-    with torch.no_grad():
-        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
-        out_logits = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
-    assert cache.layers[0].seq_lens.tolist() == [6, 9, 3]
-    assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
+    _patch_and_check_padded_prefill(model, ids, mask, [6, 9, 3])
     moecache.unpatch(model)
 
 
