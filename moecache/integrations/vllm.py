@@ -172,8 +172,7 @@ def _check_config(moe, vllm_config) -> tuple[str, bool]:
     if not gated:
         raise ValueError(f"moecache's vLLM backend runs the gated activations {sorted(ACTIVATIONS)}; this MoE layer "
                          f"uses {activation!r}: unset {ENABLE_ENV} for this model")
-    clamped = {k: getattr(moe, k, None) for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")}
-    clamped = {k: v for k, v in clamped.items() if v is not None}
+    clamped = {k: v for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta") if (v := getattr(moe, k, None)) is not None}
     if clamped:  # vLLM clamps the gate and up projections then (EXAONE-MoE, Bailing-MoE V3): another function
         raise ValueError(f"moecache's vLLM backend runs {activation!r} without a clamp; this MoE layer sets "
                          f"{clamped}: unset {ENABLE_ENV} for this model")

@@ -244,16 +244,31 @@ def refuse_double_backward(op: str) -> None:
                            "create_graph=True is not supported through it")
 
 
+def grads_by_recompute(compute, tensors, needs_input_grad, grad_outputs, num_inputs: int) -> tuple:
+    """An op's backward through its PyTorch reference: `compute(*tensors)` again with autograd, and the
+    gradients of the floating-point tensors whose needs_input_grad is set, placed among `num_inputs`
+    (None elsewhere). grad_outputs pair with compute's outputs; None ones (unused outputs) are skipped."""
+    wanted = [i for i, t in enumerate(tensors) if needs_input_grad[i] and t is not None and t.is_floating_point()]
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(i in wanted) if i in wanted else t for i, t in enumerate(tensors)]
+        outputs = compute(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs if isinstance(outputs, tuple) else (outputs,), grad_outputs)
+                 if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    allow_unused=True) if wanted else ()
+    result = [None] * num_inputs
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
 def _route_backward(ctx, grad_weights, _grad_ids):
     """The chosen experts' weights as functions of the logits (the choice itself has no gradient),
     differentiated through route_weights_reference."""
     refuse_double_backward("route")
     router_logits, ids = ctx.saved_tensors
-    with torch.enable_grad():
-        logits = router_logits.detach().requires_grad_(True)
-        weights = route_weights_reference(logits, ids, **ctx.options)
-        (grad_logits,) = torch.autograd.grad(weights, logits, grad_weights)
-    return grad_logits, None, None, None, None, None, None, None
+    return grads_by_recompute(lambda logits: route_weights_reference(logits, ids, **ctx.options), (router_logits,),
+                              ctx.needs_input_grad, (grad_weights,), 8)
 
 
 torch.library.register_autograd("moecache::route", _route_backward, setup_context=_route_setup_context)
@@ -408,6 +423,14 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
                                          expert_map, host_w_gate_up, host_w_down,
                                          (activation, gate_up_interleaved, gated, use_torch))
         return result if out is None else out.copy_(result)
+    return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                              host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out,
+                              use_torch)
+
+
+def _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out, use_torch):
+    """The reference (torch backend) or the kernels, into `out` when given."""
     if use_torch:
         result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
@@ -456,13 +479,9 @@ class _FusedMoeFunction(torch.autograd.Function):
         ctx.through_map = expert_map is not None
         if not ctx.through_map:
             ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down)
-        if use_torch:
-            return fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
-                                       expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
-                                       b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
-                                       gated=gated)
-        return _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                                 host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, None)
+        return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+                                  host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, None,
+                                  use_torch)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -473,20 +492,12 @@ class _FusedMoeFunction(torch.autograd.Function):
                                "under torch.no_grad() or torch.inference_mode(), or keep the experts resident (no "
                                "offload) to train through them")
         activation, gate_up_interleaved, gated, _ = ctx.options
-        saved = ctx.saved_tensors
-        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:7]) if needed]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(i in wanted) if t is not None and t.is_floating_point() else t
-                      for i, t in enumerate(saved)]
-            x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down = inputs
-            recomputed = fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
-                                             b_gate_up=b_gate_up, b_down=b_down,
-                                             gate_up_interleaved=gate_up_interleaved, gated=gated)
-            grads = torch.autograd.grad(recomputed, [inputs[i] for i in wanted], grad_out, allow_unused=True)
-        result = [None] * 11
-        for i, g in zip(wanted, grads):
-            result[i] = g
-        return tuple(result)
+
+        def layer(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down):
+            return fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
+                                       b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
+                                       gated=gated)
+        return grads_by_recompute(layer, ctx.saved_tensors, ctx.needs_input_grad, (grad_out,), 11)
 
 
 def _moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,

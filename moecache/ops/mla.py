@@ -17,6 +17,7 @@ from .api import (
     _value_checks_allowed,
     device_arch,
     eager_inference,
+    grads_by_recompute,
     refuse_double_backward,
     resolve_backend,
     run_direct,
@@ -171,18 +172,10 @@ def _mla_decode_backward(ctx, grad_out, grad_lse):
     """Gradients for the queries and the cache (the pages read), differentiated through
     mla_decode_reference (PyTorch ops, recomputed: no Triton backward kernels)."""
     refuse_double_backward("mla_decode")
-    q_latent, q_rope, kv_cache, block_table, seq_lens = ctx.saved_tensors
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(i in wanted) for i, t in enumerate((q_latent, q_rope, kv_cache))]
-        out, lse = mla_decode_reference(*inputs, block_table, seq_lens, scale=ctx.scale, return_lse=True)
-        pairs = [(o, g) for o, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                    allow_unused=True)
-    result = [None] * 6
-    for i, g in zip(wanted, grads):
-        result[i] = g
-    return tuple(result)
+    def attention(q_latent, q_rope, kv_cache, block_table, seq_lens):
+        return mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=ctx.scale,
+                                    return_lse=True)
+    return grads_by_recompute(attention, ctx.saved_tensors, ctx.needs_input_grad, (grad_out, grad_lse), 6)
 
 
 torch.library.register_autograd("moecache::mla_decode", _mla_decode_backward, setup_context=_mla_decode_setup_context)

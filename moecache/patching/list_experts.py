@@ -139,7 +139,7 @@ class StackedExperts:
         return [p for e in range(len(self.experts)) for p in self._params(e)]
 
     def bias_params(self) -> list[nn.Parameter]:
-        return [layer.bias for e in range(len(self.experts)) for layer in (*self._linears(e)[0], self._linears(e)[1])]
+        return [layer.bias for e in range(len(self.experts)) for layer in self._layers(e)]
 
     @staticmethod
     def _tracked(stacks: tuple[torch.Tensor, torch.Tensor], params: list[nn.Parameter]):
@@ -149,8 +149,12 @@ class StackedExperts:
         return _StackOfParameters.apply(stacks, *params)
 
     def _params(self, e: int) -> list[nn.Parameter]:
-        rows, d = self._linears(e)
-        return [layer.weight for layer in rows] + [d.weight]
+        return [layer.weight for layer in self._layers(e)]
+
+    def _layers(self, e: int) -> list[nn.Linear]:
+        """Expert e's linear layers in the stacks' order: its row layers, then its down layer."""
+        rows, down = self._linears(e)
+        return [*rows, down]
 
     def is_current(self) -> bool:
         """Whether the layers' weights are still views of the stack (load_state_dict(assign=True) replaces
@@ -205,15 +209,15 @@ class _StackOfParameters(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stacks, *params):
         first, second = stacks
-        per_expert = len(params) // first.shape[0]
-        ctx.rows = first.shape[1] // (per_expert - 1)
-        ctx.per_expert = per_expert
+        ctx.experts = first.shape[0]
+        ctx.per_expert = len(params) // ctx.experts
+        ctx.rows = first.shape[1] // (ctx.per_expert - 1)
         return first.detach(), second.detach()
 
     @staticmethod
     def backward(ctx, grad_first, grad_second):
         grads = []
-        for e in range(grad_first.shape[0] if grad_first is not None else grad_second.shape[0]):
+        for e in range(ctx.experts):
             for i in range(ctx.per_expert - 1):
                 grads.append(None if grad_first is None else grad_first[e, i * ctx.rows:(i + 1) * ctx.rows])
             grads.append(None if grad_second is None else grad_second[e])
