@@ -54,26 +54,33 @@ def _route_kernel(
                 b_m2 = tl.max(tl.where(o_e[None, :] == b_i1[:, None], float("-inf"), b_in), axis=1)
                 b_m1 = b_m1 + b_m2
             b_gscore = tl.where(o_g[None, :] == g, b_m1[:, None], b_gscore)
-        b_gscore = tl.where((o_g < N_GROUP)[None, :], b_gscore, float("-inf"))
+        # Picked groups are tracked in a mask, not by overwriting their score with -inf: a group whose
+        # score is already -inf (a -inf bias) must stay distinguishable from a picked one.
+        b_gfree = tl.broadcast_to((o_g < N_GROUP)[None, :], [BLOCK_T, BLOCK_G])
         b_allowed = tl.zeros([BLOCK_T, BLOCK_E], tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
-            b_gm = tl.max(b_gscore, axis=1)
-            b_gi = tl.min(tl.where(b_gscore == b_gm[:, None], o_g[None, :], BLOCK_G), axis=1)
+            b_gm = tl.max(tl.where(b_gfree, b_gscore, float("-inf")), axis=1)
+            b_gi = tl.min(tl.where(b_gfree & (b_gscore == b_gm[:, None]), o_g[None, :], BLOCK_G), axis=1)
             b_allowed = b_allowed | (g_of_e[None, :] == b_gi[:, None])
-            b_gscore = tl.where(o_g[None, :] == b_gi[:, None], float("-inf"), b_gscore)
+            b_gfree = b_gfree & (o_g[None, :] != b_gi[:, None])
         b_choice = tl.where(b_allowed & m_e[None, :], b_choice, float("-inf"))
+        b_free = b_allowed & m_e[None, :]
+    else:
+        b_free = tl.broadcast_to(m_e[None, :], [BLOCK_T, BLOCK_E])
 
     o_k = tl.arange(0, BLOCK_K)
     b_w = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     b_id = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for k in tl.static_range(TOP_K):
-        b_best = tl.max(b_choice, axis=1)
+        # Only experts not yet picked (and in a picked group) compete, so a -inf choice (a -inf bias)
+        # can still be picked, once, when nothing better is left.
+        b_best = tl.max(tl.where(b_free, b_choice, float("-inf")), axis=1)
         # Ties go to the lowest expert index (torch.topk's order on CUDA, and a stable descending sort's).
-        b_idx = tl.min(tl.where(b_choice == b_best[:, None], o_e[None, :], BLOCK_E), axis=1)
+        b_idx = tl.min(tl.where(b_free & (b_choice == b_best[:, None]), o_e[None, :], BLOCK_E), axis=1)
         b_val = tl.sum(tl.where(o_e[None, :] == b_idx[:, None], b_scores, 0.0), axis=1)
         b_w = tl.where(o_k[None, :] == k, b_val[:, None], b_w)
         b_id = tl.where(o_k[None, :] == k, b_idx[:, None], b_id)
-        b_choice = tl.where(o_e[None, :] == b_idx[:, None], float("-inf"), b_choice)
+        b_free = b_free & (o_e[None, :] != b_idx[:, None])
     if RENORMALIZE:
         b_w = b_w / (tl.sum(b_w, axis=1)[:, None] + 1e-20)
     b_w = b_w * tl.cast(scaling, tl.float32)  # fp32 even where torch.compile passes the float as fp64

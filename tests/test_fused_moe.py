@@ -49,6 +49,18 @@ def test_expert_map_permutes_slots(T):
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
 
 
+@pytest.mark.parametrize("T", [2, 21], ids=["decode", "grouped"])
+def test_a_strided_expert_map_is_read_by_its_strides(T):
+    """Regression: the kernels read the map as a contiguous row, so a column of a wider table (the value
+    checks indexed it correctly) sent tokens to other slots' experts."""
+    x, wgu, wd, w, ids = random_layer(T, 48, 32, 6, 2, torch.float32)
+    perm = torch.randperm(6)
+    table = torch.full((6, 3), 5, dtype=torch.int32)
+    table[perm, 1] = torch.arange(6, dtype=torch.int32)  # column 1: expert perm[s] sits in slot s
+    out = run_triton(x, wgu[perm].contiguous(), wd[perm].contiguous(), w, ids, expert_map=table[:, 1].to(DEVICE))
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
+
+
 @pytest.mark.parametrize("T", [3, 26], ids=["decode", "grouped"])
 def test_non_resident_experts_read_from_host(T):
     E, S = 8, 3  # 8 experts, 3 device slots
@@ -90,6 +102,18 @@ def test_gpt_oss_transposed_interleaved_with_biases(T):
 def test_zero_tokens():
     x, wgu, wd, w, ids = random_layer(0, 32, 16, 4, 2, torch.float32)
     assert ops.fused_moe(x, wgu, wd, w, ids, backend="triton").shape == (0, 32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_tokens_give_zero_gradients(backend):
+    """Regression: the empty output hung off no input, so a backward through a step with no tokens
+    raised, or left the experts' gradients None instead of zeros (as a matmul with no rows gives)."""
+    x, wgu, wd, w, ids = random_layer(0, 32, 16, 4, 2, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, wgu, wd, w)]
+    out = ops.fused_moe(x, wgu, wd, w, ids, backend=backend)
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
 
 
 def test_int64_ids_and_deterministic():

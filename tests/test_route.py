@@ -120,6 +120,7 @@ def test_half_precision_logits(backend):
     (dict(top_k=2, n_group=4, topk_group=5), "topk_group"),
     (dict(top_k=5, n_group=4, topk_group=2), "top_k=5 exceeds"),
     (dict(top_k=2, bias=torch.zeros(7)), "bias"),
+    (dict(top_k=2, bias=torch.zeros(8), n_group=8, topk_group=4), "one expert per group"),
     (dict(top_k=2, backend="cuda"), "backend"),
 ])
 def test_bad_input_names_the_argument(kwargs, match):
@@ -161,6 +162,50 @@ def test_non_finite_rows_get_valid_ids_and_nan_weights(case, backend):
         assert bad.tolist() == [False, False, True, False, False]
     assert torch.equal(torch.isnan(w).any(dim=1), bad)
     assert torch.equal(ids[~bad], ref_ids[~bad]) and torch.allclose(w[~bad], ref_w[~bad])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_or_expanded_bias_is_read_by_its_strides(backend):
+    """Regression: the kernel read the bias as a contiguous row, so a strided view picked other experts
+    and an expanded one read past its storage."""
+    logits = torch.randn(6, 8)
+    wide = torch.randn(8, 3)
+    for bias in (wide[:, 1], torch.tensor([0.3]).expand(8), torch.randn(16)[::2]):
+        w, ids = ops.route(logits, 3, scoring="sigmoid", bias=bias, backend=backend)
+        ref_w, ref_ids = deepseek_v3_router(logits, bias.contiguous(), 3, 1, 1, True, 1.0)
+        _assert_same_routing(w, ids, ref_w, ref_ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grouped", [False, True], ids=["ungrouped", "grouped"])
+def test_experts_with_a_minus_inf_bias_are_picked_last_and_once(backend, grouped):
+    """Regression: the kernel marked picked experts with -inf, so with experts disabled by a -inf bias it
+    picked the same expert again (and, grouped, the same group again)."""
+    E, K = 16, 8
+    logits = torch.randn(4, E)
+    bias = torch.full((E,), float("-inf"))
+    usable = [5, 6, 9, 10, 13, 14]  # two in each of groups 1, 2 and 3 of 4; group 0 scores -inf
+    bias[usable] = 0.0
+    kw = dict(n_group=4, topk_group=3) if grouped else {}
+    w, ids = ops.route(logits, K, scoring="sigmoid", bias=bias, backend=backend, **kw)
+    for row, scores in zip(ids.tolist(), logits.sigmoid()):
+        assert len(set(row)) == K
+        assert row[:6] == sorted(usable, key=lambda e: (-scores[e].item(), e))
+        # Then the disabled ones, lowest ids first, and grouped only from the picked groups.
+        assert row[6:] == ([4, 7] if grouped else [0, 1])
+    assert_close(w, logits.sigmoid().gather(1, ids.long()) / logits.sigmoid().gather(1, ids.long()).sum(1, True),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeping_every_group_is_no_restriction(backend):
+    """Regression: with one expert per group and every group kept, the kernel still scored groups by their
+    top two experts (-inf for a lone expert) and returned expert 0 K times."""
+    logits, bias = torch.randn(5, 8), torch.randn(8) * 0.1
+    plain = ops.route(logits, 3, scoring="sigmoid", bias=bias, backend=backend)
+    grouped = ops.route(logits, 3, scoring="sigmoid", bias=bias, n_group=8, topk_group=8, backend=backend)
+    assert torch.equal(plain[1], grouped[1]) and torch.equal(plain[0], grouped[0])
+    assert all(len(set(row)) == 3 for row in grouped[1].tolist())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

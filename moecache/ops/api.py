@@ -194,6 +194,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
     if bias is not None:
         _check(bias.shape == (E,), f"bias must have shape [E]=({E},), got {tuple(bias.shape)}")
         _check(bias.device == router_logits.device, f"bias is on {bias.device}, router_logits on {router_logits.device}")
+        bias = bias.contiguous()  # E values; the kernel reads them as one row
     grouped = n_group is not None and n_group > 1
     if grouped:
         _check(E % n_group == 0, f"n_group={n_group} must divide the number of experts E={E}")
@@ -201,6 +202,10 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
                f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
         _check(top_k <= topk_group * (E // n_group),
                f"top_k={top_k} exceeds the experts in topk_group={topk_group} groups of {E // n_group}")
+        grouped = topk_group < n_group  # keeping every group is no restriction
+        _check(not grouped or bias is None or E // n_group >= 2,
+               f"n_group={n_group} leaves one expert per group, but with a bias (noaux_tc) a group scores by its "
+               "top two experts: use n_group <= E / 2, or n_group=None")
     if resolve_backend(backend, router_logits.device) == "torch":
         return route_reference(router_logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
                                n_group=n_group, topk_group=topk_group, scaling=scaling)
@@ -410,14 +415,19 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
                f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
         _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
+    differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if hidden_states.shape[1] == 0 or hidden_states.shape[0] == 0:
-        # Nothing to compute: no tokens or no hidden units.
+        # Nothing to compute: no tokens or no hidden units. The empty result still hangs off the inputs
+        # that need grad, so their gradients are zeros (as a matmul's with no rows), not missing.
         result = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
+        if needs_grad:
+            for t in differentiable:
+                if t is not None and t.requires_grad:
+                    result = result + 0 * t.sum()
         return result if out is None else out.copy_(result)
     # Zero-width experts output their down bias (zeros without one): nothing for the kernels to do.
     use_torch = resolve_backend(backend, hidden_states.device) == "torch" or w_down.shape[2] == 0
-    differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if needs_grad and (expert_map is not None or not use_torch):
         result = _FusedMoeFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down,
                                          expert_map, host_w_gate_up, host_w_down,
@@ -447,10 +457,11 @@ def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, 
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     # The kernels index [T, K] routing tensors as contiguous rows (slices of wider ones get copied) and
     # read them in their own dtypes (int32/int64 ids, any float weights, widened to fp32 as they are
-    # loaded), so a model's int64 top-k and bf16 weights cost no conversion launches.
+    # loaded), so a model's int64 top-k and bf16 weights cost no conversion launches. The expert map
+    # (E values) is read as one row too.
     args = (hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
             w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
-            expert_map, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
+            expert_map.contiguous() if expert_map is not None else None, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
     if eager_inference(*(a for a in args if isinstance(a, torch.Tensor))):
         run_direct("moecache::fused_moe", _fused_moe_kernels, *args, None)
         # As the op would: autograd must see that out changed (a graph that saved it then refuses backward).

@@ -44,8 +44,12 @@ def route_reference(
         group_idx = _topk_lowest_index_first(group_scores, topk_group)
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
-    ids = _topk_lowest_index_first(choice, top_k)
+        # Experts of the picked groups come first even where their choice is -inf (a -inf bias).
+        order = torch.sort(choice, dim=-1, descending=True, stable=True).indices
+        allowed_first = torch.sort(expert_mask.gather(1, order).to(torch.int8), dim=-1, descending=True, stable=True)
+        ids = order.gather(1, allowed_first.indices[:, :top_k])
+    else:
+        ids = _topk_lowest_index_first(choice, top_k)
     return route_weights_reference(router_logits, ids, scoring=scoring, renormalize=renormalize,
                                    scaling=scaling), ids.to(torch.int32)
 
