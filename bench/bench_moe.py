@@ -165,6 +165,7 @@ def main(argv=None):
         shape = {"name": name, "T": T, "H": H, "I": I, "E": E, "K": K, "dtype": str(dtype).replace("torch.", ""),
                  "experts_touched": touched}
         base_ms = {}
+        first_row = len(rows)
         for provider in providers:
             if provider == "hf_loop" and T > 4096:
                 continue  # minutes per shape; its trend is clear well before
@@ -196,12 +197,13 @@ def main(argv=None):
                 speedup = f"{vs / timing['ms']:.2f}x" if vs and provider.startswith("moecache") else ""
                 lines.append(f"{name:<28}{T:>6}  {provider + ':' + mode:<18}{timing['ms']:>9.4f}{r['gbps']:>9.0f}"
                              f"{r['tflops']:>9.1f}{100 * r.get('frac_hbm_read', 0):>6.0f}%  {speedup}")
+        if args.json:  # after each point: a run stopped at its time limit keeps the points it finished
+            table = os.environ.get("MOECACHE_MOE_CONFIG")  # a tuned block-config table, if one was used
+            append_rows(args.json, [{**r, "ceilings": ceilings, "config_table": table} for r in rows[first_row:]])
     print(header)
     print("\n".join(lines))
     if args.json:
-        table = os.environ.get("MOECACHE_MOE_CONFIG")  # a tuned block-config table, if one was used
-        path = append_rows(args.json, [{**r, "ceilings": ceilings, "config_table": table} for r in rows])
-        print(f"{len(rows)} rows appended to {path}")
+        print(f"{len(rows)} rows appended to {args.json}")
     return rows
 
 

@@ -1,8 +1,14 @@
 # Shared by gpu_smoke.sh and gpu_bench.sh: stage timing against one deadline, logs under $OUT.
 # Every stage appends to $OUTDIR/run.log (through `stage`), so a run killed at any point still reports.
+# The rows the stages write (JSON lines, the ceilings, a tuned table) collect in $ROWS, outside $OUT, and
+# are packed into $OUTDIR/rows.tgz after every stage: $OUT then holds at most six files (the device
+# tool brings back eight), and a run killed mid-stage keeps every row written so far.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=${OUT:-$ROOT/bench/results/gpu-run}
+ROWS=${ROWS:-/tmp/moecache-gpu-rows}
 mkdir -p "$OUTDIR"
+[ "${APPEND:-0}" = 1 ] || rm -rf "$ROWS"
+mkdir -p "$ROWS"
 LOG="$OUTDIR/run.log"
 SUMMARY="$OUTDIR/summary.txt"   # gpu_smoke.sh starts it, gpu_bench.sh appends
 JUNIT_DIR=${JUNIT_DIR:-$OUTDIR}
@@ -38,12 +44,15 @@ stage() {
   else
     timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1; rc=$?
   fi
+  pack_rows
   local took=$(( $(date +%s) - t0 ))
   local what="ok"
   (( rc == 124 || rc == 137 )) && what="timeout" || { (( rc != 0 )) && what="rc=$rc"; }
   echo "$name: $what (${took}s)" | tee -a "$SUMMARY"
   return 0
 }
+
+pack_rows() { [ -n "$(ls -A "$ROWS")" ] && tar czf "$OUTDIR/rows.tgz" -C "$ROWS" . ; return 0; }
 
 # Build moecache with CUDA unless this machine already has it installed (REBUILD=1 forces a build).
 ensure_built() {

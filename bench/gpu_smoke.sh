@@ -5,7 +5,7 @@
 # Stages: versions and driver; ceilings while moecache builds with CUDA; every kernel at the real shapes
 # in bf16 against the fp32 references (bench/gpu_smoke.py); the gpu-marked tests without torch.compile;
 # compute-sanitizer memcheck on tiny cases; the torch.compile tests; a summary. Files in $OUT:
-# run.log, summary.txt, smoke.jsonl, ceilings.json, pytest.xml, pytest-compile.xml.
+# run.log, summary.txt, pytest.xml, pytest-compile.xml, and rows.tgz (smoke.jsonl, ceilings.json).
 set -uo pipefail
 source "$(dirname "$0")/gpu_lib.sh"
 cd "$ROOT"
@@ -18,12 +18,12 @@ log "versions"
   python3 -c "import transformers; print('transformers', transformers.__version__)"; nvcc --version | tail -1; } >> "$LOG" 2>&1
 
 # The build uses the CPUs, the ceilings the GPU: run them side by side.
-stage ceilings 90 python3 bench/ceilings.py --json "$OUTDIR/ceilings.json" &
+stage ceilings 90 python3 bench/ceilings.py --json "$ROWS/ceilings.json" &
 CEIL=$!
 ensure_built
 wait $CEIL
 stage info 30 bash -c 'cd /tmp && python3 -m moecache info'
-stage kernels-bf16 ${SMOKE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/gpu_smoke.py' --json '$OUTDIR/smoke.jsonl'"
+stage kernels-bf16 ${SMOKE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/gpu_smoke.py' --json '$ROWS/smoke.jsonl'"
 stage gpu-tests ${TESTS_LIMIT:-150} pytest -v --tb=short -p no:cacheprovider -m "gpu and not compile" --durations=15 \
   ${TESTS_K:+-k "$TESTS_K"} \
   --junitxml="$JUNIT_DIR/pytest.xml"

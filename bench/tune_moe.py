@@ -157,9 +157,10 @@ def main(argv=None) -> int:
             print(f"{name} T={T}: {best['ms']:.4f} ms with {best['config']} ({note}; {len(tried)} tried)", flush=True)
             for t in sorted(tried, key=lambda t: t.get("ms", float("inf"))):
                 print(f"    {t.get('ms', float('nan')):.4f} ms  {t['config']}  {t.get('error', '')}", flush=True)
-    table.update({"device_slug": slug, "tuned_with": environment()})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            # After each point: a run stopped at its time limit keeps the points it finished.
+            table.update({"device_slug": slug, "tuned_with": environment()})
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out_path}")
     return 0
 

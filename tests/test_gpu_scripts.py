@@ -17,7 +17,7 @@ def _bash(script: str, out: Path, **env):
 
 
 @needs_source
-@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_bench.sh", "gpu_study.sh 1"])
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_bench.sh", "gpu_study.sh 1", "gpu_run.sh"])
 def test_dry_run_plans_every_stage_in_order(script, tmp_path):
     proc = _bash(f"bash bench/{script}", tmp_path, DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
@@ -25,7 +25,10 @@ def test_dry_run_plans_every_stage_in_order(script, tmp_path):
     planned = [line.split("timeout ")[1].split()[0] for line in log.splitlines() if line.startswith("DRY_RUN:")]
     assert planned and all(int(limit) > 0 for limit in planned)
     summary = (tmp_path / "summary.txt").read_text()
-    if script == "gpu_smoke.sh":
+    if script == "gpu_run.sh":  # both, the bench within what the smoke run left of the total
+        assert "compile-tests: ok" in summary and "tune: ok" in summary
+        assert summary.index("compile-tests") < summary.index("bench_moe")
+    elif script == "gpu_smoke.sh":
         order = ["kernels-bf16", "gpu-tests", "sanitizer", "compile-tests"]
         assert [s for s in order if f"{s}: ok" in summary] == order
         assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
@@ -82,6 +85,29 @@ def test_failures_skip_and_only(tmp_path):
     proc = _bash(script, tmp_path / "only", ONLY="kept")
     summary = (tmp_path / "only" / "summary.txt").read_text()
     assert summary.strip() == "kept: ok (0s)"
+
+
+@needs_source
+def test_rows_are_packed_after_every_stage_and_out_stays_small(tmp_path):
+    """The device tool brings back at most eight files from $OUT: rows collect outside it and are packed
+    into rows.tgz after each stage, so a stage killed at its limit keeps what the earlier ones wrote;
+    APPEND=1 (the second script of a call) adds to the rows of the first."""
+    import tarfile
+
+    rows = tmp_path / "rows"
+    first = ('source bench/gpu_lib.sh; : > "$SUMMARY"; stage one 30 bash -c "echo 1 >> $ROWS/a.jsonl"; '
+             'stage two 10 bash -c "echo 2 >> $ROWS/b.jsonl; sleep 30"')
+    proc = _bash(first, tmp_path / "out", ROWS=str(rows))
+    assert proc.returncode == 0, proc.stderr
+    second = 'source bench/gpu_lib.sh; stage three 30 bash -c "echo 3 >> $ROWS/a.jsonl"'
+    proc = _bash(second, tmp_path / "out", ROWS=str(rows), APPEND="1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rows.tgz", "run.log", "summary.txt"]
+    assert "two: timeout" in (tmp_path / "out" / "summary.txt").read_text()
+    with tarfile.open(tmp_path / "out" / "rows.tgz") as tar:
+        assert tar.extractfile("./a.jsonl").read() == b"1\n3\n" and tar.extractfile("./b.jsonl").read() == b"2\n"
+    proc = _bash('source bench/gpu_lib.sh; ls -A "$ROWS"', tmp_path / "out", ROWS=str(rows))
+    assert proc.stdout == ""  # a script run on its own starts with no rows
 
 
 @needs_source

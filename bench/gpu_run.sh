@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Both GPU scripts in one device call (the device time allows one warm machine, not two cold starts):
+# gpu_smoke.sh within SMOKE_BUDGET seconds, then gpu_bench.sh within what is left of TOTAL. Give the call
+# a timeout of TOTAL + 30 s or more. Files under $OUT: run.log, summary.txt, pytest.xml,
+# pytest-compile.xml and rows.tgz (every JSON row, the ceilings and a tuned table).
+#   bash bench/gpu_run.sh
+#   DRY_RUN=1 bash bench/gpu_run.sh     (CPU: the plan of both, nothing run)
+set -uo pipefail
+HERE=$(dirname "$0")
+TOTAL=${TOTAL:-540}
+SMOKE_BUDGET=${SMOKE_BUDGET:-290}
+T0=$(date +%s)
+BUDGET=$SMOKE_BUDGET bash "$HERE/gpu_smoke.sh"
+LEFT=$(( TOTAL - ($(date +%s) - T0) ))
+APPEND=1 BUDGET=$LEFT bash "$HERE/gpu_bench.sh"
