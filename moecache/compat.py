@@ -97,6 +97,20 @@ def experts_flags(module) -> tuple[bool, bool, bool]:
             getattr(module, "gate_up_proj_bias", None) is not None)
 
 
+def has_own_gate_function(module) -> bool:
+    """Whether a fused experts module's class computes its gate with a function of its own (a clamp, a
+    softcap, GPT-OSS's GLU): transformers' experts implementations call `_apply_gate`, which its
+    experts decorator sets to act(gate) * up where a family defines none."""
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None:
+        return False
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return True
+    return gate is not _default_apply_gate
+
+
 def set_experts_implementation(model, name: str) -> None:
     """Select transformers' own experts implementation ("eager", "grouped_mm", ...) where it exists."""
     setter = getattr(model, "set_experts_implementation", None)

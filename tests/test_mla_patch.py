@@ -336,3 +336,53 @@ def test_attention_left_alone_is_reported_once_with_a_count_and_in_stats(caplog)
     assert "_moecache_left_alone" not in model.__dict__
     with pytest.raises(ValueError, match="cannot be patched"):
         moecache.patch(model, strict=True)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ("indexer", "it has parts moecache's MLA does not run (indexer)"),
+    ("gated_query", "it has parts moecache's MLA does not run (q_gate_proj)"),
+    ("lora_scales", "it has scale factors moecache's MLA does not apply (mla_scale_kv_lora, mla_scale_q_lora)"),
+])
+def test_mla_modules_with_parts_or_scales_of_their_own_are_left_alone(change, reason):
+    """Regression: DeepSeek-V3.2 and GLM-DSA (a sparse indexer), AXK2 (a gated query projection) and
+    LongCat (scaled latents) passed the structural check and were patched as plain MLA: dense attention
+    over other queries and keys, or an AttributeError in generate."""
+    model = MODELS["v3-interleaved"]()
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if change == "indexer":
+            attn.indexer = torch.nn.Linear(8, 8)
+        elif change == "gated_query":
+            attn.q_gate_proj = attn.q_b_proj
+            del attn.q_b_proj
+        else:
+            attn.mla_scale_q_lora, attn.mla_scale_kv_lora = 2.0, 1.5
+    moecache.patch(model)
+    left = [item for item in moecache.stats(model)["left_alone"] if item["kind"] == "MLA attention"]
+    assert [item["reason"] for item in left] == [reason] * model.config.num_hidden_layers
+    assert not any(isinstance(m, MoecacheMLA) for m in model.modules())
+    moecache.unpatch(model)
+
+
+def test_rope_follows_the_function_the_attention_calls_when_the_config_does_not_say():
+    """Regression: DeepSeek-V3.2 always interleaves its rope and its config has no rope_interleave, so the
+    plain rope was used."""
+    if "deepseek_v32" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V3.2")
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as source
+
+    from moecache.patching.attention import rope_for
+
+    config = transformers.AutoConfig.for_model(
+        "deepseek_v32", vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, kv_lora_rank=R, q_lora_rank=24, qk_rope_head_dim=P, qk_nope_head_dim=8,
+        v_head_dim=16, n_group=1, topk_group=1)
+    assert not hasattr(config, "rope_interleave")
+    attn = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 5, P), torch.randn(1, 1, 5, P)
+    cos, sin = torch.randn(1, 5, P), torch.randn(1, 5, P)
+    got = rope_for(attn, config)(q, k, {"position_embeddings": (cos, sin)})
+    want = source.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not all(torch.equal(a, b) for a, b in zip(got, source.apply_rotary_pos_emb(q, k, cos, sin)))

@@ -479,3 +479,87 @@ def test_the_cache_of_an_offloaded_model_closes_only_through_unpatch():
         moecache.expert_cache(model).close()
     moecache.unpatch(model)
     assert_model_restored(model, before)
+
+
+class _ClampedExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+    """A gate function of its own, as DeepSeek-V4's and Step-3's experts have."""
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=0.1)) * up
+
+
+class _Softcap(torch.nn.Module):
+    def forward(self, x):
+        return 3 * torch.tanh(torch.nn.functional.silu(x) / 3)
+
+
+def _change_experts(model, change):
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        if change == "apply_gate":
+            experts.__class__ = _ClampedExperts
+        elif change == "post_norm":
+            experts.post_expert_norm = torch.nn.RMSNorm(experts.hidden_dim)
+        elif change == "scale":
+            experts.output_scale = torch.nn.Parameter(torch.ones(()))
+        elif change == "unknown_activation":
+            experts.act_fn = _Softcap()
+        else:  # a config field other than hidden_act names it (Gemma 4: hidden_activation)
+            experts.act_fn = torch.nn.GELU(approximate="tanh")
+
+
+@pytest.mark.parametrize("change", ["apply_gate", "post_norm", "scale", "unknown_activation"])
+def test_experts_computing_more_than_act_gate_times_up_are_left_alone(change, caplog):
+    """Regression: any module with 3-D gate_up_proj/down_proj was patched as a plain GLU with the config's
+    hidden_act, so experts with a clamp (_apply_gate), a norm or scale of their own, or an activation
+    module the kernels lack gave other outputs with no warning."""
+    model = build("mixtral")
+    _change_experts(model, change)
+    ids = torch.randint(3, 96, (2, 7))
+    ref, before = logits(model, ids), snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        moecache.patch(model)
+    left = moecache.stats(model)["left_alone"]
+    assert len(left) == 3 and all(item["kind"] == "experts" for item in left)
+    assert "left alone" in caplog.text and not moecache.stats(model)["patched"]
+    assert torch.equal(logits(model, ids), ref)
+    assert_restored(model, before)
+    with pytest.raises(ValueError, match="mlp.experts"):
+        moecache.patch(model, strict=True)
+
+
+def test_fused_experts_take_their_own_activation_module_over_the_config():
+    """Gemma 4's experts apply ACT2FN[config.hidden_activation] and its config has no hidden_act: the
+    module's own act_fn decides, not the silu default."""
+    model = build("mixtral")
+    _change_experts(model, "own_activation")
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids)
+    moecache.patch(model)
+    assert [layer["activation"] for layer in moecache.stats(model)["layers"]] == ["gelu_tanh"] * 3
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+NEWER_FAMILIES = {  # (model_type, extra config): experts the structural detection must not take for a plain GLU
+    "deepseek_v4": dict(moe_intermediate_size=32, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2,
+                        swiglu_limit=0.5),
+    "minimax_m3_vl_text": dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+    "inkling2_text": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("model_type", list(NEWER_FAMILIES))
+def test_newer_families_with_other_expert_math_are_left_alone(model_type):
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    config = transformers.AutoConfig.for_model(model_type, **dict(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128), **NEWER_FAMILIES[model_type])
+    torch.manual_seed(0)
+    model = builders.randomize(transformers.AutoModel.from_config(config), 0)
+    moecache.patch(model)
+    left = moecache.stats(model)["left_alone"]
+    assert left and all(item["kind"] == "experts" for item in left), left
+    assert not moecache.stats(model)["patched"]

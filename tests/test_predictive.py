@@ -162,6 +162,32 @@ def test_predictive_offload_stats_add_up():
     moecache.unpatch(model)
 
 
+def test_reset_stats_zeroes_what_stats_counts_and_keeps_the_cache_warm():
+    model = _tiny_deepseek()
+    ids = torch.randint(3, 96, (1, 6))
+    with pytest.raises(ValueError, match="not patched"):
+        moecache.reset_stats(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", lookahead=2))
+    with torch.no_grad():
+        model(ids)
+        before = moecache.stats(model)
+        moecache.reset_stats(model)
+        zeroed = moecache.stats(model)
+        model(ids)
+    after = moecache.stats(model)
+    assert before["calls"] > 0 and before["cache"]["requests"] > 0 and before["prediction"]["predictor_seconds"] > 0
+    assert zeroed["calls"] == zeroed["tokens"] == 0 and all(layer["calls"] == 0 for layer in zeroed["layers"])
+    assert zeroed["attention"] and all(v == 0 for a in zeroed["attention"] for k, v in a.items() if k != "layer")
+    for name, value in zeroed["cache"].items():
+        assert value == ([0] * len(value) if isinstance(value, list) else 0), name
+    assert zeroed["prediction"]["per_layer"] == [] and zeroed["prediction"]["predictor_seconds"] == 0
+    # The same forward again counts the same calls and tokens; the warm cache now hits.
+    assert (after["calls"], after["tokens"]) == (before["calls"], before["tokens"])
+    assert [a["prefill"] for a in after["attention"]] == [a["prefill"] for a in before["attention"]]
+    assert after["cache"]["requests"] == before["cache"]["requests"] and after["cache"]["hits"] > 0
+    moecache.unpatch(model)
+
+
 def test_predictions_without_prefetch_cost_no_copies():
     """policy predictive with prefetch=False: the predictor runs (its cost can be measured alone) and
     steers eviction, but copies only what is missed."""

@@ -116,6 +116,11 @@ class LookaheadPredictor:
             s.correct += len(guess & used_set)
             s.actual += len(used_set)
 
+    def reset_stats(self) -> None:
+        """Zero the recall/precision counts and the host time; pending guesses and the prior stay."""
+        self.stats = {key: PredictionStats() for key in self.stats}
+        self.seconds = 0.0
+
     def summary(self) -> dict:
         per = [{"layer": layer, "depth": d, "predicted": s.predicted, "correct": s.correct, "actual": s.actual,
                 "recall": s.recall, "precision": s.precision} for (layer, d), s in sorted(self.stats.items())

@@ -24,7 +24,15 @@ from ..cache import ExpertCache
 from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
-from .families import FoundExperts, find_experts, find_router, installed, layout_for, make_experts
+from .families import (
+    FoundExperts,
+    UnsupportedExperts,
+    find_experts,
+    find_router,
+    installed,
+    layout_for,
+    make_experts,
+)
 from .generate import install_latent_cache_default, remove_latent_cache_default
 from .offload import (
     Offload,
@@ -37,7 +45,8 @@ from .offload import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "stats", "Offload", "prefetch_allowance", "patched_experts", "routers", "expert_cache"]
+__all__ = ["patch", "unpatch", "stats", "reset_stats", "Offload", "prefetch_allowance", "patched_experts", "routers",
+           "expert_cache"]
 
 _STATE = "_moecache_patch"
 _LEFT_ALONE = "_moecache_left_alone"
@@ -119,11 +128,12 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
         if isinstance(f.module, MoecacheExperts):
             plan.experts_patched += 1
             continue
-        layout = layout_for(model, f)
-        if layout is None:
-            reason = "an activation the kernels lack"
+        try:
+            layout = layout_for(model, f)
+        except UnsupportedExperts as unsupported:
+            reason = str(unsupported)
             if strict:
-                raise ValueError(f"moecache.patch: {f.name} ({type(f.module).__name__}) uses {reason}")
+                raise ValueError(f"moecache.patch: {f.name} ({type(f.module).__name__}) uses {reason}") from None
             left_alone.append({"name": f.name, "kind": "experts", "type": type(f.module).__name__, "reason": reason})
             continue
         plan.experts.append((f, layout))
@@ -290,6 +300,24 @@ def stats(model: nn.Module) -> dict:
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
             "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
             "attention": attention, "left_alone": left_alone}
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero every counter stats(model) reports (after a warm-up, say): the layers' calls and tokens, the
+    MLA attention's calls, the expert cache's counters and the predictor's scores and host time. What
+    steers caching (residency, priorities, the predictor's frequency prior) is kept."""
+    state: PatchState | None = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("moecache.reset_stats: the model is not patched")
+    for r in state.replaced:
+        if isinstance(r.new, MoecacheExperts):
+            r.new.calls = r.new.tokens = 0
+        elif isinstance(r.new, MoecacheMLA):
+            r.new.calls = dict.fromkeys(r.new.calls, 0)
+    if state.cache is not None:
+        state.cache.reset_stats()
+    if state.predictor is not None:
+        state.predictor.reset_stats()
 
 
 def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]:

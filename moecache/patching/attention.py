@@ -2,6 +2,7 @@
 the model's own rotary embedding function, so MoecacheMLA can take their place."""
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +13,11 @@ from ..layers.mla import MoecacheMLA
 
 MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 MLA_SIZES = ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# Everything MoecacheMLA computes with: a module with other parts (DeepSeek-V3.2's and GLM-DSA's sparse
+# indexer, a gated query projection) or other scale factors (LongCat's) computes something else.
+MLA_CHILDREN = {*MLA_PARTS, "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "rotary_emb"}
+MLA_QUERY_PATHS = (("q_proj",), ("q_a_proj", "q_a_layernorm", "q_b_proj"))
+MLA_FLOATS = {"scaling", "softmax_scale", "attention_dropout", "rope_theta"}
 
 
 @dataclass
@@ -28,6 +34,26 @@ class AttentionPlan:
 def is_mla_attention(module: nn.Module) -> bool:
     return (all(isinstance(getattr(module, n, None), nn.Module) for n in MLA_PARTS)
             and all(isinstance(getattr(module, a, None), int) for a in MLA_SIZES))
+
+
+def unsupported_parts(module: nn.Module) -> str | None:
+    """Why MoecacheMLA cannot stand in for this MLA module, or None."""
+    extra = sorted(name for name, _ in module.named_children() if name not in MLA_CHILDREN)
+    if extra:
+        return f"it has parts moecache's MLA does not run ({', '.join(extra)})"
+    if not any(all(isinstance(getattr(module, n, None), nn.Module) for n in path) for path in MLA_QUERY_PATHS):
+        return "its query projection is neither q_proj nor q_a_proj, q_a_layernorm and q_b_proj"
+    scales = sorted(name for name, value in vars(module).items()
+                    if isinstance(value, float) and not name.startswith("_") and name not in MLA_FLOATS)
+    if scales:
+        return f"it has scale factors moecache's MLA does not apply ({', '.join(scales)})"
+    return None
+
+
+def _functions_called(module: nn.Module) -> set[str]:
+    """Global and attribute names the module's forward refers to (through its decorators)."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return set(code.co_names) if code is not None else set()
 
 
 def rope_for(module: nn.Module, config):
@@ -48,7 +74,13 @@ def rope_for(module: nn.Module, config):
         apply = source.apply_rotary_emb
         return lambda q, k, call: apply(q, k, call["position_embeddings"].to(q.device))
     if hasattr(source, "apply_rotary_pos_emb"):  # transformers DeepSeek-V3: (cos, sin)
-        interleave = getattr(config, "rope_interleave", False)
+        # DeepSeek-V3 picks by config.rope_interleave; some families (DeepSeek-V3.2, LongCat) always
+        # interleave and have no such field: the functions the forward calls decide.
+        called = _functions_called(module)
+        interleaved_only = "apply_rotary_pos_emb_interleave" in called and "apply_rotary_pos_emb" not in called
+        interleave = interleaved_only or getattr(config, "rope_interleave", False)
+        if interleave and not hasattr(source, "apply_rotary_pos_emb_interleave"):
+            return None
         apply = source.apply_rotary_pos_emb_interleave if interleave else source.apply_rotary_pos_emb
 
         def rope(q, k, call):
@@ -71,10 +103,11 @@ def plan_attention(model: nn.Module, strict: bool, left_alone: list) -> list[Att
             rope = rope_for(child, text_config)
             scale = getattr(child, "scaling", getattr(child, "softmax_scale", None))
             cache_arg = compat.attention_cache_argument(child.forward)
-            why = ("no rotary embedding function it uses was recognised" if rope is None else
-                   "no softmax scale attribute" if scale is None else
-                   f"its forward takes none of the cache arguments {compat.CACHE_ARGUMENTS}" if cache_arg is None
-                   else None)
+            why = unsupported_parts(child) or (
+                "no rotary embedding function it uses was recognised" if rope is None else
+                "no softmax scale attribute" if scale is None else
+                f"its forward takes none of the cache arguments {compat.CACHE_ARGUMENTS}" if cache_arg is None
+                else None)
             if why:
                 if strict:
                     raise ValueError(f"moecache.patch: MLA attention {qualified} ({type(child).__name__}) "

@@ -66,8 +66,19 @@ class FoundExperts:
         return list(self.module.keys()) if isinstance(self.module, nn.ModuleDict) else [str(i) for i in range(len(self.module))]
 
 
-def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout | None:
-    """The layout of these experts, or None when their activation is one the kernels lack."""
+class UnsupportedExperts(ValueError):
+    """These experts compute something the kernels do not (the message says what)."""
+
+
+LACKED_ACTIVATION = "an activation the kernels lack"
+# What a fused experts module may hold for the kernels to compute it: anything else (a norm after the
+# experts, a learned scale) is math they would skip.
+FUSED_PARAMETERS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+ACT_ATTRIBUTES = ("act_fn", "activation_fn", "act", "activation")
+
+
+def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
+    """The layout of these experts; raises UnsupportedExperts when the kernels cannot compute them."""
     if found.names is not None:
         first = found.mlps[0]
         act = activation_of(first)
@@ -75,7 +86,7 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout | None:
             config = compat.text_config(model) or getattr(found.parent, "config", None)
             act = ACTIVATIONS.get(getattr(config, "hidden_act", "silu"))
         if act is None or (not found.names.gated and act not in ops.NON_GATED_ACTIVATIONS):
-            return None
+            raise UnsupportedExperts(LACKED_ACTIVATION)
         return ExpertsLayout(activation=act, gated=found.names.gated,
                              has_bias=getattr(first, found.names.gate).bias is not None)
     config = getattr(model, "config", None) or getattr(found.parent, "config", None)
@@ -88,16 +99,39 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout | None:
     if layout is None:
         transposed, interleaved, has_bias = compat.experts_flags(found.module)
         layout = ExpertsLayout(transposed=transposed, interleaved=interleaved, has_bias=has_bias)
+    _check_holds_only_weights(found.module)
     if layout.activation != "swiglu_oai":
-        act = getattr(config, "hidden_act", "silu")
-        if act not in ACTIVATIONS:
-            return None
-        return ExpertsLayout(activation=ACTIVATIONS[act], transposed=layout.transposed,
+        if compat.has_own_gate_function(found.module):
+            raise UnsupportedExperts("a gate function of its own (_apply_gate) in place of act(gate) * up")
+        return ExpertsLayout(activation=_activation_of_fused(found.module, config), transposed=layout.transposed,
                              interleaved=layout.interleaved, has_bias=layout.has_bias)
     if (getattr(found.module, "alpha", SWIGLU_OAI_ALPHA), getattr(found.module, "limit", SWIGLU_OAI_LIMIT)) != (
             SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT):
-        return None
+        raise UnsupportedExperts("a clamped GLU with other constants than GPT-OSS's")
     return layout
+
+
+def _check_holds_only_weights(module: nn.Module) -> None:
+    extra = sorted({name for name, _ in module.named_parameters(recurse=False)} - FUSED_PARAMETERS)
+    extra += sorted(name for name, child in module.named_children()
+                    if name not in ACT_ATTRIBUTES or any(True for _ in child.parameters()))
+    if extra or getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedExperts(f"parts besides the expert weights ({', '.join(extra) or 'a post-expert norm'})")
+
+
+def _activation_of_fused(module: nn.Module, config) -> str:
+    """The module's own activation where it has one (some families take it from another config field
+    than hidden_act), else the config's."""
+    act = activation_of(module)
+    if act is not None:
+        return act
+    own = next((getattr(module, a) for a in ACT_ATTRIBUTES if getattr(module, a, None) is not None), None)
+    if own is not None:
+        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({type(own).__name__ if isinstance(own, nn.Module) else own!r})")
+    name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+    if name not in ACTIVATIONS:
+        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({name})")
+    return ACTIVATIONS[name]
 
 
 def is_fused_experts(module: nn.Module) -> bool:
