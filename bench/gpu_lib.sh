@@ -1,14 +1,15 @@
 # Shared by gpu_smoke.sh and gpu_bench.sh: stage timing against one deadline, logs under $OUT.
 # Every stage appends to $OUTDIR/run.log (through `stage`), so a run killed at any point still reports.
 # The rows the stages write (JSON lines, the ceilings, a tuned table) collect in $ROWS, outside $OUT, and
-# are packed into $OUTDIR/rows.tgz after every stage: $OUT then holds at most six files (the device
-# tool brings back eight), and a run killed mid-stage keeps every row written so far.
+# are packed into $OUTDIR/rows.tgz after every stage: $OUT then holds at most five files (the device
+# tool brings back eight), and a stage stopped at its own limit keeps every row written so far (a call
+# the device tool itself stops loses the rows of the stage then running).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=${OUT:-$ROOT/bench/results/gpu-run}
 ROWS=${ROWS:-/tmp/moecache-gpu-rows}
-mkdir -p "$OUTDIR"
-[ "${APPEND:-0}" = 1 ] || rm -rf "$ROWS"
-mkdir -p "$ROWS"
+mkdir -p "$OUTDIR" "$ROWS"
+# A fresh run starts without the rows of an earlier one (only the files the stages write are removed).
+[ "${APPEND:-0}" = 1 ] || rm -f "$ROWS"/*.jsonl "$ROWS"/ceilings.json "$ROWS"/fused_moe-*.json
 LOG="$OUTDIR/run.log"
 SUMMARY="$OUTDIR/summary.txt"   # gpu_smoke.sh starts it, gpu_bench.sh appends
 JUNIT_DIR=${JUNIT_DIR:-$OUTDIR}
@@ -52,7 +53,13 @@ stage() {
   return 0
 }
 
-pack_rows() { [ -n "$(ls -A "$ROWS")" ] && tar czf "$OUTDIR/rows.tgz" -C "$ROWS" . ; return 0; }
+# Written aside, then renamed: a call stopped mid-write keeps the previous archive, and the ceilings
+# stage (run beside the build) never interleaves with another stage's write.
+pack_rows() {
+  [ -n "$(ls -A "$ROWS")" ] && tar czf "$OUTDIR/.rows.$BASHPID.tgz" -C "$ROWS" . \
+    && mv -f "$OUTDIR/.rows.$BASHPID.tgz" "$OUTDIR/rows.tgz"
+  return 0
+}
 
 # Build moecache with CUDA unless this machine already has it installed (REBUILD=1 forces a build).
 ensure_built() {

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
 
 # Names an attention module's forward may give its KV cache argument, newest first.
@@ -98,17 +100,32 @@ def experts_flags(module) -> tuple[bool, bool, bool]:
 
 
 def has_own_gate_function(module) -> bool:
-    """Whether a fused experts module's class computes its gate with a function of its own (a clamp, a
-    softcap, GPT-OSS's GLU): transformers' experts implementations call `_apply_gate`, which its
-    experts decorator sets to act(gate) * up where a family defines none."""
+    """Whether a fused experts module's class computes its gate otherwise than act_fn(gate) * up (a clamp,
+    a softcap, GPT-OSS's GLU): transformers' experts implementations call `_apply_gate`, which its
+    experts decorator sets to act(gate) * up where a family defines none. A family's own is compared
+    with act(gate) * up on a probe reaching +-30, past every clamp (Beam's, the same product in fp32,
+    passes)."""
     gate = getattr(type(module), "_apply_gate", None)
     if gate is None:
         return False
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
+        _default_apply_gate = None
+    if gate is _default_apply_gate:
+        return False
+    act = getattr(module, "act_fn", None)
+    if act is None:
         return True
-    return gate is not _default_apply_gate
+    probe = torch.linspace(-30.0, 30.0, 96).reshape(3, 32)  # [tokens, gate | up]
+    try:
+        with torch.no_grad():
+            got = gate(module, probe)
+            g, u = probe.chunk(2, dim=-1)
+            want = act(g) * u
+            return got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001 - a gate that cannot run on a CPU probe is not taken for the default
+        return True
 
 
 def set_experts_implementation(model, name: str) -> None:

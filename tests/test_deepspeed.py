@@ -94,3 +94,26 @@ def test_deepspeed_moe_layers_patched_in_place(family, offload):
     moecache.unpatch(model)
     assert_model_restored(model, before)
     assert torch.equal(seeded(model_logits, model, ids), ref)
+
+
+@pytest.mark.parametrize("policy", ["Jitter", "RSample"])
+def test_stand_in_matches_deepspeeds_noisy_gates_in_training(policy):
+    """Regression: the stand-in left out the "Jitter" policy's input noise in training."""
+    from deepspeed.moe.layer import MoE as RealMoE
+
+    torch.manual_seed(0)
+    kw = dict(num_experts=4, k=1, capacity_factor=1.0, min_capacity=4, noisy_gate_policy=policy)
+    real = RealMoE(32, _Fc(), ep_size=1, **kw).train()
+    ours = deepspeed_moe.MoE(32, _Fc(), **kw).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in real.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    ours.load_state_dict(real.state_dict())
+    x = torch.randn(3, 12, 32, generator=g)
+    with torch.no_grad():
+        out, l_aux, counts = seeded(real, x)
+        out2, l_aux2, counts2 = seeded(ours, x)
+    assert_close(out2, out, torch.float32)
+    assert_close(l_aux2, l_aux, torch.float32)
+    assert torch.equal(counts2, counts)

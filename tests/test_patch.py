@@ -550,15 +550,35 @@ NEWER_FAMILIES = {  # (model_type, extra config): experts the structural detecti
 }
 
 
-@pytest.mark.parametrize("model_type", list(NEWER_FAMILIES))
-def test_newer_families_with_other_expert_math_are_left_alone(model_type):
+def _newer_family(model_type, **extra):
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     config = transformers.AutoConfig.for_model(model_type, **dict(
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128), **NEWER_FAMILIES[model_type])
+        max_position_embeddings=128), **extra)
     torch.manual_seed(0)
-    model = builders.randomize(transformers.AutoModel.from_config(config), 0)
+    return builders.randomize(transformers.AutoModel.from_config(config), 0)
+
+
+def test_a_gate_function_computing_act_gate_times_up_is_patched():
+    """Beam's _apply_gate is act(gate) * up computed in fp32: the probe finds it equal, so it is patched
+    (an identity check against transformers' default refused it)."""
+    model = _newer_family("beam", intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+                          num_experts_per_tok=2, n_group=2, topk_group=1, head_dim=16,
+                          mlp_layer_types=["sparse", "sparse"])
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    moecache.patch(model)
+    assert moecache.stats(model)["left_alone"] == [] and moecache.stats(model)["layers"]
+    with torch.no_grad():
+        assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type", list(NEWER_FAMILIES))
+def test_newer_families_with_other_expert_math_are_left_alone(model_type):
+    model = _newer_family(model_type, **NEWER_FAMILIES[model_type])
     moecache.patch(model)
     left = moecache.stats(model)["left_alone"]
     assert left and all(item["kind"] == "experts" for item in left), left

@@ -74,6 +74,10 @@ class MoecacheExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         layout = self.layout
         biases = self.biases()
+        if top_k_index.dim() == 1:  # routes flattened token by token ([T*K] ids, [T*K, 1] weights)
+            T = hidden_states.shape[0]
+            K = top_k_index.numel() // T if T else 1
+            top_k_index, top_k_weights = top_k_index.view(T, K), top_k_weights.reshape(T, K)
         if not torch.compiler.is_compiling():
             self.calls += 1
             self.tokens += hidden_states.shape[0]

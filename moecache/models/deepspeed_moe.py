@@ -102,6 +102,14 @@ def top2gating(logits, capacity_factor, min_capacity, drop_tokens=True, top2_2nd
     return l_aux, combine, combine.bool(), exp_counts
 
 
+def multiplicative_jitter(x: torch.Tensor, epsilon: float = 1e-2) -> torch.Tensor:
+    """x times a uniform draw in [1 - epsilon, 1 + epsilon) per element (DeepSpeed's "Jitter" gate noise,
+    drawn as its torch Uniform(low, high).rsample draws it)."""
+    low = torch.tensor(1.0 - epsilon, device=x.device)
+    high = torch.tensor(1.0 + epsilon, device=x.device)
+    return x * (low + torch.rand(x.shape, dtype=low.dtype, device=x.device) * (high - low))
+
+
 class TopKGate(nn.Module):
     """The router: wg (Linear(H, E, bias=False)) in fp32, then top-1 or top-2 gating with capacity."""
 
@@ -117,7 +125,10 @@ class TopKGate(nn.Module):
         self.use_rts, self.top2_2nd_expert_sampling = use_rts, top2_2nd_expert_sampling
 
     def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None):
-        logits = F.linear(input.float(), self.wg.weight.float())
+        input_fp32 = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            input_fp32 = multiplicative_jitter(input_fp32)
+        logits = F.linear(input_fp32, self.wg.weight.float())
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:
             return top1gating(logits, factor, self.min_capacity, used_token,

@@ -424,7 +424,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         if needs_grad:
             for t in differentiable:
                 if t is not None and t.requires_grad:
-                    result = result + 0 * t.sum()
+                    result = result + t.reshape(-1)[:0].sum()  # 0, reading nothing
         return result if out is None else out.copy_(result)
     # Zero-width experts output their down bias (zeros without one): nothing for the kernels to do.
     use_torch = resolve_backend(backend, hidden_states.device) == "torch" or w_down.shape[2] == 0

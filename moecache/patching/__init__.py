@@ -25,6 +25,7 @@ from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
 from .families import (
+    HOOKS,
     FoundExperts,
     UnsupportedExperts,
     find_experts,
@@ -124,12 +125,19 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
             raise ValueError(f"moecache.patch: {name} ({cls}): {reason}")
         left_alone.append({"name": name, "kind": "experts", "type": cls, "reason": reason})
     plan.experts_found = len(found)
+    owners: dict[int, str] = {}  # id of a list expert's parameter -> the layer that stacks it
     for f in found:
-        if isinstance(f.module, MoecacheExperts):
+        if isinstance(f.module, MoecacheExperts) or isinstance(f.parent.__dict__.get(f.attr), HOOKS):
             plan.experts_patched += 1
             continue
         try:
             layout = layout_for(model, f)
+            if f.names is not None:  # a parameter viewing two stacks would follow only the last one
+                params = [id(p) for m in f.mlps for p in m.parameters()]
+                shared = next((owners[p] for p in params if p in owners), None)
+                if shared is not None:
+                    raise UnsupportedExperts(f"expert weights shared with {shared}")
+                owners.update(dict.fromkeys(params, f.name))
         except UnsupportedExperts as unsupported:
             reason = str(unsupported)
             if strict:

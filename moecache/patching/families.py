@@ -81,8 +81,11 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     """The layout of these experts; raises UnsupportedExperts when the kernels cannot compute them."""
     if found.names is not None:
         first = found.mlps[0]
+        _check_list_is_uniform(found)
         act = activation_of(first)
-        if act is None:
+        if act is None and _own_activation(first) is not None:
+            raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(_own_activation(first))})")
+        if act is None:  # no activation attribute: the function its forward calls (Qwen-1: silu)
             config = compat.text_config(model) or getattr(found.parent, "config", None)
             act = ACTIVATIONS.get(getattr(config, "hidden_act", "silu"))
         if act is None or (not found.names.gated and act not in ops.NON_GATED_ACTIVATIONS):
@@ -119,15 +122,60 @@ def _check_holds_only_weights(module: nn.Module) -> None:
         raise UnsupportedExperts(f"parts besides the expert weights ({', '.join(extra) or 'a post-expert norm'})")
 
 
+def has_dropout(mlps) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for mlp in mlps for m in mlp.modules())
+
+
+def _own_activation(module: nn.Module):
+    return next((getattr(module, a) for a in ACT_ATTRIBUTES if getattr(module, a, None) is not None), None)
+
+
+def _describe(act) -> str:
+    return type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
+
+
+def _check_list_is_uniform(found: FoundExperts) -> None:
+    """The kernels compute every expert of a layer alike, from one stack: the MLPs must agree in their
+    activation, biases, shapes, dtype and device, hold nothing but their linears, an activation and
+    dropout, and share no weight with each other. Dropout acts only in training: DeepSpeed and Switch
+    layers then run their MLPs' own forward (ExpertsAdapter), and DeepSeek's blocks call moe_infer only
+    in eval."""
+    names = found.names
+    linears = (*names.rows, names.down)
+    seen: set[int] = set()
+    signature = None
+    for key, mlp in zip(found.keys, found.mlps):
+        extra = [name for name, child in mlp.named_children()
+                 if name not in linears and not isinstance(child, nn.Dropout)
+                 and (name not in ACT_ATTRIBUTES or any(True for _ in child.parameters()))]
+        if extra:
+            raise UnsupportedExperts(f"parts besides the expert weights (expert {key}: {', '.join(extra)})")
+        layers = [getattr(mlp, n) for n in linears]
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        if any(id(p) in seen for p in params):
+            raise UnsupportedExperts(f"weights shared between experts (expert {key})")
+        seen.update(id(p) for p in params)
+        act = _own_activation(mlp)
+        mine = (activation_of(mlp) or (act is not None and _describe(act)),
+                tuple((tuple(layer.weight.shape), layer.bias is not None) for layer in layers),
+                {(p.dtype, p.device) for p in params})
+        if len(mine[2]) != 1:
+            raise UnsupportedExperts(f"weights of several dtypes or devices in one expert (expert {key})")
+        if signature is not None and mine != signature:
+            raise UnsupportedExperts(f"experts that differ in activation, shapes, biases, dtype or device (expert "
+                                     f"{key} and expert {found.keys[0]})")
+        signature = mine
+
+
 def _activation_of_fused(module: nn.Module, config) -> str:
     """The module's own activation where it has one (some families take it from another config field
     than hidden_act), else the config's."""
     act = activation_of(module)
     if act is not None:
         return act
-    own = next((getattr(module, a) for a in ACT_ATTRIBUTES if getattr(module, a, None) is not None), None)
+    own = _own_activation(module)
     if own is not None:
-        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({type(own).__name__ if isinstance(own, nn.Module) else own!r})")
+        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(own)})")
     name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
     if name not in ACTIVATIONS:
         raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({name})")
@@ -155,7 +203,8 @@ def _mlp_names(mlps) -> ListNames | None:
 
 def _deepseek_block(block: nn.Module) -> ListNames | None:
     """A block shaped like DeepSeek's own remote code (DeepSeek-V2 / DeepSeek-VL2 `DeepseekV2MoE`: a gate,
-    an nn.ModuleList of expert MLPs, optional shared_experts, `moe_infer(x, topk_ids, topk_weight)`)."""
+    an nn.ModuleList of expert MLPs, optional shared_experts, `moe_infer(x, topk_ids, topk_weight)`;
+    DeepSeek-MoE's passes the routes flattened, `moe_infer(x, flat_expert_indices, flat_expert_weights)`)."""
     experts = getattr(block, "experts", None)
     if isinstance(experts, nn.ModuleList) and callable(getattr(block, "moe_infer", None)) and hasattr(block, "gate"):
         return _mlp_names(experts)
@@ -296,8 +345,15 @@ class ExpertsAdapter:
         # gates), which spares building the dense [S, E, capacity] combine tensor.
         gate = getattr(owner, "gate", None)
         self._sparse_routes = kind == "deepspeed" and "sparse_routes" in _parameters(gate.forward)
+        self._dropout = has_dropout(experts.stacked.experts)
 
     def __call__(self, *args, **kwargs):
+        if self._dropout and self.owner.training:
+            # The kernels apply no dropout: in training the MLPs run as the family runs them.
+            if self.experts.provider is not None:
+                raise RuntimeError("a training-mode forward through offloaded experts with dropout: call "
+                                   "model.eval(), or unpatch the model to train it")
+            return type(self.owner).forward(self.owner, *args, **kwargs)
         return self._deepspeed(*args, **kwargs) if self.kind == "deepspeed" else self._switch(*args, **kwargs)
 
     def _deepspeed(self, hidden_states, used_token=None, *args, **kwargs):
@@ -325,3 +381,6 @@ class ExpertsAdapter:
 
     def __repr__(self) -> str:
         return f"ExpertsAdapter({self.kind}, {self.experts!r})"
+
+
+HOOKS = (MoecacheExperts, ExpertsAdapter)  # what patch sets where a list family's method was

@@ -113,6 +113,10 @@ class StackedExperts:
         self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
         self._first = rows0[0].weight
         self._first_address = self._first.data_ptr()
+        self._addresses = self._current_addresses()
+
+    def _current_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in (*self.weight_params(), *(self.bias_params() if self.has_bias else ()))]
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacks; where autograd records, ones whose gradients reach the layers' weights (every
@@ -157,11 +161,10 @@ class StackedExperts:
         return [*rows, down]
 
     def is_current(self) -> bool:
-        """Whether the layers' weights are still views of the stack (load_state_dict(assign=True) replaces
-        them with new tensors)."""
-        gate_up = self._weights[0]
-        lo, hi = gate_up.data_ptr(), gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
-        return lo <= self._params(0)[0].data_ptr() < hi
+        """Whether every layer's weight and bias still views the stacks (load_state_dict(assign=True)
+        replaces those it loads, any expert's, with new tensors). Each forward checks only the first
+        weight, which a conversion of the model (.half(), .to()) replaces with all the others."""
+        return self._current_addresses() == self._addresses
 
     def unstack(self) -> None:
         """Give every parameter its own storage again (the stack is dropped)."""

@@ -1,0 +1,239 @@
+"""Experts kept as lists of MLPs (DeepSpeed-MoE layers, Switch Transformers, DeepSeek's own blocks): what
+patch takes, what it leaves alone and why, and that patched layers stay the model's exactly."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moecache
+from moecache.models import deepspeed_moe
+from moecache.testing import assert_close, assert_model_restored, model_snapshot
+
+transformers = pytest.importorskip("transformers")
+
+
+class Fc(nn.Module):
+    """A Phi-2-style expert: fc2(act(fc1(x)))."""
+
+    def __init__(self, hidden=16, ffn=24, bias=True, act=None):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, ffn, bias=bias), nn.Linear(ffn, hidden, bias=bias)
+        self.activation_fn = act if act is not None else nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+class FcNorm(Fc):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+def moe_layer(expert=None, seed=0):
+    torch.manual_seed(seed)
+    return deepspeed_moe.MoE(16, expert if expert is not None else Fc(), num_experts=4, k=2, min_capacity=64).eval()
+
+
+def run(module, x):
+    torch.manual_seed(1)  # top-2's second-expert sample
+    with torch.no_grad():
+        return module(x)[0]
+
+
+def experts_of(layer):
+    return layer.deepspeed_moe.experts.deepspeed_experts
+
+
+X = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+
+
+def test_patching_list_experts_twice_changes_nothing_and_unpatch_restores():
+    """Regression: a second patch stacked and hooked the layer again (stats listed it twice) and unpatch
+    then failed with a KeyError, for good."""
+    layer = moe_layer()
+    ref, before = run(layer, X), model_snapshot(layer)
+    moecache.patch(layer)
+    moecache.patch(layer)
+    assert len(moecache.stats(layer)["layers"]) == 1
+    assert_close(run(layer, X), ref, torch.float32)
+    moecache.unpatch(layer)
+    assert_model_restored(layer, before)
+    assert torch.equal(run(layer, X), ref)
+
+
+def _swap(index, expert):
+    return lambda layer: experts_of(layer).__setitem__(index, expert)
+
+
+class FcWideDown(Fc):
+    """fc2 kept in a wider dtype, the input cast for it (T5-style wo)."""
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)).to(self.fc2.weight.dtype)).to(x.dtype)
+
+
+def _mixed_dtype(layer):
+    torch.manual_seed(5)
+    expert = FcWideDown()
+    expert.fc2.double()
+    experts_of(layer)[2] = expert
+
+
+CHANGES = {
+    "unknown-activation": (lambda layer: [setattr(e, "activation_fn", nn.Tanh()) for e in experts_of(layer)],
+                           "activation the kernels lack (Tanh)"),
+    "one-other-activation": (lambda layer: setattr(experts_of(layer)[2], "activation_fn", nn.ReLU()), "differ"),
+    "biases-on-some": (_swap(3, Fc(bias=False)), "differ"),
+    "other-width": (_swap(1, Fc(ffn=32)), "differ"),
+    "a-norm-inside": (_swap(0, FcNorm()), "parts besides the expert weights (expert 0: norm)"),
+    "one-expert-twice": (lambda layer: experts_of(layer).__setitem__(1, experts_of(layer)[0]), "shared"),
+    "two-dtypes-in-one": (_mixed_dtype, "several dtypes"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_list_experts_the_kernels_cannot_compute_alike_are_left_alone(change):
+    """Regression: only expert 0 was looked at, so another activation, biases on some experts, a norm
+    inside an expert or a shared expert ran wrongly with no warning, and other widths or missing biases
+    raised internal errors."""
+    edit, reason = CHANGES[change]
+    layer = moe_layer()
+    edit(layer)
+    ref, before = run(layer, X), model_snapshot(layer)
+    moecache.patch(layer)
+    left = moecache.stats(layer)["left_alone"]
+    assert len(left) == 1 and reason in left[0]["reason"], left
+    assert not moecache.stats(layer)["patched"]
+    assert torch.equal(run(layer, X), ref)
+    assert_model_restored(layer, before)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = moe_layer(seed=0), moe_layer(seed=1)
+        experts_of(self.b)[2].fc2 = experts_of(self.a)[2].fc2  # one Linear in two layers
+
+    def forward(self, x):
+        return (self.b(self.a(x)[0])[0],)
+
+
+def test_an_expert_linear_shared_by_two_layers_is_stacked_once():
+    """Regression: each layer's stack took a copy of the shared weight and the parameter viewed only the
+    last one, so an in-place update (an optimizer step) reached one layer only."""
+    model, reference = TwoLayers(), TwoLayers()
+    moecache.patch(model)
+    left = moecache.stats(model)["left_alone"]
+    assert [item["name"] for item in left] == ["b.deepspeed_moe.experts"] and "shared with a" in left[0]["reason"]
+    for m in (model, reference):
+        with torch.no_grad():
+            experts_of(m.a)[2].fc2.bias.add_(1.0)
+    assert_close(run(model, X), run(reference, X), torch.float32)
+    moecache.unpatch(model)
+
+
+def test_load_state_dict_with_assign_into_any_expert_restacks():
+    """Regression: only expert 0's first weight was looked at, so loading another expert's weights with
+    assign=True left the kernels on the old ones until unpatch."""
+    new = {"deepspeed_moe.experts.deepspeed_experts.2.fc1.weight": torch.randn(24, 16)}
+    layer, reference = moe_layer(), moe_layer()
+    reference.load_state_dict(new, strict=False, assign=True)
+    moecache.patch(layer)
+    layer.load_state_dict(new, strict=False, assign=True)
+    assert_close(run(layer, X), run(reference, X), torch.float32)
+    moecache.unpatch(layer)
+
+
+def _switch_sparse_mlp(dropout_rate):
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=4, num_experts=4,
+        expert_capacity=64, dropout_rate=dropout_rate, router_jitter_noise=0.0)
+    torch.manual_seed(0)
+    from transformers.models.switch_transformers import modeling_switch_transformers as switch
+
+    return switch.SwitchTransformersSparseMLP(config)
+
+
+def test_switch_experts_with_dropout_train_as_the_model_does():
+    """Regression: the kernels apply no dropout, so a training-mode forward of a patched Switch layer
+    skipped the experts' dropout; in training the MLPs now run as the model runs them, in eval the kernels."""
+    mlp, reference = _switch_sparse_mlp(0.5), _switch_sparse_mlp(0.5)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(3))
+    moecache.patch(mlp)
+    for mode in ("train", "eval"):
+        getattr(mlp, mode)(), getattr(reference, mode)()
+        torch.manual_seed(1)
+        want = reference(x)[0]
+        torch.manual_seed(1)
+        got = mlp(x)[0]
+        assert_close(got, want, torch.float32)
+    assert moecache.stats(mlp)["calls"] == 1  # the eval forward only
+    moecache.unpatch(mlp)
+
+
+class DeepseekMoEBlock(nn.Module):
+    """DeepSeek-MoE (deepseek-moe-16b's own code): moe_infer takes the routes flattened token by token."""
+
+    class MLP(nn.Module):
+        def __init__(self, hidden=32, inter=24):
+            super().__init__()
+            self.gate_proj = nn.Linear(hidden, inter, bias=False)
+            self.up_proj = nn.Linear(hidden, inter, bias=False)
+            self.down_proj = nn.Linear(inter, hidden, bias=False)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def __init__(self, experts=4, k=2):
+        super().__init__()
+        self.k = k
+        self.experts = nn.ModuleList(self.MLP() for _ in range(experts))
+        self.gate = nn.Linear(32, experts, bias=False)
+
+    def forward(self, hidden):
+        flat = hidden.view(-1, 32)
+        weights, ids = F.linear(flat, self.gate.weight).softmax(-1).topk(self.k)
+        return self.moe_infer(flat, ids.view(-1), weights.view(-1, 1)).view(hidden.shape)
+
+    def moe_infer(self, x, flat_expert_indices, flat_expert_weights):
+        out = torch.zeros_like(x)
+        tokens = torch.arange(x.shape[0]).repeat_interleave(self.k)
+        for i, expert in enumerate(self.experts):
+            chosen = flat_expert_indices == i
+            out.index_add_(0, tokens[chosen], expert(x[tokens[chosen]]) * flat_expert_weights[chosen])
+        return out
+
+
+def test_deepseek_moe_blocks_with_flattened_routes():
+    """Regression: DeepSeek-MoE's moe_infer passes [T*K] ids and [T*K, 1] weights; the patched block failed
+    on every forward."""
+    torch.manual_seed(0)
+    block = DeepseekMoEBlock().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = block(x)
+        moecache.patch(block)
+        assert_close(block(x), ref, torch.float32)
+        assert block(x[:, :0]).shape == (2, 0, 32)  # no tokens: no routes to unflatten
+    assert moecache.stats(block)["calls"] == 2
+    moecache.unpatch(block)
+
+
+def test_the_stand_ins_jitter_noise_is_drawn_in_training_only():
+    """DeepSpeed's "Jitter" gate policy scales the gate's input by uniform noise in training."""
+    def layer(policy):
+        torch.manual_seed(0)
+        return deepspeed_moe.MoE(16, Fc(), num_experts=4, k=1, min_capacity=0, noisy_gate_policy=policy)
+
+    jitter, plain = layer("Jitter"), layer(None)
+    x = torch.randn(4, 16)
+    assert torch.equal(run(jitter.eval(), x), run(plain.eval(), x))
+    torch.manual_seed(1)
+    noise = deepspeed_moe.multiplicative_jitter(x.float())
+    assert 0 < (noise / x).sub(1).abs().max() <= 1e-2 + 1e-6
+    assert not torch.equal(run(jitter.train(), x), run(plain.train(), x))
