@@ -646,7 +646,8 @@ def main(argv=None) -> int:
         return bool(args.deadline) and time.perf_counter() - started > args.deadline
 
     sources = record_sources(args, device, dtype, max(batches), max(sweep)) if "replayed" in routings else {}
-    tmp = tempfile.mkdtemp(prefix="moecache-study-")
+    predictors = tempfile.TemporaryDirectory(prefix="moecache-study-")  # removed when the run ends
+    tmp = predictors.name
     names = args.models.split(",") + (["checkpoint"] if args.checkpoint else [])
     for name in names:
         if late():  # not even built: the models left are listed as not run

@@ -277,3 +277,18 @@ def test_budgeted_offload_tokens_match_resident_and_copies_stay_within_the_allow
             assert s["prediction"]["by_depth"][1]["recall"] > 0
         finally:
             moecache.unpatch(model)
+
+
+def test_the_budget_is_charged_for_misses_that_reset_stats_zeroed():
+    """Regression: the budget charged demand loads from the cache's miss counter, which reset_stats zeroes,
+    so the loads between the last charge and a reset went unpaid and the policy prefetched more."""
+    with ExpertCache(random_layers(), num_slots=3, policy="lru") as cache:
+        budget = PrefetchBudget(1.0, lookahead=2)
+        assert budget.grant(cache.misses_since_creation()) == 2
+        for e in (0, 1):
+            cache.ensure(0, [e]).release()
+        cache.reset_stats()
+        assert cache.stats()["misses"] == 0 and cache.misses_since_creation() == 2
+        cache.ensure(0, [2]).release()
+        assert cache.misses_since_creation() == 3
+        assert budget.grant(cache.misses_since_creation()) == 0  # min(2 + 1, 2) - 3 misses

@@ -122,18 +122,61 @@ class TwoLayers(nn.Module):
         return (self.b(self.a(x)[0])[0],)
 
 
-def test_an_expert_linear_shared_by_two_layers_is_stacked_once():
+@pytest.mark.parametrize("offload", [None, moecache.Offload(gpu_experts=0.5)], ids=["resident", "offload50"])
+def test_layers_sharing_an_expert_linear_are_left_alone(offload):
     """Regression: each layer's stack took a copy of the shared weight and the parameter viewed only the
-    last one, so an in-place update (an optimizer step) reached one layer only."""
+    last one, so an in-place update (an optimizer step) reached one layer only; offloading the first layer
+    freed the weight the second still ran on; and a second patch stacked the layer the first left alone."""
     model, reference = TwoLayers(), TwoLayers()
     moecache.patch(model)
+    moecache.patch(model)
     left = moecache.stats(model)["left_alone"]
-    assert [item["name"] for item in left] == ["b.deepspeed_moe.experts"] and "shared with a" in left[0]["reason"]
+    assert [(item["name"], item["reason"]) for item in left] == [
+        ("a.deepspeed_moe.experts", "expert weights shared with b.deepspeed_moe.experts"),
+        ("b.deepspeed_moe.experts", "expert weights shared with a.deepspeed_moe.experts")]
+    if offload is not None:
+        moecache.unpatch(model)
+        with pytest.raises(ValueError, match="no experts module could be patched"):
+            moecache.patch(model, offload=offload)
     for m in (model, reference):
         with torch.no_grad():
             experts_of(m.a)[2].fc2.bias.add_(1.0)
     assert_close(run(model, X), run(reference, X), torch.float32)
+
+
+def test_offloading_more_layers_into_a_patched_model_is_refused():
+    """Regression: a second patch with offload that found a layer the first had left alone built a second
+    cache numbering it layer 0, and unpatch then gave the first layer the second's weights."""
+    model = TwoLayers()
+    experts_of(model.b)[2].fc2 = Fc().fc2  # no sharing: both can be patched
+    experts_of(model.b)[1].activation_fn = nn.ReLU()  # b differs: left alone by the first patch
+    before = model_snapshot(model)
+    offload = moecache.Offload(gpu_experts=0.5)
+    moecache.patch(model, offload=offload)
+    experts_of(model.b)[1].activation_fn = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match="already patched, and b.deepspeed_moe.experts is not"):
+        moecache.patch(model, offload=offload)
     moecache.unpatch(model)
+    experts_of(model.b)[1].activation_fn = nn.ReLU()
+    assert_model_restored(model, before)
+
+
+def test_offloaded_expert_mlps_called_directly_say_why():
+    """DeepSeek's own blocks run their MLPs themselves in training: offloaded, their weights are gone, so
+    the call says so instead of failing on an empty matrix."""
+    torch.manual_seed(0)
+    block = DeepseekMoEBlock()
+    moecache.patch(block, offload=moecache.Offload(gpu_experts=0.5))
+    with pytest.raises(RuntimeError, match="call model.eval"):
+        block.experts[0](torch.randn(3, 32))
+    moecache.unpatch(block)
+    block.experts[0](torch.randn(3, 32))
+    layer = moe_layer()
+    moecache.patch(layer, offload=moecache.Offload(gpu_experts=0.5))
+    moecache.unpatch(layer)
+    for expert, fresh in zip(experts_of(layer), experts_of(moe_layer())):  # every bias its own storage again
+        assert expert.fc1.bias.untyped_storage().nbytes() == expert.fc1.bias.numel() * 4
+        assert torch.equal(expert.fc1.bias, fresh.fc1.bias)
 
 
 def test_load_state_dict_with_assign_into_any_expert_restacks():

@@ -167,6 +167,7 @@ class ExpertCache:
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
         self._closed = False
+        self._misses_before_reset = 0  # what reset_stats zeroed: misses_since_creation() keeps counting
         self.owner: str | None = None  # who holds the only copy of the weights in this store (see close)
         self._lifetime = threading.Condition()  # guards _closed and _active (calls in progress)
         self._active = 0
@@ -335,7 +336,14 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         self._check_open()
+        self._misses_before_reset += self._core.stats()["misses"]
         self._core.reset_stats()
+
+    def misses_since_creation(self) -> int:
+        """Demand loads since the cache was made, whatever reset_stats zeroed (the budgeted policy charges
+        them to its copy allowance)."""
+        self._check_open()
+        return self._misses_before_reset + self._core.stats()["misses"]
 
     # ------------------------------------------------------------------ running a layer
     def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,

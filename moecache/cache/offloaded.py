@@ -45,9 +45,9 @@ class PrefetchBudget:
 
     def grant(self, misses_total: int) -> int:
         """Earn one layer's allowance, pay for the demand loads since the last call (from the cache's
-        cumulative miss counter); returns how many prefetches fit."""
+        miss count since its creation); returns how many prefetches fit."""
         self.credit = min(self.credit + self.per_layer, self.window)
-        if self._misses_seen is not None and misses_total >= self._misses_seen:
+        if self._misses_seen is not None:
             self.credit -= misses_total - self._misses_seen
         self._misses_seen = misses_total
         return max(0, int(self.credit + 1e-9))
@@ -138,7 +138,7 @@ class OffloadedExperts:
             scores = (base + counts.float() / tokens) * (counts > 0)
             cache.set_priorities(target, scores)
             candidates += [(float(scores[e]), target, int(e)) for e in torch.nonzero(counts).reshape(-1).tolist()]
-        allowed = budget.grant(int(cache.stats()["misses"])) if self.prefetch else 0
+        allowed = budget.grant(cache.misses_since_creation()) if self.prefetch else 0
         if allowed > 0 and candidates:
             candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
             chosen: dict[int, list[int]] = {}

@@ -125,19 +125,15 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
             raise ValueError(f"moecache.patch: {name} ({cls}): {reason}")
         left_alone.append({"name": name, "kind": "experts", "type": cls, "reason": reason})
     plan.experts_found = len(found)
-    owners: dict[int, str] = {}  # id of a list expert's parameter -> the layer that stacks it
+    sharing = _layers_sharing_weights(found)
     for f in found:
         if isinstance(f.module, MoecacheExperts) or isinstance(f.parent.__dict__.get(f.attr), HOOKS):
             plan.experts_patched += 1
             continue
         try:
+            if f.name in sharing:
+                raise UnsupportedExperts(f"expert weights shared with {sharing[f.name]}")
             layout = layout_for(model, f)
-            if f.names is not None:  # a parameter viewing two stacks would follow only the last one
-                params = [id(p) for m in f.mlps for p in m.parameters()]
-                shared = next((owners[p] for p in params if p in owners), None)
-                if shared is not None:
-                    raise UnsupportedExperts(f"expert weights shared with {shared}")
-                owners.update(dict.fromkeys(params, f.name))
         except UnsupportedExperts as unsupported:
             reason = str(unsupported)
             if strict:
@@ -146,6 +142,24 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
             continue
         plan.experts.append((f, layout))
     return plan
+
+
+def _layers_sharing_weights(found: list[FoundExperts]) -> dict[str, str]:
+    """List-expert layers holding a parameter another layer holds too -> that other layer. A parameter
+    can view one stack only (the other layer would keep a stale copy) and offload frees what it stacks,
+    so every layer of a sharing pair is left alone, patched or not before."""
+    holders: dict[int, list[str]] = {}
+    for f in found:
+        if f.names is not None:
+            for pid in {id(p) for m in f.mlps for p in m.parameters()}:
+                holders.setdefault(pid, []).append(f.name)
+    sharing = {}
+    for names in holders.values():
+        for name in names:
+            other = next((n for n in names if n != name), None)
+            if other is not None:
+                sharing.setdefault(name, other)
+    return sharing
 
 
 def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None:
@@ -159,6 +173,10 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
     if offload is not None:
         if not plan.experts and state is not None and state.cache is None:
             raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
+        if plan.experts and state is not None and any(isinstance(r.new, MoecacheExperts) for r in state.replaced):
+            # One expert cache numbers the layers it was built with; a second one would hold others.
+            raise ValueError(f"moecache.patch: the model is already patched, and {plan.experts[0][0].name} is not: "
+                             "unpatch it first to offload it with more layers")
         if state is not None and state.cache is not None and not _same_offload(offload, state.offload):
             raise ValueError(f"moecache.patch: the model is already offloaded with {state.offload}; unpatch it "
                              f"first to offload it with {offload}")

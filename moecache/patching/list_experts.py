@@ -195,7 +195,9 @@ class StackedExperts:
             key, linear, _ = name.split(".")
             param = getattr(self.experts[index[key]], linear).weight
             param.data = src.to(device=param.device, dtype=param.dtype).clone()
-        self._weights = None
+        for param in self.bias_params() if self.has_bias else ():  # the biases stayed in their stacks
+            param.data = param.data.clone()
+        self._weights = self._biases = None
 
     def free_weights(self) -> None:
         """The host store holds the masters now: the device memory of the weights goes (biases stay)."""

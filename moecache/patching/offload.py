@@ -239,14 +239,24 @@ class _RefuseLoad(_OffloadHook):
                            "loaded")
 
 
+class _RefuseMLPCall(_OffloadHook):
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("an expert MLP whose weights moecache offloaded was called directly (a family's "
+                           "training-mode forward runs its MLPs itself): call model.eval(), or unpatch the "
+                           "model to train it")
+
+
 def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> list:
     """Keep an offloaded model's weights where users look for them: state_dict() (and so save_pretrained
     and torch.save of the state dict) returns the master copies from the host store in place of the
-    freed device parameters; load_state_dict refuses before loading anything. Returns the hook handles."""
+    freed device parameters; load_state_dict refuses before loading anything; an expert MLP of a list
+    family called directly (its weights freed) says why it cannot run. Returns the hook handles."""
     handles = []
     for module in modules:
         target = module.original if module.stacked is not None else module
         handles.append(target.register_state_dict_post_hook(_OffloadedState(module)))
+        if module.stacked is not None:
+            handles += [mlp.register_forward_pre_hook(_RefuseMLPCall()) for mlp in module.stacked.experts]
     handles.append(model.register_load_state_dict_pre_hook(_RefuseLoad()))
     return handles
 
