@@ -332,7 +332,7 @@ def main(argv=None):
                 failures.append(msg)
                 rows.append({"benchmark": "bench_mla", "shape": shape, "provider": "moecache", **base,
                              "method": "moecache", "error": "wrong result", **errs})
-                append_rows(args.out, [{**r, "ceilings": ceilings} for r in rows[first_row:]])
+                path = append_rows(args.out, [{**r, "ceilings": ceilings} for r in rows[first_row:]])
                 continue
 
             point = {}
@@ -423,7 +423,7 @@ def main(argv=None):
                 if "hf_kv_bytes_per_token" in state:
                     m["kv_bytes_per_token_transformers"] = state["hf_kv_bytes_per_token"]
             # After each point: a run stopped at its time limit keeps the points it finished.
-            append_rows(args.out, [{**r, "ceilings": ceilings} for r in rows[first_row:]])
+            path = append_rows(args.out, [{**r, "ceilings": ceilings} for r in rows[first_row:]])
             for method, r in point.items():
                 speed = (f"{r.get('speedup_vs_torch_absorbed', 0):>6.1f}x {r.get('speedup_vs_transformers', 0):>7.1f}x"
                          if method == "moecache" else f"proj {r['proj_us']:.0f} us" if "proj_us" in r else "")
@@ -440,7 +440,8 @@ def main(argv=None):
         print("\ntargets (absolute, set against an H100; judged on the moecache rows):")
         for name, status, detail in evaluate_targets(rows):
             print(f"  [{status:>4}] {name}: {detail}")
-    print(f"{len(rows)} rows appended to {args.out} ({time.perf_counter() - t_start:.1f} s)")
+    if rows:
+        print(f"{len(rows)} rows appended to {path} ({time.perf_counter() - t_start:.1f} s)")
     if failures:
         print("\n".join(failures), file=sys.stderr)
         sys.exit(1)

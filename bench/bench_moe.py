@@ -199,11 +199,12 @@ def main(argv=None):
                              f"{r['tflops']:>9.1f}{100 * r.get('frac_hbm_read', 0):>6.0f}%  {speedup}")
         if args.json:  # after each point: a run stopped at its time limit keeps the points it finished
             table = os.environ.get("MOECACHE_MOE_CONFIG")  # a tuned block-config table, if one was used
-            append_rows(args.json, [{**r, "ceilings": ceilings, "config_table": table} for r in rows[first_row:]])
+            rows_here = [{**r, "ceilings": ceilings, "config_table": table} for r in rows[first_row:]]
+            path = append_rows(args.json, rows_here)
     print(header)
     print("\n".join(lines))
-    if args.json:
-        print(f"{len(rows)} rows appended to {args.json}")
+    if args.json and rows:
+        print(f"{len(rows)} rows appended to {path}")
     return rows
 
 
