@@ -3,6 +3,7 @@ ceilings, and JSON rows (benchmark, shape, provider, ms, GB/s, TFLOP/s, device, 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -108,23 +109,17 @@ def environment() -> dict:
     env = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # the runtime torch was built with (None for a CPU build)
         "python": platform.python_version(),
         "commit": git_commit(),
         "source_digest": source_digest(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        import moecache
-
-        env["moecache"] = moecache.__version__
-    except ImportError:
-        env["moecache"] = None
+    for name in ("triton", "transformers", "moecache"):  # transformers: the hf baselines depend on it
+        try:
+            env[name] = importlib.import_module(name).__version__
+        except ImportError:
+            env[name] = None
     return env
 
 

@@ -29,6 +29,11 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
                                              "moecache_separate:eager"}
     assert [r["shape"]["T"] for r in rows if r["provider"] == "moecache_separate:eager"] == [8]
     assert all(r["ms"] > 0 and r["device"] and r["commit"] and r["torch"] for r in rows)
+    import transformers
+    import triton
+
+    assert all(r["transformers"] == transformers.__version__ and r["triton"] == triton.__version__
+               and r["cuda"] == torch.version.cuda and "source_digest" in r for r in rows)
 
 
 @pytest.mark.skipif(not (BENCH / "bench_prefetch.py").is_file(), reason="needs the source tree")
