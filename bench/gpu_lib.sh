@@ -1,9 +1,9 @@
 # Shared by gpu_smoke.sh and gpu_bench.sh: stage timing against one deadline, logs under $OUT.
 # Every stage appends to $OUTDIR/run.log (through `stage`), so a run killed at any point still reports.
 # The rows the stages write (JSON lines, the ceilings, a tuned table) collect in $ROWS, outside $OUT, and
-# are packed into $OUTDIR/rows.tgz after every stage: $OUT then holds at most five files (the device
-# tool brings back eight), and a stage stopped at its own limit keeps every row written so far (a call
-# the device tool itself stops loses the rows of the stage then running).
+# are packed into $OUTDIR/rows.tgz after every stage: $OUT then holds at most five files, and a stage
+# stopped at its own limit keeps every row written so far (a run killed from outside loses the rows of
+# the stage then running).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=${OUT:-$ROOT/bench/results/gpu-run}
 ROWS=${ROWS:-/tmp/moecache-gpu-rows}

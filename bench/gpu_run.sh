@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Both GPU scripts in one device call (the device time allows one warm machine, not two cold starts):
-# gpu_smoke.sh within SMOKE_BUDGET seconds, then gpu_bench.sh within what is left of TOTAL. Give the call
-# a timeout of TOTAL + 30 s or more. Files under $OUT: run.log, summary.txt, pytest.xml,
+# Both GPU scripts, one after the other on the same machine (the build and the warm-up paid once):
+# gpu_smoke.sh within SMOKE_BUDGET seconds, then gpu_bench.sh within what is left of TOTAL. Allow the
+# whole command TOTAL + 30 s or more. Files under $OUT: run.log, summary.txt, pytest.xml,
 # pytest-compile.xml and rows.tgz (every JSON row, the ceilings and a tuned table).
 #   bash bench/gpu_run.sh
 #   DRY_RUN=1 bash bench/gpu_run.sh     (CPU: the plan of both, nothing run)

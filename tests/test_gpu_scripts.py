@@ -89,9 +89,9 @@ def test_failures_skip_and_only(tmp_path):
 
 @needs_source
 def test_rows_are_packed_after_every_stage_and_out_stays_small(tmp_path):
-    """The device tool brings back at most eight files from $OUT: rows collect outside it and are packed
-    into rows.tgz after each stage, so a stage killed at its limit keeps what the earlier ones wrote;
-    APPEND=1 (the second script of a call) adds to the rows of the first."""
+    """$OUT stays small: rows collect outside it and are packed into rows.tgz after each stage, so a stage
+    killed at its limit keeps what the earlier ones wrote; APPEND=1 (the second script of gpu_run.sh)
+    adds to the rows of the first."""
     import tarfile
 
     rows = tmp_path / "rows"

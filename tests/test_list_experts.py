@@ -216,6 +216,10 @@ def test_switch_experts_with_dropout_train_as_the_model_does():
         assert_close(got, want, torch.float32)
     assert moecache.stats(mlp)["calls"] == 1  # the eval forward only
     moecache.unpatch(mlp)
+    moecache.patch(mlp.train(), offload=moecache.Offload(gpu_experts=0.5))  # offloaded: nothing left to run
+    with pytest.raises(RuntimeError, match="call model.eval"):
+        mlp(x)
+    moecache.unpatch(mlp)
 
 
 class DeepseekMoEBlock(nn.Module):

@@ -461,7 +461,8 @@ def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, 
     # (E values) is read as one row too.
     args = (hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
             w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
-            expert_map.contiguous() if expert_map is not None else None, host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
+            expert_map.contiguous() if expert_map is not None else None, host_w_gate_up, host_w_down, b_gate_up,
+            b_down, gate_up_interleaved, gated, out)
     if eager_inference(*(a for a in args if isinstance(a, torch.Tensor))):
         run_direct("moecache::fused_moe", _fused_moe_kernels, *args, None)
         # As the op would: autograd must see that out changed (a graph that saved it then refuses backward).

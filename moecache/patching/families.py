@@ -82,9 +82,9 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     if found.names is not None:
         first = found.mlps[0]
         _check_list_is_uniform(found)
-        act = activation_of(first)
-        if act is None and _own_activation(first) is not None:
-            raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(_own_activation(first))})")
+        act, own = activation_of(first), _own_activation(first)
+        if act is None and own is not None:
+            raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(own)})")
         if act is None:  # no activation attribute: the function its forward calls (Qwen-1: silu)
             config = compat.text_config(model) or getattr(found.parent, "config", None)
             act = ACTIVATIONS.get(getattr(config, "hidden_act", "silu"))
@@ -114,10 +114,14 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     return layout
 
 
+def _is_activation(name: str, child: nn.Module) -> bool:
+    """A child the kernels stand in for: an activation module without parameters of its own."""
+    return name in ACT_ATTRIBUTES and not any(True for _ in child.parameters())
+
+
 def _check_holds_only_weights(module: nn.Module) -> None:
     extra = sorted({name for name, _ in module.named_parameters(recurse=False)} - FUSED_PARAMETERS)
-    extra += sorted(name for name, child in module.named_children()
-                    if name not in ACT_ATTRIBUTES or any(True for _ in child.parameters()))
+    extra += sorted(name for name, child in module.named_children() if not _is_activation(name, child))
     if extra or getattr(module, "has_post_expert_norm", False):
         raise UnsupportedExperts(f"parts besides the expert weights ({', '.join(extra) or 'a post-expert norm'})")
 
@@ -146,8 +150,7 @@ def _check_list_is_uniform(found: FoundExperts) -> None:
     signature = None
     for key, mlp in zip(found.keys, found.mlps):
         extra = [name for name, child in mlp.named_children()
-                 if name not in linears and not isinstance(child, nn.Dropout)
-                 and (name not in ACT_ATTRIBUTES or any(True for _ in child.parameters()))]
+                 if name not in linears and not isinstance(child, nn.Dropout) and not _is_activation(name, child)]
         if extra:
             raise UnsupportedExperts(f"parts besides the expert weights (expert {key}: {', '.join(extra)})")
         layers = [getattr(mlp, n) for n in linears]
@@ -349,10 +352,8 @@ class ExpertsAdapter:
 
     def __call__(self, *args, **kwargs):
         if self._dropout and self.owner.training:
-            # The kernels apply no dropout: in training the MLPs run as the family runs them.
-            if self.experts.provider is not None:
-                raise RuntimeError("a training-mode forward through offloaded experts with dropout: call "
-                                   "model.eval(), or unpatch the model to train it")
+            # The kernels apply no dropout: in training the MLPs run as the family runs them (offloaded,
+            # their weights are gone, and the MLPs' own hook says so).
             return type(self.owner).forward(self.owner, *args, **kwargs)
         return self._deepspeed(*args, **kwargs) if self.kind == "deepspeed" else self._switch(*args, **kwargs)
 

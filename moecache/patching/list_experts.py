@@ -112,8 +112,7 @@ class StackedExperts:
             mark_static_address(t)
         self._weights, self._biases = (gate_up, down), ((b_gate_up, b_down) if self.has_bias else None)
         self._first = rows0[0].weight
-        self._first_address = self._first.data_ptr()
-        self._addresses = self._current_addresses()
+        self._addresses = self._current_addresses()  # the first is self._first's
 
     def _current_addresses(self) -> list[int]:
         return [p.data_ptr() for p in (*self.weight_params(), *(self.bias_params() if self.has_bias else ()))]
@@ -136,7 +135,7 @@ class StackedExperts:
         """model.half(), .to(device) and the like give each parameter new storage in place of its view of
         the stack: the layers' weights (and biases) are stacked again, in their new dtype and device."""
         if self._weights is not None and not torch.compiler.is_compiling() \
-                and self._first.data_ptr() != self._first_address:
+                and self._first.data_ptr() != self._addresses[0]:
             self.stack()
 
     def weight_params(self) -> list[nn.Parameter]:
