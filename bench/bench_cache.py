@@ -92,6 +92,10 @@ def shipped_predictor(label):
     return path if path.is_file() else None
 
 
+def _percent(share) -> str:
+    return "n/a" if share is None else f"{share:.1%}"
+
+
 def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
     """Routing traces of generating every prompt in micro-batches (in order, or the given groups)."""
     groups = groups or [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
@@ -133,7 +137,7 @@ def trace_rows(model, prompts, args, label, env):
             rec = trace.recall(depth=depth)
             rows.append({**env, "benchmark": "bench_cache.recall", "model": label, "predictor": name,
                          "depth": depth, "batch": args.batch, "recall": rec["overall"], "per_layer": rec["per_layer"]})
-            print(f"[{label}] {name} recall per step (batch {args.batch}), depth {depth}: {rec['overall']:.1%} "
+            print(f"[{label}] {name} recall per step (batch {args.batch}), depth {depth}: {_percent(rec['overall'])} "
                   f"per layer " + ", ".join(f"{l}: {r:.1%}" for l, r in rec["per_layer"].items()))
     print(f"scheduler {scheduler_s * 1e3:.1f} ms for {len(prompts)} requests (target: next-layer recall >= 85% on "
           "the trained model)")

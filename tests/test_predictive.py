@@ -141,6 +141,27 @@ def test_trace_recall_on_a_hand_made_trace():
                          tokens=[3, 1, 1])
     assert trace.recall(depth=1) == {"per_layer": {1: 3 / 5}, "overall": 3 / 5}
     assert trace.recall(depth=1, skip_steps=0)["overall"] == 4 / 7
+    for depth in (0, -1, 2, 1.0):  # -1 read the last depth held, 0 the deepest
+        with pytest.raises(ValueError, match="depth"):
+            trace.recall(depth=depth)
+    # Nothing scored (only layer 0, never predicted): no recall, not 0%.
+    assert trace.recall(depth=1, skip_steps=3) == {"per_layer": {}, "overall": None}
+
+
+def test_simulate_looks_ahead_across_steps_and_checks_depth():
+    """A one-layer trace: the guess at depth d is for step + d. The oracle then knows every next step's
+    experts, so with room for them it never misses after the first step."""
+    trace = [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]]
+    for depth in (1, 2, 3):
+        result = simulate(trace, 6, "oracle", depth=depth, warmup_steps=0)
+        assert result.misses == 2 and result.prefetches == 6, (depth, result.as_dict())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="depth"):
+            simulate(trace, 6, "oracle", depth=bad)
+    one_deep = [[[[1]]] for _ in trace]
+    with pytest.raises(ValueError, match="depth=2 but the predictions hold 1"):
+        simulate(trace, 6, "predictive", predictions=one_deep, depth=2)
+    assert simulate([], 4, "oracle").requests == 0
 
 
 def test_predictive_offload_stats_add_up():
@@ -311,6 +332,15 @@ def test_offload_with_a_learned_predictor(tmp_path):
     torch.save({"hidden": 64}, tmp_path / "other.pt")  # readable, but not a predictor's contents
     with pytest.raises(ValueError, match="other.pt' is not a route predictor"):
         moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "other.pt")))
+    # Another model's predictor: refused before the model changes, not at the first forward.
+    for hidden, experts, targets, match in ((64, 16, [(1, 1)], "hidden size 64 and 16 experts; this model's MoE "
+                                             "layers have 64 and 8"),
+                                            (32, 8, [(1, 1)], "hidden size 32 and 8 experts"),
+                                            (64, 8, [(1, 1), (7, 2)], "predicts MoE layer 7; this model has 3")):
+        train_route_predictor({t: (torch.randn(8, hidden), torch.randint(0, experts, (8, 2))) for t in targets},
+                              hidden, experts, width=8, epochs=1).save(tmp_path / "another.pt")
+        with pytest.raises(ValueError, match=match):
+            moecache.patch(model, offload=Offload(policy="predictive", predictor=str(tmp_path / "another.pt")))
     assert not moecache.stats(model)["patched"]
     moecache.patch(model, offload=Offload(gpu_experts=0.25, policy="predictive", predictor=str(path)))
     assert moecache.patched_experts(model)[0].provider.predictor.learned is not None

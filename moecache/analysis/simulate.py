@@ -121,7 +121,7 @@ def _accesses(trace):
 
 def oracle_predictions(trace, depth: int) -> list:
     """Predictions that are the truth: what a perfect predictor would say."""
-    num_layers = len(trace[0])
+    num_layers = len(trace[0]) if trace else 0
     return [[[sorted(set(trace[s][l])) for _ in range(1, depth + 1)] for l in range(num_layers)]
             for s in range(len(trace))]
 
@@ -136,6 +136,8 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer (layers ahead), got {depth!r}")
     if timing is not None and not isinstance(timing, Timing):
         if not isinstance(timing, (tuple, list)) or len(timing) not in (2, 3):
             raise ValueError(f"timing must be a Timing or (layer_ms, load_ms), got {timing!r}")
@@ -146,6 +148,10 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         policy_kind = policy
     if policy_kind in ("predictive", "budgeted") and predictions is None:
         raise ValueError(f"the {policy_kind} policy needs predictions")
+    if policy_kind in ("predictive", "budgeted"):
+        held = min((len(guesses) for step in predictions for guesses in step), default=depth)
+        if held < depth:
+            raise ValueError(f"depth={depth} but the predictions hold {held} depth(s) per layer")
     if policy_kind == "budgeted" and timing is None:
         raise ValueError("the budgeted policy needs timing=Timing(layer_ms, load_ms): it prefetches only what lands "
                          "in time")
@@ -192,9 +198,8 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
 
     def guesses_for(step, layer, d):
         """(target step, target layer, [(expert, confidence in (0, 1])]) of the guess made at depth d."""
-        target, target_step = layer + d, step
-        if target >= num_layers:  # the next step's first layers
-            target, target_step = target - num_layers, step + 1
+        # Past the last layer: the first layers of a later step (d may span several steps).
+        target_step, target = step + (layer + d) // num_layers, (layer + d) % num_layers
         if target_step >= len(predictions):
             return target_step, target, []
         guess = predictions[target_step][target][d - 1]

@@ -32,7 +32,12 @@ class RoutingTrace:
     scores: list = field(default_factory=list)       # scores[s][layer][d-1][i] = tokens that chose predictions[..][i]
 
     def recall(self, depth: int = 1, skip_steps: int = 1) -> dict:
-        """Per layer and overall: |guess ∩ used| / |used| over the steps (the prompt step skipped)."""
+        """Per layer and overall: |guess ∩ used| / |used| over the steps (the prompt step skipped);
+        overall is None where no guess could be scored (as the live predictor's summary says)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must be an integer from 1 to the trace's depth ({self.depth}), got {depth!r}")
+        if isinstance(skip_steps, bool) or not isinstance(skip_steps, int) or skip_steps < 0:
+            raise ValueError(f"skip_steps must be a non-negative integer, got {skip_steps!r}")
         per_layer, hit_all, used_all = {}, 0, 0
         for layer in range(self.num_layers):
             hit = used = 0
@@ -47,7 +52,7 @@ class RoutingTrace:
                 per_layer[layer] = hit / used
             hit_all += hit
             used_all += used
-        return {"per_layer": per_layer, "overall": hit_all / used_all if used_all else 0.0}
+        return {"per_layer": per_layer, "overall": hit_all / used_all if used_all else None}
 
     def to_json(self) -> str:
         return json.dumps({"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
