@@ -182,6 +182,26 @@ def test_prefetch_allowance_and_budget_arithmetic():
     assert b.grant(9) == 0  # capped at the window (3), then 7 misses: in debt
     assert b.credit == pytest.approx(-4.0)
     assert PrefetchBudget(0.4, lookahead=2).grant(0) == 0  # the window (0.8) holds no whole copy
+    # The first layer's demand loads are paid too (a cold cache misses before any prefetch).
+    assert PrefetchBudget(1.0, lookahead=2).grant(6) == 0
+    assert PrefetchBudget(1.0, lookahead=2, misses_seen=6).grant(6) == 2
+
+
+def test_a_layer_call_with_no_tokens_leaves_the_predictions_alone():
+    """No tokens: nothing to predict from (the per-token shares were 0/0, NaN priorities that no prefetch
+    could ever evict), and nothing observed."""
+    H, E = 32, 8
+    with ExpertCache(random_layers(L=2, E=E, H=H, I=16), num_slots=4, policy="priority", device="cpu") as cache:
+        predictor = LookaheadPredictor([RouterSpec(torch.randn(E, H)), RouterSpec(torch.randn(E, H))], depth=1)
+        provider = OffloadedExperts(cache, 0, predictor=predictor, prefetch=True)
+        out = provider(torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2),
+                       activation="silu", interleaved=False, biases={})
+        assert out.shape == (0, H)
+        assert cache.stats()["prefetches"] == 0
+        assert predictor.summary() == LookaheadPredictor(predictor.routers, depth=1).summary()
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="finite"):
+                cache.set_priorities(1, [bad] + [0.0] * (E - 1))
 
 
 def _tiny_deepseek(layers=4):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from typing import Sequence
 
@@ -296,7 +297,10 @@ class ExpertCache:
         self._check_open()
         if isinstance(scores, torch.Tensor):
             scores = scores.detach().float().cpu().reshape(-1).tolist()
-        self._core.set_priorities(layer, [float(s) for s in scores])
+        scores = [float(s) for s in scores]
+        if not all(math.isfinite(s) for s in scores):
+            raise ValueError(f"set_priorities: scores must be finite (NaN or inf would pin or skip slots), got {scores}")
+        self._core.set_priorities(layer, scores)
 
     def keep_resident(self, layer: int, experts) -> int:
         """Never evict these experts (hot or shared ones); starts their copies. Returns copies started."""

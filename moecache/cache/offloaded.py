@@ -35,20 +35,21 @@ class PrefetchBudget:
     behind more could not land before the farthest predicted layer starts), and every expert loaded on
     demand since the last call (a miss, copied or read in place: it crosses PCIe ahead of any prefetch)
     or prefetched is paid from it. `grant` says how many copies may start now.
+    misses_seen: the cache's miss count when the budget starts (0 for a cache created with it), so the
+    first layers' demand loads are paid too.
     """
 
-    def __init__(self, per_layer: float, lookahead: int):
+    def __init__(self, per_layer: float, lookahead: int, misses_seen: int = 0):
         self.per_layer = float(per_layer)
         self.window = self.per_layer * lookahead
         self.credit = self.window  # the queue starts empty
-        self._misses_seen: int | None = None
+        self._misses_seen = misses_seen
 
     def grant(self, misses_total: int) -> int:
         """Earn one layer's allowance, pay for the demand loads since the last call (from the cache's
         miss count since its creation); returns how many prefetches fit."""
         self.credit = min(self.credit + self.per_layer, self.window)
-        if self._misses_seen is not None:
-            self.credit -= misses_total - self._misses_seen
+        self.credit -= misses_total - self._misses_seen
         self._misses_seen = misses_total
         return max(0, int(self.credit + 1e-9))
 
@@ -86,7 +87,7 @@ class OffloadedExperts:
                                  gate_up_interleaved=interleaved, gated=cache.gated, expert_map=cache.expert_map(layer),
                                  host_w_gate_up=host_gate_up, host_w_down=host_down, validate=False, **biases)
         predict = None
-        if self.predictor is not None:
+        if self.predictor is not None and hidden_states.shape[0] > 0:  # no tokens: nothing to predict from
             def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):
                 self._predict_and_prefetch(x, top_k, used)
         # The ids are the model's own top-k: no value checks (their host sync) on them.
