@@ -137,6 +137,8 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
         if missing:
             raise ValueError(f"offload policy {offload.policy!r} needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")
+        if offload.predictor is not None:
+            _check_predictor_fits(LearnedRoutePredictor.load(offload.predictor), offload.predictor, found)
     devices = set()
     for f in found:
         if f.names is None:
@@ -152,6 +154,17 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if device.type == "cuda" and not _C.cuda_available():
         raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
+
+
+def _check_predictor_fits(learned: LearnedRoutePredictor, path, found: list[FoundExperts]) -> None:
+    num_experts, hidden = experts_shape(found[0])
+    if (learned.hidden, learned.num_experts) != (hidden, num_experts):
+        raise ValueError(f"offload predictor={str(path)!r} was trained for hidden size {learned.hidden} and "
+                         f"{learned.num_experts} experts; this model's MoE layers have {hidden} and {num_experts}")
+    beyond = sorted(t for t, _ in learned.targets if t >= len(found))
+    if beyond:
+        raise ValueError(f"offload predictor={str(path)!r} predicts MoE layer {beyond[0]}; this model has "
+                         f"{len(found)} MoE layers (numbered from 0)")
 
 
 def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Offload):
