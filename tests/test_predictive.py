@@ -291,6 +291,18 @@ def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
                                        attention_mask=mask)
         for i in range(len(lengths)):
             assert torch.equal(out[i, S:], alone[i]), (schedule, i)
+    # Several rows per prompt, a dict, or sampling would be cut to the wrong rows: refused up front.
+    for bad, match in (({"num_return_sequences": 2, "num_beams": 2}, "num_return_sequences=2"),
+                       ({"return_dict_in_generate": True}, "return_dict_in_generate=True"),
+                       ({"do_sample": True}, "do_sample=True")):
+        with pytest.raises(ValueError, match=match):
+            generate_scheduled(model, prompts, experts, batch_size=2, max_new_tokens=5, attention_mask=mask, **bad)
+    # Greedy even where the model's own generation_config samples; do_sample=False may still be passed.
+    model.generation_config.do_sample = True
+    out, _ = generate_scheduled(model, prompts, experts, batch_size=2, schedule=False, max_new_tokens=5,
+                                attention_mask=mask, do_sample=False)
+    for i in range(len(lengths)):
+        assert torch.equal(out[i, S:], alone[i]), i
     moecache.unpatch(model)
 
 

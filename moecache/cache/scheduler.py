@@ -86,6 +86,7 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
     The outputs are plain greedy generate's over all prompts at once: a request stops at EOS and its row
     is padded with the pad token to the longest output (pass min_new_tokens=max_new_tokens, as the
     benchmarks do, for outputs of a fixed length)."""
+    _check_one_greedy_output(model, generate_kwargs)
     n = prompts.shape[0]
     mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
             if before_group is not None:
                 before_group(list(group))
             out = model.generate(prompts[group], attention_mask=mask[group],
-                                 max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+                                 max_new_tokens=max_new_tokens, **{**generate_kwargs, "do_sample": False})
             for row, request in enumerate(group):
                 outputs[request] = out[row]
     info = {"groups": groups, "scheduler_s": scheduler_s,
@@ -112,6 +113,19 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
         pad = _pad_token(model, generate_kwargs)
         outputs = [torch.cat([o, o.new_full((longest - o.shape[0],), pad)]) for o in outputs]
     return torch.stack(outputs), info
+
+
+def _check_one_greedy_output(model, generate_kwargs: dict) -> None:
+    """The outputs are one token tensor per prompt, in the prompts' order: options that make generate return
+    several rows per prompt, or a dict, or sample, would be cut to the wrong rows."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    for name, plain in (("num_return_sequences", 1), ("return_dict_in_generate", False)):
+        value = generate_kwargs.get(name, getattr(config, name, plain))
+        if value not in (None, plain):
+            raise ValueError(f"generate_scheduled returns one greedy output per prompt: {name}={value!r} "
+                             f"is not supported (leave it at {plain!r}, in generation_config too)")
+    if generate_kwargs.get("do_sample", False):  # the model's own generation_config is overridden: greedy
+        raise ValueError("generate_scheduled generates greedily: do_sample=True is not supported")
 
 
 def _pad_token(model, generate_kwargs: dict) -> int:
