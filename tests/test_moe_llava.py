@@ -286,9 +286,24 @@ def test_local_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         load_language_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama", "hidden_size": 64,
-                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                      "vocab_size": 64, "intermediate_size": 128}))
+    fields = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64,
+              "intermediate_size": 128}
+    for cfg, match in (
+            ({"model_type": "llava", "text_config": {"model_type": "llama", **fields}}, "text_config"),
+            ({"model_type": "llava_llama", **{k: v for k, v in fields.items() if k != "vocab_size"}},
+             "lacks vocab_size"),
+            ({"model_type": "moe_llava_phi", **fields, "moe": {"moe_enable": True, "moe_layers_idx": [0, 1],
+                                                              "num_experts": [4]}}, "one per layer"),
+            # RoPE scaling would load and silently rotate every position otherwise than the checkpoint was trained.
+            ({"model_type": "llava_llama", **fields, "rope_scaling": {"type": "linear", "factor": 4.0}},
+             "rope_scaling=.*linear"),
+            ({"model_type": "llava_llama", **fields, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}},
+             "rope_parameters=.*yarn")):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=match):
+            load_language_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama", **fields,
+                                                      "rope_scaling": None}))  # as LLaVA-1.5 ships it
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         load_language_model(tmp_path)
     from safetensors.torch import save_file

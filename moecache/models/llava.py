@@ -131,6 +131,12 @@ def _check_architecture(path, cfg: dict, config) -> None:
     naming the field (it would load and compute something else than what was saved)."""
     saved = [(k, v) for source in (cfg, cfg.get("rope_parameters") or {}) for k, v in source.items()]
     wrong = []
+    # RoPE scaling (linear, dynamic, YaRN, ...) changes every position's rotation; the families build plain RoPE.
+    scaling = cfg.get("rope_scaling") or {}
+    for field, source in (("rope_scaling", scaling), ("rope_parameters", cfg.get("rope_parameters") or {})):
+        kind = source.get("rope_type", source.get("type", "default")) if isinstance(source, dict) else source
+        if kind not in (None, "default"):
+            wrong.append(f"{field}={source!r} (built: plain RoPE)")
     for key, value in saved:
         built = compat.config_value(config, key) if key in _ARCHITECTURE_FIELDS else None
         if built is None:
@@ -246,10 +252,19 @@ _MODEL_TYPES = {"moe_llava_phi": "phi", "moe_llava_stablelm": "stablelm", "moe_l
                 "llama": "llama"}
 
 
+_REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+
+
 def _shape_from_config(cfg: dict) -> tuple[LanguageModelShape, list[int] | None]:
     model_type = cfg.get("model_type")
+    if isinstance(cfg.get("text_config"), dict) and not all(k in cfg for k in _REQUIRED_FIELDS):
+        raise ValueError("config.json keeps the language model under text_config (the llava-hf layout); "
+                         "moecache loads the original LLaVA / MoE-LLaVA layout, with the fields at the top level")
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"config.json model_type {model_type!r} is not one of {sorted(_MODEL_TYPES)}")
+    absent = [k for k in _REQUIRED_FIELDS if k not in cfg]
+    if absent:
+        raise ValueError(f"config.json lacks {', '.join(absent)}")
     base = _MODEL_TYPES[model_type]
     moe = cfg.get("moe") or {}
     ffn = cfg["intermediate_size"] // 2 if base == "qwen" else cfg["intermediate_size"]  # Qwen-1: w1, w2 of half
@@ -257,6 +272,9 @@ def _shape_from_config(cfg: dict) -> tuple[LanguageModelShape, list[int] | None]
     num_experts = moe.get("num_experts") if layers_idx else None
     if isinstance(num_experts, int):
         num_experts = [num_experts] * len(layers_idx)
+    if layers_idx and (not isinstance(num_experts, list) or len(num_experts) != len(layers_idx)):
+        raise ValueError(f"config.json moe.num_experts {num_experts!r} must be one count, or one per layer of "
+                         f"moe.moe_layers_idx ({len(layers_idx)})")
     every = 2
     if layers_idx:
         every = layers_idx[1] - layers_idx[0] if len(layers_idx) > 1 else cfg["num_hidden_layers"]
