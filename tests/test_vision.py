@@ -34,6 +34,10 @@ def test_scaled_tower_maps_images_to_language_model_tokens(encoder):
     assert tokens.shape == (3, shape.tokens, 48) and torch.isfinite(tokens).all()
     assert torch.allclose(again[0], tokens[1], atol=1e-5)  # images are encoded independently
     assert not torch.allclose(tokens[0], tokens[1])
+    with torch.no_grad():
+        assert tower(images[:0]).shape == (0, shape.tokens, 48)  # no images in the batch: no image tokens
+    with pytest.raises(ValueError, match=f"images must be \\[N, 3, {shape.image}, {shape.image}\\]"):
+        tower(images[:, :, 1:])
 
 
 def test_unknown_encoder_is_refused_by_name():

@@ -69,6 +69,12 @@ class VisionTower(nn.Module):
         self.projector = nn.Sequential(nn.Linear(width, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.shape.image
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be [N, 3, {size}, {size}], got {tuple(images.shape)}")
+        if images.shape[0] == 0:  # a batch of text-only prompts: no image tokens (the encoders cannot take 0)
+            lm_hidden = self.projector[-1].out_features
+            return images.new_empty(0, self.shape.tokens, lm_hidden, dtype=self.projector[-1].weight.dtype)
         out = self.encoder(pixel_values=images, output_hidden_states=True)
         if self.shape.kind == "clip":
             features = out.hidden_states[-2][:, 1:]  # penultimate layer, CLS dropped
