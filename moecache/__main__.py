@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from ._env import log_level
+from ._env import backend_override, kv_block_size, log_level
 
 log = logging.getLogger("moecache.cli")
 
@@ -151,6 +151,9 @@ def _kv_bytes_per_token(cache, tokens: int) -> float:
     return held / max(tokens, 1)
 
 
+_PROMPT_STRIDE = 997  # tokens between the trained family's prompts: distinct stretches of the held-out text
+
+
 def _demo(args) -> int:
     import torch
 
@@ -176,7 +179,13 @@ def _demo(args) -> int:
         from .data import encode, validation_text
 
         text = encode(validation_text())[0]
-        prompt = torch.stack([text[i * 997: i * 997 + args.prompt] for i in range(args.batch)]).to(device)
+        if (args.batch - 1) * _PROMPT_STRIDE + args.prompt > text.numel():
+            fits = (text.numel() - args.prompt) // _PROMPT_STRIDE + 1 if args.prompt <= text.numel() else 0
+            raise SystemExit(f"moecache demo: --family trained takes its prompts from {text.numel()} tokens of "
+                             f"held-out text, one every {_PROMPT_STRIDE}: --prompt {args.prompt} allows "
+                             f"--batch {fits} at most")
+        prompt = torch.stack([text[i * _PROMPT_STRIDE: i * _PROMPT_STRIDE + args.prompt]
+                              for i in range(args.batch)]).to(device)
     else:
         prompt = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt), device=device,
                                generator=torch.Generator(device=device).manual_seed(1))
@@ -288,6 +297,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo" and args.prefetch_limit is not None and args.policy != "budgeted":
         parser.error(f"argument --prefetch-limit: applies to --policy budgeted, not {args.policy}")
+    if args.command == "demo" and args.layers is not None and args.family == "trained":
+        parser.error("argument --layers: the trained model's depth is fixed (it ships with its weights)")
+    if args.command == "demo":  # read by the patched runs: a bad value fails here, not after the first run
+        try:
+            backend_override()
+            kv_block_size()
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=log_level() or "WARNING", stream=sys.stderr)
     return {"info": _info, "demo": _demo}[args.command](args)
 

@@ -6,11 +6,11 @@ import tempfile
 import pytest
 
 
-def _run(*args):
+def _run(*args, env=None):
     # Run outside the source tree so the installed package (with _C) is the one imported.
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run([sys.executable, "-m", "moecache", *args], capture_output=True, text=True,
-                              timeout=600, cwd=cwd)
+                              timeout=600, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def test_info_reports_build_and_triton_mode():
@@ -65,7 +65,7 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
 @pytest.mark.parametrize("args", [["--layers", "0"], ["--batch", "0"], ["--prompt", "0"], ["--device", "tpu"],
                                   ["--layers", "-1"], ["--budget", "1.5"], ["--family", "llama"],
                                   ["--prefetch-limit", "-1", "--policy", "budgeted"], ["--prefetch-limit", "nan"],
-                                  ["--prefetch-limit", "2", "--policy", "lru"]])
+                                  ["--prefetch-limit", "2", "--policy", "lru"], ["--family", "trained", "--layers", "2"]])
 def test_demo_rejects_bad_arguments_with_a_message(args):
     proc = _run("demo", *args)
     assert proc.returncode == 2 and "error: argument" in proc.stderr and "Traceback" not in proc.stderr
@@ -94,3 +94,18 @@ def test_demo_with_one_moe_layer_has_no_next_layer_to_predict():
     proc = _run("demo", "--family", "mixtral", "--layers", "1", "--new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     assert "next-layer recall    n/a" in proc.stdout
+
+
+@pytest.mark.parametrize("name,value", [("MOECACHE_BACKEND", "bogus"), ("MOECACHE_KV_BLOCK_SIZE", "0")])
+def test_demo_checks_the_environment_before_running(name, value):
+    """Regression: a bad switch failed with a traceback after the unpatched run had already taken its time."""
+    proc = _run("demo", "--family", "mixtral", "--new-tokens", "1", env={name: value})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert f"{name} must be" in proc.stderr
+
+
+def test_demo_trained_says_how_many_prompts_the_held_out_text_holds():
+    """Regression: a batch past the held-out text crashed in torch.stack."""
+    proc = _run("demo", "--family", "trained", "--batch", "1000", "--prompt", "4", "--new-tokens", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--prompt 4 allows --batch" in proc.stderr
