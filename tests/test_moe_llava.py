@@ -3,6 +3,7 @@ gating, local-checkpoint loading, and transformers' non-gated MoE families (Swit
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -362,19 +363,25 @@ def test_switch_transformers_top1_relu_experts(capacity, offload):
     assert torch.equal(model_logits(model, ids, decoder_input_ids=dec), ref)
 
 
-def test_nllb_moe_is_left_alone_with_the_reason():
+def test_nllb_moe_is_left_alone_with_the_reason(caplog):
     config = transformers.NllbMoeConfig(
         vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_experts=4, expert_capacity=8,
         encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64)
     model = transformers.NllbMoeForConditionalGeneration(config).eval()
     before = model_snapshot(model)
-    moecache.patch(model)
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        moecache.patch(model)
     left = moecache.stats(model)["left_alone"]
     assert left and all("NLLB-MoE" in item["reason"] and item["kind"] == "experts" for item in left)
+    # One warning, with the reason; not also "no MoE experts found" (they were found).
+    assert "NLLB-MoE" in caplog.text and "no MoE experts found" not in caplog.text
     assert_model_restored(model, before)
     with pytest.raises(ValueError, match="NLLB-MoE"):
         moecache.patch(model, strict=True)
+    with pytest.raises(ValueError, match="no experts module could be patched: .*NLLB-MoE"):
+        moecache.patch(model, offload=moecache.Offload(gpu_experts=0.5))
+    assert_model_restored(model, before)
 
 
 @pytest.mark.gpu

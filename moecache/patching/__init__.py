@@ -87,6 +87,7 @@ class _Plan:
     experts_requested: bool = True
     experts_found: int = 0  # routed-experts modules in the model, patched or not
     experts_patched: int = 0  # already MoecacheExperts
+    experts_left_alone: list[str] = field(default_factory=list)  # why each unsupported experts module stays
 
 
 def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, offload: Offload | None = None,
@@ -124,6 +125,7 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
         if strict:
             raise ValueError(f"moecache.patch: {name} ({cls}): {reason}")
         left_alone.append({"name": name, "kind": "experts", "type": cls, "reason": reason})
+        plan.experts_left_alone.append(reason)
     plan.experts_found = len(found)
     sharing = _layers_sharing_weights(found)
     for f in found:
@@ -139,6 +141,7 @@ def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list)
             if strict:
                 raise ValueError(f"moecache.patch: {f.name} ({type(f.module).__name__}) uses {reason}") from None
             left_alone.append({"name": f.name, "kind": "experts", "type": type(f.module).__name__, "reason": reason})
+            plan.experts_left_alone.append(reason)
             continue
         plan.experts.append((f, layout))
     return plan
@@ -166,10 +169,13 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
     state: PatchState | None = getattr(model, _STATE, None)
     if not plan.experts_requested:
         return
-    if plan.experts_found == 0 and (offload is not None or (strict and not plan.attention)):
+    if plan.experts_found == 0 and not plan.experts_left_alone and (
+            offload is not None or (strict and not plan.attention)):
         raise ValueError(_no_experts_message(model))
-    if plan.experts_found and not plan.experts and not plan.experts_patched and (strict or offload is not None):
-        raise ValueError("moecache.patch: no experts module could be patched")
+    if (plan.experts_found or plan.experts_left_alone) and not plan.experts and not plan.experts_patched \
+            and (strict or offload is not None):
+        reason = f": {plan.experts_left_alone[0]}" if plan.experts_left_alone else ""
+        raise ValueError(f"moecache.patch: no experts module could be patched{reason}")
     if offload is not None:
         if not plan.experts and state is not None and state.cache is None:
             raise ValueError("moecache.patch: the model is already patched without offload; unpatch it first")
@@ -196,8 +202,8 @@ def _no_experts_message(model) -> str:
 
 def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     state: PatchState = getattr(model, _STATE, None) or PatchState()
-    if plan.experts_requested and plan.experts_found == 0 and not plan.attention:
-        logger.warning(_no_experts_message(model))
+    if plan.experts_requested and plan.experts_found == 0 and not plan.experts_left_alone and not plan.attention:
+        logger.warning(_no_experts_message(model))  # (modules left alone get their own warning)
     elif not plan.experts and not plan.attention and plan.experts_patched:
         logger.info("moecache.patch: %s is already patched; nothing more to do", type(model).__name__)
 
