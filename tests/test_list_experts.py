@@ -161,6 +161,20 @@ def test_offloading_more_layers_into_a_patched_model_is_refused():
     assert_model_restored(model, before)
 
 
+@pytest.mark.parametrize("budget", ["1KiB", "many", 1.5])
+def test_a_bad_offload_budget_leaves_list_experts_untouched(budget):
+    """Regression: the budget was checked after the MLPs were stacked, so a refused offload still gave
+    every expert parameter new storage."""
+    layer = moe_layer()
+    before = model_snapshot(layer)
+    storage = [p.data_ptr() for p in layer.parameters()]
+    with pytest.raises(ValueError, match="gpu_experts"):
+        moecache.patch(layer, offload=moecache.Offload(gpu_experts=budget))
+    assert [p.data_ptr() for p in layer.parameters()] == storage
+    assert not moecache.stats(layer)["patched"]
+    assert_model_restored(layer, before)
+
+
 def test_offloaded_expert_mlps_called_directly_say_why():
     """DeepSeek's own blocks run their MLPs themselves in training: offloaded, their weights are gone, so
     the call says so instead of failing on an empty matrix."""
