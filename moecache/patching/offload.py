@@ -151,6 +151,9 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     device = devices.pop()
     if device.type == "meta":
         raise ValueError("offload: the experts are on the meta device (not loaded)")
+    if device.type == "cuda" and not _C.cuda_available():
+        raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
+                         f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
     offload.slots(len(found), experts_shape(found[0])[0], _record_bytes(found[0]))  # a budget error, before stacking
 
 
@@ -161,9 +164,6 @@ def _record_bytes(found: FoundExperts) -> int:
     else:
         weights = [getattr(found.mlps[0], n).weight for n in (*found.names.rows, found.names.down)]
     return sum(w.numel() for w in weights) * weights[0].element_size()
-    if device.type == "cuda" and not _C.cuda_available():
-        raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
-                         f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
 
 
 def _check_predictor_fits(learned: LearnedRoutePredictor, path, found: list[FoundExperts]) -> None:
