@@ -10,7 +10,10 @@ moecache reads here:
 - the Cache base class: in 5.17 `max_cache_len` is a read-only property, so a subclass exposes it as a
   property too, never assigns it;
 - experts modules: fused 3-D `gate_up_proj` / `down_proj` parameters, GPT-OSS's `is_transposed` /
-  `is_concatenated` flags, and `set_experts_implementation` on the model (benchmarks only).
+  `is_concatenated` flags, and `set_experts_implementation` on the model (benchmarks only);
+- `output_attentions`: recorded by forward hooks that `capture_outputs` installs on modules of the
+  model's own attention classes at the first forward that asks, and an active collector naming what the
+  running forward records.
 """
 from __future__ import annotations
 
@@ -162,3 +165,38 @@ def skip_weight_init():
     except ImportError:
         return contextlib.nullcontext()
     return no_init_weights()
+
+
+def _records_outputs(module) -> bool:
+    """Whether the module's forward is wrapped by transformers' capture_outputs (the module that installs
+    the recording hooks on its submodules)."""
+    forward = type(module).forward
+    while forward is not None:
+        code = getattr(forward, "__code__", None)
+        if code is not None and code.co_qualname.startswith("capture_outputs."):
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+    return False
+
+
+def install_output_recorders(model) -> None:
+    """Install now the hooks that record attentions and hidden states, as the first forward asking for them
+    would: installed before patch swaps attention modules out, the originals carry them, so the paths
+    that run the original attention, and the model after unpatch, record as before."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in model.modules():
+        if _records_outputs(module):
+            maybe_install_capturing_hooks(module)
+
+
+def attentions_requested() -> bool:
+    """Whether the running forward records attention weights (output_attentions=True)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected

@@ -121,6 +121,70 @@ def test_left_padding_under_flex_attention_is_not_stored():
     moecache.unpatch(model)
 
 
+def _padding_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA given what flash attention is given: the [B, T] padding mask (or None), causal implied."""
+    S, T = query.shape[2], key.shape[2]
+    mask = torch.ones(S, T, dtype=torch.bool, device=query.device).tril(T - S)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -T:].bool()
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_left_padding_under_a_padding_mask_is_not_stored():
+    """flash_attention_2/3/4 hand the layers the 2-D [B, T] padding mask (emulated here on CPU with SDPA).
+    Regression: the patched layer read no padding from a 2-D mask and stored it as tokens."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("padding_mask_sdpa", _padding_mask_attention)
+    AttentionMaskInterface.register("padding_mask_sdpa", flash_attention_mask)
+    model = _deepseek("v2", attn_implementation="padding_mask_sdpa")
+    ids = torch.randint(3, 96, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    _patch_and_check_padded_prefill(model, ids, mask, [6, 9, 3])
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          min_new_tokens=8), ref)
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("first_forward", ["before patch", "while patched"])
+def test_output_attentions_is_refused_on_the_latent_path_and_recorded_elsewhere(first_forward):
+    """Regression: attentions came back as empty tuples with no error; and when the model's first forward
+    ran while patched, transformers' recording hooks never reached the original attention modules, so
+    they stayed empty after unpatch too."""
+    from transformers import DynamicCache
+
+    model = _deepseek("v2", attn_implementation="eager")
+    ids = torch.randint(3, 96, (2, 7))
+    if first_forward == "before patch":
+        with torch.no_grad():
+            model(ids)
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True).attentions if first_forward == "before patch" else None
+    moecache.patch(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="output_attentions.*DynamicCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True,
+                             **{model_cache_argument(model): DynamicCache(config=model.config)})
+    layers = model.config.num_hidden_layers
+    assert [len(step) for step in out.attentions] == [layers, layers]
+    moecache.unpatch(model)
+    with torch.no_grad():
+        again = model(ids, output_attentions=True).attentions
+    assert len(again) == layers and all(a.shape == (2, model.config.num_attention_heads, 7, 7) for a in again)
+    if ref is not None:
+        assert all(torch.equal(a, b) for a, b in zip(again, ref))
+
+
 def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
     monkeypatch.setenv("MOECACHE_KV_BLOCK_SIZE", "8")
     model = MODELS["v3-interleaved"]()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..compat import attentions_requested
 from .latent_cache import LatentKVCache
 
 
@@ -61,6 +62,10 @@ class MoecacheMLA(nn.Module):
             raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
                              f"{self.layer_idx}: build it with the model's num_hidden_layers")
         layer = cache.layers[self.layer_idx]
+        if not torch.compiler.is_compiling() and attentions_requested():
+            raise ValueError("output_attentions: moecache's latent MLA computes no attention weights; pass an "
+                             "explicit cache (cache=DynamicCache(config=model.config)) to run the original "
+                             "attention, or unpatch the model")
         B, S, _ = hidden_states.shape
         R, P, Dn = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
 
@@ -122,14 +127,21 @@ class MoecacheMLA(nn.Module):
 
 
 def _new_token_validity(attention_mask, B: int, S: int, offset: int) -> torch.Tensor | None:
-    """[B, S] bool: which new tokens are real (not padding), read off the mask's diagonal (a token masked
-    from itself is padding); None if all are. The mask: a [B, 1 or H, S, T] tensor (bool, or additive
-    float), or flex attention's BlockMask, whose mask_mod(b, h, q, kv) is evaluated on the diagonal."""
+    """[B, S] bool: which new tokens are real (not padding); None if all are. The mask: the [B, T] padding
+    mask (flash attention's), read at the new tokens' columns; a [B, 1 or H, S, T] tensor (bool, or
+    additive float), or flex attention's BlockMask, whose mask_mod(b, h, q, kv) is evaluated on the
+    diagonal (a token masked from itself is padding)."""
     if attention_mask is None:
         return None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # The padding mask itself, [B, tokens so far] with 0 at padding (what flash attention is given).
+        cols = (offset + torch.arange(S, device=attention_mask.device)).clamp(max=attention_mask.shape[-1] - 1)
+        valid = attention_mask[:, cols] != 0
+        return None if bool(valid.all()) else valid
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() != 4:
-            return None
+            raise ValueError(f"moecache's MLA attention reads padding from a [B, T] padding mask or a "
+                             f"[B, 1 or H, S, T] mask, got attention_mask of shape {tuple(attention_mask.shape)}")
         j = torch.arange(S, device=attention_mask.device)
         cols = (offset + j).clamp(max=attention_mask.shape[-1] - 1)
         diag = attention_mask[:, 0, j, cols]                                       # [B, S]

@@ -21,6 +21,7 @@ from dataclasses import astuple, dataclass, field, replace
 from torch import nn
 
 from ..cache import ExpertCache
+from ..compat import install_output_recorders
 from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
@@ -229,6 +230,8 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         state.replaced.append(r)
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
                     r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
+    if plan.attention:  # the original attention modules keep recording output_attentions (and after unpatch)
+        install_output_recorders(model)
     for a in plan.attention:
         new = MoecacheMLA(a.module, **a.kwargs)
         setattr(a.parent, a.attr, new)
