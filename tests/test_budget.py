@@ -182,9 +182,6 @@ def test_prefetch_allowance_and_budget_arithmetic():
     assert b.grant(9) == 0  # capped at the window (3), then 7 misses: in debt
     assert b.credit == pytest.approx(-4.0)
     assert PrefetchBudget(0.4, lookahead=2).grant(0) == 0  # the window (0.8) holds no whole copy
-    # The first layer's demand loads are paid too (a cold cache misses before any prefetch).
-    assert PrefetchBudget(1.0, lookahead=2).grant(6) == 0
-    assert PrefetchBudget(1.0, lookahead=2, misses_seen=6).grant(6) == 2
 
 
 def test_a_layer_call_with_no_tokens_leaves_the_predictions_alone():

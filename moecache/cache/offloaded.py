@@ -35,21 +35,20 @@ class PrefetchBudget:
     behind more could not land before the farthest predicted layer starts), and every expert loaded on
     demand since the last call (a miss, copied or read in place: it crosses PCIe ahead of any prefetch)
     or prefetched is paid from it. `grant` says how many copies may start now.
-    misses_seen: the cache's miss count when the budget starts (0 for a cache created with it), so the
-    first layers' demand loads are paid too.
     """
 
-    def __init__(self, per_layer: float, lookahead: int, misses_seen: int = 0):
+    def __init__(self, per_layer: float, lookahead: int):
         self.per_layer = float(per_layer)
         self.window = self.per_layer * lookahead
         self.credit = self.window  # the queue starts empty
-        self._misses_seen = misses_seen
+        self._misses_seen: int | None = None
 
     def grant(self, misses_total: int) -> int:
         """Earn one layer's allowance, pay for the demand loads since the last call (from the cache's
         miss count since its creation); returns how many prefetches fit."""
         self.credit = min(self.credit + self.per_layer, self.window)
-        self.credit -= misses_total - self._misses_seen
+        if self._misses_seen is not None:
+            self.credit -= misses_total - self._misses_seen
         self._misses_seen = misses_total
         return max(0, int(self.credit + 1e-9))
 
