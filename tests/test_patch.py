@@ -228,8 +228,24 @@ def test_bad_offload_requests_leave_the_model_intact():
         moecache.patch(model, offload=Offload(policy="predictive", lookahead=0))
     with pytest.raises(TypeError, match="offload"):
         moecache.patch(model, offload=0.5)
+    with pytest.raises(ValueError, match="experts=True"):  # regression: ignored without a word
+        moecache.patch(model, experts=False, offload=Offload())
     assert_restored(model, before)
     assert not any(isinstance(m, MoecacheExperts) for m in model.modules())
+
+
+def test_a_byte_budget_counts_slots_as_the_cache_stores_them():
+    """Regression: slots were counted with an expert's bytes unaligned while the pool stores each one
+    aligned, so a byte budget could be overshot."""
+    config = transformers.MixtralConfig(**dict(COMMON, hidden_size=56), intermediate_size=33, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config).eval()
+    unaligned = 3 * 56 * 33 * 4  # gate, up and down of one fp32 expert
+    moecache.patch(model, offload=Offload(gpu_experts=f"{2 * unaligned}B"))
+    cache = moecache.expert_cache(model)
+    assert cache.record_bytes > unaligned  # the case the regression needs
+    assert cache.num_slots == 1 and cache.num_slots * cache.record_bytes <= 2 * unaligned
+    moecache.unpatch(model)
 
 
 def test_experts_spread_over_devices_are_refused_for_offload():
@@ -421,7 +437,16 @@ def test_offloaded_state_dict_holds_the_real_weights_and_save_pretrained_round_t
     assert_close(model_logits(reloaded, ids), ref, torch.float32)
     with pytest.raises(RuntimeError, match="unpatch"):
         model.load_state_dict(before)
-    assert_close(model_logits(model, ids), ref, torch.float32)  # the refused load changed nothing
+    # A load into a submodule holding experts is refused before anything loads too (regression: the
+    # attention weights loaded, then a size mismatch left the model half-loaded).
+    inner = {k[len("model."):]: v + 1 for k, v in before.items() if k.startswith("model.")}
+    layer = {k[len("model.layers.0."):]: v + 1 for k, v in before.items() if k.startswith("model.layers.0.")}
+    for module, state in ((model.model, inner), (model.model.layers[0], layer)):
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            module.load_state_dict(state, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.lm_head.load_state_dict({"weight": before["lm_head.weight"]})  # no experts below: loads as ever
+    assert_close(model_logits(model, ids), ref, torch.float32)  # the refused loads changed nothing
     moecache.unpatch(model)
 
 
@@ -438,6 +463,8 @@ def test_offloaded_model_refuses_deepcopy_pickle_and_conversion_clearly():
     model.to(torch.float64)
     with pytest.raises(TypeError, match="unpatched"):
         model_logits(model, torch.randint(3, 96, (1, 4)))
+    # The state dict is of one dtype, the experts' included (regression: they stayed float32).
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float64}
     model.to(torch.float32)
     moecache.unpatch(model)
 

@@ -32,6 +32,12 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def record_size(gate_up_bytes: int, down_bytes: int) -> int:
+    """Bytes one expert takes in the host store and in a device slot: its gate/up block, then its down
+    block, each starting on the alignment boundary."""
+    return _align(_align(gate_up_bytes) + down_bytes)
+
+
 class Lease:
     """Slots that ensure() made resident, protected from eviction until release() (or the `with` ends)."""
 
@@ -124,7 +130,7 @@ class ExpertCache:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         gate_up_bytes = self.gate_up_rows * self.hidden * itemsize
         self._down_offset = _align(gate_up_bytes)
-        self.record_bytes = _align(self._down_offset + self.hidden * self.inter * itemsize)
+        self.record_bytes = record_size(gate_up_bytes, self.hidden * self.inter * itemsize)
         self.num_slots = num_slots
         pool_bytes = num_slots * self.record_bytes
         if self.device.type == "cuda":

@@ -242,6 +242,7 @@ class _Engine:
 
     def _offload(self, device: torch.device) -> None:
         from ..cache import ExpertCache
+        from ..cache.expert_cache import record_size
         from ..cache.offloaded import OffloadedExperts, PrefetchBudget
         from ..cache.predictor import LookaheadPredictor
         from ..patching.offload import PREDICTING
@@ -249,7 +250,7 @@ class _Engine:
         offload, layers = self.offload, self.layers
         w13, w2 = layers[0].w13_weight, layers[0].w2_weight
         num_experts = w13.shape[0]
-        record_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+        record_bytes = record_size(w13[0].numel() * w13.element_size(), w2[0].numel() * w2.element_size())
         try:
             num_slots = offload.slots(len(layers), num_experts, record_bytes)
         except ValueError as exc:

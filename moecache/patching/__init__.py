@@ -106,6 +106,8 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if offload is not None and not isinstance(offload, Offload):
         raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
+    if offload is not None and not experts:
+        raise ValueError("offload moves the experts patch replaces: it needs experts=True")
     left_alone: list[dict] = []
     try:
         plan = _plan(model, experts, attention, strict, left_alone)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import _C
 from ..cache import ExpertCache
+from ..cache.expert_cache import record_size
 from ..cache.learned import LearnedRoutePredictor
 from ..cache.offloaded import OffloadedExperts, PrefetchBudget
 from ..cache.predictor import LookaheadPredictor
@@ -158,12 +159,13 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
 
 
 def _record_bytes(found: FoundExperts) -> int:
-    """One expert's weight bytes (gate/up and down), as the cache will store it."""
+    """One expert's bytes in a device slot (gate/up and down, aligned as the cache stores them)."""
     if found.names is None:
-        weights = (found.module.gate_up_proj[0], found.module.down_proj[0])
+        gate_up, down = [found.module.gate_up_proj[0]], found.module.down_proj[0]
     else:
-        weights = [getattr(found.mlps[0], n).weight for n in (*found.names.rows, found.names.down)]
-    return sum(w.numel() for w in weights) * weights[0].element_size()
+        gate_up = [getattr(found.mlps[0], n).weight for n in found.names.rows]
+        down = getattr(found.mlps[0], found.names.down).weight
+    return record_size(sum(w.numel() for w in gate_up) * down.element_size(), down.numel() * down.element_size())
 
 
 def _check_predictor_fits(learned: LearnedRoutePredictor, path, found: list[FoundExperts]) -> None:
@@ -185,7 +187,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
     E = modules[0].num_experts
     gate_up, down = modules[0].weights()
     device = gate_up.device
-    record_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    record_bytes = record_size(gate_up[0].numel() * gate_up.element_size(), down[0].numel() * down.element_size())
     num_slots = offload.slots(len(modules), E, record_bytes)
     predictor = budget = None
     if offload.policy == "budgeted":
@@ -245,14 +247,18 @@ class _OffloadedState(_OffloadHook):
         if not isinstance(provider, OffloadedExperts):
             return
         gate_up, down = provider.cache.host_weights(provider.layer)
+        # In the dtype the model's parameters now have (a conversion after patch, which forward refuses,
+        # still gives a checkpoint of one dtype), as unpatch would restore them.
         if module.stacked is not None:
-            for name, tensor in module.stacked.per_layer(gate_up, down).items():
-                state_dict[prefix + name] = tensor.clone()
-            return
-        if module.layout.transposed:
-            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        state_dict[prefix + "gate_up_proj"] = gate_up.contiguous().clone()
-        state_dict[prefix + "down_proj"] = down.contiguous().clone()
+            weights = module.stacked.per_layer(gate_up, down)
+        else:
+            if module.layout.transposed:
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            weights = {"gate_up_proj": gate_up, "down_proj": down}
+        for name, tensor in weights.items():
+            freed = state_dict.get(prefix + name)  # the emptied parameter, in the dtype it now has
+            dtype = tensor.dtype if freed is None else freed.dtype
+            state_dict[prefix + name] = tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 class _RefuseLoad(_OffloadHook):
@@ -275,12 +281,21 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
     freed device parameters; load_state_dict refuses before loading anything; an expert MLP of a list
     family called directly (its weights freed) says why it cannot run. Returns the hook handles."""
     handles = []
+    holders = set()
     for module in modules:
         target = module.original if module.stacked is not None else module
         handles.append(target.register_state_dict_post_hook(_OffloadedState(module)))
+        holders.update(id(m) for m in (module, module.original))
         if module.stacked is not None:
             handles += [mlp.register_forward_pre_hook(_RefuseMLPCall()) for mlp in module.stacked.experts]
-    handles.append(model.register_load_state_dict_pre_hook(_RefuseLoad()))
+            holders.update(id(mlp) for mlp in module.stacked.experts)
+    # Every module whose state holds offloaded weights refuses a load, the model and each submodule on
+    # the way down (a load into a decoder layer too): its hook runs before anything below it is loaded.
+    names = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in holders]
+    prefixes = {""} | {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+    for name, m in model.named_modules():
+        if name in prefixes:
+            handles.append(m.register_load_state_dict_pre_hook(_RefuseLoad()))
     return handles
 
 
