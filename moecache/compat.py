@@ -172,8 +172,8 @@ def _records_outputs(module) -> bool:
     the recording hooks on its submodules)."""
     forward = type(module).forward
     while forward is not None:
-        code = getattr(forward, "__code__", None)
-        if code is not None and code.co_qualname.startswith("capture_outputs."):
+        # functools.wraps copies the wrapped function's names; the wrapper's globals stay its own module's.
+        if getattr(forward, "__globals__", {}).get("__name__") == "transformers.utils.output_capturing":
             return True
         forward = getattr(forward, "__wrapped__", None)
     return False

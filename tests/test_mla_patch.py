@@ -316,6 +316,11 @@ def test_deepseek_vl2_attention_through_structural_detection():
     assert torch.equal(out_tokens, ref_tokens)
     assert cache.bytes_per_token() == len(model.layers) * (R + P) * 4
     assert all(c["decode"] == 8 for c in moecache.stats(model)["attention"])
+    # DeepSeek's own code asks the attention for its weights by keyword: refused on the latent path,
+    # naming the keyword its generate takes the cache under.
+    with torch.no_grad(), pytest.raises(ValueError, match="past_key_values=DynamicCache"):
+        model.layers[0](torch.randn(2, 1, model.layers[0].kv_a_proj_with_mqa.in_features), position_ids=torch.full((2, 1), 14),
+                        past_key_value=cache, output_attentions=True)
 
     moecache.unpatch(model)
     assert_restored(model, before)

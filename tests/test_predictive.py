@@ -294,6 +294,7 @@ def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
     # Several rows per prompt, a dict, or sampling would be cut to the wrong rows: refused up front.
     for bad, match in (({"num_return_sequences": 2, "num_beams": 2}, "num_return_sequences=2"),
                        ({"return_dict_in_generate": True}, "return_dict_in_generate=True"),
+                       ({"num_beams": 2}, "num_beams=2"),
                        ({"do_sample": True}, "do_sample=True")):
         with pytest.raises(ValueError, match=match):
             generate_scheduled(model, prompts, experts, batch_size=2, max_new_tokens=5, attention_mask=mask, **bad)

@@ -117,10 +117,11 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
 
 def _check_one_greedy_output(model, generate_kwargs: dict) -> None:
     """The outputs are one token tensor per prompt, in the prompts' order: options that make generate return
-    several rows per prompt, or a dict, or sample, would be cut to the wrong rows."""
-    config = generate_kwargs.get("generation_config") or model.generation_config
-    for name, plain in (("num_return_sequences", 1), ("return_dict_in_generate", False)):
-        value = generate_kwargs.get(name, getattr(config, name, plain))
+    several rows per prompt or a dict would be cut to the wrong rows; beams and sampling are not greedy."""
+    configs = [c for c in (generate_kwargs.get("generation_config"), model.generation_config) if c is not None]
+    for name, plain in (("num_return_sequences", 1), ("return_dict_in_generate", False), ("num_beams", 1)):
+        value = generate_kwargs.get(name, next((getattr(c, name) for c in configs if getattr(c, name, None)
+                                                is not None), plain))
         if value not in (None, plain):
             raise ValueError(f"generate_scheduled returns one greedy output per prompt: {name}={value!r} "
                              f"is not supported (leave it at {plain!r}, in generation_config too)")

@@ -62,9 +62,10 @@ class MoecacheMLA(nn.Module):
             raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
                              f"{self.layer_idx}: build it with the model's num_hidden_layers")
         layer = cache.layers[self.layer_idx]
-        if not torch.compiler.is_compiling() and attentions_requested():
-            raise ValueError("output_attentions: moecache's latent MLA computes no attention weights; pass an "
-                             "explicit cache (cache=DynamicCache(config=model.config)) to run the original "
+        if call.get("output_attentions") or (not torch.compiler.is_compiling() and attentions_requested()):
+            keyword = "past_key_values" if self.cache_arg == "past_key_value" else self.cache_arg
+            raise ValueError(f"output_attentions: moecache's latent MLA computes no attention weights; pass an "
+                             f"explicit cache ({keyword}=DynamicCache(config=model.config)) to run the original "
                              "attention, or unpatch the model")
         B, S, _ = hidden_states.shape
         R, P, Dn = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
@@ -135,8 +136,10 @@ def _new_token_validity(attention_mask, B: int, S: int, offset: int) -> torch.Te
         return None
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         # The padding mask itself, [B, tokens so far] with 0 at padding (what flash attention is given).
-        cols = (offset + torch.arange(S, device=attention_mask.device)).clamp(max=attention_mask.shape[-1] - 1)
-        valid = attention_mask[:, cols] != 0
+        if attention_mask.shape[-1] < offset + S:
+            raise ValueError(f"attention_mask [B, T] covers {attention_mask.shape[-1]} tokens; the cache holds "
+                             f"{offset} and this call adds {S}")
+        valid = attention_mask[:, offset + torch.arange(S, device=attention_mask.device)] != 0
         return None if bool(valid.all()) else valid
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() != 4:
@@ -151,8 +154,8 @@ def _new_token_validity(attention_mask, B: int, S: int, offset: int) -> torch.Te
         j = torch.arange(S, device=device)[None, :]
         diag = attention_mask.mask_mod(b, torch.zeros_like(b), j, offset + j).expand(B, S)
     else:
-        raise TypeError(f"moecache's MLA attention reads padding from a 4-D tensor mask or a flex BlockMask, "
-                        f"got {type(attention_mask).__name__}")
+        raise TypeError(f"moecache's MLA attention reads padding from a [B, T] padding mask, a [B, 1 or H, S, T] "
+                        f"mask or a flex BlockMask, got {type(attention_mask).__name__}")
     valid = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
     if bool(valid.all()):
         return None
