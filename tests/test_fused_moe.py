@@ -99,6 +99,17 @@ def test_gpt_oss_transposed_interleaved_with_biases(T):
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs CPU tensors only")
+def test_triton_backend_refuses_bf16_under_the_interpreter():
+    """Regression: the interpreter's bf16 tl.dot gave finite garbage (relative error ~1e10), silently;
+    the default CPU backend (torch) computes bf16 right."""
+    x, wgu, wd, w, ids = random_layer(4, 32, 16, 4, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='triton' on bfloat16 CPU tensors"):
+        ops.fused_moe(x, wgu, wd, w, ids, backend="triton")
+    ref = fused_moe_reference(x.float(), wgu.float(), wd.float(), w, ids)
+    assert_close(ops.fused_moe(x, wgu, wd, w, ids), ref.to(torch.bfloat16), torch.bfloat16)
+
+
 def test_zero_tokens():
     x, wgu, wd, w, ids = random_layer(0, 32, 16, 4, 2, torch.float32)
     assert ops.fused_moe(x, wgu, wd, w, ids, backend="triton").shape == (0, 32)

@@ -512,3 +512,15 @@ def test_backward_reaches_the_queries_and_the_pages_read():
         assert_close(a.grad, torch.nan_to_num(e.grad), torch.float32, name=f"grad {name}")
     unread = torch.isnan(args["kv_cache"])
     assert torch.all(got[2].grad[unread] == 0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs CPU tensors only")
+def test_triton_backend_refuses_bf16_under_the_interpreter():
+    """Regression: the interpreter's bf16 tl.dot gave finite garbage, silently."""
+    case = make_case([5, 17], Hq=4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='triton' on bfloat16 CPU tensors"):
+        ops.mla_decode(**op_args(case), backend="triton")
+    out = ops.mla_decode(**op_args(case))  # the torch backend
+    ref = mla_decode_reference(**{k: v.float() if getattr(v, "dtype", None) == torch.bfloat16 else v
+                                  for k, v in op_args(case).items()})
+    assert_close(out.float(), ref, torch.bfloat16)

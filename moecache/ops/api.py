@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .._env import backend_override, moe_config_path, validate_values
+from .._env import backend_override, moe_config_path, triton_interpreting, validate_values
 from .reference import (
     ACTIVATIONS,
     SWIGLU_OAI_ALPHA,
@@ -28,14 +28,19 @@ BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> MOECACHE_BACKEND if set, else triton for CUDA tensors and torch for CPU tensors."""
+def resolve_backend(backend: str, device: torch.device, dot_dtype: torch.dtype | None = None) -> str:
+    """"auto" -> MOECACHE_BACKEND if set, else triton for CUDA tensors and torch for CPU tensors.
+    dot_dtype: the dtype the kernels' tl.dot would multiply in, refused where the interpreter gets it wrong."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = backend_override()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and dot_dtype == torch.bfloat16 and device.type != "cuda" and triton_interpreting():
+        # The interpreter's bf16 tl.dot returns garbage (finite, off by orders of magnitude).
+        raise ValueError("backend='triton' on bfloat16 CPU tensors: the Triton interpreter computes bf16 matrix "
+                         "products wrongly; use backend='torch' (the default on CPU), or float32 / float16")
     return backend
 
 
@@ -427,7 +432,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
                     result = result + t.reshape(-1)[:0].sum()  # 0, reading nothing
         return result if out is None else out.copy_(result)
     # Zero-width experts output their down bias (zeros without one): nothing for the kernels to do.
-    use_torch = resolve_backend(backend, hidden_states.device) == "torch" or w_down.shape[2] == 0
+    use_torch = resolve_backend(backend, hidden_states.device, w_gate_up.dtype) == "torch" or w_down.shape[2] == 0
     if needs_grad and (expert_map is not None or not use_torch):
         result = _FusedMoeFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down,
                                          expert_map, host_w_gate_up, host_w_down,

@@ -132,7 +132,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         >>> attn = torch.einsum("bhr,hvr->bhv", o, w_uv)                     # apply W_UV [Hq, Dv, R]
     """
     _check_mla_args(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, validate)
-    if resolve_backend(backend, q_latent.device) == "torch":
+    if resolve_backend(backend, q_latent.device, kv_cache.dtype) == "torch":
         return mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens, scale=scale,
                                     return_lse=return_lse)
     args = (q_latent.contiguous(), q_rope.contiguous(), kv_cache, block_table.contiguous(), seq_lens.contiguous(),
