@@ -125,3 +125,23 @@ def test_bad_mappings_are_refused_by_name(source):
         map_routes(rec, 4, 16, 4)
     with pytest.raises(ValueError, match="top_k=0"):
         map_routes(rec, 4, 64, 0)
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        map_routes(rec, 0, 64, 4)
+    mapped = map_routes(rec, 4, 64, 8)
+    # Regressions: each of these returned something quietly (fewer rows than asked, the deepest guess for
+    # depth 0, prompt position 0 for every decode step) or failed with a bare error.
+    with pytest.raises(ValueError, match="rows=11 must be a whole number of tokens for each of the 2"):
+        mapped.routes(1, 0, [0, 1], 11)
+    with pytest.raises(ValueError, match="rows=4 must be a whole number of tokens for each of the 0"):
+        mapped.routes(1, 0, [], 4)
+    with pytest.raises(ValueError, match="layer=4"):
+        mapped.routes(1, 4, [0], 1)
+    for depth in (0, -1):
+        with pytest.raises(ValueError, match="depth"):
+            mapped.prediction(1, 1, depth, [0], 1)
+    from dataclasses import replace
+
+    prompt_only = map_routes(replace(rec, routes=rec.routes[:1], predictions=rec.predictions[:1]), 4, 64, 8)
+    assert prompt_only.routes(0, 0, [0], 40).shape == (40, 8)
+    with pytest.raises(ValueError, match="prompt step only"):
+        prompt_only.routes(1, 0, [0], 1)

@@ -35,6 +35,15 @@ def test_visual_token_formula():
     assert Prompt(50, ((768, 384),)).tokens == 50 + visual_tokens(2, 1)
     with pytest.raises(ValueError, match="positive"):
         best_grid(0, 10)
+    # Regressions: each of these answered quietly (None, 197 tokens, VL2 tiling for a misspelt encoder, []).
+    with pytest.raises(ValueError, match="max_tiles"):
+        best_grid(10, 10, max_tiles=0)
+    with pytest.raises(ValueError, match="1 x 1"):
+        visual_tokens(0, -1)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        Prompt(50, ((768, 384),), "llava-1.5")
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        sample_prompts("mmmu", -3)
 
 
 def test_mixes_are_deterministic_and_shaped_as_stated():

@@ -14,7 +14,8 @@ The mapping rule (`map_routes`), stated once:
   perm_j[(e + r * floor(E_tgt / R)) mod E_tgt], perm_j a seeded permutation of the target's E_tgt
   experts, one per target layer; a token's K_tgt target experts are its K_src source experts' replicas
   taken in the order (replica 0 of every source pick, in the source's rank order, then replica 1, ...),
-  the first K_tgt distinct ones (further replicas only where earlier ones collided). E_tgt >= E_src is
+  the first K_tgt distinct ones (further replicas only where earlier ones collided, then the lowest
+  free ids where every replica collided). E_tgt >= E_src is
   required (a target with fewer experts than its source would merge experts and invent hits);
 - tokens: request i of the target replays request i mod B_src of the source (B_src requests were
   recorded), so a request keeps its routes across micro-batches; in the prompt step its position p
@@ -100,14 +101,24 @@ class MappedRoutes:
     top_k: int
     permutations: torch.Tensor  # [num_layers, num_experts]
 
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} must lie in [0, num_layers={self.num_layers})")
+
     def _step(self, step: int) -> int:
         n = len(self.recording.routes)
         if step < n:
             return step
-        return 1 + (step - 1) % (n - 1) if n > 1 else 0
+        if n == 1:
+            raise ValueError("the recording holds the prompt step only: record at least one decode step "
+                             "(max_new_tokens >= 2) to replay decode steps")
+        return 1 + (step - 1) % (n - 1)
 
     def _rows(self, step: int, requests: list[int], rows: int) -> torch.Tensor:
         """Source rows for a target forward over `requests` (their tokens flattened, `rows` in all)."""
+        if not requests or rows % len(requests):
+            raise ValueError(f"rows={rows} must be a whole number of tokens for each of the {len(requests)} "
+                             "requests")
         per_request = rows // len(requests)
         source_batch = self.recording.batch
         req = torch.tensor(requests).repeat_interleave(per_request) % source_batch
@@ -139,12 +150,16 @@ class MappedRoutes:
     def routes(self, step: int, layer: int, requests: list[int], rows: int) -> torch.Tensor:
         """[rows, top_k] target experts of target layer `layer` at forward step `step` (0: the prompt) for a
         forward over `requests` (target request indices) with `rows` tokens in all."""
+        self._check_layer(layer)
         s = self._step(step)
         source = self.recording.routes[s][layer % self.recording.num_layers]
         return self._map(source[self._rows(s, requests, rows)], layer)
 
     def prediction(self, step: int, layer: int, depth: int, requests: list[int], rows: int) -> torch.Tensor | None:
         """[rows, top_k] experts guessed for target layer `layer` from `depth` layers before it, or None."""
+        self._check_layer(layer)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer (layers ahead), got {depth!r}")
         source_layer = layer % self.recording.num_layers
         if depth > self.recording.depth or source_layer - depth < 0:
             return None
@@ -164,6 +179,11 @@ def map_routes(recording: RouteRecording, num_layers: int, num_experts: int, top
         raise ValueError(f"top_k={top_k} must lie in [1, num_experts={num_experts}]")
     if not recording.routes:
         raise ValueError("the recording holds no steps")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if recording.batch < 1 or recording.num_experts < 1:
+        raise ValueError(f"the recording holds {recording.batch} requests of {recording.num_experts} experts; "
+                         "it needs at least one of each")
     if seed is None:
         permutations = torch.arange(num_experts).repeat(num_layers, 1)
     else:

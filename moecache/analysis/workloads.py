@@ -43,6 +43,8 @@ def best_grid(width: int, height: int, max_tiles: int = MAX_TILES, tile: int = T
     scaled to fit the grid, never upscaled beyond its own pixels), then least wasted grid area."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width} x {height}")
+    if max_tiles < 1 or tile < 1:
+        raise ValueError(f"max_tiles and tile must be >= 1, got {max_tiles} and {tile}")
     best, best_key = None, None
     for n_w, n_h in candidate_grids(max_tiles):
         grid_w, grid_h = n_w * tile, n_h * tile
@@ -58,6 +60,8 @@ def best_grid(width: int, height: int, max_tiles: int = MAX_TILES, tile: int = T
 
 def visual_tokens(n_w: int, n_h: int) -> int:
     """Tokens of one image tiled n_w x n_h: the global view (14 x 15 + 1) and the local grid."""
+    if n_w < 1 or n_h < 1:
+        raise ValueError(f"a tile grid is at least 1 x 1, got {n_w} x {n_h}")
     return 211 + 14 * n_h * (14 * n_w + 1)
 
 
@@ -75,6 +79,12 @@ class Prompt:
     text_tokens: int
     images: tuple[tuple[int, int], ...] = ()
     encoder: str = "deepseek-vl2"
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.text_tokens < 0:
+            raise ValueError(f"text_tokens must be >= 0, got {self.text_tokens}")
 
     @property
     def image_tokens(self) -> int:
@@ -132,5 +142,7 @@ def sample_prompts(mix: str, n: int, seed: int = 0, encoder: str = "deepseek-vl2
         raise ValueError(f"mix must be one of {sorted(MIXES)}, got {mix!r}")
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
     return [MIXES[mix](rng, encoder) for _ in range(n)]
