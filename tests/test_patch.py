@@ -228,6 +228,9 @@ def test_bad_offload_requests_leave_the_model_intact():
         moecache.patch(model, offload=Offload(policy="predictive", lookahead=0))
     with pytest.raises(TypeError, match="offload"):
         moecache.patch(model, offload=0.5)
+    for call in (moecache.patch, moecache.unpatch, moecache.stats):  # regression: a bare AttributeError
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+            call(None)
     with pytest.raises(ValueError, match="experts=True"):  # regression: ignored without a word
         moecache.patch(model, experts=False, offload=Offload())
     assert_restored(model, before)

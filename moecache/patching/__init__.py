@@ -102,8 +102,7 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         offload: an Offload to keep experts in pinned host memory with a GPU slot pool.
         strict: raise instead of leaving a module alone (with one warning) when it cannot be patched.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     if offload is not None and not isinstance(offload, Offload):
         raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
     if offload is not None and not experts:
@@ -116,6 +115,11 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
     finally:
         _record_left_alone(model, left_alone)
     return model
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _plan(model, experts: bool, attention: bool, strict: bool, left_alone: list) -> _Plan:
@@ -281,6 +285,7 @@ def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
 # ------------------------------------------------------------------ unpatch, stats, accessors
 def unpatch(model: nn.Module) -> nn.Module:
     """Put the original modules and weights back exactly; returns the model."""
+    _check_module(model)
     state: PatchState | None = getattr(model, _STATE, None)
     model.__dict__.pop(_LEFT_ALONE, None)
     if state is None:
@@ -323,6 +328,7 @@ def stats(model: nn.Module) -> dict:
     """Per-layer calls and tokens of the patched experts, the expert cache's counters when offloaded, the
     predictor's recall and precision (policies "predictive" and "budgeted"), the patched MLA attention's calls, and
     what patch left alone and why."""
+    _check_module(model)
     state: PatchState | None = getattr(model, _STATE, None)
     left_alone = list(model.__dict__.get(_LEFT_ALONE, []))
     if state is None:
