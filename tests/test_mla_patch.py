@@ -78,21 +78,28 @@ def test_decode_steps_through_the_triton_kernel(monkeypatch):
     moecache.unpatch(model)
 
 
+def _left_padded(length: int, pads: list[int]):
+    """Random prompts of `length` tokens, request i left-padded with pads[i] zeros; (ids, mask)."""
+    ids = torch.randint(3, 96, (len(pads), length))
+    mask = (torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]).long()
+    return ids * mask, mask
+
+
+def _check_left_padded_generate(model, length: int, pads: list[int], new_tokens: int):
+    """The patched model stores no padding and generates the unpatched model's tokens; unpatches it."""
+    ids, mask = _left_padded(length, pads)
+    greedy = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    with torch.no_grad():
+        ref = model.generate(ids, **greedy)
+    _patch_and_check_padded_prefill(model, ids, mask, [length - p for p in pads])
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **greedy), ref)
+    moecache.unpatch(model)
+
+
 def test_left_padded_batch_matches_unpatched():
     """Padding is never stored: each request attends over its own tokens; outputs match transformers'."""
-    model = MODELS["v2-q_lora"]()
-    ids = torch.randint(3, 96, (3, 8))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :5] = 0
-    ids[mask == 0] = 0
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    _patch_and_check_padded_prefill(model, ids, mask, [5, 8, 3])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert torch.equal(out, ref)
-    moecache.unpatch(model)
+    _check_left_padded_generate(MODELS["v2-q_lora"](), 8, [3, 0, 5], new_tokens=12)
 
 
 def _patch_and_check_padded_prefill(model, ids, mask, stored):
@@ -112,11 +119,7 @@ def test_left_padding_under_flex_attention_is_not_stored():
     """flex_attention hands the layers a BlockMask, not a tensor. Regression: the patched layer saw no
     padding in it, stored the padding as tokens and attended over it (relative error ~1 on real tokens)."""
     model = _deepseek("v2", attn_implementation="flex_attention")
-    ids = torch.randint(3, 96, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :6] = 0
-    ids[mask == 0] = 0
+    ids, mask = _left_padded(9, [3, 0, 6])
     _patch_and_check_padded_prefill(model, ids, mask, [6, 9, 3])
     moecache.unpatch(model)
 
@@ -139,19 +142,7 @@ def test_left_padding_under_a_padding_mask_is_not_stored():
 
     AttentionInterface.register("padding_mask_sdpa", _padding_mask_attention)
     AttentionMaskInterface.register("padding_mask_sdpa", flash_attention_mask)
-    model = _deepseek("v2", attn_implementation="padding_mask_sdpa")
-    ids = torch.randint(3, 96, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :6] = 0
-    ids[mask == 0] = 0
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    _patch_and_check_padded_prefill(model, ids, mask, [6, 9, 3])
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                          min_new_tokens=8), ref)
-    moecache.unpatch(model)
+    _check_left_padded_generate(_deepseek("v2", attn_implementation="padding_mask_sdpa"), 9, [3, 0, 6], new_tokens=8)
 
 
 @pytest.mark.parametrize("first_forward", ["before patch", "while patched"])
