@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.predictor import LookaheadPredictor
+from ._checks import check_depth
 
 
 @dataclass
@@ -158,8 +159,7 @@ class MappedRoutes:
     def prediction(self, step: int, layer: int, depth: int, requests: list[int], rows: int) -> torch.Tensor | None:
         """[rows, top_k] experts guessed for target layer `layer` from `depth` layers before it, or None."""
         self._check_layer(layer)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer (layers ahead), got {depth!r}")
+        check_depth(depth)
         source_layer = layer % self.recording.num_layers
         if depth > self.recording.depth or source_layer - depth < 0:
             return None

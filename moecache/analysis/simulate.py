@@ -40,6 +40,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from ._checks import check_depth
+
 POLICIES = ("on_demand", "lru", "lfu", "predictive", "belady", "oracle", "budgeted")
 PRIORITY_PER_DEPTH_STEP = 2.0  # budgeted: a guess d layers ahead gets 2 * (depth - d + 1) + confidence (<= 1)
 
@@ -136,8 +138,7 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive integer (layers ahead), got {depth!r}")
+    check_depth(depth)
     if timing is not None and not isinstance(timing, Timing):
         if not isinstance(timing, (tuple, list)) or len(timing) not in (2, 3):
             raise ValueError(f"timing must be a Timing or (layer_ms, load_ms), got {timing!r}")

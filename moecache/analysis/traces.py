@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.predictor import LookaheadPredictor
+from ._checks import check_depth
 
 
 @dataclass
@@ -34,8 +35,7 @@ class RoutingTrace:
     def recall(self, depth: int = 1, skip_steps: int = 1) -> dict:
         """Per layer and overall: |guess ∩ used| / |used| over the steps (the prompt step skipped);
         overall is None where no guess could be scored (as the live predictor's summary says)."""
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.depth:
-            raise ValueError(f"depth must be an integer from 1 to the trace's depth ({self.depth}), got {depth!r}")
+        check_depth(depth, self.depth)
         if isinstance(skip_steps, bool) or not isinstance(skip_steps, int) or skip_steps < 0:
             raise ValueError(f"skip_steps must be a non-negative integer, got {skip_steps!r}")
         per_layer, hit_all, used_all = {}, 0, 0

@@ -132,8 +132,8 @@ def _check_architecture(path, cfg: dict, config) -> None:
     saved = [(k, v) for source in (cfg, cfg.get("rope_parameters") or {}) for k, v in source.items()]
     wrong = []
     # RoPE scaling (linear, dynamic, YaRN, ...) changes every position's rotation; the families build plain RoPE.
-    scaling = cfg.get("rope_scaling") or {}
-    for field, source in (("rope_scaling", scaling), ("rope_parameters", cfg.get("rope_parameters") or {})):
+    for field in ("rope_scaling", "rope_parameters"):
+        source = cfg.get(field) or {}
         kind = source.get("rope_type", source.get("type", "default")) if isinstance(source, dict) else source
         if kind not in (None, "default"):
             wrong.append(f"{field}={source!r} (built: plain RoPE)")
