@@ -78,9 +78,20 @@ def output_cache(output):
     return None
 
 
-def text_config(model):
-    """The language model's config of a (possibly multimodal) model, or None."""
+def owning_config(model, name: str = ""):
+    """The model's config; for a model without one (a plain module holding a transformers model), the
+    config of the nearest module on the way to the submodule `name` (that submodule included), or None."""
     config = getattr(model, "config", None)
+    parts = name.split(".") if name else []
+    while config is None and parts:
+        config = getattr(model.get_submodule(".".join(parts)), "config", None)
+        parts.pop()
+    return config
+
+
+def text_config(model, name: str = ""):
+    """The language model's config of a (possibly multimodal) model, or None; `name` as in owning_config."""
+    config = owning_config(model, name)
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config(decoder=True)
     return config

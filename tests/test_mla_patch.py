@@ -1,4 +1,6 @@
 """MLA attention patching: DeepSeek-V2/V3 attention over moecache's paged latent cache, on tiny models."""
+import copy
+
 import pytest
 import torch
 
@@ -200,6 +202,34 @@ def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
     assert cache.layers[0].pages.shape[0] * cache.block_size >= 16  # preallocated for the whole generation
     del model._prepare_cache_for_generation
     moecache.unpatch(model)
+
+
+def test_a_deep_copy_of_a_patched_model_builds_its_own_latent_caches():
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    moecache.patch(model)
+    twin = copy.deepcopy(model)
+    assert twin._prepare_cache_for_generation.__self__ is twin  # not the original's
+    moecache.unpatch(model)
+    assert torch.equal(generate(twin, ids, n=4), ref)
+    assert moecache.stats(twin)["attention"][0]["decode"] > 0 and moecache.stats(model)["patched"] is False
+    moecache.unpatch(twin)
+    assert "_prepare_cache_for_generation" not in twin.__dict__
+
+
+def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
+    model = MODELS["v3-interleaved"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    holder = torch.nn.ModuleDict({"lm": model})
+    moecache.patch(holder)
+    assert torch.equal(generate(model, ids, n=4), ref)
+    calls = moecache.stats(holder)["attention"][0]
+    assert calls["decode"] > 0 and calls["original"] == 0  # the latent path, not the original attention
+    moecache.unpatch(holder)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert torch.equal(generate(model, ids, n=4), ref)
 
 
 def test_paged_layer_grows_and_reorders_beams():

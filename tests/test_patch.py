@@ -97,6 +97,21 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
     assert moecache.stats(model)["patched"] is False
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_a_model_inside_a_plain_module_is_patched_by_its_own_config(family):
+    """A wrapper without a config: the family (GPT-OSS's clamped GLU, transposed and interleaved) and the
+    activation come from the config of the model inside."""
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids)
+    holder = torch.nn.ModuleDict({"lm": model})
+    moecache.patch(holder, strict=True)
+    assert [layer["activation"] for layer in moecache.stats(holder)["layers"]][:1] == [
+        "swiglu_oai" if family == "gpt_oss" else "silu"]
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(holder)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_temporal_prefetch_reaches_every_layer_after_the_first(policy, monkeypatch):
     """lru/lfu prefetch, after each layer, what the next layer used on the previous step. Regression: the

@@ -93,14 +93,13 @@ def rope_for(module: nn.Module, config):
 def plan_attention(model: nn.Module, strict: bool, left_alone: list) -> list[AttentionPlan]:
     """Every MLA attention module not yet patched that can be; the others go to `left_alone` with the
     reason (or raise, with strict)."""
-    text_config = compat.text_config(model)
     plan = []
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
             if isinstance(child, MoecacheMLA) or not is_mla_attention(child):
                 continue
             qualified = f"{name}.{attr}" if name else attr
-            rope = rope_for(child, text_config)
+            rope = rope_for(child, compat.text_config(model, qualified))
             scale = getattr(child, "scaling", getattr(child, "softmax_scale", None))
             cache_arg = compat.attention_cache_argument(child.forward)
             why = unsupported_parts(child) or (

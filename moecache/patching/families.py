@@ -86,13 +86,13 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
         if act is None and own is not None:
             raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(own)})")
         if act is None:  # no activation attribute: the function its forward calls (Qwen-1: silu)
-            config = compat.text_config(model) or getattr(found.parent, "config", None)
+            config = compat.text_config(model, found.name)
             act = ACTIVATIONS.get(getattr(config, "hidden_act", "silu"))
         if act is None or (not found.names.gated and act not in ops.NON_GATED_ACTIVATIONS):
             raise UnsupportedExperts(LACKED_ACTIVATION)
         return ExpertsLayout(activation=act, gated=found.names.gated,
                              has_bias=getattr(first, found.names.gate).bias is not None)
-    config = getattr(model, "config", None) or getattr(found.parent, "config", None)
+    config = compat.owning_config(model, found.name)
     model_type = getattr(config, "model_type", None)
     text_config = getattr(config, "text_config", None) or getattr(config, "language_config", None)
     if model_type not in FAMILIES and text_config is not None:
