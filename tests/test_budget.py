@@ -2,6 +2,7 @@
 traces, hand-computed stalls), and the live policy (Offload(policy="budgeted")) on the real cache."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,12 @@ def test_prefetch_allowance_and_budget_arithmetic():
     assert prefetch_allowance(1.0, 1.0, 1_000_000) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="h2d_gbps"):
         prefetch_allowance(0.04, 0, 100)
+    assert prefetch_allowance(1e-300, 1e300, 1) == pytest.approx(1e6)  # no overflow on the way
+    assert prefetch_allowance(np.float32(1.0), 1.0, np.int64(1_000_000)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no finite allowance"):
+        prefetch_allowance(1e300, 1e300, 1)
+    with pytest.raises(ValueError, match="record_bytes must be a whole number"):
+        prefetch_allowance(1.0, 1.0, 1e6)
     b = PrefetchBudget(1.5, lookahead=2)  # window 3
     assert b.grant(0) == 3  # starts with an empty queue: the window
     b.spend(3)

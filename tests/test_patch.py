@@ -1,6 +1,7 @@
 """moecache.patch / unpatch / stats on tiny random models built from transformers config classes."""
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,6 +299,9 @@ def test_patching_an_offloaded_model_with_another_offload_is_refused():
 def test_offload_budget_forms():
     record = 3 * 64 * 32 * 4
     assert Offload(gpu_experts=0.25).slots(3, 8, record) == 6
+    assert Offload(gpu_experts=np.int64(2)).slots(3, 8, record) == 6  # numpy numbers as Python's
+    assert Offload(gpu_experts=np.float32(0.25)).slots(3, 8, record) == 6
+    assert Offload(gpu_experts=np.int64(2 * record), bytes=True).slots(3, 8, record) == 2
     assert Offload(gpu_experts=2).slots(3, 8, record) == 6
     assert Offload(gpu_experts=f"{5 * record}B").slots(3, 8, record) == 5
     assert Offload(gpu_experts=10 * record, bytes=True).slots(3, 8, record) == 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ class Offload:
         """Device slots for this budget (at least one, at most every expert)."""
         total = num_layers * num_experts
         budget = self.gpu_experts
+        if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+            budget = int(budget)  # numpy integers count as counts (or bytes)
+        elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+            budget = float(budget)
         if isinstance(budget, str):
             match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
             if not match:
@@ -107,10 +112,14 @@ def prefetch_allowance(layer_ms: float, h2d_gbps: float, record_bytes: int) -> f
     takes 0.31 ms: with 40 us of compute per layer the allowance is 0.13, and with lookahead 2 the cap (0.26)
     stays below one copy: nothing can land in time, so nothing is prefetched."""
     for name, value in (("layer_ms", layer_ms), ("h2d_gbps", h2d_gbps), ("record_bytes", record_bytes)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
             raise ValueError(f"prefetch_allowance: {name} must be a positive finite number, got {value!r}")
-    load_ms = record_bytes / (h2d_gbps * 1e9) * 1e3
-    return layer_ms / load_ms
+    if not isinstance(record_bytes, numbers.Integral):
+        raise ValueError(f"prefetch_allowance: record_bytes must be a whole number of bytes, got {record_bytes!r}")
+    allowance = float(layer_ms) * float(h2d_gbps) * 1e6 / int(record_bytes)  # layer time / one copy's time
+    if not math.isfinite(allowance):
+        raise ValueError(f"prefetch_allowance: {layer_ms} ms at {h2d_gbps} GB/s gives no finite allowance")
+    return allowance
 
 
 def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
