@@ -512,6 +512,26 @@ def test_load_state_dict_with_assign_survives_unpatch(family):
         assert_close(run(model), patched, torch.float32)
 
 
+@pytest.mark.parametrize("family,offload", [("mixtral", "offload50"), ("deepseek_v2-greedy", "resident")])
+def test_unpatching_a_shallow_copy_leaves_the_original_unpatched_and_working(family, offload):
+    """copy.copy shares the submodules (and the patch state): unpatching the copy restores both, and the
+    original says so instead of reporting a patch whose cache is closed or handing its restored attention
+    a latent cache."""
+    import copy
+
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
+    before = snapshot(model)
+    moecache.patch(model, offload=OFFLOADS[offload])
+    moecache.unpatch(copy.copy(model))
+    assert moecache.stats(model)["patched"] is False
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert torch.equal(logits(model, ids), ref_logits) and torch.equal(generate(model, ids), ref_tokens)
+    moecache.unpatch(model)
+    assert_restored(model, before)
+
+
 def test_offload_budget_garbage_is_a_clear_error():
     for budget, kw, match in (("1.2.3GiB", {}, "expected a byte budget"), (float("inf"), {"bytes": True}, "finite"),
                               (float("nan"), {}, "fraction"), (0, {"bytes": True}, "finite")):

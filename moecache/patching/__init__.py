@@ -79,6 +79,19 @@ class PatchState:
     predictor: object = None
     hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
     restack_hook: bool = False
+    restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
+
+
+def _state_of(model: nn.Module) -> PatchState | None:
+    """The model's patch state; None once the modules were restored. copy.copy(model) shares the
+    submodules and this state with the original, so unpatching either restores both: the other one's
+    state is dropped here, with its generate hook."""
+    state: PatchState | None = model.__dict__.get(_STATE)
+    if state is not None and state.restored:
+        del model.__dict__[_STATE]
+        remove_latent_cache_default(model)
+        return None
+    return state
 
 
 @dataclass
@@ -173,7 +186,7 @@ def _layers_sharing_weights(found: list[FoundExperts]) -> dict[str, str]:
 
 
 def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None:
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     if not plan.experts_requested:
         return
     if plan.experts_found == 0 and not plan.experts_left_alone and (
@@ -208,7 +221,7 @@ def _no_experts_message(model) -> str:
 
 
 def _apply(model, plan: _Plan, offload: Offload | None) -> None:
-    state: PatchState = getattr(model, _STATE, None) or PatchState()
+    state: PatchState = _state_of(model) or PatchState()
     if plan.experts_requested and plan.experts_found == 0 and not plan.experts_left_alone and not plan.attention:
         logger.warning(_no_experts_message(model))  # (modules left alone get their own warning)
     elif not plan.experts and not plan.attention and plan.experts_patched:
@@ -259,7 +272,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
 def _restack_after_load(model, incompatible_keys) -> None:
     """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked list experts
     are stacked again from them (with assign=False the copies land in the stack's views)."""
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     for r in state.replaced if state is not None else []:
         stacked = getattr(r.new, "stacked", None)
         if isinstance(r.new, MoecacheExperts) and stacked is not None and stacked.weights() is not None \
@@ -286,7 +299,7 @@ def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
 def unpatch(model: nn.Module) -> nn.Module:
     """Put the original modules and weights back exactly; returns the model."""
     _check_module(model)
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     model.__dict__.pop(_LEFT_ALONE, None)
     if state is None:
         logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
@@ -307,6 +320,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if isinstance(r.new, MoecacheExperts):
             _give_back_parameters(r.new, r.original)
             r.new.provider = None
+    state.restored = True
     delattr(model, _STATE)
     logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
     return model
@@ -329,7 +343,7 @@ def stats(model: nn.Module) -> dict:
     predictor's recall and precision (policies "predictive" and "budgeted"), the patched MLA attention's calls, and
     what patch left alone and why."""
     _check_module(model)
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     left_alone = list(model.__dict__.get(_LEFT_ALONE, []))
     if state is None:
         return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
@@ -349,7 +363,7 @@ def reset_stats(model: nn.Module) -> None:
     """Zero every counter stats(model) reports (after a warm-up, say): the layers' calls and tokens, the
     MLA attention's calls, the expert cache's counters and the predictor's scores and host time. What
     steers caching (residency, priorities, the predictor's frequency prior) is kept."""
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     if state is None:
         raise ValueError("moecache.reset_stats: the model is not patched")
     for r in state.replaced:
@@ -364,7 +378,7 @@ def reset_stats(model: nn.Module) -> None:
 
 
 def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]:
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     if state is None:
         raise ValueError("the model is not patched: call moecache.patch(model) first")
     return [(r.block, r.new) for r in state.replaced if isinstance(r.new, MoecacheExperts)]
@@ -382,5 +396,5 @@ def routers(model: nn.Module) -> list:
 
 def expert_cache(model: nn.Module) -> ExpertCache | None:
     """The ExpertCache serving an offloaded model's experts (None when not offloaded)."""
-    state: PatchState | None = getattr(model, _STATE, None)
+    state: PatchState | None = _state_of(model)
     return None if state is None else state.cache
