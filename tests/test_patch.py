@@ -215,6 +215,25 @@ def test_gradients_through_a_patched_model_match_the_original(family, monkeypatc
     moecache.unpatch(model)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_resident_patch_keeps_the_parameters_in_their_order(family):
+    """Optimizers and their saved states address parameters by position (GPT-OSS keeps each bias after
+    its weight)."""
+    model = build(family)
+    before = [(name, id(p)) for name, p in model.named_parameters()]
+    moecache.patch(model)
+    assert [(name, id(p)) for name, p in model.named_parameters()] == before
+    moecache.unpatch(model)
+
+
+def test_a_float64_model_is_refused_by_its_patched_experts_with_the_way_out():
+    model = build("mixtral").double()
+    moecache.patch(model)
+    with pytest.raises(TypeError, match=r"fp16, bf16 or fp32.*float64.*moecache.unpatch\(model\)"):
+        model(torch.randint(3, 96, (1, 4)))
+    moecache.unpatch(model)
+
+
 def test_model_without_moe_layers_gets_a_clear_message(caplog):
     config = transformers.LlamaConfig(**COMMON, intermediate_size=32)
     model = transformers.LlamaForCausalLM(config)

@@ -16,6 +16,9 @@ from torch import nn
 from .. import ops
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 @dataclass(frozen=True)
 class ExpertsLayout:
     """How a model keeps its experts, in terms ops.fused_moe understands."""
@@ -43,11 +46,12 @@ class MoecacheExperts(nn.Module):
         self.layout = layout
         self.stacked = stacked
         if stacked is None:
-            self.gate_up_proj = original.gate_up_proj
-            self.down_proj = original.down_proj
-            if layout.has_bias:
-                self.gate_up_proj_bias = original.gate_up_proj_bias
-                self.down_proj_bias = original.down_proj_bias
+            # The original's order (GPT-OSS puts each bias after its weight): optimizers and their saved
+            # states address parameters by position.
+            names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if layout.has_bias else ())
+            order = list(original._parameters)
+            for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
+                setattr(self, name, getattr(original, name))
         gate_up, _ = self.weights()
         self.num_experts, self.hidden_size = gate_up.shape[0], gate_up.shape[2]
         self.provider: Callable | None = None
@@ -72,6 +76,9 @@ class MoecacheExperts(nn.Module):
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"moecache's experts compute in fp16, bf16 or fp32, and this model runs in "
+                            f"{hidden_states.dtype}: run it unpatched (moecache.unpatch(model))")
         layout = self.layout
         biases = self.biases()
         if top_k_index.dim() == 1:  # routes flattened token by token ([T*K] ids, [T*K, 1] weights)
