@@ -15,7 +15,6 @@ from torch import nn
 
 from .. import ops
 
-
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
