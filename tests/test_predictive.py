@@ -291,6 +291,9 @@ def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
                                        attention_mask=mask)
         for i in range(len(lengths)):
             assert torch.equal(out[i, S:], alone[i]), (schedule, i)
+        # Without a mask, the pad token's places are masked, as generate infers them
+        assert torch.equal(generate_scheduled(model, prompts, experts, batch_size=2, schedule=schedule,
+                                              max_new_tokens=5)[0], out)
     # Several rows per prompt, a dict, or sampling would be cut to the wrong rows: refused up front.
     for bad, match in (({"num_return_sequences": 2, "num_beams": 2}, "num_return_sequences=2"),
                        ({"return_dict_in_generate": True}, "return_dict_in_generate=True"),

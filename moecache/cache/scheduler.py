@@ -76,7 +76,8 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
 def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_size: int, schedule: bool = True,
                        max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
                        before_group: Callable[[list[int]], None] | None = None, **generate_kwargs) -> tuple[torch.Tensor, dict]:
-    """Greedy-generate for every prompt ([N, S]; left-padded with `attention_mask` when lengths differ) in
+    """Greedy-generate for every prompt ([N, S]; left-padded with `attention_mask` when lengths differ; with
+    none, the pad token's places are masked as generate infers them) in
     micro-batches of batch_size, grouped by predicted routes when `schedule`, else in order. experts: the
     model's patched experts modules in layer order (moecache.patched_experts(model)). Returns (outputs
     [N, S + new] in the prompts' order, info: groups, scheduler_s (host time spent grouping, the routing
@@ -88,7 +89,7 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
     benchmarks do, for outputs of a fixed length)."""
     _check_one_greedy_output(model, generate_kwargs)
     n = prompts.shape[0]
-    mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
+    mask = _inferred_mask(model, prompts, generate_kwargs) if attention_mask is None else attention_mask
     start = time.perf_counter()
     if schedule:
         routes = prompt_routes(model, prompts, experts, batch_size=batch_size, attention_mask=mask,
@@ -127,6 +128,25 @@ def _check_one_greedy_output(model, generate_kwargs: dict) -> None:
                              f"is not supported (leave it at {plain!r}, in generation_config too)")
     if generate_kwargs.get("do_sample", False):  # the model's own generation_config is overridden: greedy
         raise ValueError("generate_scheduled generates greedily: do_sample=True is not supported")
+
+
+def _inferred_mask(model, prompts: torch.Tensor, generate_kwargs: dict) -> torch.Tensor:
+    """The mask generate infers when given none, over all the prompts at once: the pad token's places
+    masked where the prompts hold it and it is no EOS token, else all ones."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    pad = _token_ids(generate_kwargs.get("pad_token_id", config.pad_token_id))
+    eos = _token_ids(generate_kwargs.get("eos_token_id", config.eos_token_id))
+    if pad and pad[0] not in eos and bool((prompts == pad[0]).any()):
+        return prompts.ne(pad[0]).long()
+    return torch.ones_like(prompts)
+
+
+def _token_ids(value) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1)]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [] if value is None else [int(value)]
 
 
 def _pad_token(model, generate_kwargs: dict) -> int:
