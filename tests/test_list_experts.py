@@ -92,6 +92,11 @@ CHANGES = {
     "a-norm-inside": (_swap(0, FcNorm()), "parts besides the expert weights (expert 0: norm)"),
     "one-expert-twice": (lambda layer: experts_of(layer).__setitem__(1, experts_of(layer)[0]), "shared"),
     "two-dtypes-in-one": (_mixed_dtype, "several dtypes"),
+    # the kernels call neither the MLPs nor the module holding them: these hooks would stop firing
+    "a-hook-on-one-expert": (lambda layer: experts_of(layer)[2].register_forward_hook(lambda m, args, out: out * 2),
+                             "hooks on parts the kernels do not call (deepspeed_experts.2)"),
+    "a-hook-on-the-experts-holder": (lambda layer: layer.deepspeed_moe.experts.register_forward_pre_hook(
+        lambda m, args: (args[0] * 0.5,)), "hooks on parts the kernels do not call (Experts)"),
 }
 
 

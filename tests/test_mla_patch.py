@@ -232,6 +232,40 @@ def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     assert torch.equal(generate(model, ids, n=4), ref)
 
 
+def test_hooks_on_the_attention_fire_on_every_path_once():
+    model = MODELS["v3-interleaved"]()
+    ids = torch.randint(3, 96, (2, 5))
+    seen = []
+    attention = model.model.layers[1].self_attn
+    attention.register_forward_hook(lambda module, args, out: seen.append(out[0].shape[1]))
+    ref = generate(model, ids, n=4)
+    unpatched = list(seen)
+    seen.clear()
+    moecache.patch(model)
+    assert torch.equal(generate(model, ids, n=4), ref)  # the latent path
+    assert seen == unpatched == [5, 1, 1, 1]
+    seen.clear()
+    logits(model, ids)  # no cache: the original attention, its hook once
+    assert seen == [5]
+    moecache.unpatch(model)
+
+
+def test_attention_dropout_follows_train_and_eval_after_patch():
+    model = _deepseek("v2", attention_dropout=0.5)
+    ids = torch.randint(3, 96, (1, 6))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    for mode in (True, False):
+        model.train(mode), twin.train(mode)
+        torch.manual_seed(0)
+        got = model(ids, use_cache=False).logits
+        torch.manual_seed(0)
+        assert_close(got, twin(ids, use_cache=False).logits, torch.float32)
+    torch.manual_seed(1)
+    assert not torch.equal(model.train()(ids, use_cache=False).logits, got)  # dropout acts in training
+    moecache.unpatch(model)
+
+
 def test_paged_layer_grows_and_reorders_beams():
     from moecache.layers import PagedLatentLayer
 

@@ -234,6 +234,41 @@ def test_a_float64_model_is_refused_by_its_patched_experts_with_the_way_out():
     moecache.unpatch(model)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_hooks_on_the_experts_module_fire_while_patched_and_stay_after_unpatch(family):
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    experts = model.model.layers[1].mlp.experts
+    seen = []
+    experts.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    experts.register_forward_hook(lambda module, args, out: out * 0.5)  # changes what the model computes
+    ref = logits(model, ids)
+    calls = len(seen)
+    moecache.patch(model)
+    assert isinstance(model.model.layers[1].mlp.experts, MoecacheExperts)
+    assert_close(logits(model, ids), ref, torch.float32)
+    assert len(seen) == 2 * calls
+    late = model.model.layers[1].mlp.experts.register_forward_hook(lambda module, args, out: seen.append(-1))
+    moecache.unpatch(model)
+    assert_close(logits(model, ids), ref, torch.float32)  # registered while patched: still there after
+    assert seen.count(-1) == 1
+    late.remove()
+
+
+def test_hooks_on_parts_the_kernels_stand_in_for_leave_the_layer_alone():
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (2, 7))
+    model.model.layers[0].mlp.experts.act_fn.register_forward_hook(lambda module, args, out: out * 2)
+    ref = logits(model, ids)
+    moecache.patch(model)
+    (left,) = moecache.stats(model)["left_alone"]
+    assert left["name"] == "model.layers.0.mlp.experts" and "hooks on parts the kernels do not call (act_fn)" in \
+        left["reason"]
+    assert len(moecache.stats(model)["layers"]) == 2
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
 def test_model_without_moe_layers_gets_a_clear_message(caplog):
     config = transformers.LlamaConfig(**COMMON, intermediate_size=32)
     model = transformers.LlamaForCausalLM(config)

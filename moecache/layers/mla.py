@@ -44,6 +44,13 @@ class MoecacheMLA(nn.Module):
         self.cache_arg = cache_arg
         self.returns = returns
         self.calls = {"decode": 0, "prefill": 0, "original": 0}
+        self.training = original.training
+
+    def train(self, mode: bool = True):
+        # The original runs the calls without a latent cache and reads its own flag (attention dropout);
+        # its children are this module's and follow through super().train.
+        self.original.training = mode
+        return super().train(mode)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, Dn, R], W_UV [H, Dv, R]): views of kv_b_proj.weight [H * (Dn + Dv), R]."""
@@ -57,7 +64,9 @@ class MoecacheMLA(nn.Module):
         if not isinstance(cache, LatentKVCache):
             if not torch.compiler.is_compiling():
                 self.calls["original"] += 1
-            return self.original(hidden_states, *args, **kwargs)
+            # .forward: the hooks registered on the original are this module's (patch shares them) and
+            # have fired around this call already
+            return self.original.forward(hidden_states, *args, **kwargs)
         if self.layer_idx >= len(cache.layers):
             raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
                              f"{self.layer_idx}: build it with the model's num_hidden_layers")

@@ -36,6 +36,7 @@ from .families import (
     make_experts,
 )
 from .generate import install_latent_cache_default, remove_latent_cache_default
+from .hooks import share_hooks
 from .offload import (
     Offload,
     install_state_hooks,
@@ -243,6 +244,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
             raise
     for r in new_experts:
         if r.kind == "module":
+            share_hooks(r.original, r.new)
             setattr(r.parent, r.attr, r.new)
         else:
             object.__setattr__(r.parent, r.attr, r.hook)  # an instance override, not a submodule
@@ -253,6 +255,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         install_output_recorders(model)
     for a in plan.attention:
         new = MoecacheMLA(a.module, **a.kwargs)
+        share_hooks(a.module, new)
         setattr(a.parent, a.attr, new)
         state.replaced.append(Replacement(a.name, a.parent, a.attr, a.module, new))
         logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", a.name,

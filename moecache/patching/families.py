@@ -19,6 +19,7 @@ from .. import compat, ops
 from ..cache.predictor import RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+from .hooks import hooked_parts
 from .list_experts import ListNames, StackedExperts, activation_of, names_of
 
 # config.model_type -> how the family's experts look; unknown types fall back to structural detection.
@@ -79,6 +80,7 @@ ACT_ATTRIBUTES = ("act_fn", "activation_fn", "act", "activation")
 
 def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     """The layout of these experts; raises UnsupportedExperts when the kernels cannot compute them."""
+    _check_no_hooks_bypassed(found)
     if found.names is not None:
         first = found.mlps[0]
         _check_list_is_uniform(found)
@@ -112,6 +114,18 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
             SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT):
         raise UnsupportedExperts("a clamped GLU with other constants than GPT-OSS's")
     return layout
+
+
+def _check_no_hooks_bypassed(found: FoundExperts) -> None:
+    """The kernels compute the experts without calling their parts (or, for list experts, the module
+    holding the MLPs): hooks there would silently stop firing."""
+    if found.kind in ("module", "switch"):  # the module (or the overridden container) is still called
+        hooked = hooked_parts(found.module, include_root=False)
+    else:
+        holder = found.parent.experts if found.kind == "deepspeed" else found.module
+        hooked = hooked_parts(holder, include_root=True)
+    if hooked:
+        raise UnsupportedExperts(f"hooks on parts the kernels do not call ({', '.join(hooked[:3])})")
 
 
 def _is_activation(name: str, child: nn.Module) -> bool:
