@@ -8,7 +8,7 @@ _BACKENDS = ("auto", "torch", "triton")
 
 def backend_override() -> str:
     """MOECACHE_BACKEND=auto|torch|triton: the backend used where a call says "auto"."""
-    value = os.environ.get("MOECACHE_BACKEND", "auto").strip().lower()
+    value = (os.environ.get("MOECACHE_BACKEND") or "auto").strip().lower()  # set but empty: unset, as the others
     if value not in _BACKENDS:
         raise ValueError(f"MOECACHE_BACKEND must be one of {_BACKENDS}, got {value!r}")
     return value
@@ -39,7 +39,7 @@ def configure_logging() -> None:
 
 def kv_block_size() -> int:
     """MOECACHE_KV_BLOCK_SIZE=N: tokens per page of the latent KV cache generate builds (default 64)."""
-    value = os.environ.get("MOECACHE_KV_BLOCK_SIZE", "64").strip()
+    value = (os.environ.get("MOECACHE_KV_BLOCK_SIZE") or "64").strip()
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"MOECACHE_KV_BLOCK_SIZE must be a positive integer, got {value!r}")
     return int(value)

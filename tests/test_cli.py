@@ -104,6 +104,15 @@ def test_demo_checks_the_environment_before_running(name, value):
     assert f"{name} must be" in proc.stderr
 
 
+def test_switches_set_but_empty_count_as_unset(monkeypatch):
+    from moecache import _env
+
+    for name in ("MOECACHE_BACKEND", "MOECACHE_KV_BLOCK_SIZE", "MOECACHE_MOE_CONFIG", "MOECACHE_VALIDATE"):
+        monkeypatch.setenv(name, "")
+    assert (_env.backend_override(), _env.kv_block_size(), _env.moe_config_path(), _env.validate_values()) == (
+        "auto", 64, None, True)
+
+
 def test_demo_trained_says_how_many_prompts_the_held_out_text_holds():
     """Regression: a batch past the held-out text crashed in torch.stack."""
     proc = _run("demo", "--family", "trained", "--batch", "1000", "--prompt", "4", "--new-tokens", "1")

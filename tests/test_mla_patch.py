@@ -326,6 +326,11 @@ def test_a_latent_cache_with_too_few_layers_is_a_clear_error():
     short = LatentKVCache(model.config.num_hidden_layers - 1)
     with torch.no_grad(), pytest.raises(ValueError, match="LatentKVCache has 2 layers but this is attention layer 2"):
         model(torch.randint(3, 96, (1, 5)), **{model_cache_argument(model): short})
+    used = LatentKVCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(torch.randint(3, 96, (2, 5)), **{model_cache_argument(model): used})
+        with pytest.raises(ValueError, match=r"holds 2 sequences of 24 values per token .*got rows \(3, 5, 24\)"):
+            model(torch.randint(3, 96, (3, 5)), **{model_cache_argument(model): used})
     moecache.unpatch(model)
 
 

@@ -101,7 +101,8 @@ class PagedLatentLayer(CacheLayerMixin):
             self.lazy_initialization(rows)
         B, S, width = rows.shape
         if B != self.batch_size or width != self.width:
-            raise ValueError(f"rows must be [B={self.batch_size}, S, {self.width}], got {tuple(rows.shape)}")
+            raise ValueError(f"this LatentKVCache holds {self.batch_size} sequences of {self.width} values per token "
+                             f"(filled by another batch or model), got rows {tuple(rows.shape)}: pass a new cache")
         tracing = torch.compiler.is_compiling()
         if valid is None:
             rank = torch.arange(S, device=rows.device).expand(B, S)
