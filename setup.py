@@ -37,7 +37,7 @@ def _find_nvcc():
 
 
 def _cuda_mode():
-    mode = os.environ.get("MOECACHE_BUILD_CUDA", "auto").strip().lower()
+    mode = (os.environ.get("MOECACHE_BUILD_CUDA") or "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"MOECACHE_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     nvcc = _find_nvcc()
