@@ -210,7 +210,7 @@ def test_a_deep_copy_of_a_patched_model_builds_its_own_latent_caches():
     ref = generate(model, ids, n=4)
     moecache.patch(model)
     twin = copy.deepcopy(model)
-    assert twin._prepare_cache_for_generation.__self__ is twin  # not the original's
+    assert twin._prepare_cache_for_generation.model is twin  # not the original
     moecache.unpatch(model)
     assert torch.equal(generate(twin, ids, n=4), ref)
     assert moecache.stats(twin)["attention"][0]["decode"] > 0 and moecache.stats(model)["patched"] is False
@@ -232,6 +232,22 @@ def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     assert torch.equal(generate(model, ids, n=4), ref)
 
 
+@pytest.mark.parametrize("inner_first", ["whole", "experts-only"])
+def test_unpatching_a_wrapper_or_its_model_keeps_what_the_other_patched(inner_first):
+    model = MODELS["v3-interleaved"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    holder = torch.nn.ModuleDict({"lm": model})
+    moecache.patch(model, attention=inner_first == "whole")
+    moecache.patch(holder)
+    owner, other = (model, holder) if inner_first == "whole" else (holder, model)
+    moecache.unpatch(other)  # the latent cache's generate hook belongs to the owner's patch
+    assert torch.equal(generate(model, ids, n=4), ref)
+    assert moecache.stats(owner)["attention"][0]["decode"] > 0
+    moecache.unpatch(owner)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+
+
 def test_hooks_on_the_attention_fire_on_every_path_once():
     model = MODELS["v3-interleaved"]()
     ids = torch.randint(3, 96, (2, 5))
@@ -247,6 +263,18 @@ def test_hooks_on_the_attention_fire_on_every_path_once():
     seen.clear()
     logits(model, ids)  # no cache: the original attention, its hook once
     assert seen == [5]
+    moecache.unpatch(model)
+
+
+def test_hooks_on_kv_b_proj_which_the_latent_path_does_not_call_leave_the_attention_alone():
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda module, args, out: out * 0.5)
+    ref = generate(model, ids, n=4)
+    moecache.patch(model)
+    (left,) = moecache.stats(model)["left_alone"]
+    assert left["name"] == "model.layers.0.self_attn" and "hooks on kv_b_proj" in left["reason"]
+    assert torch.equal(generate(model, ids, n=4), ref)
     moecache.unpatch(model)
 
 

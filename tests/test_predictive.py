@@ -291,8 +291,12 @@ def test_scheduling_left_padded_prompts_of_different_lengths_match_each_alone():
                                        attention_mask=mask)
         for i in range(len(lengths)):
             assert torch.equal(out[i, S:], alone[i]), (schedule, i)
-        # Without a mask, the pad token's places are masked, as generate infers them
+        # Without a mask, the pad token's places are masked, as generate infers them (the pad token from
+        # the model's generation_config where the one passed leaves it unset)
         assert torch.equal(generate_scheduled(model, prompts, experts, batch_size=2, schedule=schedule,
+                                              max_new_tokens=5)[0], out)
+        assert torch.equal(generate_scheduled(model, prompts, experts, batch_size=2, schedule=schedule,
+                                              generation_config=transformers.GenerationConfig(max_new_tokens=5),
                                               max_new_tokens=5)[0], out)
     # Several rows per prompt, a dict, or sampling would be cut to the wrong rows: refused up front.
     for bad, match in (({"num_return_sequences": 2, "num_beams": 2}, "num_return_sequences=2"),

@@ -133,9 +133,8 @@ def _check_one_greedy_output(model, generate_kwargs: dict) -> None:
 def _inferred_mask(model, prompts: torch.Tensor, generate_kwargs: dict) -> torch.Tensor:
     """The mask generate infers when given none, over all the prompts at once: the pad token's places
     masked where the prompts hold it and it is no EOS token, else all ones."""
-    config = generate_kwargs.get("generation_config") or model.generation_config
-    pad = _token_ids(generate_kwargs.get("pad_token_id", config.pad_token_id))
-    eos = _token_ids(generate_kwargs.get("eos_token_id", config.eos_token_id))
+    pad = _token_ids(_generation_value(model, generate_kwargs, "pad_token_id"))
+    eos = _token_ids(_generation_value(model, generate_kwargs, "eos_token_id"))
     if pad and pad[0] not in eos and bool((prompts == pad[0]).any()):
         return prompts.ne(pad[0]).long()
     return torch.ones_like(prompts)
@@ -151,15 +150,21 @@ def _token_ids(value) -> list[int]:
 
 def _pad_token(model, generate_kwargs: dict) -> int:
     """The token generate pads finished rows with: pad_token_id, else (as transformers does) the first EOS."""
-    config = generate_kwargs.get("generation_config") or model.generation_config
-    pad = generate_kwargs.get("pad_token_id", config.pad_token_id)
-    if pad is None:
-        pad = generate_kwargs.get("eos_token_id", config.eos_token_id)
-    if isinstance(pad, torch.Tensor):
-        pad = pad.reshape(-1)[0] if pad.numel() else None
-    elif isinstance(pad, (list, tuple)):
-        pad = pad[0] if pad else None
-    if pad is None:
+    pad = _token_ids(_generation_value(model, generate_kwargs, "pad_token_id")) or \
+        _token_ids(_generation_value(model, generate_kwargs, "eos_token_id"))
+    if not pad:
         raise ValueError("generate_scheduled: groups stopped at different lengths and the model has neither "
                          "pad_token_id nor eos_token_id to pad the shorter ones with")
-    return int(pad)
+    return pad[0]
+
+
+def _generation_value(model, generate_kwargs: dict, name: str):
+    """A generation setting as generate resolves it: the argument, else the generation_config passed, else
+    (for what that leaves unset) the model's own."""
+    if generate_kwargs.get(name) is not None:
+        return generate_kwargs[name]
+    for config in (generate_kwargs.get("generation_config"), model.generation_config):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return None

@@ -36,7 +36,7 @@ from .families import (
     make_experts,
 )
 from .generate import install_latent_cache_default, remove_latent_cache_default
-from .hooks import share_hooks
+from .hooks import give_back_hooks, share_hooks
 from .offload import (
     Offload,
     install_state_hooks,
@@ -81,6 +81,7 @@ class PatchState:
     hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
     restack_hook: bool = False
     restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
+    generate_hooks: list = field(default_factory=list)  # the modules whose generate patch hooked
 
 
 def _state_of(model: nn.Module) -> PatchState | None:
@@ -90,7 +91,7 @@ def _state_of(model: nn.Module) -> PatchState | None:
     state: PatchState | None = model.__dict__.get(_STATE)
     if state is not None and state.restored:
         del model.__dict__[_STATE]
-        remove_latent_cache_default(model)
+        remove_latent_cache_default([], model)  # a shallow copy's own override of generate's cache
         return None
     return state
 
@@ -261,7 +262,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", a.name,
                     type(a.module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
     if plan.attention:
-        install_latent_cache_default(model)
+        state.generate_hooks += install_latent_cache_default(model)
     if new_experts:
         if offload is not None:
             state.hooks += install_state_hooks(model, [r.new for r in new_experts])
@@ -312,10 +313,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         handle.remove()
     if state.cache is not None:
         restore_offloaded(experts, state.cache)
-    remove_latent_cache_default(model)
+    remove_latent_cache_default(state.generate_hooks, model)
     for r in reversed(state.replaced):
         if r.kind == "module":
             setattr(r.parent, r.attr, r.original)
+            give_back_hooks(r.new, r.original)
         else:
             del r.parent.__dict__[r.attr]  # the class's own method again
             if r.new.stacked is not None and r.new.stacked.weights() is not None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import compat
 from ..layers.mla import MoecacheMLA
+from .hooks import hooked
 
 MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 MLA_SIZES = ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -47,6 +48,8 @@ def unsupported_parts(module: nn.Module) -> str | None:
                     if isinstance(value, float) and not name.startswith("_") and name not in MLA_FLOATS)
     if scales:
         return f"it has scale factors moecache's MLA does not apply ({', '.join(scales)})"
+    if hooked(module.kv_b_proj):
+        return "hooks on kv_b_proj, which the latent path reads as weights and does not call"
     return None
 
 

@@ -2,11 +2,9 @@
 with cache_implementation="static"), a patched model with MLA attention builds a paged latent cache; a
 cache the caller passes is used as given.
 
-The hook is an instance override of `_prepare_cache_for_generation` bound to the model (a method, not a
-closure over it), so copy.deepcopy rebinds it to the copy and the copy builds its own caches."""
+The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
+attribute (not a closure), so copy.deepcopy and pickle carry it over to the copy, bound to the copy."""
 from __future__ import annotations
-
-import types
 
 from torch import nn
 
@@ -14,24 +12,34 @@ from .. import compat
 from .._env import kv_block_size
 from ..layers.latent_cache import LatentKVCache
 from ..layers.mla import MoecacheMLA
+from .attention import is_mla_attention
 
 HOOK = "_prepare_cache_for_generation"
 
 
-def _prepare_latent_cache(model: nn.Module, generation_config, model_kwargs, *args, **kwargs):
-    result = getattr(type(model), HOOK)(model, generation_config, model_kwargs, *args, **kwargs)
-    key = compat.generate_cache_key(model_kwargs)
-    cache = model_kwargs.get(key) if key else None
-    if cache is not None and not getattr(cache, "_is_user_defined", False) and not isinstance(cache, LatentKVCache):
-        max_len = cache.get_max_length() if cache.is_compileable else -1
-        model_kwargs[key] = LatentKVCache(_cache_layers(model), block_size=kv_block_size(),
-                                          max_cache_len=max_len if max_len > 0 else None)
-    return result
+class LatentCacheDefault:
+    """Stands in for model._prepare_cache_for_generation: the model's own, then its default cache swapped
+    for a LatentKVCache while every MLA attention module of the model is patched (with one left alone,
+    or after an unpatch through a shallow copy restored the shared modules, generate keeps its default)."""
 
+    def __init__(self, model: nn.Module):
+        self.model = model
 
-def _cache_layers(model: nn.Module) -> int:
-    layers = [m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)]
-    return max(max(layers, default=-1) + 1, getattr(compat.text_config(model), "num_hidden_layers", 0))
+    def __call__(self, generation_config, model_kwargs, *args, **kwargs):
+        model = self.model
+        result = getattr(type(model), HOOK)(model, generation_config, model_kwargs, *args, **kwargs)
+        key = compat.generate_cache_key(model_kwargs)
+        cache = model_kwargs.get(key) if key else None
+        if cache is None or getattr(cache, "_is_user_defined", False) or isinstance(cache, LatentKVCache):
+            return result
+        layers = [m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)]
+        # Every MLA attention must be patched: one left alone (or restored) could not use the latent cache
+        if layers and not any(is_mla_attention(m) and not isinstance(m, MoecacheMLA) for m in model.modules()):
+            num_layers = max(max(layers) + 1, getattr(compat.text_config(model), "num_hidden_layers", 0))
+            max_len = cache.get_max_length() if cache.is_compileable else -1
+            model_kwargs[key] = LatentKVCache(num_layers, block_size=kv_block_size(),
+                                              max_cache_len=max_len if max_len > 0 else None)
+        return result
 
 
 def _generating_modules(model: nn.Module) -> list[nn.Module]:
@@ -39,24 +47,33 @@ def _generating_modules(model: nn.Module) -> list[nn.Module]:
     plain module wrapping a causal LM): the generate that runs the patched attention gets the hook."""
     if hasattr(model, HOOK):
         return [model]
-    found, inside = [], set()
+    found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
         if hasattr(module, HOOK) and any(isinstance(m, MoecacheMLA) for m in module.modules()):
             found.append(module)
-            inside.add(name + ".")
+            inside.append(name + ".")
     return found
 
 
-def install_latent_cache_default(model: nn.Module) -> None:
+def install_latent_cache_default(model: nn.Module) -> list[nn.Module]:
+    """Hook the modules whose generate runs the patched attention; returns those hooked here (an
+    override already there, the user's or another patch's, stays as it is)."""
+    hooked = []
     for module in _generating_modules(model):
-        if HOOK not in module.__dict__:  # an override the user set stays theirs
-            setattr(module, HOOK, types.MethodType(_prepare_latent_cache, module))
+        if HOOK not in module.__dict__:
+            setattr(module, HOOK, LatentCacheDefault(module))
+            hooked.append(module)
+    return hooked
 
 
-def remove_latent_cache_default(model: nn.Module) -> None:
-    for module in model.modules():
-        hook = module.__dict__.get(HOOK)
-        if getattr(hook, "__func__", None) is _prepare_latent_cache:
+def remove_latent_cache_default(hooked: list[nn.Module], model: nn.Module) -> None:
+    """Remove the hooks a patch installed (`hooked`), and one `model` holds for another model: a shallow
+    copy's, bound to the model it was copied from."""
+    for module in hooked:
+        if isinstance(module.__dict__.get(HOOK), LatentCacheDefault):
             del module.__dict__[HOOK]
+    stray = model.__dict__.get(HOOK)
+    if isinstance(stray, LatentCacheDefault) and stray.model is not model:
+        del model.__dict__[HOOK]

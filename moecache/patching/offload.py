@@ -69,6 +69,17 @@ class Offload:
     predictor: str | None = None
     prefetch_limit: float | None = None
 
+    def __post_init__(self):
+        # numpy numbers as Python's: the same request compares equal however its numbers were made
+        for name in ("gpu_experts", "lookahead", "prefetch_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or type(value) in (int, float):
+                continue
+            if isinstance(value, numbers.Integral):
+                setattr(self, name, int(value))
+            elif isinstance(value, numbers.Real):
+                setattr(self, name, float(value))
+
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         """Device slots for this budget (at least one, at most every expert)."""
         total = num_layers * num_experts
