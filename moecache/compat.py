@@ -190,17 +190,35 @@ def _records_outputs(module) -> bool:
     return False
 
 
-def install_output_recorders(model) -> None:
+_RECORDERS_INSTALLED = "_output_capturing_hooks_installed"
+
+
+def install_output_recorders(model) -> list:
     """Install now the hooks that record attentions and hidden states, as the first forward asking for them
     would: installed before patch swaps attention modules out, the originals carry them, so the paths
-    that run the original attention, and the model after unpatch, record as before."""
+    that run the original attention record as before. Returns what remove_output_recorders takes to take
+    exactly these away again (at unpatch: transformers then installs them on the first forward that asks,
+    as if the model had never been patched)."""
     try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:
-        return
+        return []
+    installed = []
     for module in model.modules():
-        if _records_outputs(module):
+        if _records_outputs(module) and not getattr(module, _RECORDERS_INSTALLED, False):
+            before = {id(m): set(m._forward_hooks) for m in module.modules()}
             maybe_install_capturing_hooks(module)
+            installed += [(m, key) for m in module.modules() for key in set(m._forward_hooks) - before[id(m)]]
+            installed.append((module, None))  # its flag
+    return installed
+
+
+def remove_output_recorders(installed: list) -> None:
+    for module, key in installed:
+        if key is None:
+            module.__dict__.pop(_RECORDERS_INSTALLED, None)
+        else:
+            module._forward_hooks.pop(key, None)
 
 
 def attentions_requested() -> bool:

@@ -1,5 +1,6 @@
 """MLA attention patching: DeepSeek-V2/V3 attention over moecache's paged latent cache, on tiny models."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_patched_mla_matches_logits_and_greedy_tokens(name):
     assert_restored(model, before)
     assert not any(isinstance(m, MoecacheMLA) for m in model.modules())
     assert "_prepare_cache_for_generation" not in model.__dict__
+    # transformers' output recorders, which patch installs, are gone again: the model pickles as before
+    assert torch.equal(logits(pickle.loads(pickle.dumps(model)), ids), ref_logits)
 
 
 def test_decode_steps_through_the_triton_kernel(monkeypatch):

@@ -21,7 +21,7 @@ from dataclasses import astuple, dataclass, field, replace
 from torch import nn
 
 from ..cache import ExpertCache
-from ..compat import install_output_recorders
+from ..compat import install_output_recorders, remove_output_recorders
 from ..layers.experts import MoecacheExperts
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
@@ -82,6 +82,7 @@ class PatchState:
     restack_hook: bool = False
     restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
     generate_hooks: list = field(default_factory=list)  # the modules whose generate patch hooked
+    recorders: list = field(default_factory=list)  # transformers' output recorders patch installed
 
 
 def _state_of(model: nn.Module) -> PatchState | None:
@@ -252,8 +253,8 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         state.replaced.append(r)
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
                     r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
-    if plan.attention:  # the original attention modules keep recording output_attentions (and after unpatch)
-        install_output_recorders(model)
+    if plan.attention:  # the original attention modules keep recording output_attentions
+        state.recorders += install_output_recorders(model)
     for a in plan.attention:
         new = MoecacheMLA(a.module, **a.kwargs)
         share_hooks(a.module, new)
@@ -314,6 +315,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state.cache is not None:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(state.generate_hooks, model)
+    remove_output_recorders(state.recorders)
     for r in reversed(state.replaced):
         if r.kind == "module":
             setattr(r.parent, r.attr, r.original)
