@@ -99,10 +99,12 @@ def _mla_decode_split_kernel(
         # fp32 scale: torch.compile types a Python float argument fp64, which would promote the scores
         # and the accumulator's update to fp64 (a compile error in tl.dot's accumulator).
         b_s = tl.where(m_t[None, :], b_s * tl.cast(qk_scale, tl.float32), float("-inf"))
-        # Every step holds >= 1 valid token, so b_m_new is finite and alpha = exp2(-inf) = 0 at first.
+        # Every step holds >= 1 valid token, but its scores can all be -inf (a -inf in the cache): the
+        # max is then taken as 0, so alpha and p are exp2(-inf) = 0, not exp2(-inf - -inf) = NaN.
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         if IEEE:
             b_acc = tl.dot(b_p, b_kv, b_acc * b_alpha[:, None], input_precision="ieee")

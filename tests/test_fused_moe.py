@@ -265,6 +265,32 @@ def test_bad_input_names_the_argument():
     _bad("host_w_gate_up must be", expert_map=torch.arange(4, dtype=torch.int32),
          host_w_gate_up=wgu[:, :4], host_w_down=wd)
     _bad("out must be", out=torch.empty(4, 16))
+    _bad("w_down must be a torch.Tensor, got NoneType", w_down=None)
+    _bad("topk_ids must be a torch.Tensor, got list", topk_ids=ids.tolist())
+    _bad("b_down must be a torch.Tensor or None, got list", b_gate_up=torch.rand(4, 32), b_down=[0.5] * 32)
+    _bad("b_gate_up must be fp16/bf16/fp32/fp64, got torch.complex64",
+         b_gate_up=torch.rand(4, 32, dtype=torch.complex64), b_down=torch.rand(4, 32))
+    _bad("b_gate_up must be fp16/bf16/fp32/fp64, got torch.int32",
+         b_gate_up=torch.randint(1, 5, (4, 32), dtype=torch.int32), b_down=torch.rand(4, 32))
+    _bad("out must be a torch.Tensor or None", out=x.tolist())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_may_be_the_hidden_states_but_nothing_read_while_it_is_written(backend):
+    """Regression: out aliasing w_down or b_down, or with rows sharing memory, was written while the kernels
+    still read it (wrong rows, no error)."""
+    x, wgu, wd, w, ids = random_layer(4, 4, 4, 4, 2, torch.float32)  # T = H = I = E: out fits in w_down[e]
+    b_gate_up, b_down = torch.randn(4, 8, device=x.device), torch.randn(4, 4, device=x.device)
+    ref = fused_moe_reference(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down)
+    in_place = x.clone()
+    got = ops.fused_moe(in_place, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down, out=in_place, backend=backend)
+    assert got.data_ptr() == in_place.data_ptr()
+    assert_close(got, ref, torch.float32)
+    for name, out in (("w_down", wd[1]), ("b_down", b_down), ("w_gate_up", wgu[2, :4])):
+        with pytest.raises(ValueError, match=f"out overlaps {name}"):
+            ops.fused_moe(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down, out=out, backend=backend)
+    with pytest.raises(ValueError, match="out's rows overlap"):
+        ops.fused_moe(x, wgu, wd, w, ids, out=torch.empty(1, 4, device=x.device).expand(4, 4), backend=backend)
 
 
 def test_value_checks_read_the_device_once(monkeypatch):

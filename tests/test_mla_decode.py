@@ -353,6 +353,35 @@ def test_value_checks_skip_when_disabled(skip, monkeypatch):
     assert_close(out, mla_decode_reference(**op_args(clamped)), torch.float32)
 
 
+def test_unchecked_pages_and_lengths_clamp_alike_in_both_backends():
+    """validate=False: a page out of range (either side) reads the nearest page and a request with no
+    tokens gives zeros and lse -inf, in the torch backend as in the kernel."""
+    case = make_case([5, 20, 9], 4, block_size=16)
+    case["kv_cache"] = torch.nan_to_num(case["kv_cache"], nan=0.5)
+    case["block_table"][1, 0] = 10**6
+    case["block_table"][2, 0] = -1
+    case["seq_lens"][0] = 0
+    got = {backend: ops.mla_decode(**op_args(case), backend=backend, validate=False, return_lse=True)
+           for backend in ("torch", "triton")}
+    assert_close(got["torch"][0], got["triton"][0], torch.float32)
+    assert torch.equal(got["torch"][0][0], torch.zeros_like(got["torch"][0][0]))
+    assert torch.isneginf(got["torch"][1][0]).all() and torch.isneginf(got["triton"][1][0]).all()
+    assert torch.isfinite(got["torch"][0][1:]).all()
+
+
+def test_a_first_step_of_minus_inf_scores_weighs_those_tokens_zero():
+    """Regression: every score of a split's first step -inf (a -inf in the cache) gave exp2(-inf - -inf)
+    = NaN for the whole request; the reference weighs those tokens 0."""
+    case = make_case([40, 7], 4, block_size=16)
+    first_page = case["block_table"][0, 0]
+    case["q_rope"][0, :, 0] = case["q_rope"][0, :, 0].abs() + 0.1
+    case["kv_cache"][first_page, :, -case["q_rope"].shape[2]] = float("-inf")  # rope element 0 of 16 rows
+    ref = mla_decode_reference(**op_args(case))
+    assert torch.isfinite(ref).all()
+    out = ops.mla_decode(**op_args(case), backend="triton")
+    assert_close(out, ref, torch.float32)
+
+
 # ------------------------------------------------------------------ GPU (bf16 at DeepSeek sizes, compile, graphs)
 DEEPSEEK = dict(R=512, P=64, Dn=128, Dv=128, block_size=64, dtype=torch.bfloat16, device="cuda")
 

@@ -285,11 +285,48 @@ torch.library.register_autograd("moecache::route", _route_backward, setup_contex
 
 
 # ------------------------------------------------------------------ fused_moe
+def _check_out(out, hidden_states, read_after_writing) -> None:
+    """out takes one row per token, and aliases nothing the kernels read after they start writing it
+    (hidden_states they have read by then: out=hidden_states works in place)."""
+    _check(isinstance(out, torch.Tensor), f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
+           f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
+    _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
+    T, H = out.shape
+    _check(T <= 1 or H == 0 or out.stride(0) >= H, f"out's rows overlap (strides {out.stride()}): pass a buffer "
+           "with a row of its own for each token")
+    if torch.compiler.is_compiling() or out.numel() == 0:
+        return
+    for name, t in read_after_writing:
+        if t is not None and _share_memory(out, t):
+            raise ValueError(f"out overlaps {name}, which the kernels read while they write out")
+
+
+def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges the two tensors span intersect (same device)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                           host_w_gate_up, host_w_down, b_gate_up, b_down, gated=True, gate_up_interleaved=False,
                           validate=True):
     _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"hidden_states must be [T, H], got {getattr(x, 'shape', type(x))}")
     _check(x.dtype in _FLOAT_DTYPES, f"hidden_states must be fp16/bf16/fp32, got {x.dtype}")
+    for name, t, required in (("w_gate_up", w_gate_up, True), ("w_down", w_down, True),
+                              ("topk_weights", topk_weights, True), ("topk_ids", topk_ids, True),
+                              ("expert_map", expert_map, False), ("host_w_gate_up", host_w_gate_up, False),
+                              ("host_w_down", host_w_down, False), ("b_gate_up", b_gate_up, False),
+                              ("b_down", b_down, False)):
+        _check(isinstance(t, torch.Tensor) or (t is None and not required),
+               f"{name} must be a torch.Tensor{'' if required else ' or None'}, got {type(t).__name__}")
     _check(isinstance(gated, bool), f"gated must be a bool, got {gated!r}")
     T, H = x.shape
     if gated:
@@ -340,6 +377,7 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
     for name, b, shape in (("b_gate_up", b_gate_up, (E, two_i)), ("b_down", b_down, (E, H))):
         if b is not None:
             _check(tuple(b.shape) == shape, f"{name} must be {list(shape)}, got {tuple(b.shape)}")
+            _check(b.dtype in (*_FLOAT_DTYPES, torch.float64), f"{name} must be fp16/bf16/fp32/fp64, got {b.dtype}")
             _check(b.device == x.device, f"{name} is on {b.device}, hidden_states on {x.device}")
     _check((b_gate_up is None) == (b_down is None), "pass both b_gate_up and b_down, or neither")
     _check(isinstance(validate, bool), f"validate must be a bool, got {validate!r}")
@@ -399,7 +437,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
             host_w_down[e] (pinned host memory) in place.
         b_gate_up [E, 2I] ([E, I] non-gated), b_down [E, H]: optional biases, indexed by expert id.
         backend: "auto" | "torch" | "triton".
-        out: optional [T, H] output buffer (written in place and returned).
+        out: optional [T, H] output buffer (written in place and returned), a row per token; it may be
+            hidden_states itself, and must not overlap the weights, biases or routing tensors.
         validate: check the routing values (ids in [0, E), no expert twice in a row, map slots in range),
             one host sync per call (skipped anyway while compiling or capturing, and with
             MOECACHE_VALIDATE=0). False where the caller guarantees them, as a model's own top-k does:
@@ -417,9 +456,9 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     _check_fused_moe_args(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                           host_w_gate_up, host_w_down, b_gate_up, b_down, gated, gate_up_interleaved, validate)
     if out is not None:
-        _check(out.shape == hidden_states.shape and out.dtype == hidden_states.dtype and out.device == hidden_states.device,
-               f"out must be {hidden_states.dtype} {tuple(hidden_states.shape)} on {hidden_states.device}")
-        _check(out.stride(-1) == 1, "out must have a unit stride in its last dimension")
+        _check_out(out, hidden_states, (("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_weights", topk_weights),
+                                        ("topk_ids", topk_ids), ("expert_map", expert_map), ("b_gate_up", b_gate_up),
+                                        ("b_down", b_down)))
     differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if hidden_states.shape[1] == 0 or hidden_states.shape[0] == 0:

@@ -40,7 +40,8 @@ def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     max_tokens = block_table.shape[1] * block_size
     t = torch.arange(max_tokens, device=kv_cache.device)
     valid = t[None, :] < seq_lens[:, None].long()                                  # [B, T]
-    pages = torch.where(valid, block_table.long()[:, t // block_size], 0)         # unused entries: any value
+    # unused entries may hold any value; used ones out of range are clamped, as the kernel does
+    pages = torch.where(valid, block_table.long()[:, t // block_size].clamp(0, kv_cache.shape[0] - 1), 0)
     rows = kv_cache[pages, (t % block_size)[None, :].expand(B, -1)].float()       # [B, T, R + P]
     rows = torch.where(valid[..., None], rows, 0.0)                               # rows past seq_len: any value
     latent, rope = rows[..., :R], rows[..., R:]
@@ -48,7 +49,8 @@ def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     scores = (scores + torch.einsum("bhp,btp->bht", q_rope.float(), rope)) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bht,btr->bhr", torch.softmax(scores, dim=-1), latent).to(q_latent.dtype)
+    weights = torch.where(valid.any(dim=1)[:, None, None], torch.softmax(scores, dim=-1), 0.0)  # no tokens: zeros
+    out = torch.einsum("bht,btr->bhr", weights, latent).to(q_latent.dtype)
     return (out, lse) if return_lse else out
 
 
