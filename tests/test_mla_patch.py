@@ -107,6 +107,31 @@ def test_left_padded_batch_matches_unpatched():
     _check_left_padded_generate(MODELS["v2-q_lora"](), 8, [3, 0, 5], new_tokens=12)
 
 
+def test_a_prompt_ending_in_padding_or_with_holes_matches_unpatched():
+    """Regression: a padding query saw only the first token, so a prompt whose last token is masked (right
+    padding, a hole at the end) gave generate's first token from another distribution."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0     # ends in padding
+    mask[1, 3:5] = 0    # a hole
+    mask[2, :2] = 0     # left padding
+    mask[2, 8] = 0      # and a hole at the end
+    ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    moecache.patch(model)
+    with torch.no_grad():
+        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
+        out = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
+    seen_a_token = mask.cumsum(1) > 0  # queries with no real token at or before them attend to nothing
+    assert_close(out[seen_a_token], ref[seen_a_token], torch.float32)
+    assert cache.layers[0].seq_lens.tolist() == mask.sum(1).tolist()
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0),
+                       ref_tokens)
+    moecache.unpatch(model)
+
+
 def _patch_and_check_padded_prefill(model, ids, mask, stored):
     """Patch the model; a left-padded prefill through a LatentKVCache stores `stored` tokens per request and
     gives the unpatched model's logits on the real tokens."""
@@ -294,6 +319,30 @@ def test_attention_dropout_follows_train_and_eval_after_patch():
         assert_close(got, twin(ids, use_cache=False).logits, torch.float32)
     torch.manual_seed(1)
     assert not torch.equal(model.train()(ids, use_cache=False).logits, got)  # dropout acts in training
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("implementation", ["sliding_window", "offloaded"])
+def test_cache_implementations_other_than_dynamic_and_static_get_the_cache_they_ask_for(implementation):
+    """Regression: an offloaded (or quantized, sliding-window) cache asked for was silently replaced by the
+    latent cache."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (1, 5))
+    options = dict(max_new_tokens=3, do_sample=False, cache_implementation=implementation)
+
+    def outcome():
+        try:
+            with torch.no_grad():
+                return model.generate(ids, **options)
+        except Exception as error:  # an offloaded cache needs CUDA: then both must fail alike
+            return type(error)
+
+    ref = outcome()
+    moecache.patch(model)
+    got = outcome()
+    assert got == ref if isinstance(ref, type) else torch.equal(got, ref)
+    calls = moecache.stats(model)["attention"][0]
+    assert calls["decode"] == calls["prefill"] == 0 and (calls["original"] > 0 or isinstance(ref, type))
     moecache.unpatch(model)
 
 

@@ -124,7 +124,10 @@ class MoecacheMLA(nn.Module):
         rank = torch.arange(S, device=rows.device)[None, :].expand(B, S) if valid is None else torch.cumsum(valid.int(), 1) - 1
         last_key = before.long()[:, None] + rank                                    # each query's own position
         if valid is not None:
-            last_key = torch.where(valid, last_key, 0)  # padding queries see the first token: finite, unused
+            # A padding query sees the real tokens before it, as the model's own mask has it (its output
+            # is what generate reads when the prompt ends in padding); one with none before it (left
+            # padding) sees the first token: finite, and unused.
+            last_key = torch.where(last_key >= 0, last_key, 0)
         t = torch.arange(cached.shape[1], device=rows.device)
         mask = (t[None, None, :] <= last_key[:, :, None]) & cached_valid[:, None, :]   # [B, S, T]
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],

@@ -1,5 +1,5 @@
 """model.generate with a LatentKVCache: where generate would build its default cache (dynamic, or static
-with cache_implementation="static"), a patched model with MLA attention builds a paged latent cache; a
+with cache_implementation="static"; other implementations are kept), a patched model with MLA attention builds a paged latent cache; a
 cache the caller passes is used as given.
 
 The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
@@ -15,6 +15,9 @@ from ..layers.mla import MoecacheMLA
 from .attention import is_mla_attention
 
 HOOK = "_prepare_cache_for_generation"
+# The cache_implementation values whose cache the latent cache stands in for: the default (dynamic) and
+# static. Others (offloaded, quantized, sliding-window) ask for something it does not do: they stay.
+REPLACED_CACHES = (None, "dynamic", "static")
 
 
 class LatentCacheDefault:
@@ -30,7 +33,8 @@ class LatentCacheDefault:
         result = getattr(type(model), HOOK)(model, generation_config, model_kwargs, *args, **kwargs)
         key = compat.generate_cache_key(model_kwargs)
         cache = model_kwargs.get(key) if key else None
-        if cache is None or getattr(cache, "_is_user_defined", False) or isinstance(cache, LatentKVCache):
+        if cache is None or getattr(cache, "_is_user_defined", False) or isinstance(cache, LatentKVCache) \
+                or getattr(generation_config, "cache_implementation", None) not in REPLACED_CACHES:
             return result
         layers = [m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)]
         # Every MLA attention must be patched: one left alone (or restored) could not use the latent cache
