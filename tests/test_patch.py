@@ -593,6 +593,56 @@ def test_unpatching_a_shallow_copy_leaves_the_original_unpatched_and_working(fam
     assert_restored(model, before)
 
 
+@pytest.mark.parametrize("family,offload", [("mixtral", "offload50"), ("deepseek_v2-greedy", "resident")])
+def test_a_patched_model_dropped_without_unpatch_is_freed_at_once(family, offload):
+    """Regression: the offloaded state-dict hook and the latent cache's generate hook held their model, so a
+    dropped model, with its expert cache (host store, device slots), lived on until the cycle collector ran."""
+    import gc
+    import weakref
+
+    model = build(family)
+    gc.collect()
+    gc.disable()
+    try:
+        moecache.patch(model, offload=OFFLOADS[offload])
+        logits(model, torch.randint(3, 96, (1, 5)))
+        alive = [weakref.ref(model)] + ([weakref.ref(moecache.expert_cache(model))] if OFFLOADS[offload] else [])
+        del model
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
+
+
+def test_an_interrupted_offload_of_list_experts_leaves_them_as_they_were(monkeypatch):
+    """Ctrl-C while the host store fills (the slow step): the stacked experts were left as views of a stack."""
+    from moecache.patching import offload as offload_module
+
+    model = VL2LanguageModel()
+    before = model_snapshot(model)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(offload_module, "ExpertCache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    assert_restored(model, before)
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+
+
+def test_unpatch_gives_each_expert_weight_storage_of_its_own():
+    """Regression: with one expert per layer (a contiguous slice of the host store), unpatch on the CPU put
+    views of the store back, which kept the closed cache's whole store alive."""
+    model = builders.randomize(transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, intermediate_size=32, num_local_experts=1, num_experts_per_tok=1)))
+    ids = torch.randint(3, 96, (1, 5))
+    ref = logits(model, ids)
+    moecache.unpatch(moecache.patch(model, offload=Offload(gpu_experts=1)))
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+    assert torch.equal(logits(model, ids), ref)
+
+
 def test_offload_budget_garbage_is_a_clear_error():
     for budget, kw, match in (("1.2.3GiB", {}, "expected a byte budget"), (float("inf"), {"bytes": True}, "finite"),
                               (float("nan"), {}, "fraction"), (0, {"bytes": True}, "finite")):

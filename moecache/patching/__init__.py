@@ -81,7 +81,6 @@ class PatchState:
     hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
     restack_hook: bool = False
     restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
-    generate_hooks: list = field(default_factory=list)  # the modules whose generate patch hooked
     recorders: list = field(default_factory=list)  # transformers' output recorders patch installed
 
 
@@ -92,7 +91,7 @@ def _state_of(model: nn.Module) -> PatchState | None:
     state: PatchState | None = model.__dict__.get(_STATE)
     if state is not None and state.restored:
         del model.__dict__[_STATE]
-        remove_latent_cache_default([], model)  # a shallow copy's own override of generate's cache
+        remove_latent_cache_default(model, state)  # the hooks it left where unpatch did not look
         return None
     return state
 
@@ -239,7 +238,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         try:
             state.cache, state.predictor = offload_experts([(r.block, r.new) for r in new_experts], offload)
             state.offload = replace(offload)  # a snapshot: the caller's object may change later
-        except Exception:
+        except BaseException:  # Ctrl-C while the host store fills, too: the model stays as it was
             for r in new_experts:
                 if r.new.stacked is not None:
                     r.new.stacked.unstack()
@@ -263,7 +262,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", a.name,
                     type(a.module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
     if plan.attention:
-        state.generate_hooks += install_latent_cache_default(model)
+        install_latent_cache_default(model, state)
     if new_experts:
         if offload is not None:
             state.hooks += install_state_hooks(model, [r.new for r in new_experts])
@@ -314,7 +313,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         handle.remove()
     if state.cache is not None:
         restore_offloaded(experts, state.cache)
-    remove_latent_cache_default(state.generate_hooks, model)
+    remove_latent_cache_default(model, state)
     remove_output_recorders(state.recorders)
     for r in reversed(state.replaced):
         if r.kind == "module":

@@ -2,9 +2,12 @@
 with cache_implementation="static"; other implementations are kept), a patched model with MLA attention builds a paged latent cache; a
 cache the caller passes is used as given.
 
-The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
-attribute (not a closure), so copy.deepcopy and pickle carry it over to the copy, bound to the copy."""
+The hook is an instance override of `_prepare_cache_for_generation` that refers to its model (not a
+closure over it), so copy.deepcopy and pickle carry it over to the copy, bound to the copy."""
 from __future__ import annotations
+
+import copy
+import weakref
 
 from torch import nn
 
@@ -25,8 +28,22 @@ class LatentCacheDefault:
     for a LatentKVCache while every MLA attention module of the model is patched (with one left alone,
     or after an unpatch through a shallow copy restored the shared modules, generate keeps its default)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, owner: object):
+        # The model weakly: it holds this hook, and a strong reference back would keep a dropped model alive
+        # until the cycle collector runs. `owner`, the patch that installed it, is what unpatch removes by.
+        # A copy of the model gets a hook bound to the copy, owned by the copy's patch.
+        self._model = weakref.ref(model)
+        self.owner = owner
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
+
+    def __deepcopy__(self, memo):
+        return LatentCacheDefault(copy.deepcopy(self.model, memo), copy.deepcopy(self.owner, memo))
+
+    def __reduce__(self):
+        return LatentCacheDefault, (self.model, self.owner)
 
     def __call__(self, generation_config, model_kwargs, *args, **kwargs):
         model = self.model
@@ -61,23 +78,18 @@ def _generating_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def install_latent_cache_default(model: nn.Module) -> list[nn.Module]:
-    """Hook the modules whose generate runs the patched attention; returns those hooked here (an
-    override already there, the user's or another patch's, stays as it is)."""
-    hooked = []
+def install_latent_cache_default(model: nn.Module, owner: object) -> None:
+    """Hook the modules whose generate runs the patched attention (an override already there, the
+    user's or another patch's, stays as it is)."""
     for module in _generating_modules(model):
         if HOOK not in module.__dict__:
-            setattr(module, HOOK, LatentCacheDefault(module))
-            hooked.append(module)
-    return hooked
+            setattr(module, HOOK, LatentCacheDefault(module, owner))
 
 
-def remove_latent_cache_default(hooked: list[nn.Module], model: nn.Module) -> None:
-    """Remove the hooks a patch installed (`hooked`), and one `model` holds for another model: a shallow
-    copy's, bound to the model it was copied from."""
-    for module in hooked:
-        if isinstance(module.__dict__.get(HOOK), LatentCacheDefault):
+def remove_latent_cache_default(model: nn.Module, owner: object) -> None:
+    """Remove the hooks `owner` installed in the model, and one a module holds for another module: a
+    shallow copy's, bound to the model it was copied from."""
+    for module in model.modules():
+        hook = module.__dict__.get(HOOK)
+        if isinstance(hook, LatentCacheDefault) and (hook.owner is owner or hook.model is not module):
             del module.__dict__[HOOK]
-    stray = model.__dict__.get(HOOK)
-    if isinstance(stray, LatentCacheDefault) and stray.model is not model:
-        del model.__dict__[HOOK]

@@ -6,6 +6,7 @@ import logging
 import math
 import numbers
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,10 +260,12 @@ class _OffloadedState(_OffloadHook):
     device parameters (clones: the store stays the cache's)."""
 
     def __init__(self, module: MoecacheExperts):
-        self.module = module
+        # Weakly: the hook lives in the module's own hook table, and a strong reference back would keep a
+        # dropped model, and its expert cache (host store, device slots), alive until the cycle collector runs.
+        self.module = weakref.ref(module)
 
     def __call__(self, _, state_dict, prefix, local_metadata):
-        module = self.module
+        module = self.module()
         provider = module.provider
         if not isinstance(provider, OffloadedExperts):
             return
@@ -336,6 +339,8 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
             if module.layout.transposed:
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
             for param, src in ((module.original.gate_up_proj, gate_up), (module.original.down_proj, down)):
-                param.data = src.to(device=param.device, dtype=param.dtype).contiguous()
+                # a copy: never a view of the store the cache is about to release
+                param.data = src.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format,
+                                    copy=True)
         module.provider = None
     cache.close(owner=CACHE_OWNER)
