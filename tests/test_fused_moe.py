@@ -291,6 +291,12 @@ def test_out_may_be_the_hidden_states_but_nothing_read_while_it_is_written(backe
             ops.fused_moe(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down, out=out, backend=backend)
     with pytest.raises(ValueError, match="out's rows overlap"):
         ops.fused_moe(x, wgu, wd, w, ids, out=torch.empty(1, 4, device=x.device).expand(4, 4), backend=backend)
+    # with an expert_map, the down kernel reads the host weights of experts not in a slot
+    host_gu, host_d = wgu.cpu().clone(), wd.cpu().clone()
+    if host_d.device == x.device:
+        with pytest.raises(ValueError, match="out overlaps host_w_down"):
+            ops.fused_moe(x, wgu[:2], wd[:2], w, ids, expert_map=torch.tensor([0, 1, -1, -1], dtype=torch.int32),
+                          host_w_gate_up=host_gu, host_w_down=host_d, out=host_d[2], backend=backend)
 
 
 def test_value_checks_read_the_device_once(monkeypatch):

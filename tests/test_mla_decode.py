@@ -380,6 +380,13 @@ def test_a_first_step_of_minus_inf_scores_weighs_those_tokens_zero():
     assert torch.isfinite(ref).all()
     out = ops.mla_decode(**op_args(case), backend="triton")
     assert_close(out, ref, torch.float32)
+    # every score of request 1 -inf: zeros and lse -inf from both backends
+    case["q_rope"][1, :, 0] = case["q_rope"][1, :, 0].abs() + 0.1
+    case["kv_cache"][case["block_table"][1, 0], :, -case["q_rope"].shape[2]] = float("-inf")
+    for backend in ("torch", "triton"):
+        out, lse = ops.mla_decode(**op_args(case), backend=backend, return_lse=True)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all(), backend
+        assert_close(out[0], ref[0], torch.float32)
 
 
 # ------------------------------------------------------------------ GPU (bf16 at DeepSeek sizes, compile, graphs)

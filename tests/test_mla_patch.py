@@ -246,6 +246,21 @@ def test_a_deep_copy_of_a_patched_model_builds_its_own_latent_caches():
     assert "_prepare_cache_for_generation" not in twin.__dict__
 
 
+def test_a_shallow_copy_that_outlives_its_original_generates_through_the_latent_cache():
+    import gc
+
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    moecache.patch(model)
+    twin = copy.copy(model)
+    del model
+    gc.collect()
+    assert torch.equal(generate(twin, ids, n=4), ref)
+    assert moecache.stats(twin)["attention"][0]["decode"] > 0
+    moecache.unpatch(twin)
+
+
 def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     model = MODELS["v3-interleaved"]()
     ids = torch.randint(3, 96, (2, 5))

@@ -295,7 +295,7 @@ def _check_out(out, hidden_states, read_after_writing) -> None:
     T, H = out.shape
     _check(T <= 1 or H == 0 or out.stride(0) >= H, f"out's rows overlap (strides {out.stride()}): pass a buffer "
            "with a row of its own for each token")
-    if torch.compiler.is_compiling() or out.numel() == 0:
+    if torch.compiler.is_compiling() or out.numel() == 0 or out.data_ptr() == 0:  # no memory (meta, fake): no alias
         return
     for name, t in read_after_writing:
         if t is not None and _share_memory(out, t):
@@ -304,7 +304,7 @@ def _check_out(out, hidden_states, read_after_writing) -> None:
 
 def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the byte ranges the two tensors span intersect (same device)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or b.data_ptr() == 0:
         return False
 
     def span(t):
@@ -458,7 +458,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     if out is not None:
         _check_out(out, hidden_states, (("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_weights", topk_weights),
                                         ("topk_ids", topk_ids), ("expert_map", expert_map), ("b_gate_up", b_gate_up),
-                                        ("b_down", b_down)))
+                                        ("b_down", b_down), ("host_w_gate_up", host_w_gate_up),
+                                        ("host_w_down", host_w_down)))
     differentiable = (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     if hidden_states.shape[1] == 0 or hidden_states.shape[0] == 0:

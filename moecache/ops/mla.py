@@ -49,7 +49,8 @@ def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     scores = (scores + torch.einsum("bhp,btp->bht", q_rope.float(), rope)) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.where(valid.any(dim=1)[:, None, None], torch.softmax(scores, dim=-1), 0.0)  # no tokens: zeros
+    # no tokens (or every score -inf): zeros and lse -inf, as the kernel gives; a NaN score stays NaN
+    weights = torch.where(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0, torch.softmax(scores, dim=-1))
     out = torch.einsum("bht,btr->bhr", weights, latent).to(q_latent.dtype)
     return (out, lse) if return_lse else out
 

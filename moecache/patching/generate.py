@@ -2,12 +2,9 @@
 with cache_implementation="static"; other implementations are kept), a patched model with MLA attention builds a paged latent cache; a
 cache the caller passes is used as given.
 
-The hook is an instance override of `_prepare_cache_for_generation` that refers to its model (not a
-closure over it), so copy.deepcopy and pickle carry it over to the copy, bound to the copy."""
+The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
+attribute (not a closure over it), so copy.deepcopy carries it over to the copy, bound to the copy."""
 from __future__ import annotations
-
-import copy
-import weakref
 
 from torch import nn
 
@@ -29,21 +26,12 @@ class LatentCacheDefault:
     or after an unpatch through a shallow copy restored the shared modules, generate keeps its default)."""
 
     def __init__(self, model: nn.Module, owner: object):
-        # The model weakly: it holds this hook, and a strong reference back would keep a dropped model alive
-        # until the cycle collector runs. `owner`, the patch that installed it, is what unpatch removes by.
-        # A copy of the model gets a hook bound to the copy, owned by the copy's patch.
-        self._model = weakref.ref(model)
+        # `owner`, the patch that installed it, is what unpatch removes by. A deep copy of the model gets
+        # a hook bound to the copy and owned by the copy's patch (one memo copies all three). The model
+        # holds this hook and the hook the model: a dropped model is freed by the cycle collector (a weak
+        # reference would leave a shallow copy that outlives its original with a dead hook).
+        self.model = model
         self.owner = owner
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model()
-
-    def __deepcopy__(self, memo):
-        return LatentCacheDefault(copy.deepcopy(self.model, memo), copy.deepcopy(self.owner, memo))
-
-    def __reduce__(self):
-        return LatentCacheDefault, (self.model, self.owner)
 
     def __call__(self, generation_config, model_kwargs, *args, **kwargs):
         model = self.model
