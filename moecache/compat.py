@@ -203,14 +203,15 @@ def install_output_recorders(model) -> list:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:
         return []
-    installed = []
-    for module in model.modules():
-        if _records_outputs(module) and not getattr(module, _RECORDERS_INSTALLED, False):
-            before = {id(m): set(m._forward_hooks) for m in module.modules()}
+    modules = list(model.modules())
+    hooks_before = {id(m): set(m._forward_hooks) for m in modules}
+    flagged_before = {id(m) for m in modules if getattr(m, _RECORDERS_INSTALLED, False)}
+    for module in modules:
+        if _records_outputs(module):
             maybe_install_capturing_hooks(module)
-            installed += [(m, key) for m in module.modules() for key in set(m._forward_hooks) - before[id(m)]]
-            installed.append((module, None))  # its flag
-    return installed
+    # a composite model installs its submodels' recorders (and sets their flags) as well
+    return [(m, key) for m in modules for key in set(m._forward_hooks) - hooks_before[id(m)]] + \
+        [(m, None) for m in modules if getattr(m, _RECORDERS_INSTALLED, False) and id(m) not in flagged_before]
 
 
 def remove_output_recorders(installed: list) -> None:

@@ -361,6 +361,35 @@ def test_cache_implementations_other_than_dynamic_and_static_get_the_cache_they_
     moecache.unpatch(model)
 
 
+def test_unpatch_takes_away_the_recorders_of_a_model_nested_in_another():
+    """A recording model holding another: patch installs the inner one's recorders through the outer one,
+    and unpatch takes those away with the inner flag, so the inner model records again when asked."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as deepseek_v2
+    from transformers.utils.output_capturing import capture_outputs
+
+    class Outer(deepseek_v2.DeepseekV2PreTrainedModel):
+        _can_record_outputs = {"hidden_states": deepseek_v2.DeepseekV2DecoderLayer}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.inner = deepseek_v2.DeepseekV2Model(config)
+            self.post_init()
+
+        @capture_outputs
+        def forward(self, input_ids=None, **kwargs):
+            return BaseModelOutputWithPast(last_hidden_state=self.inner(input_ids=input_ids, **kwargs).last_hidden_state)
+
+    config = builders.deepseek_config("v2")
+    model = builders.randomize(Outer(config))
+    ids = torch.randint(3, 96, (1, 5))
+    moecache.patch(model)
+    moecache.unpatch(model)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    with torch.no_grad():
+        assert len(model.inner(ids, output_hidden_states=True).hidden_states) == config.num_hidden_layers + 1
+
+
 def test_paged_layer_grows_and_reorders_beams():
     from moecache.layers import PagedLatentLayer
 

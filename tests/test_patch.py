@@ -629,6 +629,31 @@ def test_an_interrupted_offload_of_list_experts_leaves_them_as_they_were(monkeyp
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])
+def test_an_interrupted_unpatch_can_be_run_again(family, monkeypatch):
+    """Ctrl-C in unpatch's last steps, after the weights were back and the cache closed: running unpatch
+    again finishes it (it said the cache was closed before unpatch, and left the model half patched)."""
+    import moecache.patching as patching
+
+    model = build("mixtral") if family == "mixtral" else VL2LanguageModel()
+    before = model_snapshot(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    real, calls = patching._give_back_parameters, []
+
+    def interrupted_once(new, original):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(new, original)
+    monkeypatch.setattr(patching, "_give_back_parameters", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        moecache.unpatch(model)
+    moecache.unpatch(model)
+    assert moecache.stats(model)["patched"] is False
+    assert_restored(model, before)
+    assert not any(isinstance(m, MoecacheExperts) for m in model.modules())
+
+
 def test_unpatch_gives_each_expert_weight_storage_of_its_own():
     """Regression: with one expert per layer (a contiguous slice of the host store), unpatch on the CPU put
     views of the store back, which kept the closed cache's whole store alive."""

@@ -320,7 +320,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             setattr(r.parent, r.attr, r.original)
             give_back_hooks(r.new, r.original)
         else:
-            del r.parent.__dict__[r.attr]  # the class's own method again
+            r.parent.__dict__.pop(r.attr, None)  # the class's own method again (gone already on a retry)
             if r.new.stacked is not None and r.new.stacked.weights() is not None:
                 r.new.stacked.unstack()
         if isinstance(r.new, MoecacheExperts):

@@ -326,6 +326,8 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
     """Copy each offloaded layer's master weights back into the original parameters (bit-exact: they were
     copied, not cast), then close the cache."""
     if cache._closed:
+        if not any(isinstance(module.provider, OffloadedExperts) for module in modules):
+            return  # an unpatch interrupted after it had put every layer back: nothing is missing
         raise RuntimeError("the expert cache was closed before unpatch: the offloaded experts' weights are gone")
     cache.synchronize()
     for module in modules:
