@@ -118,23 +118,16 @@ def test_a_prompt_ending_in_padding_or_with_holes_matches_unpatched():
     mask[2, :2] = 0     # left padding
     mask[2, 8] = 0      # and a hole at the end
     ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    moecache.patch(model)
-    with torch.no_grad():
-        cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
-        out = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
-    seen_a_token = mask.cumsum(1) > 0  # queries with no real token at or before them attend to nothing
-    assert_close(out[seen_a_token], ref[seen_a_token], torch.float32)
-    assert cache.layers[0].seq_lens.tolist() == mask.sum(1).tolist()
+    # queries with no real token at or before them attend to nothing: the others must match
+    _patch_and_check_padded_prefill(model, ids, mask, mask.sum(1).tolist(), compared=mask.cumsum(1) > 0)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0),
                        ref_tokens)
     moecache.unpatch(model)
 
 
-def _patch_and_check_padded_prefill(model, ids, mask, stored):
-    """Patch the model; a left-padded prefill through a LatentKVCache stores `stored` tokens per request and
-    gives the unpatched model's logits on the real tokens."""
+def _patch_and_check_padded_prefill(model, ids, mask, stored, compared=None):
+    """Patch the model; a padded prefill through a LatentKVCache stores `stored` tokens per request and
+    gives the unpatched model's logits at the `compared` places (the real tokens unless given)."""
     with torch.no_grad():
         ref_logits = model(ids, attention_mask=mask).logits
     moecache.patch(model)
@@ -142,7 +135,8 @@ def _patch_and_check_padded_prefill(model, ids, mask, stored):
         cache = LatentKVCache(model.config.num_hidden_layers, block_size=4)
         out_logits = model(ids, attention_mask=mask, **{model_cache_argument(model): cache}).logits
     assert cache.layers[0].seq_lens.tolist() == stored
-    assert_close(out_logits[mask.bool()], ref_logits[mask.bool()], torch.float32)
+    compared = mask.bool() if compared is None else compared
+    assert_close(out_logits[compared], ref_logits[compared], torch.float32)
 
 
 def test_left_padding_under_flex_attention_is_not_stored():
@@ -232,33 +226,35 @@ def test_static_cache_generate_uses_a_preallocated_latent_cache(monkeypatch):
     moecache.unpatch(model)
 
 
-def test_a_deep_copy_of_a_patched_model_builds_its_own_latent_caches():
-    model = MODELS["v2-q_lora"]()
-    ids = torch.randint(3, 96, (2, 5))
-    ref = generate(model, ids, n=4)
-    moecache.patch(model)
-    twin = copy.deepcopy(model)
-    assert twin._prepare_cache_for_generation.model is twin  # not the original
-    moecache.unpatch(model)
-    assert torch.equal(generate(twin, ids, n=4), ref)
-    assert moecache.stats(twin)["attention"][0]["decode"] > 0 and moecache.stats(model)["patched"] is False
-    moecache.unpatch(twin)
-    assert "_prepare_cache_for_generation" not in twin.__dict__
+def _assert_latent_generate(model, ids, ref, patched=None):
+    """model.generate gives the `ref` tokens, every step of it through the latent cache of the patch on
+    `patched` (the model itself unless given)."""
+    assert torch.equal(generate(model, ids, n=4), ref)
+    calls = moecache.stats(model if patched is None else patched)["attention"][0]
+    assert calls["decode"] > 0 and calls["original"] == 0
 
 
-def test_a_shallow_copy_that_outlives_its_original_generates_through_the_latent_cache():
+@pytest.mark.parametrize("kind", ["deep", "shallow"])
+def test_a_copy_of_a_patched_model_generates_through_the_latent_cache(kind):
+    """A deep copy builds its own caches once the original is unpatched; a shallow copy, which shares the
+    modules, still generates once the original is gone."""
     import gc
 
     model = MODELS["v2-q_lora"]()
     ids = torch.randint(3, 96, (2, 5))
     ref = generate(model, ids, n=4)
     moecache.patch(model)
-    twin = copy.copy(model)
-    del model
-    gc.collect()
-    assert torch.equal(generate(twin, ids, n=4), ref)
-    assert moecache.stats(twin)["attention"][0]["decode"] > 0
+    twin = copy.deepcopy(model) if kind == "deep" else copy.copy(model)
+    if kind == "deep":
+        assert twin._prepare_cache_for_generation.model is twin  # not the original
+        moecache.unpatch(model)
+        assert moecache.stats(model)["patched"] is False
+    else:
+        del model
+        gc.collect()
+    _assert_latent_generate(twin, ids, ref)
     moecache.unpatch(twin)
+    assert "_prepare_cache_for_generation" not in twin.__dict__
 
 
 def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
@@ -267,9 +263,7 @@ def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     ref = generate(model, ids, n=4)
     holder = torch.nn.ModuleDict({"lm": model})
     moecache.patch(holder)
-    assert torch.equal(generate(model, ids, n=4), ref)
-    calls = moecache.stats(holder)["attention"][0]
-    assert calls["decode"] > 0 and calls["original"] == 0  # the latent path, not the original attention
+    _assert_latent_generate(model, ids, ref, patched=holder)
     moecache.unpatch(holder)
     assert "_prepare_cache_for_generation" not in model.__dict__
     assert torch.equal(generate(model, ids, n=4), ref)
@@ -285,8 +279,7 @@ def test_unpatching_a_wrapper_or_its_model_keeps_what_the_other_patched(inner_fi
     moecache.patch(holder)
     owner, other = (model, holder) if inner_first == "whole" else (holder, model)
     moecache.unpatch(other)  # the latent cache's generate hook belongs to the owner's patch
-    assert torch.equal(generate(model, ids, n=4), ref)
-    assert moecache.stats(owner)["attention"][0]["decode"] > 0
+    _assert_latent_generate(model, ids, ref, patched=owner)
     moecache.unpatch(owner)
     assert "_prepare_cache_for_generation" not in model.__dict__
 
