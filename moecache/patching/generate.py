@@ -1,6 +1,6 @@
 """model.generate with a LatentKVCache: where generate would build its default cache (dynamic, or static
-with cache_implementation="static"; other implementations are kept), a patched model with MLA attention builds a paged latent cache; a
-cache the caller passes is used as given.
+with cache_implementation="static"; other implementations are kept), a patched model with MLA attention
+builds a paged latent cache; a cache the caller passes is used as given.
 
 The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
 attribute (not a closure over it), so copy.deepcopy carries it over to the copy, bound to the copy."""
@@ -41,9 +41,14 @@ class LatentCacheDefault:
         if cache is None or getattr(cache, "_is_user_defined", False) or isinstance(cache, LatentKVCache) \
                 or getattr(generation_config, "cache_implementation", None) not in REPLACED_CACHES:
             return result
-        layers = [m.layer_idx for m in model.modules() if isinstance(m, MoecacheMLA)]
         # Every MLA attention must be patched: one left alone (or restored) could not use the latent cache
-        if layers and not any(is_mla_attention(m) and not isinstance(m, MoecacheMLA) for m in model.modules()):
+        layers, unpatched = [], False
+        for m in model.modules():
+            if isinstance(m, MoecacheMLA):
+                layers.append(m.layer_idx)
+            elif is_mla_attention(m):
+                unpatched = True
+        if layers and not unpatched:
             num_layers = max(max(layers) + 1, getattr(compat.text_config(model), "num_hidden_layers", 0))
             max_len = cache.get_max_length() if cache.is_compileable else -1
             model_kwargs[key] = LatentKVCache(num_layers, block_size=kv_block_size(),

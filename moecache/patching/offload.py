@@ -71,24 +71,14 @@ class Offload:
     prefetch_limit: float | None = None
 
     def __post_init__(self):
-        # numpy numbers as Python's: the same request compares equal however its numbers were made
+        # the same request compares equal however its numbers were made
         for name in ("gpu_experts", "lookahead", "prefetch_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or type(value) in (int, float):
-                continue
-            if isinstance(value, numbers.Integral):
-                setattr(self, name, int(value))
-            elif isinstance(value, numbers.Real):
-                setattr(self, name, float(value))
+            setattr(self, name, _plain_number(getattr(self, name)))
 
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         """Device slots for this budget (at least one, at most every expert)."""
         total = num_layers * num_experts
-        budget = self.gpu_experts
-        if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
-            budget = int(budget)  # numpy integers count as counts (or bytes)
-        elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
-            budget = float(budget)
+        budget = _plain_number(self.gpu_experts)  # (a field set after construction too)
         if isinstance(budget, str):
             match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", budget)
             if not match:
@@ -114,6 +104,17 @@ class Offload:
             raise ValueError(f"gpu_experts={budget!r} is {budget_bytes / 2**20:.2f} MiB, smaller than one expert "
                              f"({record_bytes / 2**20:.2f} MiB)")
         return min(slots, total)
+
+
+def _plain_number(value):
+    """A numpy number as the Python int or float it stands for; anything else as it is (bools too)."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def prefetch_allowance(layer_ms: float, h2d_gbps: float, record_bytes: int) -> float:
