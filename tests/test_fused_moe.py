@@ -30,6 +30,19 @@ def test_matches_reference(T, H, I, E, K, dtype):
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_leaves_the_math_in_fp32(backend):
+    """Regression: inside torch.autocast the torch backend (the reference) ran its products in autocast's
+    dtype (5e-3 off in bf16, and whole models 0.15 off after routing flipped), while the kernels and the
+    unpatched fused experts compute fp32 inputs in fp32."""
+    x, wgu, wd, w, ids = random_layer(9, 64, 32, 8, 2, torch.float32)
+    want = fused_moe_reference(x, wgu, wd, w, ids)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = ops.fused_moe(x, wgu, wd, w, ids, backend=backend)
+    assert got.dtype == torch.float32
+    assert_close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("T,K", [(2, 1), (2, 2), (33, 1), (33, 3)], ids=["decode-K1", "decode-K2", "grouped-K1", "grouped-K3"])
 def test_all_tokens_on_one_expert_and_most_experts_idle(T, K):
     x, wgu, wd, w, _ = random_layer(T, 40, 24, 12, K, torch.float32)

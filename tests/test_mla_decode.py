@@ -302,6 +302,16 @@ def test_torch_backend_is_the_reference(dtype):
         assert torch.equal(ops.mla_decode(**op_args(case)), ref_out)
 
 
+def test_the_reference_computes_in_fp32_under_autocast():
+    """Regression: inside torch.autocast the reference's products ran in autocast's dtype (5e-3 off in bf16)
+    though it states fp32 math, so the torch backend disagreed with the kernels there."""
+    case = make_case([1, 37, 130], 4, dtype=torch.float32)
+    want = ops.mla_decode(**op_args(case), backend="torch")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = ops.mla_decode(**op_args(case), backend="torch")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def _bad(match, **overrides):
     case = make_case([5, 20], 4, block_size=16, extra_width=1)
     args = op_args(case)

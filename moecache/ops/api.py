@@ -58,6 +58,18 @@ def eager_inference(*tensors) -> bool:
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in present)
 
 
+def wrap_for_trace(kernel):
+    """torch.library.wrap_triton(kernel), what a trace (torch.compile) of the custom ops needs. Under the
+    Triton interpreter, torch before 2.13 refuses the interpreter's kernels (they are not JITFunctions);
+    an eager call launches them as they are."""
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if torch.compiler.is_compiling() or not triton_interpreting():
+            raise
+        return kernel
+
+
 def run_direct(name: str, fn, *args):
     """fn(*args), named in a running profile the way the custom op would be."""
     if torch.autograd.profiler._is_profiler_enabled:
@@ -237,7 +249,7 @@ def _route_kernels(router_logits, bias, top_k, sigmoid, renormalize, n_group, to
 def _route_op(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sigmoid: bool,
               renormalize: bool, n_group: int, topk_group: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _route_kernels(router_logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, scaling,
-                          torch.library.wrap_triton)
+                          wrap_for_trace)
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -609,7 +621,7 @@ def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
                   gate_up_interleaved: bool, gated: bool, out: torch.Tensor) -> None:
     _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                        host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out,
-                       torch.library.wrap_triton)
+                       wrap_for_trace)
 
 
 def _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,

@@ -22,9 +22,12 @@ from .api import (
     resolve_backend,
     run_direct,
     sm_count,
+    wrap_for_trace,
 )
+from .reference import in_stated_precision
 
 
+@in_stated_precision
 def mla_decode_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                          block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
                          return_lse: bool = False):
@@ -163,11 +166,16 @@ def mla_decode_config(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
 @torch.library.triton_op("moecache::mla_decode", mutates_args=())
 def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, torch.library.wrap_triton)
+    return _mla_decode_kernels(q_latent, q_rope, kv_cache, block_table, seq_lens, scale, wrap_for_trace)
 
 
 def _mla_decode_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
+    q_latent, q_rope, kv_cache, block_table, seq_lens = inputs[:5]
+    if any(ctx.needs_input_grad[:3]):
+        # A paged cache (its pages, table and lengths) is written in place by the steps after this one:
+        # the backward recomputes from the rows as this step read them
+        kv_cache, block_table, seq_lens = kv_cache.clone(), block_table.clone(), seq_lens.clone()
+    ctx.save_for_backward(q_latent, q_rope, kv_cache, block_table, seq_lens)
     ctx.scale = inputs[5]
 
 

@@ -5,6 +5,8 @@ tensors). Shapes: T tokens, H hidden, I expert intermediate size, E experts, K e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -101,6 +103,21 @@ def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, tor
     inter = h.shape[-1] // 2
     return h[..., :inter], h[..., inter:]
 
+def in_stated_precision(fn):
+    """The references compute in the precision they state (fp32 math) also inside a torch.autocast region,
+    which would run their products in its lower dtype; outside one, the call is left as it is."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        device_type = first.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@in_stated_precision
 def fused_moe_reference(
     hidden_states: torch.Tensor,
     w_gate_up: torch.Tensor,
