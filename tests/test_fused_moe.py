@@ -524,6 +524,34 @@ def test_a_models_routing_dtypes_are_read_as_given(T, weights_dtype, monkeypatch
     assert seen == [(w16.data_ptr(), ids64.data_ptr())]
 
 
+def test_the_custom_ops_launch_interpreted_kernels_where_wrap_triton_refuses_them(monkeypatch):
+    """Regression (torch 2.11, the GPU image's, on a CPU): torch < 2.13's wrap_triton refuses the
+    interpreter's kernels, so every call through the custom ops (autograd on route and mla_decode, the
+    backward's) raised "wrap_triton only works on functions annotated with triton.jit"."""
+    from moecache.kernels import INTERPRETING
+    from test_mla_decode import make_case, op_args
+
+    if not INTERPRETING:
+        pytest.skip("compiled kernels: wrap_triton takes them")
+
+    def refuse(kernel):
+        raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+
+    monkeypatch.setattr(torch.library, "wrap_triton", refuse)
+    logits = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+    weights, ids = ops.route(logits, 2, backend="triton")
+    want_weights, want_ids = route_reference(logits.detach(), 2)
+    assert torch.equal(ids, want_ids)
+    assert_close(weights, want_weights, torch.float32)
+    case = make_case([5, 20], 4, block_size=16)
+    args = op_args(case)
+    args["q_latent"].requires_grad_(True)
+    out = ops.mla_decode(**args, backend="triton")
+    assert_close(out, ops.mla_decode(**op_args(case), backend="torch"), torch.float32)
+    (weights.sum() + out.sum()).backward()
+    assert logits.grad is not None and args["q_latent"].grad is not None
+
+
 def test_eager_inference_launches_without_the_dispatcher(monkeypatch):
     """Eager calls with nothing to record for autograd launch the kernels directly (the dispatcher's Python
     layers cost more than the launches); the custom ops still run where autograd (route, mla_decode; fused_moe
