@@ -117,7 +117,7 @@ def has_own_gate_function(module) -> bool:
     """Whether a fused experts module's class computes its gate otherwise than act_fn(gate) * up (a clamp,
     a softcap, GPT-OSS's GLU): transformers' experts implementations call `_apply_gate`, which its
     experts decorator sets to act(gate) * up where a family defines none. A family's own is compared
-    with act(gate) * up on a probe reaching +-30, past every clamp (Beam's, the same product in fp32,
+    with act(gate) * up on a probe reaching +-1e6, past every clamp (Beam's, the same product in fp32,
     passes)."""
     gate = getattr(type(module), "_apply_gate", None)
     if gate is None:
@@ -131,7 +131,9 @@ def has_own_gate_function(module) -> bool:
     act = getattr(module, "act_fn", None)
     if act is None:
         return True
-    probe = torch.linspace(-30.0, 30.0, 96).reshape(3, 32)  # [tokens, gate | up]
+    # [tokens, gate | up]: both halves reach past +-30 up to +-1e6, so a clamp at a large limit shows too
+    far = torch.logspace(1.5, 6.0, 24)
+    probe = torch.cat([torch.linspace(-30.0, 30.0, 48), far, -far]).reshape(3, 32)
     try:
         with torch.no_grad():
             got = gate(module, probe)

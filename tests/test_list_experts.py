@@ -1,5 +1,7 @@
 """Experts kept as lists of MLPs (DeepSpeed-MoE layers, Switch Transformers, DeepSeek's own blocks): what
 patch takes, what it leaves alone and why, and that patched layers stay the model's exactly."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,8 @@ from torch import nn
 import moecache
 from moecache.models import deepspeed_moe
 from moecache.testing import assert_close, assert_model_restored, model_snapshot
+
+import builders
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,6 +35,38 @@ class FcNorm(Fc):
 
     def forward(self, x):
         return self.norm(super().forward(x))
+
+
+class ShiftedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 0.5
+
+
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+class Adapted(nn.Module):
+    """A linear layer with a low-rank update beside it, held as PEFT's LoRA layers hold theirs."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
 
 
 def moe_layer(expert=None, seed=0):
@@ -83,6 +119,12 @@ def _mixed_dtype(layer):
     experts_of(layer)[2] = expert
 
 
+def _wrap_forward(module):
+    """As accelerate's device hooks do: forward replaced on the instance."""
+    plain = module.forward
+    module.forward = lambda x: plain(x) * 0.5
+
+
 CHANGES = {
     "unknown-activation": (lambda layer: [setattr(e, "activation_fn", nn.Tanh()) for e in experts_of(layer)],
                            "activation the kernels lack (Tanh)"),
@@ -94,9 +136,16 @@ CHANGES = {
     "two-dtypes-in-one": (_mixed_dtype, "several dtypes"),
     # the kernels call neither the MLPs nor the module holding them: these hooks would stop firing
     "a-hook-on-one-expert": (lambda layer: experts_of(layer)[2].register_forward_hook(lambda m, args, out: out * 2),
-                             "hooks on parts the kernels do not call (deepspeed_experts.2)"),
+                             "code around parts the kernels do not call (deepspeed_experts.2: hooks)"),
     "a-hook-on-the-experts-holder": (lambda layer: layer.deepspeed_moe.experts.register_forward_pre_hook(
-        lambda m, args: (args[0] * 0.5,)), "hooks on parts the kernels do not call (Experts)"),
+        lambda m, args: (args[0] * 0.5,)), "code around parts the kernels do not call (Experts: hooks)"),
+    # nor do they call the linear layers, whose weights they read
+    "a-linear-with-a-forward-of-its-own": (lambda layer: setattr(experts_of(layer)[1].fc1, "__class__", ShiftedLinear),
+                                           "has code of its own (expert 1.fc1: a forward of its own (ShiftedLinear))"),
+    "a-parametrized-linear": (lambda layer: torch.nn.utils.parametrize.register_parametrization(
+        experts_of(layer)[3].fc2, "weight", Doubled()), "(deepspeed_experts.3.fc2: parametrized weights)"),
+    "a-forward-set-on-a-linear": (lambda layer: _wrap_forward(experts_of(layer)[0].fc2),
+                                  "(deepspeed_experts.0.fc2: a forward set on the module itself"),
 }
 
 
@@ -115,6 +164,52 @@ def test_list_experts_the_kernels_cannot_compute_alike_are_left_alone(change):
     assert not moecache.stats(layer)["patched"]
     assert torch.equal(run(layer, X), ref)
     assert_model_restored(layer, before)
+
+
+@pytest.mark.parametrize("offload", [None, moecache.Offload(gpu_experts=0.5)], ids=["resident", "offload50"])
+@pytest.mark.parametrize("part", ["fc1", "fc2"])
+def test_adapters_put_on_expert_linears_after_patch_are_refused(part, offload):
+    """Regression: LoRA adapters put on the experts' linear layers after patch (PEFT's get_peft_model on
+    the patched model) were skipped: the kernels computed from the weights stacked at patch (0.77
+    relative off). The forward now refuses; unpatch gives the adapted model back."""
+    layer = moe_layer()
+    builders.randomize(layer)
+    twin = copy.deepcopy(layer)
+    moecache.patch(layer, offload=offload)
+    for m in (layer, twin):
+        torch.manual_seed(3)
+        for expert in experts_of(m):
+            setattr(expert, part, Adapted(getattr(expert, part)))
+    with pytest.raises(ValueError, match="replaced or changed after moecache.patch"):
+        run(layer, X)
+    moecache.unpatch(layer)
+    assert torch.equal(run(layer, X), run(twin, X))
+
+
+def test_functional_call_computes_with_the_weights_it_is_given():
+    """Regression: torch.func.functional_call with new expert weights ran the stacks made at patch (0.75
+    relative off) while the gradients went to the tensors passed in."""
+    from torch.func import functional_call
+
+    layer = moe_layer()
+    builders.randomize(layer)
+    twin = copy.deepcopy(layer)
+    moecache.patch(layer)
+    given = {name: (p.detach() * 1.5 if "experts" in name else p.detach()) for name, p in twin.named_parameters()}
+    outputs, grads = [], []
+    for m in (twin, layer):
+        params = {name: t.clone().requires_grad_() for name, t in given.items()}
+        torch.manual_seed(1)
+        out = functional_call(m, params, (X,))[0]
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append({name: t.grad for name, t in params.items()})
+    assert_close(outputs[1], outputs[0], torch.float32)
+    assert not torch.allclose(run(layer, X), outputs[1])  # the layer's own weights were not used
+    for name, want in grads[0].items():
+        assert_close(grads[1][name], want, torch.float32, name=name)
+    assert_close(run(layer, X), run(twin, X), torch.float32)  # its own weights back after the call
+    moecache.unpatch(layer)
 
 
 class TwoLayers(nn.Module):

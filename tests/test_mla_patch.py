@@ -269,6 +269,34 @@ def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     assert torch.equal(generate(model, ids, n=4), ref)
 
 
+class _Forwarding(torch.nn.Module):
+    """A wrapper that hands the attribute reads it cannot answer to the model inside, as PEFT's PeftModel does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+
+def test_a_model_inside_a_forwarding_wrapper_generates_through_the_latent_cache():
+    """Regression: the generate hook went on a wrapper that only forwards attribute reads (PEFT's
+    PeftModel), where generate never looks: the latent cache was never used."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    wrapper = _Forwarding(model)
+    moecache.patch(wrapper)
+    assert "_prepare_cache_for_generation" not in wrapper.__dict__
+    _assert_latent_generate(wrapper.generate.__self__, ids, ref, patched=wrapper)
+    moecache.unpatch(wrapper)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+
+
 @pytest.mark.parametrize("inner_first", ["whole", "experts-only"])
 def test_unpatching_a_wrapper_or_its_model_keeps_what_the_other_patched(inner_first):
     model = MODELS["v3-interleaved"]()
@@ -302,14 +330,193 @@ def test_hooks_on_the_attention_fire_on_every_path_once():
     moecache.unpatch(model)
 
 
-def test_hooks_on_kv_b_proj_which_the_latent_path_does_not_call_leave_the_attention_alone():
+class _Adapted(torch.nn.Module):
+    """A linear layer with a low-rank update beside it, held as PEFT's LoRA layers hold theirs."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _ShiftedLinear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 0.5
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _give_code_of_its_own(module: torch.nn.Module, change: str) -> torch.nn.Module:
+    """`module` (a linear layer) with code beside its weights that a stand-in computing from the weights
+    would skip; returns what goes in its place."""
+    if change == "hook":
+        module.register_forward_hook(lambda m, args, out: out * 0.5)
+    elif change == "adapter":
+        torch.manual_seed(5)
+        return _Adapted(module)
+    elif change == "subclass":
+        module.__class__ = _ShiftedLinear
+    elif change == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
+    else:  # accelerate's device hooks wrap forward on the instance
+        plain = module.forward
+        module.forward = lambda x: plain(x) * 0.5
+    return module
+
+
+KV_B_PROJ_REASONS = {"hook": "has hooks", "adapter": "_Adapted, not a linear layer",
+                     "subclass": "has a forward of its own (_ShiftedLinear)", "parametrized": "has parametrized weights",
+                     "instance_forward": "has a forward set on the module itself"}
+
+
+@pytest.mark.parametrize("change", list(KV_B_PROJ_REASONS))
+def test_kv_b_proj_with_code_of_its_own_leaves_the_attention_alone(change):
+    """Regression (all but hooks): the latent path reads kv_b_proj's weight, so a LoRA adapter (PEFT), a
+    subclass's forward, a parametrization or accelerate's device hook there was silently skipped
+    (greedy tokens diverged)."""
     model = MODELS["v2-q_lora"]()
+    attn = model.model.layers[0].self_attn
+    attn.kv_b_proj = _give_code_of_its_own(attn.kv_b_proj, change)
     ids = torch.randint(3, 96, (2, 5))
-    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda module, args, out: out * 0.5)
     ref = generate(model, ids, n=4)
     moecache.patch(model)
     (left,) = moecache.stats(model)["left_alone"]
-    assert left["name"] == "model.layers.0.self_attn" and "hooks on kv_b_proj" in left["reason"]
+    assert left["name"] == "model.layers.0.self_attn", left
+    assert KV_B_PROJ_REASONS[change] in left["reason"], left
+    assert torch.equal(generate(model, ids, n=4), ref)
+    moecache.unpatch(model)
+
+
+def test_an_attention_with_a_forward_set_on_it_is_left_alone():
+    """accelerate's device hooks wrap the attention's forward on the instance: the latent path would skip it."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    attn = model.model.layers[1].self_attn
+    plain = attn.forward
+    attn.forward = lambda *args, **kwargs: (lambda out: (out[0] * 0.5, *out[1:]))(plain(*args, **kwargs))
+    ref = generate(model, ids, n=4)
+    moecache.patch(model)
+    (left,) = moecache.stats(model)["left_alone"]
+    assert left["name"] == "model.layers.1.self_attn" and "forward set on the module itself" in left["reason"]
+    assert torch.equal(generate(model, ids, n=4), ref)
+    moecache.unpatch(model)
+
+
+def test_projections_replaced_after_patch_run_on_every_path_and_stay_after_unpatch():
+    """Regression: an adapter put on q_b_proj or o_proj after patch (PEFT's get_peft_model on the patched
+    model) reached the patched module only: the original attention, which runs without a latent cache,
+    kept the plain layers (logits off by 1.29 relative), and unpatch put those back, dropping the adapter."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    for m in (model, twin):
+        for layer in m.model.layers:
+            for name in ("q_b_proj", "o_proj"):
+                setattr(layer.self_attn, name, _give_code_of_its_own(getattr(layer.self_attn, name), "adapter"))
+    ref_logits, ref = logits(twin, ids), generate(twin, ids, n=4)
+    assert_close(logits(model, ids), ref_logits, torch.float32)  # the original attention
+    moecache.reset_stats(model)
+    _assert_latent_generate(model, ids, ref)
+    moecache.unpatch(model)
+    assert isinstance(model.model.layers[0].self_attn.q_b_proj, _Adapted)
+    assert_close(logits(model, ids), ref_logits, torch.float32)
+
+
+def test_kv_b_proj_replaced_after_patch_turns_the_latent_path_off():
+    """Regression: an adapter put on kv_b_proj after patch was skipped by the latent path, which reads
+    its weight (generate's tokens diverged). generate now keeps its default cache, and a LatentKVCache
+    passed in is refused."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    for m in (model, twin):
+        attn = m.model.layers[1].self_attn
+        attn.kv_b_proj = _give_code_of_its_own(attn.kv_b_proj, "adapter")
+    assert torch.equal(generate(model, ids, n=4), generate(twin, ids, n=4))
+    assert moecache.stats(model)["attention"][0]["decode"] == 0
+    with pytest.raises(ValueError, match="kv_b_proj was replaced after patch"):
+        model(ids, **{model_cache_argument(model): LatentKVCache(model.config.num_hidden_layers)})
+    moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_under_autocast_matches_unpatched(dtype):
+    """Regression: under torch.autocast the latent (after the model's fp32 norm) was stored in fp32 while
+    the absorbed query came out of autocast's einsum in bf16/fp16: the first decode step raised."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 8))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    caches = {twin: transformers.DynamicCache(config=twin.config), model: LatentKVCache(model.config.num_hidden_layers)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        for start, stop in ((0, 5), (5, 6), (6, 7), (7, 8)):  # the prompt, then three decode steps
+            want, got = (m(ids[:, start:stop], **{model_cache_argument(m): c}).logits for m, c in caches.items())
+            assert got.dtype == want.dtype == dtype
+            assert_close(got, want, dtype)
+        assert moecache.stats(model)["attention"][0]["decode"] == 3
+        generate(model, ids, n=3)  # and generate's own latent cache
+    moecache.unpatch(model)
+
+
+def test_backward_through_several_decode_steps_of_the_triton_kernel(monkeypatch):
+    """Regression: the kernel's backward recomputed from the pages, which the next step had written in
+    place: backward through two decode steps raised autograd's in-place error."""
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 7))
+    twin = copy.deepcopy(model)
+    monkeypatch.setenv("MOECACHE_BACKEND", "triton")
+    moecache.patch(model, experts=False)
+    losses = []
+    for m, cache in ((twin, transformers.DynamicCache(config=twin.config)),
+                     (model, LatentKVCache(model.config.num_hidden_layers))):
+        key = model_cache_argument(m)
+        loss = m(ids[:, :4], **{key: cache}).logits.logsumexp(-1).mean()
+        for step in range(3):
+            loss = loss + m(ids[:, 4 + step:5 + step], **{key: cache}).logits.logsumexp(-1).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert moecache.stats(model)["attention"][0]["decode"] == 3
+    assert_close(losses[1], losses[0], torch.float32)
+    for (name, want), got in zip(twin.named_parameters(), model.parameters()):
+        assert_close(got.grad, want.grad, torch.float32, name=name)
+    moecache.unpatch(model)
+
+
+def test_mistral4_attention_which_scales_queries_by_position_is_left_alone():
+    """Regression: Mistral-4's MLA (found by structure) multiplies its queries by 1 + beta * log(1 +
+    floor(position / original length)), which the latent path left out: past that length every logit
+    was off (0.93 relative), with no warning."""
+    if not hasattr(transformers, "Mistral4Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mistral-4")
+    config = transformers.Mistral4Config(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=0, kv_lora_rank=R, q_lora_rank=24, qk_rope_head_dim=P, qk_nope_head_dim=8,
+        v_head_dim=16, head_dim=8, max_position_embeddings=128, n_group=1, topk_group=1, pad_token_id=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                         "llama_4_scaling_beta": 0.1, "partial_rotary_factor": 1.0})
+    torch.manual_seed(0)
+    model = builders.randomize(transformers.Mistral4ForCausalLM(config), 0)
+    ids = torch.randint(3, 96, (2, 9))
+    ref = generate(model, ids, n=4)
+    moecache.patch(model)
+    left = [item for item in moecache.stats(model)["left_alone"] if item["kind"] == "MLA attention"]
+    assert len(left) == 2 and all("scales its queries by position" in item["reason"] for item in left)
     assert torch.equal(generate(model, ids, n=4), ref)
     moecache.unpatch(model)
 

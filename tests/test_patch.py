@@ -1,4 +1,5 @@
 """moecache.patch / unpatch / stats on tiny random models built from transformers config classes."""
+import copy
 import logging
 
 import numpy as np
@@ -266,11 +267,70 @@ def test_hooks_on_parts_the_kernels_stand_in_for_leave_the_layer_alone():
     ref = logits(model, ids)
     moecache.patch(model)
     (left,) = moecache.stats(model)["left_alone"]
-    assert left["name"] == "model.layers.0.mlp.experts" and "hooks on parts the kernels do not call (act_fn)" in \
-        left["reason"]
+    assert left["name"] == "model.layers.0.mlp.experts" and "code around parts the kernels do not call (act_fn: hooks)" \
+        in left["reason"]
     assert len(moecache.stats(model)["layers"]) == 2
     assert_close(logits(model, ids), ref, torch.float32)
     moecache.unpatch(model)
+
+
+def test_experts_whose_forward_is_set_on_the_module_are_left_alone():
+    """Regression: accelerate's device hooks (cpu_offload, dispatch_model) wrap forward on the instance;
+    the replacement skipped them, and the kernels then read weights still on the meta device."""
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 96, (2, 7))
+    experts = model.model.layers[2].mlp.experts
+    plain = experts.forward
+    experts.forward = lambda *args, **kwargs: plain(*args, **kwargs) * 0.5
+    ref = logits(model, ids)
+    moecache.patch(model)
+    (left,) = moecache.stats(model)["left_alone"]
+    assert left["name"] == "model.layers.2.mlp.experts" and "a forward set on the module itself" in left["reason"]
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+class _AdaptedExperts(torch.nn.Module):
+    """Experts inside an adapter layer that holds them as base_layer, as PEFT's target_parameters
+    adapters do, with an update of its own added to their output."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.scale = torch.nn.Parameter(torch.full((base.down_proj.shape[1],), 0.25))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.base_layer(hidden_states, *args, **kwargs) + hidden_states * self.scale
+
+
+def test_unpatch_keeps_a_wrapper_put_around_the_experts_after_patch():
+    """Regression: unpatch set the original experts back where patch had put its own, replacing the
+    adapter wrapped around them since (PEFT's, on the patched model): the adapter was silently dropped."""
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (2, 7))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    for m in (model, twin):
+        for layer in m.model.layers:
+            layer.mlp.experts = _AdaptedExperts(layer.mlp.experts)
+    ref = logits(twin, ids)
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+    assert all(isinstance(layer.mlp.experts, _AdaptedExperts) for layer in model.model.layers)
+    assert not any(isinstance(m, MoecacheExperts) for m in model.modules())
+    assert_close(logits(model, ids), ref, torch.float32)
+
+
+def test_offloading_experts_inside_an_adapter_is_refused():
+    """Regression: offload emptied the parameters of experts an adapter layer wraps (and computes with):
+    the first forward crashed inside the adapter."""
+    model = build("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts = _AdaptedExperts(layer.mlp.experts)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="wrapped by a _AdaptedExperts"):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    assert_restored(model, before)
 
 
 def test_model_without_moe_layers_gets_a_clear_message(caplog):
@@ -693,6 +753,14 @@ class _ClampedExperts(transformers.models.mixtral.modeling_mixtral.MixtralExpert
         return self.act_fn(gate.clamp(max=0.1)) * up
 
 
+class _FarClampedExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+    """A clamp at a large limit, as BailingHybrid's and Step-3.7's experts take from their configs."""
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up.clamp(-40.0, 40.0)
+
+
 class _Softcap(torch.nn.Module):
     def forward(self, x):
         return 3 * torch.tanh(torch.nn.functional.silu(x) / 3)
@@ -703,6 +771,8 @@ def _change_experts(model, change):
         experts = layer.mlp.experts
         if change == "apply_gate":
             experts.__class__ = _ClampedExperts
+        elif change == "apply_gate_far_clamp":
+            experts.__class__ = _FarClampedExperts
         elif change == "post_norm":
             experts.post_expert_norm = torch.nn.RMSNorm(experts.hidden_dim)
         elif change == "scale":
@@ -713,7 +783,7 @@ def _change_experts(model, change):
             experts.act_fn = torch.nn.GELU(approximate="tanh")
 
 
-@pytest.mark.parametrize("change", ["apply_gate", "post_norm", "scale", "unknown_activation"])
+@pytest.mark.parametrize("change", ["apply_gate", "apply_gate_far_clamp", "post_norm", "scale", "unknown_activation"])
 def test_experts_computing_more_than_act_gate_times_up_are_left_alone(change, caplog):
     """Regression: any module with 3-D gate_up_proj/down_proj was patched as a plain GLU with the config's
     hidden_act, so experts with a clamp (_apply_gate), a norm or scale of their own, or an activation

@@ -85,6 +85,8 @@ class MoecacheExperts(nn.Module):
             K = top_k_index.numel() // T if T else 1
             top_k_index, top_k_weights = top_k_index.view(T, K), top_k_weights.reshape(T, K)
         if not torch.compiler.is_compiling():
+            if self.stacked is not None:
+                self.stacked.check_layers()
             self.calls += 1
             self.tokens += hidden_states.shape[0]
         if self.provider is not None:

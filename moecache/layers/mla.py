@@ -19,8 +19,9 @@ from .latent_cache import LatentKVCache
 class MoecacheMLA(nn.Module):
     """DeepSeek-V2/V3 attention over a LatentKVCache; any other cache (or none) runs the original module.
 
-    The original's submodules are re-registered under their own names, so parameters, state-dict keys
-    and the projections' behaviour stay the model's. W_UK [H, Dn, R] and W_UV [H, Dv, R] are views of
+    Its submodules are the original's, in one table both modules hold, so parameters, state-dict keys and
+    the projections' behaviour stay the model's, and a projection replaced on either (an adapter, say)
+    is replaced on both and stays after unpatch. W_UK [H, Dn, R] and W_UV [H, Dv, R] are views of
     kv_b_proj's weight (no copy). `rope(q_rot, k_rot, call)` applies the model's rotary embedding,
     given the call's keyword arguments.
     """
@@ -29,8 +30,10 @@ class MoecacheMLA(nn.Module):
                  cache_arg: str = "past_key_values", returns: int = 2):
         super().__init__()
         object.__setattr__(self, "original", original)  # not a submodule: its children are ours below
-        for name, child in original.named_children():
-            self.add_module(name, child)
+        object.__setattr__(self, "_modules", original._modules)
+        # The latent path reads kv_b_proj's weight rather than calling it: it runs only while kv_b_proj is
+        # the module patch checked (not one swapped in later, which may compute more than its weight).
+        object.__setattr__(self, "_read_kv_b_proj", (original.kv_b_proj, type(original.kv_b_proj)))
         self.num_heads = original.num_heads
         self.kv_lora_rank = original.kv_lora_rank
         self.qk_rope_head_dim = original.qk_rope_head_dim
@@ -52,6 +55,10 @@ class MoecacheMLA(nn.Module):
         self.original.training = mode
         return super().train(mode)
 
+    def latent_path_ready(self) -> bool:
+        kv_b_proj = self._modules.get("kv_b_proj")
+        return (kv_b_proj, type(kv_b_proj)) == self._read_kv_b_proj
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, Dn, R], W_UV [H, Dv, R]): views of kv_b_proj.weight [H * (Dn + Dv), R]."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -71,6 +78,10 @@ class MoecacheMLA(nn.Module):
             raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
                              f"{self.layer_idx}: build it with the model's num_hidden_layers")
         layer = cache.layers[self.layer_idx]
+        if not torch.compiler.is_compiling() and not self.latent_path_ready():
+            raise ValueError(f"moecache's latent MLA reads kv_b_proj's weight without calling it, and kv_b_proj was "
+                             f"replaced after patch (now a {type(self.kv_b_proj).__name__}): pass another cache "
+                             "to run the original attention, or unpatch and patch again")
         if call.get("output_attentions") or (not torch.compiler.is_compiling() and attentions_requested()):
             keyword = "past_key_values" if self.cache_arg == "past_key_value" else self.cache_arg
             raise ValueError(f"output_attentions: moecache's latent MLA computes no attention weights; pass an "
@@ -95,7 +106,9 @@ class MoecacheMLA(nn.Module):
             if not torch.compiler.is_compiling():
                 self.calls["decode"] += 1
             layer.append(rows)
-            q_latent = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)
+            # in the pages' dtype: under torch.autocast the einsum gives its lower dtype while the latent
+            # (after the model's fp32 norm) was stored in fp32
+            q_latent = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk).to(layer.pages.dtype)
             out = ops.mla_decode(q_latent.contiguous(), q_rot[:, :, 0].contiguous().to(q_latent.dtype), layer.pages,
                                  layer.block_table, layer.seq_lens, scale=self.scale,
                                  validate=False)  # moecache's own table and lengths: no value checks (a sync)

@@ -315,9 +315,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(model, state)
     remove_output_recorders(state.recorders)
+    holders = _holders(model, state)
     for r in reversed(state.replaced):
         if r.kind == "module":
-            setattr(r.parent, r.attr, r.original)
+            for parent, attr in holders.get(id(r.new), ()):
+                setattr(parent, attr, r.original)
             give_back_hooks(r.new, r.original)
         else:
             r.parent.__dict__.pop(r.attr, None)  # the class's own method again (gone already on a retry)
@@ -330,6 +332,19 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(model, _STATE)
     logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
     return model
+
+
+def _holders(model: nn.Module, state: PatchState) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Where each module patch put in place is held now: where patch put it, or in a wrapper put around
+    it since (an adapter's base_layer), so unpatch keeps the wrapper. One no module holds any more (the
+    user replaced it, or an interrupted unpatch put it back already) stays as it is."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    parents = dict.fromkeys([*(r.parent for r in state.replaced), *model.modules()])
+    for parent in parents:
+        for attr, child in parent._modules.items():
+            if child is not None:
+                holders.setdefault(id(child), []).append((parent, attr))
+    return holders
 
 
 def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import compat
 from ..layers.mla import MoecacheMLA
-from .hooks import hooked
+from .hooks import own_forward, read_as_weights
 
 MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 MLA_SIZES = ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -48,9 +48,17 @@ def unsupported_parts(module: nn.Module) -> str | None:
                     if isinstance(value, float) and not name.startswith("_") and name not in MLA_FLOATS)
     if scales:
         return f"it has scale factors moecache's MLA does not apply ({', '.join(scales)})"
-    if hooked(module.kv_b_proj):
-        return "hooks on kv_b_proj, which the latent path reads as weights and does not call"
-    return None
+    position_scales = sorted(name for name in _functions_called(module) if "attn_scale" in name)
+    if position_scales:  # Mistral-4: queries scaled by 1 + beta * log(1 + floor(position / original length))
+        return f"it scales its queries by position ({', '.join(position_scales)}), which moecache's MLA does not"
+    if not isinstance(module.kv_b_proj, nn.Linear):
+        kind = type(module.kv_b_proj)
+        return f"its kv_b_proj is a {kind.__module__}.{kind.__qualname__}, not a linear layer the latent path can read"
+    why = read_as_weights(module.kv_b_proj)
+    if why:
+        return f"its kv_b_proj, which the latent path reads as weights and does not call, has {why}"
+    why = own_forward(module)
+    return f"it has {why}, which the latent path would skip" if why else None
 
 
 def _functions_called(module: nn.Module) -> set[str]:

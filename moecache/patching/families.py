@@ -19,7 +19,7 @@ from .. import compat, ops
 from ..cache.predictor import RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
-from .hooks import hooked_parts
+from .hooks import bypassed_parts, own_forward, read_as_weights
 from .list_experts import ListNames, StackedExperts, activation_of, names_of
 
 # config.model_type -> how the family's experts look; unknown types fall back to structural detection.
@@ -118,14 +118,17 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
 
 def _check_no_hooks_bypassed(found: FoundExperts) -> None:
     """The kernels compute the experts without calling their parts (or, for list experts, the module
-    holding the MLPs): hooks there would silently stop firing."""
+    holding the MLPs): hooks or other code there would silently stop running. A replaced module
+    shares its hook tables with its replacement, but not a forward set on it."""
     if found.kind in ("module", "switch"):  # the module (or the overridden container) is still called
-        hooked = hooked_parts(found.module, include_root=False)
+        bypassed = bypassed_parts(found.module, include_root=False)
+        if found.kind == "module" and own_forward(found.module):
+            bypassed.insert(0, f"{type(found.module).__name__}: {own_forward(found.module)}")
     else:
         holder = found.parent.experts if found.kind == "deepspeed" else found.module
-        hooked = hooked_parts(holder, include_root=True)
-    if hooked:
-        raise UnsupportedExperts(f"hooks on parts the kernels do not call ({', '.join(hooked[:3])})")
+        bypassed = bypassed_parts(holder, include_root=True)
+    if bypassed:
+        raise UnsupportedExperts(f"code around parts the kernels do not call ({'; '.join(bypassed[:3])})")
 
 
 def _is_activation(name: str, child: nn.Module) -> bool:
@@ -168,6 +171,10 @@ def _check_list_is_uniform(found: FoundExperts) -> None:
         if extra:
             raise UnsupportedExperts(f"parts besides the expert weights (expert {key}: {', '.join(extra)})")
         layers = [getattr(mlp, n) for n in linears]
+        own = next((f"{n}: {read_as_weights(layer)}" for n, layer in zip(linears, layers) if read_as_weights(layer)), None)
+        if own:
+            raise UnsupportedExperts(f"a linear layer the kernels would read as weights has code of its own "
+                                     f"(expert {key}.{own})")
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         if any(id(p) in seen for p in params):
             raise UnsupportedExperts(f"weights shared between experts (expert {key})")

@@ -23,7 +23,8 @@ REPLACED_CACHES = (None, "dynamic", "static")
 class LatentCacheDefault:
     """Stands in for model._prepare_cache_for_generation: the model's own, then its default cache swapped
     for a LatentKVCache while every MLA attention module of the model is patched (with one left alone,
-    or after an unpatch through a shallow copy restored the shared modules, generate keeps its default)."""
+    one whose kv_b_proj was replaced after patch, or after an unpatch through a shallow copy restored the
+    shared modules, generate keeps its default)."""
 
     def __init__(self, model: nn.Module, owner: object):
         # `owner`, the patch that installed it, is what unpatch removes by. A deep copy of the model gets
@@ -46,6 +47,7 @@ class LatentCacheDefault:
         for m in model.modules():
             if isinstance(m, MoecacheMLA):
                 layers.append(m.layer_idx)
+                unpatched = unpatched or not m.latent_path_ready()
             elif is_mla_attention(m):
                 unpatched = True
         if layers and not unpatched:
@@ -59,13 +61,13 @@ class LatentCacheDefault:
 def _generating_modules(model: nn.Module) -> list[nn.Module]:
     """The model if it generates, else the outermost submodules that generate and hold patched MLA (a
     plain module wrapping a causal LM): the generate that runs the patched attention gets the hook."""
-    if hasattr(model, HOOK):
+    if hasattr(type(model), HOOK):  # the class's: a wrapper (PEFT's) may forward attribute reads inward
         return [model]
     found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if hasattr(module, HOOK) and any(isinstance(m, MoecacheMLA) for m in module.modules()):
+        if hasattr(type(module), HOOK) and any(isinstance(m, MoecacheMLA) for m in module.modules()):
             found.append(module)
             inside.append(name + ".")
     return found

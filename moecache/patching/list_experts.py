@@ -79,6 +79,8 @@ class StackedExperts:
         self.experts, self.names = list(experts), names
         self.keys = keys if keys is not None else [str(i) for i in range(len(self.experts))]
         self.has_bias = getattr(experts[0], names.gate).bias is not None
+        rows0, down0 = self._linears(0)
+        self._first_layers = [(layer, type(layer)) for layer in (*rows0, down0)]  # as patch checked them
         self.stack()
 
     def _linears(self, e: int) -> tuple[list[nn.Linear], nn.Linear]:
@@ -121,15 +123,31 @@ class StackedExperts:
         """The stacks; where autograd records, ones whose gradients reach the layers' weights (every
         expert's, zeros for an expert no token chose, as fused-experts models give)."""
         self._follow_conversions()
+        if self._weights is not None and self._swapped():
+            return self._stacked_now(self.weight_params())
         if self._weights is None or not torch.is_grad_enabled():
             return self._weights
         return self._tracked(self._weights, self.weight_params())
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         self._follow_conversions()
+        if self._biases is not None and self._swapped():
+            return self._stacked_now(self.bias_params())
         if self._biases is None or not torch.is_grad_enabled():
             return self._biases
         return self._tracked(self._biases, self.bias_params())
+
+    def _swapped(self) -> bool:
+        """Whether the first expert's first weight is another tensor than the one stacked: what
+        torch.func.functional_call (and torch.nn.utils.stateless) does for the length of a call."""
+        return not torch.compiler.is_compiling() and self._linears(0)[0][0].weight is not self._first
+
+    def _stacked_now(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacks of the tensors the layers hold at this moment (copies, differentiable), in the stacks'
+        order: each expert's row tensors concatenated, then its down tensors."""
+        per_expert = len(params) // len(self.experts)
+        rows = [torch.cat(params[e * per_expert:(e + 1) * per_expert - 1]) for e in range(len(self.experts))]
+        return torch.stack(rows), torch.stack(params[per_expert - 1::per_expert])
 
     def _follow_conversions(self) -> None:
         """model.half(), .to(device) and the like give each parameter new storage in place of its view of
@@ -137,6 +155,17 @@ class StackedExperts:
         if self._weights is not None and not torch.compiler.is_compiling() \
                 and self._first.data_ptr() != self._addresses[0]:
             self.stack()
+
+    def check_layers(self) -> None:
+        """An adapter (PEFT's LoRA) or a parametrization put on the experts' linear layers after patch
+        computes more than their weights: refused, not skipped. Like the weights, only the first expert's
+        layers are looked at each forward, where adapters applied by layer name all show."""
+        rows, down = self._linears(0)
+        for (was, kind), layer in zip(self._first_layers, (*rows, down)):
+            if layer is not was or type(layer) is not kind:
+                raise ValueError(f"the experts' linear layers were replaced or changed after moecache.patch (now a "
+                                 f"{type(layer).__name__}), and the kernels compute only from the weights stacked at "
+                                 "patch: unpatch first (or merge the adapter into the weights)")
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for e in range(len(self.experts)) for p in self._params(e)]

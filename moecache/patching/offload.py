@@ -162,6 +162,11 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
                              f"none found beside {missing[0]}")
         if offload.predictor is not None:
             _check_predictor_fits(LearnedRoutePredictor.load(offload.predictor), offload.predictor, found)
+    wrapped = next((f for f in found if f.kind == "module" and f.attr == "base_layer"), None)
+    if wrapped is not None:  # PEFT's adapter layers hold the module they wrap as base_layer
+        raise ValueError(f"offload: {wrapped.name} is wrapped by a {type(wrapped.parent).__name__}, which computes with "
+                         "the experts' weights, and offload empties them: merge the adapter into the weights first "
+                         "(PEFT: merge_and_unload()) or patch without offload")
     devices = set()
     for f in found:
         if f.names is None:
