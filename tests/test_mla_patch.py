@@ -537,6 +537,34 @@ def test_attention_dropout_follows_train_and_eval_after_patch():
     moecache.unpatch(model)
 
 
+def test_attributes_of_the_attention_read_and_set_through_the_patched_module():
+    """Regression: code walking the model (model.apply, hasattr checks) did not see the original attention's
+    attributes, so switching attention dropout off that way left it on in the original, which runs every
+    call without a latent cache (training losses differed with dropout meant to be off)."""
+    model = _deepseek("v2", attention_dropout=0.3)
+    ids = torch.randint(3, 96, (1, 6))
+    twin = copy.deepcopy(model)
+    moecache.patch(model)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn, MoecacheMLA) and attn.config is model.config and attn.scaling == attn.original.scaling
+
+    def no_dropout(module):
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    for m in (model, twin):
+        m.apply(no_dropout)
+        m.train()
+    assert attn.original.attention_dropout == 0.0
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        got = model(ids, labels=ids, use_cache=False).loss
+        torch.manual_seed(seed)
+        assert_close(got, twin(ids, labels=ids, use_cache=False).loss, torch.float32)
+    with pytest.raises(AttributeError):
+        attn.no_such_attribute
+    moecache.unpatch(model)
+
+
 @pytest.mark.parametrize("implementation", ["sliding_window", "offloaded"])
 def test_cache_implementations_other_than_dynamic_and_static_get_the_cache_they_ask_for(implementation):
     """Regression: an offloaded (or quantized, sliding-window) cache asked for was silently replaced by the

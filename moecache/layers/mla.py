@@ -49,6 +49,24 @@ class MoecacheMLA(nn.Module):
         self.calls = {"decode": 0, "prefill": 0, "original": 0}
         self.training = original.training
 
+    def __getattr__(self, name: str):
+        # The original's plain attributes (config, attention_dropout, scaling, is_causal, ...) read through
+        # this module, as code walking the model (model.apply, hasattr checks) reads them unpatched
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None or name not in original.__dict__:
+                raise
+            return original.__dict__[name]
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # ... and are set on the original too, which runs the calls without a latent cache
+        original = self.__dict__.get("original")
+        if original is not None and name in original.__dict__ and not isinstance(value, (nn.Module, torch.Tensor)):
+            setattr(original, name, value)
+
     def train(self, mode: bool = True):
         # The original runs the calls without a latent cache and reads its own flag (attention dropout);
         # its children are this module's and follow through super().train.
