@@ -217,8 +217,6 @@ class Phases:
     attention and expert modules. Eager only: its hooks run Python between graph pieces."""
 
     def __init__(self, model, on_gpu: bool, predictor=None):
-        from moecache.layers import MoecacheExperts
-
         self.model, self.on_gpu = model, on_gpu
         self.phase = None
         self.forward_ms = {"prefill": [], "decode": []}
@@ -229,11 +227,16 @@ class Phases:
         self.forwards = {"prefill": 0, "decode": 0}
         self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
                         model.register_forward_hook(self._end)]
+        # Patched, the experts are the MoecacheExperts (list families call theirs from the block, and the
+        # module holding the MLPs, which the kernels stand in for, takes no hooks); unpatched, by name
+        patched = moecache.stats(model)["patched"]
+        timed = [(module, "experts") for module in (moecache.patched_experts(model) if patched else ())]
         for name, module in model.named_modules():
-            kind = ("experts" if isinstance(module, MoecacheExperts) or name.endswith(".experts") else
+            kind = ("experts" if not patched and name.endswith(".experts") else
                     "attention" if name.endswith(("self_attn", "self_attention")) else None)
-            if kind is None:
-                continue
+            if kind is not None:
+                timed.append((module, kind))
+        for module, kind in timed:
             self.handles.append(module.register_forward_pre_hook(lambda m, a, kind=kind: self._open(kind)))
             self.handles.append(module.register_forward_hook(lambda m, a, o, kind=kind: self._close(kind)))
         self.open: dict = {}

@@ -528,8 +528,9 @@ def test_the_custom_ops_launch_interpreted_kernels_where_wrap_triton_refuses_the
     """Regression (torch 2.11, the GPU image's, on a CPU): torch < 2.13's wrap_triton refuses the
     interpreter's kernels, so every call through the custom ops (autograd on route and mla_decode, the
     backward's) raised "wrap_triton only works on functions annotated with triton.jit"."""
-    from moecache.kernels import INTERPRETING
     from test_mla_decode import make_case, op_args
+
+    from moecache.kernels import INTERPRETING
 
     if not INTERPRETING:
         pytest.skip("compiled kernels: wrap_triton takes them")

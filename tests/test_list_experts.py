@@ -293,16 +293,96 @@ def test_offloaded_expert_mlps_called_directly_say_why():
         assert torch.equal(expert.fc1.bias, fresh.fc1.bias)
 
 
-def test_load_state_dict_with_assign_into_any_expert_restacks():
+@pytest.mark.parametrize("into", ["model", "experts-holder", "one-expert"])
+def test_load_state_dict_with_assign_into_any_expert_restacks(into):
     """Regression: only expert 0's first weight was looked at, so loading another expert's weights with
-    assign=True left the kernels on the old ones until unpatch."""
-    new = {"deepspeed_moe.experts.deepspeed_experts.2.fc1.weight": torch.randn(24, 16)}
+    assign=True left the kernels on the old ones until unpatch; a load into a module inside the model
+    (the experts' holder, one expert) ran no restack at all (1.08 relative off)."""
+    prefix = {"model": "", "experts-holder": "deepspeed_moe.experts.deepspeed_experts.",
+              "one-expert": "deepspeed_moe.experts.deepspeed_experts.2."}[into]
+    full = "deepspeed_moe.experts.deepspeed_experts.2.fc1.weight"
+    new = {full[len(prefix):]: torch.randn(24, 16)}
     layer, reference = moe_layer(), moe_layer()
-    reference.load_state_dict(new, strict=False, assign=True)
+    reference.load_state_dict({full: new[full[len(prefix):]]}, strict=False, assign=True)
     moecache.patch(layer)
-    layer.load_state_dict(new, strict=False, assign=True)
+    layer.get_submodule(prefix.rstrip(".")).load_state_dict(new, strict=False, assign=True)
     assert_close(run(layer, X), run(reference, X), torch.float32)
     moecache.unpatch(layer)
+
+
+def test_hooks_registered_after_patch_on_parts_the_kernels_skip_are_refused():
+    """Regression: a hook put on an expert MLP or one of its linear layers after patch (an ablation, say)
+    never ran (0.27 relative off). The forward now refuses while such a hook is there."""
+    layer = moe_layer()
+    builders.randomize(layer)
+    twin = copy.deepcopy(layer)
+    moecache.patch(layer)
+    for part in (experts_of(layer)[1], experts_of(layer)[2].fc2):
+        handle = part.register_forward_hook(lambda module, args, out: out * 0)
+        with pytest.raises(ValueError, match="hook was registered after moecache.patch"):
+            run(layer, X)
+        handle.remove()
+        assert_close(run(layer, X), run(twin, X), torch.float32)
+    experts_of(layer)[3].register_forward_pre_hook(lambda module, args: (args[0] * 0,))
+    experts_of(twin)[3].register_forward_pre_hook(lambda module, args: (args[0] * 0,))
+    moecache.unpatch(layer)  # the hook stays, and now runs
+    assert torch.equal(run(layer, X), run(twin, X))
+
+
+def test_a_forward_set_on_the_layer_patch_would_override_is_left_alone():
+    """Regression: DeepSpeed's MOELayer (and Switch's experts) with a forward set on the instance
+    (accelerate's device hooks) were patched over it, and unpatch deleted it."""
+    layer = moe_layer()
+    moe = layer.deepspeed_moe
+    plain = moe.forward
+    moe.forward = lambda *args, **kwargs: plain(*args, **kwargs) * 0.5
+    ref = run(layer, X)
+    moecache.patch(layer)
+    (left,) = moecache.stats(layer)["left_alone"]
+    assert "MOELayer: a forward set on the module itself" in left["reason"]
+    assert torch.equal(run(layer, X), ref)
+    moecache.unpatch(layer)
+    assert "forward" in moe.__dict__ and torch.equal(run(layer, X), ref)
+
+
+def test_quantizing_expert_linears_after_patch_is_refused_and_unpatch_still_works():
+    """Regression: after torch.ao's quantize_dynamic on a patched model, unpatch raised (it read the
+    quantized layers' weight methods as tensors) on every try, leaving the model refusing every forward."""
+    layer = moe_layer()
+    builders.randomize(layer)
+    twin = copy.deepcopy(layer)
+    moecache.patch(layer)
+    for m in (layer, twin):  # the experts only (the stand-in's gate reads its weight as a tensor)
+        torch.ao.quantization.quantize_dynamic(m, {"deepspeed_moe.experts": torch.ao.quantization.default_dynamic_qconfig},
+                                               dtype=torch.qint8, inplace=True)
+    with pytest.raises(ValueError, match="replaced or changed after moecache.patch"):
+        run(layer, X)
+    moecache.unpatch(layer)
+    assert not moecache.stats(layer)["patched"] and "forward" not in layer.deepspeed_moe.__dict__
+    assert torch.equal(run(layer, X), run(twin, X))
+
+
+def test_a_layer_copied_from_a_patched_one_is_restored_by_unpatch():
+    """Regression: a copy of a patched block put into the model (copy.deepcopy of a layer) stayed patched
+    after unpatch, and a later offload left it resident."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([moe_layer(seed=s) for s in range(2)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)[0]
+            return (x,)
+
+    model = Stack()
+    before = model_snapshot(model)
+    moecache.patch(model)
+    model.layers.append(copy.deepcopy(model.layers[0]))
+    moecache.unpatch(model)
+    assert "forward" not in model.layers[2].deepspeed_moe.__dict__
+    model.layers = model.layers[:2]
+    assert_model_restored(model, before)
 
 
 def _switch_sparse_mlp(dropout_rate):

@@ -45,6 +45,9 @@ class MoecacheExperts(nn.Module):
         self.layout = layout
         self.stacked = stacked
         if stacked is None:
+            # Its submodules (an activation module) are the original's, in one table both hold: the
+            # model's module tree (named_modules, get_submodule) reads as unpatched
+            object.__setattr__(self, "_modules", original._modules)
             # The original's order (GPT-OSS puts each bias after its weight): optimizers and their saved
             # states address parameters by position.
             names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if layout.has_bias else ())
@@ -54,6 +57,8 @@ class MoecacheExperts(nn.Module):
         gate_up, _ = self.weights()
         self.num_experts, self.hidden_size = gate_up.shape[0], gate_up.shape[2]
         self.provider: Callable | None = None
+        # [hooks registered on the parts the kernels do not call], counted by their tables (patch watches them)
+        self.hook_count = [0]
         self.calls = 0
         self.tokens = 0
 
@@ -75,20 +80,28 @@ class MoecacheExperts(nn.Module):
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace records the experts this call's routes chose, and drops those other "
+                               "inputs route to: trace the model unpatched (moecache.unpatch(model)), or use "
+                               "torch.compile")
         if hidden_states.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"moecache's experts compute in fp16, bf16 or fp32, and this model runs in "
                             f"{hidden_states.dtype}: run it unpatched (moecache.unpatch(model))")
         layout = self.layout
-        biases = self.biases()
         if top_k_index.dim() == 1:  # routes flattened token by token ([T*K] ids, [T*K, 1] weights)
             T = hidden_states.shape[0]
             K = top_k_index.numel() // T if T else 1
             top_k_index, top_k_weights = top_k_index.view(T, K), top_k_weights.reshape(T, K)
         if not torch.compiler.is_compiling():
+            if self.hook_count[0]:
+                raise ValueError("a hook was registered after moecache.patch on a part of these experts the kernels "
+                                 "do not call (an expert MLP, its linear layers or activation): it could never run. "
+                                 "Remove it, or unpatch first (patch then leaves this layer alone)")
             if self.stacked is not None:
                 self.stacked.check_layers()
             self.calls += 1
             self.tokens += hidden_states.shape[0]
+        biases = self.biases()  # after the checks: a layer replaced since patch may hold no weight
         if self.provider is not None:
             return self.provider(hidden_states, top_k_index, top_k_weights, activation=layout.activation,
                                  interleaved=layout.interleaved, biases=biases)

@@ -104,6 +104,10 @@ class PagedLatentLayer(CacheLayerMixin):
             raise ValueError(f"this LatentKVCache holds {self.batch_size} sequences of {self.width} values per token "
                              f"(filled by another batch or model), got rows {tuple(rows.shape)}: pass a new cache")
         tracing = torch.compiler.is_compiling()
+        if tracing and self.max_cache_len is None:
+            # pages are handed out on the host, call by call: a traced graph would write where the trace did
+            raise RuntimeError("a LatentKVCache without max_cache_len cannot be written from a compiled forward; "
+                               "build it with max_cache_len (generate does, with cache_implementation='static')")
         if valid is None:
             rank = torch.arange(S, device=rows.device).expand(B, S)
             counts = [S] * B

@@ -34,6 +34,7 @@ class MoecacheMLA(nn.Module):
         # The latent path reads kv_b_proj's weight rather than calling it: it runs only while kv_b_proj is
         # the module patch checked (not one swapped in later, which may compute more than its weight).
         object.__setattr__(self, "_read_kv_b_proj", (original.kv_b_proj, type(original.kv_b_proj)))
+        self.hook_count = [0]  # hooks registered on kv_b_proj after patch, counted by its tables (patch watches them)
         self.num_heads = original.num_heads
         self.kv_lora_rank = original.kv_lora_rank
         self.qk_rope_head_dim = original.qk_rope_head_dim
@@ -75,7 +76,7 @@ class MoecacheMLA(nn.Module):
 
     def latent_path_ready(self) -> bool:
         kv_b_proj = self._modules.get("kv_b_proj")
-        return (kv_b_proj, type(kv_b_proj)) == self._read_kv_b_proj
+        return (kv_b_proj, type(kv_b_proj)) == self._read_kv_b_proj and not self.hook_count[0]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, Dn, R], W_UV [H, Dv, R]): views of kv_b_proj.weight [H * (Dn + Dv), R]."""
@@ -95,11 +96,14 @@ class MoecacheMLA(nn.Module):
         if self.layer_idx >= len(cache.layers):
             raise ValueError(f"the LatentKVCache has {len(cache.layers)} layers but this is attention layer "
                              f"{self.layer_idx}: build it with the model's num_hidden_layers")
+        if torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace cannot record moecache's latent cache, whose pages are handed out "
+                               "call by call: trace with another cache, or use torch.compile")
         layer = cache.layers[self.layer_idx]
         if not torch.compiler.is_compiling() and not self.latent_path_ready():
             raise ValueError(f"moecache's latent MLA reads kv_b_proj's weight without calling it, and kv_b_proj was "
-                             f"replaced after patch (now a {type(self.kv_b_proj).__name__}): pass another cache "
-                             "to run the original attention, or unpatch and patch again")
+                             f"replaced or given hooks after patch (now a {type(self.kv_b_proj).__name__}): pass "
+                             "another cache to run the original attention, or unpatch and patch again")
         if call.get("output_attentions") or (not torch.compiler.is_compiling() and attentions_requested()):
             keyword = "past_key_values" if self.cache_arg == "past_key_value" else self.cache_arg
             raise ValueError(f"output_attentions: moecache's latent MLA computes no attention weights; pass an "

@@ -16,7 +16,9 @@ record (what unpatch and stats need).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import astuple, dataclass, field, replace
+from functools import partial
 
 from torch import nn
 
@@ -29,6 +31,7 @@ from .families import (
     HOOKS,
     FoundExperts,
     UnsupportedExperts,
+    bypassed_roots,
     find_experts,
     find_router,
     installed,
@@ -36,7 +39,7 @@ from .families import (
     make_experts,
 )
 from .generate import install_latent_cache_default, remove_latent_cache_default
-from .hooks import give_back_hooks, share_hooks
+from .hooks import HookCount, give_back_hooks, settle_hooks, share_hooks, unwatch_hooks, unwatch_tree, watch_hooks
 from .offload import (
     Offload,
     install_state_hooks,
@@ -53,6 +56,8 @@ __all__ = ["patch", "unpatch", "stats", "reset_stats", "Offload", "prefetch_allo
 
 _STATE = "_moecache_patch"
 _LEFT_ALONE = "_moecache_left_alone"
+_PATCH_CALLED = "_moecache_patch_called"  # patch ran on this module (and maybe found everything patched)
+_MADE_BY = "_moecache_made_by"  # on each module (or override) patch puts in place: a weak reference to its state
 
 
 @dataclass
@@ -79,9 +84,9 @@ class PatchState:
     offload: Offload | None = None  # what the cache was built for
     predictor: object = None
     hooks: list = field(default_factory=list)  # state-dict hook handles, removed by unpatch
-    restack_hook: bool = False
     restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
     recorders: list = field(default_factory=list)  # transformers' output recorders patch installed
+    watched: list = field(default_factory=list)  # hook tables of parts the kernels do not call
 
 
 def _state_of(model: nn.Module) -> PatchState | None:
@@ -127,6 +132,7 @@ def patch(model: nn.Module, *, experts: bool = True, attention: bool = True, off
         plan = _plan(model, experts, attention, strict, left_alone)
         _validate(model, plan, offload, strict)
         _apply(model, plan, offload)
+        model.__dict__[_PATCH_CALLED] = True
     finally:
         _record_left_alone(model, left_alone)
     return model
@@ -254,34 +260,50 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
                     r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
     if plan.attention:  # the original attention modules keep recording output_attentions
         state.recorders += install_output_recorders(model)
+    new_attention = []
     for a in plan.attention:
         new = MoecacheMLA(a.module, **a.kwargs)
         share_hooks(a.module, new)
         setattr(a.parent, a.attr, new)
-        state.replaced.append(Replacement(a.name, a.parent, a.attr, a.module, new))
+        new_attention.append(Replacement(a.name, a.parent, a.attr, a.module, new))
+        state.replaced.append(new_attention[-1])
         logger.info("moecache.patch: %s (%s, %d heads) -> MoecacheMLA (latent cache of %d values per token)", a.name,
                     type(a.module).__name__, new.num_heads, new.kv_lora_rank + new.qk_rope_head_dim)
     if plan.attention:
         install_latent_cache_default(model, state)
+    # A hook registered on a part the kernels do not call makes the layer's forward refuse (the latent path,
+    # for kv_b_proj); moecache's own (offload's, on the MLPs) are installed below and settled as the baseline
+    watched = []
+    for (f, _), r in zip(plan.experts, new_experts):
+        r.new.hook_count = HookCount()
+        for root, include_root in bypassed_roots(f):
+            watched += watch_hooks(root, include_root=include_root, count=r.new.hook_count)
+    for r in new_attention:
+        r.new.hook_count = HookCount()
+        watched += watch_hooks(r.original.kv_b_proj, include_root=True, count=r.new.hook_count)
+    state.watched += watched
     if new_experts:
         if offload is not None:
             state.hooks += install_state_hooks(model, [r.new for r in new_experts])
-        elif not state.restack_hook:
-            state.hooks.append(model.register_load_state_dict_post_hook(_restack_after_load))
-            state.restack_hook = True
+        else:
+            for r in new_experts:
+                for mlp in r.new.stacked.experts if r.new.stacked is not None else ():
+                    # on each MLP: a load into it, or into any module above it, runs its hooks
+                    state.hooks.append(mlp.register_load_state_dict_post_hook(partial(_restack_after_load, r.new.stacked)))
+    settle_hooks(watched)
+    for r in [*new_experts, *new_attention]:  # a copy of one (a layer deep-copied into the model) says whose
+        for made in {id(r.new): r.new, id(r.hook): r.hook}.values():
+            if made is not None:
+                made.__dict__[_MADE_BY] = weakref.ref(state)
     if state.replaced:
         setattr(model, _STATE, state)
 
 
-def _restack_after_load(model, incompatible_keys) -> None:
+def _restack_after_load(stacked, module, incompatible_keys) -> None:
     """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked list experts
     are stacked again from them (with assign=False the copies land in the stack's views)."""
-    state: PatchState | None = _state_of(model)
-    for r in state.replaced if state is not None else []:
-        stacked = getattr(r.new, "stacked", None)
-        if isinstance(r.new, MoecacheExperts) and stacked is not None and stacked.weights() is not None \
-                and not stacked.is_current():
-            stacked.stack()
+    if stacked.is_stacked() and stacked.layers_as_patched() and not stacked.is_current():
+        stacked.stack()
 
 
 def _record_left_alone(model: nn.Module, left_alone: list[dict]) -> None:
@@ -305,8 +327,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     _check_module(model)
     state: PatchState | None = _state_of(model)
     model.__dict__.pop(_LEFT_ALONE, None)
+    patch_called = model.__dict__.pop(_PATCH_CALLED, False)
     if state is None:
-        logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
+        # A wrapper put around a patched model (PEFT's get_peft_model) and never patched itself: its unpatch
+        # is the model's. One whose own patch found everything patched already keeps the models' patches.
+        inner = [] if patch_called else _patched_inside(model)
+        for module in inner:
+            unpatch(module)
+        if not inner:
+            logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
         return model
     experts = [r.new for r in state.replaced if isinstance(r.new, MoecacheExperts)]
     for handle in state.hooks:
@@ -315,6 +344,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(model, state)
     remove_output_recorders(state.recorders)
+    unwatch_hooks(state.watched)
     holders = _holders(model, state)
     for r in reversed(state.replaced):
         if r.kind == "module":
@@ -323,15 +353,60 @@ def unpatch(model: nn.Module) -> nn.Module:
             give_back_hooks(r.new, r.original)
         else:
             r.parent.__dict__.pop(r.attr, None)  # the class's own method again (gone already on a retry)
-            if r.new.stacked is not None and r.new.stacked.weights() is not None:
+            if r.new.stacked is not None and r.new.stacked.is_stacked():
                 r.new.stacked.unstack()
         if isinstance(r.new, MoecacheExperts):
             _give_back_parameters(r.new, r.original)
             r.new.provider = None
+    strays = _restore_strays(model, state)
     state.restored = True
     delattr(model, _STATE)
-    logger.info("moecache.unpatch: restored %d modules", len(state.replaced))
+    logger.info("moecache.unpatch: restored %d modules", len(state.replaced) + strays)
     return model
+
+
+def _restore_strays(model: nn.Module, state: PatchState) -> int:
+    """Patched modules this state made but does not list, copied in since patch (`layers[2] =
+    copy.deepcopy(layers[0])` deep-copies the patched modules with their originals): put back as the
+    others (a copy keeps the weak reference to the state, which a deep copy does not copy). Modules
+    another patch made (of a model inside, or around) are that patch's. Returns how many."""
+    known = {id(r.new) for r in state.replaced} | {id(r.hook) for r in state.replaced}
+
+    def stray(made) -> bool:
+        made_by = getattr(made, "__dict__", {}).get(_MADE_BY)
+        return id(made) not in known and made_by is not None and made_by() is state
+
+    strays = 0
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if isinstance(child, (MoecacheExperts, MoecacheMLA)) and stray(child):
+                setattr(parent, attr, child.original)
+                give_back_hooks(child, child.original)
+                if isinstance(child, MoecacheExperts):
+                    _give_back_parameters(child, child.original)
+                unwatch_tree(child.original)
+                strays += 1
+        for attr in ("moe_infer", "forward"):
+            override = parent.__dict__.get(attr)
+            if isinstance(override, HOOKS) and stray(override):
+                del parent.__dict__[attr]
+                experts = override if isinstance(override, MoecacheExperts) else override.experts
+                if experts.stacked is not None and experts.stacked.is_stacked():
+                    experts.stacked.unstack()
+                for mlp in experts.stacked.experts if experts.stacked is not None else ():
+                    unwatch_tree(mlp)
+                strays += 1
+    return strays
+
+
+def _patched_inside(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules inside `model` that were patched themselves."""
+    found, inside = [], []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(prefix) for prefix in inside) and _state_of(module) is not None:
+            found.append(module)
+            inside.append(name + ".")
+    return found
 
 
 def _holders(model: nn.Module, state: PatchState) -> dict[int, list[tuple[nn.Module, str]]]:

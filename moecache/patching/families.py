@@ -116,17 +116,24 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     return layout
 
 
+def bypassed_roots(found: FoundExperts) -> list[tuple[nn.Module, bool]]:
+    """(module, include_root): where the parts the kernels do not call are, under `module`. A replaced
+    experts module (or an overridden container) is still called; list experts' holder is not."""
+    if found.kind in ("module", "switch"):
+        return [(found.module, False)]
+    return [(found.parent.experts if found.kind == "deepspeed" else found.module, True)]
+
+
 def _check_no_hooks_bypassed(found: FoundExperts) -> None:
     """The kernels compute the experts without calling their parts (or, for list experts, the module
     holding the MLPs): hooks or other code there would silently stop running. A replaced module
     shares its hook tables with its replacement, but not a forward set on it."""
-    if found.kind in ("module", "switch"):  # the module (or the overridden container) is still called
-        bypassed = bypassed_parts(found.module, include_root=False)
-        if found.kind == "module" and own_forward(found.module):
-            bypassed.insert(0, f"{type(found.module).__name__}: {own_forward(found.module)}")
-    else:
-        holder = found.parent.experts if found.kind == "deepspeed" else found.module
-        bypassed = bypassed_parts(holder, include_root=True)
+    bypassed = [part for root, include_root in bypassed_roots(found)
+                for part in bypassed_parts(root, include_root=include_root)]
+    if found.kind == "module" and own_forward(found.module):
+        bypassed.insert(0, f"{type(found.module).__name__}: {own_forward(found.module)}")
+    elif found.kind != "module" and found.attr in vars(found.parent):  # the method patch would override
+        bypassed.insert(0, f"{type(found.parent).__name__}: a {found.attr} set on the module itself")
     if bypassed:
         raise UnsupportedExperts(f"code around parts the kernels do not call ({'; '.join(bypassed[:3])})")
 

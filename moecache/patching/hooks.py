@@ -7,6 +7,8 @@ kv_b_proj, whose weights are read, not called) would silently stop running, so p
 alone."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -62,3 +64,87 @@ def bypassed_parts(root: nn.Module, *, include_root: bool) -> list[str]:
         if why:
             found.append(f"{name or type(root).__name__}: {why}")
     return found
+
+
+# The tables torch's register_*_hook functions write a module's hooks into.
+WATCHED_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+class HookCount(list):
+    """[hooks in a layer's watched tables]. A copy starts at 0: the copied tables count themselves in."""
+
+    def __init__(self, value=(0,)):
+        super().__init__(value)
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+
+class WatchedHooks(OrderedDict):
+    """A hook table of a part the kernels do not call. While patched it counts the hooks registered after
+    patch (not moecache's own: `settle` takes them as the baseline) into `count` (one for a whole layer),
+    so a hook that could never run costs the layer's forward one read to see (and the forward refuses).
+    It stays the module's table after unpatch, counting nothing: torch's hook handles hold their table."""
+
+    def __init__(self, table=(), count: HookCount | None = None, name: str = "", baseline=None):
+        super().__init__(table)
+        self.watch(count, name, baseline)
+
+    def watch(self, count: HookCount | None, name: str, baseline=None) -> None:
+        self.count, self.name = count, name
+        self.baseline = frozenset(self) if baseline is None else frozenset(baseline)
+        if count is not None:
+            count[0] += sum(key not in self.baseline for key in self)
+
+    def __setitem__(self, key, value) -> None:
+        counted = key not in self and getattr(self, "count", None) is not None and key not in self.baseline
+        super().__setitem__(key, value)
+        if counted:
+            self.count[0] += 1
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        if self.count is not None and key not in self.baseline:
+            self.count[0] -= 1
+
+    def __reduce__(self):  # a copy counts its entries once, into the copy of the count
+        return type(self), (OrderedDict(self), self.count, self.name, self.baseline)
+
+
+def watch_hooks(root: nn.Module, *, include_root: bool, count: HookCount) -> list[WatchedHooks]:
+    """Watch the hook tables of the modules under `root` (and root itself, if include_root)."""
+    watched = []
+    for name, module in root.named_modules():
+        if name or include_root:
+            for attr in WATCHED_TABLES:
+                table = getattr(module, attr)
+                if isinstance(table, WatchedHooks):
+                    table.watch(count, name)
+                else:  # from now on the module's table for good (handles made before stay with the old one)
+                    table = WatchedHooks(table, count, name)
+                    object.__setattr__(module, attr, table)
+                watched.append(table)
+    return watched
+
+
+def settle_hooks(watched: list[WatchedHooks]) -> None:
+    """The hooks the tables hold now are moecache's own (installed after the watch began): not counted."""
+    for table in watched:
+        table.baseline = frozenset(table)
+    for table in watched:
+        if table.count is not None:
+            table.count[0] = 0
+
+
+def unwatch_hooks(watched: list[WatchedHooks]) -> None:
+    for table in watched:
+        table.count = None
+
+
+def unwatch_tree(root: nn.Module) -> None:
+    """Stop every watch in the tables under root (a copied layer's, which no state lists)."""
+    unwatch_hooks([getattr(m, attr) for m in root.modules() for attr in WATCHED_TABLES
+                   if isinstance(getattr(m, attr), WatchedHooks)])

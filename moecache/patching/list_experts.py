@@ -156,16 +156,26 @@ class StackedExperts:
                 and self._first.data_ptr() != self._addresses[0]:
             self.stack()
 
-    def check_layers(self) -> None:
-        """An adapter (PEFT's LoRA) or a parametrization put on the experts' linear layers after patch
-        computes more than their weights: refused, not skipped. Like the weights, only the first expert's
-        layers are looked at each forward, where adapters applied by layer name all show."""
+    def _changed_layer(self) -> nn.Module | None:
+        """The first of the first expert's linear layers that is not the module (of the class) patch stacked."""
         rows, down = self._linears(0)
         for (was, kind), layer in zip(self._first_layers, (*rows, down)):
             if layer is not was or type(layer) is not kind:
-                raise ValueError(f"the experts' linear layers were replaced or changed after moecache.patch (now a "
-                                 f"{type(layer).__name__}), and the kernels compute only from the weights stacked at "
-                                 "patch: unpatch first (or merge the adapter into the weights)")
+                return layer
+        return None
+
+    def layers_as_patched(self) -> bool:
+        return self._changed_layer() is None
+
+    def check_layers(self) -> None:
+        """An adapter (PEFT's LoRA), a parametrization or a quantized layer put on the experts' linear
+        layers after patch computes more than their weights: refused, not skipped. Like the weights, only
+        the first expert's layers are looked at each forward, where changes applied by layer name all show."""
+        changed = self._changed_layer()
+        if changed is not None:
+            raise ValueError(f"the experts' linear layers were replaced or changed after moecache.patch (now a "
+                             f"{type(changed).__name__}), and the kernels compute only from the weights stacked at "
+                             "patch: unpatch first (or merge the adapter into the weights)")
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for e in range(len(self.experts)) for p in self._params(e)]
@@ -194,14 +204,20 @@ class StackedExperts:
         weight, which a conversion of the model (.half(), .to()) replaces with all the others."""
         return self._current_addresses() == self._addresses
 
+    def is_stacked(self) -> bool:
+        """Whether the layers' weights view stacks this object holds (not offloaded or unstacked)."""
+        return self._weights is not None
+
     def unstack(self) -> None:
-        """Give every parameter its own storage again (the stack is dropped)."""
+        """Give every parameter its own storage again (the stack is dropped). A layer replaced since (a
+        quantized one, whose weight is a method) holds nothing of the stack and is left as it is."""
         for e in range(len(self.experts)):
             rows, d = self._linears(e)
             for layer in (*rows, d):
-                layer.weight.data = layer.weight.data.clone()
-                if self.has_bias:
-                    layer.bias.data = layer.bias.data.clone()
+                for name in ("weight", "bias") if self.has_bias else ("weight",):
+                    param = getattr(layer, name, None)
+                    if isinstance(param, torch.Tensor):
+                        param.data = param.data.clone()
         self._weights = self._biases = None
 
     def per_layer(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
