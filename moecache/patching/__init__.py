@@ -348,13 +348,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     holders = _holders(model, state)
     for r in reversed(state.replaced):
         if r.kind == "module":
-            for parent, attr in holders.get(id(r.new), ()):
-                setattr(parent, attr, r.original)
-            give_back_hooks(r.new, r.original)
+            _put_original_back(r.new, holders.get(id(r.new), ()))
         else:
             r.parent.__dict__.pop(r.attr, None)  # the class's own method again (gone already on a retry)
-            if r.new.stacked is not None and r.new.stacked.is_stacked():
-                r.new.stacked.unstack()
+            _unstack(r.new)
         if isinstance(r.new, MoecacheExperts):
             _give_back_parameters(r.new, r.original)
             r.new.provider = None
@@ -380,8 +377,7 @@ def _restore_strays(model: nn.Module, state: PatchState) -> int:
     for parent in list(model.modules()):
         for attr, child in list(parent._modules.items()):
             if isinstance(child, (MoecacheExperts, MoecacheMLA)) and stray(child):
-                setattr(parent, attr, child.original)
-                give_back_hooks(child, child.original)
+                _put_original_back(child, [(parent, attr)])
                 if isinstance(child, MoecacheExperts):
                     _give_back_parameters(child, child.original)
                 unwatch_tree(child.original)
@@ -391,12 +387,24 @@ def _restore_strays(model: nn.Module, state: PatchState) -> int:
             if isinstance(override, HOOKS) and stray(override):
                 del parent.__dict__[attr]
                 experts = override if isinstance(override, MoecacheExperts) else override.experts
-                if experts.stacked is not None and experts.stacked.is_stacked():
-                    experts.stacked.unstack()
-                for mlp in experts.stacked.experts if experts.stacked is not None else ():
+                _unstack(experts)
+                for mlp in experts.stacked.experts:
                     unwatch_tree(mlp)
                 strays += 1
     return strays
+
+
+def _put_original_back(new: nn.Module, holders) -> None:
+    """A module patch put in place gives way to its original wherever it is held, with its hooks."""
+    for parent, attr in holders:
+        setattr(parent, attr, new.original)
+    give_back_hooks(new, new.original)
+
+
+def _unstack(experts: MoecacheExperts) -> None:
+    """List experts' parameters get their own storage again (unless offloaded, or done already)."""
+    if experts.stacked is not None and experts.stacked.is_stacked():
+        experts.stacked.unstack()
 
 
 def _patched_inside(model: nn.Module) -> list[nn.Module]:

@@ -178,10 +178,11 @@ def _check_list_is_uniform(found: FoundExperts) -> None:
         if extra:
             raise UnsupportedExperts(f"parts besides the expert weights (expert {key}: {', '.join(extra)})")
         layers = [getattr(mlp, n) for n in linears]
-        own = next((f"{n}: {read_as_weights(layer)}" for n, layer in zip(linears, layers) if read_as_weights(layer)), None)
-        if own:
-            raise UnsupportedExperts(f"a linear layer the kernels would read as weights has code of its own "
-                                     f"(expert {key}.{own})")
+        for n, layer in zip(linears, layers):
+            why = read_as_weights(layer)
+            if why:
+                raise UnsupportedExperts(f"a linear layer the kernels would read as weights has code of its own "
+                                         f"(expert {key}.{n}: {why})")
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         if any(id(p) in seen for p in params):
             raise UnsupportedExperts(f"weights shared between experts (expert {key})")
