@@ -146,6 +146,13 @@ CHANGES = {
         experts_of(layer)[3].fc2, "weight", Doubled()), "(deepspeed_experts.3.fc2: parametrized weights)"),
     "a-forward-set-on-a-linear": (lambda layer: _wrap_forward(experts_of(layer)[0].fc2),
                                   "(deepspeed_experts.0.fc2: a forward set on the module itself"),
+    # adapters put on before patch (PEFT's LoRA layers are not nn.Linear): the layer was not found at all
+    "adapters-on-every-expert": (lambda layer: [setattr(e, "fc1", Adapted(e.fc1)) for e in experts_of(layer)],
+                                 "expert linear layers that are not nn.Linear (expert 0.fc1: "),
+    "an-adapter-on-one-expert": (lambda layer: setattr(experts_of(layer)[2], "fc2", Adapted(experts_of(layer)[2].fc2)),
+                                 "not nn.Linear (expert 2.fc2:"),
+    "one-expert-biased-in-part": (lambda layer: setattr(experts_of(layer)[1].fc1, "bias", None),
+                                  "expert linear layers with and without biases (expert 1)"),
 }
 
 
@@ -478,3 +485,29 @@ def test_the_stand_ins_jitter_noise_is_drawn_in_training_only():
     noise = deepspeed_moe.multiplicative_jitter(x.float())
     assert 0 < (noise / x).sub(1).abs().max() <= 1e-2 + 1e-6
     assert not torch.equal(run(jitter.train(), x), run(plain.train(), x))
+
+
+@pytest.mark.parametrize("family", ["deepseek-block", "switch"])
+def test_list_experts_with_adapters_put_on_before_patch_are_named_as_left_alone(family):
+    """Regression: a LoRA on the expert linears before patch (PEFT's layers are not nn.Linear) hid the
+    layer from patch altogether: not patched, and not listed in stats' left_alone either."""
+    if family == "switch":
+        block = _switch_sparse_mlp(0.0).eval()
+        experts, name, part = block.experts, "experts", "wi"
+        mlps = list(experts.values())
+    else:
+        torch.manual_seed(0)
+        block = DeepseekMoEBlock().eval()
+        experts, name, part = block.experts, "experts", "up_proj"
+        mlps = list(experts)
+    setattr(mlps[1], part, Adapted(getattr(mlps[1], part)))
+    x = torch.randn(2, 5, block.gate.in_features if family != "switch" else 16)
+    ref, before = run(block, x), model_snapshot(block)
+    moecache.patch(block)
+    assert moecache.stats(block)["left_alone"] == [
+        {"name": name, "kind": "experts", "type": type(experts).__name__,
+         "reason": f"expert linear layers that are not nn.Linear (expert 1.{part}: {Adapted.__module__}.Adapted)"}]
+    assert torch.equal(run(block, x), ref)
+    with pytest.raises(ValueError, match=f"moecache.patch: {name} .*not nn.Linear"):
+        moecache.patch(block, strict=True)
+    assert_model_restored(block, before)

@@ -20,7 +20,7 @@ from ..cache.predictor import RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 from .hooks import bypassed_parts, own_forward, read_as_weights
-from .list_experts import ListNames, StackedExperts, activation_of, names_of
+from .list_experts import KNOWN_NAMES, ListNames, StackedExperts, activation_of, names_of
 
 # config.model_type -> how the family's experts look; unknown types fall back to structural detection.
 FAMILIES: dict[str, ExpertsLayout] = {
@@ -226,11 +226,32 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 def _mlp_names(mlps) -> ListNames | None:
+    """The naming every expert MLP shares, or None. MLPs that carry a known naming whose layers are not all
+    plain nn.Linear with biases alike (an adapter such as PEFT's LoRA put on before patch) raise
+    UnsupportedExperts: they are a list-experts layer the kernels cannot read, not something else."""
     mlps = list(mlps)
     if not mlps:
         return None
     names = names_of(mlps[0])
-    return names if names is not None and all(names_of(m) == names for m in mlps) else None
+    if names is not None and all(names_of(m) == names for m in mlps):
+        return names
+    for known in KNOWN_NAMES:
+        attrs = (*known.rows, known.down)
+        if all(isinstance(getattr(m, a, None), nn.Module) for m in mlps for a in attrs):
+            raise UnsupportedExperts(_why_not_linears(mlps, attrs))
+    return None
+
+
+def _why_not_linears(mlps, attrs: tuple[str, ...]) -> str:
+    for i, mlp in enumerate(mlps):
+        for a in attrs:
+            layer = getattr(mlp, a)
+            if not isinstance(layer, nn.Linear):
+                cls = type(layer)
+                return f"expert linear layers that are not nn.Linear (expert {i}.{a}: {cls.__module__}.{cls.__qualname__})"
+        if len({getattr(mlp, a).bias is None for a in attrs}) != 1:
+            return f"expert linear layers with and without biases (expert {i})"
+    return "experts whose linear layers are named differently"
 
 
 def _deepseek_block(block: nn.Module) -> ListNames | None:
@@ -255,11 +276,12 @@ def _deepspeed_layer(layer: nn.Module) -> ListNames | None:
 def _switch_experts(experts: nn.Module) -> ListNames | None:
     """Switch Transformers' experts: a ModuleDict of expert_0..expert_{E-1} dense MLPs (wi, wo), called as
     experts(hidden, one-hot router mask [T, 1, E], routing weights [T, 1]); the router is their parent's."""
-    if not (isinstance(experts, nn.ModuleDict) and type(experts).__name__.startswith("SwitchTransformers")):
-        return None
-    if list(experts.keys()) != [f"expert_{i}" for i in range(len(experts))]:
-        return None
-    return _mlp_names(experts.values())
+    return _mlp_names(experts.values()) if _is_switch_dict(experts) else None
+
+
+def _is_switch_dict(module: nn.Module) -> bool:
+    return (isinstance(module, nn.ModuleDict) and type(module).__name__.startswith("SwitchTransformers")
+            and list(module.keys()) == [f"expert_{i}" for i in range(len(module))])
 
 
 # Families whose experts moecache does not run, with the reason (they are left alone, and said so).
@@ -286,18 +308,24 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
                                           owner_of.get(id(parent)) if kind == "switch" else None))
                 break
         else:
-            names = _deepseek_block(parent)
-            if names is not None:
-                found.append(FoundExperts(prefix + "experts", parent, "moe_infer", parent.experts, "moe_infer", names))
-                continue
-            names = _deepspeed_layer(parent)
-            if names is not None:
-                found.append(FoundExperts(prefix + "experts", parent, "forward", parent.experts.deepspeed_experts,
-                                          "deepspeed", names))
-                continue
-            names = _switch_experts(parent)
-            if names is not None:
-                found.append(FoundExperts(name, parent, "forward", parent, "switch", names, owner_of.get(id(parent))))
+            try:
+                names = _deepseek_block(parent)
+                if names is not None:
+                    found.append(FoundExperts(prefix + "experts", parent, "moe_infer", parent.experts, "moe_infer", names))
+                    continue
+                names = _deepspeed_layer(parent)
+                if names is not None:
+                    found.append(FoundExperts(prefix + "experts", parent, "forward", parent.experts.deepspeed_experts,
+                                              "deepspeed", names))
+                    continue
+                names = _switch_experts(parent)
+                if names is not None:
+                    found.append(FoundExperts(name, parent, "forward", parent, "switch", names, owner_of.get(id(parent))))
+                    continue
+            except UnsupportedExperts as why:
+                if unsupported is not None:
+                    experts = parent if _is_switch_dict(parent) else parent.experts
+                    unsupported.append((name if experts is parent else prefix + "experts", type(experts).__name__, str(why)))
                 continue
             if type(parent).__name__ in UNSUPPORTED and unsupported is not None:
                 unsupported.append((name, type(parent).__name__, UNSUPPORTED[type(parent).__name__]))
