@@ -257,6 +257,36 @@ def test_a_copy_of_a_patched_model_generates_through_the_latent_cache(kind):
     assert "_prepare_cache_for_generation" not in twin.__dict__
 
 
+def test_a_patched_mla_model_dropped_without_unpatch_is_freed_at_once():
+    """Regression: generate's latent-cache hook held its model, which held the hook, so a dropped patched
+    model (its device memory with it) lived on until the cycle collector ran."""
+    import gc
+    import pickle
+    import weakref
+
+    model = MODELS["v2-q_lora"]()
+    ids = torch.randint(3, 96, (2, 5))
+    ref = generate(model, ids, n=4)
+    gc.collect()
+    gc.disable()
+    try:
+        moecache.patch(model)
+        _assert_latent_generate(model, ids, ref)
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+    # a weak reference does not pickle: the hook pickles its model itself (transformers' output recorders,
+    # closures, keep a whole patched MLA model from pickling for now)
+    from moecache.patching.generate import HOOK, LatentCacheDefault
+
+    holder = torch.nn.Linear(2, 3)
+    setattr(holder, HOOK, LatentCacheDefault(holder, owner=None))
+    loaded = pickle.loads(pickle.dumps(holder))
+    assert getattr(loaded, HOOK).model is loaded and torch.equal(loaded.weight, holder.weight)
+
+
 def test_a_model_inside_a_plain_module_generates_through_the_latent_cache():
     model = MODELS["v3-interleaved"]()
     ids = torch.randint(3, 96, (2, 5))

@@ -2,9 +2,13 @@
 with cache_implementation="static"; other implementations are kept), a patched model with MLA attention
 builds a paged latent cache; a cache the caller passes is used as given.
 
-The hook is an instance override of `_prepare_cache_for_generation` that holds its model as an
-attribute (not a closure over it), so copy.deepcopy carries it over to the copy, bound to the copy."""
+The hook is an instance override of `_prepare_cache_for_generation` that holds its model by a weak
+reference (not a closure over it), so copy.deepcopy carries it over to the copy, bound to the copy."""
 from __future__ import annotations
+
+import copy
+import gc
+import weakref
 
 from torch import nn
 
@@ -27,12 +31,48 @@ class LatentCacheDefault:
     shared modules, generate keeps its default)."""
 
     def __init__(self, model: nn.Module, owner: object):
-        # `owner`, the patch that installed it, is what unpatch removes by. A deep copy of the model gets
-        # a hook bound to the copy and owned by the copy's patch (one memo copies all three). The model
-        # holds this hook and the hook the model: a dropped model is freed by the cycle collector (a weak
-        # reference would leave a shallow copy that outlives its original with a dead hook).
-        self.model = model
+        # `owner`, the patch that installed it, is what unpatch removes by. The model holds this hook, so
+        # the hook holds the model weakly: a strong reference back would keep a dropped model (its device
+        # memory with it) alive until the cycle collector runs.
+        self._model = weakref.ref(model)
         self.owner = owner
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:  # the model it was installed on is gone: a shallow copy (copy.copy) holds it now
+            model = self._holder()
+            self._model = weakref.ref(model)
+        return model
+
+    def is_bound_to(self, module: nn.Module) -> bool:
+        return self._model() is module
+
+    def _holder(self) -> nn.Module:
+        """The module whose __dict__ holds this hook. A shallow copy shares the original's submodules and
+        attributes, so any copy generates as the original did."""
+        for table in gc.get_referrers(self):
+            if isinstance(table, dict):
+                for module in gc.get_referrers(table):
+                    if isinstance(module, nn.Module) and getattr(module, "__dict__", None) is table:
+                        return module
+        raise RuntimeError("moecache: the model this generate hook was installed on is gone, and no module "
+                           "holds the hook any more")
+
+    def __deepcopy__(self, memo):
+        # A deep copy of the model gets a hook bound to the copy and owned by the copy's patch: the model
+        # being copied is in the memo already, so these are the copies under way, not new ones.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied._model = weakref.ref(copy.deepcopy(self.model, memo))
+        copied.owner = copy.deepcopy(self.owner, memo)
+        return copied
+
+    def __getstate__(self):
+        return {"model": self.model, "owner": self.owner}
+
+    def __setstate__(self, state):
+        self._model, self.owner = weakref.ref(state["model"]), state["owner"]
 
     def __call__(self, generation_config, model_kwargs, *args, **kwargs):
         model = self.model
@@ -86,5 +126,5 @@ def remove_latent_cache_default(model: nn.Module, owner: object) -> None:
     shallow copy's, bound to the model it was copied from."""
     for module in model.modules():
         hook = module.__dict__.get(HOOK)
-        if isinstance(hook, LatentCacheDefault) and (hook.owner is owner or hook.model is not module):
+        if isinstance(hook, LatentCacheDefault) and (hook.owner is owner or not hook.is_bound_to(module)):
             del module.__dict__[HOOK]
