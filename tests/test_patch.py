@@ -611,6 +611,34 @@ def test_compiled_offloaded_model_reads_misses_in_place():
     torch._dynamo.reset()
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_patched_model_exports(family, monkeypatch):
+    """Regression: torch.export of a patched model failed on the torch backend, whose reference visited
+    the routed experts by value (torch.unique(...).tolist(): a data-dependent guard that named no
+    moecache code). Under a trace it visits every expert, with each one's token rows a traced size."""
+    monkeypatch.setenv("MOECACHE_BACKEND", "torch")
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids)
+    moecache.patch(model)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    exported = torch.export.export(Logits(model), (ids,), strict=False)
+    other = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        assert_close(exported.module()(ids), ref, torch.float32)
+        assert_close(exported.module()(other), logits(model, other), torch.float32)  # not the example's routes
+    moecache.unpatch(model)
+
+
 # ------------------------------------------------------------------ state dicts, saving, copying
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_offloaded_state_dict_holds_the_real_weights_and_save_pretrained_round_trips(family, tmp_path):

@@ -148,7 +148,10 @@ def fused_moe_reference(
     num_slots = w_gate_up.shape[0]
     num_experts = expert_map.numel() if expert_map is not None else num_slots
     ids = topk_ids.long().clamp(0, num_experts - 1)
-    for e in torch.unique(ids).tolist():
+    # Under a trace (torch.compile, torch.export) every expert is visited: the set routed to is data the
+    # graph cannot branch on, while each expert's token rows (torch.where) are a size it can carry.
+    experts = range(num_experts) if torch.compiler.is_compiling() else torch.unique(ids).tolist()
+    for e in experts:
         slot = e if expert_map is None else min(int(expert_map[e]), num_slots - 1)
         if slot < 0 and host_w_gate_up is None:
             slot = 0
