@@ -354,6 +354,94 @@ def test_reads_transformers_experts_in_both_layouts():
         expert_source(torch.nn.Linear(3, 3))
 
 
+class _BiasedMLP(torch.nn.Module):
+    def __init__(self, hidden=32, inter=16, bias=True):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _gpt_oss_experts():
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    experts = GptOssExperts(GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4))
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return experts
+
+
+@pytest.mark.parametrize("misses", ["copy", "in_place"])
+@pytest.mark.parametrize("kind", ["module-list", "gpt-oss"])
+def test_the_experts_own_biases_are_added(kind, misses):
+    """Regression: ExpertCache read only the experts' weights, so a layer of biased experts (GPT-OSS, or
+    linear layers with biases) computed without its biases: 0.72 and 0.49 relative off, no warning."""
+    torch.manual_seed(0)
+    if kind == "gpt-oss":
+        experts = _gpt_oss_experts()
+        activation = "swiglu_oai"
+    else:
+        experts = torch.nn.ModuleList(_BiasedMLP() for _ in range(4))
+        activation = "silu"
+    x = torch.randn(5, 32)
+    w, ids = route_reference(torch.randn(5, 4), 2)
+    if kind == "gpt-oss":
+        with torch.no_grad():
+            want = experts(x, ids.long(), w)
+    else:
+        with torch.no_grad():
+            want = sum(w[:, k:k + 1] * torch.stack([experts[int(e)](x[t]) for t, e in enumerate(ids[:, k])])
+                       for k in range(2))
+    with ExpertCache([experts], num_slots=4) as cache:
+        b_gate_up, b_down = cache.layer_biases(0)
+        assert b_gate_up.shape == (4, 32) and b_down.shape == (4, 32)
+        out = torch.full_like(x, float("nan"))
+        out.copy_(cache.moe(0, x, w, ids, activation=activation, misses=misses))
+        assert_close(out, want, torch.float32)
+        other = cache.moe(0, x, w, ids, activation=activation, misses=misses,  # a call's own biases win
+                          b_gate_up=torch.zeros_like(b_gate_up), b_down=torch.zeros_like(b_down))
+        assert not torch.allclose(other, want)
+    with ExpertCache([random_layers(L=1, E=4)[0]], num_slots=2) as cache:
+        assert cache.layer_biases(0) is None
+
+
+def test_calls_and_sources_that_do_not_fit_are_refused_naming_the_argument_before_anything_is_copied():
+    """Regression: a ModuleList with one expert of another width failed inside a copy (a bare size
+    mismatch), one of another dtype was cast quietly, and a call with the wrong hidden size blamed
+    w_gate_up (the slot pool) after its experts had been copied and counted; a float id was truncated."""
+    listed = torch.nn.ModuleList(_BiasedMLP(bias=False) for _ in range(3))
+    listed[2].up_proj = torch.nn.Linear(32, 18, bias=False)
+    with pytest.raises(ValueError, match=r"experts\[2\]\.up_proj: weight must be \(16, 32\)"):
+        ExpertCache([listed], num_slots=2)
+    listed[2].up_proj = torch.nn.Linear(32, 16, bias=False).double()
+    with pytest.raises(ValueError, match=r"experts\[2\]\.up_proj: .*torch.float64"):
+        ExpertCache([listed], num_slots=2)
+    listed[2].up_proj = torch.nn.Linear(32, 16, bias=True)
+    with pytest.raises(ValueError, match=r"experts\[2\]\.up_proj: bias, unlike"):
+        ExpertCache([listed], num_slots=2)
+    with ExpertCache(random_layers(L=1), num_slots=4) as cache:
+        ids = torch.tensor([[0, 1], [2, 3]])
+        w = torch.rand(2, 2)
+        for call, message in (
+                (lambda: cache.moe(0, torch.randn(2, 33), w, ids), r"hidden_states must be \[T, H=32\]"),
+                (lambda: cache.moe(0, torch.randn(2, 32).double(), w, ids), "hidden_states must be torch.float32"),
+                (lambda: cache.moe(0, torch.randn(2, 32), w[:, :1], ids), "topk_weights .* and topk_ids"),
+                (lambda: cache.moe(0, torch.randn(2, 32), w, ids[:1]), r"topk_ids must be \[T=2, K\]"),
+                (lambda: cache.moe(0, torch.randn(2, 32), w, ids, activation="swish"), "activation must be one of")):
+            with pytest.raises(ValueError, match=message):
+                call()
+        assert cache.stats()["requests"] == 0 and cache.stats()["bytes_copied"] == 0
+        assert all(cache.resident(layer) == [] for layer in range(cache.num_layers))
+        for bad in ([1.7], torch.tensor([1.0])):
+            with pytest.raises(TypeError, match="integer ids"):
+                cache.prefetch(0, bad)
+        assert cache.prefetch(0, [torch.tensor(1), 2]) == 2
+
+
 # ------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("pin", ["alloc", "register"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import threading
 from typing import Sequence
 
@@ -157,6 +158,10 @@ class ExpertCache:
                 record = layer * self.num_experts + e
                 self._host_gate_up[record].copy_(gate_up.detach())
                 self._host_down[record].copy_(down.detach())
+        # Biases are small: each layer's stay on the device (the fused modules' own tensors where they are
+        # there already), and moe adds them unless the call passes its own.
+        self._biases = [None if s.biases is None else tuple(b.detach().to(self.device) for b in s.biases)
+                        for s in sources]
 
         self._pool = torch.empty(pool_bytes, dtype=torch.uint8, device=self.device)
         self._slot_gate_up, self._slot_down = self._record_views(self._pool, num_slots)
@@ -248,6 +253,13 @@ class ExpertCache:
             gate_up, down = self._device_host_views
         return gate_up[lo:hi], down[lo:hi]
 
+    def layer_biases(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(b_gate_up [E, 2I or I], b_down [E, H]) of the layer's experts on the cache's device, or None
+        where they had none: what moe adds unless a call passes biases of its own."""
+        self._check_open()
+        self._check_layer(layer)
+        return self._biases[layer]
+
     def expert_map(self, layer: int) -> torch.Tensor:
         """[E] int32 on the device: each expert's slot, -1 while it is not resident."""
         self._check_open()
@@ -263,9 +275,11 @@ class ExpertCache:
 
     @staticmethod
     def _ids(experts) -> list[int]:
-        if isinstance(experts, torch.Tensor):
-            return [int(e) for e in experts.reshape(-1).tolist()]
-        return [int(e) for e in experts]
+        ids = experts.reshape(-1).tolist() if isinstance(experts, torch.Tensor) else list(experts)
+        try:
+            return [operator.index(e) for e in ids]
+        except TypeError:
+            raise TypeError(f"experts must be integer ids, got {ids!r}") from None
 
     # ------------------------------------------------------------------ cache operations
     def prefetch(self, layer: int, experts) -> int:
@@ -362,6 +376,9 @@ class ExpertCache:
             before_compute=None, validate: bool = True) -> torch.Tensor:
         """The routed experts of `layer` for these tokens, with weights served by the cache.
 
+        b_gate_up, b_down: the experts' biases; by default the layer's own, where its experts held them
+        when the cache was built (`layer_biases`).
+
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
         unless track_usage), "copy" (copy them into slots first; rounds if the pool is too small), or
         "auto": in place where the kernel reads each expert once (ops.streams_each_expert_once) and
@@ -380,6 +397,7 @@ class ExpertCache:
     def _moe(self, layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
              b_gate_up, b_down, before_compute, validate):
         self._check_layer(layer)
+        self._check_call(hidden_states, topk_weights, topk_ids, activation)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
         if not isinstance(validate, bool):
@@ -392,6 +410,8 @@ class ExpertCache:
         if misses == "in_place" and not in_place_ok:
             raise ValueError("misses='in_place' needs a pinned host store; this one is pageable")
         host_gate_up, host_down = self.host_weights(layer)
+        if b_gate_up is None and b_down is None and self._biases[layer] is not None:
+            b_gate_up, b_down = self._biases[layer]
         extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
                      gate_up_interleaved=self.gate_up_interleaved, gated=self.gated, validate=validate)
         if misses == "in_place" and not (track_usage or before_compute is not None):
@@ -431,6 +451,26 @@ class ExpertCache:
                 return ops.fused_moe(hidden_states, self._slot_gate_up, self._slot_down, topk_weights, topk_ids,
                                      expert_map=self._map[layer], **extra)
         return self._moe_in_rounds(layer, hidden_states, topk_weights, topk_ids, needed, lease, extra)
+
+    def _check_call(self, hidden_states, topk_weights, topk_ids, activation) -> None:
+        """What a call must agree on with the cached experts, checked before any expert is copied or
+        counted (the op checks the rest against the slot pool, whose E is the slot count)."""
+        x = hidden_states
+        if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == self.hidden):
+            raise ValueError(f"hidden_states must be [T, H={self.hidden}] (the cached experts' hidden size), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"hidden_states must be {self.dtype} on {self.device} as the cached experts are, got "
+                             f"{x.dtype} on {x.device}")
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if not (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == x.shape[0]):
+                raise ValueError(f"{name} must be [T={x.shape[0]}, K], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ")
+        allowed = ops.ACTIVATIONS if self.gated else ops.NON_GATED_ACTIVATIONS
+        if activation not in allowed:
+            raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
 
     def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, extra):
         """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.
@@ -486,7 +526,7 @@ class ExpertCache:
             # Kernels enqueued by finished calls, on any stream, may still read the pool or the pinned store.
             torch.cuda.synchronize(self.device)
         for name in ("_slot_gate_up", "_slot_down", "_pool", "_map", "_host_gate_up", "_host_down", "_host_bytes",
-                     "_device_host_views", "_device_host_bytes"):
+                     "_device_host_views", "_device_host_bytes", "_biases"):
             setattr(self, name, None)
         self._store = None
 

@@ -19,7 +19,8 @@ from ..compat import experts_flags
 @dataclass
 class ExpertSource:
     """One MoE layer's routed experts, read one expert at a time: get(e) -> (gate_up [2I, H], down [H, I]),
-    or for non-gated experts (gated=False) (fc1 [I, H], fc2 [H, I])."""
+    or for non-gated experts (gated=False) (fc1 [I, H], fc2 [H, I]). biases: the layer's expert biases
+    (b_gate_up [E, 2I or I], b_down [E, H]) where the experts hold them, else None."""
 
     num_experts: int
     hidden: int
@@ -28,6 +29,7 @@ class ExpertSource:
     get: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     gate_up_interleaved: bool = False  # gate = even rows, up = odd rows (GPT-OSS)
     gated: bool = True
+    biases: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def gate_up_rows(self) -> int:
@@ -47,9 +49,10 @@ def expert_source(experts) -> ExpertSource:
 
     - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]), or non-gated (fc1 [E, I, H], fc2 [E, H, I]);
     - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
-      (layouts that differ, such as GPT-OSS's [E, H, 2I] interleaved, raise);
+      (GPT-OSS's transposed [E, H, 2I] interleaved layout too), with `gate_up_proj_bias` / `down_proj_bias`
+      where it has them;
     - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
-      or w1/w3/w2 (Mixtral) linear layers.
+      or w1/w3/w2 (Mixtral) linear layers, all of one shape and dtype, biased alike.
     """
     if isinstance(experts, (tuple, list)) and len(experts) == 2 and all(isinstance(t, torch.Tensor) for t in experts):
         gate_up, down = experts
@@ -61,8 +64,10 @@ def expert_source(experts) -> ExpertSource:
             source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
                                    "gate_up_proj", "down_proj")
             source.gate_up_interleaved = interleaved
-            return source
-        return _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
+        else:
+            source = _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
+        source.biases = _fused_biases(experts, source)
+        return source
     if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
         first = experts[0]
         names = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -74,15 +79,42 @@ def expert_source(experts) -> ExpertSource:
                              "nor w1/w3/w2 linear layers")
         gate = _linear_weight(first, gate_name)
         inter, hidden = gate.shape
+        shapes = {gate_name: (inter, hidden), up_name: (inter, hidden), down_name: (hidden, inter)}
+        biased = getattr(getattr(first, gate_name), "bias", None) is not None
+        for e, m in enumerate(experts):
+            for n, shape in shapes.items():
+                w = _linear_weight(m, n)
+                if w is None or tuple(w.shape) != shape or w.dtype != gate.dtype:
+                    found = "no linear layer" if w is None else f"{tuple(w.shape)} {w.dtype}"
+                    raise ValueError(f"experts[{e}].{n}: weight must be {shape} {gate.dtype} as experts[0]'s, got {found}")
+                if (getattr(getattr(m, n), "bias", None) is not None) != biased:
+                    raise ValueError(f"experts[{e}].{n}: {'no ' if biased else ''}bias, unlike experts[0].{gate_name}: "
+                                     "the experts' linear layers must all have biases or none")
 
         def get(e):
             m = experts[e]
             gu = torch.cat([_linear_weight(m, gate_name), _linear_weight(m, up_name)], dim=0)
             return gu, _linear_weight(m, down_name)
 
-        return ExpertSource(len(experts), hidden, inter, gate.dtype, get)
+        biases = None
+        if biased:
+            biases = (torch.stack([torch.cat([getattr(m, gate_name).bias, getattr(m, up_name).bias]) for m in experts]),
+                      torch.stack([getattr(m, down_name).bias for m in experts]))
+        return ExpertSource(len(experts), hidden, inter, gate.dtype, get, biases=biases)
     raise ValueError(f"experts: cannot read experts from {type(experts).__name__}; pass (w_gate_up [E, 2I, H], "
                      "w_down [E, H, I]), a module with gate_up_proj/down_proj, or a ModuleList of expert MLPs")
+
+
+def _fused_biases(experts, source: ExpertSource) -> tuple[torch.Tensor, torch.Tensor] | None:
+    b_gate_up, b_down = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    if b_gate_up is None and b_down is None:
+        return None
+    want = {"gate_up_proj_bias": (source.num_experts, source.gate_up_rows), "down_proj_bias": (source.num_experts, source.hidden)}
+    for name, bias in (("gate_up_proj_bias", b_gate_up), ("down_proj_bias", b_down)):
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != want[name]:
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias
+            raise ValueError(f"experts.{name} must be a {list(want[name])} tensor beside the other bias, got {got}")
+    return b_gate_up, b_down
 
 
 def _fused_source(gate_up, down, gu_name, down_name) -> ExpertSource:

@@ -1,7 +1,8 @@
 """Public MoE ops. Shapes: T tokens, H hidden, I intermediate, E experts, K experts per token."""
 from .api import NON_GATED_ACTIVATIONS, fused_moe, resolve_backend, route, streams_each_expert_once
 from .mla import mla_decode, mla_decode_reference
-from .reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
+from .reference import ACTIVATIONS, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
 
 __all__ = ["route", "fused_moe", "mla_decode", "resolve_backend", "streams_each_expert_once",
-           "route_reference", "fused_moe_reference", "mla_decode_reference", "SWIGLU_OAI_ALPHA", "SWIGLU_OAI_LIMIT", "NON_GATED_ACTIVATIONS"]
+           "route_reference", "fused_moe_reference", "mla_decode_reference", "SWIGLU_OAI_ALPHA", "SWIGLU_OAI_LIMIT", "ACTIVATIONS",
+           "NON_GATED_ACTIVATIONS"]
