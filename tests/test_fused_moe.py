@@ -286,6 +286,10 @@ def test_bad_input_names_the_argument():
     _bad("b_gate_up must be fp16/bf16/fp32/fp64, got torch.int32",
          b_gate_up=torch.randint(1, 5, (4, 32), dtype=torch.int32), b_down=torch.rand(4, 32))
     _bad("out must be a torch.Tensor or None", out=x.tolist())
+    _bad("gate_up_interleaved must be a bool", gate_up_interleaved="yes")
+    if x.device.type == "cpu":  # on a GPU, host weights are read in place from pinned memory
+        _bad("host_w_gate_up is on meta, hidden_states on cpu", expert_map=torch.arange(4, dtype=torch.int32),
+             host_w_gate_up=wgu.to("meta"), host_w_down=wd.to("meta"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -340,6 +340,7 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
         _check(isinstance(t, torch.Tensor) or (t is None and not required),
                f"{name} must be a torch.Tensor{'' if required else ' or None'}, got {type(t).__name__}")
     _check(isinstance(gated, bool), f"gated must be a bool, got {gated!r}")
+    _check(isinstance(gate_up_interleaved, bool), f"gate_up_interleaved must be a bool, got {gate_up_interleaved!r}")
     T, H = x.shape
     if gated:
         _check(w_gate_up.dim() == 3 and w_gate_up.shape[2] == H and w_gate_up.shape[1] % 2 == 0,
@@ -385,6 +386,8 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
         if x.device.type == "cuda":
             _check(host.device.type == "cuda" or host.is_pinned(),
                    f"{name} must be in pinned host memory (or on the GPU) for the kernel to read it in place")
+        else:
+            _check(host.device == x.device, f"{name} is on {host.device}, hidden_states on {x.device}")
     _check((host_w_gate_up is None) == (host_w_down is None), "pass both host_w_gate_up and host_w_down, or neither")
     for name, b, shape in (("b_gate_up", b_gate_up, (E, two_i)), ("b_down", b_down, (E, H))):
         if b is not None:
