@@ -30,11 +30,33 @@ def log_level() -> str | None:
     return name
 
 
+class _StderrUnlessHandled(logging.StreamHandler):
+    """Prints a record to stderr where no other handler on its way to the root logger takes it: an
+    application that configured no logging still sees what MOECACHE_LOGLEVEL asked for (the standard
+    library's last resort prints warnings and above only), and one that did sees each record once."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self and not isinstance(h, logging.NullHandler) for h in logger.handlers):
+                return
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        super().emit(record)
+
+
 def configure_logging() -> None:
-    """The `moecache` logger's level from MOECACHE_LOGLEVEL (unset or invalid: untouched)."""
+    """The `moecache` logger's level from MOECACHE_LOGLEVEL (unset or invalid: untouched), with records
+    printed to stderr where the application has no handler of its own for them."""
     name = log_level()
     if name:
-        logging.getLogger("moecache").setLevel(name)
+        logger = logging.getLogger("moecache")
+        logger.setLevel(name)
+        if not any(isinstance(h, _StderrUnlessHandled) for h in logger.handlers):
+            handler = _StderrUnlessHandled()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
 
 
 def kv_block_size() -> int:
@@ -66,9 +88,10 @@ def select_triton_mode() -> None:
     """Switch the Triton interpreter on where no CUDA device is usable.
 
     Must run before triton is first imported: @triton.jit (triton.language's own helpers included)
-    reads TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET is left alone.
+    reads TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET is left alone (set but empty
+    counts as unset, as for every switch).
     """
-    if "TRITON_INTERPRET" in os.environ:
+    if os.environ.get("TRITON_INTERPRET"):
         return
     import torch
 

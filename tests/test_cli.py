@@ -62,6 +62,23 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
     assert "MOECACHE_LOGLEVEL" in proc.stderr and "not a logging level" in proc.stderr
 
 
+@pytest.mark.parametrize("configured", [False, True], ids=["no-logging-setup", "basicConfig"])
+def test_loglevel_info_shows_what_patch_replaced_once(configured):
+    """Regression: MOECACHE_LOGLEVEL=INFO set the level, but a script that configured no logging saw
+    nothing (the library's only handler was a NullHandler)."""
+    env = {**os.environ, "MOECACHE_LOGLEVEL": "INFO", "MOECACHE_BACKEND": "torch"}
+    script = ("import logging, sys, torch, transformers, moecache\n"
+              + ("logging.basicConfig()\n" if configured else "")
+              + "config = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, "
+                "moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, "
+                "num_experts=4, num_experts_per_tok=2, head_dim=8)\n"
+                "moecache.patch(transformers.Qwen3MoeForCausalLM(config))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("MoecacheExperts") == 1, proc.stderr
+
+
 @pytest.mark.parametrize("args", [["--layers", "0"], ["--batch", "0"], ["--prompt", "0"], ["--device", "tpu"],
                                   ["--layers", "-1"], ["--budget", "1.5"], ["--family", "llama"],
                                   ["--prefetch-limit", "-1", "--policy", "budgeted"], ["--prefetch-limit", "nan"],
@@ -69,6 +86,19 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
 def test_demo_rejects_bad_arguments_with_a_message(args):
     proc = _run("demo", *args)
     assert proc.returncode == 2 and "error: argument" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_empty_triton_interpret_counts_as_unset():
+    """Regression: TRITON_INTERPRET="" (the README: an empty switch counts as unset) kept the interpreter
+    off on a machine without a GPU, so every Triton call failed ("0 active drivers")."""
+    import torch
+
+    env = {**os.environ, "TRITON_INTERPRET": ""}
+    proc = subprocess.run([sys.executable, "-c", "import os, moecache.kernels as k; "
+                           "print(repr(os.environ['TRITON_INTERPRET']), k.INTERPRETING)"],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == (["''", "False"] if torch.cuda.is_available() else ["'1'", "True"])
 
 
 def test_info_says_when_compiled_kernels_cannot_run():

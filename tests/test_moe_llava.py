@@ -216,10 +216,13 @@ def test_full_size_shapes_build_on_the_meta_device_with_the_published_sizes():
     assert round(parameter_count(SHAPES["llava-1.5-13b"])["total"] / 1e9, 1) == 13.0
     phi = parameter_count(SHAPES["moe-llava-phi2"])
     assert round(phi["total"] / 1e9, 1) == 5.3 and round(phi["active"] / 1e9, 1) == 3.6
+    # by name too, as build_language_model takes them (both raised an AttributeError on a name)
+    assert parameter_count("moe-llava-phi2") == phi
+    assert scaled_down("moe-llava-phi2") == scaled_down(SHAPES["moe-llava-phi2"])
 
 
 def test_unknown_shape_is_refused():
-    with pytest.raises(ValueError, match="shape must be one of"):
+    with pytest.raises(ValueError, match="shape must be a LanguageModelShape or one of"):
         build_language_model("moe-llava-phi3")
 
 

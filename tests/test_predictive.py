@@ -130,6 +130,13 @@ def test_record_routing_and_its_recall():
     # The trace replays in the simulator: every (layer, expert) used is one request.
     result = simulate(trace.steps, 4, "predictive", predictions=trace.predictions, depth=2, warmup_steps=0)
     assert result.hits + result.misses == result.requests > 0
+    # the trace itself replays with its recorded predictions and scores (it raised a TypeError)
+    assert simulate(trace, 4, "predictive", depth=2, warmup_steps=0) == simulate(
+        trace.steps, 4, "predictive", predictions=trace.predictions, scores=trace.scores or None, depth=2,
+        warmup_steps=0)
+    assert simulate(trace, 4, "lru") == simulate(trace.steps, 4, "lru")
+    with pytest.raises(TypeError, match="trace must be a RoutingTrace or a list of steps"):
+        simulate({"steps": trace.steps}, 4, "lru")
     moecache.unpatch(model)
 
 

@@ -132,8 +132,18 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
              warmup_steps: int = 1, timing: Timing | None = None) -> SimResult:
     """Replay `trace` against `policy` with `slots` experts resident at most; see the module docstring.
 
+    trace: steps[s][layer] = the experts used, or a RoutingTrace (record_routing's), whose recorded
+    predictions and scores are then the defaults.
     timing: a Timing (or a (layer_ms, load_ms) pair) adds stall and time to the result; the budgeted
     policy needs it (it decides what can land in time). scores: confidences parallel to predictions."""
+    if not isinstance(trace, (list, tuple)):
+        steps = getattr(trace, "steps", None)
+        if not isinstance(steps, list):
+            raise TypeError(f"trace must be a RoutingTrace or a list of steps (steps[s][layer] = experts used), "
+                            f"got {type(trace).__name__}")
+        if predictions is None and trace.predictions:
+            predictions, scores = trace.predictions, scores if scores is not None else (trace.scores or None)
+        trace = steps
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if slots < 1:

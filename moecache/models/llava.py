@@ -83,8 +83,18 @@ SHAPES: dict[str, LanguageModelShape] = {s.name: s for s in (
 )}
 
 
-def scaled_down(shape: LanguageModelShape, layers: int = 4) -> LanguageModelShape:
+def shape_named(shape: LanguageModelShape | str) -> LanguageModelShape:
+    """A shape, or the one of SHAPES with this name."""
+    if isinstance(shape, LanguageModelShape):
+        return shape
+    if not isinstance(shape, str) or shape not in SHAPES:
+        raise ValueError(f"shape must be a LanguageModelShape or one of {sorted(SHAPES)}, got {shape!r}")
+    return SHAPES[shape]
+
+
+def scaled_down(shape: LanguageModelShape | str, layers: int = 4) -> LanguageModelShape:
     """The same structure (FFN kind, biases, MoE layers, experts, top-k, width ratios) at a CPU test size."""
+    shape = shape_named(shape)
     hidden = 64
     return replace(shape, hidden=hidden, layers=layers, heads=4, ffn=hidden * shape.ffn // shape.hidden,
                    vocab=256, max_positions=256)
@@ -210,10 +220,7 @@ def build_language_model(shape: LanguageModelShape | str, *, dtype: torch.dtype 
     """A causal LM of this shape with random weights (device "meta": no memory, for counting and
     planning at full size). moe_class: the DeepSpeed-MoE layer class (the real `deepspeed.moe.layer.MoE`
     works too)."""
-    if isinstance(shape, str):
-        if shape not in SHAPES:
-            raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
-        shape = SHAPES[shape]
+    shape = shape_named(shape)
     config = _config(shape)
     torch.manual_seed(seed)
     with torch.device(device), built_in(dtype):
@@ -226,8 +233,9 @@ def build_language_model(shape: LanguageModelShape | str, *, dtype: torch.dtype 
     return model.to(dtype).eval()
 
 
-def parameter_count(shape: LanguageModelShape) -> dict[str, int]:
+def parameter_count(shape: LanguageModelShape | str) -> dict[str, int]:
     """Weights by part, from the shape alone: experts (all), active per token, and the whole model."""
+    shape = shape_named(shape)
     H, L, V = shape.hidden, shape.layers, shape.vocab
     moe_layers = len(shape.moe_layers)
     ffn = shape.ffn_parameters()
