@@ -846,16 +846,40 @@ def test_backward_into_an_out_buffer():
         assert_close(got.grad, want.grad, torch.float32, name=f"grad {name}")
 
 
+def test_fused_moe_second_derivatives_and_torch_func_grad_are_the_references():
+    """Regression: fused_moe through the kernels refused create_graph=True, and torch.func.grad failed
+    (an autograd.Function without setup_context). Its backward now records the reference's recompute:
+    a Hessian-vector product and torch.func.grad match the torch backend's plain autograd."""
+    x, w_gate_up, w_down, weights, ids = random_layer(4, 24, 16, 5, 2, torch.float32)
+    b_gate_up, b_down = torch.randn(5, 32, device=DEVICE), torch.randn(5, 24, device=DEVICE)
+    direction = torch.randn_like(x)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_gate_up, weights, b_down)]
+        out = ops.fused_moe(leaves[0], leaves[1], w_down, leaves[2], ids, b_gate_up=b_gate_up, b_down=leaves[3],
+                            backend=backend)
+        first = torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad((first[0] * direction).sum(), leaves, allow_unused=True)
+
+        def loss(w):
+            return ops.fused_moe(x, w, w_down, weights, ids, b_gate_up=b_gate_up, b_down=b_down,
+                                 backend=backend).pow(2).sum()
+        results[backend] = (*first, *second, torch.func.grad(loss)(w_gate_up))
+    names = ["x", "w_gate_up", "weights", "b_down"]
+    for name, got, want in zip([f"grad {n}" for n in names] + [f"hvp {n}" for n in names] + ["func.grad"],
+                               results["triton"], results["torch"]):
+        if want is None:
+            assert got is None or not got.any(), name
+        else:
+            assert_close(got, want, torch.float32, name=name)
+    assert results["torch"][4].abs().sum() > 0  # a second derivative that is not zero
+
+
 def test_second_derivatives_are_refused_clearly():
-    """The ops' backwards are not recorded: create_graph=True through them raises, rather than giving
-    their gradients as constants."""
+    """route's and mla_decode's backwards are not recorded: create_graph=True through them raises,
+    rather than giving their gradients as constants."""
     from test_mla_decode import make_case, op_args
 
-    x, w_gate_up, w_down, weights, ids = random_layer(4, 24, 16, 5, 2, torch.float32)
-    x.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="fused_moe: no second derivatives"):
-        torch.autograd.grad(ops.fused_moe(x, w_gate_up, w_down, weights, ids, backend="triton").sum(), x,
-                            create_graph=True)
     logits = torch.randn(4, 8, device=DEVICE, requires_grad=True)
     with pytest.raises(RuntimeError, match="route: no second derivatives"):
         torch.autograd.grad(ops.route(logits, 2, backend="triton")[0].sum(), logits, create_graph=True)

@@ -271,13 +271,17 @@ def grads_by_recompute(compute, tensors, needs_input_grad, grad_outputs, num_inp
     gradients of the floating-point tensors whose needs_input_grad is set, placed among `num_inputs`
     (None elsewhere). grad_outputs pair with compute's outputs; None ones (unused outputs) are skipped."""
     wanted = [i for i, t in enumerate(tensors) if needs_input_grad[i] and t is not None and t.is_floating_point()]
+    # A backward that records (create_graph=True, torch.func.grad) differentiates the saved tensors
+    # themselves, so its gradients stay functions of them: second derivatives come out of the reference.
+    recording = torch.is_grad_enabled()
     with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(i in wanted) if i in wanted else t for i, t in enumerate(tensors)]
+        inputs = list(tensors) if recording else [
+            t.detach().requires_grad_(i in wanted) if i in wanted else t for i, t in enumerate(tensors)]
         outputs = compute(*inputs)
         pairs = [(o, g) for o, g in zip(outputs if isinstance(outputs, tuple) else (outputs,), grad_outputs)
                  if g is not None]
         grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                    allow_unused=True) if wanted else ()
+                                    allow_unused=True, create_graph=recording) if wanted else ()
     result = [None] * num_inputs
     for i, g in zip(wanted, grads):
         result[i] = g
@@ -537,6 +541,8 @@ class _FusedMoeFunction(torch.autograd.Function):
     the reference) as without autograd; the backward recomputes the layer through fused_moe_reference
     with autograd (PyTorch ops, one expert at a time: no Triton backward kernels), so gradients reach the
     hidden states, the top-k weights (the router), the expert weights and the biases that need them.
+    A backward that is itself differentiated (create_graph=True, torch.func.grad) records that recompute,
+    so second derivatives are the reference's.
 
     With an expert_map the weights are the slots of an expert cache, which later calls may refill
     before the backward runs (copies that autograd's version counters do not see), so the backward
@@ -544,20 +550,24 @@ class _FusedMoeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map,
+    def forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map,
                 host_w_gate_up, host_w_down, options):
         activation, gate_up_interleaved, gated, use_torch = options
-        ctx.options = options
-        ctx.through_map = expert_map is not None
-        if not ctx.through_map:
-            ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down)
         return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                                   host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, None,
                                   use_torch)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Kept apart from forward so torch.func transforms (grad, jacrev) can run the function.
+        hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map, _, _, options = inputs
+        ctx.options = options
+        ctx.through_map = expert_map is not None
+        if not ctx.through_map:
+            ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down)
+
+    @staticmethod
     def backward(ctx, grad_out):
-        refuse_double_backward("fused_moe")
         if ctx.through_map:
             raise RuntimeError("fused_moe has no gradients through an expert_map (experts served from an expert "
                                "cache's slots, which may have been refilled since the forward): run the forward "
