@@ -839,6 +839,27 @@ def test_gpu_static_cache_compiled_mla_decode():
     moecache.unpatch(model)
 
 
+def test_stats_follow_layers_copied_in_and_removed_after_patch():
+    """Regression: stats listed the layers as patched: a patched layer deep-copied into the model was not
+    counted (nor zeroed by reset_stats), and a removed one kept its name."""
+    model = MODELS["v2-q_lora"]()
+    moecache.patch(model)
+    assert [layer["name"] for layer in moecache.stats(model)["layers"]] == [
+        "model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
+    model.model.layers.append(copy.deepcopy(model.model.layers[1]))
+    del model.model.layers[0]
+    with torch.no_grad():
+        model(torch.randint(3, 96, (1, 4)), use_cache=False)
+    stats = moecache.stats(model)
+    assert [(layer["name"], layer["calls"]) for layer in stats["layers"]] == [
+        (f"model.layers.{i}.mlp.experts", 1) for i in range(3)]
+    assert [a["original"] for a in stats["attention"]] == [1, 1, 1] and stats["calls"] == 3
+    moecache.reset_stats(model)
+    stats = moecache.stats(model)
+    assert stats["calls"] == 0 and all(a["original"] == 0 for a in stats["attention"])
+    moecache.unpatch(model)
+
+
 def test_attention_left_alone_is_reported_once_with_a_count_and_in_stats(caplog):
     """A transformers version whose attention takes its cache under a name moecache does not know: one
     warning per patch() with the count and the reason, each module named in stats; strict raises."""

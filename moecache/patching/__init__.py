@@ -362,6 +362,29 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def _patched_in_tree(model: nn.Module, state: PatchState) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every experts and MLA module this patch made that the model holds now, in module
+    order: a layer copied in since patch is there, a layer removed since is not."""
+    known = {id(r.new) for r in state.replaced} | {id(r.hook) for r in state.replaced}
+
+    def mine(made) -> bool:
+        made_by = getattr(made, "__dict__", {}).get(_MADE_BY)
+        return id(made) in known or (made_by is not None and made_by() is state)
+
+    held = []
+    for name, parent in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr in ("moe_infer", "forward"):
+            override = parent.__dict__.get(attr)
+            if isinstance(override, HOOKS) and mine(override):  # list experts: named as find_experts names them
+                experts = override if isinstance(override, MoecacheExperts) else override.experts
+                held.append((name if getattr(override, "kind", None) == "switch" else prefix + "experts", experts))
+        for attr, child in parent._modules.items():
+            if isinstance(child, (MoecacheExperts, MoecacheMLA)) and mine(child):
+                held.append((prefix + attr, child))
+    return held
+
+
 def _restore_strays(model: nn.Module, state: PatchState) -> int:
     """Patched modules this state made but does not list, copied in since patch (`layers[2] =
     copy.deepcopy(layers[0])` deep-copies the patched modules with their originals): put back as the
@@ -451,9 +474,10 @@ def stats(model: nn.Module) -> dict:
     left_alone = list(model.__dict__.get(_LEFT_ALONE, []))
     if state is None:
         return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
-    layers = [{"name": r.name, "calls": r.new.calls, "tokens": r.new.tokens, "activation": r.new.layout.activation}
-              for r in state.replaced if isinstance(r.new, MoecacheExperts)]
-    attention = [{"layer": r.new.layer_idx, **r.new.calls} for r in state.replaced if isinstance(r.new, MoecacheMLA)]
+    held = _patched_in_tree(model, state)
+    layers = [{"name": name, "calls": m.calls, "tokens": m.tokens, "activation": m.layout.activation}
+              for name, m in held if isinstance(m, MoecacheExperts)]
+    attention = [{"layer": m.layer_idx, **m.calls} for _, m in held if isinstance(m, MoecacheMLA)]
     cache = state.cache.stats() if state.cache is not None else None
     if cache is not None:
         cache["wasted_prefetch_bytes"] = cache["wasted_prefetches"] * state.cache.record_bytes
@@ -470,11 +494,11 @@ def reset_stats(model: nn.Module) -> None:
     state: PatchState | None = _state_of(model)
     if state is None:
         raise ValueError("moecache.reset_stats: the model is not patched")
-    for r in state.replaced:
-        if isinstance(r.new, MoecacheExperts):
-            r.new.calls = r.new.tokens = 0
-        elif isinstance(r.new, MoecacheMLA):
-            r.new.calls = dict.fromkeys(r.new.calls, 0)
+    for _, m in _patched_in_tree(model, state):
+        if isinstance(m, MoecacheExperts):
+            m.calls = m.tokens = 0
+        else:
+            m.calls = dict.fromkeys(m.calls, 0)
     if state.cache is not None:
         state.cache.reset_stats()
     if state.predictor is not None:
