@@ -65,6 +65,11 @@ class PagedLatentLayer(CacheLayerMixin):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
+    def holds_an_empty_request(self) -> bool:
+        """Whether some request has no token stored yet (all its tokens so far were padding: a long left
+        padding prefilled in chunks). Host bookkeeping only: no sync."""
+        return self._host_lengths is not None and 0 in self._host_lengths
+
     def _publish_tables(self) -> None:
         width = max(1, max(len(t) for t in self._tables))
         table = torch.zeros(len(self._tables), width, dtype=torch.int32)

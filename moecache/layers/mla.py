@@ -124,8 +124,11 @@ class MoecacheMLA(nn.Module):
         rows = torch.cat([latent, k_rot.reshape(B, S, P).to(latent.dtype)], dim=-1)
         w_uk, w_uv = self.absorbed_weights()
 
-        if S == 1 and layer.is_initialized:
-            if not torch.compiler.is_compiling():
+        # A one-token step after the first is a decode step, whose mask is not read (a host sync), unless
+        # a request has stored nothing yet: its left padding is still being prefilled, one token a chunk.
+        compiling = torch.compiler.is_compiling()
+        if S == 1 and layer.is_initialized and (compiling or not layer.holds_an_empty_request()):
+            if not compiling:
                 self.calls["decode"] += 1
             layer.append(rows)
             # in the pages' dtype: under torch.autocast the einsum gives its lower dtype while the latent
