@@ -208,8 +208,9 @@ def mla_decode_short_splits(*args):
 
 
 def evaluate_targets(rows):
-    """The project's speed targets (absolute figures set against an H100's HBM; on other GPUs read the
-    rows' frac_hbm_read), judged on the moecache rows: [(target, 'pass'|'FAIL'|'n/a', detail)]."""
+    """The project's speed targets, judged on the moecache rows: [(target, 'pass'|'FAIL'|'n/a', detail)].
+    The first is the ratio target (80% of the HBM read rate measured in the same run); the absolute
+    figures after it were set against an H100's HBM and are diagnostics on other GPUs."""
     m = {(r["Hq"], r["B"], r["S"]): r for r in rows if r.get("method") == "moecache" and "us" in r}
 
     def check(name, keys, value, ok, fmt):
@@ -223,10 +224,13 @@ def evaluate_targets(rows):
         return r["gbps"]
 
     out = [
-        check(">= 2500 GB/s, 16 heads, B >= 64, S=4K", [(16, 64, 4096), (16, 128, 4096)], gbps,
+        check(">= 80% of the measured HBM read rate, 16 heads, B >= 64, S=4K", [(16, 64, 4096), (16, 128, 4096)],
+              lambda r: r.get("frac_hbm_read"), lambda v: v is not None and v >= 0.80,
+              lambda v: "no read ceiling" if v is None else f"{100 * v:.0f}%"),
+        check(">= 2500 GB/s (H100 figure), 16 heads, B >= 64, S=4K", [(16, 64, 4096), (16, 128, 4096)], gbps,
               lambda v: v >= 2500, lambda v: f"{v:.0f} GB/s"),
-        check(">= 1600 GB/s, 16 heads, B=8, S=4K", [(16, 8, 4096)], gbps, lambda v: v >= 1600, lambda v: f"{v:.0f} GB/s"),
-        check(">= 1800 GB/s, 16 heads, B=1, S=32K", [(16, 1, 32768)], gbps, lambda v: v >= 1800,
+        check(">= 1600 GB/s (H100 figure), 16 heads, B=8, S=4K", [(16, 8, 4096)], gbps, lambda v: v >= 1600, lambda v: f"{v:.0f} GB/s"),
+        check(">= 1800 GB/s (H100 figure), 16 heads, B=1, S=32K", [(16, 1, 32768)], gbps, lambda v: v >= 1800,
               lambda v: f"{v:.0f} GB/s"),
         # Judged on the back-to-back per-call time where measured (the single replay adds launch/event overhead).
         check("<= 12 us, 16 heads, B=1, S=4K", [(16, 1, 4096)], lambda r: (r.get("us_back_to_back", r["us"]), r["us"]),
@@ -437,7 +441,7 @@ def main(argv=None):
           f"{'vs absorbed/HF':<16}{'KV B/tok':>8}  err")
     print("\n".join(lines))
     if on_gpu:
-        print("\ntargets (absolute, set against an H100; judged on the moecache rows):")
+        print("\ntargets (the ratio first; then absolute figures set against an H100; moecache rows):")
         for name, status, detail in evaluate_targets(rows):
             print(f"  [{status:>4}] {name}: {detail}")
     if rows:

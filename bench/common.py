@@ -16,21 +16,25 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50-60 MB by their specifications)
-_flush_buffer = None
+_flush_buffer = _flush_sum = None
 
 
 def _flush_l2():
-    global _flush_buffer
+    """Evict L2 by reading a buffer four times its size. A read, not a write (zero_, as triton's do_bench
+    flushes): written lines stay dirty in L2, and the timed kernel would pay their write-back in HBM
+    traffic that the read ceiling (a plain sum) never pays."""
+    global _flush_buffer, _flush_sum
     if _flush_buffer is None:
-        _flush_buffer = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    _flush_buffer.zero_()
+        _flush_buffer = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+        _flush_sum = torch.empty((), dtype=torch.int64, device="cuda")
+    torch.sum(_flush_buffer, dtype=torch.int64, out=_flush_sum)
 
 
 def time_ms(fn, *, warmup: int = 5, rep: int = 50, flush_l2: bool = True, device=None) -> dict:
     """Median, min and max milliseconds of fn() over `rep` runs after `warmup` runs.
 
-    On CUDA each run is bracketed by events, with the L2 flushed before it (so weights come from HBM,
-    as they do in a real model where each layer's experts are touched once per step).
+    On CUDA each run is bracketed by events, with the L2 flushed before it by a read (so weights come
+    from HBM, as they do in a real model where each layer's experts are touched once per step).
     On CPU, perf_counter around each run.
     """
     on_gpu = (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda")
@@ -54,7 +58,10 @@ def time_ms(fn, *, warmup: int = 5, rep: int = 50, flush_l2: bool = True, device
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": rep}
+    result = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": rep}
+    if on_gpu and flush_l2:
+        result["l2_flush"] = "read"
+    return result
 
 
 def gpu_or_quick(quick: bool, name: str) -> tuple[bool, torch.device, torch.dtype]:

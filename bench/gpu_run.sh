@@ -7,8 +7,8 @@
 #   DRY_RUN=1 bash bench/gpu_run.sh     (CPU: the plan of both, nothing run)
 set -uo pipefail
 HERE=$(dirname "$0")
-TOTAL=${TOTAL:-540}
-SMOKE_BUDGET=${SMOKE_BUDGET:-290}
+TOTAL=${TOTAL:-570}
+SMOKE_BUDGET=${SMOKE_BUDGET:-350}
 T0=$(date +%s)
 BUDGET=$SMOKE_BUDGET bash "$HERE/gpu_smoke.sh"
 LEFT=$(( TOTAL - ($(date +%s) - T0) ))

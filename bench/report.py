@@ -1,5 +1,7 @@
 """The README's generated sections, from JSON rows (every number traces to a row):
 - "Results" (between results markers): the first H200 run's bench_e2e rows (a 4-layer schema);
+- the MoE layer and MLA decode tables (between moe-layer and mla markers): bench_moe and bench_mla rows
+  (bench/kernel_report.py);
 - "The study" (between study markers): bench_e2e.study rows (bench/bench_e2e.py now), with the
   trace-simulator and live host-backend cache rows of bench_cache as the CPU evidence on trained models.
 
@@ -156,7 +158,15 @@ def main(argv=None) -> int:
 
     # The study's rows file does not exist before its first GPU slice; its section then shows the CPU rows.
     rows = load(args.rows) if Path(args.rows).exists() or not args.cache_rows else []
-    if args.cache_rows or is_study(rows):
+    kinds = {r.get("benchmark", "") for r in rows}
+    if "bench_moe" in kinds or any(k.startswith("bench_mla") for k in kinds):
+        import kernel_report
+
+        if "bench_moe" in kinds:
+            text, start, end = kernel_report.moe_markdown(rows), kernel_report.MOE_START, kernel_report.MOE_END
+        else:
+            text, start, end = kernel_report.mla_markdown(rows), kernel_report.MLA_START, kernel_report.MLA_END
+    elif args.cache_rows or is_study(rows):
         cache_rows = load(args.cache_rows) if args.cache_rows else []
         if args.plots:
             draw(study_report.plots, rows, args.plots)

@@ -479,3 +479,38 @@ def test_report_regenerates_the_results_block_from_the_committed_rows(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert readme.read_text() == before  # the committed Results block is what the rows give; the study's untouched
+
+
+@pytest.mark.skipif(not (BENCH / "report.py").is_file(), reason="needs the source tree")
+@pytest.mark.parametrize("rows,marker", [("bench_moe.jsonl", "moe-layer"), ("bench_mla.jsonl", "mla")])
+def test_report_regenerates_the_kernel_tables_from_the_committed_rows(rows, marker, tmp_path):
+    """The MoE layer and MLA decode tables come from their rows (they were written by hand): the committed
+    rows give the committed tables, the newest row of each point where runs were appended."""
+    import json
+    import shutil
+
+    readme = tmp_path / "README.md"
+    shutil.copy(BENCH.parent / "README.md", readme)
+    before = readme.read_text()
+    assert f"<!-- {marker}:start -->" in before
+
+    def report(path):
+        return subprocess.run([sys.executable, str(BENCH / "report.py"), str(path), "--readme", str(readme)],
+                              capture_output=True, text=True, env=CPU_ENV, timeout=300, cwd=tmp_path)
+
+    proc = report(BENCH / "results" / rows)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert readme.read_text() == before
+    # a newer run of one point replaces that point's figures only
+    lines = (BENCH / "results" / rows).read_text().splitlines()
+    newer = [json.loads(line) for line in lines]
+    ours = next(r for r in reversed(newer) if r.get("method", r.get("provider", "")).startswith("moecache")
+                and r.get("us", r.get("ms")) is not None)
+    key = "us" if "us" in ours else "ms"
+    appended = tmp_path / rows
+    appended.write_text("\n".join(lines + [json.dumps({**ours, key: ours[key] * 2, "date": "2027-01-01"})]) + "\n")
+    assert report(appended).returncode == 0
+    after = readme.read_text()
+    assert after != before and "2026-12-04, 2027-01-01" in after
+    changed = [line for line in after.splitlines() if line not in before.splitlines()]
+    assert len(changed) == 2  # the provenance line and the one point's row

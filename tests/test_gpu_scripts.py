@@ -33,8 +33,12 @@ def test_dry_run_plans_every_stage_in_order(script, tmp_path):
         assert [s for s in order if f"{s}: ok" in summary] == order
         assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
     elif script == "gpu_bench.sh":
-        for name in ("bench_moe", "bench_e2e", "bench_mla", "kernel_times", "bench_prefetch", "tune"):
+        for name in ("bench_moe", "e2e-graph", "e2e-eager", "bench_mla", "kernel_times", "bench_prefetch", "tune"):
             assert f"{name}" in summary
+        # the targets' stages first: the layer, the whole model's graph decode, MLA, the prefetcher's overlap
+        first = ["bench_moe --shapes deepseek-v2-lite", "e2e-graph", "bench_mla", "bench_prefetch --parts overlap"]
+        assert [summary.index(name) for name in first] == sorted(summary.index(name) for name in first)
+        assert summary.index(first[-1]) < summary.index("e2e-eager") < summary.index("kernel_times")
     else:
         assert "study-slice-1: ok" in summary and "--slice 1" in log and "--deadline" in log
 
@@ -52,9 +56,13 @@ def test_study_slices_and_the_bench_point_name_known_configurations():
     assert set(module.GPU_SLICES[1]["models"].split(",")) >= {"moe-llava-phi2", "vl2-small", "llava-1.5-7b",
                                                               "llava-1.5-13b"}
     point = (BENCH / "gpu_bench.sh").read_text()
-    args = dict(re.findall(r"--(models|routing|policies|modes|providers|graph-providers) (\S+)", point))
-    module.check_grid(args["models"], args["routing"], args["policies"], args["modes"], args["providers"],
-                      args["graph-providers"])
+    common = dict(re.findall(r"--(models|routing) (\S+)", point))
+    stages = re.findall(r"^e2e (e2e-\w+) .*$", point, re.M)
+    assert stages == ["e2e-graph", "e2e-eager"]
+    for line in re.findall(r"^e2e e2e-\w+ .*$", point, re.M):
+        args = dict(re.findall(r"--(policies|modes|providers|graph-providers) (\S+?)}?(?:\s|$)", line))
+        module.check_grid(common["models"], common["routing"], args.get("policies", "predictive"), args["modes"],
+                          args["providers"], args.get("graph-providers"))
     with pytest.raises(SystemExit, match="--policies predictiv unknown"):
         module.check_grid("vl2-small", "replayed", "predictiv", None, "moecache")
     with pytest.raises(SystemExit, match="--graph-providers hf:compiled unknown"):
@@ -126,8 +134,10 @@ def test_the_bench_points_deadline_follows_its_stage_limit(tmp_path):
     to the budget left (regression: a fixed 130 s deadline under a cut limit got the run killed mid-way)."""
     import re
 
-    proc = _bash("bash bench/gpu_bench.sh", tmp_path, DRY_RUN="1", BUDGET="100", ONLY="bench_e2e")
+    proc = _bash("bash bench/gpu_bench.sh", tmp_path, DRY_RUN="1", BUDGET="100", ONLY="e2e-graph e2e-eager")
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "run.log").read_text()
-    limit, deadline = re.search(r"DRY_RUN: timeout (\d+) .*bench_e2e\.py.*--deadline (\d+)", log).groups()
-    assert int(limit) <= 95 and int(deadline) == int(limit) - 20
+    found = re.findall(r"DRY_RUN: timeout (\d+) .*bench_e2e\.py.*--deadline (\d+)", log)
+    assert len(found) == 2
+    for limit, deadline in found:
+        assert int(limit) <= 95 and int(deadline) == int(limit) - 20
