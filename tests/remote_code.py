@@ -66,6 +66,28 @@ class VL2MoE(torch.nn.Module):
         return new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1)).sum(dim=1).type(new_x.dtype)
 
 
+class FlatRoutesMoE(VL2MoE):
+    """DeepSeek-MoE's own code (deepseek-moe-16b): moe_infer takes the routes flattened token by token,
+    [T*K] ids and [T*K, 1] weights."""
+
+    def forward(self, hidden_states):
+        identity, shape = hidden_states, hidden_states.shape
+        topk_idx, topk_weight, _ = self.gate(hidden_states)
+        flat = hidden_states.view(-1, shape[-1])
+        y = self.moe_infer(flat, topk_idx.view(-1), topk_weight.view(-1, 1)).view(*shape)
+        return y + self.shared_experts(identity)
+
+    @torch.no_grad()
+    def moe_infer(self, x, flat_expert_indices, flat_expert_weights):
+        out = torch.zeros_like(x)
+        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.gate.top_k)
+        for i, expert in enumerate(self.experts):
+            chosen = flat_expert_indices == i
+            if chosen.any():
+                out.index_add_(0, tokens[chosen], expert(x[tokens[chosen]]) * flat_expert_weights[chosen].to(x.dtype))
+        return out
+
+
 class VL2LanguageModel(torch.nn.Module):
     def __init__(self, layers=3):
         super().__init__()

@@ -221,6 +221,25 @@ def test_full_size_shapes_build_on_the_meta_device_with_the_published_sizes():
     assert scaled_down("moe-llava-phi2") == scaled_down(SHAPES["moe-llava-phi2"])
 
 
+def test_scheduling_warns_that_batch_wide_capacity_routes_a_request_by_its_group(caplog):
+    """Regression: generate_scheduled said its outputs were plain greedy generate's, but DeepSpeed's gate
+    counts expert capacity over the batch (and samples the second expert), so a MoE-LLaVA request's
+    output changed with the requests grouped with it, silently."""
+    import logging
+
+    from moecache.cache.scheduler import generate_scheduled
+
+    model = tiny("moe-llava-stablelm")
+    moecache.patch(model)
+    prompts = torch.randint(3, 200, (3, 6), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        generate_scheduled(model, prompts, moecache.patched_experts(model), batch_size=2, max_new_tokens=2)
+    assert "routes by the batch" in caplog.text and "deepspeed_moe.gate" in caplog.text
+    with pytest.raises(ValueError, match="prompts holds no request"):
+        generate_scheduled(model, prompts[:0], moecache.patched_experts(model), batch_size=2)
+    moecache.unpatch(model)
+
+
 def test_unknown_shape_is_refused():
     with pytest.raises(ValueError, match="shape must be a LanguageModelShape or one of"):
         build_language_model("moe-llava-phi3")
@@ -251,6 +270,56 @@ def _qwen1_state(model, hidden):
         else:
             out[key] = t
     return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_reads_back_with_load_language_model(family, tmp_path):
+    """Regression: the config of a built (or loaded) model described no MoE layers, so its save_pretrained
+    checkpoint was refused by load_language_model for 'missing' dense MLP weights (and a Qwen one for its
+    qwen2 model_type). The config now carries MoE-LLaVA's moe section."""
+    from moecache.models.llava import load_language_model
+
+    model = tiny(family)
+    moecache.patch(model)  # saved while patched: the checkpoint is the model's own
+    model.save_pretrained(tmp_path)
+    moecache.unpatch(model)
+    saved = json.loads((tmp_path / "config.json").read_text())["moe"]
+    assert saved["moe_layers_idx"] == scaled_down(SHAPES[family]).moe_layers and saved["top_k_experts"] == 2
+    loaded = load_language_model(tmp_path)
+    ids = torch.randint(3, 256, (1, 9))
+    assert torch.equal(seeded(model_logits, loaded, ids), seeded(model_logits, model, ids))
+    assert loaded.config.moe == model.config.moe
+
+
+def test_offloading_layers_of_different_expert_counts_says_what_offload_needs(tmp_path):
+    """A checkpoint may give each MoE layer its own expert count (resident patching runs it); offload,
+    whose slots are all one size, refused with only the two layers' shapes."""
+    from moecache.models.llava import load_language_model
+
+    model = tiny("moe-llava-stablelm", num_experts=8)
+    moecache.patch(model)
+    model.save_pretrained(tmp_path)
+    moecache.unpatch(model)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["moe"]["num_experts"] = [4, 8]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    prefix = "model.layers.0.mlp.deepspeed_moe."
+    state = {k: v for k, v in state.items() if not any(k.startswith(f"{prefix}experts.deepspeed_experts.{e}.")
+                                                       for e in range(4, 8))}
+    state[f"{prefix}gate.wg.weight"] = state[f"{prefix}gate.wg.weight"][:4].contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    mixed = load_language_model(tmp_path)
+    before = model_snapshot(mixed)
+    with pytest.raises(ValueError, match=r"slots of one size, and these layers differ \(model\.layers\.0\..*: 4 experts"):
+        moecache.patch(mixed, offload=moecache.Offload(gpu_experts=0.5))
+    assert_model_restored(mixed, before)
+    moecache.patch(mixed)  # resident: each layer its own count
+    assert [layer["name"] for layer in moecache.stats(mixed)["layers"]] == [
+        "model.layers.0.mlp.deepspeed_moe.experts", "model.layers.2.mlp.deepspeed_moe.experts"]
+    moecache.unpatch(mixed)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

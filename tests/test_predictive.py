@@ -140,6 +140,39 @@ def test_record_routing_and_its_recall():
     moecache.unpatch(model)
 
 
+def test_scheduling_and_traces_read_routes_flattened_token_by_token():
+    """Regression: blocks whose moe_infer takes the routes flattened ([T*K] ids: DeepSeek-MoE's own code)
+    crashed generate_scheduled's routing pass and record_routing, and with one request a pass the
+    scheduler kept every prompt token's routes where last_tokens asked for the last ones."""
+    from moecache.cache.scheduler import prompt_routes
+
+    import remote_code
+
+    models = []
+    for cls in (remote_code.FlatRoutesMoE, remote_code.VL2MoE):  # the same weights, routes flat or [T, K]
+        model = builders.deepseek("v2", seed=1)
+        torch.manual_seed(5)
+        for layer in model.model.layers[1:]:
+            layer.mlp = cls(hidden=model.config.hidden_size)
+        builders.randomize(model)
+        moecache.patch(model.eval())
+        models.append(model)
+    flat, paired = models
+    prompts = torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))
+    experts = moecache.patched_experts(flat)
+    assert [e.stacked is not None for e in experts] == [True, True]
+    for last in (1, 3):
+        assert prompt_routes(flat, prompts, experts, last_tokens=last, batch_size=2) == prompt_routes(
+            paired, prompts, moecache.patched_experts(paired), last_tokens=last, batch_size=2)
+    with torch.no_grad():
+        plain = flat.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3, do_sample=False)
+    out, info = generate_scheduled(flat, prompts, experts, batch_size=2, schedule=True, max_new_tokens=3)
+    assert torch.equal(out, plain) and info["predicted_distinct_experts"] > 0
+    trace, _ = record_routing(flat, prompts[:1], experts, moecache.routers(flat), max_new_tokens=3)
+    assert trace.top_k == 2 and len(trace.steps) == 3  # the prompt, then two one-token steps
+    assert all(len(used) <= 2 for step in trace.steps[1:] for used in step)
+
+
 def test_trace_recall_on_a_hand_made_trace():
     """Layer 1 used {1, 2, 3} then {4, 5}; predicted {1, 2, 9} then {4}: recall 3/5 (step 0 skipped)."""
     trace = RoutingTrace(num_layers=2, num_experts=10, top_k=2, depth=1,

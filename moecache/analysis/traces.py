@@ -79,7 +79,7 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        top_k_index = module.routes_by_token(hidden, args[1] if len(args) > 1 else kwargs["top_k_index"])
         layer = index[id(module)]
         if layer == 0:
             trace.steps.append([None] * trace.num_layers)

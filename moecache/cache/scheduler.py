@@ -3,14 +3,18 @@ each decode step touches fewer distinct experts, hence fewer loads when experts 
 
 Requests are grouped once, from the routing of their prompts (a cheap predictor of where their decode
 tokens go: routing is temporally local); each group then generates with its own KV cache, so every
-request's cache is exactly what it would be in any other grouping, and greedy outputs do not change.
+request's cache is exactly what it would be in any other grouping, and greedy outputs do not change
+where each token is routed on its own (not by a gate whose expert capacity counts the batch's tokens).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def group_by_routes(routes: list[set], batch_size: int) -> list[list[int]]:
@@ -53,7 +57,8 @@ def prompt_routes(model, prompts: torch.Tensor, experts: list, *, last_tokens: i
     current: list[int] = []
 
     def hook(module, args, kwargs):
-        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k_index = module.routes_by_token(hidden, args[1] if len(args) > 1 else kwargs["top_k_index"])
         layer = index[id(module)]
         ids = top_k_index.reshape(len(current), -1, top_k_index.shape[-1])[:, -last_tokens:].reshape(len(current), -1)
         for row, request in enumerate(current):
@@ -86,8 +91,17 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
 
     The outputs are plain greedy generate's over all prompts at once: a request stops at EOS and its row
     is padded with the pad token to the longest output (pass min_new_tokens=max_new_tokens, as the
-    benchmarks do, for outputs of a fixed length)."""
+    benchmarks do, for outputs of a fixed length). Except where routing depends on the batch: a gate
+    with an expert capacity counted over the batch's tokens (DeepSpeed-MoE's, MoE-LLaVA's; Switch's)
+    or a sampled second expert routes a request by the requests grouped with it (a warning says so)."""
     _check_one_greedy_output(model, generate_kwargs)
+    if prompts.shape[0] == 0:
+        raise ValueError("generate_scheduled: prompts holds no request (shape [0, S])")
+    gate = _batch_dependent_gate(model)
+    if gate is not None:
+        logger.warning("generate_scheduled: %s routes by the batch (an expert capacity counted over the batch's "
+                       "tokens, or a sampled second expert): a request's output can change with the requests "
+                       "grouped with it, scheduled or in order", gate)
     n = prompts.shape[0]
     mask = _inferred_mask(model, prompts, generate_kwargs) if attention_mask is None else attention_mask
     start = time.perf_counter()
@@ -114,6 +128,15 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
         pad = _pad_token(model, generate_kwargs)
         outputs = [torch.cat([o, o.new_full((longest - o.shape[0],), pad)]) for o in outputs]
     return torch.stack(outputs), info
+
+
+def _batch_dependent_gate(model) -> str | None:
+    """A gate whose choices depend on the other tokens of the batch, named, or None."""
+    for name, module in model.named_modules():
+        if getattr(module, "capacity_factor", None) is not None and getattr(module, "drop_tokens", True) \
+                or getattr(module, "top2_2nd_expert_sampling", False) or getattr(module, "expert_capacity", None):
+            return f"{name} ({type(module).__name__})"
+    return None
 
 
 def _check_one_greedy_output(model, generate_kwargs: dict) -> None:

@@ -79,6 +79,15 @@ class MoecacheExperts(nn.Module):
             b_gate_up, b_down = self.gate_up_proj_bias, self.down_proj_bias
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
+    @staticmethod
+    def routes_by_token(hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """The ids as [T, K]: blocks that flatten their routes token by token (DeepSeek-MoE's moe_infer)
+        pass [T*K] ids (what a forward pre-hook on this module sees)."""
+        if top_k_index.dim() != 1:
+            return top_k_index
+        T = hidden_states.shape[0]
+        return top_k_index.view(T, top_k_index.numel() // T if T else 1)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing():
             raise RuntimeError("torch.jit.trace records the experts this call's routes chose, and drops those other "
@@ -88,10 +97,9 @@ class MoecacheExperts(nn.Module):
             raise TypeError(f"moecache's experts compute in fp16, bf16 or fp32, and this model runs in "
                             f"{hidden_states.dtype}: run it unpatched (moecache.unpatch(model))")
         layout = self.layout
-        if top_k_index.dim() == 1:  # routes flattened token by token ([T*K] ids, [T*K, 1] weights)
-            T = hidden_states.shape[0]
-            K = top_k_index.numel() // T if T else 1
-            top_k_index, top_k_weights = top_k_index.view(T, K), top_k_weights.reshape(T, K)
+        if top_k_index.dim() == 1:
+            top_k_index = self.routes_by_token(hidden_states, top_k_index)
+            top_k_weights = top_k_weights.reshape(top_k_index.shape)
         if not torch.compiler.is_compiling():
             if self.hook_count[0]:
                 raise ValueError("a hook was registered after moecache.patch on a part of these experts the kernels "

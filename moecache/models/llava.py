@@ -113,7 +113,28 @@ class QwenMLP(nn.Module):
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 
-def _config(shape: LanguageModelShape):
+def _moe_section(shape: LanguageModelShape, num_experts: list[int] | None = None) -> dict:
+    """MoE-LLaVA's `moe` entry of config.json for this shape: save_pretrained writes it, so
+    load_language_model reads the model back with its MoE layers."""
+    layers = shape.moe_layers
+    # The Qwen family is built on a Qwen2 config with Qwen-1's MLPs (w1, w2, c_proj of the config's
+    # intermediate size, where Qwen-1's own config.json gives twice that): said here so it reads back.
+    section = {"qwen1_mlp": True} if shape.base == "qwen" else {}
+    if not layers:
+        return {**section, "moe_enable": False}
+    return {**section, "moe_enable": True, "moe_layers_idx": list(layers),
+            "num_experts": list(num_experts) if num_experts else [shape.num_experts] * len(layers),
+            "top_k_experts": shape.top_k, "capacity_factor": shape.capacity_factor,
+            "eval_capacity_factor": shape.eval_capacity_factor, "min_capacity": shape.min_capacity}
+
+
+def _config(shape: LanguageModelShape, num_experts: list[int] | None = None):
+    config = _base_config(shape)
+    config.moe = _moe_section(shape, num_experts)
+    return config
+
+
+def _base_config(shape: LanguageModelShape):
     import transformers
 
     common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -268,14 +289,16 @@ def _shape_from_config(cfg: dict) -> tuple[LanguageModelShape, list[int] | None]
     if isinstance(cfg.get("text_config"), dict) and not all(k in cfg for k in _REQUIRED_FIELDS):
         raise ValueError("config.json keeps the language model under text_config (the llava-hf layout); "
                          "moecache loads the original LLaVA / MoE-LLaVA layout, with the fields at the top level")
-    if model_type not in _MODEL_TYPES:
+    moe = cfg.get("moe") or {}
+    built_qwen = model_type == "qwen2" and moe.get("qwen1_mlp") is True  # saved from moecache's Qwen build
+    if model_type not in _MODEL_TYPES and not built_qwen:
         raise ValueError(f"config.json model_type {model_type!r} is not one of {sorted(_MODEL_TYPES)}")
     absent = [k for k in _REQUIRED_FIELDS if k not in cfg]
     if absent:
         raise ValueError(f"config.json lacks {', '.join(absent)}")
-    base = _MODEL_TYPES[model_type]
-    moe = cfg.get("moe") or {}
-    ffn = cfg["intermediate_size"] // 2 if base == "qwen" else cfg["intermediate_size"]  # Qwen-1: w1, w2 of half
+    base = "qwen" if built_qwen else _MODEL_TYPES[model_type]
+    # Qwen-1's config.json: w1, w2 of half its intermediate_size
+    ffn = cfg["intermediate_size"] // 2 if base == "qwen" and not built_qwen else cfg["intermediate_size"]
     layers_idx = moe.get("moe_layers_idx") if moe.get("moe_enable", bool(moe)) else None
     num_experts = moe.get("num_experts") if layers_idx else None
     if isinstance(num_experts, int):
@@ -348,7 +371,7 @@ def load_language_model(path: str | Path, *, dtype: torch.dtype | None = None, d
     shape, num_experts = _shape_from_config(cfg)
     saved = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     dtype = dtype or getattr(torch, saved, torch.float32)
-    config = _config(shape)
+    config = _config(shape, num_experts)
     _check_architecture(path, cfg, config)
     with compat.skip_weight_init(), torch.device(device):
         model = _causal_lm_class(shape.base)(config)

@@ -176,6 +176,11 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if len(devices) != 1:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
+    sizes = {(experts_shape(f)[0], _record_bytes(f)) for f in found}
+    if len(sizes) != 1:
+        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {_record_bytes(f)} bytes" for f in found)
+        raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size, and these "
+                         f"layers differ ({described}); patch without offload to run them resident")
     device = devices.pop()
     if device.type == "meta":
         raise ValueError("offload: the experts are on the meta device (not loaded)")
