@@ -19,15 +19,16 @@ _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50-6
 _flush_buffer = _flush_sum = None
 
 
-def _flush_l2():
+def _flush_l2(device="cuda"):
     """Evict L2 by reading a buffer four times its size. A read, not a write (zero_, as triton's do_bench
     flushes): written lines stay dirty in L2, and the timed kernel would pay their write-back in HBM
     traffic that the read ceiling (a plain sum) never pays."""
     global _flush_buffer, _flush_sum
-    if _flush_buffer is None:
-        _flush_buffer = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-        _flush_sum = torch.empty((), dtype=torch.int64, device="cuda")
-    torch.sum(_flush_buffer, dtype=torch.int64, out=_flush_sum)
+    if _flush_buffer is None or _flush_buffer.device.type != torch.device(device).type:
+        _flush_buffer = torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _flush_sum = torch.empty((), dtype=torch.int64, device=device)
+    torch.sum(_flush_buffer, dim=0, dtype=torch.int64, out=_flush_sum)
+    return _flush_sum
 
 
 def time_ms(fn, *, warmup: int = 5, rep: int = 50, flush_l2: bool = True, device=None) -> dict:

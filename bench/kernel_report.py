@@ -46,7 +46,9 @@ def moe_markdown(rows: list[dict]) -> str:
         get = {p: latest.get((name, T, p)) for p in ("moecache:graph", "grouped_mm:graph", "moecache:eager",
                                                       "grouped_mm:eager", "hf_loop:eager")}
         ours_graph, ours_eager = get["moecache:graph"], get["moecache:eager"]
-        any_row = next(r for r in get.values() if r is not None)
+        any_row = next((r for r in get.values() if r is not None), None)
+        if any_row is None:  # only providers this table has no column for
+            continue
         if ours_graph is not None and ours_graph.get("frac_hbm_read") is not None:
             figure = f"{ours_graph['frac_hbm_read']:.0%}"
         elif ours_eager is not None and T >= COMPUTE_BOUND_TOKENS and ours_eager.get("frac_matmul") is not None:

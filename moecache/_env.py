@@ -2,6 +2,7 @@
 Triton itself reads once, when a kernel is decorated: moecache.kernels takes it at import."""
 import logging
 import os
+import sys
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -30,20 +31,25 @@ def log_level() -> str | None:
     return name
 
 
-class _StderrUnlessHandled(logging.StreamHandler):
-    """Prints a record to stderr where no other handler on its way to the root logger takes it: an
-    application that configured no logging still sees what MOECACHE_LOGLEVEL asked for (the standard
-    library's last resort prints warnings and above only), and one that did sees each record once."""
+class _StderrUnlessHandled(logging.Handler):
+    """Prints a record to stderr (the one sys.stderr is at the time) where no other handler on its way
+    to the root logger takes it at its level: an application that configured no logging still sees what
+    MOECACHE_LOGLEVEL asked for (the standard library's last resort prints warnings and above only), and
+    one that did sees each record once."""
 
     def emit(self, record: logging.LogRecord) -> None:
         logger = logging.getLogger(record.name)
         while logger is not None:
-            if any(h is not self and not isinstance(h, logging.NullHandler) for h in logger.handlers):
+            if any(h is not self and not isinstance(h, logging.NullHandler) and record.levelno >= h.level
+                   for h in logger.handlers):
                 return
             if not logger.propagate:
                 break
             logger = logger.parent
-        super().emit(record)
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must not raise (Handler.handleError's contract)
+            self.handleError(record)
 
 
 def configure_logging() -> None:

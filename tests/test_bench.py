@@ -514,3 +514,23 @@ def test_report_regenerates_the_kernel_tables_from_the_committed_rows(rows, mark
     assert after != before and "2026-12-04, 2027-01-01" in after
     changed = [line for line in after.splitlines() if line not in before.splitlines()]
     assert len(changed) == 2  # the provenance line and the one point's row
+
+
+@pytest.mark.skipif(not (BENCH / "common.py").is_file(), reason="needs the source tree")
+def test_the_l2_flush_reads_its_buffer_and_the_mla_targets_judge_the_ratio_first():
+    """Regression: the read-based flush called torch.sum with out= but no dim, which raises on every
+    device: every GPU timing would have failed. Checked here on the CPU; and bench_mla's first target is
+    the issue's ratio, judged on the committed H200 rows."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_mla
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    total = common._flush_l2("cpu")
+    assert int(total) == common._L2_FLUSH_BYTES // 4 and total.dtype == torch.int64
+    rows = [json.loads(line) for line in (BENCH / "results" / "bench_mla.jsonl").read_text().splitlines()]
+    name, status, detail = bench_mla.evaluate_targets(rows)[0]
+    assert name.startswith(">= 80% of the measured HBM read rate") and (status, detail) == ("FAIL", "Hq16 B64 S4096: 34%")

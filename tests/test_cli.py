@@ -62,13 +62,15 @@ def test_bad_loglevel_warns_and_keeps_the_default(level):
     assert "MOECACHE_LOGLEVEL" in proc.stderr and "not a logging level" in proc.stderr
 
 
-@pytest.mark.parametrize("configured", [False, True], ids=["no-logging-setup", "basicConfig"])
+@pytest.mark.parametrize("configured", [None, "logging.basicConfig()",
+                                        "logging.basicConfig(); logging.getLogger().handlers[0].setLevel('WARNING')"],
+                         ids=["no-logging-setup", "basicConfig", "a-warnings-only-handler"])
 def test_loglevel_info_shows_what_patch_replaced_once(configured):
     """Regression: MOECACHE_LOGLEVEL=INFO set the level, but a script that configured no logging saw
     nothing (the library's only handler was a NullHandler)."""
     env = {**os.environ, "MOECACHE_LOGLEVEL": "INFO", "MOECACHE_BACKEND": "torch"}
     script = ("import logging, sys, torch, transformers, moecache\n"
-              + ("logging.basicConfig()\n" if configured else "")
+              + (configured + "\n" if configured else "")
               + "config = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, "
                 "moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, "
                 "num_experts=4, num_experts_per_tok=2, head_dim=8)\n"

@@ -559,7 +559,8 @@ class _FusedMoeFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # Kept apart from forward so torch.func transforms (grad, jacrev) can run the function.
+        # Kept apart from forward so torch.func's grad can run the function (vmap, hence jacrev, cannot:
+        # the kernels take no batched tensors).
         hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map, _, _, options = inputs
         ctx.options = options
         ctx.through_map = expert_map is not None
