@@ -133,8 +133,9 @@ def generate_scheduled(model, prompts: torch.Tensor, experts: list, *, batch_siz
 def _batch_dependent_gate(model) -> str | None:
     """A gate whose choices depend on the other tokens of the batch, named, or None."""
     for name, module in model.named_modules():
-        if getattr(module, "capacity_factor", None) is not None and getattr(module, "drop_tokens", True) \
-                or getattr(module, "top2_2nd_expert_sampling", False) or getattr(module, "expert_capacity", None):
+        drops_past_capacity = getattr(module, "capacity_factor", None) is not None and getattr(module, "drop_tokens", True)
+        if drops_past_capacity or getattr(module, "top2_2nd_expert_sampling", False) \
+                or getattr(module, "expert_capacity", None):
             return f"{name} ({type(module).__name__})"
     return None
 

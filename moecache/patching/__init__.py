@@ -362,9 +362,27 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def _patched_in_tree(model: nn.Module, state: PatchState) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every experts and MLA module this patch made that the model holds now, in module
-    order: a layer copied in since patch is there, a layer removed since is not."""
+@dataclass
+class _Held:
+    """A module (or, for list experts, a method override) this patch made, where the model holds it now."""
+
+    name: str              # as stats names it (list experts: as find_experts names them)
+    parent: nn.Module
+    attr: str
+    made: object           # parent._modules[attr], or the override in parent.__dict__[attr]
+    module: nn.Module      # the MoecacheExperts or MoecacheMLA
+    listed: bool           # made at patch (in state.replaced), not copied in since
+
+    @property
+    def is_override(self) -> bool:
+        return self.parent.__dict__.get(self.attr) is self.made
+
+
+def _patched_in_tree(model: nn.Module, state: PatchState) -> list[_Held]:
+    """Every experts and MLA module this patch made that the model holds now, in module order: a layer
+    copied in since patch is there (a copy keeps the weak reference to the state, which a deep copy does
+    not copy), a layer removed since is not. Modules another patch made (of a model inside, or around)
+    are that patch's."""
     known = {id(r.new) for r in state.replaced} | {id(r.hook) for r in state.replaced}
 
     def mine(made) -> bool:
@@ -376,45 +394,33 @@ def _patched_in_tree(model: nn.Module, state: PatchState) -> list[tuple[str, nn.
         prefix = f"{name}." if name else ""
         for attr in ("moe_infer", "forward"):
             override = parent.__dict__.get(attr)
-            if isinstance(override, HOOKS) and mine(override):  # list experts: named as find_experts names them
+            if isinstance(override, HOOKS) and mine(override):
                 experts = override if isinstance(override, MoecacheExperts) else override.experts
-                held.append((name if getattr(override, "kind", None) == "switch" else prefix + "experts", experts))
+                label = name if getattr(override, "kind", None) == "switch" else prefix + "experts"
+                held.append(_Held(label, parent, attr, override, experts, id(override) in known))
         for attr, child in parent._modules.items():
             if isinstance(child, (MoecacheExperts, MoecacheMLA)) and mine(child):
-                held.append((prefix + attr, child))
+                held.append(_Held(prefix + attr, parent, attr, child, child, id(child) in known))
     return held
 
 
 def _restore_strays(model: nn.Module, state: PatchState) -> int:
     """Patched modules this state made but does not list, copied in since patch (`layers[2] =
     copy.deepcopy(layers[0])` deep-copies the patched modules with their originals): put back as the
-    others (a copy keeps the weak reference to the state, which a deep copy does not copy). Modules
-    another patch made (of a model inside, or around) are that patch's. Returns how many."""
-    known = {id(r.new) for r in state.replaced} | {id(r.hook) for r in state.replaced}
-
-    def stray(made) -> bool:
-        made_by = getattr(made, "__dict__", {}).get(_MADE_BY)
-        return id(made) not in known and made_by is not None and made_by() is state
-
-    strays = 0
-    for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
-            if isinstance(child, (MoecacheExperts, MoecacheMLA)) and stray(child):
-                _put_original_back(child, [(parent, attr)])
-                if isinstance(child, MoecacheExperts):
-                    _give_back_parameters(child, child.original)
-                unwatch_tree(child.original)
-                strays += 1
-        for attr in ("moe_infer", "forward"):
-            override = parent.__dict__.get(attr)
-            if isinstance(override, HOOKS) and stray(override):
-                del parent.__dict__[attr]
-                experts = override if isinstance(override, MoecacheExperts) else override.experts
-                _unstack(experts)
-                for mlp in experts.stacked.experts:
-                    unwatch_tree(mlp)
-                strays += 1
-    return strays
+    others. Returns how many."""
+    strays = [h for h in _patched_in_tree(model, state) if not h.listed]
+    for h in strays:
+        if h.is_override:
+            del h.parent.__dict__[h.attr]
+            _unstack(h.module)
+            for mlp in h.module.stacked.experts:
+                unwatch_tree(mlp)
+        else:
+            _put_original_back(h.module, [(h.parent, h.attr)])
+            if isinstance(h.module, MoecacheExperts):
+                _give_back_parameters(h.module, h.module.original)
+            unwatch_tree(h.module.original)
+    return len(strays)
 
 
 def _put_original_back(new: nn.Module, holders) -> None:
@@ -475,9 +481,9 @@ def stats(model: nn.Module) -> dict:
     if state is None:
         return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
     held = _patched_in_tree(model, state)
-    layers = [{"name": name, "calls": m.calls, "tokens": m.tokens, "activation": m.layout.activation}
-              for name, m in held if isinstance(m, MoecacheExperts)]
-    attention = [{"layer": m.layer_idx, **m.calls} for _, m in held if isinstance(m, MoecacheMLA)]
+    layers = [{"name": h.name, "calls": h.module.calls, "tokens": h.module.tokens,
+               "activation": h.module.layout.activation} for h in held if isinstance(h.module, MoecacheExperts)]
+    attention = [{"layer": h.module.layer_idx, **h.module.calls} for h in held if isinstance(h.module, MoecacheMLA)]
     cache = state.cache.stats() if state.cache is not None else None
     if cache is not None:
         cache["wasted_prefetch_bytes"] = cache["wasted_prefetches"] * state.cache.record_bytes
@@ -494,11 +500,11 @@ def reset_stats(model: nn.Module) -> None:
     state: PatchState | None = _state_of(model)
     if state is None:
         raise ValueError("moecache.reset_stats: the model is not patched")
-    for _, m in _patched_in_tree(model, state):
-        if isinstance(m, MoecacheExperts):
-            m.calls = m.tokens = 0
+    for h in _patched_in_tree(model, state):
+        if isinstance(h.module, MoecacheExperts):
+            h.module.calls = h.module.tokens = 0
         else:
-            m.calls = dict.fromkeys(m.calls, 0)
+            h.module.calls = dict.fromkeys(h.module.calls, 0)
     if state.cache is not None:
         state.cache.reset_stats()
     if state.predictor is not None:
