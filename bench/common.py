@@ -17,6 +17,9 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50-60 MB by their specifications)
 _flush_buffer = _flush_sum = None
+# one id per benchmark process: the rows of one run share their ceilings and conditions, so a report pairs
+# a point's providers from one run only, even after runs were appended to the same file
+RUN_ID = f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
 def _flush_l2(device="cuda"):
@@ -122,6 +125,7 @@ def environment() -> dict:
         "commit": git_commit(),
         "source_digest": source_digest(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run": RUN_ID,
     }
     for name in ("triton", "transformers", "moecache"):  # transformers: the hf baselines depend on it
         try:

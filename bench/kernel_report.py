@@ -1,17 +1,41 @@
 """The README's kernel tables, from JSON rows (every number traces to a row): the MoE layer against
 grouped_mm (bench_moe rows) and MLA decode against the absorbed torch version and transformers
-(bench_mla rows). When runs were appended, the newest row of each point and provider counts.
+(bench_mla rows). When runs were appended, each point shows the newest run that measured moecache there,
+every provider from that run (a ratio never pairs rows of different runs).
 
     python bench/report.py bench/results/bench_moe.jsonl --readme README.md
     python bench/report.py bench/results/bench_mla.jsonl --readme README.md
 """
 from __future__ import annotations
 
+import json
+
 MOE_START, MOE_END = "<!-- moe-layer:start -->", "<!-- moe-layer:end -->"
 MLA_START, MLA_END = "<!-- mla:start -->", "<!-- mla:end -->"
 SHAPE_NAMES = {"deepseek-v2-lite/vl2-small": "V2-Lite/VL2-Small", "mixtral-8x7b": "Mixtral-8x7B",
                "qwen3-30b-a3b": "Qwen3-30B-A3B", "vl2-base": "VL2-base"}
 COMPUTE_BOUND_TOKENS = 1024  # from here on a point's figure is TFLOP/s against the matmul ceiling
+
+
+def _run(row: dict):
+    """Rows written before runs carried an id: one process measured its ceilings once, so they mark its rows."""
+    return row.get("run") or (row.get("device"), row.get("commit"), json.dumps(row.get("ceilings"), sort_keys=True))
+
+
+def _newest_run_of_each_point(rows, point_of, provider_of, is_ours, has_value) -> dict:
+    """{point + (provider,): row} from the newest run that measured moecache at that point (a later row of the
+    same run and provider replaces an earlier one unless it holds no figure)."""
+    run_of_point = {}
+    for r in rows:
+        if is_ours(r):
+            run_of_point[point_of(r)] = _run(r)
+    chosen = {}
+    for r in rows:
+        point = point_of(r)
+        key = point + (provider_of(r),)
+        if point in run_of_point and _run(r) == run_of_point[point] and (has_value(r) or key not in chosen):
+            chosen[key] = r
+    return chosen
 
 
 def _ms(value) -> str:
@@ -30,15 +54,14 @@ def _provenance(rows) -> str:
 
 def moe_markdown(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark") == "bench_moe"]
-    latest, order = {}, []
-    for r in rows:
-        point = (r["shape"]["name"], r["shape"]["T"])
-        if point not in order:
-            order.append(point)
-        latest[point + (r["provider"],)] = r
+    order = list(dict.fromkeys((r["shape"]["name"], r["shape"]["T"]) for r in rows))
+    latest = _newest_run_of_each_point(rows, lambda r: (r["shape"]["name"], r["shape"]["T"]),
+                                       lambda r: r["provider"],
+                                       lambda r: r["provider"].startswith("moecache") and r.get("ms") is not None,
+                                       lambda r: r.get("ms") is not None)
     shapes = list(dict.fromkeys(name for name, _ in order))
     points = sorted(order, key=lambda p: (shapes.index(p[0]), p[1]))
-    lines = [_provenance(rows), "",
+    lines = [_provenance(latest.values()), "",
              "| shape | T | experts | moecache graph ms | HBM read | grouped_mm graph ms | x | moecache eager ms | "
              "grouped_mm eager ms | x | HF loop ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -68,14 +91,11 @@ def moe_markdown(rows: list[dict]) -> str:
 
 def mla_markdown(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("benchmark", "").startswith("bench_mla")]
-    latest, order = {}, []
-    for r in rows:
-        point = (r["Hq"], r["B"], r["S"])
-        if point not in order:
-            order.append(point)
-        if r.get("us") is not None or r.get("skipped") or (point + (r["method"],)) not in latest:
-            latest[point + (r["method"],)] = r
-    lines = [_provenance(rows), "",
+    order = list(dict.fromkeys((r["Hq"], r["B"], r["S"]) for r in rows))
+    latest = _newest_run_of_each_point(rows, lambda r: (r["Hq"], r["B"], r["S"]), lambda r: r["method"],
+                                       lambda r: r["method"] == "moecache" and r.get("us") is not None,
+                                       lambda r: r.get("us") is not None or bool(r.get("skipped")))
+    lines = [_provenance(latest.values()), "",
              "| heads | B | S | moecache us | GB/s | HBM read | absorbed torch us | x | transformers us | x |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for Hq, B, S in sorted(order, key=lambda p: (p[1], p[2], p[0])):

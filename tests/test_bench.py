@@ -516,6 +516,34 @@ def test_report_regenerates_the_kernel_tables_from_the_committed_rows(rows, mark
     assert len(changed) == 2  # the provenance line and the one point's row
 
 
+@pytest.mark.skipif(not (BENCH / "kernel_report.py").is_file(), reason="needs the source tree")
+def test_kernel_tables_never_pair_rows_of_different_runs():
+    """Regression: the newest row of each provider counted, so a partial rerun appended to the file (here a
+    new grouped_mm row only, or a new moecache row only) put one run's time beside another's in a ratio."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kernel_report
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [json.loads(line) for line in (BENCH / "results" / "bench_moe.jsonl").read_text().splitlines()]
+    point = next(r for r in rows if r["provider"] == "moecache:graph")
+    same_point = [r for r in rows if r["shape"] == point["shape"]]
+    committed = kernel_report.moe_markdown(rows)
+    prefix = f"| {kernel_report.SHAPE_NAMES[point['shape']['name']]} | {point['shape']['T']} |"
+    baseline_only = next(r for r in same_point if r["provider"] == "grouped_mm:graph")
+    later = {**baseline_only, "ms": baseline_only["ms"] / 3, "run": "later", "date": "2027-01-01T00:00:00+00:00"}
+    assert kernel_report.moe_markdown(rows + [later]) == committed  # no moecache row in that run: point unchanged
+    ours_only = {**point, "ms": point["ms"] / 2, "run": "later", "date": "2027-01-01T00:00:00+00:00"}
+    table = kernel_report.moe_markdown(rows + [ours_only])
+    new_row = next(line for line in table.splitlines() if line.startswith(prefix))
+    cells = [c.strip() for c in new_row.strip("|").split("|")]
+    assert cells[3] == kernel_report._ms(point["ms"] / 2)
+    assert cells[5] == cells[6] == cells[7] == cells[8] == cells[9] == cells[10] == ""  # nothing from the old run
+    assert table.splitlines()[0].endswith("2026-12-04, 2027-01-01.")
+
+
 @pytest.mark.skipif(not (BENCH / "common.py").is_file(), reason="needs the source tree")
 def test_the_l2_flush_reads_its_buffer_and_the_mla_targets_judge_the_ratio_first():
     """Regression: the read-based flush called torch.sum with out= but no dim, which raises on every
