@@ -737,6 +737,28 @@ def test_a_latent_cache_with_too_few_layers_is_a_clear_error():
     moecache.unpatch(model)
 
 
+def test_generate_with_a_preallocated_latent_cache_too_short_is_refused_before_the_first_token():
+    """Regression: a compiled forward's writes past max_cache_len are not checked (an index error, or rows
+    written into a page's spare rows and read as tokens); generate now says so before it starts."""
+    model = _deepseek("v2")
+    moecache.patch(model)
+    ids = torch.randint(3, 96, (1, 6))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    short = LatentKVCache(model.config.num_hidden_layers, block_size=4, max_cache_len=10)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"holds 10 tokens per request \(max_cache_len\), and "
+                                                          r"this generate stores up to 11 .*max_cache_len >= 11"):
+        model.generate(ids, max_new_tokens=6, do_sample=False, **{model_cache_argument(model): short})
+    assert calls == []
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+        exact = LatentKVCache(model.config.num_hidden_layers, block_size=4, max_cache_len=10)
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False,
+                                          **{model_cache_argument(model): exact}), expected)
+    handle.remove()
+    moecache.unpatch(model)
+
+
 def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched():
     model = MODELS["v2-q_lora"]()
     moecache.patch(model, attention=False)

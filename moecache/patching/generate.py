@@ -79,6 +79,8 @@ class LatentCacheDefault:
         result = getattr(type(model), HOOK)(model, generation_config, model_kwargs, *args, **kwargs)
         key = compat.generate_cache_key(model_kwargs)
         cache = model_kwargs.get(key) if key else None
+        if isinstance(cache, LatentKVCache):
+            _check_room(cache, generation_config)
         if cache is None or getattr(cache, "_is_user_defined", False) or isinstance(cache, LatentKVCache) \
                 or getattr(generation_config, "cache_implementation", None) not in REPLACED_CACHES:
             return result
@@ -96,6 +98,17 @@ class LatentCacheDefault:
             model_kwargs[key] = LatentKVCache(num_layers, block_size=kv_block_size(),
                                               max_cache_len=max_len if max_len > 0 else None)
         return result
+
+
+def _check_room(cache: LatentKVCache, generation_config) -> None:
+    """A preallocated cache too short for this generate: said before the first token, since a compiled
+    forward's writes are not checked on the host (past the pages they would fail on an index, or land
+    in a page's spare rows and be read as tokens)."""
+    stored = getattr(generation_config, "max_length", None)
+    if cache.max_cache_len is not None and stored is not None and stored - 1 > cache.max_cache_len:
+        raise ValueError(f"the LatentKVCache passed to generate holds {cache.max_cache_len} tokens per request "
+                         f"(max_cache_len), and this generate stores up to {stored - 1} (max_length "
+                         f"{stored} less the last token): build it with max_cache_len >= {stored - 1}")
 
 
 def _generating_modules(model: nn.Module) -> list[nn.Module]:
