@@ -313,7 +313,7 @@ def test_offloading_layers_of_different_expert_counts_says_what_offload_needs(tm
     save_file(state, str(tmp_path / "model.safetensors"))
     mixed = load_language_model(tmp_path)
     before = model_snapshot(mixed)
-    with pytest.raises(ValueError, match=r"slots of one size, and these layers differ \(model\.layers\.0\..*: 4 experts"):
+    with pytest.raises(ValueError, match=r"slots of one size and dtype, and these layers differ \(model\.layers\.0\..*: 4 experts"):
         moecache.patch(mixed, offload=moecache.Offload(gpu_experts=0.5))
     assert_model_restored(mixed, before)
     moecache.patch(mixed)  # resident: each layer its own count

@@ -446,6 +446,21 @@ def test_experts_spread_over_devices_are_refused_for_offload():
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, kept)
 
 
+def test_offload_of_layers_in_different_dtypes_names_each_layer():
+    """Regression: bf16 and fp16 layers (slots of one size) got the expert cache's own message, which named
+    layers by their index in its list and not offload's way out."""
+    model = build("mixtral")
+    model.model.layers[1].mlp.experts.to(torch.bfloat16)
+    for layer in (0, 2):
+        model.model.layers[layer].mlp.experts.to(torch.float16)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"slots of one size and dtype, and these layers differ \(model\.layers\.0\."
+                                         r"mlp\.experts: 8 experts of \d+ bytes in torch\.float16, model\.layers\.1\."
+                                         r"mlp\.experts: 8 experts of \d+ bytes in torch\.bfloat16, .*convert them"):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    assert_restored(model, before)
+
+
 def test_patching_an_offloaded_model_with_another_offload_is_refused():
     """Regression: the second request was ignored without a word. The same request again changes nothing."""
     model = build("mixtral")

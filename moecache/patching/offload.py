@@ -176,11 +176,13 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if len(devices) != 1:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
-    sizes = {(experts_shape(f)[0], _record_bytes(f)) for f in found}
+    sizes = {(experts_shape(f)[0], _record_bytes(f), _experts_dtype(f)) for f in found}
     if len(sizes) != 1:
-        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {_record_bytes(f)} bytes" for f in found)
-        raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size, and these "
-                         f"layers differ ({described}); patch without offload to run them resident")
+        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {_record_bytes(f)} bytes in "
+                              f"{_experts_dtype(f)}" for f in found)
+        raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size and "
+                         f"dtype, and these layers differ ({described}); convert them to one dtype, or patch "
+                         "without offload to run them resident")
     device = devices.pop()
     if device.type == "meta":
         raise ValueError("offload: the experts are on the meta device (not loaded)")
@@ -188,6 +190,12 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
         raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
     offload.slots(len(found), experts_shape(found[0])[0], _record_bytes(found[0]))  # a budget error, before stacking
+
+
+def _experts_dtype(found) -> torch.dtype:
+    if found.names is None:
+        return found.module.gate_up_proj.dtype
+    return getattr(found.mlps[0], found.names.gate).weight.dtype
 
 
 def _record_bytes(found: FoundExperts) -> int:
