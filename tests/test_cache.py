@@ -147,6 +147,27 @@ def test_layer_output_matches_reference(slots, T, misses, backend):
             assert s["in_place_reads"] == s["misses"] > 0 and s["bytes_copied"] == 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rounds_run_no_expert_on_a_token_not_routed_to_it(backend, dtype):
+    """Regression: rounds pointed the routes outside a round at an expert of the round with weight 0, so
+    that expert ran on tokens not routed to it, and an output not finite there (an fp16 overflow) made
+    0 * inf = NaN in a token whose own experts are finite."""
+    L, E, H, I, K, T = 1, 6, 32, 16, 2, 7
+    layers = random_layers(L, E, H, I, dtype=dtype)
+    layers[0][1][0, 3, 5] = float("inf")  # every output of expert 0 is not finite
+    x = torch.randn(T, H, dtype=dtype)
+    w, ids = route_reference(torch.randn(T, E), K)
+    ids[:2] = torch.tensor([[0, 1], [1, 0]], dtype=ids.dtype)  # two tokens routed to expert 0, the rest not
+    ids[2:] = torch.tensor([[2, 3], [4, 5], [3, 4], [5, 2], [2, 4]], dtype=ids.dtype)
+    ref = fused_moe_reference(x, *layers[0], w, ids)
+    with ExpertCache(layers, num_slots=2) as cache:  # 6 experts routed, 2 slots: 3 rounds
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses="copy", backend=backend).cpu()
+    assert not ref[:2].isfinite().all(dim=1).any() and not out[:2].isfinite().all(dim=1).any()
+    assert out[2:].isfinite().all()
+    assert_close(out[2:], ref[2:], dtype)
+
+
 @pytest.mark.parametrize("misses", ["copy", "in_place"])
 def test_non_gated_experts_are_one_record_each(misses):
     """fc1 [I, H] and fc2 [H, I] share one record; a pool below the active experts still matches."""

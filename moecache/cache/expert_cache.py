@@ -475,12 +475,16 @@ class ExpertCache:
     def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, extra):
         """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.
 
-        Each round computes every routed row, with the weights of experts outside the round zeroed and
-        their map entries pointed at a slot of the round (no extra PCIe bytes; ids stay distinct per row),
-        and the rounds add up in a fixed order. Biases belong to their expert's rows, so a row outside the
-        round contributes nothing either way (its weight is zero).
+        Each round computes only the routes (token, k) to its experts, one route a row, so an expert
+        never runs on a token not routed to it (a weight of zero would not hide an output that is not
+        finite there: 0 * inf is NaN). The routes are added k by k, each k's tokens distinct, so the sum
+        is the same in every run.
         """
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        T, K = topk_ids.shape
+        route_ids = topk_ids.t().reshape(-1)  # k-major: route k * T + t
+        route_weights = topk_weights.t().reshape(-1, 1)
+        route_tokens = torch.arange(T, device=x.device).repeat(K)
         remaining = list(needed)
         while True:
             resident = {e: s for e, s in zip(remaining, lease.slots) if s >= 0}
@@ -498,10 +502,14 @@ class ExpertCache:
                 filler = next(iter(resident.values()))
                 local_map = torch.full((self.num_experts,), filler, dtype=torch.int32)
                 local_map[list(resident)] = torch.tensor(list(resident.values()), dtype=torch.int32)
-                in_round = torch.isin(topk_ids, torch.tensor(list(resident), device=topk_ids.device))
-                weights = torch.where(in_round, topk_weights, torch.zeros_like(topk_weights))
-                out += ops.fused_moe(x, self._slot_gate_up, self._slot_down, weights, topk_ids,
-                                     expert_map=local_map.to(self.device), **extra).float()
+                routes = torch.isin(route_ids, torch.tensor(list(resident), device=route_ids.device)).nonzero()[:, 0]
+                tokens = route_tokens[routes]
+                rows = ops.fused_moe(x[tokens], self._slot_gate_up, self._slot_down, route_weights[routes],
+                                     route_ids[routes, None], expert_map=local_map.to(self.device), **extra)
+                k_of_route = routes // T
+                for k in range(K):
+                    of_k = k_of_route == k
+                    out.index_add_(0, tokens[of_k], rows[of_k].float())
             remaining = [e for e in remaining if e not in resident]
             if not remaining:
                 return out.to(x.dtype)
