@@ -112,8 +112,9 @@ def markdown(rows) -> str:
     rows = e2e_rows(rows)
     if not rows:
         return "No bench_e2e rows yet.\n"
-    device, date = rows[0]["device"], rows[0]["date"][:10]
-    lines = [f"Measured on {device}, {date} (bench_e2e rows; `layers` built of `full_layers`; full-depth "
+    devices = ", ".join(sorted({r["device"] for r in rows}))
+    dates = ", ".join(sorted({r["date"][:10] for r in rows}))  # appended runs: each row is its own run's figure
+    lines = [f"Measured on {devices}, {dates} (bench_e2e rows; `layers` built of `full_layers`; full-depth "
              "tokens/s = decode tokens/s x layers / full_layers, the whole step scaled, its fixed costs (lm_head, "
              "generate's host work) included: a lower bound).", "",
              "| model | mix | batch | provider | mode | prefill tok/s | decode tok/s | decode tok/s (full depth) "
