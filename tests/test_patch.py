@@ -461,6 +461,27 @@ def test_offload_of_layers_in_different_dtypes_names_each_layer():
     assert_restored(model, before)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_unpatch_after_a_conversion_that_makes_new_parameters_restores_the_offloaded_experts(family):
+    """Regression: under torch's overwrite-on-conversion flag, model.float() puts new (empty) Parameter objects
+    on the offloaded experts; unpatch copied the weights into the old ones, then gave the original the new,
+    empty ones: the experts' weights were lost."""
+    model = build(family)
+    before, ids = snapshot(model), torch.randint(3, 96, (1, 6))
+    expected = logits(model, ids)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.float()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    assert_close(logits(model, ids), expected, torch.float32)
+    moecache.unpatch(model)
+    assert_restored(model, before)
+    assert torch.equal(logits(model, ids), expected)
+
+
 def test_patching_an_offloaded_model_with_another_offload_is_refused():
     """Regression: the second request was ignored without a word. The same request again changes nothing."""
     model = build("mixtral")

@@ -359,7 +359,9 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
         else:
             if module.layout.transposed:
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-            for param, src in ((module.original.gate_up_proj, gate_up), (module.original.down_proj, down)):
+            # the Parameters the patched module holds now: unpatch gives those to the original (a conversion
+            # under torch's overwrite-on-conversion flag, or a load with assign=True, made new ones)
+            for param, src in ((module.gate_up_proj, gate_up), (module.down_proj, down)):
                 # a copy: never a view of the store the cache is about to release
                 param.data = src.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format,
                                     copy=True)
