@@ -338,6 +338,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             logger.info("moecache.unpatch: %s is not patched", type(model).__name__)
         return model
     experts = [r.new for r in state.replaced if isinstance(r.new, MoecacheExperts)]
+    _check_no_parametrization(model, state, experts)
     for handle in state.hooks:
         handle.remove()
     if state.cache is not None:
@@ -360,6 +361,22 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(model, _STATE)
     logger.info("moecache.unpatch: restored %d modules", len(state.replaced) + strays)
     return model
+
+
+def _check_no_parametrization(model: nn.Module, state: PatchState, experts: list[MoecacheExperts]) -> None:
+    """A parametrization registered on patched experts cannot move to the original module exactly (its
+    right_inverse would run again on the weights): refused before unpatch changes anything."""
+    from torch.nn.utils import parametrize
+
+    names = {id(h.module): h.name for h in _patched_in_tree(model, state)}
+    for module in dict.fromkeys([*experts, *(h.module for h in _patched_in_tree(model, state))]):
+        if isinstance(module, MoecacheExperts) and parametrize.is_parametrized(module):
+            tensors = ", ".join(module.parametrizations.keys())
+            raise ValueError(f"moecache.unpatch: the patched experts {names.get(id(module), type(module).__name__)} "
+                             f"hold a parametrization of {tensors} (torch.nn.utils.parametrize, registered after "
+                             "patch), which unpatch cannot carry to the original module; remove it first "
+                             "(parametrize.remove_parametrizations(module, name, leave_parametrized=True) keeps "
+                             "its values) and unpatch again. Nothing was changed")
 
 
 @dataclass

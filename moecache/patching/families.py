@@ -214,10 +214,28 @@ def _activation_of_fused(module: nn.Module, config) -> str:
     return ACTIVATIONS[name]
 
 
+PARAMETRIZED = ("parametrized (torch.nn.utils.parametrize): the kernels read parameters, not what a "
+                "parametrization computes from them")
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
         return False
+    return _fused_shapes(module, gate_up, down)
+
+
+def is_parametrized_fused_experts(module: nn.Module) -> bool:
+    """Fused experts whose gate_up_proj or down_proj a torch parametrization computes."""
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(module, name) for name in ("gate_up_proj", "down_proj")):
+        return False
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and _fused_shapes(module, gate_up, down)
+
+
+def _fused_shapes(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
         return False
     if compat.experts_flags(module)[0]:
@@ -332,6 +350,8 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
             for attr, child in parent.named_children():
                 if isinstance(child, MoecacheExperts) or is_fused_experts(child):
                     found.append(FoundExperts(prefix + attr, parent, attr, child))
+                elif unsupported is not None and is_parametrized_fused_experts(child):
+                    unsupported.append((prefix + attr, type(child).__name__, PARAMETRIZED))
     return found
 
 
