@@ -754,6 +754,30 @@ def test_offloaded_state_dict_holds_the_real_weights_and_save_pretrained_round_t
     moecache.unpatch(model)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_resident_patched_model_pickles_and_its_copy_runs_and_unpatches(family):
+    """Regression: pickle and torch.save of a resident patched model failed on a weak reference (cannot
+    pickle 'weakref.ReferenceType'), with no word of unpatch; a layer pickles without the whole model."""
+    import io
+    import pickle
+
+    model, ids = build(family), torch.randint(3, 96, (1, 6))
+    before, expected = snapshot(model), logits(model, ids)
+    moecache.patch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    layer = pickle.dumps(model.model.layers[0].mlp.experts)
+    assert len(layer) < len(buffer.getvalue()) / 2
+    assert_close(logits(loaded, ids), expected, torch.float32)
+    assert moecache.stats(loaded)["patched"]
+    moecache.unpatch(loaded)
+    assert_restored(loaded, before)
+    assert not any(isinstance(m, MoecacheExperts) for m in loaded.modules())
+    moecache.unpatch(model)
+    assert_restored(model, before)
+
+
 def test_offloaded_model_refuses_deepcopy_pickle_and_conversion_clearly():
     import copy
     import io

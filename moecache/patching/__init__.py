@@ -294,9 +294,30 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     for r in [*new_experts, *new_attention]:  # a copy of one (a layer deep-copied into the model) says whose
         for made in {id(r.new): r.new, id(r.hook): r.hook}.values():
             if made is not None:
-                made.__dict__[_MADE_BY] = weakref.ref(state)
+                made.__dict__[_MADE_BY] = _MadeBy(state)
     if state.replaced:
         setattr(model, _STATE, state)
+
+
+class _MadeBy:
+    """A weak reference to the patch state that made a module: a deep copy of a layer keeps pointing at
+    the same state; a pickle drops it (the state would drag the whole model into a pickle of one layer;
+    an unpickled model knows its modules from its own state's records)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state):
+        self._state = weakref.ref(state) if state is not None else None
+
+    def __call__(self):
+        return self._state() if self._state is not None else None
+
+    def __reduce__(self):
+        return _MadeBy, (None,)
+
+    def __deepcopy__(self, memo):
+        state = self()
+        return _MadeBy(memo.get(id(state), state))
 
 
 def _restack_after_load(stacked, module, incompatible_keys) -> None:
