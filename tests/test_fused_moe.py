@@ -661,13 +661,21 @@ def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
              "combine.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, '
                              '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1, "COMBINE": "atomic"}}}}' % key,
              "decodecombine.json": '{"configs": {"%s": {"32": {"path": "decode", "BLOCK_N": 16, "BLOCK_K": 16, '
-                                   '"num_warps": 4, "num_stages": 1, "COMBINE": "separate"}}}}' % key}
+                                   '"num_warps": 4, "num_stages": 1, "COMBINE": "separate"}}}}' % key,
+             # regression: the launcher's optional keys were not checked (GROUP_M 0 divided by zero in the
+             # tile order and left the output unwritten; BLOCK_N_DOWN 48 failed in the compiler)
+             "groupm.json": '{"configs": {"%s": {"32": {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, '
+                            '"BLOCK_K": 16, "num_warps": 4, "num_stages": 1, "GROUP_M": 0}}}}' % key,
+             "bndown.json": '{"configs": {"%s": {"1": {"path": "decode", "BLOCK_N": 16, "BLOCK_K": 16, '
+                            '"num_warps": 4, "num_stages": 1, "BLOCK_N_DOWN": 48}}}}' % key}
+    messages = {"groupm.json": "GROUP_M must be a positive integer, got 0",
+                "bndown.json": "BLOCK_N_DOWN must be a positive integer power of two, got 48"}
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)
         monkeypatch.setenv("MOECACHE_MOE_CONFIG", str(path))
         api._TUNED_CACHE.clear()
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=name + ".*" + messages.get(name, "")):
             api.tuned_configs(torch.device("cuda" if DEVICE == "cuda" else "cpu"))
     api._TUNED_CACHE.clear()
 

@@ -126,6 +126,7 @@ def tuned_configs(device: torch.device) -> dict | None:
 
 _CONFIG_KEYS = {"decode": ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
                 "grouped": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+_OPTIONAL_KEYS = ("BLOCK_N_DOWN", "GROUP_M")  # the launcher's defaults stand in where a table has none
 
 
 def _read_table(file) -> dict:
@@ -154,7 +155,7 @@ def _read_table(file) -> dict:
             if "COMBINE" in config and (path != "grouped" or config["COMBINE"] not in COMBINES):
                 raise ValueError(f"{name}: COMBINE (grouped path only) must be one of {list(COMBINES)}, "
                                  f"got {config['COMBINE']!r} on the {path} path")
-            for k in _CONFIG_KEYS[path]:
+            for k in (*_CONFIG_KEYS[path], *(k for k in _OPTIONAL_KEYS if k in config)):
                 v = config.get(k)
                 power_of_two = k.startswith("BLOCK") or k == "num_warps"
                 if not (isinstance(v, int) and not isinstance(v, bool) and v > 0
