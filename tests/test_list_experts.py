@@ -300,13 +300,14 @@ def test_offloaded_expert_mlps_called_directly_say_why():
         assert torch.equal(expert.fc1.bias, fresh.fc1.bias)
 
 
-@pytest.mark.parametrize("into", ["model", "experts-holder", "one-expert"])
+@pytest.mark.parametrize("into", ["model", "experts-holder", "one-expert", "one-linear"])
 def test_load_state_dict_with_assign_into_any_expert_restacks(into):
     """Regression: only expert 0's first weight was looked at, so loading another expert's weights with
     assign=True left the kernels on the old ones until unpatch; a load into a module inside the model
-    (the experts' holder, one expert) ran no restack at all (1.08 relative off)."""
+    (the experts' holder, one expert, one expert's linear layer) ran no restack at all (1.08 relative off)."""
     prefix = {"model": "", "experts-holder": "deepspeed_moe.experts.deepspeed_experts.",
-              "one-expert": "deepspeed_moe.experts.deepspeed_experts.2."}[into]
+              "one-expert": "deepspeed_moe.experts.deepspeed_experts.2.",
+              "one-linear": "deepspeed_moe.experts.deepspeed_experts.2.fc1."}[into]
     full = "deepspeed_moe.experts.deepspeed_experts.2.fc1.weight"
     new = {full[len(prefix):]: torch.randn(24, 16)}
     layer, reference = moe_layer(), moe_layer()

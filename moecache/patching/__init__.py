@@ -287,9 +287,13 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
             state.hooks += install_state_hooks(model, [r.new for r in new_experts])
         else:
             for r in new_experts:
-                for mlp in r.new.stacked.experts if r.new.stacked is not None else ():
-                    # on each MLP: a load into it, or into any module above it, runs its hooks
-                    state.hooks.append(mlp.register_load_state_dict_post_hook(partial(_restack_after_load, r.new.stacked)))
+                stacked = r.new.stacked
+                for mlp in stacked.experts if stacked is not None else ():
+                    # on each MLP and each of its linear layers: a load into one, or into any module above
+                    # it, runs its hooks (a restack done already is not done again)
+                    for module in (mlp, *(getattr(mlp, n) for n in (*stacked.names.rows, stacked.names.down))):
+                        state.hooks.append(module.register_load_state_dict_post_hook(
+                            partial(_restack_after_load, stacked)))
     settle_hooks(watched)
     for r in [*new_experts, *new_attention]:  # a copy of one (a layer deep-copied into the model) says whose
         for made in {id(r.new): r.new, id(r.hook): r.hook}.values():
