@@ -300,6 +300,26 @@ def test_offloaded_expert_mlps_called_directly_say_why():
         assert torch.equal(expert.fc1.bias, fresh.fc1.bias)
 
 
+def test_offloaded_list_experts_give_their_weights_to_a_state_dict_at_any_level_and_refuse_loads():
+    """Regression: state_dict() of one expert MLP, or of one of its linear layers, held the freed (0,)
+    weights (the layer above held the real ones); a load into a linear layer failed on a size mismatch."""
+    layer = moe_layer()
+    builders.randomize(layer)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    moecache.patch(layer, offload=moecache.Offload(gpu_experts=0.5))
+    assert layer.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    prefix = "deepspeed_moe.experts.deepspeed_experts.2."
+    for module, at in ((experts_of(layer)[2], prefix), (experts_of(layer)[2].fc2, prefix + "fc2.")):
+        state = module.state_dict()
+        assert state.keys() == {k[len(at):] for k in before if k.startswith(at)}
+        assert all(torch.equal(v, before[at + k]) for k, v in state.items())
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            module.load_state_dict({k: v + 1 for k, v in state.items()})
+    moecache.unpatch(layer)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
 @pytest.mark.parametrize("into", ["model", "experts-holder", "one-expert", "one-linear"])
 def test_load_state_dict_with_assign_into_any_expert_restacks(into):
     """Regression: only expert 0's first weight was looked at, so loading another expert's weights with

@@ -275,8 +275,8 @@ class _OffloadHook:
 
 
 class _OffloadedState(_OffloadHook):
-    """state_dict() of an offloaded layer: the master copies from the host store, in place of the freed
-    device parameters (clones: the store stays the cache's)."""
+    """state_dict() of an offloaded fused experts module: the master copies from the host store, in place
+    of the freed device parameters."""
 
     def __init__(self, module: MoecacheExperts):
         # Weakly: the hook lives in the module's own hook table, and a strong reference back would keep a
@@ -289,18 +289,40 @@ class _OffloadedState(_OffloadHook):
         if not isinstance(provider, OffloadedExperts):
             return
         gate_up, down = provider.cache.host_weights(provider.layer)
-        # In the dtype the model's parameters now have (a conversion after patch, which forward refuses,
-        # still gives a checkpoint of one dtype), as unpatch would restore them.
-        if module.stacked is not None:
-            weights = module.stacked.per_layer(gate_up, down)
+        if module.layout.transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        _put_masters(state_dict, prefix, {"gate_up_proj": gate_up, "down_proj": down})
+
+
+class _OffloadedLinearState(_OffloadHook):
+    """state_dict() of one linear layer of an offloaded list expert (so of any module above it too): its
+    weight's master copy from the host store."""
+
+    def __init__(self, module: MoecacheExperts, expert: int, linear: str):
+        self.module, self.expert, self.linear = weakref.ref(module), expert, linear  # weakly: as above
+
+    def __call__(self, _, state_dict, prefix, local_metadata):
+        module = self.module()
+        provider = module.provider
+        if not isinstance(provider, OffloadedExperts):
+            return
+        gate_up, down = provider.cache.host_weights(provider.layer)
+        names = module.stacked.names
+        if self.linear == names.down:
+            weight = down[self.expert]
         else:
-            if module.layout.transposed:
-                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-            weights = {"gate_up_proj": gate_up, "down_proj": down}
-        for name, tensor in weights.items():
-            freed = state_dict.get(prefix + name)  # the emptied parameter, in the dtype it now has
-            dtype = tensor.dtype if freed is None else freed.dtype
-            state_dict[prefix + name] = tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
+            inter, row = down.shape[2], names.rows.index(self.linear)
+            weight = gate_up[self.expert, row * inter:(row + 1) * inter]
+        _put_masters(state_dict, prefix, {"weight": weight})
+
+
+def _put_masters(state_dict: dict, prefix: str, weights: dict) -> None:
+    """Clones (the store stays the cache's), in the dtype the model's parameters now have (a conversion
+    after patch, which forward refuses, still gives a checkpoint of one dtype), as unpatch restores them."""
+    for name, tensor in weights.items():
+        freed = state_dict.get(prefix + name)  # the emptied parameter, in the dtype it now has
+        dtype = tensor.dtype if freed is None else freed.dtype
+        state_dict[prefix + name] = tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 class _RefuseLoad(_OffloadHook):
@@ -325,8 +347,15 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
     handles = []
     holders = set()
     for module in modules:
-        target = module.original if module.stacked is not None else module
-        handles.append(target.register_state_dict_post_hook(_OffloadedState(module)))
+        if module.stacked is None:
+            handles.append(module.register_state_dict_post_hook(_OffloadedState(module)))
+        else:  # on each linear layer: a state_dict of it, its expert or anything above gets the masters
+            names = module.stacked.names
+            for e, mlp in enumerate(module.stacked.experts):
+                for linear in (*names.rows, names.down):
+                    handles.append(getattr(mlp, linear).register_state_dict_post_hook(
+                        _OffloadedLinearState(module, e, linear)))
+                    holders.add(id(getattr(mlp, linear)))
         holders.update(id(m) for m in (module, module.original))
         if module.stacked is not None:
             handles += [mlp.register_forward_pre_hook(_RefuseMLPCall()) for mlp in module.stacked.experts]
