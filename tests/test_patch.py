@@ -789,12 +789,31 @@ def test_offloaded_model_refuses_deepcopy_pickle_and_conversion_clearly():
     with pytest.raises(TypeError, match="cannot be pickled or copied"):
         torch.save(model, io.BytesIO())
     model.to(torch.float64)
-    with pytest.raises(TypeError, match="unpatched"):
+    with pytest.raises(TypeError, match="converted .* after moecache offloaded its experts"):
         model_logits(model, torch.randint(3, 96, (1, 4)))
     # The state dict is of one dtype, the experts' included (regression: they stayed float32).
     assert {t.dtype for t in model.state_dict().values()} == {torch.float64}
     model.to(torch.float32)
     moecache.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_an_offloaded_model_converted_there_and_back_is_refused_and_a_no_op_conversion_is_not(family):
+    """Regression: after model.half().float() the forward was accepted (fp32 again) and computed with the
+    masters as they were at patch, while the model's other weights were rounded (1e-4 to 2e-3 relative
+    off a model given the same conversion)."""
+    model, ids = build(family), torch.randint(3, 96, (1, 6))
+    expected = logits(model, ids)
+    experts_before = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
+    moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    model.float()  # a no-op: the same storage
+    assert_close(logits(model, ids), expected, torch.float32)
+    model.half().float()
+    with pytest.raises(TypeError, match=r"converted \(model\.half\(\), \.to\(dtype\) and the like\) after "
+                                        r"moecache offloaded its experts.*unpatch\(model\), convert, then patch"):
+        logits(model, ids)
+    moecache.unpatch(model)  # the experts come back as they were at patch: the conversion never reached them
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in experts_before.items())
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])

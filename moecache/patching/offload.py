@@ -332,6 +332,34 @@ class _RefuseLoad(_OffloadHook):
                            "loaded")
 
 
+class _RefuseConverted(_OffloadHook):
+    """A conversion of the model (model.half(), .to(dtype), even .half().float()) gives the freed
+    parameters new storage but never reaches the masters in the host store: the forward refuses, where
+    it would compute with weights the model no longer says it has."""
+
+    def __init__(self, module: MoecacheExperts):
+        self.module = weakref.ref(module)  # weakly: as _OffloadedState
+        self.storage = _first_freed(module).untyped_storage()._cdata
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return
+        module = self.module()
+        if module is not None and isinstance(module.provider, OffloadedExperts) \
+                and _first_freed(module).untyped_storage()._cdata != self.storage:
+            raise TypeError("the model was converted (model.half(), .to(dtype) and the like) after moecache "
+                               "offloaded its experts: their weights stay in the expert cache as they were at "
+                               "patch, which the conversion never reached. Call moecache.unpatch(model), convert, "
+                               "then patch it again")
+
+
+def _first_freed(module: MoecacheExperts) -> torch.Tensor:
+    """The parameter whose storage a conversion replaces, as it does every other one's."""
+    if module.stacked is None:
+        return module.gate_up_proj
+    return getattr(module.stacked.experts[0], module.stacked.names.gate).weight
+
+
 class _RefuseMLPCall(_OffloadHook):
     def __call__(self, *args, **kwargs):
         raise RuntimeError("an expert MLP whose weights moecache offloaded was called directly (a family's "
@@ -347,6 +375,7 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
     handles = []
     holders = set()
     for module in modules:
+        handles.append(module.register_forward_pre_hook(_RefuseConverted(module)))
         if module.stacked is None:
             handles.append(module.register_state_dict_post_hook(_OffloadedState(module)))
         else:  # on each linear layer: a state_dict of it, its expert or anything above gets the masters
