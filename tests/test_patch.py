@@ -482,6 +482,22 @@ def test_unpatch_after_a_conversion_that_makes_new_parameters_restores_the_offlo
     assert torch.equal(logits(model, ids), expected)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_train_and_eval_while_patched_reach_the_original_experts(family):
+    """Regression: the patched experts started in training mode in a model patched in eval mode, and
+    model.train() while patched never reached the original experts (still eval after unpatch)."""
+    model = build(family).eval()
+    moecache.patch(model)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    moecache.unpatch(model)
+    assert all(m.training for m in model.modules())
+    moecache.patch(model)
+    model.eval()
+    moecache.unpatch(model)
+    assert not any(m.training for m in model.modules())
+
+
 class _Scale(torch.nn.Module):
     def forward(self, weight):
         return 1.5 * weight

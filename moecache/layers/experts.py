@@ -42,6 +42,7 @@ class MoecacheExperts(nn.Module):
     def __init__(self, original: nn.Module, layout: ExpertsLayout, *, stacked=None):
         super().__init__()
         object.__setattr__(self, "original", original)
+        self.training = original.training
         self.layout = layout
         self.stacked = stacked
         if stacked is None:
@@ -61,6 +62,12 @@ class MoecacheExperts(nn.Module):
         self.hook_count = [0]
         self.calls = 0
         self.tokens = 0
+
+    def train(self, mode: bool = True):
+        # model.train() / eval() reach this module in the original's place: the original (back at unpatch)
+        # keeps the flag; its children are this module's and follow through super().train.
+        self.original.training = mode
+        return super().train(mode)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I or I, H], [E, H, I]) views of the resident weights (no copies)."""
