@@ -1,6 +1,7 @@
 #include "cache_core.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <stdexcept>
 #include <string>
@@ -97,8 +98,17 @@ int CacheCore::choose_victim(bool for_prefetch, float min_priority) {
   return best;
 }
 
+int CacheCore::empty_slot() const {
+  if (filled_ >= num_slots_) return -1;
+  for (int s = 0; s < num_slots_; ++s) {
+    if (slots_[s].layer < 0 && slots_[s].leases == 0) return s;
+  }
+  return -1;
+}
+
 void CacheCore::assign(int s, int layer, int expert, Plan& plan) {
   Slot& slot = slots_[s];
+  if (slot.layer < 0) filled_ += 1;
   if (slot.layer >= 0) {
     Expert& old = state(slot.layer, slot.expert);
     old.slot = -1;
@@ -137,6 +147,7 @@ std::uint64_t CacheCore::submit(Plan& plan, std::uintptr_t compute_stream) {
       Slot& slot = slots_[w.value];
       state(slot.layer, slot.expert).slot = -1;
       slot.layer = slot.expert = -1;
+      filled_ -= 1;
       slot.ready_ticket = 0;
       slot.prefetched_unused = false;
     }
@@ -264,7 +275,10 @@ bool CacheCore::wait_for_release(double timeout_ms, std::uint64_t since) {
   std::unique_lock<std::mutex> lock(mu_);
   check_open();
   if (releases_ > since) return true;
-  if (leases_.empty()) return false;  // nothing held: nothing will be released
+  // nothing held (a lease protecting no slot frees nothing when released): nothing will be released
+  if (std::none_of(leases_.begin(), leases_.end(), [](const auto& lease) { return !lease.second.empty(); })) {
+    return false;
+  }
   // A day at most: longer (or infinite) durations overflow the clock's arithmetic; NaN waits not at all.
   const double ms = timeout_ms >= 0 ? std::min(timeout_ms, 86400e3) : 0.0;
   return released_.wait_for(lock, std::chrono::duration<double, std::milli>(ms),
@@ -281,7 +295,8 @@ std::size_t CacheCore::leases_held() {
   return leases_.size();
 }
 
-std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& experts, bool in_place) {
+std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& experts, bool in_place,
+                                        const std::vector<int>& copied) {
   clock_ += 1;
   const std::uint64_t landed = engine_->completed();
   std::vector<int> resident;
@@ -301,7 +316,7 @@ std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& expe
     } else {
       stats_.misses += 1;
       stats_.layer_misses[layer] += 1;
-      if (in_place) stats_.in_place_reads += 1;
+      if (in_place && std::find(copied.begin(), copied.end(), e) == copied.end()) stats_.in_place_reads += 1;
     }
   }
   return resident;
@@ -320,21 +335,53 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, co
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
   engine_->note_stream(compute_stream);
-  account_uses(layer, experts, /*in_place=*/true);
+  const std::vector<int> wanted = unique_sorted(experts);
+  std::vector<int> copied;  // misses an empty slot takes: a pool that is not full fills on demand
+  if (filled_ < num_slots_) {
+    int empty = num_slots_ - filled_;
+    for (int e : wanted) {
+      if (empty == 0) break;
+      if (state(layer, e).slot < 0) {
+        copied.push_back(e);
+        empty -= 1;
+      }
+    }
+    if (!copied.empty()) engine_->check_not_capturing(compute_stream);
+  }
+  account_uses(layer, experts, /*in_place=*/true, copied);
   const std::uint64_t landed = engine_->completed();
   std::vector<int>& protected_slots = leases_[call_];
-  for (int e : unique_sorted(experts)) {
+  for (int e : wanted) {
     const int s = state(layer, e).slot;
     if (s < 0 || slots_[s].ready_ticket > landed) continue;
     slots_[s].leases += 1;
     slots_[s].claimed = call_;
     protected_slots.push_back(s);
   }
+  Plan plan;
+  for (int e : copied) {
+    const int s = empty_slot();
+    if (s < 0) break;  // counted as empty but leased: cannot happen while empty slots hold no lease
+    assign(s, layer, e, plan);
+    slots_[s].leases += 1;
+    protected_slots.push_back(s);
+  }
+  try {
+    const std::uint64_t needed = submit(plan, compute_stream);
+    if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
+  } catch (...) {
+    for (int s : protected_slots) slots_[s].leases -= 1;  // the call failed: it holds nothing
+    leases_.erase(call_);
+    released_.notify_all();
+    throw;
+  }
   std::vector<int> result;
   result.reserve(experts.size());
   for (int e : experts) {
     const int s = state(layer, e).slot;
-    result.push_back(s >= 0 && slots_[s].ready_ticket <= landed ? s : -1);
+    const bool usable = s >= 0 && (slots_[s].ready_ticket <= landed ||
+                                   std::find(copied.begin(), copied.end(), e) != copied.end());
+    result.push_back(usable ? s : -1);
   }
   return {call_, result};
 }
@@ -352,6 +399,12 @@ void CacheCore::set_priorities(int layer, const std::vector<float>& scores) {
   if (static_cast<int>(scores.size()) != num_experts_) {
     throw std::invalid_argument("scores must hold one value per expert (" + std::to_string(num_experts_) + "), got " +
                                 std::to_string(scores.size()));
+  }
+  for (int e = 0; e < num_experts_; ++e) {
+    if (!std::isfinite(scores[e])) {
+      throw std::invalid_argument("scores must be finite, got " + std::to_string(scores[e]) + " for expert " +
+                                  std::to_string(e));
+    }
   }
   for (int e = 0; e < num_experts_; ++e) state(layer, e).priority = scores[e];
 }

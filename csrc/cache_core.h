@@ -70,10 +70,12 @@ class CacheCore {
   bool wait_for_release(double timeout_ms, std::uint64_t since);
   // Accounting for experts the kernel uses through the map without ensure() (misses read in place).
   void record_use(int layer, const std::vector<int>& experts);
-  // record_use, and a lease on the listed experts that are resident with their copy landed (nothing is
-  // copied): until it is released, no prefetch evicts what the kernel is about to read from the slots.
-  // Returns the lease and each listed expert's slot, -1 for those to read from the host store (a map
-  // snapshot for callers that cannot order against later map writes, such as the host backend).
+  // record_use, and a lease on the listed experts that are resident with their copy landed: until it is
+  // released, no prefetch evicts what the kernel is about to read from the slots. Misses that an empty
+  // slot can take are copied into it (compute_stream waits for those copies; the same PCIe bytes as an
+  // in-place read, and later calls hit), so a pool fills on demand; a full pool is not changed (no
+  // eviction). Returns the lease and each listed expert's slot, -1 for those to read from the host store
+  // (a map snapshot for callers that cannot order against later map writes, such as the host backend).
   std::pair<std::uint64_t, std::vector<int>> use_in_place(int layer, const std::vector<int>& experts,
                                                           std::uintptr_t compute_stream);
 
@@ -128,7 +130,10 @@ class CacheCore {
   void assign(int slot, int layer, int expert, Plan& plan);
   // Records the account of every expert in `experts` used by `layer` (hits, misses); returns the
   // resident ones' slots. mu_ held.
-  std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place);
+  // `copied`: misses being copied into a slot for this call (not counted as in-place reads).
+  std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place,
+                                const std::vector<int>& copied = {});
+  int empty_slot() const;  // the lowest-index slot that holds nothing, or -1
   std::uint64_t submit(Plan& plan, std::uintptr_t compute_stream);
 
   std::shared_ptr<HostStore> store_;
@@ -143,6 +148,7 @@ class CacheCore {
   std::vector<Expert> experts_;
   std::unordered_map<std::uint64_t, std::vector<int>> leases_;  // lease -> slots it protects
   std::uint64_t clock_ = 0, call_ = 0, releases_ = 0;
+  int filled_ = 0;  // slots that hold an expert (or its copy in flight)
   CacheStats stats_;
   std::mutex mu_;
   std::condition_variable released_;

@@ -2,6 +2,7 @@
 import os
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -88,6 +89,8 @@ def test_priority_evicts_the_lowest_score_and_prefetch_never_evicts_a_better_exp
         assert sorted(cache.resident(0)) == [0, 2, 7]
         with pytest.raises(ValueError, match="one value per expert"):
             cache.set_priorities(0, [1.0, 2.0])
+        with pytest.raises(ValueError, match="scores must be finite, got nan for expert 2"):
+            cache._core.set_priorities(0, [1.0, 2.0, float("nan"), 0, 0, 0, 0, 0])  # the core's own check
 
 
 def test_never_evict_experts_stay():
@@ -143,8 +146,40 @@ def test_layer_output_matches_reference(slots, T, misses, backend):
         assert s["hits"] + s["misses"] == s["requests"] == routed
         if misses == "copy":  # an empty pool, and each layer's experts new to it
             assert s["misses"] == routed and s["bytes_copied"] == routed * cache.record_bytes
-        if misses == "in_place":
-            assert s["in_place_reads"] == s["misses"] > 0 and s["bytes_copied"] == 0
+        if misses == "in_place":  # misses fill the empty slots first (copies), the rest are read in place
+            copied = s["misses"] - s["in_place_reads"]
+            assert copied == slots and s["in_place_reads"] > 0 and s["bytes_copied"] == copied * cache.record_bytes
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_in_place_misses_fill_empty_slots_and_a_full_pool_is_left_as_it_is(backend):
+    """Regression: a miss read in place was never copied into a slot, so one-token calls never cached
+    anything: a pool with room for every expert served 50 identical calls with 0 hits (and a patched
+    model's first layer, which no prefetch reaches, never hit)."""
+    L, E, H, I, K = 2, 8, 32, 16, 2
+    layers = random_layers(L, E, H, I)
+    x = torch.randn(1, H)
+    w, ids = route_reference(torch.randn(1, E), K)
+    with ExpertCache(layers, num_slots=L * E) as cache:
+        for _ in range(5):
+            for layer in range(L):
+                out = cache.moe(layer, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), backend=backend)
+                assert_close(out.cpu(), fused_moe_reference(x, *layers[layer], w, ids), torch.float32)
+        s = cache.stats()
+        assert (s["misses"], s["hits"], s["in_place_reads"]) == (L * K, 4 * L * K, 0)
+        assert s["bytes_copied"] == L * K * cache.record_bytes
+        for layer in range(L):
+            assert sorted(cache.resident(layer)) == sorted(ids[0].tolist())
+            for e in ids[0].tolist():
+                assert_slot_holds(cache, layers, layer, e)
+    with ExpertCache(layers, num_slots=K) as cache:  # full after the first call: nothing evicted on demand
+        cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), backend=backend)
+        other = torch.tensor([[e for e in range(E) if e not in ids[0].tolist()][:K]], dtype=ids.dtype)
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), other.to(DEVICE), backend=backend)
+        assert_close(out.cpu(), fused_moe_reference(x, *layers[0], w, other), torch.float32)
+        s = cache.stats()
+        assert (s["misses"], s["in_place_reads"], s["evictions"]) == (2 * K, K, 0)
+        assert sorted(cache.resident(0)) == sorted(ids[0].tolist())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -238,6 +273,13 @@ def test_a_release_before_the_wait_is_not_missed():
         assert cache._core.wait_for_release(float("inf"), quiet) is False  # nothing held: nothing to wait for
         with cache.ensure(0, [4]):
             assert cache._core.wait_for_release(float("nan"), quiet) is False  # no wait at all
+        # regression: a held lease that protects no slot made the wait run its whole timeout
+        empty = cache.ensure(1, [])
+        assert cache._core.leases_held() == 1
+        started = time.monotonic()
+        assert cache._core.wait_for_release(30_000, cache._core.releases()) is False
+        assert time.monotonic() - started < 5
+        empty.release()
 
 
 def test_a_failing_before_compute_leaves_no_lease_behind():
