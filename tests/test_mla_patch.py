@@ -759,6 +759,26 @@ def test_generate_with_a_preallocated_latent_cache_too_short_is_refused_before_t
     moecache.unpatch(model)
 
 
+def test_a_float64_model_generates_with_the_original_attention_and_a_latent_cache_is_refused_clearly():
+    """Regression: generate built a LatentKVCache for a float64 model (MLA patched alone), prefilled, then
+    failed at the first decode step with the op's message about q_latent."""
+    model = _deepseek("v2")
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # transformers' grouped_mm refuses float64 itself
+    twin = copy.deepcopy(model).double()
+    moecache.patch(model, experts=False)
+    model.double()
+    ids = torch.randint(3, 96, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                           twin.generate(ids, max_new_tokens=4, do_sample=False))
+        assert all(row["original"] > 0 and row["decode"] == 0 for row in moecache.stats(model)["attention"])
+        with pytest.raises(TypeError, match="latent MLA decodes in fp16, bf16 or fp32, and this model runs in "
+                                            "torch.float64"):
+            model(ids, **{model_cache_argument(model): LatentKVCache(model.config.num_hidden_layers)})
+    moecache.unpatch(model)
+
+
 def test_attention_false_leaves_attention_alone_and_non_mla_models_are_untouched():
     model = MODELS["v2-q_lora"]()
     moecache.patch(model, attention=False)

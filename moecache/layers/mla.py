@@ -109,6 +109,10 @@ class MoecacheMLA(nn.Module):
             raise ValueError(f"output_attentions: moecache's latent MLA computes no attention weights; pass an "
                              f"explicit cache ({keyword}=DynamicCache(config=model.config)) to run the original "
                              "attention, or unpatch the model")
+        if hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"moecache's latent MLA decodes in fp16, bf16 or fp32, and this model runs in "
+                            f"{hidden_states.dtype}: pass another cache (generate does) to run the original "
+                            "attention, or unpatch the model")
         B, S, _ = hidden_states.shape
         R, P, Dn = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
 

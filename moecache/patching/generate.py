@@ -10,6 +10,7 @@ import copy
 import gc
 import weakref
 
+import torch
 from torch import nn
 
 from .. import compat
@@ -22,6 +23,8 @@ HOOK = "_prepare_cache_for_generation"
 # The cache_implementation values whose cache the latent cache stands in for: the default (dynamic) and
 # static. Others (offloaded, quantized, sliding-window) ask for something it does not do: they stay.
 REPLACED_CACHES = (None, "dynamic", "static")
+# A model converted to another dtype (float64) generates with its default cache: the original attention
+LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LatentCacheDefault:
@@ -89,7 +92,9 @@ class LatentCacheDefault:
         for m in model.modules():
             if isinstance(m, MoecacheMLA):
                 layers.append(m.layer_idx)
-                unpatched = unpatched or not m.latent_path_ready()
+                weight = getattr(m.kv_a_proj_with_mqa, "weight", None)
+                unsupported_dtype = isinstance(weight, torch.Tensor) and weight.dtype not in LATENT_DTYPES
+                unpatched = unpatched or not m.latent_path_ready() or unsupported_dtype
             elif is_mla_attention(m):
                 unpatched = True
         if layers and not unpatched:
