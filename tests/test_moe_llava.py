@@ -496,3 +496,33 @@ def moe_layer_io(model, shape, ids, inputs=None):
             h.remove()
     assert len(seen_out) == len(shape.moe_layers)
     return seen_in, seen_out
+
+
+@pytest.mark.parametrize("offload", ["resident", "offload50"])
+@pytest.mark.parametrize("family", ["moe-llava-phi2", "switch"])
+def test_a_patched_model_dropped_is_freed_without_the_cycle_collector(family, offload):
+    """Regression: patch closed reference cycles (an adapter set as a module's forward held that module;
+    list experts' load hooks held their stack; the Switch experts' replacement held the experts whose
+    forward calls it), so `del model` freed neither the expert weights nor the expert cache (host store,
+    slots, copy thread) until the cycle collector happened to run."""
+    import gc
+    import weakref
+
+    model = tiny(family) if family != "switch" else _switch()
+    moecache.patch(model, offload=OFFLOADS[offload])
+    ids = torch.randint(3, 96, (1, 5))
+    if family == "switch":
+        model(input_ids=ids, decoder_input_ids=ids[:, :2])
+    else:
+        model(ids)
+    watched = [weakref.ref(p) for p in model.parameters()]
+    if OFFLOADS[offload] is not None:
+        watched.append(weakref.ref(moecache.expert_cache(model)))
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        alive = sum(ref() is not None for ref in watched)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of {len(watched)} parameters / caches outlived the model"

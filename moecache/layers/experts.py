@@ -7,6 +7,8 @@ model does; only the routed experts' compute changes.
 """
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +18,27 @@ from torch import nn
 from .. import ops
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class WeakLink:
+    """A weak reference that copies and pickles as the strong one it stands for: a deep copy links to the
+    referent's copy, an unpickled one to the unpickled referent. For links that would otherwise close a
+    reference cycle through a module, which keeps a dropped model (its device memory with it) alive
+    until the cycle collector runs."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, referent):
+        self._ref = weakref.ref(referent) if referent is not None else None
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return WeakLink, (self(),)
+
+    def __deepcopy__(self, memo):
+        return WeakLink(copy.deepcopy(self(), memo))
 
 
 @dataclass(frozen=True)
@@ -41,7 +64,7 @@ class MoecacheExperts(nn.Module):
 
     def __init__(self, original: nn.Module, layout: ExpertsLayout, *, stacked=None):
         super().__init__()
-        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "_original", original)
         self.training = original.training
         self.layout = layout
         self.stacked = stacked
@@ -62,6 +85,16 @@ class MoecacheExperts(nn.Module):
         self.hook_count = [0]
         self.calls = 0
         self.tokens = 0
+
+    @property
+    def original(self) -> nn.Module:
+        original = self.__dict__["_original"]
+        return original() if isinstance(original, WeakLink) else original
+
+    def hold_original_weakly(self) -> None:
+        """Where the original holds this module (its forward set to call it), a strong reference back
+        would close a cycle: the model tree keeps the original alive."""
+        object.__setattr__(self, "_original", WeakLink(self.original))
 
     def train(self, mode: bool = True):
         # model.train() / eval() reach this module in the original's place: the original (back at unpatch)

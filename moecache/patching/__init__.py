@@ -24,7 +24,7 @@ from torch import nn
 
 from ..cache import ExpertCache
 from ..compat import install_output_recorders, remove_output_recorders
-from ..layers.experts import MoecacheExperts
+from ..layers.experts import MoecacheExperts, WeakLink
 from ..layers.mla import MoecacheMLA
 from .attention import AttentionPlan, plan_attention
 from .families import (
@@ -255,6 +255,8 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
             setattr(r.parent, r.attr, r.new)
         else:
             object.__setattr__(r.parent, r.attr, r.hook)  # an instance override, not a submodule
+            if r.parent is r.original:
+                r.new.hold_original_weakly()
         state.replaced.append(r)
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
                     r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
@@ -293,7 +295,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
                     # it, runs its hooks (a restack done already is not done again)
                     for module in (mlp, *(getattr(mlp, n) for n in (*stacked.names.rows, stacked.names.down))):
                         state.hooks.append(module.register_load_state_dict_post_hook(
-                            partial(_restack_after_load, stacked)))
+                            partial(_restack_after_load, WeakLink(stacked))))
     settle_hooks(watched)
     for r in [*new_experts, *new_attention]:  # a copy of one (a layer deep-copied into the model) says whose
         for made in {id(r.new): r.new, id(r.hook): r.hook}.values():
@@ -324,10 +326,12 @@ class _MadeBy:
         return _MadeBy(memo.get(id(state), state))
 
 
-def _restack_after_load(stacked, module, incompatible_keys) -> None:
+def _restack_after_load(stacked_ref, module, incompatible_keys) -> None:
     """load_state_dict(..., assign=True) puts new Parameter objects in the model: stacked list experts
-    are stacked again from them (with assign=False the copies land in the stack's views)."""
-    if stacked.is_stacked() and stacked.layers_as_patched() and not stacked.is_current():
+    are stacked again from them (with assign=False the copies land in the stack's views). The hooks sit
+    on MLPs the stack holds: they link to it weakly."""
+    stacked = stacked_ref()
+    if stacked is not None and stacked.is_stacked() and stacked.layers_as_patched() and not stacked.is_current():
         stacked.stack()
 
 

@@ -9,6 +9,7 @@ layer's own gate still routing) and Switch Transformers' experts (their forward)
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from .. import compat, ops
 from ..cache.predictor import RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
-from .hooks import bypassed_parts, own_forward, read_as_weights
+from .hooks import HolderRef, bypassed_parts, own_forward, read_as_weights
 from .list_experts import KNOWN_NAMES, ListNames, StackedExperts, activation_of, names_of
 
 # config.model_type -> how the family's experts look; unknown types fall back to structural detection.
@@ -420,12 +421,34 @@ class ExpertsAdapter:
     """
 
     def __init__(self, kind: str, owner: nn.Module, experts: MoecacheExperts):
-        self.kind, self.owner, self.experts = kind, owner, experts
+        # the owner holds this adapter as its forward: a weak reference back (see HolderRef)
+        self.kind, self._owner, self.experts = kind, HolderRef(owner), experts
         # DeepSpeed >= 0.18's TopKGate can return its routes sparsely ([K, S] ids, -1 when dropped, and
         # gates), which spares building the dense [S, E, capacity] combine tensor.
         gate = getattr(owner, "gate", None)
         self._sparse_routes = kind == "deepspeed" and "sparse_routes" in _parameters(gate.forward)
         self._dropout = has_dropout(experts.stacked.experts)
+
+    @property
+    def owner(self) -> nn.Module:
+        return self._owner.get(self)
+
+    def __deepcopy__(self, memo):
+        # a deep copy of the owner is in the memo already: the copy serves it
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__getstate__().items()})
+        copied._owner = HolderRef(copied.__dict__.pop("owner"))
+        return copied
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k != "_owner"}
+        return {**state, "owner": self.owner}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        self._owner = HolderRef(state.pop("owner"))
+        self.__dict__.update(state)
 
     def __call__(self, *args, **kwargs):
         if self._dropout and self.owner.training:

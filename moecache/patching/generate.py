@@ -7,8 +7,6 @@ reference (not a closure over it), so copy.deepcopy carries it over to the copy,
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 
 import torch
 from torch import nn
@@ -18,6 +16,7 @@ from .._env import kv_block_size
 from ..layers.latent_cache import LatentKVCache
 from ..layers.mla import MoecacheMLA
 from .attention import is_mla_attention
+from .hooks import HolderRef
 
 HOOK = "_prepare_cache_for_generation"
 # The cache_implementation values whose cache the latent cache stands in for: the default (dynamic) and
@@ -34,40 +33,24 @@ class LatentCacheDefault:
     shared modules, generate keeps its default)."""
 
     def __init__(self, model: nn.Module, owner: object):
-        # `owner`, the patch that installed it, is what unpatch removes by. The model holds this hook, so
-        # the hook holds the model weakly: a strong reference back would keep a dropped model (its device
-        # memory with it) alive until the cycle collector runs.
-        self._model = weakref.ref(model)
+        # `owner`, the patch that installed it, is what unpatch removes by; the model holds this hook, so
+        # the hook holds the model weakly
+        self._model = HolderRef(model)
         self.owner = owner
 
     @property
     def model(self) -> nn.Module:
-        model = self._model()
-        if model is None:  # the model it was installed on is gone: a shallow copy (copy.copy) holds it now
-            model = self._holder()
-            self._model = weakref.ref(model)
-        return model
+        return self._model.get(self)
 
     def is_bound_to(self, module: nn.Module) -> bool:
-        return self._model() is module
-
-    def _holder(self) -> nn.Module:
-        """The module whose __dict__ holds this hook. A shallow copy shares the original's submodules and
-        attributes, so any copy generates as the original did."""
-        for table in gc.get_referrers(self):
-            if isinstance(table, dict):
-                for module in gc.get_referrers(table):
-                    if isinstance(module, nn.Module) and getattr(module, "__dict__", None) is table:
-                        return module
-        raise RuntimeError("moecache: the model this generate hook was installed on is gone, and no module "
-                           "holds the hook any more")
+        return self._model.is_to(module)
 
     def __deepcopy__(self, memo):
         # A deep copy of the model gets a hook bound to the copy and owned by the copy's patch: the model
         # being copied is in the memo already, so these are the copies under way, not new ones.
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        copied._model = weakref.ref(copy.deepcopy(self.model, memo))
+        copied._model = HolderRef(copy.deepcopy(self.model, memo))
         copied.owner = copy.deepcopy(self.owner, memo)
         return copied
 
@@ -75,7 +58,7 @@ class LatentCacheDefault:
         return {"model": self.model, "owner": self.owner}
 
     def __setstate__(self, state):
-        self._model, self.owner = weakref.ref(state["model"]), state["owner"]
+        self._model, self.owner = HolderRef(state["model"]), state["owner"]
 
     def __call__(self, generation_config, model_kwargs, *args, **kwargs):
         model = self.model

@@ -7,6 +7,8 @@ kv_b_proj, whose weights are read, not called) would silently stop running, so p
 alone."""
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import OrderedDict
 
 from torch import nn
@@ -14,6 +16,36 @@ from torch.nn.utils import parametrize
 
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+class HolderRef:
+    """A weak reference from something patch puts in a module's __dict__ (an instance forward, a
+    generate hook) back to that module. A strong one would make a cycle that keeps a dropped model, its
+    device memory and its expert cache with it, alive until the cycle collector runs. Once the module is
+    gone, whatever module holds `held` in its __dict__ now (a shallow copy, copy.copy, which shares it)
+    is the one it serves."""
+
+    def __init__(self, module: nn.Module):
+        self._ref = weakref.ref(module)
+
+    def get(self, held: object) -> nn.Module:
+        module = self._ref()
+        if module is None:
+            module = _holder_of(held)
+            self._ref = weakref.ref(module)
+        return module
+
+    def is_to(self, module: nn.Module) -> bool:
+        return self._ref() is module
+
+
+def _holder_of(held: object) -> nn.Module:
+    for table in gc.get_referrers(held):
+        if isinstance(table, dict):
+            for module in gc.get_referrers(table):
+                if isinstance(module, nn.Module) and getattr(module, "__dict__", None) is table:
+                    return module
+    raise RuntimeError("moecache: the module this was installed on is gone, and no module holds it any more")
 
 
 def share_hooks(original: nn.Module, replacement: nn.Module) -> None:
