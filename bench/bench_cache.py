@@ -9,7 +9,8 @@
            (simulate.Timing): one FIFO copy engine moving a target model's expert (--expert-bytes,
            default a DeepSeek-VL2-Small expert, 3 x 2048 x 1408 bf16) at --h2d-gbps (default 55, pinned
            H2D on an H100/H200) against --layer-ms of compute per layer (default 0.04, a decode step's
-           MoE layer): stall ms per token (the compute waiting on copies) beside loads per token.
+           MoE layer): stall ms per token (the compute waiting on copies) beside loads per token, both per
+           decoded token over the decode steps (each micro-batch's prompt step left out).
 2. live:   the patched, offloaded model generating for real at each budget and policy (the C++ cache;
            its host backend on CPU): measured hit rate, prefetches, wasted prefetches, stall, tokens/s,
            next to all experts resident, and next to the tokens/s Belady's hit rate would give if every
@@ -97,18 +98,21 @@ def _percent(share) -> str:
 
 
 def record(model, prompts, batch, new_tokens, depth, groups=None, learned=None):
-    """Routing traces of generating every prompt in micro-batches (in order, or the given groups)."""
+    """Routing traces of generating every prompt in micro-batches (in order, or the given groups), one
+    after another, and the indices of their prompt steps (each micro-batch's first)."""
     groups = groups or [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
-    steps, predictions, scores = [], [], []
+    steps, predictions, scores, tokens, prompt_steps = [], [], [], [], []
     trace = None
     for group in groups:
         trace, _ = record_routing(model, prompts[group], moecache.patched_experts(model), moecache.routers(model),
                                   max_new_tokens=new_tokens, depth=depth, learned=learned)
+        prompt_steps.append(len(steps))
         steps += trace.steps
         predictions += trace.predictions
         scores += trace.scores
-    trace.steps, trace.predictions, trace.scores = steps, predictions, scores
-    return trace
+        tokens += trace.tokens
+    trace.steps, trace.predictions, trace.scores, trace.tokens = steps, predictions, scores, tokens
+    return trace, prompt_steps
 
 
 def trace_rows(model, prompts, args, label, env):
@@ -117,24 +121,27 @@ def trace_rows(model, prompts, args, label, env):
     t0 = time.perf_counter()
     groups = group_by_routes(routes, args.batch)
     scheduler_s = time.perf_counter() - t0
-    in_order = record(model, prompts, args.batch, args.new_tokens, depth=2)
-    scheduled = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups)
+    in_order, prompt_steps = record(model, prompts, args.batch, args.new_tokens, depth=2)
+    scheduled, scheduled_prompt_steps = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups)
     learned_path, learned_in_order, learned_scheduled = shipped_predictor(label), None, None
     if learned_path is not None:
         from moecache.cache.learned import LearnedRoutePredictor
 
         learned = LearnedRoutePredictor.load(learned_path, device=prompts.device)
-        learned_in_order = record(model, prompts, args.batch, args.new_tokens, depth=2, learned=learned)
-        learned_scheduled = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups, learned=learned)
+        learned_in_order, _ = record(model, prompts, args.batch, args.new_tokens, depth=2, learned=learned)
+        learned_scheduled, _ = record(model, prompts, args.batch, args.new_tokens, depth=2, groups=groups,
+                                      learned=learned)
         assert learned_in_order.steps == in_order.steps  # same routing, other guesses
     moecache.unpatch(model)
     L, E = in_order.num_layers, in_order.num_experts
+    # Per decoded token: the decode steps' figures (every micro-batch's prompt step left out, its loads too)
+    # over the tokens they produced
     decode_tokens = len(prompts) * (args.new_tokens - 1)
     rows = []
     predictors = [("lookahead", in_order)] + ([("learned", learned_in_order)] if learned_in_order else [])
     for name, trace in predictors:
         for depth in (1, 2):
-            rec = trace.recall(depth=depth)
+            rec = trace.recall(depth=depth, skip_steps=prompt_steps)
             rows.append({**env, "benchmark": "bench_cache.recall", "model": label, "predictor": name,
                          "depth": depth, "batch": args.batch, "recall": rec["overall"], "per_layer": rec["per_layer"]})
             print(f"[{label}] {name} recall per step (batch {args.batch}), depth {depth}: {_percent(rec['overall'])} "
@@ -144,10 +151,12 @@ def trace_rows(model, prompts, args, label, env):
     timing = Timing.from_pcie(args.layer_ms, args.expert_bytes, args.h2d_gbps)
     print(f"timing model (assumed): {args.layer_ms} ms of compute per layer, experts of {args.expert_bytes / 1e6:.1f} MB "
           f"at {args.h2d_gbps} GB/s = {timing.load_ms:.3f} ms each, one FIFO copy engine")
-    print("cells: hit rate, loads (experts moved) per decoded token, exposed stall ms per decoded token")
+    print("cells, over decode steps (prompt steps left out): hit rate, loads (experts moved) per decoded token, "
+          "exposed stall ms per decoded token")
 
     def sim(trace, slots, policy, predicted=None, depth=1):
         return simulate(trace.steps, slots, policy, depth=depth, timing=timing,
+                        warmup_steps=scheduled_prompt_steps if trace is scheduled else prompt_steps,
                         predictions=None if predicted is None else predicted.predictions,
                         scores=None if predicted is None else predicted.scores)
 
@@ -174,15 +183,16 @@ def trace_rows(model, prompts, args, label, env):
         for name, r in results.items():
             rows.append({**env, "benchmark": "bench_cache.trace", "model": label, "budget": budget, "slots": slots,
                          "batch": args.batch, "requests": len(prompts), "new_tokens": args.new_tokens,
-                         "provider": name, **r.as_dict(), "loads_per_token": r.loads / decode_tokens,
-                         "stall_ms_per_token": r.stall_ms / decode_tokens, "layer_ms": args.layer_ms,
+                         "provider": name, **r.as_dict(), "decode_hit_rate": r.hit_rate_after_warmup,
+                         "loads_per_token": r.loads_after_warmup / decode_tokens,
+                         "stall_ms_per_token": r.stall_ms_after_warmup / decode_tokens, "layer_ms": args.layer_ms,
                          "h2d_gbps": args.h2d_gbps, "expert_bytes": args.expert_bytes, "load_ms": timing.load_ms,
                          "scheduler_ms": scheduler_s * 1e3 if "sched" in name else None})
     columns = list(next(iter(rows_by_budget.values())))
     print(f"{'policy':>20}  " + "  ".join(f"{f'{b:.3f} ({s} slots)':>24}" for b, s in rows_by_budget))
     for name in columns:
-        cells = [f"{r[name].hit_rate:6.1%} {r[name].loads / decode_tokens:6.2f}l/t "
-                 f"{r[name].stall_ms / decode_tokens:6.3f}ms" for r in rows_by_budget.values()]
+        cells = [f"{r[name].hit_rate_after_warmup:6.1%} {r[name].loads_after_warmup / decode_tokens:6.2f}l/t "
+                 f"{r[name].stall_ms_after_warmup / decode_tokens:6.3f}ms" for r in rows_by_budget.values()]
         print(f"{name:>20}  " + "  ".join(f"{c:>24}" for c in cells))
     return rows
 
@@ -202,22 +212,36 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
             if on_gpu:
                 torch.cuda.synchronize()
             torch.manual_seed(0)  # a sampling gate (DeepSpeed's top-2) draws the same noise in every run
-            t0 = time.perf_counter()
-            out = model.generate(prompts[: args.batch], attention_mask=mask, max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False)
-            if on_gpu:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            after_prompt = []  # the counters once the prompt step ran: the rest is decode
+
+            def note_prompt_done(*_):
+                if not after_prompt:
+                    after_prompt.append(moecache.stats(model)["cache"] or {})
+
+            hook = model.register_forward_hook(note_prompt_done)
+            try:
+                t0 = time.perf_counter()
+                out = model.generate(prompts[: args.batch], attention_mask=mask, max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens, do_sample=False)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+            finally:
+                hook.remove()
         stats = moecache.stats(model)
         cache = stats["cache"] or {}
         delta = {k: cache.get(k, 0) - before.get(k, 0) for k in ("requests", "hits", "misses", "prefetches",
                                                                    "prefetch_hits", "wasted_prefetches")}
+        decode = {k: cache.get(k, 0) - after_prompt[0].get(k, 0) for k in ("requests", "hits", "misses")}
         record_bytes = moecache.expert_cache(model).record_bytes if offload else 0
         moecache.unpatch(model)
         tokens = args.batch * args.new_tokens
+        decode_tokens = args.batch * (args.new_tokens - 1)
         return {"provider": name, "tokens_per_s": tokens / seconds, "seconds": seconds,
                 "hit_rate": delta["hits"] / delta["requests"] if delta["requests"] else 1.0,
                 "misses_per_token": delta["misses"] / tokens, **delta,
+                "decode_hit_rate": decode["hits"] / decode["requests"] if decode["requests"] else 1.0,
+                "decode_misses_per_token": decode["misses"] / decode_tokens if decode_tokens else None,
                 "stall_ms": cache.get("stall_ms"), "record_bytes": record_bytes,
                 "prefetch_limit": getattr(offload, "prefetch_limit", None),
                 "recall_d1": (stats.get("prediction") or {}).get("by_depth", {}).get(1, {}).get("recall")}, out
@@ -238,6 +262,7 @@ def live_rows(model, prompts, args, label, env, ceilings, policies, budgets):
             rows.append({**env, "benchmark": "bench_cache.live", "model": label, "budget": budget, **result,
                          "tokens_identical": same, "pcie_bound_tokens_per_s": bound})
             print(f"  budget {budget:5.3f} {name:<22} {result['tokens_per_s']:8.1f} tokens/s  hit {result['hit_rate']:6.1%}"
+                  f"  decode hit {result['decode_hit_rate']:6.1%}"
                   f"  misses/token {result['misses_per_token']:5.2f}  prefetches {result['prefetches']:5d}"
                   f"  wasted {result['wasted_prefetches']:4d}" + (f"  PCIe-bound {bound:8.1f} tok/s" if bound else "")
                   + ("" if same else "  TOKENS DIFFER"))

@@ -194,7 +194,15 @@ def test_bench_cache_quick_runs_every_policy(tmp_path):
         # the timing model (assumed PCIe rate and layer time) gives every policy a stall and bytes moved
         assert all(r["stall_ms"] >= 0 and r["bytes_moved"] == r["loads"] * r["expert_bytes"] for r in by.values())
         assert by["budgeted-d2"]["loads"] <= by["predictive-d2"]["loads"]
+    for r in trace:  # per decoded token: every micro-batch's prompt step and its loads left out
+        assert 0 < r["requests_after_warmup"] < r["requests"]
+        assert r["decode_hit_rate"] == r["hits_after_warmup"] / r["requests_after_warmup"]
+    per_load = {round(r["loads_per_token"] / r["loads_after_warmup"], 12) for r in trace if r["loads_after_warmup"]}
+    assert len(per_load) == 1  # one denominator: the decoded tokens
+    on_demand = [r for r in trace if r["provider"] == "on_demand"]
+    assert all(r["loads_after_warmup"] == r["requests_after_warmup"] for r in on_demand)
     live = [r for r in rows if r["benchmark"] == "bench_cache.live"]
+    assert all(0 <= r["decode_hit_rate"] <= 1 and r["decode_misses_per_token"] >= 0 for r in live)
     assert {r["provider"] for r in live} == {"resident", "lru", "predictive-d2", "budgeted-d2"}
     assert all(r["tokens_per_s"] > 0 for r in live)
     assert all(r["tokens_identical"] for r in live if r["provider"] != "resident")
@@ -461,7 +469,7 @@ def test_report_without_matplotlib_still_writes_the_tables(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "matplotlib is not installed" in proc.stderr
-    assert "| experts moved per token |" in proc.stdout and "| trained-tiny-moe |" in proc.stdout
+    assert "| experts moved per decoded token |" in proc.stdout and "| trained-tiny-moe |" in proc.stdout
     assert not (tmp_path / "plots").exists()
 
 

@@ -408,3 +408,22 @@ def test_offload_with_a_learned_predictor(tmp_path):
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6), ref)
     assert moecache.stats(model)["prediction"]["per_layer"]
     moecache.unpatch(model)
+
+
+def test_warm_up_can_be_the_prompt_steps_of_several_micro_batches():
+    """Regression: a trace of micro-batches one after another has a prompt step at each one's start, and
+    only the first was left out of the after-warm-up figures (bench_cache's per-token loads counted
+    every other prompt's loads)."""
+    from moecache.analysis.simulate import Timing
+
+    trace = [[[0]], [[1]], [[0]], [[1]]]  # one layer; steps 0 and 2 are prompts
+    for policy in ("lru", "belady"):
+        r = simulate(trace, 2, policy, warmup_steps={0, 2}, timing=Timing(1.0, 2.0))
+        assert (r.requests, r.hits, r.misses) == (4, 2, 2)
+        assert (r.requests_after_warmup, r.hits_after_warmup, r.misses_after_warmup, r.loads_after_warmup) == (2, 1, 1, 1)
+        assert r.hit_rate_after_warmup == 0.5
+        assert (r.stall_ms_after_warmup, r.time_ms_after_warmup) == (2.0, 4.0)  # step 1: 2 stalled + 1; step 3: 1
+        first_two = simulate(trace, 2, policy, warmup_steps=2)
+        assert (first_two.requests_after_warmup, first_two.hits_after_warmup) == (2, 2)
+    with pytest.raises(ValueError, match="warmup_steps must be"):
+        simulate(trace, 2, "lru", warmup_steps=[-1])

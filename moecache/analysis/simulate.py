@@ -31,7 +31,8 @@ Timing (optional, `timing=Timing(layer_ms, load_ms)`): one FIFO copy engine move
 load_ms; a layer computes for layer_ms once all its experts are in. A layer's misses are queued when it
 is reached (behind any prefetches still in the queue), then its prefetches; the layer starts when its
 last expert lands. Reported for every policy: stall_ms (time the compute waited for copies, the exposed
-stall) and time_ms (compute + stall), over the whole trace and after warm-up; with record_bytes, the
+stall) and time_ms (compute + stall), over the whole trace and after warm-up (warmup_steps: the first n
+steps, or the steps given, such as each micro-batch's prompt step in a trace of several); with record_bytes, the
 bytes moved (loads x record bytes). Belady's loads are the bound for demand loading: prefetching may
 move more bytes than that, never fewer experts than the misses it leaves.
 """
@@ -40,7 +41,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from ._checks import check_depth
+from ._checks import check_depth, steps_left_out
 
 POLICIES = ("on_demand", "lru", "lfu", "predictive", "belady", "oracle", "budgeted")
 PRIORITY_PER_DEPTH_STEP = 2.0  # budgeted: a guess d layers ahead gets 2 * (depth - d + 1) + confidence (<= 1)
@@ -84,6 +85,8 @@ class SimResult:
     prefetches: int = 0
     wasted_prefetches: int = 0
     prefetch_hits: int = 0
+    requests_after_warmup: int = 0
+    hits_after_warmup: int = 0
     loads_after_warmup: int = 0
     misses_after_warmup: int = 0
     per_layer_misses: dict = field(default_factory=dict)
@@ -98,6 +101,10 @@ class SimResult:
         return self.hits / self.requests if self.requests else 0.0
 
     @property
+    def hit_rate_after_warmup(self) -> float | None:
+        return self.hits_after_warmup / self.requests_after_warmup if self.requests_after_warmup else None
+
+    @property
     def loads(self) -> int:
         return self.misses + self.prefetches
 
@@ -109,6 +116,8 @@ class SimResult:
         return {"policy": self.policy, "slots": self.slots, "requests": self.requests, "hits": self.hits,
                 "misses": self.misses, "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
                 "wasted_prefetches": self.wasted_prefetches, "loads": self.loads, "hit_rate": self.hit_rate,
+                "requests_after_warmup": self.requests_after_warmup, "hits_after_warmup": self.hits_after_warmup,
+                "hit_rate_after_warmup": self.hit_rate_after_warmup,
                 "misses_after_warmup": self.misses_after_warmup, "loads_after_warmup": self.loads_after_warmup,
                 "bytes_moved": self.bytes_moved, "stall_ms": self.stall_ms, "time_ms": self.time_ms,
                 "stall_ms_after_warmup": self.stall_ms_after_warmup, "time_ms_after_warmup": self.time_ms_after_warmup,
@@ -129,13 +138,15 @@ def oracle_predictions(trace, depth: int) -> list:
 
 
 def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, depth: int = 1,
-             warmup_steps: int = 1, timing: Timing | None = None) -> SimResult:
+             warmup_steps=1, timing: Timing | None = None) -> SimResult:
     """Replay `trace` against `policy` with `slots` experts resident at most; see the module docstring.
 
     trace: steps[s][layer] = the experts used, or a RoutingTrace (record_routing's), whose recorded
     predictions and scores are then the defaults.
     timing: a Timing (or a (layer_ms, load_ms) pair) adds stall and time to the result; the budgeted
-    policy needs it (it decides what can land in time). scores: confidences parallel to predictions."""
+    policy needs it (it decides what can land in time). scores: confidences parallel to predictions.
+    warmup_steps: the steps the *_after_warmup figures leave out: the first n (an int), or these step
+    indices (a trace of several micro-batches: each one's prompt step)."""
     if not isinstance(trace, (list, tuple)):
         steps = getattr(trace, "steps", None)
         if not isinstance(steps, list):
@@ -146,6 +157,7 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         trace = steps
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    unmeasured = steps_left_out(warmup_steps, "warmup_steps")
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     check_depth(depth)
@@ -171,7 +183,7 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         result.record_bytes = timing.record_bytes
         result.stall_ms = result.time_ms = result.stall_ms_after_warmup = result.time_ms_after_warmup = 0.0
     if policy_kind == "belady":
-        return _belady(trace, slots, result, warmup_steps, timing)
+        return _belady(trace, slots, result, unmeasured, timing)
 
     resident: dict[tuple[int, int], dict] = {}  # (layer, expert) -> {last, prefetched}
     priority: dict[tuple[int, int], float] = {}  # predicted for an upcoming layer: higher = nearer / surer
@@ -232,14 +244,14 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
                 continue  # would land after layer l+d starts: it would only delay the demand loads behind it
             if load(k, protected, prefetch=True, min_priority=priority[k]):
                 result.prefetches += 1
-                if target_step >= warmup_steps:
+                if target_step not in unmeasured:
                     result.loads_after_warmup += 1
 
     for step, layer, experts in _accesses(trace):
         clock += 1
         keys = [(layer, e) for e in experts]
         protected = set(keys)
-        warm = step >= warmup_steps
+        warm = step not in unmeasured
         if predicting:
             for k in list(priority):
                 if k[0] == layer:
@@ -248,9 +260,11 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
         needed_by = now
         for k in keys:
             result.requests += 1
+            result.requests_after_warmup += warm
             uses[k] = uses.get(k, 0) + 1
             if policy_kind != "on_demand" and k in resident:
                 result.hits += 1
+                result.hits_after_warmup += warm
                 if resident[k]["prefetched"]:
                     result.prefetch_hits += 1
                     resident[k]["prefetched"] = False
@@ -303,7 +317,7 @@ def simulate(trace, slots: int, policy: str, *, predictions=None, scores=None, d
     return result
 
 
-def _belady(trace, slots: int, result: SimResult, warmup_steps: int, timing: Timing | None) -> SimResult:
+def _belady(trace, slots: int, result: SimResult, unmeasured, timing: Timing | None) -> SimResult:
     accesses = [(step, layer, e) for step, layer, experts in _accesses(trace) for e in experts]
     order = [(layer, e) for _, layer, e in accesses]
     # next_use[i]: index of the next access of the same expert after i (inf if none)
@@ -316,13 +330,16 @@ def _belady(trace, slots: int, result: SimResult, warmup_steps: int, timing: Tim
     heap: list = []      # (-next use, key) with lazy deletion
     for i, (step, layer, e) in enumerate(accesses):
         key = (layer, e)
+        warm = step not in unmeasured
         result.requests += 1
+        result.requests_after_warmup += warm
         if key in resident:
             result.hits += 1
+            result.hits_after_warmup += warm
         else:
             result.misses += 1
             result.per_layer_misses[layer] = result.per_layer_misses.get(layer, 0) + 1
-            if step >= warmup_steps:
+            if warm:
                 result.misses_after_warmup += 1
                 result.loads_after_warmup += 1
             if len(resident) >= slots:
@@ -336,7 +353,7 @@ def _belady(trace, slots: int, result: SimResult, warmup_steps: int, timing: Tim
     if timing is not None:
         # Demand loading only: the queue is empty when a layer is reached, so each miss stalls load_ms.
         runs = sum(len(layers) for layers in trace)
-        warm_runs = sum(len(layers) for layers in trace[warmup_steps:])
+        warm_runs = sum(len(layers) for step, layers in enumerate(trace) if step not in unmeasured)
         result.stall_ms = result.misses * timing.load_ms
         result.stall_ms_after_warmup = result.misses_after_warmup * timing.load_ms
         result.time_ms = result.stall_ms + runs * timing.layer_ms

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.predictor import LookaheadPredictor
-from ._checks import check_depth
+from ._checks import check_depth, steps_left_out
 
 
 @dataclass
@@ -32,16 +32,18 @@ class RoutingTrace:
     tokens: list = field(default_factory=list)       # tokens[s] = tokens routed at step s
     scores: list = field(default_factory=list)       # scores[s][layer][d-1][i] = tokens that chose predictions[..][i]
 
-    def recall(self, depth: int = 1, skip_steps: int = 1) -> dict:
-        """Per layer and overall: |guess ∩ used| / |used| over the steps (the prompt step skipped);
-        overall is None where no guess could be scored (as the live predictor's summary says)."""
+    def recall(self, depth: int = 1, skip_steps=1) -> dict:
+        """Per layer and overall: |guess ∩ used| / |used| over the steps, but skip_steps (the first n, or
+        these indices: each micro-batch's prompt step); overall is None where no guess could be scored
+        (as the live predictor's summary says)."""
         check_depth(depth, self.depth)
-        if isinstance(skip_steps, bool) or not isinstance(skip_steps, int) or skip_steps < 0:
-            raise ValueError(f"skip_steps must be a non-negative integer, got {skip_steps!r}")
+        skipped = steps_left_out(skip_steps, "skip_steps")
         per_layer, hit_all, used_all = {}, 0, 0
         for layer in range(self.num_layers):
             hit = used = 0
-            for s in range(skip_steps, len(self.steps)):
+            for s in range(len(self.steps)):
+                if s in skipped:
+                    continue
                 guess = self.predictions[s][layer][depth - 1]
                 if guess is None:
                     continue
