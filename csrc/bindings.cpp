@@ -150,7 +150,7 @@ PYBIND11_MODULE(_C, m) {
       .def("record_use", &CacheCore::record_use, py::arg("layer"), py::arg("experts"),
            py::call_guard<py::gil_scoped_release>())
       .def("use_in_place", &CacheCore::use_in_place, py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("evict") = false, py::call_guard<py::gil_scoped_release>())
       .def("releases", &CacheCore::releases, py::call_guard<py::gil_scoped_release>())
       .def("wait_for_release", &CacheCore::wait_for_release, py::arg("timeout_ms"), py::arg("since"),
            py::call_guard<py::gil_scoped_release>())

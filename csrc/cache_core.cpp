@@ -295,8 +295,7 @@ std::size_t CacheCore::leases_held() {
   return leases_.size();
 }
 
-std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& experts, bool in_place,
-                                        const std::vector<int>& copied) {
+std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& experts, bool in_place) {
   clock_ += 1;
   const std::uint64_t landed = engine_->completed();
   std::vector<int> resident;
@@ -316,7 +315,7 @@ std::vector<int> CacheCore::account_uses(int layer, const std::vector<int>& expe
     } else {
       stats_.misses += 1;
       stats_.layer_misses[layer] += 1;
-      if (in_place && std::find(copied.begin(), copied.end(), e) == copied.end()) stats_.in_place_reads += 1;
+      if (in_place) stats_.in_place_reads += 1;
     }
   }
   return resident;
@@ -331,24 +330,16 @@ void CacheCore::record_use(int layer, const std::vector<int>& experts) {
 }
 
 std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, const std::vector<int>& experts,
-                                                                    std::uintptr_t compute_stream) {
+                                                                    std::uintptr_t compute_stream, bool evict) {
   std::lock_guard<std::mutex> lock(mu_);
   begin_call(layer, experts);
   engine_->note_stream(compute_stream);
   const std::vector<int> wanted = unique_sorted(experts);
-  std::vector<int> copied;  // misses an empty slot takes: a pool that is not full fills on demand
-  if (filled_ < num_slots_) {
-    int empty = num_slots_ - filled_;
-    for (int e : wanted) {
-      if (empty == 0) break;
-      if (state(layer, e).slot < 0) {
-        copied.push_back(e);
-        empty -= 1;
-      }
-    }
-    if (!copied.empty()) engine_->check_not_capturing(compute_stream);
+  const bool may_copy = evict || filled_ < num_slots_;
+  if (may_copy && std::any_of(wanted.begin(), wanted.end(), [&](int e) { return state(layer, e).slot < 0; })) {
+    engine_->check_not_capturing(compute_stream);
   }
-  account_uses(layer, experts, /*in_place=*/true, copied);
+  account_uses(layer, experts, /*in_place=*/false);
   const std::uint64_t landed = engine_->completed();
   std::vector<int>& protected_slots = leases_[call_];
   for (int e : wanted) {
@@ -358,13 +349,18 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, co
     slots_[s].claimed = call_;
     protected_slots.push_back(s);
   }
+  // Misses a slot can take are copied into it (the same PCIe bytes as an in-place read, and later calls
+  // hit): an empty one, or with `evict` the policy's victim (never a slot this call reads or leased).
   Plan plan;
-  for (int e : copied) {
-    const int s = empty_slot();
-    if (s < 0) break;  // counted as empty but leased: cannot happen while empty slots hold no lease
+  std::vector<int> copied;
+  for (int e : wanted) {
+    if (!may_copy || state(layer, e).slot >= 0) continue;
+    const int s = evict ? choose_victim(/*for_prefetch=*/false, 0.f) : empty_slot();
+    if (s < 0) break;  // every other slot is leased or claimed: the rest are read in place
     assign(s, layer, e, plan);
     slots_[s].leases += 1;
     protected_slots.push_back(s);
+    copied.push_back(e);
   }
   try {
     const std::uint64_t needed = submit(plan, compute_stream);
@@ -375,14 +371,19 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, co
     released_.notify_all();
     throw;
   }
-  std::vector<int> result;
-  result.reserve(experts.size());
-  for (int e : experts) {
+  // A slot this call reads: its copy landed before the call, or the compute stream waits for it.
+  auto usable_slot = [&](int e) {
     const int s = state(layer, e).slot;
     const bool usable = s >= 0 && (slots_[s].ready_ticket <= landed ||
                                    std::find(copied.begin(), copied.end(), e) != copied.end());
-    result.push_back(usable ? s : -1);
+    return usable ? s : -1;
+  };
+  for (int e : wanted) {
+    if (usable_slot(e) < 0) stats_.in_place_reads += 1;
   }
+  std::vector<int> result;
+  result.reserve(experts.size());
+  for (int e : experts) result.push_back(usable_slot(e));
   return {call_, result};
 }
 

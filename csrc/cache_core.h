@@ -71,13 +71,14 @@ class CacheCore {
   // Accounting for experts the kernel uses through the map without ensure() (misses read in place).
   void record_use(int layer, const std::vector<int>& experts);
   // record_use, and a lease on the listed experts that are resident with their copy landed: until it is
-  // released, no prefetch evicts what the kernel is about to read from the slots. Misses that an empty
-  // slot can take are copied into it (compute_stream waits for those copies; the same PCIe bytes as an
-  // in-place read, and later calls hit), so a pool fills on demand; a full pool is not changed (no
-  // eviction). Returns the lease and each listed expert's slot, -1 for those to read from the host store
-  // (a map snapshot for callers that cannot order against later map writes, such as the host backend).
+  // released, no prefetch evicts what the kernel is about to read from the slots. Misses that a slot can
+  // take are copied into it (compute_stream waits for those copies; the same PCIe bytes as an in-place
+  // read, and later calls hit): an empty slot, so a pool fills on demand, and with `evict` the policy's
+  // victim too; without it a full pool is not changed. The rest are read in place. Returns the lease and
+  // each listed expert's slot, -1 for those to read from the host store (a map snapshot for callers that
+  // cannot order against later map writes, such as the host backend).
   std::pair<std::uint64_t, std::vector<int>> use_in_place(int layer, const std::vector<int>& experts,
-                                                          std::uintptr_t compute_stream);
+                                                          std::uintptr_t compute_stream, bool evict = false);
 
   void set_priorities(int layer, const std::vector<float>& scores);  // one score per expert
   void set_never_evict(int layer, const std::vector<int>& experts, bool never_evict);
@@ -130,9 +131,7 @@ class CacheCore {
   void assign(int slot, int layer, int expert, Plan& plan);
   // Records the account of every expert in `experts` used by `layer` (hits, misses); returns the
   // resident ones' slots. mu_ held.
-  // `copied`: misses being copied into a slot for this call (not counted as in-place reads).
-  std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place,
-                                const std::vector<int>& copied = {});
+  std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place);
   int empty_slot() const;  // the lowest-index slot that holds nothing, or -1
   std::uint64_t submit(Plan& plan, std::uintptr_t compute_stream);
 

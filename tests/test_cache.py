@@ -152,10 +152,12 @@ def test_layer_output_matches_reference(slots, T, misses, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_in_place_misses_fill_empty_slots_and_a_full_pool_is_left_as_it_is(backend):
+def test_one_token_misses_are_copied_into_the_slots_the_policy_frees(backend):
     """Regression: a miss read in place was never copied into a slot, so one-token calls never cached
     anything: a pool with room for every expert served 50 identical calls with 0 hits (and a patched
-    model's first layer, which no prefetch reaches, never hit)."""
+    model's first layer, which no prefetch reaches, never hit); then a full pool never changed on demand,
+    so LRU and LFU evicted nothing in decode. An explicit misses="in_place" still leaves a full pool as
+    it is."""
     L, E, H, I, K = 2, 8, 32, 16, 2
     layers = random_layers(L, E, H, I)
     x = torch.randn(1, H)
@@ -172,10 +174,30 @@ def test_in_place_misses_fill_empty_slots_and_a_full_pool_is_left_as_it_is(backe
             assert sorted(cache.resident(layer)) == sorted(ids[0].tolist())
             for e in ids[0].tolist():
                 assert_slot_holds(cache, layers, layer, e)
-    with ExpertCache(layers, num_slots=K) as cache:  # full after the first call: nothing evicted on demand
-        cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), backend=backend)
+
+    def one(expert):
+        return torch.ones(1, 1), torch.tensor([[expert]])
+
+    for policy, evicted in (("lru", 0), ("lfu", 1)):  # LRU evicts the least recent (0), LFU the least used (1)
+        with ExpertCache(layers, num_slots=2, policy=policy) as cache:
+            for e in (0, 0, 0, 1, 2):  # the pool is full after 0 and 1; then 2 takes the victim's slot
+                weights, expert = one(e)
+                out = cache.moe(0, x.to(DEVICE), weights.to(DEVICE), expert.to(DEVICE), backend=backend)
+                assert_close(out.cpu(), fused_moe_reference(x, *layers[0], weights, expert), torch.float32)
+            assert sorted(cache.resident(0)) == sorted({0, 1, 2} - {evicted})
+            s = cache.stats()
+            assert (s["misses"], s["hits"], s["evictions"], s["in_place_reads"]) == (3, 2, 1, 0)
+            for e in cache.resident(0):
+                assert_slot_holds(cache, layers, 0, e)
+    with ExpertCache(layers, num_slots=1) as cache:  # more experts in one call than slots: the rest in place
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), backend=backend)
+        assert_close(out.cpu(), fused_moe_reference(x, *layers[0], w, ids), torch.float32)
+        s = cache.stats()
+        assert (s["misses"], s["in_place_reads"], s["evictions"]) == (K, K - 1, 0)
+    with ExpertCache(layers, num_slots=K) as cache:  # explicit in place: full after the first call, then kept
+        cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), backend=backend, misses="in_place")
         other = torch.tensor([[e for e in range(E) if e not in ids[0].tolist()][:K]], dtype=ids.dtype)
-        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), other.to(DEVICE), backend=backend)
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), other.to(DEVICE), backend=backend, misses="in_place")
         assert_close(out.cpu(), fused_moe_reference(x, *layers[0], w, other), torch.float32)
         s = cache.stats()
         assert (s["misses"], s["in_place_reads"], s["evictions"]) == (2 * K, K, 0)

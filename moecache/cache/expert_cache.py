@@ -380,9 +380,10 @@ class ExpertCache:
         when the cache was built (`layer_biases`).
 
         misses: "in_place" (kernel reads non-resident experts from pinned host memory, no host sync
-        unless track_usage), "copy" (copy them into slots first; rounds if the pool is too small), or
-        "auto": in place where the kernel reads each expert once (ops.streams_each_expert_once) and
-        the store is pinned, else copy.
+        unless track_usage; with tracking, a miss an empty slot can take is copied there), "copy" (copy
+        them into slots first; rounds if the pool is too small), or "auto": where the kernel reads each
+        expert once (ops.streams_each_expert_once) and the store is pinned, misses are copied into the
+        slots the policy frees and only those no slot can take are read in place; else copy.
         before_compute: called with the layer's distinct experts (a list) once they are accounted for
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
@@ -403,6 +404,7 @@ class ExpertCache:
         if not isinstance(validate, bool):
             raise ValueError(f"validate must be a bool, got {validate!r}")
         in_place_ok = self._store.pinned or self.device.type == "cpu"
+        evict = misses == "auto"  # copies that the policy makes room for: later calls hit
         if misses == "auto":
             once = ops.streams_each_expert_once(hidden_states.shape[0], topk_ids.shape[1], self.num_experts,
                                                 self.hidden, self.inter, self.device, self.dtype)
@@ -425,7 +427,7 @@ class ExpertCache:
         if misses == "in_place":
             # The resident experts this call reads are leased: no prefetch (before_compute's for the next
             # layers, or another thread's) can evict them before the kernel is enqueued.
-            with Lease(self, *self._core.use_in_place(layer, needed, self._stream())) as lease:
+            with Lease(self, *self._core.use_in_place(layer, needed, self._stream(), evict)) as lease:
                 if self.device.type == "cuda":
                     # Kernels on this stream read the live map: a later eviction's copy waits for them.
                     expert_map = self._map[layer]
