@@ -160,6 +160,18 @@ std::uint64_t CacheCore::submit(Plan& plan, std::uintptr_t compute_stream) {
   return ticket;
 }
 
+void CacheCore::submit_for_call(Plan& plan, std::uintptr_t compute_stream, std::uint64_t needed) {
+  try {
+    needed = std::max(needed, submit(plan, compute_stream));
+    if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
+  } catch (...) {
+    for (int s : leases_[call_]) slots_[s].leases -= 1;  // the call failed: it holds nothing
+    leases_.erase(call_);
+    released_.notify_all();
+    throw;
+  }
+}
+
 void CacheCore::begin_call(int layer, const std::vector<int>& experts) {
   check_open();
   check_layer(layer);
@@ -240,15 +252,7 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::ensure(int layer, const st
     slots_[s].leases += 1;
     protected_slots.push_back(s);
   }
-  try {
-    needed = std::max(needed, submit(plan, compute_stream));
-    if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
-  } catch (...) {
-    for (int s : protected_slots) slots_[s].leases -= 1;  // the call failed: it holds nothing
-    leases_.erase(call_);
-    released_.notify_all();
-    throw;
-  }
+  submit_for_call(plan, compute_stream, needed);
   std::vector<int> result;
   result.reserve(experts.size());
   for (int e : experts) result.push_back(state(layer, e).slot);
@@ -362,15 +366,7 @@ std::pair<std::uint64_t, std::vector<int>> CacheCore::use_in_place(int layer, co
     protected_slots.push_back(s);
     copied.push_back(e);
   }
-  try {
-    const std::uint64_t needed = submit(plan, compute_stream);
-    if (needed != 0 && !engine_->done(needed)) engine_->wait(needed, compute_stream);
-  } catch (...) {
-    for (int s : protected_slots) slots_[s].leases -= 1;  // the call failed: it holds nothing
-    leases_.erase(call_);
-    released_.notify_all();
-    throw;
-  }
+  submit_for_call(plan, compute_stream, 0);
   // A slot this call reads: its copy landed before the call, or the compute stream waits for it.
   auto usable_slot = [&](int e) {
     const int s = state(layer, e).slot;

@@ -134,6 +134,9 @@ class CacheCore {
   std::vector<int> account_uses(int layer, const std::vector<int>& experts, bool in_place);
   int empty_slot() const;  // the lowest-index slot that holds nothing, or -1
   std::uint64_t submit(Plan& plan, std::uintptr_t compute_stream);
+  // submit, then the compute stream waits for it and for `needed` (copies this call reads that are still
+  // in flight); on failure the call's lease is dropped (it holds nothing) and the error rethrown. mu_ held.
+  void submit_for_call(Plan& plan, std::uintptr_t compute_stream, std::uint64_t needed);
 
   std::shared_ptr<HostStore> store_;
   int num_layers_, num_experts_, num_slots_;

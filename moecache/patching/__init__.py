@@ -16,7 +16,6 @@ record (what unpatch and stats need).
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import astuple, dataclass, field, replace
 from functools import partial
 
@@ -305,18 +304,12 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         setattr(model, _STATE, state)
 
 
-class _MadeBy:
+class _MadeBy(WeakLink):
     """A weak reference to the patch state that made a module: a deep copy of a layer keeps pointing at
     the same state; a pickle drops it (the state would drag the whole model into a pickle of one layer;
     an unpickled model knows its modules from its own state's records)."""
 
-    __slots__ = ("_state",)
-
-    def __init__(self, state):
-        self._state = weakref.ref(state) if state is not None else None
-
-    def __call__(self):
-        return self._state() if self._state is not None else None
+    __slots__ = ()
 
     def __reduce__(self):
         return _MadeBy, (None,)

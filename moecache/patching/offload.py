@@ -284,11 +284,10 @@ class _OffloadedState(_OffloadHook):
         self.module = weakref.ref(module)
 
     def __call__(self, _, state_dict, prefix, local_metadata):
-        module = self.module()
-        provider = module.provider
-        if not isinstance(provider, OffloadedExperts):
+        masters = _host_masters(self.module())
+        if masters is None:
             return
-        gate_up, down = provider.cache.host_weights(provider.layer)
+        module, gate_up, down = masters
         if module.layout.transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         _put_masters(state_dict, prefix, {"gate_up_proj": gate_up, "down_proj": down})
@@ -302,11 +301,10 @@ class _OffloadedLinearState(_OffloadHook):
         self.module, self.expert, self.linear = weakref.ref(module), expert, linear  # weakly: as above
 
     def __call__(self, _, state_dict, prefix, local_metadata):
-        module = self.module()
-        provider = module.provider
-        if not isinstance(provider, OffloadedExperts):
+        masters = _host_masters(self.module())
+        if masters is None:
             return
-        gate_up, down = provider.cache.host_weights(provider.layer)
+        module, gate_up, down = masters
         names = module.stacked.names
         if self.linear == names.down:
             weight = down[self.expert]
@@ -314,6 +312,15 @@ class _OffloadedLinearState(_OffloadHook):
             inter, row = down.shape[2], names.rows.index(self.linear)
             weight = gate_up[self.expert, row * inter:(row + 1) * inter]
         _put_masters(state_dict, prefix, {"weight": weight})
+
+
+def _host_masters(module: MoecacheExperts | None):
+    """(module, gate_up, down) of an offloaded layer's master copies in the host store; None once the
+    layer is no longer offloaded (or gone)."""
+    provider = getattr(module, "provider", None)
+    if not isinstance(provider, OffloadedExperts):
+        return None
+    return (module, *provider.cache.host_weights(provider.layer))
 
 
 def _put_masters(state_dict: dict, prefix: str, weights: dict) -> None:
