@@ -15,6 +15,8 @@ from .. import ops
 from ..compat import attentions_requested
 from .latent_cache import LatentKVCache
 
+LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the latent kernels compute in
+
 
 class MoecacheMLA(nn.Module):
     """DeepSeek-V2/V3 attention over a LatentKVCache; any other cache (or none) runs the original module.
@@ -109,7 +111,7 @@ class MoecacheMLA(nn.Module):
             raise ValueError(f"output_attentions: moecache's latent MLA computes no attention weights; pass an "
                              f"explicit cache ({keyword}=DynamicCache(config=model.config)) to run the original "
                              "attention, or unpatch the model")
-        if hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if hidden_states.dtype not in LATENT_DTYPES:
             raise TypeError(f"moecache's latent MLA decodes in fp16, bf16 or fp32, and this model runs in "
                             f"{hidden_states.dtype}: pass another cache (generate does) to run the original "
                             "attention, or unpatch the model")

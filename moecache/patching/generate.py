@@ -14,7 +14,7 @@ from torch import nn
 from .. import compat
 from .._env import kv_block_size
 from ..layers.latent_cache import LatentKVCache
-from ..layers.mla import MoecacheMLA
+from ..layers.mla import LATENT_DTYPES, MoecacheMLA
 from .attention import is_mla_attention
 from .hooks import HolderRef
 
@@ -22,8 +22,6 @@ HOOK = "_prepare_cache_for_generation"
 # The cache_implementation values whose cache the latent cache stands in for: the default (dynamic) and
 # static. Others (offloaded, quantized, sliding-window) ask for something it does not do: they stay.
 REPLACED_CACHES = (None, "dynamic", "static")
-# A model converted to another dtype (float64) generates with its default cache: the original attention
-LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LatentCacheDefault:
@@ -75,6 +73,7 @@ class LatentCacheDefault:
         for m in model.modules():
             if isinstance(m, MoecacheMLA):
                 layers.append(m.layer_idx)
+                # a model converted to a dtype the kernels do not compute in (float64) keeps its default cache
                 weight = getattr(m.kv_a_proj_with_mqa, "weight", None)
                 unsupported_dtype = isinstance(weight, torch.Tensor) and weight.dtype not in LATENT_DTYPES
                 unpatched = unpatched or not m.latent_path_ready() or unsupported_dtype
