@@ -29,8 +29,9 @@ ACT_GELU_TANH = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
 ACT_GELU = tl.constexpr(3)
 ACT_RELU = tl.constexpr(4)
+ACT_RELU2 = tl.constexpr(5)
 ACTIVATION_CODES = {"silu": ACT_SILU.value, "gelu_tanh": ACT_GELU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value,
-                    "gelu": ACT_GELU.value, "relu": ACT_RELU.value}
+                    "gelu": ACT_GELU.value, "relu": ACT_RELU.value, "relu2": ACT_RELU2.value}
 
 
 @triton.jit
@@ -43,6 +44,9 @@ def _act(h, ACTIVATION: tl.constexpr):
         return 0.5 * h * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 0.5 h (1 + tanh(inner))
     elif ACTIVATION == ACT_GELU:
         return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACTIVATION == ACT_RELU2:  # squared ReLU (Nemotron-H)
+        r = tl.maximum(h, 0.0)
+        return r * r
     else:
         return tl.maximum(h, 0.0)
 
@@ -426,8 +430,8 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
     """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton).
 
     gated: w_gate_up is [E, 2I, H] and the layer computes act(gate) * up; otherwise it is [E, I, H]
-    (fc1) and the layer computes act(fc1 x). activation: "silu", "gelu_tanh", "gelu", "relu", or (gated
-    only) "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
+    (fc1) and the layer computes act(fc1 x). activation: "silu", "gelu_tanh", "gelu", "relu", "relu2", or
+    (gated only) "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
     """
     import torch
 

@@ -53,11 +53,13 @@ MOE_SHAPES = {  # (H, I, E, K)
     "v3": (7168, 2048, 256, 8),
 }
 MOE_TOKENS = (1, 16, 64, 512, 4096)
-# MoE-LLaVA's experts (4, top-2): Phi-2's non-gated fc1/fc2 with biases, StableLM's and Qwen's SwiGLU.
+# MoE-LLaVA's experts (4, top-2): Phi-2's non-gated fc1/fc2 with biases, StableLM's and Qwen's SwiGLU;
+# and non-gated squared-ReLU experts without biases, as Nemotron-H keeps them (many small experts).
 MOE_LLAVA_SHAPES = {  # name: ((H, I, E, K), activation, gated, biases)
     "phi2": ((2560, 10240, 4, 2), "gelu_tanh", False, True),
     "stablelm": ((2048, 5632, 4, 2), "silu", True, False),
     "qwen": ((2048, 5504, 4, 2), "silu", True, False),
+    "relu2-non-gated": ((2048, 1024, 128, 6), "relu2", False, False),
 }
 # fp32/fp16 shapes and token counts the GPU tests use (they run there in fp32 too).
 TEST_MOE_CASES = (((40, 24, 8, 3), 26), ((72, 40, 7, 2), 37), ((64, 32, 8, 2), 3), ((2048, 1408, 64, 6), 4096),

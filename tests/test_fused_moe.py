@@ -91,11 +91,12 @@ def test_non_resident_experts_read_from_host(T):
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids), torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "relu2"])
 @pytest.mark.parametrize("T", [2, 19], ids=["decode", "grouped"])
-def test_gelu_tanh(T):
+def test_gated_activations(activation, T):
     x, wgu, wd, w, ids = random_layer(T, 40, 24, 6, 2, torch.float32)
-    out = run_triton(x, wgu, wd, w, ids, activation="gelu_tanh")
-    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, activation="gelu_tanh"), torch.float32)
+    out = run_triton(x, wgu, wd, w, ids, activation=activation)
+    assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, activation=activation), torch.float32)
 
 
 @pytest.mark.parametrize("T", [1, 18], ids=["decode", "grouped"])
@@ -681,7 +682,7 @@ def test_bad_config_tables_name_the_file(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ non-gated experts (Phi-2 / Switch / NLLB)
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "relu2", "silu"])
 @pytest.mark.parametrize("T", [3, 21], ids=["decode", "grouped"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -701,7 +702,7 @@ def test_non_gated_experts(activation, T, bias, dtype):
     assert_close(run_triton(x, fc1, fc2, w, ids, **kw), ref, dtype)
     if not bias:  # the same expert written out: act(fc1 x) then fc2, weighted
         act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu,
-               "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh")}[activation]
+               "relu2": lambda h: torch.relu(h) ** 2, "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh")}[activation]
         t, k = 1, 0
         e = int(ids[t, k])
         direct = act(x[t].double() @ fc1[e].double().t()) @ fc2[e].double().t() * w[t, k].double()
@@ -739,7 +740,7 @@ def test_non_gated_argument_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "relu2", "silu"])
 @pytest.mark.parametrize("T", [1, 16, 640])
 def test_gpu_non_gated_bf16_with_biases_matches_reference(activation, T):
     """MoE-LLaVA-Phi2-like experts (4, top-2, fc1/fc2 with biases), narrowed to keep the test quick."""

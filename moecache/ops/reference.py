@@ -10,7 +10,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "swiglu_oai")  # swiglu_oai: gated experts only
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "relu2", "swiglu_oai")  # swiglu_oai: gated experts only
 # GPT-OSS's clamped SwiGLU constants (transformers GptOssExperts: alpha=1.702, limit=7.0).
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
@@ -83,7 +83,9 @@ def act_reference(h: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
-    raise ValueError(f"activation {activation!r} has no non-gated form; choose from {ACTIVATIONS[:4]}")
+    if activation == "relu2":
+        return F.relu(h).square()
+    raise ValueError(f"activation {activation!r} has no non-gated form; choose from {ACTIVATIONS[:-1]}")
 
 
 def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
