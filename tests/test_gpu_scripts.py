@@ -1,6 +1,7 @@
 """The GPU run scripts' control flow on CPU: the plan (DRY_RUN), stage limits cut to the budget left,
 timeouts and failures recorded in the summary, SKIP/ONLY; and the traffic analysis of the kernels."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_failures_skip_and_only(tmp_path):
     assert proc.returncode == 0 and "fails: rc=1" in summary and "kept: ok" in summary and "skipped:" not in summary
     proc = _bash(script, tmp_path / "only", ONLY="kept")
     summary = (tmp_path / "only" / "summary.txt").read_text()
-    assert summary.strip() == "kept: ok (0s)"
+    assert re.fullmatch(r"kept: ok \(\d+s\)", summary.strip()), summary  # seconds: a loaded machine takes 1
 
 
 @needs_source
