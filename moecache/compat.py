@@ -9,8 +9,9 @@ moecache reads here:
   model's forward takes it under, and the field of the outputs that returns it;
 - the Cache base class: in 5.17 `max_cache_len` is a read-only property, so a subclass exposes it as a
   property too, never assigns it;
-- experts modules: fused 3-D `gate_up_proj` / `down_proj` parameters, GPT-OSS's `is_transposed` /
-  `is_concatenated` flags, and `set_experts_implementation` on the model (benchmarks only);
+- experts modules: fused 3-D `gate_up_proj` / `down_proj` parameters (`up_proj` / `down_proj` where the
+  experts decorator set `has_gate=False`: Nemotron-H), GPT-OSS's `is_transposed` / `is_concatenated`
+  flags, and `set_experts_implementation` on the model (benchmarks only);
 - `output_attentions`: recorded by forward hooks that `capture_outputs` installs on modules of the
   model's own attention classes at the first forward that asks, and an active collector naming what the
   running forward records.
@@ -106,11 +107,24 @@ def config_value(config, key: str):
     return getattr(config, key, None)
 
 
+def experts_gated(module) -> bool:
+    """Whether a fused experts module computes act(gate) * up (`gate_up_proj`), or act(up) alone
+    (`up_proj`: transformers' experts decorator sets `has_gate=False` on those, Nemotron-H's)."""
+    return getattr(module, "has_gate", True) is not False
+
+
+def fused_weight_names(module) -> tuple[str, str]:
+    """(first projection, down projection): the names of a fused experts module's two 3-D parameters; the
+    biases, where it has them, are named after them with `_bias`."""
+    return ("gate_up_proj" if experts_gated(module) else "up_proj"), "down_proj"
+
+
 def experts_flags(module) -> tuple[bool, bool, bool]:
     """(transposed, interleaved, has_bias) of a fused experts module: GPT-OSS stores gate_up_proj
     [E, H, 2I] with gate and up interleaved, and biases; the other families [E, 2I, H], concatenated."""
+    first = fused_weight_names(module)[0]
     return (bool(getattr(module, "is_transposed", False)), not getattr(module, "is_concatenated", True),
-            getattr(module, "gate_up_proj_bias", None) is not None)
+            getattr(module, f"{first}_bias", None) is not None)
 
 
 def has_own_gate_function(module) -> bool:

@@ -439,6 +439,26 @@ def test_reads_transformers_experts_in_both_layouts():
         expert_source(torch.nn.Linear(3, 3))
 
 
+def test_reads_non_gated_transformers_experts():
+    """Nemotron-H's experts: up_proj [E, I, H] and down_proj [E, H, I], marked has_gate=False."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    fused = NemotronHExperts(NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4))
+    for p in fused.parameters():
+        torch.nn.init.normal_(p)
+    source = expert_source(fused)
+    assert (source.num_experts, source.hidden, source.inter, source.gated) == (4, 32, 16, False)
+    up, down = source.get(3)
+    assert torch.equal(up, fused.up_proj[3]) and torch.equal(down, fused.down_proj[3])
+    with ExpertCache([fused], num_slots=2) as cache:
+        x = torch.randn(5, 32)
+        w, ids = torch.rand(5, 2), torch.tensor([[0, 3], [1, 2], [3, 1], [2, 0], [0, 1]])
+        expected = fused_moe_reference(x, fused.up_proj.detach(), fused.down_proj.detach(), w, ids, activation="relu2",
+                                       gated=False)
+        assert_close(cache.moe(0, x, w, ids, activation="relu2"), expected, torch.float32)
+
+
 class _BiasedMLP(torch.nn.Module):
     def __init__(self, hidden=32, inter=16, bias=True):
         super().__init__()

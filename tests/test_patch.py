@@ -42,6 +42,11 @@ FAMILIES = {
     "gpt_oss": lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
         **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # non-gated fused experts (up_proj, down_proj) with a squared ReLU, between Mamba and attention layers
+    "nemotron_h": lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, moe_intermediate_size=32,
+        intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2, head_dim=16, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=16, n_groups=1, layers_block_type=["full_attention", "moe", "mamba", "moe", "moe"])),
 }
 
 
@@ -81,7 +86,7 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
     if OFFLOADS[offload] is not None:
         cache = s["cache"]
         assert cache["hits"] + cache["misses"] == cache["requests"] > 0
-        assert all(m.gate_up_proj.numel() == 0 for m in patched), "offloaded experts must free their memory"
+        assert all(p.numel() == 0 for m in patched for p in m.fused_parameters()), "offloaded experts must free their memory"
         if OFFLOADS[offload].policy == "predictive":
             pred = s["prediction"]
             assert pred["depth"] == 2 and pred["per_layer"], "the predictor scored no guess"
@@ -1070,6 +1075,48 @@ def test_a_gate_function_computing_act_gate_times_up_is_patched():
     with torch.no_grad():
         assert_close(model(ids).last_hidden_state, ref, torch.float32)
     moecache.unpatch(model)
+
+
+def test_non_gated_fused_experts_with_a_squared_relu_keep_their_names():
+    """Nemotron-H's experts: up_proj [E, I, H] and down_proj [E, H, I] (no gate), relu2(up x) then down.
+    They run as non-gated experts with the squared ReLU, and an offloaded model's state dict gives the
+    module's own names and weights."""
+    model = build("nemotron_h")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(k.endswith("experts.up_proj") for k in expected)
+    moecache.patch(model, strict=True)
+    layers = moecache.stats(model)["layers"]
+    assert len(layers) == 3 and {layer["activation"] for layer in layers} == {"relu2"}
+    assert all(not m.layout.gated for m in model.modules() if isinstance(m, MoecacheExperts))
+    moecache.patch(moecache.unpatch(model), offload=Offload(gpu_experts=0.5))
+    state = model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    moecache.unpatch(model)
+
+
+LEFT_ALONE_FAMILIES = {  # (model_type, config, words of the reason): experts found, whose math the kernels lack
+    "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+                         head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1]), "Llama 4"),
+    "jetmoe": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, kv_channels=16), "JetMoE"),
+    # non-gated experts (up_proj, down_proj) followed by a norm of their own
+    "ergo": (dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2),
+             "post_expert_norm"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(LEFT_ALONE_FAMILIES))
+def test_experts_of_other_math_are_found_and_left_alone_with_the_reason(model_type):
+    """Not silently skipped: stats name them (and strict refuses), and the model is untouched."""
+    extra, reason = LEFT_ALONE_FAMILIES[model_type]
+    model = _newer_family(model_type, **extra)
+    before = model_snapshot(model)
+    moecache.patch(model)
+    left = moecache.stats(model)["left_alone"]
+    assert left and all(item["kind"] == "experts" and reason in item["reason"] for item in left), left
+    assert not moecache.stats(model)["patched"]
+    assert_model_restored(model, before)
+    with pytest.raises(ValueError, match=reason):
+        moecache.patch(model, strict=True)
 
 
 @pytest.mark.parametrize("model_type", list(NEWER_FAMILIES))

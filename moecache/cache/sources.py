@@ -2,7 +2,7 @@
 
 - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]);
 - a module with fused 3-D `gate_up_proj` / `down_proj` parameters (transformers 5.x experts; GPT-OSS's
-  transposed, interleaved layout too);
+  transposed, interleaved layout too; `up_proj` / `down_proj` for non-gated ones);
 - an `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj or w1/w3/w2 linear layers
   (transformers 4.x, DeepSeek's own modelling code).
 """
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..compat import experts_flags
+from ..compat import experts_flags, fused_weight_names
 
 
 @dataclass
@@ -49,24 +49,25 @@ def expert_source(experts) -> ExpertSource:
 
     - a pair of tensors (w_gate_up [E, 2I, H], w_down [E, H, I]), or non-gated (fc1 [E, I, H], fc2 [E, H, I]);
     - a transformers 5.x experts module with fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
-      (GPT-OSS's transposed [E, H, 2I] interleaved layout too), with `gate_up_proj_bias` / `down_proj_bias`
-      where it has them;
+      (GPT-OSS's transposed [E, H, 2I] interleaved layout too; non-gated `up_proj` [E, I, H] where it has
+      no gate), with `gate_up_proj_bias` / `down_proj_bias` where it has them;
     - a transformers 4.x `nn.ModuleList` of expert MLPs with gate_proj/up_proj/down_proj (Qwen, DeepSeek)
       or w1/w3/w2 (Mixtral) linear layers, all of one shape and dtype, biased alike.
     """
     if isinstance(experts, (tuple, list)) and len(experts) == 2 and all(isinstance(t, torch.Tensor) for t in experts):
         gate_up, down = experts
         return _fused_source(gate_up, down, "w_gate_up", "w_down")
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(experts, "down_proj", None), torch.Tensor):
+    first_name, down_name = fused_weight_names(experts)
+    first, down = getattr(experts, first_name, None), getattr(experts, down_name, None)
+    if isinstance(first, torch.Tensor) and isinstance(down, torch.Tensor):
         transposed, interleaved, _ = experts_flags(experts)
         if transposed:
             # GPT-OSS: gate_up [E, H, 2I] interleaved, down [E, I, H]; records hold them as [2I, H] / [H, I].
-            source = _fused_source(experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
-                                   "gate_up_proj", "down_proj")
+            source = _fused_source(first.transpose(1, 2), down.transpose(1, 2), first_name, down_name)
             source.gate_up_interleaved = interleaved
         else:
-            source = _fused_source(experts.gate_up_proj, experts.down_proj, "gate_up_proj", "down_proj")
-        source.biases = _fused_biases(experts, source)
+            source = _fused_source(first, down, first_name, down_name)
+        source.biases = _fused_biases(experts, source, first_name, down_name)
         return source
     if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
         first = experts[0]
@@ -105,12 +106,13 @@ def expert_source(experts) -> ExpertSource:
                      "w_down [E, H, I]), a module with gate_up_proj/down_proj, or a ModuleList of expert MLPs")
 
 
-def _fused_biases(experts, source: ExpertSource) -> tuple[torch.Tensor, torch.Tensor] | None:
-    b_gate_up, b_down = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+def _fused_biases(experts, source: ExpertSource, first_name: str, down_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    first_bias, down_bias = f"{first_name}_bias", f"{down_name}_bias"
+    b_gate_up, b_down = getattr(experts, first_bias, None), getattr(experts, down_bias, None)
     if b_gate_up is None and b_down is None:
         return None
-    want = {"gate_up_proj_bias": (source.num_experts, source.gate_up_rows), "down_proj_bias": (source.num_experts, source.hidden)}
-    for name, bias in (("gate_up_proj_bias", b_gate_up), ("down_proj_bias", b_down)):
+    want = {first_bias: (source.num_experts, source.gate_up_rows), down_bias: (source.num_experts, source.hidden)}
+    for name, bias in ((first_bias, b_gate_up), (down_bias, b_down)):
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != want[name]:
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias
             raise ValueError(f"experts.{name} must be a {list(want[name])} tensor beside the other bias, got {got}")

@@ -51,6 +51,13 @@ class ExpertsLayout:
     has_bias: bool = False
     gated: bool = True  # False: fc1 [E, I, H], act(fc1 x), no up projection
 
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """A fused experts module's parameters (transformers' names): the first projection (gate_up_proj,
+        or up_proj without a gate), down_proj, then their biases where it has them."""
+        first = "gate_up_proj" if self.gated else "up_proj"
+        return (first, "down_proj") + ((f"{first}_bias", "down_proj_bias") if self.has_bias else ())
+
 
 class MoecacheExperts(nn.Module):
     """Runs the routed experts of one MoE layer with moecache's kernels, on the original parameters.
@@ -74,7 +81,7 @@ class MoecacheExperts(nn.Module):
             object.__setattr__(self, "_modules", original._modules)
             # The original's order (GPT-OSS puts each bias after its weight): optimizers and their saved
             # states address parameters by position.
-            names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if layout.has_bias else ())
+            names = layout.parameter_names
             order = list(original._parameters)
             for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
                 setattr(self, name, getattr(original, name))
@@ -106,9 +113,15 @@ class MoecacheExperts(nn.Module):
         """([E, 2I or I, H], [E, H, I]) views of the resident weights (no copies)."""
         if self.stacked is not None:
             return self.stacked.weights()
+        first, down = self.fused_parameters()
         if self.layout.transposed:
-            return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
-        return self.gate_up_proj, self.down_proj
+            return first.transpose(1, 2), down.transpose(1, 2)
+        return first, down
+
+    def fused_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The fused module's two weight Parameters as it stores them (gate_up_proj or up_proj, down_proj)."""
+        first, down = self.layout.parameter_names[:2]
+        return getattr(self, first), getattr(self, down)
 
     def biases(self) -> dict:
         if not self.layout.has_bias:
@@ -116,7 +129,7 @@ class MoecacheExperts(nn.Module):
         if self.stacked is not None:
             b_gate_up, b_down = self.stacked.biases()
         else:
-            b_gate_up, b_down = self.gate_up_proj_bias, self.down_proj_bias
+            b_gate_up, b_down = (getattr(self, name) for name in self.layout.parameter_names[2:])
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
     @staticmethod

@@ -503,8 +503,7 @@ def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:
     assign=True replaces them while patched)."""
     if new.stacked is not None:
         return
-    names = ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if new.layout.has_bias else [])
-    for name in names:
+    for name in new.layout.parameter_names:
         param = getattr(new, name)
         if getattr(original, name) is not param:
             setattr(original, name, param)

@@ -1,8 +1,9 @@
 """Which modules of a model are routed experts, how they keep their weights, and where their routers
 are: the model knowledge `patch` needs, found by `config.model_type` and by structure.
 
-Fused experts (transformers 5.x `*Experts`: 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
-called as experts(hidden, top_k_index, top_k_weights)) are swapped as modules. Experts kept as a list of
+Fused experts (transformers 5.x `*Experts`: 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], or
+non-gated `up_proj` [E, I, H] and `down_proj` (Nemotron-H), called as experts(hidden, top_k_index,
+top_k_weights)) are swapped as modules. Experts kept as a list of
 MLPs are stacked once (list_experts.py) and hooked where the family runs them: DeepSeek's own blocks
 (`moe_infer` overridden on the instance), DeepSpeed-MoE layers (MoE-LLaVA: the MOELayer's forward, the
 layer's own gate still routing) and Switch Transformers' experts (their forward).
@@ -36,7 +37,7 @@ FAMILIES: dict[str, ExpertsLayout] = {
 
 # config.hidden_act -> the kernels' activation
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+               "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
 
 @dataclass
 class FoundExperts:
@@ -73,9 +74,6 @@ class UnsupportedExperts(ValueError):
 
 
 LACKED_ACTIVATION = "an activation the kernels lack"
-# What a fused experts module may hold for the kernels to compute it: anything else (a norm after the
-# experts, a learned scale) is math they would skip.
-FUSED_PARAMETERS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
 ACT_ATTRIBUTES = ("act_fn", "activation_fn", "act", "activation")
 
 
@@ -104,13 +102,15 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
     layout = FAMILIES.get(model_type)
     if layout is None:
         transposed, interleaved, has_bias = compat.experts_flags(found.module)
-        layout = ExpertsLayout(transposed=transposed, interleaved=interleaved, has_bias=has_bias)
+        layout = ExpertsLayout(transposed=transposed, interleaved=interleaved, has_bias=has_bias,
+                               gated=compat.experts_gated(found.module))
     _check_holds_only_weights(found.module)
     if layout.activation != "swiglu_oai":
-        if compat.has_own_gate_function(found.module):
+        if layout.gated and compat.has_own_gate_function(found.module):
             raise UnsupportedExperts("a gate function of its own (_apply_gate) in place of act(gate) * up")
-        return ExpertsLayout(activation=_activation_of_fused(found.module, config), transposed=layout.transposed,
-                             interleaved=layout.interleaved, has_bias=layout.has_bias)
+        return ExpertsLayout(activation=_activation_of_fused(found.module, config, layout.gated),
+                             transposed=layout.transposed, interleaved=layout.interleaved, has_bias=layout.has_bias,
+                             gated=layout.gated)
     if (getattr(found.module, "alpha", SWIGLU_OAI_ALPHA), getattr(found.module, "limit", SWIGLU_OAI_LIMIT)) != (
             SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT):
         raise UnsupportedExperts("a clamped GLU with other constants than GPT-OSS's")
@@ -145,7 +145,11 @@ def _is_activation(name: str, child: nn.Module) -> bool:
 
 
 def _check_holds_only_weights(module: nn.Module) -> None:
-    extra = sorted({name for name, _ in module.named_parameters(recurse=False)} - FUSED_PARAMETERS)
+    """What a fused experts module may hold for the kernels to compute it: its two projections and their
+    biases; anything else (a norm after the experts, a learned scale) is math they would skip."""
+    first, down = compat.fused_weight_names(module)
+    allowed = {first, down, f"{first}_bias", f"{down}_bias"}
+    extra = sorted({name for name, _ in module.named_parameters(recurse=False)} - allowed)
     extra += sorted(name for name, child in module.named_children() if not _is_activation(name, child))
     if extra or getattr(module, "has_post_expert_norm", False):
         raise UnsupportedExperts(f"parts besides the expert weights ({', '.join(extra) or 'a post-expert norm'})")
@@ -200,48 +204,57 @@ def _check_list_is_uniform(found: FoundExperts) -> None:
         signature = mine
 
 
-def _activation_of_fused(module: nn.Module, config) -> str:
+def _activation_of_fused(module: nn.Module, config, gated: bool) -> str:
     """The module's own activation where it has one (some families take it from another config field
     than hidden_act), else the config's."""
     act = activation_of(module)
-    if act is not None:
-        return act
-    own = _own_activation(module)
-    if own is not None:
-        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(own)})")
-    name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
-    if name not in ACTIVATIONS:
-        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({name})")
-    return ACTIVATIONS[name]
+    if act is None:
+        own = _own_activation(module)
+        if own is not None:
+            raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({_describe(own)})")
+        name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+        if name not in ACTIVATIONS:
+            raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({name})")
+        act = ACTIVATIONS[name]
+    if not gated and act not in ops.NON_GATED_ACTIVATIONS:
+        raise UnsupportedExperts(f"{LACKED_ACTIVATION} ({act} without a gate)")
+    return act
 
 
 PARAMETRIZED = ("parametrized (torch.nn.utils.parametrize): the kernels read parameters, not what a "
                 "parametrization computes from them")
 
 
+def fused_weights(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A fused experts module's (first projection, down projection) as it stores them, None where missing."""
+    return tuple(getattr(module, name, None) for name in compat.fused_weight_names(module))
+
+
 def is_fused_experts(module: nn.Module) -> bool:
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+    first, down = fused_weights(module)
+    if not (isinstance(first, nn.Parameter) and isinstance(down, nn.Parameter)):
         return False
-    return _fused_shapes(module, gate_up, down)
+    return _fused_shapes(module, first, down)
 
 
 def is_parametrized_fused_experts(module: nn.Module) -> bool:
     """Fused experts whose gate_up_proj or down_proj a torch parametrization computes."""
     from torch.nn.utils import parametrize
 
-    if not any(parametrize.is_parametrized(module, name) for name in ("gate_up_proj", "down_proj")):
+    if not any(parametrize.is_parametrized(module, name) for name in compat.fused_weight_names(module)):
         return False
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and _fused_shapes(module, gate_up, down)
+    first, down = fused_weights(module)
+    return isinstance(first, torch.Tensor) and isinstance(down, torch.Tensor) and _fused_shapes(module, first, down)
 
 
-def _fused_shapes(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+def _fused_shapes(module: nn.Module, first: torch.Tensor, down: torch.Tensor) -> bool:
+    """first [E, 2I, H] (gated; [E, I, H] without a gate) and down [E, H, I], or both transposed."""
+    if first.dim() != 3 or down.dim() != 3 or first.shape[0] != down.shape[0]:
         return False
+    rows = 2 if compat.experts_gated(module) else 1
     if compat.experts_flags(module)[0]:
-        return gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
-    return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
+        return first.shape[2] == rows * down.shape[1] and first.shape[1] == down.shape[2]
+    return first.shape[1] == rows * down.shape[2] and first.shape[2] == down.shape[1]
 
 
 def _mlp_names(mlps) -> ListNames | None:
@@ -307,6 +320,11 @@ def _is_switch_dict(module: nn.Module) -> bool:
 UNSUPPORTED = {
     "NllbMoeExperts": "NLLB-MoE's experts module (transformers 5.x) one-hot-encodes an already one-hot router "
                       "mask, so which expert runs depends on the mask's values, not on the router's choice",
+    "Llama4TextExperts": "Llama 4's experts take their input already scaled by the router score, act(gate(s x)) * "
+                         "up(s x), where the kernels scale each expert's output by it, and run every expert on "
+                         "every token",
+    "JetMoeMoE": "JetMoE's MoE block calls its experts (input_linear / output_linear) on rows its own router "
+                 "sorted and counted, not with top-k ids and weights",
 }
 
 
@@ -391,7 +409,7 @@ def experts_shape(found: FoundExperts) -> tuple[int, int]:
     if found.names is not None:
         mlps = found.mlps
         return len(mlps), getattr(mlps[0], found.names.gate).weight.shape[1]
-    E, a, b = found.module.gate_up_proj.shape
+    E, a, b = fused_weights(found.module)[0].shape
     return E, (a if compat.experts_flags(found.module)[0] else b)
 
 

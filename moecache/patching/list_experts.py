@@ -41,7 +41,7 @@ KNOWN_NAMES = (
 # Activation modules (by class name) and functions -> the kernels' activation.
 _ACTIVATION_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
                        "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "GELUActivation": "gelu",
-                       "ReLU": "relu"}
+                       "ReLU": "relu", "ReLUSquaredActivation": "relu2"}
 
 
 def names_of(expert: nn.Module) -> ListNames | None:

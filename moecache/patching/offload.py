@@ -20,7 +20,7 @@ from ..cache.learned import LearnedRoutePredictor
 from ..cache.offloaded import OffloadedExperts, PrefetchBudget
 from ..cache.predictor import LookaheadPredictor
 from ..layers.experts import MoecacheExperts
-from .families import FoundExperts, experts_shape, find_router
+from .families import FoundExperts, experts_shape, find_router, fused_weights
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     devices = set()
     for f in found:
         if f.names is None:
-            devices.add(f.module.gate_up_proj.device)
+            devices.add(fused_weights(f.module)[0].device)
         else:
             devices.update(getattr(m, n).weight.device for m in f.mlps for n in (*f.names.rows, f.names.down))
     if len(devices) != 1:
@@ -194,14 +194,15 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
 
 def _experts_dtype(found) -> torch.dtype:
     if found.names is None:
-        return found.module.gate_up_proj.dtype
+        return fused_weights(found.module)[0].dtype
     return getattr(found.mlps[0], found.names.gate).weight.dtype
 
 
 def _record_bytes(found: FoundExperts) -> int:
     """One expert's bytes in a device slot (gate/up and down, aligned as the cache stores them)."""
     if found.names is None:
-        gate_up, down = [found.module.gate_up_proj[0]], found.module.down_proj[0]
+        first, down = fused_weights(found.module)
+        gate_up, down = [first[0]], down[0]
     else:
         gate_up = [getattr(found.mlps[0], n).weight for n in found.names.rows]
         down = getattr(found.mlps[0], found.names.down).weight
@@ -250,7 +251,7 @@ def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Of
         if module.stacked is not None:
             module.stacked.free_weights()
         else:
-            for param in (module.gate_up_proj, module.down_proj):
+            for param in module.fused_parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
                 len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
@@ -290,7 +291,7 @@ class _OffloadedState(_OffloadHook):
         module, gate_up, down = masters
         if module.layout.transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        _put_masters(state_dict, prefix, {"gate_up_proj": gate_up, "down_proj": down})
+        _put_masters(state_dict, prefix, dict(zip(module.layout.parameter_names, (gate_up, down))))
 
 
 class _OffloadedLinearState(_OffloadHook):
@@ -363,7 +364,7 @@ class _RefuseConverted(_OffloadHook):
 def _first_freed(module: MoecacheExperts) -> torch.Tensor:
     """The parameter whose storage a conversion replaces, as it does every other one's."""
     if module.stacked is None:
-        return module.gate_up_proj
+        return module.fused_parameters()[0]
     return getattr(module.stacked.experts[0], module.stacked.names.gate).weight
 
 
@@ -426,7 +427,7 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
             # the Parameters the patched module holds now: unpatch gives those to the original (a conversion
             # under torch's overwrite-on-conversion flag, or a load with assign=True, made new ones)
-            for param, src in ((module.gate_up_proj, gate_up), (module.down_proj, down)):
+            for param, src in zip(module.fused_parameters(), (gate_up, down)):
                 # a copy: never a view of the store the cache is about to release
                 param.data = src.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format,
                                     copy=True)
