@@ -125,13 +125,14 @@ def test_offload_switch_errors_name_the_variable(clean_env, env, message):
 
 
 # ---------------------------------------------------------------------------------------------- engine
-def _fake_layers(count=3, experts=8, hidden=32, inter=16):
-    """What the engine reads of vLLM's RoutedExperts: layer_name, top_k, w13_weight [E, 2I, H], w2_weight [E, H, I]."""
+def _fake_layers(count=3, experts=8, hidden=32, inter=16, gated=True):
+    """What the engine reads of vLLM's RoutedExperts: layer_name, top_k, w13_weight [E, 2I, H] ([E, I, H]
+    non-gated), w2_weight [E, H, I]."""
     from types import SimpleNamespace
 
     layers = []
     for i in range(count):
-        w13 = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2, requires_grad=False)
+        w13 = torch.nn.Parameter(torch.randn(experts, (2 if gated else 1) * inter, hidden) * 0.2, requires_grad=False)
         w2 = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.2, requires_grad=False)
         layers.append(SimpleNamespace(layer_name=f"model.layers.{i}.mlp.experts", top_k=2, w13_weight=w13,
                                       w2_weight=w2, e_score_correction_bias=None))
@@ -152,15 +153,21 @@ def _steps(layers, runners, steps=4, tokens=5):
     return out
 
 
+@pytest.mark.parametrize("activation", ["silu", "relu2_no_mul"])
 @pytest.mark.parametrize("policy", ["resident", "lru", "lfu", "predictive", "budgeted"])
-def test_engine_matches_fused_moe(policy):
+def test_engine_matches_fused_moe(policy, activation):
+    from types import SimpleNamespace
+
     from moecache import ops
     from moecache.patching.offload import Offload
 
-    layers, runners = _fake_layers()
+    moe = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False, ep_size=1, dp_size=1), activation=activation)
+    kernel_activation, gated = backend._check_config(moe, None)
+    layers, runners = _fake_layers(gated=gated)
     references = [(layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone()) for layer in layers]
     steps = _steps(layers, runners)
-    expected = [ops.fused_moe(x, *references[layers.index(layer)], w, ids) for layer, x, w, ids in steps]
+    expected = [ops.fused_moe(x, *references[layers.index(layer)], w, ids, activation=kernel_activation, gated=gated)
+                for layer, x, w, ids in steps]
     offload = None if policy == "resident" else Offload(
         gpu_experts=0.5, policy=policy, lookahead=2, prefetch_limit=1.0 if policy == "budgeted" else None)
     engine = backend._Engine(runners, offload)
@@ -168,7 +175,7 @@ def test_engine_matches_fused_moe(policy):
         engine.add(layer)
     outputs = []
     for layer, x, w, ids in steps:
-        outputs.append(engine.run(layer, x, w, ids, "silu", True))
+        outputs.append(engine.run(layer, x, w, ids, kernel_activation, gated))
     assert [layer.layer_name for layer in engine.layers] == [layer.layer_name for layer in layers]
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -193,7 +200,12 @@ def test_clamped_activations_are_refused():
     moe = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False, ep_size=1, dp_size=1), activation="silu",
                           swiglu_limit=None, swiglu_alpha=None, swiglu_beta=None)
     assert backend._check_config(moe, config) == ("silu", True)
-    moe.swiglu_limit = 7.0
+    moe.activation = "relu2_no_mul"
+    assert backend._check_config(moe, config) == ("relu2", False)
+    moe.activation = "swigluoai"
+    with pytest.raises(ValueError, match="this MoE layer uses 'swigluoai'"):
+        backend._check_config(moe, config)
+    moe.activation, moe.swiglu_limit = "silu", 7.0
     with pytest.raises(ValueError, match="runs 'silu' without a clamp; this MoE layer sets {'swiglu_limit': 7.0}"):
         backend._check_config(moe, config)
 

@@ -31,8 +31,11 @@ POLICY_ENV = "MOECACHE_VLLM_POLICY"
 LOOKAHEAD_ENV = "MOECACHE_VLLM_LOOKAHEAD"
 PREFETCH_LIMIT_ENV = "MOECACHE_VLLM_PREFETCH_LIMIT"
 TESTED_VLLM = "0.32"
-# vLLM's MoE activations that moecache's kernels compute (gated: act(gate) * up).
+# vLLM's MoE activations that moecache's kernels compute: gated, act(gate) * up with w13 [E, 2I, H], and
+# non-gated ("_no_mul": act(w1 x) with w13 [E, I, H], Nemotron-H's squared ReLU among them).
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+NON_GATED_ACTIVATIONS = {"silu_no_mul": "silu", "gelu_no_mul": "gelu", "gelu_tanh_no_mul": "gelu_tanh",
+                         "relu2_no_mul": "relu2"}
 
 logger = logging.getLogger(__name__)
 _method_class = None
@@ -169,9 +172,10 @@ def _check_config(moe, vllm_config) -> tuple[str, bool]:
         raise ValueError(f"moecache's vLLM backend does not run MoE layers with expert biases; unset {ENABLE_ENV}")
     activation = getattr(moe.activation, "value", moe.activation)
     gated = activation in ACTIVATIONS
-    if not gated:
-        raise ValueError(f"moecache's vLLM backend runs the gated activations {sorted(ACTIVATIONS)}; this MoE layer "
-                         f"uses {activation!r}: unset {ENABLE_ENV} for this model")
+    if not gated and activation not in NON_GATED_ACTIVATIONS:
+        raise ValueError(f"moecache's vLLM backend runs the activations {sorted(ACTIVATIONS)} and, non-gated, "
+                         f"{sorted(NON_GATED_ACTIVATIONS)}; this MoE layer uses {activation!r}: unset {ENABLE_ENV} "
+                         "for this model")
     clamped = {k: v for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta") if (v := getattr(moe, k, None)) is not None}
     if clamped:  # vLLM clamps the gate and up projections then (EXAONE-MoE, Bailing-MoE V3): another function
         raise ValueError(f"moecache's vLLM backend runs {activation!r} without a clamp; this MoE layer sets "
@@ -180,7 +184,7 @@ def _check_config(moe, vllm_config) -> tuple[str, bool]:
     if model_config is not None and not model_config.enforce_eager:
         raise ValueError(f"{ENABLE_ENV}=1 needs an eager engine: pass enforce_eager=True (--enforce-eager). "
                          "moecache keeps host-side state per step, which compiled CUDA graphs would freeze")
-    return ACTIVATIONS[activation], gated
+    return (ACTIVATIONS if gated else NON_GATED_ACTIVATIONS)[activation], gated
 
 
 def _layer_order(name: str) -> tuple[int, ...]:
