@@ -6,7 +6,8 @@ tells what passed), and one JSON row per check with --json.
     python bench/gpu_smoke.py --tiny --sections moe,route,mla,cache   # small shapes (sanitizer, CPU dry run)
 
 Sections: moe (fused_moe per shape and token count, both paths), map (expert_map with pinned host
-experts read in place), gptoss (interleaved gate/up, biases, clamped SwiGLU), route (every scoring
+experts read in place), gptoss (interleaved gate/up, biases, clamped SwiGLU), non_gated (fc1/fc2 experts:
+MoE-LLaVA-Phi2's with biases and GELU-tanh, many small ones with a squared ReLU), route (every scoring
 mode), mla (split-KV decode over shuffled pages), determinism (the grouped path's fused combine),
 host (in-place pinned reads, GB/s), cache (the C++ copy engine, both pinning modes, GB/s).
 """
@@ -41,7 +42,7 @@ MOE_TOKENS = (1, 16, 17, 64, 512, 4096)
 TINY_MOE_SHAPES = {"tiny": (96, 40, 9, 3), "tiny-k1": (64, 48, 4, 1)}
 TINY_TOKENS = (1, 5, 20)
 
-SECTIONS = ("moe", "map", "gptoss", "route", "mla", "determinism", "host", "cache")
+SECTIONS = ("moe", "map", "gptoss", "non_gated", "route", "mla", "determinism", "host", "cache")
 
 
 class Report:
@@ -172,6 +173,36 @@ def check_gptoss(report, device, dtype, tiny):
             err = rel_err(out, fused_moe_reference(*args, **kw))
             return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
         run_check(report, f"gptoss:T{T}", one)
+
+
+NON_GATED_CASES = {  # name: ((H, I, E, K), activation, biases)
+    "phi2-gelu_tanh-bias": ((2560, 10240, 4, 2), "gelu_tanh", True),
+    "relu2-e128k6": ((2048, 1024, 128, 6), "relu2", False),
+}
+
+
+def check_non_gated(report, device, dtype, tiny):
+    """fc1 [E, I, H], act, fc2 [E, H, I]: no up projection."""
+    for name, ((H, I, E, K), activation, biases) in NON_GATED_CASES.items():
+        if tiny:
+            H, I, E, K = 64, 48, min(E, 9), min(K, 3)
+        g = torch.Generator(device=device).manual_seed(3)
+        fc1 = torch.randn(E, I, H, device=device, dtype=dtype, generator=g) * H ** -0.5
+        fc2 = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I ** -0.5
+        kw = dict(activation=activation, gated=False)
+        if biases:
+            kw.update(b_gate_up=torch.randn(E, I, device=device, dtype=dtype, generator=g) * 0.1,
+                      b_down=torch.randn(E, H, device=device, dtype=dtype, generator=g) * 0.1)
+        for T in (TINY_TOKENS if tiny else (1, 16, 640)):
+            def one(T=T):
+                x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+                ids = random_ids(T, E, K, device, generator=g)
+                w = torch.rand(T, K, device=device, generator=g)
+                out = torch.full_like(x, float("nan"))
+                ops.fused_moe(x, fc1, fc2, w, ids, **kw, out=out, backend="triton")
+                err = rel_err(out, fused_moe_reference(x, fc1, fc2, w, ids, **kw))
+                return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
+            run_check(report, f"non_gated:{name}:T{T}", one)
 
 
 ROUTE_CASES = {  # name: (E, K, kwargs)
@@ -316,7 +347,8 @@ def check_cache(report, device, dtype, tiny):
         run_check(report, "cache:torch-pinned-1GB-reference", peak)
 
 
-CHECKS = {"moe": check_moe, "map": check_map, "gptoss": check_gptoss, "route": check_route, "mla": check_mla,
+CHECKS = {"moe": check_moe, "map": check_map, "gptoss": check_gptoss, "non_gated": check_non_gated,
+          "route": check_route, "mla": check_mla,
           "determinism": check_determinism, "host": check_host_reads, "cache": check_cache}
 
 

@@ -36,6 +36,26 @@ def test_bench_moe_quick_runs_and_writes_rows(tmp_path):
                and r["cuda"] == torch.version.cuda and "source_digest" in r for r in rows)
 
 
+@pytest.mark.skipif(not (BENCH / "gpu_smoke.py").is_file(), reason="needs the source tree")
+def test_gpu_smoke_checks_every_section_at_tiny_shapes(tmp_path):
+    """The GPU run's first script, on CPU (tiny shapes, the interpreter): every section runs and passes, so
+    a GPU call is not spent on a script that breaks before its checks."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu_smoke import SECTIONS
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "smoke.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_smoke.py"), "--json", str(out)], capture_output=True,
+                          text=True, env=CPU_ENV, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["check"].split(":")[0] for r in rows} == set(SECTIONS)
+    assert all(r["ok"] for r in rows) and any(r["check"].startswith("non_gated:relu2") for r in rows)
+
+
 @pytest.mark.skipif(not (BENCH / "bench_prefetch.py").is_file(), reason="needs the source tree")
 def test_bench_prefetch_quick_runs_and_writes_rows(tmp_path):
 
