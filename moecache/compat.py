@@ -107,6 +107,18 @@ def config_value(config, key: str):
     return getattr(config, key, None)
 
 
+# Experts modules that store their weights transposed ([E, H, 2I], [E, I, H]) without transformers' experts
+# decorator to say so (`is_transposed`).
+TRANSPOSED_WITHOUT_FLAG = ("Llama4TextExperts",)
+
+
+def is_llama4_moe(block) -> bool:
+    """Llama 4's MoE block: a router (top-k sigmoid scores), experts called on inputs already scaled by
+    the score, and a shared expert."""
+    return type(block).__name__ == "Llama4TextMoe" and all(
+        hasattr(block, name) for name in ("experts", "router", "shared_expert", "top_k", "hidden_dim"))
+
+
 def experts_gated(module) -> bool:
     """Whether a fused experts module computes act(gate) * up (`gate_up_proj`), or act(up) alone
     (`up_proj`: transformers' experts decorator sets `has_gate=False` on those, Nemotron-H's)."""
@@ -123,7 +135,8 @@ def experts_flags(module) -> tuple[bool, bool, bool]:
     """(transposed, interleaved, has_bias) of a fused experts module: GPT-OSS stores gate_up_proj
     [E, H, 2I] with gate and up interleaved, and biases; the other families [E, 2I, H], concatenated."""
     first = fused_weight_names(module)[0]
-    return (bool(getattr(module, "is_transposed", False)), not getattr(module, "is_concatenated", True),
+    transposed = getattr(module, "is_transposed", type(module).__name__ in TRANSPOSED_WITHOUT_FLAG)
+    return (bool(transposed), not getattr(module, "is_concatenated", True),
             getattr(module, f"{first}_bias", None) is not None)
 
 

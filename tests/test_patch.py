@@ -1094,9 +1094,52 @@ def test_non_gated_fused_experts_with_a_squared_relu_keep_their_names():
     moecache.unpatch(model)
 
 
+def _llama4(top_k=1):
+    config = transformers.Llama4TextConfig(**COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4,
+                                           num_experts_per_tok=top_k, head_dim=16, interleave_moe_layer_step=1,
+                                           no_rope_layers=[1, 1, 1])
+    torch.manual_seed(0)
+    return builders.randomize(transformers.Llama4ForCausalLM(config), 0)
+
+
+def test_llama4_experts_run_on_inputs_scaled_by_the_router_score():
+    """Llama 4's block scales each token's input by its expert's sigmoid score and runs the experts (stored
+    transposed, without transformers' flag) on that, unweighted; its block forward is overridden, the
+    experts module stays in the tree. Resident and offloaded; a load into the experts is seen; the offloaded
+    state dict holds the weights."""
+    model = _llama4()
+    ids = torch.randint(3, 96, (2, 7))
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
+    before = snapshot(model)
+    moecache.patch(model, strict=True)
+    layers = moecache.stats(model)["layers"]
+    assert len(layers) == 3 and {layer["activation"] for layer in layers} == {"silu"}
+    assert_close(logits(model, ids), ref_logits, torch.float32)
+    assert torch.equal(generate(model, ids), ref_tokens)
+    assert moecache.stats(model)["layers"][0]["tokens"] > 0
+    experts = model.model.layers[0].feed_forward.experts
+    new = {"gate_up_proj": torch.nn.Parameter(experts.gate_up_proj.detach() * 1.5)}
+    experts.load_state_dict({**experts.state_dict(), **new}, assign=True)  # a new Parameter: read from the module
+    scaled = logits(model, ids)
+    moecache.unpatch(model)
+    assert_close(scaled, logits(model, ids), torch.float32)
+    assert not torch.allclose(scaled, ref_logits)
+    model = _llama4()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for policy in ("lru", "predictive"):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5, policy=policy))
+        assert_close(logits(model, ids), ref_logits, torch.float32)
+        assert torch.equal(generate(model, ids), ref_tokens)
+        assert moecache.stats(model)["cache"]["requests"] > 0
+        state = model.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+        moecache.unpatch(model)
+        assert_restored(model, before)
+
+
 LEFT_ALONE_FAMILIES = {  # (model_type, config, words of the reason): experts found, whose math the kernels lack
-    "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
-                         head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1]), "Llama 4"),
+    "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2,
+                         head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1]), "top-k 2"),
     "jetmoe": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, kv_channels=16), "JetMoE"),
     # non-gated experts (up_proj, down_proj) followed by a norm of their own
     "ergo": (dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2),

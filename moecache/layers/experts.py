@@ -66,15 +66,17 @@ class MoecacheExperts(nn.Module):
     original keys through the shared parameters). stacked: for experts kept as a list of MLPs, an object
     whose weights() / biases() give the stacked tensors the patcher built (the MLPs' parameters are views
     of them). provider: None while the weights are resident; a callable (OffloadedExperts) that serves
-    the layer once offloaded.
+    the layer once offloaded. reads_original: the original stays in the model tree (a family whose block
+    forward is overridden instead, Llama 4's): its parameters are read from it, where loads put them.
     """
 
-    def __init__(self, original: nn.Module, layout: ExpertsLayout, *, stacked=None):
+    def __init__(self, original: nn.Module, layout: ExpertsLayout, *, stacked=None, reads_original: bool = False):
         super().__init__()
         object.__setattr__(self, "_original", original)
         self.training = original.training
         self.layout = layout
         self.stacked = stacked
+        self.reads_original = reads_original
         if stacked is None:
             # Its submodules (an activation module) are the original's, in one table both hold: the
             # model's module tree (named_modules, get_submodule) reads as unpatched
@@ -84,7 +86,8 @@ class MoecacheExperts(nn.Module):
             names = layout.parameter_names
             order = list(original._parameters)
             for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
-                setattr(self, name, getattr(original, name))
+                if not reads_original:
+                    setattr(self, name, getattr(original, name))
         gate_up, _ = self.weights()
         self.num_experts, self.hidden_size = gate_up.shape[0], gate_up.shape[2]
         self.provider: Callable | None = None
@@ -120,8 +123,9 @@ class MoecacheExperts(nn.Module):
 
     def fused_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
         """The fused module's two weight Parameters as it stores them (gate_up_proj or up_proj, down_proj)."""
+        holder = self.original if self.reads_original else self
         first, down = self.layout.parameter_names[:2]
-        return getattr(self, first), getattr(self, down)
+        return getattr(holder, first), getattr(holder, down)
 
     def biases(self) -> dict:
         if not self.layout.has_bias:
@@ -129,7 +133,8 @@ class MoecacheExperts(nn.Module):
         if self.stacked is not None:
             b_gate_up, b_down = self.stacked.biases()
         else:
-            b_gate_up, b_down = (getattr(self, name) for name in self.layout.parameter_names[2:])
+            holder = self.original if self.reads_original else self
+            b_gate_up, b_down = (getattr(holder, name) for name in self.layout.parameter_names[2:])
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
     @staticmethod

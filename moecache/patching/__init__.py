@@ -501,7 +501,7 @@ def _holders(model: nn.Module, state: PatchState) -> dict[int, list[tuple[nn.Mod
 def _give_back_parameters(new: MoecacheExperts, original: nn.Module) -> None:
     """The original module gets the Parameter objects the patched one holds now (load_state_dict with
     assign=True replaces them while patched)."""
-    if new.stacked is not None:
+    if new.stacked is not None or new.reads_original:
         return
     for name in new.layout.parameter_names:
         param = getattr(new, name)

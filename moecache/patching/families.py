@@ -6,7 +6,9 @@ non-gated `up_proj` [E, I, H] and `down_proj` (Nemotron-H), called as experts(hi
 top_k_weights)) are swapped as modules. Experts kept as a list of
 MLPs are stacked once (list_experts.py) and hooked where the family runs them: DeepSeek's own blocks
 (`moe_infer` overridden on the instance), DeepSpeed-MoE layers (MoE-LLaVA: the MOELayer's forward, the
-layer's own gate still routing) and Switch Transformers' experts (their forward).
+layer's own gate still routing) and Switch Transformers' experts (their forward). Llama 4's block, whose
+experts take inputs already scaled by the router score, has its forward overridden too (its fused
+experts stay in the tree and are read from there).
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 class FoundExperts:
     """A routed-experts module and how it is hooked: `kind` "module" (fused 3-D experts, parent.attr
     swapped), "moe_infer" (DeepSeek's own blocks: parent.moe_infer overridden on the instance),
-    "deepspeed" (DeepSpeed-MoE's MOELayer: parent.forward overridden) or "switch" (Switch Transformers'
-    experts: parent.forward overridden). `module` holds the experts (for lists, the ModuleList or
+    "deepspeed" (DeepSpeed-MoE's MOELayer: parent.forward overridden), "switch" (Switch Transformers'
+    experts: parent.forward overridden) or "llama4" (Llama 4's MoE block: parent.forward overridden). `module` holds the experts (for lists, the ModuleList or
     ModuleDict of MLPs, named by `names`)."""
 
     name: str
@@ -105,6 +107,10 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
         layout = ExpertsLayout(transposed=transposed, interleaved=interleaved, has_bias=has_bias,
                                gated=compat.experts_gated(found.module))
     _check_holds_only_weights(found.module)
+    if found.kind == "llama4" and found.parent.top_k != 1:
+        # each route would need its own scaled input row: every Llama 4 model routes to one expert
+        raise UnsupportedExperts(f"Llama 4 experts with top-k {found.parent.top_k}: their input is scaled by the "
+                                 "router score, which the kernels support for one expert per token")
     if layout.activation != "swiglu_oai":
         if layout.gated and compat.has_own_gate_function(found.module):
             raise UnsupportedExperts("a gate function of its own (_apply_gate) in place of act(gate) * up")
@@ -320,9 +326,6 @@ def _is_switch_dict(module: nn.Module) -> bool:
 UNSUPPORTED = {
     "NllbMoeExperts": "NLLB-MoE's experts module (transformers 5.x) one-hot-encodes an already one-hot router "
                       "mask, so which expert runs depends on the mask's values, not on the router's choice",
-    "Llama4TextExperts": "Llama 4's experts take their input already scaled by the router score, act(gate(s x)) * "
-                         "up(s x), where the kernels scale each expert's output by it, and run every expert on "
-                         "every token",
     "JetMoeMoE": "JetMoE's MoE block calls its experts (input_linear / output_linear) on rows its own router "
                  "sorted and counted, not with top-k ids and weights",
 }
@@ -358,6 +361,9 @@ def find_experts(model: nn.Module, unsupported: list | None = None) -> list[Foun
                 names = _switch_experts(parent)
                 if names is not None:
                     found.append(FoundExperts(name, parent, "forward", parent, "switch", names, owner_of.get(id(parent))))
+                    continue
+                if compat.is_llama4_moe(parent) and is_fused_experts(parent.experts):
+                    found.append(FoundExperts(prefix + "experts", parent, "forward", parent.experts, "llama4"))
                     continue
             except UnsupportedExperts as why:
                 if unsupported is not None:
@@ -417,7 +423,7 @@ def make_experts(found: FoundExperts, layout: ExpertsLayout) -> MoecacheExperts:
     """The MoecacheExperts that replaces `found` (sharing its parameters; a list of MLPs gets stacked)."""
     if found.names is not None:
         return MoecacheExperts(found.module, layout, stacked=StackedExperts(found.mlps, found.names, found.keys))
-    return MoecacheExperts(found.module, layout)
+    return MoecacheExperts(found.module, layout, reads_original=found.kind != "module")
 
 
 def installed(found: FoundExperts, experts: MoecacheExperts):
@@ -436,6 +442,8 @@ class ExpertsAdapter:
     its top-k ids the k largest; l_aux and exp_counts are set on the layer as DeepSpeed does.
     switch: experts.forward(hidden, one-hot mask [T, 1, E], weights [T, 1]): the masked expert, weight
     times the mask (0 for a token over capacity).
+    llama4: Llama4TextMoe.forward(hidden) -> (output, router logits): the router's top-1 expert on the input
+    scaled by its score, plus the shared expert.
     """
 
     def __init__(self, kind: str, owner: nn.Module, experts: MoecacheExperts):
@@ -445,7 +453,7 @@ class ExpertsAdapter:
         # gates), which spares building the dense [S, E, capacity] combine tensor.
         gate = getattr(owner, "gate", None)
         self._sparse_routes = kind == "deepspeed" and "sparse_routes" in _parameters(gate.forward)
-        self._dropout = has_dropout(experts.stacked.experts)
+        self._dropout = experts.stacked is not None and has_dropout(experts.stacked.experts)
 
     @property
     def owner(self) -> nn.Module:
@@ -473,6 +481,8 @@ class ExpertsAdapter:
             # The kernels apply no dropout: in training the MLPs run as the family runs them (offloaded,
             # their weights are gone, and the MLPs' own hook says so).
             return type(self.owner).forward(self.owner, *args, **kwargs)
+        if self.kind == "llama4":
+            return self._llama4(*args, **kwargs)
         return self._deepspeed(*args, **kwargs) if self.kind == "deepspeed" else self._switch(*args, **kwargs)
 
     def _deepspeed(self, hidden_states, used_token=None, *args, **kwargs):
@@ -491,6 +501,18 @@ class ExpertsAdapter:
         weights, ids = per_expert.topk(min(layer.gate.k, E), dim=-1)
         layer.l_aux, layer.exp_counts = l_aux, exp_counts
         return self.experts(flat, ids, weights).reshape(hidden_states.shape)
+
+    def _llama4(self, hidden_states):
+        block = self.owner
+        flat = hidden_states.reshape(-1, block.hidden_dim)
+        scores, router_logits = block.router(flat)  # [T, E]: the chosen expert's sigmoid score, 0 elsewhere
+        # top-1: the expert runs on the input scaled by its score (a score that underflows to 0 scales the
+        # input to 0, and any expert then gives 0, as the model's dense pass does), its output unweighted
+        score, ids = scores.max(dim=-1, keepdim=True)
+        routed = self.experts(flat * score, ids, torch.ones_like(score))
+        out = block.shared_expert(flat)
+        out.add_(routed)
+        return out, router_logits
 
     def _switch(self, hidden_states, selected_experts, routing_weights):
         mask = selected_experts.reshape(hidden_states.shape[0], -1)  # [T, E] one-hot, or zeros when dropped

@@ -385,7 +385,9 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
     for module in modules:
         handles.append(module.register_forward_pre_hook(_RefuseConverted(module)))
         if module.stacked is None:
-            handles.append(module.register_state_dict_post_hook(_OffloadedState(module)))
+            # on the module in the model tree: the patched one, or the original it reads (Llama 4's)
+            holder = module.original if module.reads_original else module
+            handles.append(holder.register_state_dict_post_hook(_OffloadedState(module)))
         else:  # on each linear layer: a state_dict of it, its expert or anything above gets the masters
             names = module.stacked.names
             for e, mlp in enumerate(module.stacked.experts):
