@@ -81,13 +81,12 @@ class MoecacheExperts(nn.Module):
             # Its submodules (an activation module) are the original's, in one table both hold: the
             # model's module tree (named_modules, get_submodule) reads as unpatched
             object.__setattr__(self, "_modules", original._modules)
+        if stacked is None and not reads_original:
             # The original's order (GPT-OSS puts each bias after its weight): optimizers and their saved
             # states address parameters by position.
-            names = layout.parameter_names
             order = list(original._parameters)
-            for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
-                if not reads_original:
-                    setattr(self, name, getattr(original, name))
+            for name in sorted(layout.parameter_names, key=lambda n: order.index(n) if n in order else len(order)):
+                setattr(self, name, getattr(original, name))
         gate_up, _ = self.weights()
         self.num_experts, self.hidden_size = gate_up.shape[0], gate_up.shape[2]
         self.provider: Callable | None = None
@@ -121,11 +120,16 @@ class MoecacheExperts(nn.Module):
             return first.transpose(1, 2), down.transpose(1, 2)
         return first, down
 
+    @property
+    def parameter_holder(self) -> nn.Module:
+        """The module in the model tree that holds a fused layer's parameters: this one, or the original
+        it reads them from."""
+        return self.original if self.reads_original else self
+
     def fused_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
         """The fused module's two weight Parameters as it stores them (gate_up_proj or up_proj, down_proj)."""
-        holder = self.original if self.reads_original else self
         first, down = self.layout.parameter_names[:2]
-        return getattr(holder, first), getattr(holder, down)
+        return getattr(self.parameter_holder, first), getattr(self.parameter_holder, down)
 
     def biases(self) -> dict:
         if not self.layout.has_bias:
@@ -133,8 +137,7 @@ class MoecacheExperts(nn.Module):
         if self.stacked is not None:
             b_gate_up, b_down = self.stacked.biases()
         else:
-            holder = self.original if self.reads_original else self
-            b_gate_up, b_down = (getattr(holder, name) for name in self.layout.parameter_names[2:])
+            b_gate_up, b_down = (getattr(self.parameter_holder, name) for name in self.layout.parameter_names[2:])
         return dict(b_gate_up=b_gate_up, b_down=b_down)
 
     @staticmethod

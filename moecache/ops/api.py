@@ -450,8 +450,8 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         w_down: [E, H, I].
         topk_weights: [T, K] float (fp32 from route; a model's bf16 or fp16 weights are read as they are
             and widened to fp32 in the kernel), topk_ids: [T, K] int32 or int64 (read as given).
-        activation: "silu" (default), "gelu_tanh", "gelu" (erf), "relu", "relu2" (squared ReLU), or, gated only, "swiglu_oai"
-            (GPT-OSS clamped SwiGLU).
+        activation: "silu" (default), "gelu_tanh", "gelu" (erf), "relu", "relu2" (squared ReLU), or, gated
+            only, "swiglu_oai" (GPT-OSS clamped SwiGLU).
         expert_map: [E] int32, the slot of each expert in w_gate_up/w_down (whose first dim is then the
             slot count); -1 = not resident: the kernel reads expert e from host_w_gate_up[e] /
             host_w_down[e] (pinned host memory) in place.

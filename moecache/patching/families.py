@@ -46,8 +46,8 @@ class FoundExperts:
     """A routed-experts module and how it is hooked: `kind` "module" (fused 3-D experts, parent.attr
     swapped), "moe_infer" (DeepSeek's own blocks: parent.moe_infer overridden on the instance),
     "deepspeed" (DeepSpeed-MoE's MOELayer: parent.forward overridden), "switch" (Switch Transformers'
-    experts: parent.forward overridden) or "llama4" (Llama 4's MoE block: parent.forward overridden). `module` holds the experts (for lists, the ModuleList or
-    ModuleDict of MLPs, named by `names`)."""
+    experts: parent.forward overridden) or "llama4" (Llama 4's MoE block: parent.forward overridden).
+    `module` holds the experts (for lists, the ModuleList or ModuleDict of MLPs, named by `names`)."""
 
     name: str
     parent: nn.Module

@@ -386,8 +386,7 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
         handles.append(module.register_forward_pre_hook(_RefuseConverted(module)))
         if module.stacked is None:
             # on the module in the model tree: the patched one, or the original it reads (Llama 4's)
-            holder = module.original if module.reads_original else module
-            handles.append(holder.register_state_dict_post_hook(_OffloadedState(module)))
+            handles.append(module.parameter_holder.register_state_dict_post_hook(_OffloadedState(module)))
         else:  # on each linear layer: a state_dict of it, its expert or anything above gets the masters
             names = module.stacked.names
             for e, mlp in enumerate(module.stacked.experts):
