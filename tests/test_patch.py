@@ -1137,6 +1137,37 @@ def test_llama4_experts_run_on_inputs_scaled_by_the_router_score():
         assert_restored(model, before)
 
 
+def test_llama4_multimodal_model_patches_its_text_model_and_runs_images():
+    """Llama4ForConditionalGeneration (Scout's and Maverick's class) holds the same text blocks under
+    language_model: patch finds them there, and image tokens (their features merged in by the vision
+    adapter) run through the experts like text; offloaded too, and unpatch restores the model."""
+    text = dict(COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+                head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1, 1])
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                  pixel_shuffle_ratio=0.5)  # one image token per 28x28 image
+    image_token = COMMON["vocab_size"] - 1
+    config = transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=image_token)
+    torch.manual_seed(0)
+    model = builders.randomize(transformers.Llama4ForConditionalGeneration(config), 0).eval()
+    ids = torch.randint(3, image_token, (2, 9))
+    ids[:, 2] = image_token
+    pixels = torch.randn(2, 3, 28, 28)
+    ref_logits = logits(model, ids, pixel_values=pixels)
+    ref_tokens = generate(model, ids[:, 3:])
+    before = snapshot(model)
+    for offload in (None, Offload(gpu_experts=0.5)):
+        moecache.patch(model, strict=True, offload=offload)
+        layers = moecache.stats(model)["layers"]
+        assert [layer["name"] for layer in layers] == [f"language_model.model.layers.{i}.feed_forward.experts"
+                                                       for i in range(3)]
+        assert_close(logits(model, ids, pixel_values=pixels), ref_logits, torch.float32)
+        assert moecache.stats(model)["layers"][0]["tokens"] == ids.numel()
+        assert torch.equal(generate(model, ids[:, 3:]), ref_tokens)
+        moecache.unpatch(model)
+        assert_restored(model, before)
+
+
 LEFT_ALONE_FAMILIES = {  # (model_type, config, words of the reason): experts found, whose math the kernels lack
     "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2,
                          head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1]), "top-k 2"),
