@@ -1094,6 +1094,33 @@ def test_non_gated_fused_experts_with_a_squared_relu_keep_their_names():
     moecache.unpatch(model)
 
 
+def test_transposed_non_gated_fused_experts_are_read_by_the_flag():
+    """Non-gated experts stored transposed (up_proj [E, H, I], down_proj [E, I, H], `is_transposed` set, as
+    transformers' experts decorator sets it): the same outputs as the model with the usual layout, resident and
+    offloaded; the offloaded state dict and unpatch give the transposed weights back."""
+    reference = build("nemotron_h")
+    ids = torch.randint(3, 96, (2, 7))
+    ref_logits, ref_tokens = logits(reference, ids), generate(reference, ids)
+    model = copy.deepcopy(reference)
+    experts = [m for m in model.modules() if type(m).__name__ == "NemotronHExperts"]
+    assert len(experts) == 3
+    for m in experts:
+        m.up_proj = torch.nn.Parameter(m.up_proj.detach().transpose(1, 2).contiguous())
+        m.down_proj = torch.nn.Parameter(m.down_proj.detach().transpose(1, 2).contiguous())
+        m.is_transposed = True
+    before = snapshot(model)
+    for offload in (None, Offload(gpu_experts=0.5)):
+        moecache.patch(model, strict=True, offload=offload)
+        assert all(m.layout.transposed and not m.layout.gated for m in model.modules()
+                   if isinstance(m, MoecacheExperts))
+        assert_close(logits(model, ids), ref_logits, torch.float32)
+        assert torch.equal(generate(model, ids), ref_tokens)
+        state = model.state_dict()
+        assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+        moecache.unpatch(model)
+        assert_restored(model, before)
+
+
 def _llama4(top_k=1):
     config = transformers.Llama4TextConfig(**COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4,
                                            num_experts_per_tok=top_k, head_dim=16, interleave_moe_layer_step=1,
