@@ -47,6 +47,11 @@ FAMILIES = {
         **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, moe_intermediate_size=32,
         intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2, head_dim=16, mamba_num_heads=4,
         mamba_head_dim=16, ssm_state_size=16, n_groups=1, layers_block_type=["full_attention", "moe", "mamba", "moe", "moe"])),
+    # experts beside a dense MLP in every layer, GELU-tanh from config.hidden_activation, routed from the residual
+    "gemma4": lambda: transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+        **COMMON, intermediate_size=48, moe_intermediate_size=32, num_experts=8, top_k_experts=2, enable_moe_block=True,
+        head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
 }
 
 
@@ -94,7 +99,8 @@ def test_patched_model_matches_and_unpatch_restores(family, offload):
                 assert 0 <= row["correct"] <= min(row["predicted"], row["actual"])
             assert cache["prefetches"] > 0
         if offload == "pool-below-topk":
-            assert moecache.expert_cache(model).num_slots < model.config.num_experts_per_tok * len(patched)
+            top_k = getattr(model.config, "num_experts_per_tok", None) or model.config.top_k_experts  # Gemma 4's name
+            assert moecache.expert_cache(model).num_slots < top_k * len(patched)
 
     moecache.patch(model, offload=OFFLOADS[offload])  # twice: nothing more changes
     assert sum(isinstance(m, MoecacheExperts) for m in model.modules()) == len(patched)
@@ -649,11 +655,14 @@ def test_deepseek_vl2_moe_blocks_through_structural_detection(offload):
         assert torch.equal(model(x), ref)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("deepseek_v2-group_limited", "deepseek_v3")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("deepseek_v2-group_limited", "deepseek_v3",
+                                                                      "gemma4")])
 def test_lookahead_router_reproduces_the_models_own_routing(family):
     """The predictor's router reading (find_router + RouterSpec.scores) picks exactly the experts the
     model's router picks when fed the same hidden state (group-limited routing aside), so a lookahead
-    guess differs from the truth only through the hidden state it is applied to."""
+    guess differs from the truth only through the hidden state it is applied to. (Gemma 4's router reads
+    the residual through a norm and a per-dimension scale of its own, its experts another norm of it: the
+    lookahead ranks the experts' input with the router's projection alone.)"""
     from moecache.patching.families import find_router
 
     model = build(family)
