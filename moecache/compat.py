@@ -119,6 +119,18 @@ def is_llama4_moe(block) -> bool:
         hasattr(block, name) for name in ("experts", "router", "shared_expert", "top_k", "hidden_dim"))
 
 
+def router_input_scales(block, router) -> tuple:
+    """(input_scale, experts_input_scale) as RouterSpec takes them, for a router that reads the residual
+    otherwise than its experts: Gemma 4's router normalizes the decoder layer's residual without a weight
+    and scales it by `router.scale` (and a constant), the experts read `pre_feedforward_layernorm_2` of
+    it. (None, None) for every other router."""
+    if type(router).__name__ != "Gemma4TextRouter":
+        return None, None
+    scale = getattr(router, "scale", None)
+    norm = getattr(getattr(block, "pre_feedforward_layernorm_2", None), "weight", None)
+    return (scale if isinstance(scale, torch.Tensor) else None), (norm if isinstance(norm, torch.Tensor) else None)
+
+
 def experts_gated(module) -> bool:
     """Whether a fused experts module computes act(gate) * up (`gate_up_proj`), or act(up) alone
     (`up_proj`: transformers' experts decorator sets `has_gate=False` on those, Nemotron-H's)."""

@@ -48,11 +48,19 @@ FAMILIES = {
         intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2, head_dim=16, mamba_num_heads=4,
         mamba_head_dim=16, ssm_state_size=16, n_groups=1, layers_block_type=["full_attention", "moe", "mamba", "moe", "moe"])),
     # experts beside a dense MLP in every layer, GELU-tanh from config.hidden_activation, routed from the residual
-    "gemma4": lambda: transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+    "gemma4": lambda: _gemma4(),
+}
+
+
+def _gemma4():
+    model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
         **COMMON, intermediate_size=48, moe_intermediate_size=32, num_experts=8, top_k_experts=2, enable_moe_block=True,
         head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0, sliding_window=16,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
-}
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+    with torch.no_grad():  # the experts' input norm weighs each dimension (randomize leaves norms at 1)
+        for layer in model.model.layers:
+            layer.pre_feedforward_layernorm_2.weight.normal_(1.0, 0.5)
+    return model
 
 
 def build(family, seed=0):
@@ -655,14 +663,13 @@ def test_deepseek_vl2_moe_blocks_through_structural_detection(offload):
         assert torch.equal(model(x), ref)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("deepseek_v2-group_limited", "deepseek_v3",
-                                                                      "gemma4")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("deepseek_v2-group_limited", "deepseek_v3")])
 def test_lookahead_router_reproduces_the_models_own_routing(family):
-    """The predictor's router reading (find_router + RouterSpec.scores) picks exactly the experts the
-    model's router picks when fed the same hidden state (group-limited routing aside), so a lookahead
+    """The predictor's router reading (find_router + RouterSpec) picks exactly the experts the model's
+    router picks when fed the same layer's experts' input (group-limited routing aside), so a lookahead
     guess differs from the truth only through the hidden state it is applied to. (Gemma 4's router reads
-    the residual through a norm and a per-dimension scale of its own, its experts another norm of it: the
-    lookahead ranks the experts' input with the router's projection alone.)"""
+    the residual through a norm and a per-dimension scale of its own, its experts another norm of it,
+    with weights of its own: both are undone.)"""
     from moecache.patching.families import find_router
 
     model = build(family)
@@ -678,9 +685,29 @@ def test_lookahead_router_reproduces_the_models_own_routing(family):
     logits(model, torch.randint(3, 96, (2, 9)))
     assert seen
     for spec, hidden, top_k_index in seen:
-        guess = spec.scores(hidden).topk(top_k_index.shape[1], dim=1).indices
+        guess = spec.scores(spec.router_input(hidden)).topk(top_k_index.shape[1], dim=1).indices
         assert torch.equal(guess.sort(dim=1).values, top_k_index.long().sort(dim=1).values)
     moecache.unpatch(model)
+
+
+def test_router_input_undoes_the_experts_norm_weight_and_scores_apply_the_routers_scale():
+    from moecache.cache.predictor import RouterSpec, lookahead_scores
+
+    H, E = 8, 5
+    torch.manual_seed(0)
+    residual = torch.randn(4, H)
+    norm_weight = torch.randn(H)
+    norm_weight[3] = 0.0  # that dimension never reaches the experts: it stays 0, not NaN
+    scale, weight = torch.randn(H), torch.randn(E, H)
+    spec = RouterSpec(weight, input_scale=scale, experts_input_scale=norm_weight)
+    experts_input = residual * norm_weight
+    seen = residual.clone()
+    seen[:, 3] = 0.0
+    assert torch.allclose(spec.router_input(experts_input), seen)
+    assert torch.allclose(spec.scores(seen), (seen * scale) @ weight.T, atol=1e-6)
+    plain = RouterSpec(torch.randn(E, H))
+    assert torch.allclose(lookahead_scores([spec, plain], 0, 1, experts_input), seen @ plain.weight.T, atol=1e-6)
+    assert torch.allclose(lookahead_scores([None, spec], 0, 1, seen), (seen * scale) @ weight.T, atol=1e-6)
 
 
 def test_lookahead_predictor_counts_and_scores():

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.predictor import LookaheadPredictor
+from ..cache.predictor import LookaheadPredictor, lookahead_scores
 from ._checks import check_depth
 
 
@@ -77,7 +77,7 @@ def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: 
             target = layer + d
             if target >= len(routers) or routers[target] is None:
                 break
-            scores = routers[target].scores(hidden)
+            scores = lookahead_scores(routers, layer, target, hidden)
             recording.predictions[step][target][d - 1] = scores.topk(recording.top_k, dim=1).indices.cpu()
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts]

@@ -19,16 +19,39 @@ class RouterSpec:
 
     weight: [E, H] (the router's linear weight); bias: [E] added to the logits (GPT-OSS);
     correction: [E] added to sigmoid scores for ranking only (DeepSeek-V3 e_score_correction_bias).
+    Where the router reads the residual otherwise than the experts do (Gemma 4: the router normalizes it
+    and scales each dimension, the experts read another norm of it, with weights of its own):
+    input_scale: [H], the router's own per-dimension scale of its normalized input;
+    experts_input_scale: [H], the weight of the norm that made this layer's experts' input, divided out
+    to take that input back to what routers read.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     correction: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    experts_input_scale: torch.Tensor | None = None
 
-    def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
+        """This layer's experts' input as the routers read it, up to a factor per token, which no ranking
+        sees (a norm's weight of 0 leaves its dimension at 0)."""
+        if self.experts_input_scale is None:
+            return experts_input
+        scale = self.experts_input_scale.float()
+        return torch.where(scale != 0, experts_input.float() / scale, 0.0)
+
+    def scores(self, router_input: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32 ranking scores (top-k of these is the router's top-k choice, groups aside)."""
-        logits = torch.nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)
+        x = router_input if self.input_scale is None else router_input.float() * self.input_scale.float()
+        logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return ranking_scores(logits, self.correction)
+
+
+def lookahead_scores(routers: list, layer: int, target: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Layer `target`'s router applied to the hidden state entering layer `layer`'s experts: [T, E] fp32
+    ranking scores (`routers[target]` must be known; `routers[layer]` may be None)."""
+    source = routers[layer]
+    return routers[target].scores(source.router_input(hidden_states) if source is not None else hidden_states)
 
 
 def ranking_scores(logits: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
@@ -85,7 +108,7 @@ class LookaheadPredictor:
             if self.learned is not None and self.learned.has(target, d):
                 scores = self.learned.scores(target, d, hidden_states)
             else:
-                scores = self.routers[target].scores(hidden_states)
+                scores = lookahead_scores(self.routers, layer, target, hidden_states)
             chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)
             counts = torch.bincount(chosen, minlength=scores.shape[1]).cpu()
             self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())

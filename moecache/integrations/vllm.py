@@ -199,6 +199,9 @@ class _GateScores:
         self.gate = gate
         self.correction = correction  # DeepSeek-V3-style selection bias, added to sigmoid scores for ranking
 
+    def router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
+        return experts_input  # vLLM's runner gives the gate and the experts the same hidden states
+
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         from ..cache.predictor import ranking_scores
 
