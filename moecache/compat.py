@@ -119,6 +119,27 @@ def is_llama4_moe(block) -> bool:
         hasattr(block, name) for name in ("experts", "router", "shared_expert", "top_k", "hidden_dim"))
 
 
+# Routers that add their selection bias to the logits themselves rather than to their sigmoid.
+BIAS_ON_LOGITS = ("Kolibri1TopKRouter", "Kolibri1_1TopKRouter")
+
+
+def router_selection_bias(block, router) -> tuple:
+    """(selection bias, the function of the logits it is added to) by which a router ranks experts, as
+    RouterSpec takes them: DeepSeek-V3's e_score_correction_bias on the router, or on the MoE block that
+    passes it to the router (MiniMax-M2, HunYuan-V3), AFMoE's expert_bias on the block (all added to the
+    sigmoid), ERNIE 4.5's on the router's moe_statics (added to the softmax), Kolibri's on the router (added
+    to the logits); (None, "sigmoid") for a router that ranks by its logits alone."""
+    statics = getattr(router, "moe_statics", None)
+    for holder, name, function in ((router, "e_score_correction_bias", "sigmoid"),
+                                   (statics, "e_score_correction_bias", "softmax"),
+                                   (block, "e_score_correction_bias", "sigmoid"),
+                                   (block, "expert_bias", "sigmoid")):
+        bias = getattr(holder, name, None) if holder is not None else None
+        if isinstance(bias, torch.Tensor):
+            return bias, ("logits" if type(router).__name__ in BIAS_ON_LOGITS else function)
+    return None, "sigmoid"
+
+
 def router_input_scales(block, router) -> tuple:
     """(input_scale, experts_input_scale) as RouterSpec takes them, for a router that reads the residual
     otherwise than its experts: Gemma 4's router normalizes the decoder layer's residual without a weight

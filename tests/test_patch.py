@@ -1097,6 +1097,44 @@ def _newer_family(model_type, **extra):
     return builders.randomize(transformers.AutoModel.from_config(config), 0)
 
 
+SELECTION_BIAS_FAMILIES = {  # routers that rank by a selection bias added to some function of the logits
+    "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16),  # block's, sigmoid
+    "hy_v3": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_local_experts=8,
+                  num_experts_per_tok=2, head_dim=16, first_k_dense_replace=0),  # block's, sigmoid
+    "afmoe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16,
+                  num_dense_layers=0),  # the block's expert_bias, sigmoid
+    "ernie4_5_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                         moe_layer_start_index=0),  # the router's moe_statics, softmax
+    "kolibri1": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                     shared_expert_intermediate_size=32, head_dim=16),  # the router's, on the logits
+}
+
+
+@pytest.mark.parametrize("model_type", list(SELECTION_BIAS_FAMILIES))
+def test_lookahead_ranks_with_the_routers_selection_bias(model_type):
+    """Regression: the lookahead found a selection bias only on the router and added it to the sigmoid, so
+    for these routers (the bias on the MoE block, or added to the softmax or to the logits) a layer's router
+    reading did not pick that layer's own experts."""
+    from moecache.patching.families import find_router
+
+    model = _newer_family(model_type, **SELECTION_BIAS_FAMILIES[model_type])
+    moecache.patch(model, strict=True)
+    seen = []
+    for block in model.modules():
+        for child in block.children():
+            if isinstance(child, MoecacheExperts):
+                spec = find_router(block, child.num_experts, child.weights()[0].shape[2])
+                assert spec is not None and spec.correction is not None, type(block).__name__
+                child.register_forward_hook(lambda mod, args, out, spec=spec: seen.append((spec, args[0], args[1])))
+    with torch.no_grad():
+        model(torch.randint(3, 96, (2, 9)))
+    assert seen
+    for spec, hidden, top_k_index in seen:
+        guess = spec.scores(spec.router_input(hidden)).topk(top_k_index.shape[1], dim=1).indices
+        assert torch.equal(guess.sort(dim=1).values, top_k_index.long().sort(dim=1).values)
+    moecache.unpatch(model)
+
+
 def test_a_gate_function_computing_act_gate_times_up_is_patched():
     """Beam's _apply_gate is act(gate) * up computed in fp32: the probe finds it equal, so it is patched
     (an identity check against transformers' default refused it)."""

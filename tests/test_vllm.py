@@ -236,6 +236,34 @@ def test_engine_predictive_needs_the_runners_gate():
         engine.run(layer, x, w, ids, "silu", True)
 
 
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_engine_predictor_ranks_by_the_layers_scoring_function(scoring_func):
+    """A vLLM layer with a selection bias adds it to its scoring_func of the logits (ERNIE 4.5: softmax;
+    MiniMax-M2: sigmoid): the lookahead ranks the same way. One it does not compute is refused at start."""
+    from moecache.patching.offload import Offload
+
+    layers, runners = _fake_layers()
+    for layer in layers:
+        layer.e_score_correction_bias, layer.scoring_func = torch.randn(8) * 0.1, scoring_func
+    engine = backend._Engine(runners, Offload(gpu_experts=0.5, policy="predictive"))
+    for layer in layers:
+        engine.add(layer)
+    layer, x, w, ids = _steps(layers, runners, steps=1)[0]
+    engine.run(layer, x, w, ids, "silu", True)
+    logits = runners[layers[1].layer_name].gate(x).detach()
+    probs = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
+    torch.testing.assert_close(engine.predictor.routers[1].scores(x), probs + layers[1].e_score_correction_bias)
+    layers, runners = _fake_layers()
+    for layer in layers:
+        layer.e_score_correction_bias, layer.scoring_func = torch.randn(8), "mystery"
+    engine = backend._Engine(runners, Offload(gpu_experts=0.5, policy="predictive"))
+    for layer in layers:
+        engine.add(layer)
+    layer, x, w, ids = _steps(layers, runners, steps=1)[0]
+    with pytest.raises(ValueError, match="ranks experts by 'mystery' scores plus a selection bias"):
+        engine.run(layer, x, w, ids, "silu", True)
+
+
 # ---------------------------------------------------------------------------------------------- vLLM
 def _save_model(family: str, path: Path) -> None:
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig

@@ -18,7 +18,9 @@ class RouterSpec:
     """What a layer's router computes, reduced to what prediction needs.
 
     weight: [E, H] (the router's linear weight); bias: [E] added to the logits (GPT-OSS);
-    correction: [E] added to sigmoid scores for ranking only (DeepSeek-V3 e_score_correction_bias).
+    correction: [E] added for ranking only (DeepSeek-V3's e_score_correction_bias) to
+    score_function(logits): "sigmoid" (DeepSeek-V3, MiniMax-M2), "softmax" (ERNIE 4.5), "sqrtsoftplus",
+    or "logits" (the logits themselves).
     Where the router reads the residual otherwise than the experts do (Gemma 4: the router normalizes it
     and scales each dimension, the experts read another norm of it, with weights of its own):
     input_scale: [H], the router's own per-dimension scale of its normalized input;
@@ -29,6 +31,7 @@ class RouterSpec:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     correction: torch.Tensor | None = None
+    score_function: str = "sigmoid"
     input_scale: torch.Tensor | None = None
     experts_input_scale: torch.Tensor | None = None
 
@@ -44,7 +47,7 @@ class RouterSpec:
         """[T, E] fp32 ranking scores (top-k of these is the router's top-k choice, groups aside)."""
         x = router_input if self.input_scale is None else router_input.float() * self.input_scale.float()
         logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        return ranking_scores(logits, self.correction)
+        return ranking_scores(logits, self.correction, self.score_function)
 
 
 def lookahead_scores(routers: list, layer: int, target: int, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -54,12 +57,19 @@ def lookahead_scores(routers: list, layer: int, target: int, hidden_states: torc
     return routers[target].scores(source.router_input(hidden_states) if source is not None else hidden_states)
 
 
-def ranking_scores(logits: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
-    """A router's [T, E] logits as fp32 scores whose top-k is its choice: sigmoid plus the selection
-    bias where the router has one (DeepSeek-V3 e_score_correction_bias), else the logits themselves."""
-    if correction is not None:
-        return torch.sigmoid(logits.float()) + correction.float()
-    return logits.float()
+SCORE_FUNCTIONS = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, dim=-1),
+                   "sqrtsoftplus": lambda x: torch.sqrt(torch.nn.functional.softplus(x)), "logits": lambda x: x}
+
+
+def ranking_scores(logits: torch.Tensor, correction: torch.Tensor | None, score_function: str = "sigmoid") -> torch.Tensor:
+    """A router's [T, E] logits as fp32 scores whose top-k is its choice: score_function(logits) plus the
+    selection bias where the router has one (DeepSeek-V3's e_score_correction_bias), else the logits
+    themselves (every score function keeps their order)."""
+    if correction is None:
+        return logits.float()
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {sorted(SCORE_FUNCTIONS)}, got {score_function!r}")
+    return SCORE_FUNCTIONS[score_function](logits.float()) + correction.float().reshape(-1)
 
 
 @dataclass

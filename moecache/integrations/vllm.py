@@ -195,9 +195,10 @@ class _GateScores:
     """A layer's routing scores from vLLM's own gate module, for the lookahead predictor: vLLM may repack the
     gate's weight for its GEMM (its CPU build empties `weight`), so the module is called, not its weight read."""
 
-    def __init__(self, gate: torch.nn.Module, correction: torch.Tensor | None):
+    def __init__(self, gate: torch.nn.Module, correction: torch.Tensor | None, score_function: str):
         self.gate = gate
-        self.correction = correction  # DeepSeek-V3-style selection bias, added to sigmoid scores for ranking
+        self.correction = correction  # DeepSeek-V3-style selection bias, added to score_function(logits) to rank
+        self.score_function = score_function  # the layer's scoring_func
 
     def router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
         return experts_input  # vLLM's runner gives the gate and the experts the same hidden states
@@ -206,7 +207,7 @@ class _GateScores:
         from ..cache.predictor import ranking_scores
 
         out = self.gate(hidden_states)
-        return ranking_scores(out[0] if isinstance(out, tuple) else out, self.correction)
+        return ranking_scores(out[0] if isinstance(out, tuple) else out, self.correction, self.score_function)
 
 
 class _Engine:
@@ -251,7 +252,7 @@ class _Engine:
         from ..cache import ExpertCache
         from ..cache.expert_cache import record_size
         from ..cache.offloaded import OffloadedExperts, PrefetchBudget
-        from ..cache.predictor import LookaheadPredictor
+        from ..cache.predictor import SCORE_FUNCTIONS, LookaheadPredictor
         from ..patching.offload import PREDICTING
 
         offload, layers = self.offload, self.layers
@@ -270,7 +271,13 @@ class _Engine:
                     raise ValueError(f"{POLICY_ENV}={offload.policy!r} needs each MoE layer's router, and vLLM's "
                                      f"runner for {layer.layer_name} holds none (this model routes outside it): "
                                      "use MOECACHE_VLLM_POLICY=lru or lfu")
-                routers.append(_GateScores(gate, getattr(layer, "e_score_correction_bias", None)))
+                correction = getattr(layer, "e_score_correction_bias", None)
+                score_function = getattr(layer, "scoring_func", "softmax")
+                if correction is not None and score_function not in SCORE_FUNCTIONS:
+                    raise ValueError(f"{POLICY_ENV}={offload.policy!r}: {layer.layer_name} ranks experts by "
+                                     f"{score_function!r} scores plus a selection bias, which the predictor does not "
+                                     "compute: use MOECACHE_VLLM_POLICY=lru or lfu")
+                routers.append(_GateScores(gate, correction, score_function))
             self.predictor = LookaheadPredictor(routers, depth=offload.lookahead)
         self.cache = ExpertCache([(layer.w13_weight.data, layer.w2_weight.data) for layer in layers],
                                  num_slots=num_slots, device=device, pin=offload.pin,

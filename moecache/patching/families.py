@@ -395,8 +395,9 @@ def _kind_of(override) -> str:
 
 def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
-    (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H]; its bias (GPT-OSS),
-    DeepSeek-V3's e_score_correction_bias and Gemma 4's input scales come along."""
+    (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H]; its bias (GPT-OSS), its
+    selection bias (DeepSeek-V3's e_score_correction_bias and the like) and Gemma 4's input scales come
+    along."""
     for name, child in block.named_children():
         if name in ("experts", "shared_experts", "shared_expert"):
             continue
@@ -404,11 +405,10 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec |
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
                 bias = getattr(module, "bias", None)
-                correction = getattr(child, "e_score_correction_bias", None)
+                correction, score_function = compat.router_selection_bias(block, child)
                 input_scale, experts_input_scale = compat.router_input_scales(block, child)
-                return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None,
-                                  correction if isinstance(correction, torch.Tensor) else None,
-                                  input_scale, experts_input_scale)
+                return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None, correction,
+                                  score_function, input_scale, experts_input_scale)
     return None
 
 
