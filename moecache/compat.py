@@ -140,6 +140,20 @@ def router_selection_bias(block, router) -> tuple:
     return None, "sigmoid"
 
 
+def routed_rows(router, weight, num_experts: int, hidden: int):
+    """The rows of a router's [rows, H] weight that score the routed experts, or None: all of them when
+    rows = E; the first E where the router scores its shared experts in rows after them (Inkling's
+    n_shared_experts, whose gammas come from those rows)."""
+    if weight.dim() != 2 or weight.shape[1] != hidden:
+        return None
+    if weight.shape[0] == num_experts:
+        return weight
+    shared = getattr(router, "n_shared_experts", None)
+    if type(router).__name__ == "InklingTopkRouter" and isinstance(shared, int) and weight.shape[0] == num_experts + shared:
+        return weight[:num_experts]
+    return None
+
+
 def router_input_scales(block, router) -> tuple:
     """(input_scale, experts_input_scale) as RouterSpec takes them, for a router that reads the residual
     otherwise than its experts: Gemma 4's router normalizes the decoder layer's residual without a weight

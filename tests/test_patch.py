@@ -1107,6 +1107,9 @@ SELECTION_BIAS_FAMILIES = {  # routers that rank by a selection bias added to so
                          moe_layer_start_index=0),  # the router's moe_statics, softmax
     "kolibri1": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                      shared_expert_intermediate_size=32, head_dim=16),  # the router's, on the logits
+    # the router's, sigmoid; its weight also scores the shared experts, in rows after the routed ones
+    "inkling_text": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, head_dim=16, first_k_dense_replace=0),
 }
 
 

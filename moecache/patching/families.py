@@ -395,7 +395,8 @@ def _kind_of(override) -> str:
 
 def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
-    (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H]; its bias (GPT-OSS), its
+    (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H] (or holds those rows: Inkling's
+    scores its shared experts too); its bias (GPT-OSS), its
     selection bias (DeepSeek-V3's e_score_correction_bias and the like) and Gemma 4's input scales come
     along."""
     for name, child in block.named_children():
@@ -403,7 +404,8 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec |
             continue
         for module in (child, *child.children()):
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
+            weight = compat.routed_rows(module, weight, num_experts, hidden) if isinstance(weight, torch.Tensor) else None
+            if weight is not None:
                 bias = getattr(module, "bias", None)
                 correction, score_function = compat.router_selection_bias(block, child)
                 input_scale, experts_input_scale = compat.router_input_scales(block, child)
