@@ -28,10 +28,10 @@ if _C.__version__ != __version__:
         f"moecache._C is version {_C.__version__} but the Python package is {__version__}: reinstall with `pip install .`"
     )
 
-__all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "models", "patch", "unpatch", "stats",
+__all__ = ["__version__", "_C", "ops", "cache", "layers", "analysis", "models", "patch", "unpatch", "plan", "stats",
            "reset_stats", "Offload", "prefetch_allowance", "patched_experts", "routers", "expert_cache"]
 
-_PATCHING = ("patch", "unpatch", "stats", "reset_stats", "Offload", "prefetch_allowance", "patched_experts", "routers",
+_PATCHING = ("patch", "unpatch", "plan", "stats", "reset_stats", "Offload", "prefetch_allowance", "patched_experts", "routers",
              "expert_cache")
 
 

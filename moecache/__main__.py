@@ -1,4 +1,4 @@
-"""`python -m moecache info|demo` — both work on a machine with no GPU."""
+"""`python -m moecache info|demo|plan` — all work on a machine with no GPU."""
 from __future__ import annotations
 
 import argparse
@@ -274,6 +274,50 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _plan(args) -> int:
+    import json
+
+    import torch
+
+    from . import compat
+    from .patching import Offload, plan
+    from .patching.offload import gpu_experts_from_text
+
+    model = compat.model_on_meta(args.path)
+    offload = None if args.gpu_experts is None else Offload(gpu_experts=gpu_experts_from_text(args.gpu_experts))
+    result = plan(model, offload=offload)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    config = getattr(model, "config", None)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    print(f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}), {str(dtype).replace('torch.', '')}: "
+          f"{_gib(result['parameter_bytes'])} of weights, {_gib(result['expert_parameter_bytes'])} of them in the experts "
+          "moecache would run")
+    layers = result["experts"]
+    kinds = sorted({(layer["type"], layer["experts"], layer["activation"], layer["gated"], layer["expert_bytes"])
+                    for layer in layers})
+    for kind, count, activation, gated, record in kinds:
+        names = [layer["name"] for layer in layers if (layer["type"], layer["experts"]) == (kind, count)]
+        print(f"experts: {len(names)} layers of {count} {kind} ({activation}, {'gated' if gated else 'not gated'}; "
+              f"{record / 2**20:.2f} MiB each), {names[0]}{' ...' if len(names) > 1 else ''}")
+    if not layers:
+        print("experts: none moecache would run")
+    print(f"MLA attention: {len(result['attention'])} modules" if result["attention"] else "MLA attention: none")
+    for item in result["left_alone"]:
+        print(f"left alone: {item['name']} ({item['type']}): {item['reason']}")
+    if offload is not None:
+        o = result["offload"]
+        print(f"offload gpu_experts={args.gpu_experts}: {o['slots']} device slots ({o['slots_per_layer']:.1f} per layer, "
+              f"{_gib(o['slot_bytes'])}); host store {_gib(o['host_bytes'])}; weights on the device "
+              f"{_gib(o['device_weight_bytes'])} (without activations and the KV cache)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moecache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +338,13 @@ def main(argv=None) -> int:
     demo.add_argument("--batch", type=_positive_int, default=1)
     demo.add_argument("--prompt", type=_positive_int, default=16, help="prompt tokens")
     demo.add_argument("--new-tokens", type=_positive_int, default=24)
+    plan_cmd = sub.add_parser("plan", help="what moecache.patch would do to a checkpoint folder's model, and the memory "
+                              "an offload budget takes, from its config.json alone (no weights read)")
+    plan_cmd.add_argument("path", help="a folder holding the model's config.json (a local checkpoint)")
+    plan_cmd.add_argument("--gpu-experts", default=None,
+                          help="an offload budget as Offload(gpu_experts=...) takes it: a fraction (0.25), a count "
+                               "per layer (4) or a size (6GiB)")
+    plan_cmd.add_argument("--json", action="store_true", help="print moecache.plan's dict as JSON")
     args = parser.parse_args(argv)
     if args.command == "demo" and args.prefetch_limit is not None and args.policy != "budgeted":
         parser.error(f"argument --prefetch-limit: applies to --policy budgeted, not {args.policy}")
@@ -306,6 +357,12 @@ def main(argv=None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     logging.basicConfig(level=log_level() or "WARNING", stream=sys.stderr)
+    if args.command == "plan":
+        try:
+            return _plan(args)
+        except (OSError, ValueError) as exc:  # no config.json there, a model transformers lacks, a bad budget
+            print(f"moecache plan: {exc}", file=sys.stderr)
+            return 2
     return {"info": _info, "demo": _demo}[args.command](args)
 
 

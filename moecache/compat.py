@@ -242,6 +242,35 @@ def decode_experts_implementation(model) -> str:
     return ",".join(sorted({str(v) for v in used.values()}))
 
 
+def model_on_meta(path: str):
+    """The model a checkpoint folder's config.json describes, built on the meta device in the config's
+    dtype: no weight is read or initialised, nothing is downloaded. The image-text-to-text model of a config
+    with a vision part (its causal LM would leave the vision tower out), else the causal LM, else the base
+    model, as transformers has one for the config."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    refusals = []
+    order = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"]
+    if getattr(config, "vision_config", None) is not None:
+        order[:2] = order[1::-1]
+    for auto in order:
+        cls = getattr(transformers, auto, None)
+        if cls is None:
+            continue
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except ValueError as exc:  # the auto class has no model for this config
+            refusals.append(f"{auto}: {str(exc).splitlines()[0]}")
+            continue
+        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    raise ValueError(f"{path}: transformers {transformers.__version__} builds no model for model_type "
+                     f"{getattr(config, 'model_type', None)!r} ({'; '.join(refusals)})")
+
+
 def skip_weight_init():
     """A context in which transformers models are built without initialising their weights (they are
     about to be loaded); a no-op context where this transformers lacks one."""

@@ -150,3 +150,98 @@ def test_demo_trained_says_how_many_prompts_the_held_out_text_holds():
     proc = _run("demo", "--family", "trained", "--batch", "1000", "--prompt", "4", "--new-tokens", "1")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--prompt 4 allows --batch" in proc.stderr
+
+
+def _save_config(tmp_path, family):
+    """A tiny model of a patch-test family: its config.json in tmp_path, and the model with random weights."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_patch import build
+
+    model = build(family)
+    model.config.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_plan_reads_a_config_folder_and_says_what_patch_and_offload_do(tmp_path, family):
+    """`moecache plan DIR --gpu-experts 0.5` builds the model from config.json on the meta device and
+    reports what patch then does to the model with real weights: the same experts and MLA modules, the
+    expert cache's slot size and count, and the device's parameter bytes after offload."""
+    import json
+
+    import torch
+
+    import moecache
+
+    model = _save_config(tmp_path, family)
+    proc = _run("plan", str(tmp_path), "--gpu-experts", "0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    moecache.patch(model, offload=moecache.Offload(gpu_experts=0.5))
+    stats, cache = moecache.stats(model), moecache.expert_cache(model)
+    assert [layer["name"] for layer in planned["experts"]] == [layer["name"] for layer in stats["layers"]]
+    assert len(planned["attention"]) == len(stats["attention"]) == (3 if family == "deepseek_v3" else 0)
+    assert planned["left_alone"] == stats["left_alone"] == []
+    assert {layer["expert_bytes"] for layer in planned["experts"]} == {cache.record_bytes}
+    offload = planned["offload"]
+    assert offload["slots"] == cache.num_slots and offload["slot_bytes"] == cache.num_slots * cache.record_bytes
+    assert offload["host_bytes"] == len(stats["layers"]) * cache.num_experts * cache.record_bytes
+    on_device = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    assert offload["device_weight_bytes"] == sum(t.numel() * t.element_size() for t in on_device) + offload["slot_bytes"]
+    moecache.unpatch(model)
+    assert planned["parameter_bytes"] == sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert all(layer["dtype"] == str(torch.float32) for layer in planned["experts"])
+
+
+def test_plan_in_words_and_its_errors(tmp_path):
+    _save_config(tmp_path, "gpt_oss")
+    proc = _run("plan", str(tmp_path), "--gpu-experts", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("GptOssForCausalLM (model_type 'gpt_oss'), float32: ")
+    assert "experts: 3 layers of 8 GptOssExperts (swiglu_oai, gated;" in proc.stdout
+    assert "MLA attention: none" in proc.stdout
+    assert "offload gpu_experts=2: 6 device slots (2.0 per layer" in proc.stdout
+    proc = _run("plan", str(tmp_path), "--gpu-experts", "9")
+    assert proc.returncode == 2 and "gpu_experts=9: a per-layer count must lie in [1, 8]" in proc.stderr
+    proc = _run("plan", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and proc.stderr.startswith("moecache plan: ") and "Traceback" not in proc.stderr
+
+
+def test_plan_builds_a_multimodal_config_with_its_vision_tower(tmp_path):
+    """A config with a vision part is planned as the whole multimodal model (transformers' causal-LM class
+    for it would build the text model alone, and leave the vision tower's bytes out)."""
+    import json
+
+    import transformers
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_patch import llama4_multimodal_config
+
+    config = llama4_multimodal_config()
+    config.save_pretrained(tmp_path)
+    proc = _run("plan", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    model = transformers.Llama4ForConditionalGeneration(config)
+    assert [layer["name"] for layer in planned["experts"]] == [
+        f"language_model.model.layers.{i}.feed_forward.experts" for i in range(3)]
+    assert planned["parameter_bytes"] == sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def test_plan_changes_nothing():
+    """moecache.plan on a loaded model leaves it as it was: unpatched, its weights and modules unchanged."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_patch import build
+
+    import moecache
+    from moecache.testing import assert_model_restored, model_snapshot
+
+    model = build("qwen3_moe")
+    before = model_snapshot(model)
+    planned = moecache.plan(model, offload=moecache.Offload(gpu_experts="64KiB"))
+    assert planned["offload"]["slots"] == 64 * 1024 // planned["experts"][0]["expert_bytes"] >= 1
+    with pytest.raises(ValueError, match="smaller than one expert"):  # as patch refuses it
+        moecache.plan(model, offload=moecache.Offload(gpu_experts="1KiB"))
+    assert not moecache.stats(model)["patched"]
+    assert_model_restored(model, before)

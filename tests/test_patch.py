@@ -1232,17 +1232,21 @@ def test_llama4_experts_run_on_inputs_scaled_by_the_router_score():
         assert_restored(model, before)
 
 
-def test_llama4_multimodal_model_patches_its_text_model_and_runs_images():
-    """Llama4ForConditionalGeneration (Scout's and Maverick's class) holds the same text blocks under
-    language_model: patch finds them there, and image tokens (their features merged in by the vision
-    adapter) run through the experts like text; offloaded too, and unpatch restores the model."""
+def llama4_multimodal_config():
     text = dict(COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
                 head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1, 1])
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
                   patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
                   pixel_shuffle_ratio=0.5)  # one image token per 28x28 image
-    image_token = COMMON["vocab_size"] - 1
-    config = transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=image_token)
+    return transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=COMMON["vocab_size"] - 1)
+
+
+def test_llama4_multimodal_model_patches_its_text_model_and_runs_images():
+    """Llama4ForConditionalGeneration (Scout's and Maverick's class) holds the same text blocks under
+    language_model: patch finds them there, and image tokens (their features merged in by the vision
+    adapter) run through the experts like text; offloaded too, and unpatch restores the model."""
+    config = llama4_multimodal_config()
+    image_token = config.image_token_index
     torch.manual_seed(0)
     model = builders.randomize(transformers.Llama4ForConditionalGeneration(config), 0).eval()
     ids = torch.randint(3, image_token, (2, 9))

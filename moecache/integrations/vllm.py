@@ -55,7 +55,7 @@ def enabled() -> bool:
 
 def offload_from_env():
     """The Offload the MOECACHE_VLLM_* variables ask for, or None (experts stay where vLLM puts them)."""
-    from ..patching.offload import POLICIES, Offload
+    from ..patching.offload import POLICIES, Offload, gpu_experts_from_text
 
     budget = os.environ.get(OFFLOAD_ENV, "").strip()
     policy = os.environ.get(POLICY_ENV, "").strip() or "lru"
@@ -67,13 +67,7 @@ def offload_from_env():
             raise ValueError(f"{stray[0]} is set but {OFFLOAD_ENV} is not: set {OFFLOAD_ENV}=<budget> (e.g. 0.25) "
                              "to offload experts")
         return None
-    if re.fullmatch(r"[0-9]+", budget):
-        gpu_experts = int(budget)
-    else:
-        try:
-            gpu_experts = float(budget)
-        except ValueError:
-            gpu_experts = budget  # a size such as 6GiB; Offload.slots checks it
+    gpu_experts = gpu_experts_from_text(budget)
     if policy not in POLICIES:
         raise ValueError(f"{POLICY_ENV}={policy!r}: expected one of {', '.join(POLICIES)}")
     if not re.fullmatch(r"[0-9]+", lookahead) or int(lookahead) < 1:

@@ -31,6 +31,7 @@ from .families import (
     FoundExperts,
     UnsupportedExperts,
     bypassed_roots,
+    experts_shape,
     find_experts,
     find_router,
     installed,
@@ -41,6 +42,8 @@ from .generate import install_latent_cache_default, remove_latent_cache_default
 from .hooks import HookCount, give_back_hooks, settle_hooks, share_hooks, unwatch_hooks, unwatch_tree, watch_hooks
 from .offload import (
     Offload,
+    expert_record_bytes,
+    experts_dtype,
     install_state_hooks,
     offload_experts,
     prefetch_allowance,
@@ -50,8 +53,8 @@ from .offload import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "stats", "reset_stats", "Offload", "prefetch_allowance", "patched_experts", "routers",
-           "expert_cache"]
+__all__ = ["patch", "unpatch", "plan", "stats", "reset_stats", "Offload", "prefetch_allowance", "patched_experts",
+           "routers", "expert_cache"]
 
 _STATE = "_moecache_patch"
 _LEFT_ALONE = "_moecache_left_alone"
@@ -529,6 +532,50 @@ def stats(model: nn.Module) -> dict:
     return {"patched": True, "layers": layers, "calls": sum(l["calls"] for l in layers),
             "tokens": sum(l["tokens"] for l in layers), "cache": cache, "prediction": prediction,
             "attention": attention, "left_alone": left_alone}
+
+
+def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offload: Offload | None = None) -> dict:
+    """What patch(model, ...) would do, without changing anything; the weights are never read, so a model
+    built on the meta device (from its config alone) will do. Returns:
+
+    experts: per experts module patch would replace: name, type, experts, activation, gated, dtype and
+        expert_bytes (one expert in the expert cache, aligned as stored);
+    attention: the MLA attention modules it would replace; left_alone: what it would leave, and why;
+    parameter_bytes: the model's parameters and buffers; expert_parameter_bytes: those of the experts above;
+    offload (with an Offload): slots, slots_per_layer, slot_bytes (the device slots), host_bytes (every
+        expert in the host store) and device_weight_bytes (the parameters and buffers left on the device
+        plus the slots: the weights' device memory, without activations or the KV cache).
+    An offload budget patch would refuse raises the same error here."""
+    _check_module(model)
+    left_alone: list[dict] = []
+    found = _plan(model, experts, attention, False, left_alone)
+    layers, expert_tensors = [], {}
+    for f, layout in found.experts:
+        layers.append({"name": f.name, "type": type(f.module).__name__, "experts": experts_shape(f)[0],
+                       "activation": layout.activation, "gated": layout.gated, "dtype": str(experts_dtype(f)),
+                       "expert_bytes": expert_record_bytes(f)})
+        for module in ([f.module] if f.names is None else f.mlps):
+            expert_tensors.update((id(t), t) for t in module.parameters())
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    parameter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    expert_bytes = sum(t.numel() * t.element_size() for t in expert_tensors.values())
+    out = {"experts": layers, "attention": [a.name for a in found.attention], "left_alone": left_alone,
+           "parameter_bytes": parameter_bytes, "expert_parameter_bytes": expert_bytes}
+    if offload is not None:
+        if not isinstance(offload, Offload):
+            raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
+        if not layers:
+            raise ValueError(_no_experts_message(model))
+        sizes = {(layer["experts"], layer["expert_bytes"], layer["dtype"]) for layer in layers}
+        if len(sizes) != 1:
+            raise ValueError("offload: one expert cache holds every MoE layer's experts in slots of one size and "
+                             f"dtype, and these layers differ ({sorted(sizes)})")
+        num_experts, record, _ = sizes.pop()
+        slots = offload.slots(len(layers), num_experts, record)
+        out["offload"] = {"slots": slots, "slots_per_layer": slots / len(layers), "slot_bytes": slots * record,
+                          "host_bytes": len(layers) * num_experts * record,
+                          "device_weight_bytes": parameter_bytes - expert_bytes + slots * record}
+    return out
 
 
 def reset_stats(model: nn.Module) -> None:

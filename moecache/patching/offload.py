@@ -106,6 +106,19 @@ class Offload:
         return min(slots, total)
 
 
+def gpu_experts_from_text(text: str):
+    """A budget as a user types it (an environment variable, a command-line flag) as Offload's gpu_experts
+    takes it: digits alone are a per-layer count ("4"), another number a fraction ("0.25", "1.0": all),
+    anything else a byte budget ("6GiB"), which Offload.slots checks."""
+    text = text.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _plain_number(value):
     """A numpy number as the Python int or float it stands for; anything else as it is (bools too)."""
     if isinstance(value, bool) or type(value) in (int, float):
@@ -176,10 +189,10 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if len(devices) != 1:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
-    sizes = {(experts_shape(f)[0], _record_bytes(f), _experts_dtype(f)) for f in found}
+    sizes = {(experts_shape(f)[0], expert_record_bytes(f), experts_dtype(f)) for f in found}
     if len(sizes) != 1:
-        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {_record_bytes(f)} bytes in "
-                              f"{_experts_dtype(f)}" for f in found)
+        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {expert_record_bytes(f)} bytes in "
+                              f"{experts_dtype(f)}" for f in found)
         raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size and "
                          f"dtype, and these layers differ ({described}); convert them to one dtype, or patch "
                          "without offload to run them resident")
@@ -189,16 +202,16 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
     if device.type == "cuda" and not _C.cuda_available():
         raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
-    offload.slots(len(found), experts_shape(found[0])[0], _record_bytes(found[0]))  # a budget error, before stacking
+    offload.slots(len(found), experts_shape(found[0])[0], expert_record_bytes(found[0]))  # a budget error, before stacking
 
 
-def _experts_dtype(found) -> torch.dtype:
+def experts_dtype(found) -> torch.dtype:
     if found.names is None:
         return fused_weights(found.module)[0].dtype
     return getattr(found.mlps[0], found.names.gate).weight.dtype
 
 
-def _record_bytes(found: FoundExperts) -> int:
+def expert_record_bytes(found: FoundExperts) -> int:
     """One expert's bytes in a device slot (gate/up and down, aligned as the cache stores them)."""
     if found.names is None:
         first, down = fused_weights(found.module)
