@@ -288,7 +288,8 @@ def _plan(args) -> int:
     from .patching.offload import gpu_experts_from_text
 
     model = compat.model_on_meta(args.path)
-    offload = None if args.gpu_experts is None else Offload(gpu_experts=gpu_experts_from_text(args.gpu_experts))
+    offload = None if args.gpu_experts is None else Offload(gpu_experts=gpu_experts_from_text(args.gpu_experts),
+                                                             policy=args.policy)
     result = plan(model, offload=offload)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -312,7 +313,7 @@ def _plan(args) -> int:
         print(f"left alone: {item['name']} ({item['type']}): {item['reason']}")
     if offload is not None:
         o = result["offload"]
-        print(f"offload gpu_experts={args.gpu_experts}: {o['slots']} device slots ({o['slots_per_layer']:.1f} per layer, "
+        print(f"offload gpu_experts={args.gpu_experts}, policy {args.policy}: {o['slots']} device slots ({o['slots_per_layer']:.1f} per layer, "
               f"{_gib(o['slot_bytes'])}); host store {_gib(o['host_bytes'])}; weights on the device "
               f"{_gib(o['device_weight_bytes'])} (without activations and the KV cache)")
     return 0
@@ -344,6 +345,8 @@ def main(argv=None) -> int:
     plan_cmd.add_argument("--gpu-experts", default=None,
                           help="an offload budget as Offload(gpu_experts=...) takes it: a fraction (0.25), a count "
                                "per layer (4) or a size (6GiB)")
+    plan_cmd.add_argument("--policy", default="lru", choices=("lru", "lfu", "predictive"),
+                          help="with --gpu-experts: the offload policy (predictive needs each MoE layer's router)")
     plan_cmd.add_argument("--json", action="store_true", help="print moecache.plan's dict as JSON")
     args = parser.parse_args(argv)
     if args.command == "demo" and args.prefetch_limit is not None and args.policy != "budgeted":
@@ -357,6 +360,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     logging.basicConfig(level=log_level() or "WARNING", stream=sys.stderr)
+    if args.command == "plan" and args.policy != "lru" and args.gpu_experts is None:
+        parser.error("argument --policy: applies with --gpu-experts")
     if args.command == "plan":
         try:
             return _plan(args)

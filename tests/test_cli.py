@@ -194,6 +194,11 @@ def test_plan_reads_a_config_folder_and_says_what_patch_and_offload_do(tmp_path,
 
 
 def test_plan_in_words_and_its_errors(tmp_path):
+    import torch
+    import transformers
+
+    import moecache
+
     _save_config(tmp_path, "gpt_oss")
     proc = _run("plan", str(tmp_path), "--gpu-experts", "2")
     assert proc.returncode == 0, proc.stderr
@@ -201,9 +206,21 @@ def test_plan_in_words_and_its_errors(tmp_path):
     assert lines[0].startswith("GptOssForCausalLM (model_type 'gpt_oss'), float32: ")
     assert "experts: 3 layers of 8 GptOssExperts (swiglu_oai, gated;" in proc.stdout
     assert "MLA attention: none" in proc.stdout
-    assert "offload gpu_experts=2: 6 device slots (2.0 per layer" in proc.stdout
+    assert "offload gpu_experts=2, policy lru: 6 device slots (2.0 per layer" in proc.stdout
+    proc = _run("plan", str(tmp_path), "--gpu-experts", "2", "--policy", "predictive")
+    assert proc.returncode == 0 and "policy predictive: 6 device slots" in proc.stdout, proc.stderr
+    proc = _run("plan", str(tmp_path), "--policy", "predictive")
+    assert proc.returncode == 2 and "argument --policy: applies with --gpu-experts" in proc.stderr
     proc = _run("plan", str(tmp_path), "--gpu-experts", "9")
     assert proc.returncode == 2 and "gpu_experts=9: a per-layer count must lie in [1, 8]" in proc.stderr
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    for module in meta.modules():  # a model whose routers patch cannot find: predictive offload is refused
+        if type(module).__name__ == "GptOssTopKRouter":
+            module.weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+    assert moecache.plan(meta, offload=moecache.Offload(gpu_experts=0.5))["offload"]["slots"] == 12
+    with pytest.raises(ValueError, match="offload policy 'predictive' needs each MoE block's router"):
+        moecache.plan(meta, offload=moecache.Offload(gpu_experts=0.5, policy="predictive"))
     proc = _run("plan", str(tmp_path / "missing"))
     assert proc.returncode == 2 and proc.stderr.startswith("moecache plan: ") and "Traceback" not in proc.stderr
 
@@ -243,5 +260,7 @@ def test_plan_changes_nothing():
     assert planned["offload"]["slots"] == 64 * 1024 // planned["experts"][0]["expert_bytes"] >= 1
     with pytest.raises(ValueError, match="smaller than one expert"):  # as patch refuses it
         moecache.plan(model, offload=moecache.Offload(gpu_experts="1KiB"))
+    with pytest.raises(ValueError, match="policy 'budgeted' needs prefetch_limit"):
+        moecache.plan(model, offload=moecache.Offload(gpu_experts=0.5, policy="budgeted"))
     assert not moecache.stats(model)["patched"]
     assert_model_restored(model, before)

@@ -545,7 +545,8 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
     offload (with an Offload): slots, slots_per_layer, slot_bytes (the device slots), host_bytes (every
         expert in the host store) and device_weight_bytes (the parameters and buffers left on the device
         plus the slots: the weights' device memory, without activations or the KV cache).
-    An offload budget patch would refuse raises the same error here."""
+    An offload patch would refuse (its budget, its policy's needs: a router for "predictive") raises the
+    same error here; where the weights are (the meta device, several devices) is not checked."""
     _check_module(model)
     left_alone: list[dict] = []
     found = _plan(model, experts, attention, False, left_alone)
@@ -566,11 +567,8 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
             raise TypeError(f"offload must be a moecache.Offload or None, got {type(offload).__name__}")
         if not layers:
             raise ValueError(_no_experts_message(model))
-        sizes = {(layer["experts"], layer["expert_bytes"], layer["dtype"]) for layer in layers}
-        if len(sizes) != 1:
-            raise ValueError("offload: one expert cache holds every MoE layer's experts in slots of one size and "
-                             f"dtype, and these layers differ ({sorted(sizes)})")
-        num_experts, record, _ = sizes.pop()
+        validate_offload([f for f, _ in found.experts], offload, loaded=False)
+        num_experts, record = layers[0]["experts"], layers[0]["expert_bytes"]
         slots = offload.slots(len(layers), num_experts, record)
         out["offload"] = {"slots": slots, "slots_per_layer": slots / len(layers), "slot_bytes": slots * record,
                           "host_bytes": len(layers) * num_experts * record,

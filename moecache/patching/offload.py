@@ -148,8 +148,9 @@ def prefetch_allowance(layer_ms: float, h2d_gbps: float, record_bytes: int) -> f
     return allowance
 
 
-def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
-    """Everything that can be wrong with an offload request, raised before the model changes."""
+def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool = True) -> None:
+    """Everything that can be wrong with an offload request, raised before the model changes; with
+    loaded=False (moecache.plan, a model on the meta device) all but where the weights are."""
     if offload.policy not in POLICIES:
         raise ValueError(f"offload policy must be one of {POLICIES}, got {offload.policy!r}")
     if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
@@ -186,7 +187,7 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
             devices.add(fused_weights(f.module)[0].device)
         else:
             devices.update(getattr(m, n).weight.device for m in f.mlps for n in (*f.names.rows, f.names.down))
-    if len(devices) != 1:
+    if len(devices) != 1 and loaded:
         raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
                          "cache serves one device: load the experts onto one GPU (or the CPU)")
     sizes = {(experts_shape(f)[0], expert_record_bytes(f), experts_dtype(f)) for f in found}
@@ -197,9 +198,9 @@ def validate_offload(found: list[FoundExperts], offload: Offload) -> None:
                          f"dtype, and these layers differ ({described}); convert them to one dtype, or patch "
                          "without offload to run them resident")
     device = devices.pop()
-    if device.type == "meta":
+    if device.type == "meta" and loaded:
         raise ValueError("offload: the experts are on the meta device (not loaded)")
-    if device.type == "cuda" and not _C.cuda_available():
+    if device.type == "cuda" and loaded and not _C.cuda_available():
         raise ValueError(f"offload: experts are on {device} but moecache._C cannot use CUDA "
                          f"({_C.cuda_unavailable_reason()}); pinned host memory needs it")
     offload.slots(len(found), experts_shape(found[0])[0], expert_record_bytes(found[0]))  # a budget error, before stacking
