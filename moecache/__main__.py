@@ -302,8 +302,10 @@ def _plan(args) -> int:
     layers = result["experts"]
     kinds = sorted({(layer["type"], layer["experts"], layer["activation"], layer["gated"], layer["expert_bytes"])
                     for layer in layers})
-    for kind, count, activation, gated, record in kinds:
-        names = [layer["name"] for layer in layers if (layer["type"], layer["experts"]) == (kind, count)]
+    for key in kinds:
+        kind, count, activation, gated, record = key
+        names = [layer["name"] for layer in layers
+                 if (layer["type"], layer["experts"], layer["activation"], layer["gated"], layer["expert_bytes"]) == key]
         print(f"experts: {len(names)} layers of {count} {kind} ({activation}, {'gated' if gated else 'not gated'}; "
               f"{record / 2**20:.2f} MiB each), {names[0]}{' ...' if len(names) > 1 else ''}")
     if not layers:

@@ -396,9 +396,8 @@ def _kind_of(override) -> str:
 def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
     (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H] (or holds those rows: Inkling's
-    scores its shared experts too); its bias (GPT-OSS), its
-    selection bias (DeepSeek-V3's e_score_correction_bias and the like) and Gemma 4's input scales come
-    along."""
+    scores its shared experts too); its bias (GPT-OSS), its selection bias (DeepSeek-V3's
+    e_score_correction_bias and the like) and Gemma 4's input scales come along."""
     for name, child in block.named_children():
         if name in ("experts", "shared_experts", "shared_expert"):
             continue
