@@ -90,13 +90,12 @@ def moecache_separate_layer(x, router, w_gate_up, w_down, k, out):
     skipped, as in moecache_layer), then its kernels with COMBINE "separate"."""
     from moecache.kernels.fused_moe import fused_moe_launch
     from moecache.ops.api import _check_fused_moe_args
-    from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 
     w, ids = ops.route(x @ router.t(), k, backend="triton")
     _check_fused_moe_args(x, w_gate_up, w_down, w, ids, "silu", None, None, None, None, None, validate=False)
     config = separate_combine_config(x.shape[0], k, w_gate_up, x)
     return fused_moe_launch(x, w_gate_up, w_down, w, ids, out, activation="silu",
-                            swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
+                            expert_map=None, host_w_gate_up=None,
                             host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False, config=config)
 
 

@@ -43,7 +43,7 @@ TINY_MOE_SHAPES = {"tiny": (96, 40, 9, 3), "tiny-k1": (64, 48, 4, 1)}
 TINY_TOKENS = (1, 5, 20)
 
 # non_gated last: its shapes compile kernels of their own, and a stage cut at its time limit loses the last checks
-SECTIONS = ("moe", "map", "gptoss", "route", "mla", "determinism", "host", "cache", "non_gated")
+SECTIONS = ("moe", "map", "gptoss", "route", "mla", "determinism", "host", "cache", "non_gated", "clamped")
 
 
 class Report:
@@ -206,6 +206,33 @@ def check_non_gated(report, device, dtype, tiny):
             run_check(report, f"non_gated:{name}:T{T}", one)
 
 
+CLAMPED_CASES = {  # name: clamp keywords; gate and up scaled so the products cross the limit
+    "before-limit10": dict(activation="silu", activation_limit=10.0),
+    "after-limit7": dict(activation="silu", activation_limit=7.0, limit_after_activation=True),
+    "glu-concatenated": dict(activation="swiglu_oai", activation_limit=7.0, swiglu_alpha=1.702),
+}
+
+
+def check_clamped(report, device, dtype, tiny):
+    """Clamped gates at the DeepSeek-V3 shape: DeepSeek-V4 / GLM-5 / HunYuan-V4, Step / Ling, MiniMax-M3."""
+    H, I, E, K = (64, 32, 8, 2) if tiny else (7168, 2048, 256, 8)
+    g = torch.Generator(device=device).manual_seed(4)
+    # x ~ N(0, 1) against weights of std 8/sqrt(H): gate and up ~ N(0, 64), so most units cross 7 and 10
+    wgu = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * (8 * H ** -0.5)
+    wd = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I ** -0.5
+    for name, kw in CLAMPED_CASES.items():
+        for T in (TINY_TOKENS if tiny else (1, 64, 1024)):
+            def one(T=T, kw=kw):
+                x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+                ids = random_ids(T, E, K, device, generator=g)
+                w = torch.rand(T, K, device=device, generator=g)
+                out = torch.full_like(x, float("nan"))
+                ops.fused_moe(x, wgu, wd, w, ids, **kw, out=out, backend="triton")
+                err = rel_err(out, fused_moe_reference(x, wgu, wd, w, ids, **kw))
+                return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
+            run_check(report, f"clamped:{name}:T{T}", one)
+
+
 ROUTE_CASES = {  # name: (E, K, kwargs)
     "softmax-e64k6": (64, 6, {}),
     "mixtral-e8k2": (8, 2, {}),
@@ -349,6 +376,7 @@ def check_cache(report, device, dtype, tiny):
 
 
 CHECKS = {"moe": check_moe, "map": check_map, "gptoss": check_gptoss, "non_gated": check_non_gated,
+          "clamped": check_clamped,
           "route": check_route, "mla": check_mla,
           "determinism": check_determinism, "host": check_host_reads, "cache": check_cache}
 

@@ -61,7 +61,8 @@ def cases(on_gpu: bool, device, dtype):
     logits = (x @ router.t()).float()
     weights, ids = ops.route(logits, K, backend="triton")
     out = torch.empty_like(x)
-    moe_args = (x, w_gate_up, w_down, weights, ids, "silu", None, None, None, None, None, False, True, out)
+    moe_args = (x, w_gate_up, w_down, weights, ids, *api.gated_activation("silu"), None, None, None, None, None, False,
+                True, out)
     R, P, S = (512, 64, 4096) if on_gpu else (32, 8, 40)
     Hq, block_size = (16, 64) if on_gpu else (4, 16)
     kv_cache, block_table, seq_lens = make_paged_cache(1, S, R, P, block_size, dtype, device)
@@ -73,7 +74,7 @@ def cases(on_gpu: bool, device, dtype):
             "direct": lambda: ops.fused_moe(x, w_gate_up, w_down, weights, ids, out=out, backend="triton",
                                             validate=False),
             "checked": lambda: ops.fused_moe(x, w_gate_up, w_down, weights, ids, out=out, backend="triton"),
-            "dispatcher": lambda: (api._check_fused_moe_args(*moe_args[:11], validate=False),
+            "dispatcher": lambda: (api._check_fused_moe_args(*moe_args[:6], *moe_args[9:14], validate=False),
                                    torch.ops.moecache.fused_moe(*moe_args)),
         },
         "route": {

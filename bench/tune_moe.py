@@ -27,7 +27,7 @@ from common import cuda_graph_fn, environment, time_ms  # noqa: E402
 from moecache import kernels  # noqa: E402
 from moecache.kernels.fused_moe import fused_moe_launch, select_config, shape_key  # noqa: E402
 from moecache.ops.api import device_slug  # noqa: E402
-from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference  # noqa: E402
+from moecache.ops.reference import fused_moe_reference, route_reference  # noqa: E402
 from moecache.testing import TOLERANCES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def tune_one(T, H, I, E, K, *, dtype, device, quick, focused=False) -> tuple[dic
     tried = []
     for config in (focused_candidates(T, (H, I, E, K)) if focused and not quick else candidates(T, quick)):
         def run(config=config):
-            fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
+            fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", expert_map=None, host_w_gate_up=None,
                              host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False, config=config)
         out.fill_(float("nan"))
         try:

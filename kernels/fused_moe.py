@@ -32,6 +32,10 @@ ACT_RELU = tl.constexpr(4)
 ACT_RELU2 = tl.constexpr(5)
 ACTIVATION_CODES = {"silu": ACT_SILU.value, "gelu_tanh": ACT_GELU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value,
                     "gelu": ACT_GELU.value, "relu": ACT_RELU.value, "relu2": ACT_RELU2.value}
+# Where a gated activation's clamp applies (CLAMP constexpr): none, on the gate, or on act(gate).
+CLAMP_NONE = tl.constexpr(0)
+CLAMP_BEFORE = tl.constexpr(1)
+CLAMP_AFTER = tl.constexpr(2)
 
 
 @triton.jit
@@ -52,12 +56,18 @@ def _act(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _activate(gate, up, ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr):
-    """act(gate) * up; GPT-OSS's clamped SwiGLU with the caller's constants."""
+def _activate(gate, up, ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+              CLAMP: tl.constexpr):
+    """act(gate) * up, or GPT-OSS's SwiGLU (up + 1) * gate * sigmoid(alpha * gate); with a clamp, up is
+    kept in [-LIMIT, LIMIT] and the gate (CLAMP_BEFORE) or act(gate) (CLAMP_AFTER) at most LIMIT."""
+    if CLAMP != CLAMP_NONE:
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+    if CLAMP == CLAMP_BEFORE:
+        gate = tl.minimum(gate, LIMIT)
     if ACTIVATION == ACT_SWIGLU_OAI:
-        gate = tl.minimum(gate, SWIGLU_LIMIT)
-        up = tl.minimum(tl.maximum(up, -SWIGLU_LIMIT), SWIGLU_LIMIT)
         return (up + 1.0) * (gate / (1.0 + tl.exp(-SWIGLU_ALPHA * gate)))
+    elif CLAMP == CLAMP_AFTER:
+        return tl.minimum(_act(gate, ACTIVATION), LIMIT) * up
     else:
         return _act(gate, ACTIVATION) * up
 
@@ -91,7 +101,8 @@ def _gate_up_gemv_kernel(
     H, I, E, K, num_slots,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr, GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, LIMIT: tl.constexpr, CLAMP: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -122,7 +133,7 @@ def _gate_up_gemv_kernel(
         if GATED:
             b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)
     if GATED:
-        b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+        b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, LIMIT, CLAMP)
     else:
         b_h = _act(b_gate, ACTIVATION)
     tl.store(inter_ptr + pair * I + o_n, b_h.to(inter_ptr.dtype.element_ty), mask=m_n)
@@ -248,7 +259,8 @@ def _grouped_gate_up_kernel(
     arrivals_ptr, H, I, E, K, num_slots, down_blocks, num_m_blocks,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     gate_step, up_row0,
-    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, SWIGLU_LIMIT: tl.constexpr, GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, LIMIT: tl.constexpr, CLAMP: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_MAP: tl.constexpr, HAS_HOST: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ZERO_ARRIVALS: tl.constexpr, ONE_TOKEN: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DOWN: tl.constexpr,
@@ -292,7 +304,7 @@ def _grouped_gate_up_kernel(
             if GATED:
                 b_up += tl.load(bias_ptr + e * stride_be + o_up * stride_bn, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, SWIGLU_LIMIT)
+            b_h = _activate(b_gate, b_up, ACTIVATION, SWIGLU_ALPHA, LIMIT, CLAMP)
         else:
             b_h = _act(b_gate, ACTIVATION)
         tl.store(inter_ptr + rows[:, None] * I + o_n[None, :], b_h.to(inter_ptr.dtype.element_ty),
@@ -424,20 +436,25 @@ def select_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, in
     return {"path": "grouped", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
-def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation, swiglu, expert_map,
+def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activation, expert_map,
                      host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, config, launcher=None,
-                     gated=True):
+                     gated=True, activation_limit=None, limit_after_activation=False, swiglu_alpha=1.702):
     """Run the expert layer into `out` [T, H]; `launcher` wraps kernels (torch.library.wrap_triton).
 
     gated: w_gate_up is [E, 2I, H] and the layer computes act(gate) * up; otherwise it is [E, I, H]
     (fc1) and the layer computes act(fc1 x). activation: "silu", "gelu_tanh", "gelu", "relu", "relu2", or
-    (gated only) "swiglu_oai"; swiglu: (alpha, limit) of the clamped SwiGLU.
+    (gated only) "swiglu_oai", with swiglu_alpha. activation_limit (gated only; None: no clamp): up is
+    clamped to [-limit, limit], and the gate to at most limit, or act(gate) with limit_after_activation.
     """
     import torch
 
     wrap = (lambda k: k) if launcher is None else launcher
     activation_code = ACTIVATION_CODES[activation]
-    swiglu = tuple(float(v) for v in swiglu)
+    swiglu_alpha = float(swiglu_alpha)
+    if activation_limit is None:
+        limit, clamp = 0.0, CLAMP_NONE.value
+    else:
+        limit, clamp = float(activation_limit), (CLAMP_AFTER if limit_after_activation else CLAMP_BEFORE).value
     T, H = x.shape
     I = w_gate_up.shape[1] // 2 if gated else w_gate_up.shape[1]
     K = topk_ids.shape[1]
@@ -465,7 +482,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
             H, I, E, K, num_slots,
             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
             gate_step, up_row0,
-            ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
+            ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu_alpha, LIMIT=limit, CLAMP=clamp, GATED=gated,
             HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, BLOCK_N=BN, BLOCK_K=BK, **meta)
         bn_down = config.get("BLOCK_N_DOWN", BN)
         wrap(_down_combine_gemv_kernel)[(T, triton.cdiv(H, bn_down))](
@@ -503,7 +520,7 @@ def fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, *, activ
         arrivals, H, I, E, K, num_slots, down_blocks, max_blocks,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *bgu_strides,
         gate_step, up_row0,
-        ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu[0], SWIGLU_LIMIT=swiglu[1], GATED=gated,
+        ACTIVATION=activation_code, SWIGLU_ALPHA=swiglu_alpha, LIMIT=limit, CLAMP=clamp, GATED=gated,
         HAS_MAP=has_map, HAS_HOST=has_host, HAS_BIAS=has_bias, IEEE=ieee, ZERO_ARRIVALS=combine and fused_combine,
         ONE_TOKEN=one_token, GROUP_M=group_m,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_E=block_e, BLOCK_DOWN=triton.next_power_of_2(down_blocks),

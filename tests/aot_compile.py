@@ -39,7 +39,6 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from moecache.kernels import fused_moe as fm  # noqa: E402
 from moecache.kernels import mla_decode as md  # noqa: E402
 from moecache.kernels import moe_route as mr  # noqa: E402
-from moecache.ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT  # noqa: E402
 
 # Shared memory a block may use (opt-in maximum) per architecture.
 SMEM_LIMIT = {80: 166912, 90: 232448}
@@ -207,7 +206,7 @@ def problems(row) -> list[str]:
 
 # ---------------------------------------------------------------- the launches
 def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=True, biases=False, combine=None,
-                 model_routing=False):
+                 model_routing=False, clamp=None):
     H, I, E, K = shape
     R = 2 * I if gated else I
     cap = Capture()
@@ -217,12 +216,11 @@ def moe_launches(shape, T, dtype, *, has_map=False, activation="silu", gated=Tru
     fm.fused_moe_launch(meta((T, H), dtype), meta((E, R, H), dtype), meta((E, H, I), dtype),
                         meta((T, K), dtype if model_routing else torch.float32),
                         meta((T, K), torch.int64 if model_routing else torch.int32), meta((T, H), dtype),
-                        activation=activation, swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
-                        expert_map=meta((E,), torch.int32) if has_map else None,
+                        activation=activation, expert_map=meta((E,), torch.int32) if has_map else None,
                         host_w_gate_up=meta((E, R, H), dtype) if has_map else None,
                         host_w_down=meta((E, H, I), dtype) if has_map else None,
                         b_gate_up=meta((E, R), dtype) if biases else None, b_down=meta((E, H), dtype) if biases else None,
-                        gate_up_interleaved=False, config=config, launcher=cap, gated=gated)
+                        gate_up_interleaved=False, config=config, launcher=cap, gated=gated, **(clamp or {}))
     return cap.records
 
 
@@ -284,6 +282,16 @@ def launches(group):
                        moe_launches(shape, T, torch.bfloat16, activation=activation, gated=gated, biases=biases))
             yield (f"moe-llava-{name}-map-T1", True, moe_launches(shape, 1, torch.bfloat16, has_map=True,
                                                                    activation=activation, gated=gated, biases=biases))
+    elif group == "moe_clamped":
+        # Clamped gates (DeepSeek-V4, GLM-5 and HunYuan-V4 before the SiLU; Step and Ling after it; MiniMax-M3's
+        # GLU) at the DeepSeek-V3 shape: the clamp adds no registers the GEMMs cannot spare.
+        for name, clamp in (("before", dict(activation_limit=10.0)),
+                            ("after", dict(activation_limit=7.0, limit_after_activation=True)),
+                            ("glu", dict(activation_limit=7.0, swiglu_alpha=1.702))):
+            activation = "swiglu_oai" if name == "glu" else "silu"
+            for T in (1, 64, 4096):
+                yield (f"moe-clamped-{name}-T{T}", True, moe_launches(MOE_SHAPES["v3"], T, torch.bfloat16,
+                                                                       activation=activation, clamp=clamp))
     elif group == "route":
         for name, case in ROUTE_CASES.items():
             for T in (1, 4096):
@@ -300,13 +308,14 @@ def launches(group):
         # One request of 32K tokens: the most splits, the combine's tallest tile.
         yield "mla-H16-B1-S32K-bfloat16", True, mla_launches(1, 16, torch.bfloat16, max_blocks=512)
     else:
-        raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_llava, moe_tests, moe_gpu_tests, route, mla")
+        raise SystemExit(f"unknown group {group!r}: moe, moe_map, moe_llava, moe_clamped, moe_tests, moe_gpu_tests, route, "
+                         "mla")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90)
-    parser.add_argument("--groups", default="moe,moe_map,moe_llava,moe_tests,moe_gpu_tests,route,mla")
+    parser.add_argument("--groups", default="moe,moe_map,moe_llava,moe_clamped,moe_tests,moe_gpu_tests,route,mla")
     parser.add_argument("--float-type", choices=("fp32", "fp64"), default="fp32")
     parser.add_argument("--json", help="write one JSON row per compiled launch here")
     args = parser.parse_args(argv)

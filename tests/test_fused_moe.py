@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moecache import ops
-from moecache.ops.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, fused_moe_reference, route_reference
+from moecache.ops.reference import fused_moe_reference, route_reference
 from moecache.testing import assert_close, poisoned
 
 from builders import DEVICE, count_host_reads, random_layer
@@ -113,6 +113,64 @@ def test_gpt_oss_transposed_interleaved_with_biases(T):
     assert_close(out, ref, torch.float32)
 
 
+CLAMPS = [  # (activation, limit, after, alpha): DeepSeek-V4 / GLM-5 / HunYuan-V4, Step 3.7 / Ling, MiniMax-M3-like
+    ("silu", 0.3, False, None), ("silu", 0.3, True, None), ("gelu_tanh", 0.25, False, None),
+    ("swiglu_oai", 0.4, False, 1.3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T", [1, 3, 19], ids=["gemv", "decode", "grouped"])
+@pytest.mark.parametrize("activation,limit,after,alpha", CLAMPS,
+                         ids=["clamp-before", "clamp-after", "gelu-clamp", "swiglu-oai-own-constants"])
+def test_clamped_gated_activations(activation, limit, after, alpha, T, dtype):
+    """Limits small enough that random data crosses them in both directions (the clamp is exercised)."""
+    x, wgu, wd, w, ids = random_layer(T, 40, 24, 6, 2, dtype)
+    kw = dict(activation=activation, activation_limit=limit, limit_after_activation=after, swiglu_alpha=alpha)
+    out = run_triton(x, wgu, wd, w, ids, **kw)
+    ref = fused_moe_reference(x, wgu, wd, w, ids, **kw)
+    assert_close(out, ref, dtype)
+    h = x.float() @ wgu[ids[0, 0]].float().t()
+    assert (h[0, :24] > limit).any() and (h[0, 24:].abs() > limit).any()  # both clamps bind on some unit
+    assert not torch.allclose(ref.float(), fused_moe_reference(x, wgu, wd, w, ids, activation=activation).float(),
+                              rtol=1e-2, atol=1e-3)
+
+
+def test_clamped_activation_reference_written_out():
+    """The reference's clamps as the families write them (transformers' _apply_gate)."""
+    from moecache.ops.reference import activation_reference
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(64, generator=g) * 3, torch.randn(64, generator=g) * 3
+    silu = torch.nn.functional.silu
+    before = silu(gate.clamp(max=2.0)) * up.clamp(-2.0, 2.0)
+    after = silu(gate).clamp(max=2.0) * up.clamp(-2.0, 2.0)
+    assert torch.equal(activation_reference(gate, up, "silu", activation_limit=2.0), before)
+    assert torch.equal(activation_reference(gate, up, "silu", activation_limit=2.0, limit_after_activation=True), after)
+    gc, uc = gate.clamp(max=2.0), up.clamp(-2.0, 2.0)
+    oai = (uc + 1) * (gc * torch.sigmoid(gc * 1.5))
+    assert torch.equal(activation_reference(gate, up, "swiglu_oai", activation_limit=2.0, swiglu_alpha=1.5), oai)
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation_limit=0.0), "activation_limit must be a finite number > 0"),
+    (dict(activation_limit=float("inf")), "activation_limit must be a finite number > 0"),
+    (dict(activation_limit=True), "activation_limit must be a finite number > 0"),
+    (dict(limit_after_activation=True), "limit_after_activation needs an activation_limit"),
+    (dict(limit_after_activation=1, activation_limit=1.0), "limit_after_activation must be a bool"),
+    (dict(swiglu_alpha=1.0), "swiglu_alpha is swiglu_oai's"),
+    (dict(activation="swiglu_oai", swiglu_alpha=-1.0), "swiglu_alpha must be a finite number > 0"),
+    (dict(activation="swiglu_oai", activation_limit=1.0, limit_after_activation=True),
+     "swiglu_oai clamps its gate before"),
+    (dict(activation="relu", gated=False, activation_limit=1.0), "activation_limit clamps the gate and up"),
+])
+def test_clamp_argument_errors(kwargs, match):
+    x, wgu, wd, w, ids = random_layer(3, 16, 8, 4, 2, torch.float32)
+    if not kwargs.get("gated", True):
+        wgu = wgu[:, :8]
+    with pytest.raises(ValueError, match=match):
+        ops.fused_moe(x, wgu, wd, w, ids, **kwargs)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs CPU tensors only")
 def test_triton_backend_refuses_bf16_under_the_interpreter():
     """Regression: the interpreter's bf16 tl.dot gave finite garbage (relative error ~1e10), silently;
@@ -164,7 +222,7 @@ def test_launch_count(T, K, launches):
 
     out = poisoned(x.shape, x.dtype, x.device)
     config = select_config(T, K, 6, 40, 24, INTERPRETING)
-    fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=None, host_w_gate_up=None,
+    fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", expert_map=None, host_w_gate_up=None,
                      host_w_down=None, b_gate_up=None, b_down=None, gate_up_interleaved=False,
                      config=config, launcher=launcher)
     assert len(launched) == launches, launched
@@ -206,8 +264,7 @@ def test_one_token_on_the_grouped_path_needs_no_alignment(K, bias, combine, wher
     config = {**select_config(30, K, E, H, I, INTERPRETING), "COMBINE": combine}
     assert config["path"] == "grouped"
     out = poisoned(x.shape, x.dtype, x.device)
-    fused_moe_launch(x, *weights, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
-                     b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=False, config=config,
+    fused_moe_launch(x, *weights, w, ids, out, activation="silu", b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=False, config=config,
                      launcher=launcher, **maps)
     assert "_align_kernel" not in launched and launched[:2] == ["_grouped_gate_up_kernel", "_grouped_down_kernel"]
     assert_close(out, fused_moe_reference(x, wgu, wd, w, ids, b_gate_up=b_gate_up, b_down=b_down), torch.float32)
@@ -237,8 +294,7 @@ def test_separate_combine_gives_the_fused_combines_bits(T, K, bias, dtype):
         config = {**select_config(T, K, E, H, I, INTERPRETING), "COMBINE": combine}
         assert config["path"] == "grouped"
         out = poisoned(x.shape, x.dtype, x.device)
-        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
-                         expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=b_gate_up, b_down=b_down,
+        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=b_gate_up, b_down=b_down,
                          gate_up_interleaved=False, config=config, launcher=launcher)
         outs[combine] = out
         assert ("_sum_partials_kernel" in launched) == (combine == "separate" and K > 1), launched
@@ -397,8 +453,7 @@ def test_gpu_separate_combine_gives_the_fused_combines_bits(T, shape):
     outs = []
     for combine in ("fused", "separate"):
         out = poisoned(x.shape, x.dtype, x.device)
-        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT),
-                         expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=None, b_down=None,
+        fused_moe_launch(x, wgu, wd, w, ids, out, activation="silu", expert_map=None, host_w_gate_up=None, host_w_down=None, b_gate_up=None, b_down=None,
                          gate_up_interleaved=False, config={**config, "COMBINE": combine})
         outs.append(out)
     assert_close(outs[0], fused_moe_reference(x, wgu, wd, w, ids), torch.bfloat16)
@@ -753,6 +808,22 @@ def test_gpu_non_gated_bf16_with_biases_matches_reference(activation, T):
     w, ids = route_reference(torch.randn(T, E, device="cuda", generator=g), K)
     kw = dict(activation=activation, gated=False, b_gate_up=b1, b_down=b2)
     assert_close(run_triton(x, fc1, fc2, w, ids, **kw), fused_moe_reference(x, fc1, fc2, w, ids, **kw), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation,limit,after,alpha", CLAMPS,
+                         ids=["clamp-before", "clamp-after", "gelu-clamp", "swiglu-oai-own-constants"])
+@pytest.mark.parametrize("T", [1, 16, 640])
+def test_gpu_clamped_gated_activations_bf16(activation, limit, after, alpha, T):
+    """DeepSeek-V4-like experts (top-6, narrowed), limits the bf16 products cross."""
+    E, H, I, K = 16, 1024, 512, 6
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    wgu = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H**0.5).bfloat16()
+    wd = (torch.randn(E, H, I, device="cuda", generator=g) / I**0.5).bfloat16()
+    w, ids = route_reference(torch.randn(T, E, device="cuda", generator=g), K)
+    kw = dict(activation=activation, activation_limit=limit, limit_after_activation=after, swiglu_alpha=alpha)
+    assert_close(run_triton(x, wgu, wd, w, ids, **kw), fused_moe_reference(x, wgu, wd, w, ids, **kw), torch.bfloat16)
 
 
 @pytest.mark.compile

@@ -431,12 +431,41 @@ def _check_fused_moe_values(topk_ids, expert_map, host_w_gate_up, E, S):
             _check(slot_lo >= 0, "expert_map marks a routed expert non-resident (-1) but no host weights were given")
 
 
+def gated_activation(activation: str, activation_limit: float | None = None, limit_after_activation: bool = False,
+                     swiglu_alpha: float | None = None, gated: bool = True) -> tuple[str, float | None, bool, float]:
+    """(activation, limit, after, alpha) as the kernels take them, checked: swiglu_oai's defaults filled in
+    (GPT-OSS's limit 7.0 and alpha 1.702); a clamp only for gated experts, a finite positive limit;
+    swiglu_alpha only for swiglu_oai, which clamps its gate before the activation."""
+    _check(isinstance(activation, str) and activation in ACTIVATIONS,
+           f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check(isinstance(limit_after_activation, bool),
+           f"limit_after_activation must be a bool, got {limit_after_activation!r}")
+    for name, value in (("activation_limit", activation_limit), ("swiglu_alpha", swiglu_alpha)):
+        _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and math.isfinite(value) and value > 0),
+               f"{name} must be a finite number > 0 or None, got {value!r}")
+    if activation_limit is not None:
+        _check(gated, "activation_limit clamps the gate and up projections of gated experts; these are not gated")
+    else:
+        _check(not limit_after_activation, "limit_after_activation needs an activation_limit")
+    if activation == "swiglu_oai":
+        _check(not limit_after_activation, "swiglu_oai clamps its gate before the activation: "
+                                           "limit_after_activation must be False")
+        return (activation, float(SWIGLU_OAI_LIMIT if activation_limit is None else activation_limit), False,
+                float(SWIGLU_OAI_ALPHA if swiglu_alpha is None else swiglu_alpha))
+    _check(swiglu_alpha is None, f"swiglu_alpha is swiglu_oai's; activation {activation!r} takes none")
+    return (activation, None if activation_limit is None else float(activation_limit), limit_after_activation,
+            SWIGLU_OAI_ALPHA)
+
+
 def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
               backend: str = "auto", expert_map: torch.Tensor | None = None,
               host_w_gate_up: torch.Tensor | None = None, host_w_down: torch.Tensor | None = None,
               b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
               gate_up_interleaved: bool = False, gated: bool = True,
+              activation_limit: float | None = None, limit_after_activation: bool = False,
+              swiglu_alpha: float | None = None,
               out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """The routed experts of one MoE layer: out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), or
     with gated=False (Phi-2-style, Switch, NLLB experts) sum_k w[t,k] * down_e(act(fc1_e x_t)).
@@ -451,7 +480,11 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
         topk_weights: [T, K] float (fp32 from route; a model's bf16 or fp16 weights are read as they are
             and widened to fp32 in the kernel), topk_ids: [T, K] int32 or int64 (read as given).
         activation: "silu" (default), "gelu_tanh", "gelu" (erf), "relu", "relu2" (squared ReLU), or, gated
-            only, "swiglu_oai" (GPT-OSS clamped SwiGLU).
+            only, "swiglu_oai" (GPT-OSS's (up + 1) * gate * sigmoid(swiglu_alpha * gate), clamped at 7.0
+            unless activation_limit says otherwise; swiglu_alpha defaults to 1.702).
+        activation_limit: gated experts only: clamp up to [-limit, limit] and the gate to at most limit
+            before the activation (DeepSeek-V4, GLM-5, HunYuan-V4), or, with limit_after_activation,
+            act(gate) to at most limit (Step 3.5/3.7, Ling). None: no clamp.
         expert_map: [E] int32, the slot of each expert in w_gate_up/w_down (whose first dim is then the
             slot count); -1 = not resident: the kernel reads expert e from host_w_gate_up[e] /
             host_w_down[e] (pinned host memory) in place.
@@ -475,6 +508,7 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     """
     _check_fused_moe_args(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
                           host_w_gate_up, host_w_down, b_gate_up, b_down, gated, gate_up_interleaved, validate)
+    act = gated_activation(activation, activation_limit, limit_after_activation, swiglu_alpha, gated)
     if out is not None:
         _check_out(out, hidden_states, (("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_weights", topk_weights),
                                         ("topk_ids", topk_ids), ("expert_map", expert_map), ("b_gate_up", b_gate_up),
@@ -496,27 +530,34 @@ def fused_moe(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     if needs_grad and (expert_map is not None or not use_torch):
         result = _FusedMoeFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down,
                                          expert_map, host_w_gate_up, host_w_down,
-                                         (activation, gate_up_interleaved, gated, use_torch))
+                                         (act, gate_up_interleaved, gated, use_torch))
         return result if out is None else out.copy_(result)
-    return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+    return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, act, expert_map,
                               host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out,
                               use_torch)
 
 
-def _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+def _reference_activation(act) -> dict:
+    """fused_moe_reference's keyword arguments for a gated_activation tuple."""
+    activation, limit, after, alpha = act
+    return dict(activation=activation, activation_limit=limit, limit_after_activation=after,
+                swiglu_alpha=alpha if activation == "swiglu_oai" else None)
+
+
+def _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, act, expert_map,
                        host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out, use_torch):
-    """The reference (torch backend) or the kernels, into `out` when given."""
+    """The reference (torch backend) or the kernels, into `out` when given; act: gated_activation's tuple."""
     if use_torch:
-        result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
+        result = fused_moe_reference(hidden_states, w_gate_up, w_down, topk_weights, topk_ids,
                                      expert_map=expert_map, host_w_gate_up=host_w_gate_up, host_w_down=host_w_down,
                                      b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
-                                     gated=gated)
+                                     gated=gated, **_reference_activation(act))
         return result if out is None else out.copy_(result)
-    return _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+    return _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, act, expert_map,
                              host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out)
 
 
-def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, act, expert_map,
                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out):
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
@@ -525,7 +566,7 @@ def _fused_moe_triton(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, 
     # loaded), so a model's int64 top-k and bf16 weights cost no conversion launches. The expert map
     # (E values) is read as one row too.
     args = (hidden_states.contiguous() if hidden_states.stride(-1) != 1 else hidden_states,
-            w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), activation,
+            w_gate_up, w_down, topk_weights.contiguous(), topk_ids.contiguous(), *act,
             expert_map.contiguous() if expert_map is not None else None, host_w_gate_up, host_w_down, b_gate_up,
             b_down, gate_up_interleaved, gated, out)
     if eager_inference(*(a for a in args if isinstance(a, torch.Tensor))):
@@ -553,8 +594,8 @@ class _FusedMoeFunction(torch.autograd.Function):
     @staticmethod
     def forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, expert_map,
                 host_w_gate_up, host_w_down, options):
-        activation, gate_up_interleaved, gated, use_torch = options
-        return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
+        act, gate_up_interleaved, gated, use_torch = options
+        return _fused_moe_forward(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, act, expert_map,
                                   host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, None,
                                   use_torch)
 
@@ -575,12 +616,12 @@ class _FusedMoeFunction(torch.autograd.Function):
                                "cache's slots, which may have been refilled since the forward): run the forward "
                                "under torch.no_grad() or torch.inference_mode(), or keep the experts resident (no "
                                "offload) to train through them")
-        activation, gate_up_interleaved, gated, _ = ctx.options
+        act, gate_up_interleaved, gated, _ = ctx.options
 
         def layer(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down):
-            return fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation,
-                                       b_gate_up=b_gate_up, b_down=b_down, gate_up_interleaved=gate_up_interleaved,
-                                       gated=gated)
+            return fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up=b_gate_up,
+                                       b_down=b_down, gate_up_interleaved=gate_up_interleaved, gated=gated,
+                                       **_reference_activation(act))
         return grads_by_recompute(layer, ctx.saved_tensors, ctx.needs_input_grad, (grad_out,), 11)
 
 
@@ -631,16 +672,18 @@ def streams_each_expert_once(num_tokens: int, top_k: int, num_experts: int, hidd
 @torch.library.triton_op("moecache::fused_moe", mutates_args=("out",))
 def _fused_moe_op(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
+                  activation_limit: float | None, limit_after_activation: bool, swiglu_alpha: float,
                   expert_map: torch.Tensor | None, host_w_gate_up: torch.Tensor | None,
                   host_w_down: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
                   gate_up_interleaved: bool, gated: bool, out: torch.Tensor) -> None:
-    _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out,
-                       wrap_for_trace)
+    _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, activation_limit,
+                       limit_after_activation, swiglu_alpha, expert_map, host_w_gate_up, host_w_down, b_gate_up,
+                       b_down, gate_up_interleaved, gated, out, wrap_for_trace)
 
 
-def _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, expert_map,
-                       host_w_gate_up, host_w_down, b_gate_up, b_down, gate_up_interleaved, gated, out, launcher):
+def _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids, activation, activation_limit,
+                       limit_after_activation, swiglu_alpha, expert_map, host_w_gate_up, host_w_down, b_gate_up,
+                       b_down, gate_up_interleaved, gated, out, launcher):
     from moecache.kernels.fused_moe import fused_moe_launch
 
     x = hidden_states
@@ -649,7 +692,8 @@ def _fused_moe_kernels(hidden_states, w_gate_up, w_down, topk_weights, topk_ids,
     E = expert_map.numel() if expert_map is not None else w_gate_up.shape[0]
     config = _moe_config(x.shape[0], topk_ids.shape[1], E, x.shape[1], w_down.shape[2], x.device, x.element_size())
     fused_moe_launch(x, w_gate_up, w_down, topk_weights, topk_ids, out, activation=activation,
-                     swiglu=(SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT), expert_map=expert_map,
+                     activation_limit=activation_limit, limit_after_activation=limit_after_activation,
+                     swiglu_alpha=swiglu_alpha, expert_map=expert_map,
                      host_w_gate_up=host_w_gate_up, host_w_down=host_w_down, b_gate_up=b_gate_up, b_down=b_down,
                      gate_up_interleaved=gate_up_interleaved, config=config, launcher=launcher,
                      gated=gated)

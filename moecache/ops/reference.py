@@ -88,15 +88,29 @@ def act_reference(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation {activation!r} has no non-gated form; choose from {ACTIVATIONS[:-1]}")
 
 
-def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up, or GPT-OSS's clamped SwiGLU."""
-    if activation == "swiglu_oai":
-        gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
-        up = up.clamp(min=-SWIGLU_OAI_LIMIT, max=SWIGLU_OAI_LIMIT)
-        return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))
+def activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str, *,
+                         activation_limit: float | None = None, limit_after_activation: bool = False,
+                         swiglu_alpha: float | None = None) -> torch.Tensor:
+    """act(gate) * up, or GPT-OSS's clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate).
+
+    With activation_limit L the gate is clamped to at most L and up to [-L, L] first (DeepSeek-V4,
+    GLM-5, HunYuan-V4; swiglu_oai always clamps, at 7.0 unless given), or, with limit_after_activation,
+    act(gate) is clamped to at most L instead of the gate (Step 3.5/3.7, Ling)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return act_reference(gate, activation) * up
+    if activation == "swiglu_oai" and activation_limit is None:
+        activation_limit = SWIGLU_OAI_LIMIT
+    if activation_limit is not None:
+        up = up.clamp(min=-activation_limit, max=activation_limit)
+        if not limit_after_activation:
+            gate = gate.clamp(max=activation_limit)
+    if activation == "swiglu_oai":
+        alpha = SWIGLU_OAI_ALPHA if swiglu_alpha is None else swiglu_alpha
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    act = act_reference(gate, activation)
+    if activation_limit is not None and limit_after_activation:
+        act = act.clamp(max=activation_limit)
+    return act * up
 
 def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h [..., 2I] -> gate, up: rows [0,I) and [I,2I), or even and odd rows when interleaved (GPT-OSS)."""
@@ -135,9 +149,14 @@ def fused_moe_reference(
     b_down: torch.Tensor | None = None,
     gate_up_interleaved: bool = False,
     gated: bool = True,
+    activation_limit: float | None = None,
+    limit_after_activation: bool = False,
+    swiglu_alpha: float | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,k]; fp32 math, input dtype out.
-    With gated=False, w_gate_up is fc1 [E, I, H] and the expert is down_e(act(fc1_e x_t)).
+    With gated=False, w_gate_up is fc1 [E, I, H] and the expert is down_e(act(fc1_e x_t)). The gated
+    product is activation_reference's, with its clamp (activation_limit, limit_after_activation) and
+    swiglu_alpha.
 
     With `expert_map`, expert e lives in slot expert_map[e] of the weight tensors, or in the host
     tensors (indexed by e) when the slot is -1. Biases are indexed by expert id.
@@ -169,7 +188,9 @@ def fused_moe_reference(
             h = h + b_gate_up[e].float()
         if gated:
             gate, up = split_gate_up(h, gate_up_interleaved)
-            y = activation_reference(gate, up, activation) @ wd.t()
+            y = activation_reference(gate, up, activation, activation_limit=activation_limit,
+                                     limit_after_activation=limit_after_activation,
+                                     swiglu_alpha=swiglu_alpha) @ wd.t()
         else:
             y = act_reference(h, activation) @ wd.t()
         if b_down is not None:
