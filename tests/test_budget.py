@@ -199,7 +199,7 @@ def test_a_layer_call_with_no_tokens_leaves_the_predictions_alone():
         predictor = LookaheadPredictor([RouterSpec(torch.randn(E, H)), RouterSpec(torch.randn(E, H))], depth=1)
         provider = OffloadedExperts(cache, 0, predictor=predictor, prefetch=True)
         out = provider(torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2),
-                       activation="silu", interleaved=False, biases={})
+                       activation_args=dict(activation="silu"), interleaved=False, biases={})
         assert out.shape == (0, H)
         assert cache.stats()["prefetches"] == 0
         assert predictor.summary() == LookaheadPredictor(predictor.routers, depth=1).summary()

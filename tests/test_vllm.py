@@ -162,11 +162,11 @@ def test_engine_matches_fused_moe(policy, activation):
     from moecache.patching.offload import Offload
 
     moe = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False, ep_size=1, dp_size=1), activation=activation)
-    kernel_activation, gated = backend._check_config(moe, None)
+    activation_args, gated = backend._check_config(moe, None)
     layers, runners = _fake_layers(gated=gated)
     references = [(layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone()) for layer in layers]
     steps = _steps(layers, runners)
-    expected = [ops.fused_moe(x, *references[layers.index(layer)], w, ids, activation=kernel_activation, gated=gated)
+    expected = [ops.fused_moe(x, *references[layers.index(layer)], w, ids, **activation_args, gated=gated)
                 for layer, x, w, ids in steps]
     offload = None if policy == "resident" else Offload(
         gpu_experts=0.5, policy=policy, lookahead=2, prefetch_limit=1.0 if policy == "budgeted" else None)
@@ -175,7 +175,7 @@ def test_engine_matches_fused_moe(policy, activation):
         engine.add(layer)
     outputs = []
     for layer, x, w, ids in steps:
-        outputs.append(engine.run(layer, x, w, ids, kernel_activation, gated))
+        outputs.append(engine.run(layer, x, w, ids, activation_args, gated))
     assert [layer.layer_name for layer in engine.layers] == [layer.layer_name for layer in layers]
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -191,23 +191,51 @@ def test_engine_matches_fused_moe(policy, activation):
         engine.add(_fake_layers(count=1)[0][0])
 
 
-def test_clamped_activations_are_refused():
-    """vLLM clamps SiLU's gate and up where a layer sets swiglu_limit (EXAONE-MoE, Bailing-MoE V3); moecache
-    does not, so such a layer is refused. Regression: it ran unclamped without a word."""
+def test_clamped_activations_run_as_vllm_computes_them():
+    """vLLM clamps SiLU's gate and up where a layer sets swiglu_limit (EXAONE-MoE, Bailing-MoE V3, DeepSeek-V4),
+    act(gate) and up at 7 for "swiglustep" (Step 3.5), and runs GPT-OSS's GLU on concatenated halves for
+    "swigluoai_uninterleave" (MiniMax-M3): each maps to the kernels' clamp (refused before); what matches none
+    is refused, naming the constants. Each mapping is checked against vLLM's formula written out."""
     from types import SimpleNamespace
+
+    from moecache import ops
 
     config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=True))
     moe = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False, ep_size=1, dp_size=1), activation="silu",
                           swiglu_limit=None, swiglu_alpha=None, swiglu_beta=None)
-    assert backend._check_config(moe, config) == ("silu", True)
+    assert backend._check_config(moe, config) == (dict(activation="silu"), True)
     moe.activation = "relu2_no_mul"
-    assert backend._check_config(moe, config) == ("relu2", False)
+    assert backend._check_config(moe, config) == (dict(activation="relu2"), False)
     moe.activation = "swigluoai"
     with pytest.raises(ValueError, match="this MoE layer uses 'swigluoai'"):
         backend._check_config(moe, config)
-    moe.activation, moe.swiglu_limit = "silu", 7.0
-    with pytest.raises(ValueError, match="runs 'silu' without a clamp; this MoE layer sets {'swiglu_limit': 7.0}"):
-        backend._check_config(moe, config)
+
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(16, 64, generator=g) * 12
+    gate, up = gate_up.chunk(2, dim=-1)
+    silu = torch.nn.functional.silu
+
+    def vllm_clamped(limit, alpha, beta):  # SiluAndMulWithClamp.forward_native
+        g_, u_ = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return g_ * torch.sigmoid(alpha * g_) * (u_ + beta)
+    cases = [("silu", dict(swiglu_limit=10.0), vllm_clamped(10.0, 1.0, 0.0)),
+             ("swiglustep", {}, silu(gate).clamp(max=7.0) * up.clamp(-7.0, 7.0)),
+             ("swigluoai_uninterleave", dict(swiglu_limit=7.0, swiglu_alpha=1.702, swiglu_beta=1.0),
+              vllm_clamped(7.0, 1.702, 1.0)),
+             ("swigluoai_uninterleave", dict(swiglu_limit=5.0), vllm_clamped(5.0, 1.0, 0.0))]
+    for activation, constants, want in cases:
+        layer = SimpleNamespace(**{**vars(moe), "activation": activation, "swiglu_limit": None, "swiglu_alpha": None,
+                                   "swiglu_beta": None, **constants})
+        args, gated = backend._check_config(layer, config)
+        assert gated and args["activation_limit"] is not None
+        torch.testing.assert_close(ops.activation_reference(gate, up, **args), want, rtol=1e-6, atol=1e-5)
+    for activation, constants, match in [("gelu", dict(swiglu_limit=7.0), "runs 'gelu' with other clamp constants"),
+                                         ("swigluoai_uninterleave", dict(swiglu_limit=7.0, swiglu_beta=0.5),
+                                          "'swiglu_beta': 0.5"),
+                                         ("swigluoai_uninterleave", {}, "'swigluoai_uninterleave' with other clamp")]:
+        layer = SimpleNamespace(**{**vars(moe), "activation": activation, **constants})
+        with pytest.raises(ValueError, match=match):
+            backend._check_config(layer, config)
 
 
 def test_engine_refuses_reloading_offloaded_weights():
@@ -218,7 +246,7 @@ def test_engine_refuses_reloading_offloaded_weights():
     for layer in layers:
         engine.add(layer)
     layer, x, w, ids = _steps(layers, runners, steps=1)[0]
-    engine.run(layer, x, w, ids, "silu", True)
+    engine.run(layer, x, w, ids, dict(activation="silu"), True)
     with pytest.raises(RuntimeError, match="reloading vLLM's weights into an offloaded model is not supported"):
         engine.add(layers[1])
 
@@ -233,7 +261,7 @@ def test_engine_predictive_needs_the_runners_gate():
         engine.add(layer)
     layer, x, w, ids = _steps(layers, {n: r for n, r in _fake_layers()[1].items()}, steps=1)[0]
     with pytest.raises(ValueError, match="runner for model.layers.1.mlp.experts holds none"):
-        engine.run(layer, x, w, ids, "silu", True)
+        engine.run(layer, x, w, ids, dict(activation="silu"), True)
 
 
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
@@ -249,7 +277,7 @@ def test_engine_predictor_ranks_by_the_layers_scoring_function(scoring_func):
     for layer in layers:
         engine.add(layer)
     layer, x, w, ids = _steps(layers, runners, steps=1)[0]
-    engine.run(layer, x, w, ids, "silu", True)
+    engine.run(layer, x, w, ids, dict(activation="silu"), True)
     logits = runners[layers[1].layer_name].gate(x).detach()
     probs = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
     torch.testing.assert_close(engine.predictor.routers[1].scores(x), probs + layers[1].e_score_correction_bias)
@@ -261,7 +289,7 @@ def test_engine_predictor_ranks_by_the_layers_scoring_function(scoring_func):
         engine.add(layer)
     layer, x, w, ids = _steps(layers, runners, steps=1)[0]
     with pytest.raises(ValueError, match="ranks experts by 'mystery' scores plus a selection bias"):
-        engine.run(layer, x, w, ids, "silu", True)
+        engine.run(layer, x, w, ids, dict(activation="silu"), True)
 
 
 # ---------------------------------------------------------------------------------------------- vLLM

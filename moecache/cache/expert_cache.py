@@ -371,10 +371,13 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ running a layer
     def moe(self, layer: int, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-            activation: str = "silu", misses: str = "auto", track_usage: bool = True, backend: str = "auto",
-            b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+            activation: str = "silu", activation_limit: float | None = None, limit_after_activation: bool = False,
+            swiglu_alpha: float | None = None, misses: str = "auto", track_usage: bool = True,
+            backend: str = "auto", b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
             before_compute=None, validate: bool = True) -> torch.Tensor:
         """The routed experts of `layer` for these tokens, with weights served by the cache.
+
+        activation, activation_limit, limit_after_activation, swiglu_alpha: as ops.fused_moe's.
 
         b_gate_up, b_down: the experts' biases; by default the layer's own, where its experts held them
         when the cache was built (`layer_biases`).
@@ -392,13 +395,15 @@ class ExpertCache:
             outside the layer) unless misses are read in place without tracking usage.
         """
         with self._in_use():
-            return self._moe(layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
+            act = dict(activation=activation, activation_limit=activation_limit,
+                       limit_after_activation=limit_after_activation, swiglu_alpha=swiglu_alpha)
+            return self._moe(layer, hidden_states, topk_weights, topk_ids, act, misses, track_usage, backend,
                              b_gate_up, b_down, before_compute, validate)
 
-    def _moe(self, layer, hidden_states, topk_weights, topk_ids, activation, misses, track_usage, backend,
+    def _moe(self, layer, hidden_states, topk_weights, topk_ids, act, misses, track_usage, backend,
              b_gate_up, b_down, before_compute, validate):
         self._check_layer(layer)
-        self._check_call(hidden_states, topk_weights, topk_ids, activation)
+        self._check_call(hidden_states, topk_weights, topk_ids, act)
         if misses not in ("auto", "in_place", "copy"):
             raise ValueError(f"misses must be 'auto', 'in_place' or 'copy', got {misses!r}")
         if not isinstance(validate, bool):
@@ -414,7 +419,7 @@ class ExpertCache:
         host_gate_up, host_down = self.host_weights(layer)
         if b_gate_up is None and b_down is None and self._biases[layer] is not None:
             b_gate_up, b_down = self._biases[layer]
-        extra = dict(activation=activation, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
+        extra = dict(**act, backend=backend, b_gate_up=b_gate_up, b_down=b_down,
                      gate_up_interleaved=self.gate_up_interleaved, gated=self.gated, validate=validate)
         if misses == "in_place" and not (track_usage or before_compute is not None):
             # No accounting and no lease (no host sync): concurrent prefetches may evict what this call
@@ -454,7 +459,7 @@ class ExpertCache:
                                      expert_map=self._map[layer], **extra)
         return self._moe_in_rounds(layer, hidden_states, topk_weights, topk_ids, needed, lease, extra)
 
-    def _check_call(self, hidden_states, topk_weights, topk_ids, activation) -> None:
+    def _check_call(self, hidden_states, topk_weights, topk_ids, act: dict) -> None:
         """What a call must agree on with the cached experts, checked before any expert is copied or
         counted (the op checks the rest against the slot pool, whose E is the slot count)."""
         x = hidden_states
@@ -471,8 +476,9 @@ class ExpertCache:
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ")
         allowed = ops.ACTIVATIONS if self.gated else ops.NON_GATED_ACTIVATIONS
-        if activation not in allowed:
-            raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+        if act["activation"] not in allowed:
+            raise ValueError(f"activation must be one of {allowed}, got {act['activation']!r}")
+        ops.gated_activation(**act, gated=self.gated)
 
     def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, extra):
         """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.

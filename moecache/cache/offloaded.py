@@ -71,8 +71,9 @@ class OffloadedExperts:
         self.next: OffloadedExperts | None = None  # set by whoever wires the layers in order
         self.last_experts: torch.Tensor | None = None  # experts this layer used on its last call
 
-    def __call__(self, hidden_states, top_k_index, top_k_weights, *, activation: str, interleaved: bool,
+    def __call__(self, hidden_states, top_k_index, top_k_weights, *, activation_args: dict, interleaved: bool,
                  biases: dict) -> torch.Tensor:
+        """activation_args: ops.fused_moe's activation keywords (ExpertsLayout.activation_args)."""
         cache, layer = self.cache, self.layer
         if hidden_states.dtype != cache.dtype or hidden_states.device != cache.device:
             raise TypeError(f"offloaded experts hold {cache.dtype} on {cache.device} but received "
@@ -82,7 +83,7 @@ class OffloadedExperts:
             # Traced: no host syncs or Python-side bookkeeping; misses are read in place through the map.
             gate_up, down = cache.slot_weights()
             host_gate_up, host_down = cache.host_weights(layer, on_device=True)
-            return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, activation=activation,
+            return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, **activation_args,
                                  gate_up_interleaved=interleaved, gated=cache.gated, expert_map=cache.expert_map(layer),
                                  host_w_gate_up=host_gate_up, host_w_down=host_down, validate=False, **biases)
         predict = None
@@ -90,7 +91,7 @@ class OffloadedExperts:
             def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):
                 self._predict_and_prefetch(x, top_k, used)
         # The ids are the model's own top-k: no value checks (their host sync) on them.
-        out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, activation=activation,
+        out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, **activation_args,
                         before_compute=predict, validate=False, **biases)
         if self.prefetch_next:
             self._prefetch_next_layer(top_k_index)

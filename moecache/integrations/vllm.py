@@ -36,6 +36,11 @@ TESTED_VLLM = "0.32"
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 NON_GATED_ACTIVATIONS = {"silu_no_mul": "silu", "gelu_no_mul": "gelu", "gelu_tanh_no_mul": "gelu_tanh",
                          "relu2_no_mul": "relu2"}
+# vLLM's clamped gates (its apply_moe_activation), on w13 [E, 2I, H] as well: "silu" with the layer's
+# swiglu_limit clamps gate and up before the SiLU; "swiglustep" clamps act(gate) and up at 7;
+# "swigluoai_uninterleave" computes gate * sigmoid(alpha * gate) * (up + beta) on the clamped halves.
+CLAMPED_ACTIVATIONS = ("swiglustep", "swigluoai_uninterleave")
+SWIGLUSTEP_LIMIT = 7.0
 
 logger = logging.getLogger(__name__)
 _method_class = None
@@ -150,8 +155,9 @@ def _show_info_line() -> None:
         logger.propagate = False
 
 
-def _check_config(moe, vllm_config) -> tuple[str, bool]:
-    """What moecache cannot run raises here, while vLLM builds the layer; returns (activation, gated)."""
+def _check_config(moe, vllm_config) -> tuple[dict, bool]:
+    """What moecache cannot run raises here, while vLLM builds the layer; returns (the activation as
+    ops.fused_moe's keyword arguments, gated)."""
     parallel = moe.moe_parallel_config
     if getattr(parallel, "use_ep", False) or getattr(parallel, "ep_size", 1) > 1:
         raise ValueError("moecache's vLLM backend does not run expert parallelism (enable_expert_parallel): its "
@@ -164,21 +170,37 @@ def _check_config(moe, vllm_config) -> tuple[str, bool]:
         raise ValueError(f"moecache's vLLM backend does not run MoE LoRA adapters; unset {ENABLE_ENV} to use them")
     if getattr(moe, "has_bias", False):
         raise ValueError(f"moecache's vLLM backend does not run MoE layers with expert biases; unset {ENABLE_ENV}")
-    activation = getattr(moe.activation, "value", moe.activation)
-    gated = activation in ACTIVATIONS
-    if not gated and activation not in NON_GATED_ACTIVATIONS:
-        raise ValueError(f"moecache's vLLM backend runs the activations {sorted(ACTIVATIONS)} and, non-gated, "
-                         f"{sorted(NON_GATED_ACTIVATIONS)}; this MoE layer uses {activation!r}: unset {ENABLE_ENV} "
-                         "for this model")
-    clamped = {k: v for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta") if (v := getattr(moe, k, None)) is not None}
-    if clamped:  # vLLM clamps the gate and up projections then (EXAONE-MoE, Bailing-MoE V3): another function
-        raise ValueError(f"moecache's vLLM backend runs {activation!r} without a clamp; this MoE layer sets "
-                         f"{clamped}: unset {ENABLE_ENV} for this model")
+    activation_args, gated = _activation_args(moe)
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None and not model_config.enforce_eager:
         raise ValueError(f"{ENABLE_ENV}=1 needs an eager engine: pass enforce_eager=True (--enforce-eager). "
                          "moecache keeps host-side state per step, which compiled CUDA graphs would freeze")
-    return (ACTIVATIONS if gated else NON_GATED_ACTIVATIONS)[activation], gated
+    return activation_args, gated
+
+
+def _activation_args(moe) -> tuple[dict, bool]:
+    """The function vLLM's MoE layer computes between its two GEMMs, as ops.fused_moe's activation keywords."""
+    activation = getattr(moe.activation, "value", moe.activation)
+    gated = activation in ACTIVATIONS or activation in CLAMPED_ACTIVATIONS
+    if not gated and activation not in NON_GATED_ACTIVATIONS:
+        raise ValueError(f"moecache's vLLM backend runs the activations {sorted(ACTIVATIONS)}, "
+                         f"{list(CLAMPED_ACTIVATIONS)} and, non-gated, {sorted(NON_GATED_ACTIVATIONS)}; this MoE "
+                         f"layer uses {activation!r}: unset {ENABLE_ENV} for this model")
+    constants = {k: v for k in ("swiglu_limit", "swiglu_alpha", "swiglu_beta") if (v := getattr(moe, k, None)) is not None}
+    limit, alpha, beta = constants.get("swiglu_limit"), constants.get("swiglu_alpha", 1.0), constants.get("swiglu_beta", 0.0)
+    if activation == "swiglustep":
+        return dict(activation="silu", activation_limit=SWIGLUSTEP_LIMIT, limit_after_activation=True), True
+    if activation == "swigluoai_uninterleave" and limit is not None and beta in (0.0, 1.0):
+        if beta == 1.0:  # GPT-OSS's GLU, gate and up concatenated (MiniMax-M3)
+            return dict(activation="swiglu_oai", activation_limit=limit, swiglu_alpha=alpha), True
+        if alpha == 1.0:
+            return dict(activation="silu", activation_limit=limit), True
+    if activation == "silu" and limit is not None:  # vLLM's clamped SiLU reads the limit alone
+        return dict(activation="silu", activation_limit=limit), True
+    if constants or activation in CLAMPED_ACTIVATIONS:
+        raise ValueError(f"moecache's vLLM backend runs {activation!r} with other clamp constants than this MoE "
+                         f"layer sets ({constants or 'none'}): unset {ENABLE_ENV} for this model")
+    return dict(activation=(ACTIVATIONS if gated else NON_GATED_ACTIVATIONS)[activation]), gated
 
 
 def _layer_order(name: str) -> tuple[int, ...]:
@@ -293,7 +315,7 @@ class _Engine:
                     num_slots, len(layers) * num_experts, device, num_slots * self.cache.record_bytes / 2**30,
                     offload.policy)
 
-    def run(self, layer, x, topk_weights, topk_ids, activation: str, gated: bool) -> torch.Tensor:
+    def run(self, layer, x, topk_weights, topk_ids, activation_args: dict, gated: bool) -> torch.Tensor:
         if not self.started:
             self.start(x.device)
         self.calls += 1
@@ -304,9 +326,9 @@ class _Engine:
             from .. import ops
 
             # vLLM's own router picked the ids: no value checks (their host sync) on them.
-            return ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, activation=activation,
+            return ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, **activation_args,
                                  gated=gated, validate=False)
-        return provider(x, topk_ids, topk_weights, activation=activation, interleaved=False, biases={})
+        return provider(x, topk_ids, topk_weights, activation_args=activation_args, interleaved=False, biases={})
 
     def stats(self) -> dict:
         out = {"layers": len(self.layers), "calls": self.calls, "offloaded": self.cache is not None}
@@ -336,7 +358,7 @@ def _define_method():
         def __init__(self, moe):
             super().__init__(moe)
             config = get_current_vllm_config()
-            self.activation_name, self.gated = _check_config(moe, config)
+            self.activation_args, self.gated = _check_config(moe, config)
             self.engine = _engine_for(config)
             # Offloaded experts stay in host memory while vLLM post-processes weights (by default it moves a
             # layer's host parameters to the GPU for that, and back).
@@ -382,7 +404,7 @@ def _define_method():
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
             # Shared experts are run by vLLM's runner (this method has no vLLM kernel to overlap them in).
-            return self.engine.run(layer, x, topk_weights, topk_ids, self.activation_name, self.gated)
+            return self.engine.run(layer, x, topk_weights, topk_ids, self.activation_args, self.gated)
 
     MoecacheFusedMoEMethod.__qualname__ = "MoecacheFusedMoEMethod"  # as vLLM's logs and users name it
     return MoecacheFusedMoEMethod

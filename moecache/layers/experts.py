@@ -50,6 +50,29 @@ class ExpertsLayout:
     interleaved: bool = False  # gate = even rows of gate_up, up = odd rows
     has_bias: bool = False
     gated: bool = True  # False: fc1 [E, I, H], act(fc1 x), no up projection
+    activation_limit: float | None = None  # the clamp of gate and up (ops.fused_moe's)
+    limit_after_activation: bool = False
+    swiglu_alpha: float | None = None  # swiglu_oai's
+
+    @property
+    def activation_args(self) -> dict:
+        """ops.fused_moe's (and ExpertCache.moe's) keyword arguments for the activation."""
+        return dict(activation=self.activation, activation_limit=self.activation_limit,
+                    limit_after_activation=self.limit_after_activation, swiglu_alpha=self.swiglu_alpha)
+
+    @property
+    def activation_text(self) -> str:
+        """The activation as reports name it: "silu", "silu, clamped at 10 before the activation", ..."""
+        text = self.activation
+        if self.activation == "swiglu_oai" and (self.activation_limit, self.swiglu_alpha) in (
+                (None, None), (ops.SWIGLU_OAI_LIMIT, ops.SWIGLU_OAI_ALPHA)):
+            return text  # GPT-OSS's own constants
+        if self.swiglu_alpha is not None:
+            text += f", alpha {self.swiglu_alpha:g}"
+        if self.activation_limit is not None:
+            text += f", clamped at {self.activation_limit:g} {'after' if self.limit_after_activation else 'before'} " \
+                    "the activation"
+        return text
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -172,15 +195,15 @@ class MoecacheExperts(nn.Module):
             self.tokens += hidden_states.shape[0]
         biases = self.biases()  # after the checks: a layer replaced since patch may hold no weight
         if self.provider is not None:
-            return self.provider(hidden_states, top_k_index, top_k_weights, activation=layout.activation,
+            return self.provider(hidden_states, top_k_index, top_k_weights, activation_args=layout.activation_args,
                                  interleaved=layout.interleaved, biases=biases)
         w_gate_up, w_down = self.weights()
         # The ids are the model's own top-k: valid by construction, so no value checks (a host sync).
         return ops.fused_moe(hidden_states, w_gate_up, w_down, top_k_weights, top_k_index,
-                             activation=layout.activation, gate_up_interleaved=layout.interleaved,
+                             **layout.activation_args, gate_up_interleaved=layout.interleaved,
                              gated=layout.gated, validate=False, **biases)
 
     def extra_repr(self) -> str:
         where = repr(self.provider) if self.provider is not None else "resident"
         kind = "" if self.layout.gated else ", not gated"
-        return f"experts={self.num_experts}, activation={self.layout.activation}{kind}, {where}"
+        return f"experts={self.num_experts}, activation={self.layout.activation_text}{kind}, {where}"
