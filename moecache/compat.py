@@ -154,6 +154,20 @@ def routed_rows(router, weight, num_experts: int, hidden: int):
     return None
 
 
+def router_score_fn(router):
+    """The function of the logits a router declares it ranks by (DeepSeek-V4's and Inkling2's `score_fn`, an
+    activation module from config.scoring_func: sqrtsoftplus), or None where it keeps none."""
+    score_fn = getattr(router, "score_fn", None)
+    return score_fn if callable(score_fn) else None
+
+
+def routed_by_token_id(router) -> bool:
+    """Whether a router picks experts from the token id, not the hidden state: DeepSeek-V4's hash routers
+    (its first MoE layers) look them up in a frozen `tid2eid` [vocab, K] table; their `weight` only weighs
+    the picks."""
+    return isinstance(getattr(router, "tid2eid", None), torch.Tensor)
+
+
 def router_input_scales(block, router) -> tuple:
     """(input_scale, experts_input_scale) as RouterSpec takes them, for a router that reads the residual
     otherwise than its experts: Gemma 4's router normalizes the decoder layer's residual without a weight
@@ -187,35 +201,33 @@ def experts_flags(module) -> tuple[bool, bool, bool]:
             getattr(module, f"{first}_bias", None) is not None)
 
 
-def has_own_gate_function(module) -> bool:
-    """Whether a fused experts module's class computes its gate otherwise than act_fn(gate) * up (a clamp,
-    a softcap, GPT-OSS's GLU): transformers' experts implementations call `_apply_gate`, which its
-    experts decorator sets to act(gate) * up where a family defines none. A family's own is compared
-    with act(gate) * up on a probe reaching +-1e6, past every clamp (Beam's, the same product in fp32,
-    passes)."""
+def own_gate_function(module):
+    """A fused experts module's own gate function, gate_up [..., 2I] -> [..., I], where its class has one
+    (a clamp, GPT-OSS's GLU, act(gate) * up written out), else None: transformers' experts implementations
+    call `_apply_gate`, which its experts decorator sets to act(gate) * up where a family defines none."""
     gate = getattr(type(module), "_apply_gate", None)
     if gate is None:
-        return False
+        return None
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
         _default_apply_gate = None
     if gate is _default_apply_gate:
-        return False
-    act = getattr(module, "act_fn", None)
-    if act is None:
-        return True
-    # [tokens, gate | up]: both halves reach past +-30 up to +-1e6, so a clamp at a large limit shows too
-    far = torch.logspace(1.5, 6.0, 24)
-    probe = torch.cat([torch.linspace(-30.0, 30.0, 48), far, -far]).reshape(3, 32)
-    try:
-        with torch.no_grad():
-            got = gate(module, probe)
-            g, u = probe.chunk(2, dim=-1)
-            want = act(g) * u
-            return got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6)
-    except Exception:  # noqa: BLE001 - a gate that cannot run on a CPU probe is not taken for the default
-        return True
+        return None
+    return lambda gate_up: gate(module, gate_up)
+
+
+def gate_constants(module) -> tuple[float | None, float | None]:
+    """(limit, alpha) a fused experts module keeps for its gate function, None where it keeps none: the
+    clamp limit (DeepSeek-V4's and Step's `limit`, GLM-5's and HunYuan-V4's `swiglu_limit`, None or 0
+    where a layer has no clamp) and the GLU's alpha (GPT-OSS's `alpha`, MiniMax-M3's `swiglu_alpha`)."""
+    def number(*names):
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return float(value)
+        return None
+    return number("limit", "swiglu_limit"), number("swiglu_alpha", "alpha")
 
 
 def set_experts_implementation(model, name: str) -> None:

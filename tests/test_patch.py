@@ -1087,10 +1087,27 @@ def test_fused_experts_take_their_own_activation_module_over_the_config():
 
 
 NEWER_FAMILIES = {  # (model_type, extra config): experts the structural detection must not take for a plain GLU
-    "deepseek_v4": dict(moe_intermediate_size=32, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2,
-                        swiglu_limit=0.5),
-    "minimax_m3_vl_text": dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
     "inkling2_text": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2),
+}
+# Experts with a gate function of their own that clamps (limits small enough for these weights to cross):
+# (model_type, extra config, the activation stats reports)
+CLAMPED_FAMILIES = {
+    # a layer routed by token id (see test_layers_routed_by_token_id_...), then one by its router
+    "deepseek_v4": (dict(moe_intermediate_size=32, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2,
+                         swiglu_limit=0.5, mlp_layer_types=["hash_moe", "moe"]),
+                    {"silu, clamped at 0.5 before the activation"}),
+    "glm5_next_text": (dict(moe_intermediate_size=32, intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                            swiglu_limit=0.5, mlp_layer_types=["sparse", "sparse"]),
+                       {"silu, clamped at 0.5 before the activation"}),
+    "hy_v4": (dict(moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                   swiglu_limit=0.5, first_k_dense_replace=0), {"silu, clamped at 0.5 before the activation"}),
+    # a limit per layer, applied to act(gate); 0 is no clamp
+    "bailing_hybrid": (dict(moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                            expert_swiglu_limit_list=[0.5, 0.0], first_k_dense_replace=0, layer_group_size=1,
+                            n_group=1, topk_group=1), {"silu", "silu, clamped at 0.5 after the activation"}),
+    # GPT-OSS's GLU with its own constants, gate and up concatenated
+    "minimax_m3_vl_text": (dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, swiglu_limit=0.5,
+                                swiglu_alpha=1.3), {"swiglu_oai, alpha 1.3, clamped at 0.5 before the activation"}),
 }
 
 
@@ -1099,7 +1116,7 @@ def _newer_family(model_type, **extra):
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     config = transformers.AutoConfig.for_model(model_type, **dict(
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128), **extra)
+        max_position_embeddings=128, pad_token_id=0), **extra)
     torch.manual_seed(0)
     return builders.randomize(transformers.AutoModel.from_config(config), 0)
 
@@ -1290,6 +1307,124 @@ def test_experts_of_other_math_are_found_and_left_alone_with_the_reason(model_ty
     assert_model_restored(model, before)
     with pytest.raises(ValueError, match=reason):
         moecache.patch(model, strict=True)
+
+
+def _with_limits_lifted(model):
+    """A copy whose experts keep no clamp (their limit far past any value): what the model computes without it."""
+    free = copy.deepcopy(model)
+    for module in free.modules():
+        for name in ("limit", "swiglu_limit"):
+            if type(module).__name__.endswith("Experts") and isinstance(getattr(module, name, None), float):
+                setattr(module, name, 1e9)
+    return free
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("model_type", list(CLAMPED_FAMILIES))
+def test_experts_with_a_clamped_gate_run_through_moecache(model_type, backend, monkeypatch):
+    """DeepSeek-V4, GLM-5-Next and HunYuan-V4 clamp gate and up before the SiLU, Ling (and Step 3.5/3.7) clamp
+    act(gate) and up, per layer, MiniMax-M3 runs GPT-OSS's GLU with its own constants: these were left alone
+    ("a gate function of its own"). Each is matched to the kernels' clamped gate on a probe, then runs resident
+    and offloaded (the Triton kernels under the interpreter too) with the model's outputs; unpatch restores it."""
+    extra, activations = CLAMPED_FAMILIES[model_type]
+    model = _newer_family(model_type, **extra).eval()
+    ids = torch.randint(3, 96, (2, 7))
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(ids).last_hidden_state
+    ref = hidden(model)
+    assert (hidden(_with_limits_lifted(model)) - ref).abs().max() > 0.1  # the clamp binds at these sizes
+    before = snapshot(model)
+    monkeypatch.setenv("MOECACHE_BACKEND", backend)
+    for offload in (None, Offload(gpu_experts=0.5, policy="predictive")):
+        moecache.patch(model, offload=offload)
+        stats = moecache.stats(model)
+        assert {layer["activation"] for layer in stats["layers"]} == activations
+        assert not [item for item in stats["left_alone"] if item["kind"] == "experts"]
+        assert_close(hidden(model), ref, torch.float32)
+        moecache.unpatch(model)
+        assert_restored(model, before)
+
+
+def _deepseek_v4_with_hash_layers(mlp_layer_types):
+    """DeepSeek-V4 whose hash routers' token table sends each token to K distinct random experts."""
+    model = _newer_family("deepseek_v4", **{**CLAMPED_FAMILIES["deepseek_v4"][0], "mlp_layer_types": mlp_layer_types})
+    g = torch.Generator().manual_seed(5)
+    for block in model.modules():
+        table = getattr(getattr(block, "gate", None), "tid2eid", None)
+        if table is not None:
+            table.copy_(torch.stack([torch.randperm(8, generator=g)[:table.shape[1]] for _ in range(table.shape[0])]))
+    return model
+
+
+def test_layers_routed_by_token_id_get_no_lookahead_and_the_rest_do():
+    """DeepSeek-V4's first MoE layers pick experts from the token id (a frozen tid2eid table), and their router
+    weight only weighs the picks: the lookahead read that weight as a router and guessed wrong. Now such a
+    layer has no router reading (the lookahead predicts nothing for it), the next layer's reading picks its own
+    experts, predictive offload runs with the model's outputs, and a model routed by token id alone is refused
+    for the predictive policy."""
+    from moecache.patching.families import find_router
+
+    model = _deepseek_v4_with_hash_layers(["hash_moe", "moe"])
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=1))
+    routers = moecache.routers(model)
+    assert routers[0] is None and routers[1] is not None
+    seen = []
+    block = model.layers[1].mlp
+    block.experts.register_forward_hook(lambda mod, args, out: seen.append((args[0], args[1])))
+    with torch.no_grad():
+        assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    spec = find_router(block, 8, 64)
+    hidden, top_k_index = seen[0]
+    guess = spec.scores(spec.router_input(hidden)).topk(top_k_index.shape[1], dim=1).indices
+    assert torch.equal(guess.sort(dim=1).values, top_k_index.long().sort(dim=1).values)
+    prediction = moecache.stats(model)["prediction"]
+    assert prediction is not None
+    moecache.unpatch(model)
+    with pytest.raises(ValueError, match="every MoE block here picks its experts by token id: use 'lru' or 'lfu'"):
+        moecache.patch(_deepseek_v4_with_hash_layers(["hash_moe", "hash_moe"]),
+                       offload=Offload(gpu_experts=0.5, policy="predictive"))
+
+
+def test_gpt_oss_with_other_constants_runs_them():
+    """GPT-OSS's GLU with another alpha and limit (refused before: "other constants than GPT-OSS's")."""
+    model = build("gpt_oss")
+    for module in model.modules():
+        if type(module).__name__ == "GptOssExperts":
+            module.alpha, module.limit = 1.3, 0.5
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids)
+    assert (logits(_with_limits_lifted(model), ids) - ref).abs().max() > 0.1
+    moecache.patch(model, strict=True)
+    assert {layer["activation"] for layer in moecache.stats(model)["layers"]} == {
+        "swiglu_oai, alpha 1.3, clamped at 0.5 before the activation"}
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+
+
+def test_a_gate_function_no_kernel_gate_computes_is_left_alone_with_its_constants():
+    """A clamp the kernels lack (here the gate clamped from below too, before the SiLU) is matched by no
+    candidate: left alone, naming the limit it was tried with."""
+    model = _newer_family("deepseek_v4", **CLAMPED_FAMILIES["deepseek_v4"][0])
+    experts = [m for m in model.modules() if type(m).__name__ == "DeepseekV4Experts"]
+
+    def symmetric_clamp(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(-self.limit, self.limit)) * up.clamp(-self.limit, self.limit)
+    type_gate = type(experts[0])._apply_gate
+    try:
+        type(experts[0])._apply_gate = symmetric_clamp
+        moecache.patch(model)
+        left = moecache.stats(model)["left_alone"]
+        assert len(left) == len(experts) and all("none of the kernels' silu gates computes with its limit 0.5"
+                                                 in item["reason"] for item in left), left
+        moecache.unpatch(model)
+    finally:
+        type(experts[0])._apply_gate = type_gate
 
 
 @pytest.mark.parametrize("model_type", list(NEWER_FAMILIES))

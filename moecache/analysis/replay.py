@@ -75,8 +75,10 @@ def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: 
         recording.routes[step][layer] = ids.long().cpu()
         for d in range(1, depth + 1):
             target = layer + d
-            if target >= len(routers) or routers[target] is None:
+            if target >= len(routers):
                 break
+            if routers[target] is None:  # no router to read (a layer routed by token id): no guess
+                continue
             scores = lookahead_scores(routers, layer, target, hidden)
             recording.predictions[step][target][d - 1] = scores.topk(recording.top_k, dim=1).indices.cpu()
 

@@ -113,10 +113,12 @@ class LookaheadPredictor:
         out = []
         for d in range(1, self.depth + 1):
             target = layer + d
-            if target >= len(self.routers) or self.routers[target] is None:
+            if target >= len(self.routers):
                 break
             if self.learned is not None and self.learned.has(target, d):
                 scores = self.learned.scores(target, d, hidden_states)
+            elif self.routers[target] is None:  # no router to read (a layer routed by token id)
+                continue
             else:
                 scores = lookahead_scores(self.routers, layer, target, hidden_states)
             chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)

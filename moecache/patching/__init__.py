@@ -261,7 +261,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
                 r.new.hold_original_weakly()
         state.replaced.append(r)
         logger.info("moecache.patch: %s (%s, %d experts) -> MoecacheExperts(%s)%s", r.name, type(r.original).__name__,
-                    r.new.num_experts, r.new.layout.activation, " offloaded" if offload else "")
+                    r.new.num_experts, r.new.layout.activation_text, " offloaded" if offload else "")
     if plan.attention:  # the original attention modules keep recording output_attentions
         state.recorders += install_output_recorders(model)
     new_attention = []
@@ -523,7 +523,7 @@ def stats(model: nn.Module) -> dict:
         return {"patched": False, "layers": [], "cache": None, "attention": [], "left_alone": left_alone}
     held = _patched_in_tree(model, state)
     layers = [{"name": h.name, "calls": h.module.calls, "tokens": h.module.tokens,
-               "activation": h.module.layout.activation} for h in held if isinstance(h.module, MoecacheExperts)]
+               "activation": h.module.layout.activation_text} for h in held if isinstance(h.module, MoecacheExperts)]
     attention = [{"layer": h.module.layer_idx, **h.module.calls} for h in held if isinstance(h.module, MoecacheMLA)]
     cache = state.cache.stats() if state.cache is not None else None
     if cache is not None:
@@ -553,7 +553,7 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
     layers, expert_tensors = [], {}
     for f, layout in found.experts:
         layers.append({"name": f.name, "type": type(f.module).__name__, "experts": experts_shape(f)[0],
-                       "activation": layout.activation, "gated": layout.gated, "dtype": str(experts_dtype(f)),
+                       "activation": layout.activation_text, "gated": layout.gated, "dtype": str(experts_dtype(f)),
                        "expert_bytes": expert_record_bytes(f)})
         for module in ([f.module] if f.names is None else f.mlps):
             expert_tensors.update((id(t), t) for t in module.parameters())

@@ -13,6 +13,7 @@ experts stay in the tree and are read from there).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import compat, ops
-from ..cache.predictor import RouterSpec
+from ..cache.predictor import SCORE_FUNCTIONS, RouterSpec
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 from .hooks import HolderRef, bypassed_parts, own_forward, read_as_weights
@@ -111,16 +112,55 @@ def layout_for(model: nn.Module, found: FoundExperts) -> ExpertsLayout:
         # each route would need its own scaled input row: every Llama 4 model routes to one expert
         raise UnsupportedExperts(f"Llama 4 experts with top-k {found.parent.top_k}: their input is scaled by the "
                                  "router score, which the kernels support for one expert per token")
-    if layout.activation != "swiglu_oai":
-        if layout.gated and compat.has_own_gate_function(found.module):
-            raise UnsupportedExperts("a gate function of its own (_apply_gate) in place of act(gate) * up")
-        return ExpertsLayout(activation=_activation_of_fused(found.module, config, layout.gated),
-                             transposed=layout.transposed, interleaved=layout.interleaved, has_bias=layout.has_bias,
-                             gated=layout.gated)
-    if (getattr(found.module, "alpha", SWIGLU_OAI_ALPHA), getattr(found.module, "limit", SWIGLU_OAI_LIMIT)) != (
-            SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT):
-        raise UnsupportedExperts("a clamped GLU with other constants than GPT-OSS's")
-    return layout
+    activation = layout.activation if layout.activation == "swiglu_oai" else \
+        _activation_of_fused(found.module, config, layout.gated)
+    gate = _gate_function(found.module, activation, layout.interleaved) if layout.gated else {}
+    return dataclasses.replace(layout, **{"activation": activation, **gate})
+
+
+def _gate_function(module: nn.Module, activation: str, interleaved: bool) -> dict:
+    """ExpertsLayout's activation fields for a fused experts module's own gate function (compat.own_gate_function):
+    the first of the kernels' gates, with the module's constants, that computes what it computes on a probe
+    crossing every clamp; {} where the module has none (act(gate) * up). Raises UnsupportedExperts where none does."""
+    own = compat.own_gate_function(module)
+    limit, alpha = compat.gate_constants(module)
+    candidates = []
+    if activation != "swiglu_oai":
+        candidates.append({})
+        if limit is not None:
+            candidates += [{"activation_limit": limit}, {"activation_limit": limit, "limit_after_activation": True}]
+    if limit is not None or activation == "swiglu_oai":
+        candidates.append({"activation": "swiglu_oai", "activation_limit": limit or SWIGLU_OAI_LIMIT,
+                           "swiglu_alpha": alpha or SWIGLU_OAI_ALPHA})
+    if own is None:
+        return candidates[0] if activation == "swiglu_oai" else {}
+    probe = _gate_probe(limit)
+    gate, up = ops.split_gate_up(probe, interleaved)
+    try:
+        with torch.no_grad():
+            got = own(probe)
+    except Exception as e:  # noqa: BLE001 - a gate that cannot run on a CPU probe is one the kernels cannot match
+        raise UnsupportedExperts(f"a gate function of its own (_apply_gate) that fails on a probe "
+                                 f"({type(e).__name__}: {e})") from e
+    for candidate in candidates:
+        want = ops.activation_reference(gate, up, **{"activation": activation, **candidate})
+        if isinstance(got, torch.Tensor) and got.shape == want.shape and \
+                torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
+            return candidate
+    constants = ", ".join(f"{k} {v:g}" for k, v in (("limit", limit), ("alpha", alpha)) if v is not None)
+    raise UnsupportedExperts(f"a gate function of its own (_apply_gate) that none of the kernels' {activation} "
+                             f"gates computes{f' with its {constants}' if constants else ''}")
+
+
+def _gate_probe(limit: float | None) -> torch.Tensor:
+    """gate_up [256, 64] whose gate and up values cross -limit and +limit in every pairing, and reach +-1e6 so
+    a clamp the module keeps no limit for shows too."""
+    g = torch.Generator().manual_seed(0)
+    scale = 3.0 * (limit or 10.0)
+    probe = (torch.rand(256, 64, generator=g) * 2.0 - 1.0) * scale
+    far = torch.logspace(1.5, 6.0, 64)
+    probe[:4] = torch.stack([far, -far, far.flip(0), -far.flip(0)])
+    return probe
 
 
 def bypassed_roots(found: FoundExperts) -> list[tuple[nn.Module, bool]]:
@@ -397,20 +437,49 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec |
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
     (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H] (or holds those rows: Inkling's
     scores its shared experts too); its bias (GPT-OSS), its selection bias (DeepSeek-V3's
-    e_score_correction_bias and the like) and Gemma 4's input scales come along."""
+    e_score_correction_bias and the like) and Gemma 4's input scales come along. None for a router that
+    picks by token id (routed_by_token_id)."""
     for name, child in block.named_children():
         if name in ("experts", "shared_experts", "shared_expert"):
             continue
+        if compat.routed_by_token_id(child):
+            return None  # its weight does not pick the experts: no reading of the hidden state predicts them
         for module in (child, *child.children()):
             weight = getattr(module, "weight", None)
             weight = compat.routed_rows(module, weight, num_experts, hidden) if isinstance(weight, torch.Tensor) else None
             if weight is not None:
                 bias = getattr(module, "bias", None)
                 correction, score_function = compat.router_selection_bias(block, child)
+                score_function = _declared_score_function(child) or score_function
                 input_scale, experts_input_scale = compat.router_input_scales(block, child)
                 return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None, correction,
                                   score_function, input_scale, experts_input_scale)
     return None
+
+
+def _declared_score_function(router: nn.Module) -> str | None:
+    """The SCORE_FUNCTIONS name of the function a router declares it ranks by (compat.router_score_fn), found
+    by computing it on probe logits; None where it declares none or none of them matches."""
+    own = compat.router_score_fn(router)
+    if own is None:
+        return None
+    probe = torch.linspace(-12.0, 12.0, 48).reshape(3, 16)
+    try:
+        with torch.no_grad():
+            got = own(probe)
+    except Exception:  # noqa: BLE001 - a score function that cannot run on a CPU probe is matched by none
+        return None
+    for name, fn in SCORE_FUNCTIONS.items():
+        if name != "logits" and isinstance(got, torch.Tensor) and got.shape == probe.shape and \
+                torch.allclose(got.float(), fn(probe), rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+def routed_by_token_id(block: nn.Module) -> bool:
+    """Whether an MoE block's router picks experts by token id (compat.routed_by_token_id)."""
+    return any(compat.routed_by_token_id(child) for name, child in block.named_children()
+               if name not in ("experts", "shared_experts", "shared_expert"))
 
 
 def experts_shape(found: FoundExperts) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from ..cache.learned import LearnedRoutePredictor
 from ..cache.offloaded import OffloadedExperts, PrefetchBudget
 from ..cache.predictor import LookaheadPredictor
 from ..layers.experts import MoecacheExperts
-from .families import FoundExperts, experts_shape, find_router, fused_weights
+from .families import FoundExperts, experts_shape, find_router, fused_weights, routed_by_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,15 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
     elif limit is not None:
         raise ValueError(f"offload prefetch_limit={limit!r} needs policy='budgeted', not {offload.policy!r}")
     if offload.policy in PREDICTING:
-        missing = [f.name for f in found if find_router(f.router_block, *experts_shape(f)) is None]
+        # A block routed by token id has no router to read: the lookahead predicts nothing for it.
+        missing = [f.name for f in found if find_router(f.router_block, *experts_shape(f)) is None
+                   and not routed_by_token_id(f.router_block)]
         if missing:
             raise ValueError(f"offload policy {offload.policy!r} needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")
+        if all(routed_by_token_id(f.router_block) for f in found):
+            raise ValueError(f"offload policy {offload.policy!r} predicts from routers that read the hidden state; "
+                             "every MoE block here picks its experts by token id: use 'lru' or 'lfu'")
         if offload.predictor is not None:
             _check_predictor_fits(LearnedRoutePredictor.load(offload.predictor), offload.predictor, found)
     wrapped = next((f for f in found if f.kind == "module" and f.attr == "base_layer"), None)
