@@ -176,6 +176,22 @@ def check_gptoss(report, device, dtype, tiny):
         run_check(report, f"gptoss:T{T}", one)
 
 
+def layer_check(weights, kw, T, K, g):
+    """A check: T random tokens, K random experts each, through fused_moe's kernels against the reference."""
+    first, _ = weights
+    E, H, device, dtype = first.shape[0], first.shape[2], first.device, first.dtype
+
+    def one():
+        x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+        ids = random_ids(T, E, K, device, generator=g)
+        w = torch.rand(T, K, device=device, generator=g)
+        out = torch.full_like(x, float("nan"))
+        ops.fused_moe(x, *weights, w, ids, **kw, out=out, backend="triton")
+        err = rel_err(out, fused_moe_reference(x, *weights, w, ids, **kw))
+        return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
+    return one
+
+
 NON_GATED_CASES = {  # name: ((H, I, E, K), activation, biases)
     "phi2-gelu_tanh-bias": ((2560, 10240, 4, 2), "gelu_tanh", True),
     "relu2-e128k6": ((2048, 1024, 128, 6), "relu2", False),
@@ -195,15 +211,7 @@ def check_non_gated(report, device, dtype, tiny):
             kw.update(b_gate_up=torch.randn(E, I, device=device, dtype=dtype, generator=g) * 0.1,
                       b_down=torch.randn(E, H, device=device, dtype=dtype, generator=g) * 0.1)
         for T in (TINY_TOKENS if tiny else (1, 16, 640)):
-            def one(T=T):
-                x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
-                ids = random_ids(T, E, K, device, generator=g)
-                w = torch.rand(T, K, device=device, generator=g)
-                out = torch.full_like(x, float("nan"))
-                ops.fused_moe(x, fc1, fc2, w, ids, **kw, out=out, backend="triton")
-                err = rel_err(out, fused_moe_reference(x, fc1, fc2, w, ids, **kw))
-                return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
-            run_check(report, f"non_gated:{name}:T{T}", one)
+            run_check(report, f"non_gated:{name}:T{T}", layer_check((fc1, fc2), kw, T, K, g))
 
 
 CLAMPED_CASES = {  # name: clamp keywords; gate and up scaled so the products cross the limit
@@ -222,15 +230,7 @@ def check_clamped(report, device, dtype, tiny):
     wd = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I ** -0.5
     for name, kw in CLAMPED_CASES.items():
         for T in (TINY_TOKENS if tiny else (1, 64, 1024)):
-            def one(T=T, kw=kw):
-                x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
-                ids = random_ids(T, E, K, device, generator=g)
-                w = torch.rand(T, K, device=device, generator=g)
-                out = torch.full_like(x, float("nan"))
-                ops.fused_moe(x, wgu, wd, w, ids, **kw, out=out, backend="triton")
-                err = rel_err(out, fused_moe_reference(x, wgu, wd, w, ids, **kw))
-                return {"ok": err <= TOLERANCES[dtype], "rel_err": err}
-            run_check(report, f"clamped:{name}:T{T}", one)
+            run_check(report, f"clamped:{name}:T{T}", layer_check((wgu, wd), kw, T, K, g))
 
 
 ROUTE_CASES = {  # name: (E, K, kwargs)
