@@ -475,10 +475,10 @@ class ExpertCache:
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ")
-        allowed = ops.ACTIVATIONS if self.gated else ops.NON_GATED_ACTIVATIONS
-        if act["activation"] not in allowed:
-            raise ValueError(f"activation must be one of {allowed}, got {act['activation']!r}")
-        ops.gated_activation(**act, gated=self.gated)
+        if not self.gated and act["activation"] not in ops.NON_GATED_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.NON_GATED_ACTIVATIONS} for non-gated experts, got "
+                             f"{act['activation']!r}")
+        ops.gated_activation(**act, gated=self.gated)  # the activation and its clamp, gated or not
 
     def _moe_in_rounds(self, layer, x, topk_weights, topk_ids, needed, lease, extra):
         """The pool cannot hold every expert this layer routes to: run the resident ones, release, repeat.

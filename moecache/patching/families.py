@@ -439,9 +439,7 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec |
     scores its shared experts too); its bias (GPT-OSS), its selection bias (DeepSeek-V3's
     e_score_correction_bias and the like) and Gemma 4's input scales come along. None for a router that
     picks by token id (routed_by_token_id)."""
-    for name, child in block.named_children():
-        if name in ("experts", "shared_experts", "shared_expert"):
-            continue
+    for child in _router_candidates(block):
         if compat.routed_by_token_id(child):
             return None  # its weight does not pick the experts: no reading of the hidden state predicts them
         for module in (child, *child.children()):
@@ -478,8 +476,13 @@ def _declared_score_function(router: nn.Module) -> str | None:
 
 def routed_by_token_id(block: nn.Module) -> bool:
     """Whether an MoE block's router picks experts by token id (compat.routed_by_token_id)."""
-    return any(compat.routed_by_token_id(child) for name, child in block.named_children()
-               if name not in ("experts", "shared_experts", "shared_expert"))
+    return any(compat.routed_by_token_id(child) for child in _router_candidates(block))
+
+
+def _router_candidates(block: nn.Module):
+    """The children of an MoE block that may be its router: all but its experts."""
+    return (child for name, child in block.named_children()
+            if name not in ("experts", "shared_experts", "shared_expert"))
 
 
 def experts_shape(found: FoundExperts) -> tuple[int, int]:
