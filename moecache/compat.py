@@ -161,11 +161,29 @@ def router_score_fn(router):
     return score_fn if callable(score_fn) else None
 
 
-def routed_by_token_id(router) -> bool:
-    """Whether a router picks experts from the token id, not the hidden state: DeepSeek-V4's hash routers
-    (its first MoE layers) look them up in a frozen `tid2eid` [vocab, K] table; their `weight` only weighs
-    the picks."""
-    return isinstance(getattr(router, "tid2eid", None), torch.Tensor)
+def token_id_table(router):
+    """The [vocab, K] table of a router that picks experts from the token id, not the hidden state, or None:
+    DeepSeek-V4's hash routers (its first MoE layers) look them up in a frozen `tid2eid`; their `weight`
+    only weighs the picks."""
+    table = getattr(router, "tid2eid", None)
+    return table if isinstance(table, torch.Tensor) and table.dim() == 2 else None
+
+
+def block_token_ids_reader(block):
+    """A function (args, kwargs) -> the token ids an MoE block's forward was called with, or None (not
+    given); None where its forward takes none. DeepSeek-V4's blocks are given the step's `input_ids` for
+    their hash routers."""
+    if "input_ids" not in inspect.signature(block.forward).parameters:
+        return None
+    names = positional_arguments(block.forward)
+    position = 1 + names.index("input_ids") if "input_ids" in names else None
+
+    def read(args: tuple, kwargs: dict):
+        ids = kwargs.get("input_ids")
+        if ids is None and position is not None and len(args) > position:
+            ids = args[position]
+        return ids if isinstance(ids, torch.Tensor) else None
+    return read
 
 
 def router_input_scales(block, router) -> tuple:

@@ -1115,9 +1115,9 @@ CLAMPED_FAMILIES = {
 def _newer_family(model_type, **extra):
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
-    config = transformers.AutoConfig.for_model(model_type, **dict(
+    config = transformers.AutoConfig.for_model(model_type, **{**dict(
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128, pad_token_id=0), **extra)
+        max_position_embeddings=128, pad_token_id=0), **extra})
     torch.manual_seed(0)
     return builders.randomize(transformers.AutoModel.from_config(config), 0)
 
@@ -1350,7 +1350,8 @@ def test_experts_with_a_clamped_gate_run_through_moecache(model_type, backend, m
 
 def _deepseek_v4_with_hash_layers(mlp_layer_types):
     """DeepSeek-V4 whose hash routers' token table sends each token to K distinct random experts."""
-    model = _newer_family("deepseek_v4", **{**CLAMPED_FAMILIES["deepseek_v4"][0], "mlp_layer_types": mlp_layer_types})
+    model = _newer_family("deepseek_v4", **{**CLAMPED_FAMILIES["deepseek_v4"][0], "mlp_layer_types": mlp_layer_types,
+                                             "num_hidden_layers": len(mlp_layer_types)})
     g = torch.Generator().manual_seed(5)
     for block in model.modules():
         table = getattr(getattr(block, "gate", None), "tid2eid", None)
@@ -1359,36 +1360,94 @@ def _deepseek_v4_with_hash_layers(mlp_layer_types):
     return model
 
 
-def test_layers_routed_by_token_id_get_no_lookahead_and_the_rest_do():
+def test_layers_routed_by_token_id_are_predicted_from_the_token_ids():
     """DeepSeek-V4's first MoE layers pick experts from the token id (a frozen tid2eid table), and their router
-    weight only weighs the picks: the lookahead read that weight as a router and guessed wrong. Now such a
-    layer has no router reading (the lookahead predicts nothing for it), the next layer's reading picks its own
-    experts, predictive offload runs with the model's outputs, and a model routed by token id alone is refused
-    for the predictive policy."""
+    weight only weighs the picks: reading that weight as a router guesses wrong. Such a layer's router is a
+    TokenIdRouter, and predictive offload predicts its experts exactly from the step's token ids (each MoE
+    block hands them to the predictor before it runs, so a later step never reuses an earlier one's); the
+    layer after them is read from its router as before; outputs are the model's."""
+    from moecache.cache.predictor import TokenIdRouter
     from moecache.patching.families import find_router
 
-    model = _deepseek_v4_with_hash_layers(["hash_moe", "moe"])
-    ids = torch.randint(3, 96, (2, 7))
+    model = _deepseek_v4_with_hash_layers(["hash_moe", "hash_moe", "moe"])
+    steps = [torch.randint(3, 96, (2, 7)) for _ in range(3)]
     with torch.no_grad():
-        ref = model(ids).last_hidden_state
-    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=1))
+        refs = [model(ids).last_hidden_state for ids in steps]
+    before = snapshot(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive", lookahead=2))
     routers = moecache.routers(model)
-    assert routers[0] is None and routers[1] is not None
+    assert [type(r).__name__ for r in routers] == ["TokenIdRouter", "TokenIdRouter", "RouterSpec"]
+    assert routers[1].table is model.layers[1].mlp.gate.tid2eid
     seen = []
-    block = model.layers[1].mlp
+    block = model.layers[2].mlp
     block.experts.register_forward_hook(lambda mod, args, out: seen.append((args[0], args[1])))
-    with torch.no_grad():
-        assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    for ids, ref in zip(steps, refs):
+        with torch.no_grad():
+            assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    # the routed layer's reading picks its experts
     spec = find_router(block, 8, 64)
     hidden, top_k_index = seen[0]
     guess = spec.scores(spec.router_input(hidden)).topk(top_k_index.shape[1], dim=1).indices
     assert torch.equal(guess.sort(dim=1).values, top_k_index.long().sort(dim=1).values)
-    prediction = moecache.stats(model)["prediction"]
-    assert prediction is not None
+    # layer 1 from layer 0 (depth 1) and layer 2 from layer 0 (depth 2) read token ids and the router: the
+    # token-id guesses are exact on every step (token ids of different steps route differently)
+    per_layer = {(row["layer"], row["depth"]): row for row in moecache.stats(model)["prediction"]["per_layer"]}
+    exact = per_layer[(1, 1)]
+    assert exact["recall"] == exact["precision"] == 1.0
+    assert exact["actual"] == sum(len(torch.unique(model.layers[1].mlp.gate.tid2eid[ids])) for ids in steps)
+    assert len({tuple(torch.unique(model.layers[1].mlp.gate.tid2eid[ids]).tolist()) for ids in steps}) > 1
+    assert (2, 1) in per_layer and (2, 2) in per_layer and (1, 2) not in per_layer  # no layer before layer 0
+    assert isinstance(routers[0], TokenIdRouter) and torch.equal(
+        routers[0].picks(steps[0]), model.layers[0].mlp.gate.tid2eid[steps[0].reshape(-1)])
     moecache.unpatch(model)
-    with pytest.raises(ValueError, match="every MoE block here picks its experts by token id: use 'lru' or 'lfu'"):
-        moecache.patch(_deepseek_v4_with_hash_layers(["hash_moe", "hash_moe"]),
-                       offload=Offload(gpu_experts=0.5, policy="predictive"))
+    assert_restored(model, before)
+    assert not model.layers[0].mlp._forward_pre_hooks  # the token-id hooks went with the patch
+
+
+def test_a_routing_trace_predicts_layers_routed_by_token_id_from_the_generated_ids():
+    """record_routing hands each step's input_ids to its predictor: the trace's guesses for a layer routed by
+    token id are its table's picks for the tokens of that step, prompt and decode steps alike (recall 1)."""
+    from moecache.analysis.traces import record_routing
+
+    base = _deepseek_v4_with_hash_layers(["hash_moe", "hash_moe", "moe"])
+    model = transformers.AutoModelForCausalLM.from_config(base.config)
+    model.model.load_state_dict(base.state_dict())
+    model.eval()
+    moecache.patch(model)
+    ids = torch.randint(3, 96, (2, 5))
+    trace, out = record_routing(model, ids, moecache.patched_experts(model), moecache.routers(model),
+                                max_new_tokens=3, depth=1)
+    table = model.model.layers[1].mlp.gate.tid2eid
+    step_ids = [ids, out[:, 5:6], out[:, 6:7]]
+    assert len(trace.steps) == 3
+    for s, step in enumerate(step_ids):
+        assert trace.predictions[s][1][0] == sorted(torch.unique(table[step]).tolist()) == trace.steps[s][1]
+    assert trace.recall(depth=1, skip_steps=0)["per_layer"][1] == 1.0
+    moecache.unpatch(model)
+
+
+def test_a_model_routed_by_token_id_alone_is_predicted_exactly_or_refused():
+    """Every MoE layer routed by token id: predictive offload predicts each from the step's token ids (recall
+    and precision 1); where the blocks are not given the token ids, nothing could be predicted, and the
+    predictive policy is refused, naming why."""
+    model = _deepseek_v4_with_hash_layers(["hash_moe", "hash_moe"])
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive"))
+    with torch.no_grad():
+        assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    (row,) = moecache.stats(model)["prediction"]["per_layer"]
+    assert (row["layer"], row["depth"], row["recall"], row["precision"]) == (1, 1, 1.0, 1.0)
+    moecache.unpatch(model)
+
+    unfed = _deepseek_v4_with_hash_layers(["hash_moe", "hash_moe"])
+    for layer in unfed.layers:  # a block whose forward takes no token ids
+        layer.mlp.forward = lambda hidden_states: hidden_states
+    with pytest.raises(ValueError, match="every MoE block here picks its experts by token id and none is given "
+                                         "the token ids: use 'lru' or 'lfu'"):
+        moecache.patch(unfed, offload=Offload(gpu_experts=0.5, policy="predictive"))
+    assert not moecache.stats(unfed)["layers"]
 
 
 def test_gpt_oss_with_other_constants_runs_them():

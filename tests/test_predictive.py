@@ -427,3 +427,39 @@ def test_warm_up_can_be_the_prompt_steps_of_several_micro_batches():
         assert (first_two.requests_after_warmup, first_two.hits_after_warmup) == (2, 2)
     with pytest.raises(ValueError, match="warmup_steps must be"):
         simulate(trace, 2, "lru", warmup_steps=[-1])
+
+
+def test_token_id_router_is_predicted_from_the_step_token_ids_only():
+    """A TokenIdRouter layer is predicted exactly from `token_ids` (its table's picks, counted per token), and
+    not at all while the ids are unknown or are not this step's (another count of tokens)."""
+    from moecache.cache.predictor import LookaheadPredictor, RouterSpec, TokenIdRouter
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(20)])
+    predictor = LookaheadPredictor([RouterSpec(torch.randn(6, 8, generator=g)), TokenIdRouter(table, 6)], depth=1)
+    hidden = torch.randn(5, 8, generator=g)
+    assert predictor.predict(0, hidden, 2) == []  # no token ids yet
+    predictor.token_ids = torch.tensor([[3, 3, 17, 0, 9]])
+    (target, depth, counts), = predictor.predict(0, hidden, 2)
+    assert (target, depth) == (1, 1)
+    assert torch.equal(counts, torch.bincount(table[[3, 3, 17, 0, 9]].reshape(-1), minlength=6))
+    predictor.token_ids = torch.tensor([3, 17])  # an earlier step's, of another size
+    assert predictor.predict(0, hidden, 2) == []
+
+
+def test_block_token_ids_reader_reads_them_by_keyword_or_position():
+    from moecache import compat
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden_states, input_ids=None):
+            return hidden_states
+
+    class Plain(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states
+
+    read, ids, hidden = compat.block_token_ids_reader(Block()), torch.tensor([[4, 5]]), torch.randn(2, 3)
+    assert read((hidden,), {"input_ids": ids}) is ids
+    assert read((hidden, ids), {}) is ids
+    assert read((hidden,), {}) is None
+    assert compat.block_token_ids_reader(Plain()) is None

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.predictor import LookaheadPredictor, lookahead_scores
+from ..cache.predictor import LookaheadPredictor, RouterSpec, lookahead_scores
 from ._checks import check_depth
 
 
@@ -77,7 +77,7 @@ def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: 
             target = layer + d
             if target >= len(routers):
                 break
-            if routers[target] is None:  # no router to read (a layer routed by token id): no guess
+            if not isinstance(routers[target], RouterSpec):  # none, or one that picks by token id: no guess
                 continue
             scores = lookahead_scores(routers, layer, target, hidden)
             recording.predictions[step][target][d - 1] = scores.topk(recording.top_k, dim=1).indices.cpu()

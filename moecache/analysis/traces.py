@@ -70,8 +70,9 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
                    depth: int = 2, learned=None, **generate_kwargs) -> tuple[RoutingTrace, torch.Tensor]:
     """Greedy-generate and record the routing of `experts` (the model's patched experts modules in layer
     order: moecache.patched_experts(model)), with lookahead-gating predictions from `routers`
-    (moecache.routers(model)), or a LearnedRoutePredictor's where `learned` has a head, and how many
-    tokens the predictor sent to each guessed expert (trace.scores). Returns (trace, generated ids)."""
+    (moecache.routers(model)), or a LearnedRoutePredictor's where `learned` has a head (a layer routed by
+    token id: its table's picks for the step's input_ids), and how many tokens the predictor sent to each
+    guessed expert (trace.scores). Returns (trace, generated ids)."""
     layers = list(experts)
     if not layers:
         raise ValueError("record_routing: no MoE layers given (patch the model, then pass moecache.patched_experts(model))")
@@ -96,7 +97,12 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
             trace.predictions[step][target][d - 1] = guess
             trace.scores[step][target][d - 1] = [int(counts[e]) for e in guess]
 
+    def share_token_ids(model, args, kwargs):  # layers routed by token id are predicted from the step's ids
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        predictor.token_ids = ids if isinstance(ids, torch.Tensor) else None
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles.append(model.register_forward_pre_hook(share_token_ids, with_kwargs=True))
     try:
         with torch.no_grad():
             generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))

@@ -50,11 +50,26 @@ class RouterSpec:
         return ranking_scores(logits, self.correction, self.score_function)
 
 
+@dataclass
+class TokenIdRouter:
+    """A router that picks experts by token id, not from the hidden state (DeepSeek-V4's hash-routed
+    layers): table [vocab, K] holds each token id's experts. Its picks are known exactly as soon as the
+    step's token ids are, before any layer runs; no reading of a hidden state predicts them."""
+
+    table: torch.Tensor
+    num_experts: int
+
+    def picks(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[T, K] the experts these token ids are routed to."""
+        return self.table[token_ids.reshape(-1).to(self.table.device)].long()
+
+
 def lookahead_scores(routers: list, layer: int, target: int, hidden_states: torch.Tensor) -> torch.Tensor:
     """Layer `target`'s router applied to the hidden state entering layer `layer`'s experts: [T, E] fp32
-    ranking scores (`routers[target]` must be known; `routers[layer]` may be None)."""
+    ranking scores (`routers[target]` must be a RouterSpec; `routers[layer]` may be anything)."""
     source = routers[layer]
-    return routers[target].scores(source.router_input(hidden_states) if source is not None else hidden_states)
+    return routers[target].scores(source.router_input(hidden_states) if isinstance(source, RouterSpec)
+                                  else hidden_states)
 
 
 SCORE_FUNCTIONS = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, dim=-1),
@@ -94,9 +109,12 @@ class LookaheadPredictor:
 
     `predict` returns, per predicted layer, the experts chosen by any token and how many tokens chose
     each; `observe` compares what a layer really used with what was predicted for it earlier.
+    A layer whose router picks by token id (TokenIdRouter) is predicted exactly from `token_ids`, the
+    running step's token ids (whoever runs the model sets them before each MoE layer; None: unknown,
+    and such a layer is not predicted).
     """
 
-    def __init__(self, routers: list[RouterSpec | None], depth: int = 1, learned=None):
+    def __init__(self, routers: list[RouterSpec | TokenIdRouter | None], depth: int = 1, learned=None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.routers = routers
@@ -106,6 +124,7 @@ class LookaheadPredictor:
         self.stats = {(layer, d): PredictionStats() for layer in range(len(routers)) for d in range(1, depth + 1)}
         self.use_counts: dict[int, dict[int, int]] = {}  # layer -> expert -> times used (the frequency prior)
         self.seconds = 0.0  # host time spent predicting
+        self.token_ids: torch.Tensor | None = None
 
     def predict(self, layer: int, hidden_states: torch.Tensor, top_k: int) -> list[tuple[int, int, torch.Tensor]]:
         """[(target layer, depth, token counts [E] on the host)] for the layers after `layer`."""
@@ -115,14 +134,22 @@ class LookaheadPredictor:
             target = layer + d
             if target >= len(self.routers):
                 break
-            if self.learned is not None and self.learned.has(target, d):
-                scores = self.learned.scores(target, d, hidden_states)
-            elif self.routers[target] is None:  # no router to read (a layer routed by token id)
-                continue
+            router = self.routers[target]
+            if isinstance(router, TokenIdRouter):
+                ids = self.token_ids
+                if ids is None or ids.numel() != hidden_states.shape[0]:
+                    continue  # not this step's token ids: no guess beats none
+                chosen, num_experts = router.picks(ids).reshape(-1), router.num_experts
             else:
-                scores = lookahead_scores(self.routers, layer, target, hidden_states)
-            chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)
-            counts = torch.bincount(chosen, minlength=scores.shape[1]).cpu()
+                if self.learned is not None and self.learned.has(target, d):
+                    scores = self.learned.scores(target, d, hidden_states)
+                elif router is None:
+                    continue
+                else:
+                    scores = lookahead_scores(self.routers, layer, target, hidden_states)
+                num_experts = scores.shape[1]
+                chosen = scores.topk(min(top_k, num_experts), dim=1).indices.reshape(-1)
+            counts = torch.bincount(chosen, minlength=num_experts).cpu()
             self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())
             out.append((target, d, counts))
         self.seconds += time.perf_counter() - start

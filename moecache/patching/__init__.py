@@ -45,6 +45,7 @@ from .offload import (
     expert_record_bytes,
     experts_dtype,
     install_state_hooks,
+    install_token_id_hooks,
     offload_experts,
     prefetch_allowance,
     restore_offloaded,
@@ -289,6 +290,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
     if new_experts:
         if offload is not None:
             state.hooks += install_state_hooks(model, [r.new for r in new_experts])
+            state.hooks += install_token_id_hooks([r.block for r in new_experts], state.predictor)
         else:
             for r in new_experts:
                 stacked = r.new.stacked
@@ -607,7 +609,8 @@ def patched_experts(model: nn.Module) -> list[MoecacheExperts]:
 
 
 def routers(model: nn.Module) -> list:
-    """The router of every patched MoE layer, in layer order (RouterSpec; None where none was found)."""
+    """The router of every patched MoE layer, in layer order: a RouterSpec, a TokenIdRouter for a router that
+    picks by token id, None where none was found."""
     return [find_router(block, new.num_experts, new.hidden_size) for block, new in _patched_blocks(model)]
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import compat, ops
-from ..cache.predictor import SCORE_FUNCTIONS, RouterSpec
+from ..cache.predictor import SCORE_FUNCTIONS, RouterSpec, TokenIdRouter
 from ..layers.experts import ExpertsLayout, MoecacheExperts
 from ..ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 from .hooks import HolderRef, bypassed_parts, own_forward, read_as_weights
@@ -433,15 +433,16 @@ def _kind_of(override) -> str:
     return override.kind
 
 
-def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | None:
+def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | TokenIdRouter | None:
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
     (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H] (or holds those rows: Inkling's
     scores its shared experts too); its bias (GPT-OSS), its selection bias (DeepSeek-V3's
-    e_score_correction_bias and the like) and Gemma 4's input scales come along. None for a router that
-    picks by token id (routed_by_token_id)."""
+    e_score_correction_bias and the like) and Gemma 4's input scales come along. A router that picks by
+    token id (compat.token_id_table) gives a TokenIdRouter: its weight does not pick the experts."""
     for child in _router_candidates(block):
-        if compat.routed_by_token_id(child):
-            return None  # its weight does not pick the experts: no reading of the hidden state predicts them
+        table = compat.token_id_table(child)
+        if table is not None:
+            return TokenIdRouter(table, num_experts)
         for module in (child, *child.children()):
             weight = getattr(module, "weight", None)
             weight = compat.routed_rows(module, weight, num_experts, hidden) if isinstance(weight, torch.Tensor) else None
@@ -472,11 +473,6 @@ def _declared_score_function(router: nn.Module) -> str | None:
                 torch.allclose(got.float(), fn(probe), rtol=1e-5, atol=1e-6):
             return name
     return None
-
-
-def routed_by_token_id(block: nn.Module) -> bool:
-    """Whether an MoE block's router picks experts by token id (compat.routed_by_token_id)."""
-    return any(compat.routed_by_token_id(child) for child in _router_candidates(block))
 
 
 def _router_candidates(block: nn.Module):

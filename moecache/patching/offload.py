@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _C
+from .. import _C, compat
 from ..cache import ExpertCache
 from ..cache.expert_cache import record_size
 from ..cache.learned import LearnedRoutePredictor
 from ..cache.offloaded import OffloadedExperts, PrefetchBudget
-from ..cache.predictor import LookaheadPredictor
+from ..cache.predictor import LookaheadPredictor, TokenIdRouter
 from ..layers.experts import MoecacheExperts
-from .families import FoundExperts, experts_shape, find_router, fused_weights, routed_by_token_id
+from .families import FoundExperts, experts_shape, find_router, fused_weights
 
 logger = logging.getLogger(__name__)
 
@@ -170,15 +170,16 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
     elif limit is not None:
         raise ValueError(f"offload prefetch_limit={limit!r} needs policy='budgeted', not {offload.policy!r}")
     if offload.policy in PREDICTING:
-        # A block routed by token id has no router to read: the lookahead predicts nothing for it.
-        missing = [f.name for f in found if find_router(f.router_block, *experts_shape(f)) is None
-                   and not routed_by_token_id(f.router_block)]
+        routers = [find_router(f.router_block, *experts_shape(f)) for f in found]
+        missing = [f.name for f, router in zip(found, routers) if router is None]
         if missing:
             raise ValueError(f"offload policy {offload.policy!r} needs each MoE block's router ([E, H] weight); "
                              f"none found beside {missing[0]}")
-        if all(routed_by_token_id(f.router_block) for f in found):
-            raise ValueError(f"offload policy {offload.policy!r} predicts from routers that read the hidden state; "
-                             "every MoE block here picks its experts by token id: use 'lru' or 'lfu'")
+        # A block routed by token id is predicted from the token ids its forward is given; given none, not at all.
+        if all(isinstance(router, TokenIdRouter) and compat.block_token_ids_reader(f.router_block) is None
+               for f, router in zip(found, routers)):
+            raise ValueError(f"offload policy {offload.policy!r} has nothing to predict from: every MoE block here "
+                             "picks its experts by token id and none is given the token ids: use 'lru' or 'lfu'")
         if offload.predictor is not None:
             _check_predictor_fits(LearnedRoutePredictor.load(offload.predictor), offload.predictor, found)
     wrapped = next((f for f in found if f.kind == "module" and f.attr == "base_layer"), None)
@@ -425,6 +426,28 @@ def install_state_hooks(model: nn.Module, modules: list[MoecacheExperts]) -> lis
         if name in prefixes:
             handles.append(m.register_load_state_dict_pre_hook(_RefuseLoad()))
     return handles
+
+
+class _ShareTokenIds(_OffloadHook):
+    """Before an MoE block runs: gives the predictor the step's token ids the block was called with (None
+    where its forward takes none), so that the layers routed by token id ahead are predicted from this
+    step's ids, never from an earlier step's."""
+
+    def __init__(self, block: nn.Module, predictor: LookaheadPredictor):
+        self.read = compat.block_token_ids_reader(block)
+        self.predictor = predictor
+
+    def __call__(self, block, args, kwargs):
+        if not torch.compiler.is_compiling():
+            self.predictor.token_ids = None if self.read is None else self.read(args, kwargs)
+
+
+def install_token_id_hooks(blocks: list[nn.Module], predictor: LookaheadPredictor | None) -> list:
+    """Where some MoE layer picks its experts by token id, a hook on every MoE block that hands the
+    predictor the token ids of the step running (see _ShareTokenIds). Returns the hook handles."""
+    if predictor is None or not any(isinstance(r, TokenIdRouter) for r in predictor.routers):
+        return []
+    return [block.register_forward_pre_hook(_ShareTokenIds(block, predictor), with_kwargs=True) for block in blocks]
 
 
 def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> None:
