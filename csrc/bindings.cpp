@@ -106,13 +106,19 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<HostStore, std::shared_ptr<HostStore>>(m, "HostStore", py::buffer_protocol(),
                                                     "Page-locked host arena for expert master copies.")
-      .def(py::init([](std::size_t nbytes, const std::string& backend, const std::string& pin, bool allow_pageable) {
+      .def(py::init([](std::size_t nbytes, const std::string& backend, const std::string& pin, bool allow_pageable,
+                       bool pin_after_fill, std::size_t reclaimable_bytes) {
              Backend b = parse_backend(backend);
              PinMode mode = parse_pin_mode(pin);
              py::gil_scoped_release release;
-             return std::make_shared<HostStore>(nbytes, b, mode, allow_pageable);
+             return std::make_shared<HostStore>(nbytes, b, mode, allow_pageable, pin_after_fill, reclaimable_bytes);
            }),
-           py::arg("nbytes"), py::arg("backend") = "auto", py::arg("pin") = "alloc", py::arg("allow_pageable") = false)
+           py::arg("nbytes"), py::arg("backend") = "auto", py::arg("pin") = "alloc", py::arg("allow_pageable") = false,
+           py::arg("pin_after_fill") = false, py::arg("reclaimable_bytes") = 0)
+      .def("pin", &HostStore::pin, py::call_guard<py::gil_scoped_release>(),
+           "page-lock an arena made with pin_after_fill, in place (a no-op otherwise)")
+      .def_property_readonly("pin_pending", &HostStore::pin_pending)
+      .def("release", &HostStore::release, "free the arena now (no view of it may be used afterwards)")
       .def_property_readonly("data_ptr", &HostStore::data)
       .def_property_readonly("device_ptr", &HostStore::device_address,
                              "the pinned arena's address on the GPU (0 when pageable or without CUDA)")

@@ -44,15 +44,21 @@ std::size_t host_memory_available() {
   return 0;
 }
 
-HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable)
-    : bytes_(bytes), backend_(backend), mode_(mode) {
+HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable, bool pin_after_fill,
+                     std::size_t reclaimable_bytes)
+    : bytes_(bytes), backend_(backend), mode_(mode), allow_pageable_(allow_pageable) {
   const std::size_t available = host_memory_available();
-  if (available != 0 && bytes > available) {
+  if (available != 0 && bytes > available && bytes - available > reclaimable_bytes) {
     throw std::runtime_error("host store needs " + gib(bytes) + " for the expert masters but only " +
-                             gib(available) + " of RAM is available");
+                             gib(available) + " of RAM is available" +
+                             (reclaimable_bytes ? " (and " + gib(reclaimable_bytes) + " freed while it fills)" : ""));
   }
   const auto t0 = std::chrono::steady_clock::now();
   if (backend == Backend::Host) mode_ = PinMode::Pageable;
+  if (pin_after_fill && mode_ != PinMode::Pageable) {
+    pin_pending_ = true;
+    mode_ = PinMode::Pageable;
+  }
 #ifdef MOECACHE_WITH_CUDA
   if (mode_ == PinMode::Alloc) {
     cudaError_t st = cudaHostAlloc(&data_, bytes == 0 ? kPage : bytes, cudaHostAllocPortable | cudaHostAllocMapped);
@@ -88,6 +94,27 @@ HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allo
 }
 
 HostStore::~HostStore() { release(); }
+
+void HostStore::pin() {
+  if (!pin_pending_ || data_ == nullptr) return;
+  pin_pending_ = false;
+#ifdef MOECACHE_WITH_CUDA
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::size_t rounded = (bytes_ + kPage - 1) / kPage * kPage;
+  cudaError_t st = cudaHostRegister(data_, rounded == 0 ? kPage : rounded,
+                                    cudaHostRegisterPortable | cudaHostRegisterMapped);
+  pin_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (st == cudaSuccess) {
+    mode_ = PinMode::Register;
+    return;
+  }
+  cudaGetLastError();
+  warning_ = std::string("cudaHostRegister of the filled ") + gib(bytes_) + " failed (" + cudaGetErrorString(st) +
+             "); check `ulimit -l` and free RAM";
+  if (!allow_pageable_) throw std::runtime_error("host store: " + warning_);
+  warning_ += "; using pageable memory (copies ~3x slower, no in-place reads)";
+#endif
+}
 
 std::uintptr_t HostStore::device_address() const {
 #ifdef MOECACHE_WITH_CUDA

@@ -14,14 +14,23 @@ enum class PinMode { Alloc = 0, Register = 1, Pageable = 2 };
 
 class HostStore {
  public:
-  // Throws std::runtime_error, with the numbers, when `bytes` exceeds the RAM available, or when
-  // pinning fails and `allow_pageable` is false. With `allow_pageable`, a failed pin falls back to
-  // pageable memory and warning() says why.
-  HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable);
+  // Throws std::runtime_error, with the numbers, when `bytes` exceeds the RAM available (plus
+  // `reclaimable_bytes`: host memory the caller frees while it fills the store), or when pinning fails and
+  // `allow_pageable` is false. With `allow_pageable`, a failed pin falls back to pageable memory and
+  // warning() says why. With `pin_after_fill`, the arena starts pageable (its pages are committed as they
+  // are written, so a caller that frees its sources while filling never holds two copies) and pin()
+  // page-locks it in place once filled.
+  HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allow_pageable, bool pin_after_fill = false,
+            std::size_t reclaimable_bytes = 0);
   ~HostStore();
   HostStore(const HostStore&) = delete;
   HostStore& operator=(const HostStore&) = delete;
 
+  // Page-locks an arena made with pin_after_fill (cudaHostRegister in place: the mode becomes Register);
+  // a no-op otherwise and on the host backend. A failed pin throws (the arena stays valid and pageable),
+  // or with allow_pageable keeps it pageable and warning() says why.
+  void pin();
+  bool pin_pending() const { return pin_pending_; }
   void release();  // frees the arena (idempotent)
   bool released() const { return data_ == nullptr; }
   std::uintptr_t data() const { return reinterpret_cast<std::uintptr_t>(data_); }
@@ -40,6 +49,8 @@ class HostStore {
   std::size_t bytes_ = 0;
   Backend backend_;
   PinMode mode_;
+  bool allow_pageable_;
+  bool pin_pending_ = false;
   double pin_seconds_ = 0.0;
   std::string warning_;
 };

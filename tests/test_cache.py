@@ -3,6 +3,7 @@ import os
 import random
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -413,6 +414,81 @@ def test_bad_input():
         _C.HostStore(1 << 60, backend="host")
 
 
+class _Recorder:
+    """ExpertCache's release_sources: records the calls, checks that the cache no longer holds a released
+    layer's source, and can fail at one layer (a Ctrl-C, or an error)."""
+
+    def __init__(self, alive, fail_at=None, failure=KeyboardInterrupt):
+        self.alive = alive
+        self.fail_at, self.failure = fail_at, failure
+        self.released, self.restored = [], {}
+
+    def release(self, layer):
+        if layer == self.fail_at:
+            raise self.failure("interrupted at layer %d" % layer)
+        self.released.append(layer)
+        # the cache holds no reference to a stored layer's source: its tensors are freed with the caller's
+        assert [ref() is None for ref in self.alive[:layer + 1]] == [True] * (layer + 1)
+
+    def restore(self, layer, gate_up, down):
+        self.restored[layer] = (gate_up.clone(), down.clone())
+
+
+def _handed_over(layers):
+    """A generator of copies of `layers` (the only references to them), and weak references to each."""
+    alive = []
+
+    def sources():
+        for gate_up, down in layers:
+            copy = (gate_up.clone(), down.clone())
+            alive.append(weakref.ref(copy[0]))
+            yield copy
+    return sources(), alive
+
+
+def test_a_handed_over_source_is_released_once_stored_and_dropped():
+    """release_sources.release(layer) comes as soon as the layer is in the store, in layer order, and by then
+    the cache holds no reference to that layer's tensors (a caller that frees its copy holds one copy of the
+    experts, not two); the store holds the masters exactly and the cache computes with them."""
+    layers = random_layers(L=3, E=6)
+    sources, alive = _handed_over(layers)
+    recorder = _Recorder(alive)
+    with ExpertCache(sources, num_slots=4, device="cpu", release_sources=recorder) as cache:
+        assert recorder.released == [0, 1, 2] and not recorder.restored
+        for layer in range(3):
+            gate_up, down = cache.host_weights(layer)
+            assert torch.equal(gate_up, layers[layer][0]) and torch.equal(down, layers[layer][1])
+        x = torch.randn(5, 32)
+        w, ids = route_reference(torch.randn(5, 6), 2)
+        assert_close(cache.moe(1, x, w, ids), fused_moe_reference(x, *layers[1], w, ids), torch.float32)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_a_failed_hand_over_restores_every_released_layer_from_the_store(failure):
+    """Interrupted (or failing) after two layers were released: both get their exact masters back through
+    restore before the error propagates, and the third, never released, is not restored."""
+    layers = random_layers(L=3, E=6)
+    sources, alive = _handed_over(layers)
+    recorder = _Recorder(alive, fail_at=2, failure=failure)
+    with pytest.raises(failure, match="interrupted at layer 2"):
+        ExpertCache(sources, num_slots=4, device="cpu", release_sources=recorder)
+    assert recorder.released == [0, 1] and sorted(recorder.restored) == [0, 1]
+    for layer in (0, 1):
+        assert torch.equal(recorder.restored[layer][0], layers[layer][0])
+        assert torch.equal(recorder.restored[layer][1], layers[layer][1])
+
+
+def test_host_store_filled_before_pinning():
+    """pin_after_fill: on the host backend there is nothing to pin (pin() is a no-op); the RAM check counts
+    the memory the caller frees while filling, and says so."""
+    store = _C.HostStore(4096, backend="host", pin_after_fill=True)
+    assert not store.pin_pending and not store.pinned
+    store.pin()
+    assert store.pin_mode == "pageable"
+    with pytest.raises(RuntimeError, match=r"RAM is available \(and .* freed while it fills\)"):
+        _C.HostStore(1 << 60, backend="host", pin_after_fill=True, reclaimable_bytes=1 << 30)
+
+
 def test_reads_transformers_experts_in_both_layouts():
     from transformers import MixtralConfig, Qwen3MoeConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -580,6 +656,26 @@ def test_gpu_layer_with_prefetch_in_flight_matches_reference(T, misses):
                 assert_close(out, ref, torch.bfloat16)
         s = cache.stats()
         assert s["hits"] + s["misses"] == s["requests"] and s["bytes_copied"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_store_filled_from_host_memory_is_pinned_in_place():
+    """Sources in host memory handed over: the store is filled pageable, then page-locked in place
+    (cudaHostRegister: pin mode "register" though "alloc" was asked), and serves copies as any other."""
+    layers = random_layers(L=2, E=8, H=256, I=128, dtype=torch.bfloat16)
+    sources, alive = _handed_over(layers)
+    recorder = _Recorder(alive)
+    with ExpertCache(sources, num_slots=4, pin="alloc", release_sources=recorder) as cache:
+        assert recorder.released == [0, 1]
+        assert cache.pinned and cache._store.pin_mode == "register" and cache.host_weights(1)[0].is_pinned()
+        cache.prefetch(1, [2, 7])
+        cache.synchronize()
+        for e in (2, 7):
+            assert_slot_holds(cache, layers, 1, e)
+    store = _C.HostStore(1 << 20, backend="cuda", pin="alloc", pin_after_fill=True)
+    assert store.pin_pending and not store.pinned
+    store.pin()
+    assert store.pinned and store.pin_mode == "register" and not store.pin_pending and store.device_ptr != 0
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import logging
 import math
 import operator
 import threading
-from typing import Sequence
+from typing import Iterable
 
 import torch
 
@@ -83,6 +83,13 @@ class ExpertCache:
         allow_pageable: if pinning fails, use pageable memory with a warning instead of raising. Applies to
             the CUDA backend only: the host backend (no usable GPU) keeps its store in ordinary memory, which
             it reports as `pinned=False` whatever this says.
+        release_sources: for a caller that hands its experts over (moecache.patch's offload): an object with
+            release(layer), called as soon as that layer's experts are in the store (each source is dropped
+            then too), and restore(layer, gate_up [E, 2I, H], down [E, H, I]), called for every released
+            layer with its masters from the store if the construction then fails or is interrupted, before
+            the error propagates. A caller that frees its copy in release holds one copy of the experts in
+            host memory, not two: for sources in host memory the store is then allocated pageable, filled,
+            and page-locked in place (cudaHostRegister; pin mode "register" whatever `pin` says).
 
     Example:
         cache = ExpertCache([(w_gate_up, w_down) for ...], num_slots=32)
@@ -90,9 +97,10 @@ class ExpertCache:
         cache.prefetch(layer + 1, predicted_experts)
     """
 
-    def __init__(self, layers: Sequence, *, num_slots: int, policy: str = "lru", device=None,
-                 pin: str = "alloc", allow_pageable: bool = False):
+    def __init__(self, layers: Iterable, *, num_slots: int, policy: str = "lru", device=None,
+                 pin: str = "alloc", allow_pageable: bool = False, release_sources=None):
         sources = [expert_source(layer) for layer in layers]
+        del layers  # each source is dropped once stored; an iterable of tensors is then held by no one
         if not sources:
             raise ValueError("layers: at least one MoE layer is needed")
         first = sources[0]
@@ -141,36 +149,19 @@ class ExpertCache:
                                  f"{pool_bytes / 2**30:.2f} GiB of GPU memory but only {free / 2**30:.2f} GiB of "
                                  f"{total / 2**30:.2f} GiB is free")
 
-        self._store = _C.HostStore(self.num_layers * self.num_experts * self.record_bytes, backend=backend, pin=pin,
-                                   allow_pageable=allow_pageable)
-        if self._store.warning:
-            logger.warning("expert host store: %s", self._store.warning)
+        in_host_memory = [s.get(0)[0].device.type == "cpu" for s in sources]
+        handed_over = release_sources is not None and any(in_host_memory)
+        del first, s  # no reference to a source outlives its layer's fill
+        self._store = _C.HostStore(
+            self.num_layers * self.num_experts * self.record_bytes, backend=backend, pin=pin,
+            allow_pageable=allow_pageable, pin_after_fill=handed_over,
+            reclaimable_bytes=sum(self.num_experts * self.record_bytes for host in in_host_memory if host)
+            if handed_over else 0)
         self._host_bytes = torch.frombuffer(self._store, dtype=torch.uint8)
         self._host_gate_up, self._host_down = self._record_views(self._host_bytes, self.num_layers * self.num_experts)
-        # The same masters addressed as device memory, for callers that accept only device tensors
-        # (CUDA-graph capture copies or refuses CPU inputs); None where the store is not pinned.
-        self._device_host_bytes = device_alias(self._store, self.device)
-        self._device_host_views = (None if self._device_host_bytes is None else
-                                   self._record_views(self._device_host_bytes, self.num_layers * self.num_experts))
-        for layer, source in enumerate(sources):
-            for e in range(self.num_experts):
-                gate_up, down = source.get(e)
-                record = layer * self.num_experts + e
-                self._host_gate_up[record].copy_(gate_up.detach())
-                self._host_down[record].copy_(down.detach())
-        # Biases are small: each layer's stay on the device (the fused modules' own tensors where they are
-        # there already), and moe adds them unless the call passes its own.
-        self._biases = [None if s.biases is None else tuple(b.detach().to(self.device) for b in s.biases)
-                        for s in sources]
-
         self._pool = torch.empty(pool_bytes, dtype=torch.uint8, device=self.device)
         self._slot_gate_up, self._slot_down = self._record_views(self._pool, num_slots)
         self._map = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=self.device)
-        # Compiled graphs read these objects (slices of them are taken inside the graph), so each one,
-        # not only the base buffers, must be marked, or CUDA graph trees copy it at every replay.
-        for t in (self._pool, self._map, self._device_host_bytes, self._slot_gate_up, self._slot_down,
-                  *(self._device_host_views or ())):
-            mark_static_address(t)
         if self.device.type == "cuda":
             # The map's -1 fill is queued on this stream; the copy engine writes the map from its own
             # (non-blocking) stream, so the fill must have landed before the first copy can validate a slot.
@@ -178,6 +169,47 @@ class ExpertCache:
         self._core = _C.CacheCore(self._store, self.num_layers, self.num_experts, self.record_bytes, num_slots,
                                     self._pool.data_ptr(), self._map.data_ptr(), backend=backend, policy=policy,
                                     device=self.device.index or 0)
+        # Everything that can fail for want of memory or a device is made: the sources are read, and handed
+        # over where the caller releases them, only now.
+        self._biases = []
+        released = []
+        try:
+            for layer in range(self.num_layers):
+                source, sources[layer] = sources[layer], None
+                for e in range(self.num_experts):
+                    gate_up, down = source.get(e)
+                    record = layer * self.num_experts + e
+                    self._host_gate_up[record].copy_(gate_up.detach())
+                    self._host_down[record].copy_(down.detach())
+                # Biases are small: each layer's stay on the device (the fused modules' own tensors where
+                # they are there already), and moe adds them unless the call passes its own.
+                self._biases.append(None if source.biases is None else
+                                    tuple(b.detach().to(self.device) for b in source.biases))
+                del source, gate_up, down
+                if release_sources is not None:
+                    release_sources.release(layer)
+                    released.append(layer)
+            self._store.pin()  # an arena filled before it was pinned (a no-op otherwise)
+        except BaseException:  # Ctrl-C while the store fills, too: every released layer gets its weights back
+            for layer in released:
+                lo, hi = layer * self.num_experts, (layer + 1) * self.num_experts
+                release_sources.restore(layer, self._host_gate_up[lo:hi], self._host_down[lo:hi])
+            self._core.close()
+            self._core = self._host_gate_up = self._host_down = self._host_bytes = None
+            self._store.release()
+            raise
+        if self._store.warning:
+            logger.warning("expert host store: %s", self._store.warning)
+        # The same masters addressed as device memory, for callers that accept only device tensors
+        # (CUDA-graph capture copies or refuses CPU inputs); None where the store is not pinned.
+        self._device_host_bytes = device_alias(self._store, self.device)
+        self._device_host_views = (None if self._device_host_bytes is None else
+                                   self._record_views(self._device_host_bytes, self.num_layers * self.num_experts))
+        # Compiled graphs read these objects (slices of them are taken inside the graph), so each one,
+        # not only the base buffers, must be marked, or CUDA graph trees copy it at every replay.
+        for t in (self._pool, self._map, self._device_host_bytes, self._slot_gate_up, self._slot_down,
+                  *(self._device_host_views or ())):
+            mark_static_address(t)
         self._closed = False
         self._misses_before_reset = 0  # what reset_stats zeroed: misses_since_creation() keeps counting
         self.owner: str | None = None  # who holds the only copy of the weights in this store (see close)

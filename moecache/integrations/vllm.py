@@ -295,14 +295,12 @@ class _Engine:
                                      "compute: use MOECACHE_VLLM_POLICY=lru or lfu")
                 routers.append(_GateScores(gate, correction, score_function))
             self.predictor = LookaheadPredictor(routers, depth=offload.lookahead)
-        self.cache = ExpertCache([(layer.w13_weight.data, layer.w2_weight.data) for layer in layers],
+        # A generator, and vLLM's host tensors dropped layer by layer as the store takes them: host memory
+        # holds about one copy of the experts while the store fills, not two.
+        self.cache = ExpertCache(((layer.w13_weight.data, layer.w2_weight.data) for layer in layers),
                                  num_slots=num_slots, device=device, pin=offload.pin,
                                  policy="priority" if offload.policy in PREDICTING else offload.policy,
-                                 allow_pageable=offload.allow_pageable)
-        for layer in layers:
-            # The cache's host store now holds the master copy: drop the host tensors vLLM loaded into.
-            for param in (layer.w13_weight, layer.w2_weight):
-                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+                                 allow_pageable=offload.allow_pageable, release_sources=_HandOver(layers))
         budget = PrefetchBudget(offload.prefetch_limit, offload.lookahead) if offload.policy == "budgeted" else None
         providers = [OffloadedExperts(self.cache, i, predictor=self.predictor, prefetch=offload.prefetch, budget=budget)
                      for i in range(len(layers))]
@@ -335,6 +333,22 @@ class _Engine:
         if self.cache is not None:
             out.update(policy=self.offload.policy, slots=self.cache.num_slots, cache=self.cache.stats())
         return out
+
+
+class _HandOver:
+    """ExpertCache's release_sources for vLLM's layers: a layer's loaded weights are dropped once the host
+    store holds them, and copied back from it if the cache cannot be made."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    def release(self, layer: int) -> None:
+        for param in (self.layers[layer].w13_weight, self.layers[layer].w2_weight):
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+    def restore(self, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        for param, master in ((self.layers[layer].w13_weight, gate_up), (self.layers[layer].w2_weight, down)):
+            param.data = master.to(device=param.device, dtype=param.dtype, copy=True)
 
 
 def _engine_for(vllm_config) -> _Engine:
