@@ -1,6 +1,7 @@
 """moecache.patch / unpatch / stats on tiny random models built from transformers config classes."""
 import copy
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -613,6 +614,31 @@ def test_gpu_bf16_patched_model_matches(family, offload):
     assert_restored(model, before)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_gpu_offload_of_a_model_in_host_memory(family):
+    """The model loaded in host memory, Offload(device="cuda"): its experts go into the host store (pinned in
+    place once filled), everything else to the GPU; it computes what it computed on the CPU; unpatch puts
+    the experts back and the rest back in host memory, exactly."""
+    model = build(family).to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 7))
+    reference = copy.deepcopy(model).cuda()
+    ref = logits(reference, ids.cuda()).float()
+    del reference
+    before, params = snapshot(model), [id(p) for p in model.parameters()]
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, device="cuda", policy="predictive"))
+    assert [id(p) for p in model.parameters()] == params  # moved in place: references to them stay good
+    cache = moecache.expert_cache(model)
+    assert cache.device.type == "cuda" and cache.pinned and cache._store.pin_mode == "register"
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    assert_close(logits(model, ids.cuda()).float(), ref, torch.bfloat16)
+    assert moecache.stats(model)["cache"]["misses"] > 0
+    moecache.unpatch(model)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert_restored(model, before)
+
+
 @pytest.mark.compile
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", ["resident", "offload50", "predictive50"])
@@ -957,6 +983,71 @@ def test_an_interrupted_offload_of_list_experts_leaves_them_as_they_were(monkeyp
     assert_restored(model, before)
     for name, p in model.named_parameters():
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_vl2"])
+@pytest.mark.parametrize("where", ["filling", "after"])
+def test_an_offload_that_fails_after_freeing_experts_gives_them_back(family, where, monkeypatch):
+    """Offload frees each layer's experts as soon as the host store holds them. Interrupted while the store
+    fills (after a layer was freed), or after it (while the predictor is made), the freed layers get their
+    weights back from the store, exactly, and the model is as it was; patching again then works."""
+    from moecache.patching import offload as offload_module
+
+    model = build(family) if family != "deepseek_vl2" else VL2LanguageModel()
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids) if family != "deepseek_vl2" else None
+    before = model_snapshot(model)
+    if where == "filling":
+        real = offload_module._HandOver.release
+
+        def release(self, layer):
+            if layer == 1:
+                raise KeyboardInterrupt
+            real(self, layer)
+        monkeypatch.setattr(offload_module._HandOver, "release", release)
+    else:
+        def find_router(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(offload_module, "find_router", find_router)
+        monkeypatch.setattr("moecache.patching.validate_offload", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5, policy="predictive" if where == "after" else "lru"))
+    assert_restored(model, before)
+    assert moecache.stats(model)["patched"] is False
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+    monkeypatch.undo()
+    if ref is not None:
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))
+        assert_close(logits(model, ids), ref, torch.float32)
+        moecache.unpatch(model)
+        assert_restored(model, before)
+
+
+def test_offload_to_a_named_device():
+    """Offload(device=...): the device the slots live on. Named as the CPU for a model there, nothing else
+    moves and the model runs as with no device named; a name that is no device, or one the slots cannot
+    live on, or CUDA where moecache cannot use it, is refused before anything changes, naming `device`."""
+    model = build("mixtral")
+    ids = torch.randint(3, 96, (2, 7))
+    ref = logits(model, ids)
+    before = snapshot(model)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, device="cpu"))
+    assert moecache.expert_cache(model).device == torch.device("cpu")
+    assert_close(logits(model, ids), ref, torch.float32)
+    moecache.unpatch(model)
+    assert_restored(model, before)
+    refusals = [("bogus", "offload device='bogus' is not a device"),
+                ("meta", "offload device='meta': the slots live on a CUDA device or the CPU")]
+    if not moecache._C.cuda_available():
+        refusals.append(("cuda", "offload device='cuda' but moecache._C cannot use CUDA"))
+    for device, message in refusals:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            moecache.patch(model, offload=Offload(device=device))
+        assert moecache.stats(model)["patched"] is False
+    assert_restored(model, before)
+    # moecache.plan checks the name alone (planning for a GPU on a machine without one is fine)
+    assert moecache.plan(model, offload=Offload(gpu_experts=0.5, device="cuda:0"))["offload"]["slots"] > 0
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])

@@ -46,6 +46,7 @@ from .offload import (
     experts_dtype,
     install_state_hooks,
     install_token_id_hooks,
+    move_back,
     offload_experts,
     prefetch_allowance,
     restore_offloaded,
@@ -90,6 +91,7 @@ class PatchState:
     restored: bool = False  # unpatch ran (through this model, or a shallow copy sharing its modules)
     recorders: list = field(default_factory=list)  # transformers' output recorders patch installed
     watched: list = field(default_factory=list)  # hook tables of parts the kernels do not call
+    moved: list = field(default_factory=list)  # parameters and buffers offload moved to Offload.device
 
 
 def _state_of(model: nn.Module) -> PatchState | None:
@@ -245,7 +247,8 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
                                        f.router_block))
     if offload is not None and new_experts:
         try:
-            state.cache, state.predictor = offload_experts([(r.block, r.new) for r in new_experts], offload)
+            state.cache, state.predictor, state.moved = offload_experts(
+                model, [(r.block, r.new) for r in new_experts], offload)
             state.offload = replace(offload)  # a snapshot: the caller's object may change later
         except BaseException:  # Ctrl-C while the host store fills, too: the model stays as it was
             for r in new_experts:
@@ -368,6 +371,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     _check_no_parametrization(model, state, experts)
     for handle in state.hooks:
         handle.remove()
+    move_back(state.moved)  # first: the experts go back onto the device their parameters were on
+    state.moved = []
     if state.cache is not None:
         restore_offloaded(experts, state.cache)
     remove_latent_cache_default(model, state)

@@ -52,6 +52,11 @@ class Offload:
     predictor: with policy "predictive" or "budgeted", the path of a LearnedRoutePredictor
         (bench/train_predictor.py writes one) whose heads replace router reuse where they exist; None:
         lookahead gating only.
+    device: where the device slots live and the model runs. None: where the experts are (load the model
+        onto the GPU first). A CUDA device, for a model loaded in host memory whose experts do not fit the
+        GPU: patch moves each layer's experts into the host store as it goes (freeing their memory there,
+        so host memory holds about one copy of them, then pins the store in place), then moves every other
+        parameter and buffer to the device; unpatch puts the experts back and moves what it moved back.
     prefetch_limit: with policy "budgeted" (and only there; required): the per-layer copy allowance in
         experts, what the copy engine moves while one layer computes; `prefetch_allowance(layer_ms,
         h2d_gbps, record_bytes)` derives it. A fraction accumulates (0.25: one copy every 4 layers). The
@@ -69,11 +74,34 @@ class Offload:
     lookahead: int = 1
     predictor: str | None = None
     prefetch_limit: float | None = None
+    device: str | torch.device | None = None
 
     def __post_init__(self):
         # the same request compares equal however its numbers were made
         for name in ("gpu_experts", "lookahead", "prefetch_limit"):
             setattr(self, name, _plain_number(getattr(self, name)))
+
+    def target_device(self, *, usable: bool = True) -> torch.device | None:
+        """`device` as a torch.device (a CUDA one with its index), or None; a clear error for anything else
+        (usable=False: the name alone is checked, not this machine's devices)."""
+        if self.device is None:
+            return None
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"offload device={self.device!r} is not a device (e.g. 'cuda', 'cuda:1' or 'cpu')") from None
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"offload device={self.device!r}: the slots live on a CUDA device or the CPU")
+        if device.type == "cuda" and usable:
+            if not _C.cuda_available():
+                raise ValueError(f"offload device={self.device!r} but moecache._C cannot use CUDA "
+                                 f"({_C.cuda_unavailable_reason()})")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            if device.index >= torch.cuda.device_count():
+                raise ValueError(f"offload device={self.device!r}: this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s)")
+        return device
 
     def slots(self, num_layers: int, num_experts: int, record_bytes: int) -> int:
         """Device slots for this budget (at least one, at most every expert)."""
@@ -193,9 +221,6 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
             devices.add(fused_weights(f.module)[0].device)
         else:
             devices.update(getattr(m, n).weight.device for m in f.mlps for n in (*f.names.rows, f.names.down))
-    if len(devices) != 1 and loaded:
-        raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
-                         "cache serves one device: load the experts onto one GPU (or the CPU)")
     sizes = {(experts_shape(f)[0], expert_record_bytes(f), experts_dtype(f)) for f in found}
     if len(sizes) != 1:
         described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {expert_record_bytes(f)} bytes in "
@@ -203,6 +228,17 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
         raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size and "
                          f"dtype, and these layers differ ({described}); convert them to one dtype, or patch "
                          "without offload to run them resident")
+    target = offload.target_device(usable=loaded)
+    if target is not None and loaded:
+        elsewhere = sorted(str(d) for d in devices if d.type != "cpu" and d != target)
+        if elsewhere:
+            raise ValueError(f"offload device={offload.device!r}: the experts are on {elsewhere[0]}; load them into "
+                             f"host memory (the CPU) or onto {target}")
+        devices = {target}
+    if len(devices) != 1 and loaded:
+        raise ValueError(f"offload: the experts live on several devices {sorted(map(str, devices))}; one expert "
+                         "cache serves one device: load the experts onto one GPU (or the CPU), or name the GPU "
+                         "(Offload(device=...)) for experts in host memory")
     device = devices.pop()
     if device.type == "meta" and loaded:
         raise ValueError("offload: the experts are on the meta device (not loaded)")
@@ -240,43 +276,124 @@ def _check_predictor_fits(learned: LearnedRoutePredictor, path, found: list[Foun
                          f"{len(found)} MoE layers (numbered from 0)")
 
 
-def offload_experts(layers: list[tuple[nn.Module, MoecacheExperts]], offload: Offload):
+def offload_experts(model: nn.Module, layers: list[tuple[nn.Module, MoecacheExperts]], offload: Offload):
     """Move the layers' experts (in layer order, with their MoE blocks) to one ExpertCache and give each
-    layer an OffloadedExperts provider; the device memory the experts held is freed.
-    Returns (cache, predictor or None)."""
+    layer an OffloadedExperts provider; the memory the experts held is freed layer by layer as the host
+    store takes them. With `offload.device` naming another device than the experts', every other
+    parameter and buffer of `model` is moved there. Transactional: on any failure (Ctrl-C too) the model
+    is as it was. Returns (cache, predictor or None, what was moved: for move_back)."""
     modules = [m for _, m in layers]
     E = modules[0].num_experts
     gate_up, down = modules[0].weights()
-    device = gate_up.device
+    device = offload.target_device() or gate_up.device
     record_bytes = record_size(gate_up[0].numel() * gate_up.element_size(), down[0].numel() * down.element_size())
+    del gate_up, down
     num_slots = offload.slots(len(modules), E, record_bytes)
-    predictor = budget = None
-    if offload.policy == "budgeted":
-        budget = PrefetchBudget(offload.prefetch_limit, offload.lookahead)
-    if offload.policy in PREDICTING:
-        learned = LearnedRoutePredictor.load(offload.predictor, device=device) if offload.predictor else None
-        routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
-        predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
-    cache = ExpertCache([m.original if m.stacked is None else m.stacked.weights() for m in modules], num_slots=num_slots,
-                        policy="priority" if offload.policy in PREDICTING else offload.policy, device=device,
-                        pin=offload.pin, allow_pageable=offload.allow_pageable)
+    learned = None
+    if offload.policy in PREDICTING and offload.predictor:
+        learned = LearnedRoutePredictor.load(offload.predictor, device=device)
+    # a generator: each layer's tensors are held by the cache's source for that layer alone, dropped once stored
+    cache = ExpertCache((m.original if m.stacked is None else m.stacked.weights() for m in modules),
+                        num_slots=num_slots, policy="priority" if offload.policy in PREDICTING else offload.policy,
+                        device=device, pin=offload.pin, allow_pageable=offload.allow_pageable,
+                        release_sources=_HandOver(modules))
     cache.owner = CACHE_OWNER
+    moved = []
+    try:
+        if offload.device is not None:
+            moved = move_to(model, device)
+        predictor = budget = None
+        if offload.policy == "budgeted":
+            budget = PrefetchBudget(offload.prefetch_limit, offload.lookahead)
+        if offload.policy in PREDICTING:  # the routers read where they now are
+            routers = [find_router(block, m.num_experts, m.hidden_size) for block, m in layers]
+            predictor = LookaheadPredictor(routers, depth=offload.lookahead, learned=learned)
+    except BaseException:
+        move_back(moved)
+        for layer, module in enumerate(modules):
+            _put_back(module, *cache.host_weights(layer))
+        cache.close(owner=CACHE_OWNER)
+        raise
     providers = [OffloadedExperts(cache, layer, predictor=predictor, prefetch=offload.prefetch, budget=budget)
                  for layer in range(len(modules))]
     for provider, nxt in zip(providers, providers[1:]):
         provider.next = nxt
     for module, provider in zip(modules, providers):
         module.provider = provider
-        # The host store now holds the master copy: free the device memory the experts held.
+    logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)%s",
+                len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
+                num_slots * cache.record_bytes / 2**30,
+                f"; {len(moved)} other parameters and buffers moved to {device}" if moved else "")
+    return cache, predictor, moved
+
+
+class _HandOver:
+    """ExpertCache's release_sources for an offload: a layer's experts' memory is freed as soon as the
+    host store holds them, and put back (copied from the store) if the cache cannot be made."""
+
+    def __init__(self, modules: list[MoecacheExperts]):
+        self.modules = modules
+
+    def release(self, layer: int) -> None:
+        module = self.modules[layer]
         if module.stacked is not None:
             module.stacked.free_weights()
         else:
             for param in module.fused_parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-    logger.info("moecache.patch: %d layers x %d experts offloaded to %s host memory; %d slots on %s (%.2f GiB)",
-                len(modules), E, "pinned" if cache.pinned else "pageable", num_slots, device,
-                num_slots * cache.record_bytes / 2**30)
-    return cache, predictor
+
+    def restore(self, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        _put_back(self.modules[layer], gate_up, down)
+
+
+def _put_back(module: MoecacheExperts, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """A layer's master weights (from the host store) copied back into its parameters, bit-exact (they were
+    copied, not cast)."""
+    if module.stacked is not None:
+        module.stacked.load_weights(gate_up, down)
+        return
+    if module.layout.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    # the Parameters the patched module holds now: unpatch gives those to the original (a conversion under
+    # torch's overwrite-on-conversion flag, or a load with assign=True, made new ones)
+    for param, src in zip(module.fused_parameters(), (gate_up, down)):
+        # a copy: never a view of the store the cache is about to release
+        param.data = src.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def move_to(model: nn.Module, device: torch.device) -> list:
+    """Move every parameter and buffer of `model` that is not on `device` there (a tensor shared by
+    several modules once: a tied weight stays tied). Returns what moved, for move_back."""
+    moved, buffers = [], {}
+    try:
+        for param in {id(p): p for p in model.parameters()}.values():
+            if param.device != device:
+                moved.append((param, None, param.device))
+                param.data = param.data.to(device)
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.device != device:
+                    moved.append((module, name, buffer.device))
+                    if id(buffer) not in buffers:
+                        buffers[id(buffer)] = (buffer, buffer.to(device))  # the original kept: ids stay unique
+                    module._buffers[name] = buffers[id(buffer)][1]
+    except BaseException:
+        move_back(moved)
+        raise
+    return moved
+
+
+def move_back(moved: list) -> None:
+    """Undo move_to: each parameter and buffer goes back to the device it was on."""
+    copies = {}
+    for owner, name, device in reversed(moved):
+        if name is None:
+            owner.data = owner.data.to(device)
+        else:
+            buffer = owner._buffers[name]
+            if id(buffer) not in copies:
+                copies[id(buffer)] = buffer.to(device)
+            owner._buffers[name] = copies[id(buffer)]
 
 
 NOT_COPYABLE = ("a model whose experts moecache offloaded cannot be pickled or copied (pinned host memory, "
@@ -462,17 +579,6 @@ def restore_offloaded(modules: list[MoecacheExperts], cache: ExpertCache) -> Non
         provider = module.provider
         if not isinstance(provider, OffloadedExperts):
             continue
-        gate_up, down = cache.host_weights(provider.layer)
-        if module.stacked is not None:
-            module.stacked.load_weights(gate_up, down)
-        else:
-            if module.layout.transposed:
-                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-            # the Parameters the patched module holds now: unpatch gives those to the original (a conversion
-            # under torch's overwrite-on-conversion flag, or a load with assign=True, made new ones)
-            for param, src in zip(module.fused_parameters(), (gate_up, down)):
-                # a copy: never a view of the store the cache is about to release
-                param.data = src.to(device=param.device, dtype=param.dtype, memory_format=torch.contiguous_format,
-                                    copy=True)
+        _put_back(module, *cache.host_weights(provider.layer))
         module.provider = None
     cache.close(owner=CACHE_OWNER)
