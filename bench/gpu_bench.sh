@@ -37,6 +37,8 @@ stage kernel_times ${KT_LIMIT:-90} bash -c "cd /tmp && python3 '$ROOT/bench/kern
 bench bench_prefetch 45 --parts misses
 # Host time per eager call: direct launches against the custom-op dispatcher, value checks on and off.
 bench host_overhead 40
+# Host memory while a model loaded in host memory is offloaded onto the GPU (handed over, pinned in place)
+bench host_memory 45 --expert-mib 2048
 # Block configurations for this GPU (a dozen candidates per point, each checked before it is timed),
 # then the layer benchmark again with that table.
 stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.py' --focused --out '$TABLE' \
@@ -46,6 +48,6 @@ stage tune ${TUNE_LIMIT:-120} bash -c "cd /tmp && python3 '$ROOT/bench/tune_moe.
   --tokens 1,4,16,64 --rep 20"
 
 log "summary"
-grep -E "vs grouped_mm|moecache(_checked)?:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |\[ *(pass|FAIL|n/a)\]|h2d |overlap|misses T|HBM floor|decode step|us/call" \
+grep -E "vs grouped_mm|moecache(_checked)?:(eager|graph)|grouped_mm:(eager|graph)|^ *(16|128) |\[ *(pass|FAIL|n/a)\]|h2d |overlap|misses T|HBM floor|decode step|us/call|peak RSS rise" \
   "$LOG" | head -200 >> "$SUMMARY"
 cat "$SUMMARY"

@@ -590,3 +590,16 @@ def test_the_l2_flush_reads_its_buffer_and_the_mla_targets_judge_the_ratio_first
     rows = [json.loads(line) for line in (BENCH / "results" / "bench_mla.jsonl").read_text().splitlines()]
     name, status, detail = bench_mla.evaluate_targets(rows)[0]
     assert name.startswith(">= 80% of the measured HBM read rate") and (status, detail) == ("FAIL", "Hq16 B64 S4096: 34%")
+
+
+@pytest.mark.skipif(not (BENCH / "host_memory.py").is_file(), reason="needs the source tree")
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a resettable peak RSS (Linux)")
+def test_host_memory_quick_measures_one_copy_of_the_experts_handed_over(tmp_path):
+    """A cache built from the model's experts beside them raises the peak RSS by one copy of the experts; patch's
+    offload, which hands each layer over as it fills, by about one layer's (1/2 of them with the quick run's two
+    layers)."""
+    rows = {r["case"]: r for r in quick_rows("host_memory.py", tmp_path)}
+    assert set(rows) == {"list", "handed"}
+    assert rows["list"]["rise_over_experts"] > 0.9
+    assert rows["handed"]["rise_over_experts"] < 0.6
+    assert all(r["expert_bytes"] > 2**27 and r["offload_device"] == "cpu" for r in rows.values())

@@ -34,7 +34,8 @@ def test_dry_run_plans_every_stage_in_order(script, tmp_path):
         assert [s for s in order if f"{s}: ok" in summary] == order
         assert log.index("gpu_smoke.py") < log.index("-m gpu and not compile") < log.index("compute-sanitizer")
     elif script == "gpu_bench.sh":
-        for name in ("bench_moe", "e2e-graph", "e2e-eager", "bench_mla", "kernel_times", "bench_prefetch", "tune"):
+        for name in ("bench_moe", "e2e-graph", "e2e-eager", "bench_mla", "kernel_times", "bench_prefetch", "host_memory",
+                     "tune"):
             assert f"{name}" in summary
         # the targets' stages first: the layer, the whole model's graph decode, MLA, the prefetcher's overlap
         first = ["bench_moe --shapes deepseek-v2-lite", "e2e-graph", "bench_mla", "bench_prefetch --parts overlap"]
