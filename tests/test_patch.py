@@ -616,7 +616,7 @@ def test_gpu_bf16_patched_model_matches(family, offload):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
-def test_gpu_offload_of_a_model_in_host_memory(family):
+def test_gpu_offload_of_a_model_in_host_memory(family, caplog):
     """The model loaded in host memory, Offload(device="cuda"): its experts go into the host store (pinned in
     place once filled), everything else to the GPU; it computes what it computed on the CPU; unpatch puts
     the experts back and the rest back in host memory, exactly."""
@@ -637,6 +637,11 @@ def test_gpu_offload_of_a_model_in_host_memory(family):
     moecache.unpatch(model)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert_restored(model, before)
+    with caplog.at_level(logging.WARNING, logger="moecache"):  # no device named: said, not guessed
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))
+    assert "Offload(device='cuda') runs it on the GPU" in caplog.text
+    assert moecache.expert_cache(model).device.type == "cpu"
+    moecache.unpatch(model)
 
 
 @pytest.mark.compile

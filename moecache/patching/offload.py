@@ -286,6 +286,9 @@ def offload_experts(model: nn.Module, layers: list[tuple[nn.Module, MoecacheExpe
     E = modules[0].num_experts
     gate_up, down = modules[0].weights()
     device = offload.target_device() or gate_up.device
+    if offload.device is None and device.type == "cpu" and _C.cuda_available():
+        logger.warning("moecache.patch: the experts are in host memory and the Offload names no device, so the "
+                       "slots and the model stay on the CPU; Offload(device='cuda') runs it on the GPU")
     record_bytes = record_size(gate_up[0].numel() * gate_up.element_size(), down[0].numel() * down.element_size())
     del gate_up, down
     num_slots = offload.slots(len(modules), E, record_bytes)
