@@ -637,6 +637,15 @@ def test_gpu_offload_of_a_model_in_host_memory(family, caplog):
     moecache.unpatch(model)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert_restored(model, before)
+    real = torch.cuda.mem_get_info
+    try:  # a GPU without room for the rest and the slots: refused before the store is filled
+        torch.cuda.mem_get_info = lambda device=None: (2**20, real(device)[1])
+        with pytest.raises(ValueError, match="GiB of GPU memory but 0.00 GiB of .* is free: lower gpu_experts"):
+            moecache.patch(model, offload=Offload(gpu_experts=0.5, device="cuda"))
+    finally:
+        torch.cuda.mem_get_info = real
+    assert_restored(model, before)
+    assert moecache.stats(model)["patched"] is False
     with caplog.at_level(logging.WARNING, logger="moecache"):  # no device named: said, not guessed
         moecache.patch(model, offload=Offload(gpu_experts=0.5))
     assert "Offload(device='cuda') runs it on the GPU" in caplog.text
@@ -1053,6 +1062,21 @@ def test_offload_to_a_named_device():
     assert_restored(model, before)
     # moecache.plan checks the name alone (planning for a GPU on a machine without one is fine)
     assert moecache.plan(model, offload=Offload(gpu_experts=0.5, device="cuda:0"))["offload"]["slots"] > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])
+def test_the_bytes_an_offload_moves_to_its_device_are_the_weights_but_the_experts(family):
+    """What Offload(device=<GPU>) checks against the GPU's free memory before filling the store: every
+    parameter and buffer but the experts, each tensor once (plan's parameter bytes less its expert bytes)."""
+    from moecache.patching.families import find_experts
+    from moecache.patching.offload import bytes_to_move
+
+    model = build(family) if family != "deepseek_vl2" else VL2LanguageModel()
+    found = find_experts(model)
+    planned = moecache.plan(model)
+    expected = planned["parameter_bytes"] - planned["expert_parameter_bytes"]
+    assert 0 < bytes_to_move(model, found, torch.device("cuda", 0)) == expected
+    assert bytes_to_move(model, found, torch.device("cpu")) == 0  # already there
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_vl2"])

@@ -42,6 +42,7 @@ from .generate import install_latent_cache_default, remove_latent_cache_default
 from .hooks import HookCount, give_back_hooks, settle_hooks, share_hooks, unwatch_hooks, unwatch_tree, watch_hooks
 from .offload import (
     Offload,
+    check_device_room,
     expert_record_bytes,
     experts_dtype,
     install_state_hooks,
@@ -221,6 +222,7 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
                              f"first to offload it with {offload}")
         if plan.experts:
             validate_offload([f for f, _ in plan.experts], offload)
+            check_device_room(model, [f for f, _ in plan.experts], offload)
 
 
 def _same_offload(a: Offload, b: Offload | None) -> bool:

@@ -248,6 +248,33 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
     offload.slots(len(found), experts_shape(found[0])[0], expert_record_bytes(found[0]))  # a budget error, before stacking
 
 
+def bytes_to_move(model: nn.Module, found: list[FoundExperts], device: torch.device) -> int:
+    """Bytes of the parameters and buffers, experts aside, that Offload(device=...) moves onto `device`
+    (those elsewhere; a tensor shared by several modules counted once)."""
+    experts = set()
+    for f in found:
+        for module in ([f.module] if f.names is None else f.mlps):
+            experts.update(id(t) for t in module.parameters())
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in experts}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device != device)
+
+
+def check_device_room(model: nn.Module, found: list[FoundExperts], offload: Offload) -> None:
+    """For Offload(device=<a GPU>): the weights moved there and the slot pool must fit its free memory,
+    checked before the host store is filled (which takes minutes for a large model), not after."""
+    target = offload.target_device()
+    if target is None or target.type != "cuda":
+        return
+    moved = bytes_to_move(model, found, target)
+    pool = offload.slots(len(found), experts_shape(found[0])[0], expert_record_bytes(found[0])) * \
+        expert_record_bytes(found[0])
+    free, total = torch.cuda.mem_get_info(target)
+    if moved + pool > free:
+        raise ValueError(f"offload device={offload.device!r}: the model's other weights ({moved / 2**30:.2f} GiB) and "
+                         f"the expert slots ({pool / 2**30:.2f} GiB) need {(moved + pool) / 2**30:.2f} GiB of GPU "
+                         f"memory but {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free: lower gpu_experts")
+
+
 def experts_dtype(found) -> torch.dtype:
     if found.names is None:
         return fused_weights(found.module)[0].dtype
