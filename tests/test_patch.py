@@ -1049,6 +1049,9 @@ def test_offload_to_a_named_device():
     moecache.patch(model, offload=Offload(gpu_experts=0.5, device="cpu"))
     assert moecache.expert_cache(model).device == torch.device("cpu")
     assert_close(logits(model, ids), ref, torch.float32)
+    moecache.patch(model, offload=Offload(gpu_experts=0.5, device=torch.device("cpu")))  # the same request
+    with pytest.raises(ValueError, match="already offloaded"):
+        moecache.patch(model, offload=Offload(gpu_experts=0.5))  # another: no device named
     moecache.unpatch(model)
     assert_restored(model, before)
     refusals = [("bogus", "offload device='bogus' is not a device"),

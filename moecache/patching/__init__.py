@@ -226,8 +226,11 @@ def _validate(model, plan: _Plan, offload: Offload | None, strict: bool) -> None
 
 
 def _same_offload(a: Offload, b: Offload | None) -> bool:
-    """Equal fields of equal types: gpu_experts=1 (one expert per layer) is not gpu_experts=1.0 (all)."""
-    return b is not None and all(x == y and type(x) is type(y) for x, y in zip(astuple(a), astuple(b)))
+    """Equal fields of equal types: gpu_experts=1 (one expert per layer) is not gpu_experts=1.0 (all); the
+    device compared as the device it names ('cuda' is 'cuda:0' where that is the current one)."""
+    if b is None or a.target_device() != b.target_device():
+        return False
+    return all(x == y and type(x) is type(y) for x, y in zip(astuple(replace(a, device=None)), astuple(replace(b, device=None))))
 
 
 def _no_experts_message(model) -> str:
