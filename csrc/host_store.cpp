@@ -25,12 +25,28 @@ std::string gib(std::size_t bytes) {
   return s.str();
 }
 
+// Whole pages, at least one.
+std::size_t page_rounded(std::size_t bytes) { return bytes == 0 ? kPage : (bytes + kPage - 1) / kPage * kPage; }
+
 void* aligned_pageable(std::size_t bytes) {
-  const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
-  void* p = std::aligned_alloc(kPage, rounded == 0 ? kPage : rounded);
+  void* p = std::aligned_alloc(kPage, page_rounded(bytes));
   if (p == nullptr) throw std::runtime_error("host store: could not allocate " + gib(bytes));
   return p;
 }
+
+#ifdef MOECACHE_WITH_CUDA
+constexpr const char* kPageableFallback = "; using pageable memory (copies ~3x slower, no in-place reads)";
+
+// Page-locks an aligned arena in place (mapped, so it has a device address): "" on success, else why (the
+// CUDA error cleared).
+std::string register_in_place(void* data, std::size_t bytes) {
+  cudaError_t st = cudaHostRegister(data, page_rounded(bytes), cudaHostRegisterPortable | cudaHostRegisterMapped);
+  if (st == cudaSuccess) return "";
+  cudaGetLastError();
+  return std::string("cudaHostRegister of ") + gib(bytes) + " failed (" + cudaGetErrorString(st) +
+         "); check `ulimit -l` and free RAM";
+}
+#endif
 }  // namespace
 
 std::size_t host_memory_available() {
@@ -70,20 +86,15 @@ HostStore::HostStore(std::size_t bytes, Backend backend, PinMode mode, bool allo
     }
   } else if (mode_ == PinMode::Register) {
     data_ = aligned_pageable(bytes);
-    const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
-    cudaError_t st = cudaHostRegister(data_, rounded == 0 ? kPage : rounded,
-                                      cudaHostRegisterPortable | cudaHostRegisterMapped);
-    if (st != cudaSuccess) {
+    warning_ = register_in_place(data_, bytes);
+    if (!warning_.empty()) {
       std::free(data_);
       data_ = nullptr;
-      cudaGetLastError();
-      warning_ = std::string("cudaHostRegister of ") + gib(bytes) + " failed (" + cudaGetErrorString(st) +
-                 "); check `ulimit -l` and free RAM";
     }
   }
   if (data_ == nullptr && mode_ != PinMode::Pageable) {
     if (!allow_pageable) throw std::runtime_error("host store: " + warning_);
-    warning_ += "; using pageable memory (copies ~3x slower, no in-place reads)";
+    warning_ += kPageableFallback;
     mode_ = PinMode::Pageable;
   }
 #else
@@ -100,19 +111,14 @@ void HostStore::pin() {
   pin_pending_ = false;
 #ifdef MOECACHE_WITH_CUDA
   const auto t0 = std::chrono::steady_clock::now();
-  const std::size_t rounded = (bytes_ + kPage - 1) / kPage * kPage;
-  cudaError_t st = cudaHostRegister(data_, rounded == 0 ? kPage : rounded,
-                                    cudaHostRegisterPortable | cudaHostRegisterMapped);
+  warning_ = register_in_place(data_, bytes_);
   pin_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (st == cudaSuccess) {
+  if (warning_.empty()) {
     mode_ = PinMode::Register;
     return;
   }
-  cudaGetLastError();
-  warning_ = std::string("cudaHostRegister of the filled ") + gib(bytes_) + " failed (" + cudaGetErrorString(st) +
-             "); check `ulimit -l` and free RAM";
   if (!allow_pageable_) throw std::runtime_error("host store: " + warning_);
-  warning_ += "; using pageable memory (copies ~3x slower, no in-place reads)";
+  warning_ += kPageableFallback;
 #endif
 }
 

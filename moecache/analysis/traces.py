@@ -97,7 +97,7 @@ def record_routing(model, input_ids: torch.Tensor, experts: list, routers: list,
             trace.predictions[step][target][d - 1] = guess
             trace.scores[step][target][d - 1] = [int(counts[e]) for e in guess]
 
-    def share_token_ids(model, args, kwargs):  # layers routed by token id are predicted from the step's ids
+    def share_token_ids(module, args, kwargs):  # layers routed by token id are predicted from the step's ids
         ids = kwargs.get("input_ids", args[0] if args else None)
         predictor.token_ids = ids if isinstance(ids, torch.Tensor) else None
 
