@@ -226,6 +226,36 @@ def test_rounds_run_no_expert_on_a_token_not_routed_to_it(backend, dtype):
     assert_close(out[2:], ref[2:], dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("misses", ["copy", "in_place"])
+def test_routes_of_weight_zero_fetch_nothing(backend, misses):
+    """A route of weight 0 (LongCat-Flash's zero-computation experts, ZAYA's skip expert, a capacity drop)
+    adds nothing: its expert is neither fetched nor counted, and the output is the reference's."""
+    L, E, H, I = 1, 8, 32, 16
+    layers = random_layers(L, E, H, I)
+    x = torch.randn(5, H)
+    w, _ = route_reference(torch.randn(5, E), 3)
+    ids = torch.tensor([[0, 1, 5], [1, 2, 6], [0, 2, 7], [1, 0, 5], [3, 4, 6]], dtype=torch.int32)
+    w[:, 2] = 0  # experts 5, 6 and 7 only ever weigh 0
+    w[4] = 0  # and 3 and 4 only in a token whose routes all weigh 0
+    with ExpertCache(layers, num_slots=E) as cache:
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend).cpu()
+        assert_close(out, fused_moe_reference(x, *layers[0], w, ids), torch.float32)
+        assert torch.equal(out[4], torch.zeros(H))
+        s = cache.stats()
+        assert s["requests"] == 3 and sorted(cache.resident(0)) == [0, 1, 2]
+        nothing = cache.moe(0, x.to(DEVICE), torch.zeros_like(w).to(DEVICE), ids.to(DEVICE), backend=backend)
+        assert torch.equal(nothing.cpu(), torch.zeros_like(x)) and cache.stats()["requests"] == 3
+        ids[0, 2] = E  # an expert the layer lacks is refused whatever its weight
+        with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, E=8\)"):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend)
+        with pytest.raises(IndexError):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend, validate=False)
+        ids[0, 2] = 0  # and so is a row that repeats an expert, weighed or not
+        with pytest.raises(ValueError, match="repeats an expert"):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend)
+
+
 @pytest.mark.parametrize("misses", ["copy", "in_place"])
 def test_non_gated_experts_are_one_record_each(misses):
     """fc1 [I, H] and fc2 [H, I] share one record; a pool below the active experts still matches."""

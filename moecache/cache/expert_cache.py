@@ -39,6 +39,29 @@ def record_size(gate_up_bytes: int, down_bytes: int) -> int:
     return _align(_align(gate_up_bytes) + down_bytes)
 
 
+def weighted_routes(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """(ids, the distinct experts of the routes whose weight is not 0), in one host sync.
+
+    A route of weight 0 adds nothing (LongCat-Flash's zero-computation experts and ZAYA's skip expert leave
+    such routes pointing at a real expert; so do capacity drops), so its expert is not fetched: its id is
+    pointed at its token's highest-weighted expert, one the kernel reads anyway, and the route multiplies
+    an output its token already has by 0. Ids outside [0, num_experts) stay among the experts whatever
+    their weight (the cache refuses them). Where autograd records the weights, routes stay as they are
+    (a weight's gradient is its expert's output)."""
+    if topk_weights.requires_grad and torch.is_grad_enabled():
+        return topk_ids, ExpertCache._ids(torch.unique(topk_ids))
+    weighted = topk_weights != 0
+    # A route of weight 0 as ~id (< 0): which ids occur, and whether with weight, from one unique
+    keys = ExpertCache._ids(torch.unique(torch.where(weighted, topk_ids, ~topk_ids)))
+    distinct = [k for k in keys if k >= 0] + [~k for k in keys if k < 0 and not 0 <= ~k < num_experts]
+    if all(k >= 0 for k in keys) or not distinct:
+        return topk_ids, distinct
+    best = topk_ids.gather(1, topk_weights.abs().argmax(dim=1, keepdim=True))
+    best = torch.where(weighted.any(dim=1, keepdim=True), best, distinct[0])  # a token whose routes all weigh 0
+    return torch.where(weighted, topk_ids, best), distinct
+
+
 class Lease:
     """Slots that ensure() made resident, protected from eviction until release() (or the `with` ends)."""
 
@@ -460,7 +483,16 @@ class ExpertCache:
                                  expert_map=self._map[layer], host_w_gate_up=host_gate_up, host_w_down=host_down,
                                  **extra)
         self._check_not_capturing()
-        needed = self._ids(torch.unique(topk_ids))
+        routed_ids = topk_ids
+        topk_ids, needed = weighted_routes(topk_weights, topk_ids, self.num_experts)
+        if topk_ids is not routed_ids or not needed:  # routes of weight 0 now repeat an expert of their token
+            if validate:  # the caller's routes, checked as the kernels would have
+                ops.check_topk_ids(routed_ids, self.num_experts)
+            extra["validate"] = False
+        if not needed:  # every route weighs 0: each adds 0 times its expert's output
+            if before_compute is not None:
+                before_compute(needed)
+            return torch.zeros_like(hidden_states)
         if misses == "in_place":
             # The resident experts this call reads are leased: no prefetch (before_compute's for the next
             # layers, or another thread's) can evict them before the kernel is enqueued.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .expert_cache import ExpertCache
+from .expert_cache import ExpertCache, weighted_routes
 from .predictor import LookaheadPredictor
 
 # Cache priorities written for predicted experts: a layer d steps ahead gets a base of
@@ -69,7 +69,7 @@ class OffloadedExperts:
         self.budget = budget  # with a predictor: copy only the most confident picks this allows (shared)
         self.prefetch_next = prefetch and predictor is None
         self.next: OffloadedExperts | None = None  # set by whoever wires the layers in order
-        self.last_experts: torch.Tensor | None = None  # experts this layer used on its last call
+        self.last_experts: list[int] | None = None  # experts this layer used on its last call
 
     def __call__(self, hidden_states, top_k_index, top_k_weights, *, activation_args: dict, interleaved: bool,
                  biases: dict) -> torch.Tensor:
@@ -94,16 +94,17 @@ class OffloadedExperts:
         out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, **activation_args,
                         before_compute=predict, validate=False, **biases)
         if self.prefetch_next:
-            self._prefetch_next_layer(top_k_index)
+            self._prefetch_next_layer(top_k_index, top_k_weights)
         return out
 
-    def _prefetch_next_layer(self, top_k_index: torch.Tensor) -> None:
+    def _prefetch_next_layer(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Temporal locality: the next layer will likely route to what it routed to on the previous step.
-        Every layer, the last one too, keeps what it used for the layer before it to prefetch."""
+        Every layer, the last one too, keeps what it used (its routes of weight 0 use nothing) for the layer
+        before it to prefetch."""
         nxt = self.next
         if nxt is not None and nxt.last_experts is not None:
             self.cache.prefetch(nxt.layer, nxt.last_experts)
-        self.last_experts = torch.unique(top_k_index).cpu()
+        self.last_experts = weighted_routes(top_k_weights.detach(), top_k_index, self.cache.num_experts)[1]
 
     def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
         """Score this layer's earlier guess, drop its priorities to the frequency prior (it is done until

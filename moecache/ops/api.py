@@ -405,6 +405,13 @@ def _check_fused_moe_args(x, w_gate_up, w_down, topk_weights, topk_ids, activati
     return T, H, I, E, K
 
 
+def check_topk_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """fused_moe's value checks on routes alone (one host sync): ids in [0, num_experts), no expert twice in
+    a token's row. For callers that pass the kernels routes of their own making (ExpertCache's)."""
+    if _value_checks_allowed() and topk_ids.numel():
+        _check_fused_moe_values(topk_ids, None, None, num_experts, 0)
+
+
 def _check_fused_moe_values(topk_ids, expert_map, host_w_gate_up, E, S):
     """The checks that read routing values. Every one is reduced on the device and read back in one
     transfer: one host sync per call."""
