@@ -119,16 +119,19 @@ def is_llama4_moe(block) -> bool:
         hasattr(block, name) for name in ("experts", "router", "shared_expert", "top_k", "hidden_dim"))
 
 
-# Routers that add their selection bias to the logits themselves rather than to their sigmoid.
+# Routers that add their selection bias to the logits themselves, or to their softmax, rather than to their
+# sigmoid.
 BIAS_ON_LOGITS = ("Kolibri1TopKRouter", "Kolibri1_1TopKRouter")
+BIAS_ON_SOFTMAX = ("LongcatFlashTopkRouter",)
 
 
 def router_selection_bias(block, router) -> tuple:
     """(selection bias, the function of the logits it is added to) by which a router ranks experts, as
     RouterSpec takes them: DeepSeek-V3's e_score_correction_bias on the router, or on the MoE block that
     passes it to the router (MiniMax-M2, HunYuan-V3), AFMoE's expert_bias on the block (all added to the
-    sigmoid), ERNIE 4.5's on the router's moe_statics (added to the softmax), Kolibri's on the router (added
-    to the logits); (None, "sigmoid") for a router that ranks by its logits alone."""
+    sigmoid), ERNIE 4.5's on the router's moe_statics and LongCat-Flash's on the router (added to the
+    softmax), Kolibri's on the router (added to the logits); (None, "sigmoid") for a router that ranks by
+    its logits alone."""
     statics = getattr(router, "moe_statics", None)
     for holder, name, function in ((router, "e_score_correction_bias", "sigmoid"),
                                    (statics, "e_score_correction_bias", "softmax"),
@@ -136,7 +139,8 @@ def router_selection_bias(block, router) -> tuple:
                                    (block, "expert_bias", "sigmoid")):
         bias = getattr(holder, name, None) if holder is not None else None
         if isinstance(bias, torch.Tensor):
-            return bias, ("logits" if type(router).__name__ in BIAS_ON_LOGITS else function)
+            kind = type(router).__name__
+            return bias, ("logits" if kind in BIAS_ON_LOGITS else "softmax" if kind in BIAS_ON_SOFTMAX else function)
     return None, "sigmoid"
 
 
@@ -152,6 +156,25 @@ def routed_rows(router, weight, num_experts: int, hidden: int):
     if type(router).__name__ == "InklingTopkRouter" and isinstance(shared, int) and weight.shape[0] == num_experts + shared:
         return weight[:num_experts]
     return None
+
+
+# LongCat-Flash's MLA: its forward multiplies the queries (both parts) by mla_scale_q_lora and the normalized
+# latent, before caching it, by mla_scale_kv_lora.
+MLA_LORA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")
+
+
+def mla_lora_scales(attention) -> tuple[float, float]:
+    """(query scale, latent scale) an MLA module applies (MLA_LORA_SCALES); 1.0 where it keeps none."""
+    return tuple(float(getattr(attention, name, 1.0)) for name in MLA_LORA_SCALES)
+
+
+def zero_expert_rows(block) -> int:
+    """How many rows after the routed experts' of the router's weight score zero-computation experts, 0
+    where none: LongCat-Flash's zero_expert_num. Those compete in the ranking; a token routed to one gets
+    its input back, scaled by the weight, and no expert runs for it (the block points the route at a real
+    expert with weight 0)."""
+    zero = getattr(block, "zero_expert_num", 0)
+    return zero if isinstance(zero, int) and not isinstance(zero, bool) and zero > 0 else 0
 
 
 def router_score_fn(router):

@@ -36,7 +36,24 @@ MODELS = {
     "v3-plain_rope-no_q_lora": lambda: _deepseek("v3", n_group=1, topk_group=1, rope_interleave=False,
                                                   q_lora_rank=None),
     "v3-yarn": lambda: _deepseek("v3", n_group=1, topk_group=1, rope_parameters=YARN),
+    # its queries and its cached latent scaled (mla_scale_q_lora, mla_scale_kv_lora), two attentions a layer
+    "longcat_flash": lambda: _longcat_flash(),
 }
+
+
+def _longcat_flash():
+    if "longcat_flash" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no LongCat-Flash")
+    config = transformers.AutoConfig.for_model(
+        "longcat_flash", vocab_size=96, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+        expert_ffn_hidden_size=32, n_routed_experts=8, zero_expert_num=4, moe_topk=3, kv_lora_rank=R,
+        q_lora_rank=24, qk_rope_head_dim=P, qk_nope_head_dim=8, v_head_dim=16, head_dim=P,
+        max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(1)
+    model = builders.randomize(transformers.AutoModelForCausalLM.from_config(config), 1)
+    attn = model.model.layers[0].self_attn[0]
+    assert (attn.mla_scale_q_lora, attn.mla_scale_kv_lora) == ((64 / 24) ** 0.5, (64 / R) ** 0.5)  # not 1
+    return model
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1617,3 +1617,52 @@ def test_newer_families_with_other_expert_math_are_left_alone(model_type):
     left = moecache.stats(model)["left_alone"]
     assert left and all(item["kind"] == "experts" for item in left), left
     assert not moecache.stats(model)["patched"]
+
+
+LONGCAT_FLASH = dict(num_hidden_layers=4, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=8,
+                     zero_expert_num=4, moe_topk=3, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                     qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+
+
+def test_zero_computation_experts_fetch_nothing_and_their_router_is_read():
+    """LongCat-Flash's router ranks E routed and Z zero-computation experts (softmax over E + Z, plus its
+    selection bias); a pick of a zero expert returns the input, scaled, and the block points that route at
+    a real expert with weight 0. Offloaded, only experts whose routes weigh are fetched; the router's
+    reading (E + Z rows) picks exactly the experts each layer weighs, so policy predictive works."""
+    from moecache.patching.families import find_router
+
+    model = _newer_family("longcat_flash", **LONGCAT_FLASH)
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    moecache.patch(model, strict=True)
+    calls = []
+    for block in model.modules():
+        if isinstance(getattr(block, "experts", None), MoecacheExperts):
+            spec = find_router(block, 8, 64)
+            assert (spec.num_experts, spec.zero_experts, spec.score_function) == (8, 4, "softmax")
+            block.experts.register_forward_pre_hook(lambda mod, args, spec=spec: calls.append((spec, *args)))
+    with torch.no_grad():
+        assert_close(model(ids).last_hidden_state, ref, torch.float32)
+    assert len(calls) == 2
+    weighted = all_routed = 0
+    for spec, hidden, top_k_index, top_k_weights in calls:
+        picks = spec.scores(spec.router_input(hidden)).topk(3, dim=1).indices
+        for token in range(hidden.shape[0]):
+            assert set(picks[token][picks[token] < 8].tolist()) == set(
+                top_k_index[token][top_k_weights[token] != 0].tolist())
+        weighted += len(set(top_k_index[top_k_weights != 0].tolist()))
+        all_routed += len(set(top_k_index.reshape(-1).tolist()))
+    assert (picks >= 8).any(), "no token picked a zero-computation expert: the case is not exercised"
+    moecache.unpatch(model)
+
+    counted = []
+    for policy in ("lru", "predictive"):
+        moecache.patch(model, offload=Offload(gpu_experts=1.0, policy=policy))
+        with torch.no_grad():
+            assert_close(model(ids).last_hidden_state, ref, torch.float32)
+        counted.append(moecache.stats(model)["cache"]["requests"])
+        if policy == "predictive":
+            assert moecache.stats(model)["prediction"]["per_layer"]
+        moecache.unpatch(model)
+    assert counted == [weighted, weighted] and weighted < all_routed

@@ -26,6 +26,8 @@ class RouterSpec:
     input_scale: [H], the router's own per-dimension scale of its normalized input;
     experts_input_scale: [H], the weight of the norm that made this layer's experts' input, divided out
     to take that input back to what routers read.
+    zero_experts: rows of weight (and of bias and correction) after the E routed experts' that score
+    zero-computation experts (LongCat-Flash): ranked with the others, and a pick of one uses no expert.
     """
 
     weight: torch.Tensor
@@ -34,6 +36,12 @@ class RouterSpec:
     score_function: str = "sigmoid"
     input_scale: torch.Tensor | None = None
     experts_input_scale: torch.Tensor | None = None
+    zero_experts: int = 0
+
+    @property
+    def num_experts(self) -> int:
+        """The routed experts (the scores' columns before the zero-computation experts')."""
+        return self.weight.shape[0] - self.zero_experts
 
     def router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
         """This layer's experts' input as the routers read it, up to a factor per token, which no ranking
@@ -44,7 +52,8 @@ class RouterSpec:
         return torch.where(scale != 0, experts_input.float() / scale, 0.0)
 
     def scores(self, router_input: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 ranking scores (top-k of these is the router's top-k choice, groups aside)."""
+        """[T, E + zero_experts] fp32 ranking scores (top-k of these is the router's top-k choice, groups
+        aside)."""
         x = router_input if self.input_scale is None else router_input.float() * self.input_scale.float()
         logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return ranking_scores(logits, self.correction, self.score_function)
@@ -143,12 +152,14 @@ class LookaheadPredictor:
             else:
                 if self.learned is not None and self.learned.has(target, d):
                     scores = self.learned.scores(target, d, hidden_states)
+                    num_experts = scores.shape[1]
                 elif router is None:
                     continue
                 else:
                     scores = lookahead_scores(self.routers, layer, target, hidden_states)
-                num_experts = scores.shape[1]
-                chosen = scores.topk(min(top_k, num_experts), dim=1).indices.reshape(-1)
+                    num_experts = scores.shape[1] - getattr(router, "zero_experts", 0)
+                chosen = scores.topk(min(top_k, scores.shape[1]), dim=1).indices.reshape(-1)
+                chosen = chosen[chosen < num_experts]  # a zero-computation expert's pick uses none
             counts = torch.bincount(chosen, minlength=num_experts).cpu()
             self.pending[(target, d)] = set(torch.nonzero(counts).reshape(-1).tolist())
             out.append((target, d, counts))

@@ -25,11 +25,13 @@ class MoecacheMLA(nn.Module):
     the projections' behaviour stay the model's, and a projection replaced on either (an adapter, say)
     is replaced on both and stays after unpatch. W_UK [H, Dn, R] and W_UV [H, Dv, R] are views of
     kv_b_proj's weight (no copy). `rope(q_rot, k_rot, call)` applies the model's rotary embedding,
-    given the call's keyword arguments.
+    given the call's keyword arguments. `scale` is the softmax scale times any factor the module applies to
+    its queries; `latent_scale` multiplies the normalized latent before it is cached (LongCat-Flash's
+    mla_scale_q_lora and mla_scale_kv_lora).
     """
 
     def __init__(self, original: nn.Module, *, rope: Callable, scale: float, arg_names: tuple[str, ...],
-                 cache_arg: str = "past_key_values", returns: int = 2):
+                 cache_arg: str = "past_key_values", returns: int = 2, latent_scale: float = 1.0):
         super().__init__()
         object.__setattr__(self, "original", original)  # not a submodule: its children are ours below
         object.__setattr__(self, "_modules", original._modules)
@@ -45,6 +47,7 @@ class MoecacheMLA(nn.Module):
         self.q_lora_rank = getattr(original, "q_lora_rank", None)
         self.layer_idx = original.layer_idx
         self.scale = float(scale)
+        self.latent_scale = float(latent_scale)
         self.rope = rope
         self.arg_names = arg_names
         self.cache_arg = cache_arg
@@ -126,6 +129,8 @@ class MoecacheMLA(nn.Module):
         q_nope, q_rot = q[..., :Dn], q[..., Dn:]
         latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([R, P], dim=-1)
         latent = self.kv_a_layernorm(latent)
+        if self.latent_scale != 1.0:
+            latent = latent * self.latent_scale
         q_rot, k_rot = self.rope(q_rot, k_rot.view(B, 1, S, P), call)
         rows = torch.cat([latent, k_rot.reshape(B, S, P).to(latent.dtype)], dim=-1)
         w_uk, w_uv = self.absorbed_weights()

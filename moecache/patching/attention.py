@@ -15,7 +15,8 @@ from .hooks import own_forward, read_as_weights
 MLA_PARTS = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 MLA_SIZES = ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 # Everything MoecacheMLA computes with: a module with other parts (DeepSeek-V3.2's and GLM-DSA's sparse
-# indexer, a gated query projection) or other scale factors (LongCat's) computes something else.
+# indexer, a gated query projection) or other scale factors (but LongCat's, compat.MLA_LORA_SCALES, where
+# its forward reads them) computes something else.
 MLA_CHILDREN = {*MLA_PARTS, "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "rotary_emb"}
 MLA_QUERY_PATHS = (("q_proj",), ("q_a_proj", "q_a_layernorm", "q_b_proj"))
 MLA_FLOATS = {"scaling", "softmax_scale", "attention_dropout", "rope_theta"}
@@ -44,8 +45,10 @@ def unsupported_parts(module: nn.Module) -> str | None:
         return f"it has parts moecache's MLA does not run ({', '.join(extra)})"
     if not any(all(isinstance(getattr(module, n, None), nn.Module) for n in path) for path in MLA_QUERY_PATHS):
         return "its query projection is neither q_proj nor q_a_proj, q_a_layernorm and q_b_proj"
+    applied = _functions_called(module)  # LongCat's scales count where its forward reads them
     scales = sorted(name for name, value in vars(module).items()
-                    if isinstance(value, float) and not name.startswith("_") and name not in MLA_FLOATS)
+                    if isinstance(value, float) and not name.startswith("_") and name not in MLA_FLOATS
+                    and not (name in compat.MLA_LORA_SCALES and name in applied))
     if scales:
         return f"it has scale factors moecache's MLA does not apply ({', '.join(scales)})"
     position_scales = sorted(name for name in _functions_called(module) if "attn_scale" in name)
@@ -84,13 +87,14 @@ def rope_for(module: nn.Module, config):
     if hasattr(source, "apply_rotary_emb"):  # transformers DeepSeek-V2: complex freqs_cis, interleaved pairs
         apply = source.apply_rotary_emb
         return lambda q, k, call: apply(q, k, call["position_embeddings"].to(q.device))
-    if hasattr(source, "apply_rotary_pos_emb"):  # transformers DeepSeek-V3: (cos, sin)
-        # DeepSeek-V3 picks by config.rope_interleave; some families (DeepSeek-V3.2, LongCat) always
-        # interleave and have no such field: the functions the forward calls decide.
+    if hasattr(source, "apply_rotary_pos_emb") or hasattr(source, "apply_rotary_pos_emb_interleave"):
+        # transformers DeepSeek-V3: (cos, sin). It picks by config.rope_interleave; some families (DeepSeek-V3.2,
+        # LongCat, whose module has only the interleaved one) always interleave and have no such field: the
+        # functions the forward calls decide.
         called = _functions_called(module)
         interleaved_only = "apply_rotary_pos_emb_interleave" in called and "apply_rotary_pos_emb" not in called
         interleave = interleaved_only or getattr(config, "rope_interleave", False)
-        if interleave and not hasattr(source, "apply_rotary_pos_emb_interleave"):
+        if not hasattr(source, "apply_rotary_pos_emb_interleave" if interleave else "apply_rotary_pos_emb"):
             return None
         apply = source.apply_rotary_pos_emb_interleave if interleave else source.apply_rotary_pos_emb
 
@@ -125,8 +129,10 @@ def plan_attention(model: nn.Module, strict: bool, left_alone: list) -> list[Att
                 left_alone.append({"name": qualified, "kind": "MLA attention", "type": type(child).__name__,
                                    "reason": why})
                 continue
+            query_scale, latent_scale = compat.mla_lora_scales(child)
             plan.append(AttentionPlan(qualified, parent, attr, child,
-                                      dict(rope=rope, scale=scale, arg_names=compat.positional_arguments(child.forward),
+                                      dict(rope=rope, scale=scale * query_scale, latent_scale=latent_scale,
+                                           arg_names=compat.positional_arguments(child.forward),
                                            cache_arg=cache_arg, returns=3 if compat.attention_returns_cache(cache_arg)
                                            else 2)))
     return plan

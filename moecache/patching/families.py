@@ -436,23 +436,27 @@ def _kind_of(override) -> str:
 def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterSpec | TokenIdRouter | None:
     """The router of an MoE block, found by shape: a child (not the experts), or a child of a child
     (DeepSpeed's gate.wg, Switch's router.classifier), whose weight is [E, H] (or holds those rows: Inkling's
-    scores its shared experts too); its bias (GPT-OSS), its selection bias (DeepSeek-V3's
-    e_score_correction_bias and the like) and Gemma 4's input scales come along. A router that picks by
+    scores its shared experts too; LongCat-Flash's scores its zero-computation experts after the routed
+    ones, E + Z rows); its bias (GPT-OSS), its selection bias (DeepSeek-V3's e_score_correction_bias and
+    the like) and Gemma 4's input scales come along. A router that picks by
     token id (compat.token_id_table) gives a TokenIdRouter: its weight does not pick the experts."""
+    zero = compat.zero_expert_rows(block)
     for child in _router_candidates(block):
         table = compat.token_id_table(child)
         if table is not None:
             return TokenIdRouter(table, num_experts)
         for module in (child, *child.children()):
             weight = getattr(module, "weight", None)
-            weight = compat.routed_rows(module, weight, num_experts, hidden) if isinstance(weight, torch.Tensor) else None
+            if not isinstance(weight, torch.Tensor):
+                continue
+            weight = compat.routed_rows(module, weight, num_experts + zero, hidden)
             if weight is not None:
                 bias = getattr(module, "bias", None)
                 correction, score_function = compat.router_selection_bias(block, child)
                 score_function = _declared_score_function(child) or score_function
                 input_scale, experts_input_scale = compat.router_input_scales(block, child)
                 return RouterSpec(weight, bias if isinstance(bias, torch.Tensor) else None, correction,
-                                  score_function, input_scale, experts_input_scale)
+                                  score_function, input_scale, experts_input_scale, zero_experts=zero)
     return None
 
 
