@@ -318,6 +318,9 @@ def _plan(args) -> int:
         print(f"offload gpu_experts={args.gpu_experts}, policy {args.policy}: {o['slots']} device slots ({o['slots_per_layer']:.1f} per layer, "
               f"{_gib(o['slot_bytes'])}); host store {_gib(o['host_bytes'])}; weights on the device "
               f"{_gib(o['device_weight_bytes'])} (without activations and the KV cache)")
+        if o["resident"]:
+            print(f"offload: experts of another size stay on the device (one expert cache takes one size): "
+                  f"{len(o['resident'])} layers, {o['resident'][0]}{' ...' if len(o['resident']) > 1 else ''}")
     return 0
 
 

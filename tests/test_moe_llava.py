@@ -291,9 +291,10 @@ def test_save_pretrained_reads_back_with_load_language_model(family, tmp_path):
     assert loaded.config.moe == model.config.moe
 
 
-def test_offloading_layers_of_different_expert_counts_says_what_offload_needs(tmp_path):
-    """A checkpoint may give each MoE layer its own expert count (resident patching runs it); offload,
-    whose slots are all one size, refused with only the two layers' shapes."""
+def test_layers_of_different_expert_counts_offload_the_larger_and_keep_the_other_resident(tmp_path, caplog):
+    """A checkpoint may give each MoE layer its own expert count. One expert cache's slots are of one size:
+    offload takes the layers whose experts hold the most bytes (here the one with 8 experts) and leaves the
+    other resident, says so, and unpatch restores both (it was refused before)."""
     from moecache.models.llava import load_language_model
 
     model = tiny("moe-llava-stablelm", num_experts=8)
@@ -313,8 +314,20 @@ def test_offloading_layers_of_different_expert_counts_says_what_offload_needs(tm
     save_file(state, str(tmp_path / "model.safetensors"))
     mixed = load_language_model(tmp_path)
     before = model_snapshot(mixed)
-    with pytest.raises(ValueError, match=r"slots of one size and dtype, and these layers differ \(model\.layers\.0\..*: 4 experts"):
-        moecache.patch(mixed, offload=moecache.Offload(gpu_experts=0.5))
+    ids = torch.randint(3, 96, (2, 7))
+    ref = seeded(model_logits, mixed, ids)
+    offload = moecache.Offload(gpu_experts=0.5)
+    assert moecache.plan(mixed, offload=offload)["offload"]["resident"] == ["model.layers.0.mlp.deepspeed_moe.experts"]
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        moecache.patch(mixed, offload=offload)
+    assert "the MoE layers hold experts of 2 sizes and one expert cache takes one: the 1 layers of 8 experts" in caplog.text
+    assert [layer["name"] for layer in moecache.stats(mixed)["layers"]] == [
+        "model.layers.0.mlp.deepspeed_moe.experts", "model.layers.2.mlp.deepspeed_moe.experts"]
+    cache = moecache.expert_cache(mixed)
+    assert (cache.num_layers, cache.num_experts, cache.num_slots) == (1, 8, 4)
+    assert_close(seeded(model_logits, mixed, ids), ref, torch.float32)
+    assert moecache.stats(mixed)["cache"]["requests"] > 0
+    moecache.unpatch(mixed)
     assert_model_restored(mixed, before)
     moecache.patch(mixed)  # resident: each layer its own count
     assert [layer["name"] for layer in moecache.stats(mixed)["layers"]] == [

@@ -1412,6 +1412,9 @@ LEFT_ALONE_FAMILIES = {  # (model_type, config, words of the reason): experts fo
     "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2,
                          head_dim=16, interleave_moe_layer_step=1, no_rope_layers=[1, 1]), "top-k 2"),
     "jetmoe": (dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, kv_channels=16), "JetMoE"),
+    # each projection flattened over the experts in a child module: found by class, not skipped in silence
+    "dbrx": (dict(ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0)), "flattened over the experts"),
     # non-gated experts (up_proj, down_proj) followed by a norm of their own
     "ergo": (dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2),
              "post_expert_norm"),
@@ -1666,3 +1669,52 @@ def test_zero_computation_experts_fetch_nothing_and_their_router_is_read():
             assert moecache.stats(model)["prediction"]["per_layer"]
         moecache.unpatch(model)
     assert counted == [weighted, weighted] and weighted < all_routed
+
+
+def _ernie_vl_text_model():
+    modeling = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
+    config = modeling.Ernie4_5_VLMoeTextConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, moe_intermediate_size=[48, 16], moe_num_experts=8, moe_k=2, moe_layer_start_index=0,
+        moe_num_shared_experts=0, max_position_embeddings=128, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})
+    torch.manual_seed(0)
+    return builders.randomize(modeling.Ernie4_5_VLMoeTextModel(config), 0)
+
+
+def test_layers_with_experts_of_two_sizes_offload_the_larger_and_keep_the_others_resident(caplog):
+    """Ernie-4.5-VL's layers hold text experts and smaller vision experts; one expert cache's slots are of one
+    size. Offload (refused before) takes the text experts, which hold the most bytes; the vision experts
+    stay resident and run on the vision tokens; plan says which; unpatch restores both."""
+    model = _ernie_vl_text_model()
+    ids = torch.randint(3, 96, (2, 9))
+    token_types = torch.zeros_like(ids)
+    token_types[:, 2:6] = 1  # image tokens: the vision experts
+    with torch.no_grad():
+        ref = model(ids, moe_mm_token_type_ids=token_types).last_hidden_state
+    before = snapshot(model)
+    offload = Offload(gpu_experts=0.5, policy="predictive")
+    names = [layer["name"] for layer in moecache.plan(model)["experts"]]
+    vision = [n for n in names if "vision_moe" in n]
+    text = [n for n in names if "text_moe" in n]
+    assert len(vision) == len(text) == 2
+    planned = moecache.plan(model, offload=offload)["offload"]
+    assert planned["resident"] == vision
+    with caplog.at_level(logging.WARNING, logger="moecache"):
+        moecache.patch(model, offload=offload, strict=True)
+    on_device = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    assert planned["device_weight_bytes"] == sum(t.numel() * t.element_size() for t in on_device) + planned["slot_bytes"]
+    assert re.search(rf"experts of 2 sizes .*: the 2 layers of 8 experts of 0\.0\d MiB \({re.escape(text[0])}, \.\.\.\) "
+                     rf"are offloaded, the other 2 stay resident \({re.escape(vision[0])}", caplog.text)
+    cache = moecache.expert_cache(model)
+    assert (cache.num_layers, cache.num_experts) == (2, 8)
+    for name in vision:  # their weights stay where they were; the text experts' are in the host store
+        assert model.get_submodule(name).gate_up_proj.numel() == 8 * 32 * 64
+    assert all(model.get_submodule(name).gate_up_proj.numel() == 0 for name in text)
+    with torch.no_grad():
+        assert_close(model(ids, moe_mm_token_type_ids=token_types).last_hidden_state, ref, torch.float32)
+    stats = moecache.stats(model)
+    assert all(layer["calls"] == 1 for layer in stats["layers"]) and stats["cache"]["requests"] > 0
+    assert stats["prediction"]["per_layer"]
+    moecache.unpatch(model)
+    assert_restored(model, before)

@@ -42,6 +42,7 @@ from .generate import install_latent_cache_default, remove_latent_cache_default
 from .hooks import HookCount, give_back_hooks, settle_hooks, share_hooks, unwatch_hooks, unwatch_tree, watch_hooks
 from .offload import (
     Offload,
+    cached_layers,
     check_device_room,
     expert_record_bytes,
     experts_dtype,
@@ -250,10 +251,21 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         new = make_experts(f, layout)
         new_experts.append(Replacement(f.name, f.parent, f.attr, f.module, new, f.kind, installed(f, new),
                                        f.router_block))
+    offloaded = []
     if offload is not None and new_experts:
+        cached = set(cached_layers([f for f, _ in plan.experts]))
+        offloaded = [r for i, r in enumerate(new_experts) if i in cached]
+        if len(offloaded) < len(new_experts):
+            resident = [r for i, r in enumerate(new_experts) if i not in cached]
+            logger.warning("moecache.patch: the MoE layers hold experts of %d sizes and one expert cache takes one: "
+                           "the %d layers of %d experts of %.2f MiB (%s, ...) are offloaded, the other %d stay "
+                           "resident (%s, ...)", len({experts_shape(f) + (expert_record_bytes(f),)
+                                                      for f, _ in plan.experts}), len(offloaded),
+                           offloaded[0].new.num_experts, expert_record_bytes(plan.experts[min(cached)][0]) / 2**20,
+                           offloaded[0].name, len(resident), resident[0].name)
         try:
             state.cache, state.predictor, state.moved = offload_experts(
-                model, [(r.block, r.new) for r in new_experts], offload)
+                model, [(r.block, r.new) for r in offloaded], offload)
             state.offload = replace(offload)  # a snapshot: the caller's object may change later
         except BaseException:  # Ctrl-C while the host store fills, too: the model stays as it was
             for r in new_experts:
@@ -296,11 +308,11 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         watched += watch_hooks(r.original.kv_b_proj, include_root=True, count=r.new.hook_count)
     state.watched += watched
     if new_experts:
-        if offload is not None:
-            state.hooks += install_state_hooks(model, [r.new for r in new_experts])
-            state.hooks += install_token_id_hooks([r.block for r in new_experts], state.predictor)
-        else:
-            for r in new_experts:
+        if offloaded:
+            state.hooks += install_state_hooks(model, [r.new for r in offloaded])
+            state.hooks += install_token_id_hooks([r.block for r in offloaded], state.predictor)
+        for r in new_experts:
+            if not any(r is o for o in offloaded):
                 stacked = r.new.stacked
                 for mlp in stacked.experts if stacked is not None else ():
                     # on each MLP and each of its linear layers: a load into one, or into any module above
@@ -555,8 +567,10 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
     attention: the MLA attention modules it would replace; left_alone: what it would leave, and why;
     parameter_bytes: the model's parameters and buffers; expert_parameter_bytes: those of the experts above;
     offload (with an Offload): slots, slots_per_layer, slot_bytes (the device slots), host_bytes (every
-        expert in the host store) and device_weight_bytes (the parameters and buffers left on the device
-        plus the slots: the weights' device memory, without activations or the KV cache).
+        expert in the host store), device_weight_bytes (the parameters and buffers left on the device
+        plus the slots: the weights' device memory, without activations or the KV cache) and resident
+        (the experts modules that stay on the device: where layers hold experts of several sizes, the one
+        expert cache takes those of the size holding the most bytes).
     An offload patch would refuse (its budget, its policy's needs: a router for "predictive") raises the
     same error here; where the weights are (the meta device, several devices) is not checked."""
     _check_module(model)
@@ -567,7 +581,7 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
         layers.append({"name": f.name, "type": type(f.module).__name__, "experts": experts_shape(f)[0],
                        "activation": layout.activation_text, "gated": layout.gated, "dtype": str(experts_dtype(f)),
                        "expert_bytes": expert_record_bytes(f)})
-        for module in ([f.module] if f.names is None else f.mlps):
+        for module in _expert_modules(f):
             expert_tensors.update((id(t), t) for t in module.parameters())
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -580,12 +594,21 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
         if not layers:
             raise ValueError(_no_experts_message(model))
         validate_offload([f for f, _ in found.experts], offload, loaded=False)
-        num_experts, record = layers[0]["experts"], layers[0]["expert_bytes"]
-        slots = offload.slots(len(layers), num_experts, record)
-        out["offload"] = {"slots": slots, "slots_per_layer": slots / len(layers), "slot_bytes": slots * record,
-                          "host_bytes": len(layers) * num_experts * record,
-                          "device_weight_bytes": parameter_bytes - expert_bytes + slots * record}
+        cached = cached_layers([f for f, _ in found.experts])
+        num_experts, record = layers[cached[0]]["experts"], layers[cached[0]]["expert_bytes"]
+        cached_bytes = sum(t.numel() * t.element_size() for t in {
+            id(t): t for i in cached for module in _expert_modules(found.experts[i][0])
+            for t in module.parameters()}.values())
+        slots = offload.slots(len(cached), num_experts, record)
+        out["offload"] = {"slots": slots, "slots_per_layer": slots / len(cached), "slot_bytes": slots * record,
+                          "host_bytes": len(cached) * num_experts * record,
+                          "device_weight_bytes": parameter_bytes - cached_bytes + slots * record,
+                          "resident": [layers[i]["name"] for i in range(len(layers)) if i not in cached]}
     return out
+
+
+def _expert_modules(found: FoundExperts) -> list[nn.Module]:
+    return [found.module] if found.names is None else list(found.mlps)
 
 
 def reset_stats(model: nn.Module) -> None:

@@ -368,6 +368,8 @@ UNSUPPORTED = {
                       "mask, so which expert runs depends on the mask's values, not on the router's choice",
     "JetMoeMoE": "JetMoE's MoE block calls its experts (input_linear / output_linear) on rows its own router "
                  "sorted and counted, not with top-k ids and weights",
+    "DbrxExperts": "DBRX's experts keep each projection flattened over the experts (mlp.w1, v1 and w2, each "
+                   "[E * I, H], w2 transposed), a layout moecache does not read",
 }
 
 

@@ -176,9 +176,31 @@ def prefetch_allowance(layer_ms: float, h2d_gbps: float, record_bytes: int) -> f
     return allowance
 
 
+def cached_layers(found: list[FoundExperts]) -> list[int]:
+    """Which MoE layers (indices into `found`) the one expert cache takes: all of them where their experts
+    are of one size, else those of the size that holds the most expert bytes (the first such in model
+    order on a tie), and the others stay resident: a cache's slots are of one size (Ernie-4.5-VL's text
+    and vision experts, Qwen3-Omni's thinker and talker). Layers in different dtypes are refused."""
+    dtypes = {experts_dtype(f) for f in found}
+    if len(dtypes) > 1:
+        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {expert_record_bytes(f)} bytes in "
+                              f"{experts_dtype(f)}" for f in found)
+        raise ValueError(f"offload: one expert cache holds every offloaded layer's experts in slots of one size "
+                         f"and dtype, and these layers differ ({described}); convert them to one dtype, or patch "
+                         "without offload to run them resident")
+    sizes = [(experts_shape(f)[0], expert_record_bytes(f)) for f in found]
+    held = {}
+    for size in sizes:
+        held[size] = held.get(size, 0) + size[0] * size[1]
+    largest = max(held, key=lambda size: held[size])  # max keeps the first of equals: model order
+    return [i for i, size in enumerate(sizes) if size == largest]
+
+
 def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool = True) -> None:
     """Everything that can be wrong with an offload request, raised before the model changes; with
-    loaded=False (moecache.plan, a model on the meta device) all but where the weights are."""
+    loaded=False (moecache.plan, a model on the meta device) all but where the weights are. Only the
+    layers one expert cache takes (cached_layers) are checked as offloaded layers."""
+    found = [found[i] for i in cached_layers(found)]
     if offload.policy not in POLICIES:
         raise ValueError(f"offload policy must be one of {POLICIES}, got {offload.policy!r}")
     if isinstance(offload.lookahead, bool) or not isinstance(offload.lookahead, int) or offload.lookahead < 1:
@@ -221,13 +243,6 @@ def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool =
             devices.add(fused_weights(f.module)[0].device)
         else:
             devices.update(getattr(m, n).weight.device for m in f.mlps for n in (*f.names.rows, f.names.down))
-    sizes = {(experts_shape(f)[0], expert_record_bytes(f), experts_dtype(f)) for f in found}
-    if len(sizes) != 1:
-        described = ", ".join(f"{f.name}: {experts_shape(f)[0]} experts of {expert_record_bytes(f)} bytes in "
-                              f"{experts_dtype(f)}" for f in found)
-        raise ValueError(f"offload: one expert cache holds every MoE layer's experts in slots of one size and "
-                         f"dtype, and these layers differ ({described}); convert them to one dtype, or patch "
-                         "without offload to run them resident")
     target = offload.target_device(usable=loaded)
     if target is not None and loaded:
         elsewhere = sorted(str(d) for d in devices if d.type != "cpu" and d != target)
@@ -265,12 +280,14 @@ def check_device_room(model: nn.Module, found: list[FoundExperts], offload: Offl
     target = offload.target_device()
     if target is None or target.type != "cuda":
         return
+    found = [found[i] for i in cached_layers(found)]  # experts of other sizes move with the rest
     moved = bytes_to_move(model, found, target)
     pool = offload.slots(len(found), experts_shape(found[0])[0], expert_record_bytes(found[0])) * \
         expert_record_bytes(found[0])
     free, total = torch.cuda.mem_get_info(target)
     if moved + pool > free:
-        raise ValueError(f"offload device={offload.device!r}: the model's other weights ({moved / 2**30:.2f} GiB) and "
+        raise ValueError(f"offload device={offload.device!r}: the model's other weights ({moved / 2**30:.2f} GiB, "
+                         "experts the cache does not take included) and "
                          f"the expert slots ({pool / 2**30:.2f} GiB) need {(moved + pool) / 2**30:.2f} GiB of GPU "
                          f"memory but {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free: lower gpu_experts")
 
