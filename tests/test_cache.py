@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from moecache import _C
+from moecache import _C, ops
 from moecache.cache import ExpertCache, expert_source
 from moecache.ops.reference import fused_moe_reference, route_reference
 from moecache.testing import assert_close
@@ -254,6 +254,43 @@ def test_routes_of_weight_zero_fetch_nothing(backend, misses):
         ids[0, 2] = 0  # and so is a row that repeats an expert, weighed or not
         with pytest.raises(ValueError, match="repeats an expert"):
             cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend)
+        for bad in (-1, -2):  # negative ids too, with weight (regression: read as routes of weight 0) or without
+            for k in (0, 2):
+                ids[0] = torch.tensor([3, 1, 5], dtype=ids.dtype)
+                ids[0, k] = bad
+                with pytest.raises(IndexError):
+                    cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend,
+                              validate=False)
+                with pytest.raises(IndexError):  # one token
+                    cache.moe(0, x[:1].to(DEVICE), w[:1].to(DEVICE), ids[:1].to(DEVICE), misses=misses,
+                              backend=backend, validate=False)
+        with pytest.raises(ValueError, match="topk_ids must be int32 or int64"):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(torch.uint8).to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("misses", ["copy", "in_place"])
+def test_one_tokens_routes_of_weight_zero_are_dropped(backend, misses, monkeypatch):
+    """One token's routes of weight 0 are dropped (not pointed at another of its experts, which the
+    one-token kernel would read once per route): only its weighed experts are fetched and read."""
+    L, E, H, I = 1, 8, 32, 16
+    layers = random_layers(L, E, H, I)
+    x = torch.randn(1, H)
+    w = torch.tensor([[0.0, 0.7, 0.0, 0.3]])
+    ids = torch.tensor([[6, 2, 7, 4]], dtype=torch.int64)
+    seen = []
+    real = ops.fused_moe
+
+    def recording(*args, **kwargs):
+        seen.append(args[4].tolist())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, "fused_moe", recording)
+    with ExpertCache(layers, num_slots=E) as cache:
+        out = cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), misses=misses, backend=backend).cpu()
+        assert_close(out, fused_moe_reference(x, *layers[0], w, ids), torch.float32)
+        assert seen == [[[2, 4]]] and sorted(cache.resident(0)) == [2, 4] and cache.stats()["requests"] == 2
+
+
 
 
 @pytest.mark.parametrize("misses", ["copy", "in_place"])

@@ -1660,6 +1660,9 @@ def test_zero_computation_experts_fetch_nothing_and_their_router_is_read():
         weighted += len(set(top_k_index[top_k_weights != 0].tolist()))
         all_routed += len(set(top_k_index.reshape(-1).tolist()))
     assert (picks >= 8).any(), "no token picked a zero-computation expert: the case is not exercised"
+    from moecache.analysis.replay import record_token_routes
+    with pytest.raises(ValueError, match="zero-computation experts"):  # it would count routes of weight 0 as used
+        record_token_routes(model, ids, moecache.patched_experts(model), moecache.routers(model), max_new_tokens=1)
     moecache.unpatch(model)
 
     counted = []
@@ -1719,5 +1722,41 @@ def test_layers_with_experts_of_two_sizes_offload_the_larger_and_keep_the_others
     stats = moecache.stats(model)
     assert all(layer["calls"] == 1 for layer in stats["layers"]) and stats["cache"]["requests"] > 0
     assert stats["prediction"]["per_layer"]
+    from moecache.analysis.replay import RouteRecording, RoutingReplay, map_routes
+    experts = moecache.patched_experts(model)
+    recording = RouteRecording("test", 1, len(experts), 8, 2, 1,
+                               routes=[[torch.tensor([[0, 1]])] * len(experts)])
+    with pytest.raises(ValueError, match="keeps some resident"):  # its predictor numbers the offloaded layers only
+        RoutingReplay(model, experts, map_routes(recording, len(experts), 8, 2))
+    RoutingReplay(model, experts, map_routes(recording, len(experts), 8, 2), predictions=False)
     moecache.unpatch(model)
     assert_restored(model, before)
+
+
+def test_experts_of_one_record_size_but_other_shapes_are_not_cached_together():
+    """Gated experts (I=32: gate, up, down) and non-gated ones (I=48: up, down) take records of the same
+    bytes, but one cache serves one shape: offload caches one kind and keeps the other resident (grouping by
+    record bytes put both in one cache, whose constructor then refused them)."""
+    non_gated = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, moe_intermediate_size=48,
+        intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2, head_dim=16, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=16, n_groups=1, layers_block_type=["moe", "moe"]))
+    both = torch.nn.ModuleDict({"gated": build("mixtral"), "non_gated": builders.randomize(non_gated, 1)})
+    layers = moecache.plan(both)["experts"]
+    assert len({layer["expert_bytes"] for layer in layers}) == 1 and len(layers) == 5
+    offload = Offload(gpu_experts=0.5)
+    assert moecache.plan(both, offload=offload)["offload"]["resident"] == [
+        layer["name"] for layer in layers if layer["name"].startswith("non_gated")]
+    ids = torch.randint(3, 96, (2, 7))
+
+    def run():
+        with torch.no_grad():
+            return [both[name](ids, use_cache=False).logits for name in ("gated", "non_gated")]
+    ref = run()
+    before = snapshot(both)
+    moecache.patch(both, offload=offload)
+    assert moecache.expert_cache(both).num_layers == 3
+    for got, expected in zip(run(), ref):
+        assert_close(got, expected, torch.float32)
+    moecache.unpatch(both)
+    assert_restored(both, before)

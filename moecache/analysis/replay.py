@@ -60,6 +60,10 @@ def record_token_routes(model, input_ids: torch.Tensor, experts: list, routers: 
     if not experts:
         raise ValueError("record_token_routes: no MoE layers given (patch the model, then pass "
                          "moecache.patched_experts(model))")
+    if any(getattr(router, "zero_experts", 0) for router in routers):
+        raise ValueError("record_token_routes: this model's routers rank zero-computation experts (LongCat-Flash), "
+                         "whose routes reach the experts as real experts of weight 0; a recording would count "
+                         "them as used")
     index = {id(m): i for i, m in enumerate(experts)}
     recording = RouteRecording(source, int(input_ids.shape[0]), len(experts), experts[0].num_experts, 0, depth)
 
@@ -207,7 +211,11 @@ class RoutingReplay:
     def __init__(self, model, experts: list, mapped: MappedRoutes, *, predictions: bool = True):
         if len(experts) != mapped.num_layers:
             raise ValueError(f"the routes were mapped onto {mapped.num_layers} MoE layers, the model has {len(experts)}")
-        predictor = getattr(getattr(experts[0], "provider", None), "predictor", None) if predictions else None
+        providers = [getattr(m, "provider", None) for m in experts]
+        if predictions and any(p is not None for p in providers) and any(p is None for p in providers):
+            raise ValueError("RoutingReplay: the predictor numbers the offloaded layers, and this model keeps some "
+                             "resident (experts of another size): replay with predictions=False")
+        predictor = getattr(providers[0], "predictor", None) if predictions else None
         self.experts, self.mapped, self.model = experts, mapped, model
         self.predictor: LookaheadPredictor | None = predictor
         self.index = {id(m): i for i, m in enumerate(experts)}

@@ -39,27 +39,35 @@ def record_size(gate_up_bytes: int, down_bytes: int) -> int:
     return _align(_align(gate_up_bytes) + down_bytes)
 
 
-def weighted_routes(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """(ids, the distinct experts of the routes whose weight is not 0), in one host sync.
+def weighted_routes(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
+    """(weights, ids, the distinct experts of the routes whose weight is not 0), in one host sync.
 
     A route of weight 0 adds nothing (LongCat-Flash's zero-computation experts and ZAYA's skip expert leave
-    such routes pointing at a real expert; so do capacity drops), so its expert is not fetched: its id is
-    pointed at its token's highest-weighted expert, one the kernel reads anyway, and the route multiplies
-    an output its token already has by 0. Ids outside [0, num_experts) stay among the experts whatever
-    their weight (the cache refuses them). Where autograd records the weights, routes stay as they are
-    (a weight's gradient is its expert's output)."""
+    such routes pointing at a real expert; so do capacity drops), so its expert is not fetched. One token's
+    such routes are dropped (the kernel reads each of a token's routes on its own); with more tokens, where
+    the kernel reads an expert once for all its rows, a route of weight 0 is pointed at its token's
+    highest-weighted expert, which the kernel reads anyway, and multiplies its output by 0. Ids outside
+    [0, num_experts) stay among the experts whatever their weight (the cache refuses them). Where autograd
+    records the weights, routes stay as they are (a weight's gradient is its expert's output)."""
     if topk_weights.requires_grad and torch.is_grad_enabled():
-        return topk_ids, ExpertCache._ids(torch.unique(topk_ids))
-    weighted = topk_weights != 0
-    # A route of weight 0 as ~id (< 0): which ids occur, and whether with weight, from one unique
-    keys = ExpertCache._ids(torch.unique(torch.where(weighted, topk_ids, ~topk_ids)))
-    distinct = [k for k in keys if k >= 0] + [~k for k in keys if k < 0 and not 0 <= ~k < num_experts]
-    if all(k >= 0 for k in keys) or not distinct:
-        return topk_ids, distinct
+        return topk_weights, topk_ids, ExpertCache._ids(torch.unique(topk_ids))
+    zero = topk_weights == 0
+    if topk_ids.shape[0] == 1:
+        ids, zeros = torch.stack((topk_ids[0].long(), zero[0].long())).tolist()
+        kept = [k for k, z in enumerate(zeros) if not z]
+        distinct = sorted({ids[k] for k in kept} | {e for e in ids if not 0 <= e < num_experts})
+        if len(kept) in (0, len(ids)):
+            return topk_weights, topk_ids, distinct
+        index = torch.tensor(kept, device=topk_ids.device)
+        return topk_weights[:, index], topk_ids[:, index], distinct
+    # id * 2 + (weight 0): which ids occur, and whether with weight, from one unique
+    keys = ExpertCache._ids(torch.unique(topk_ids.long() * 2 + zero))
+    distinct = sorted({k >> 1 for k in keys if not k & 1 or not 0 <= k >> 1 < num_experts})
+    if not any(k & 1 for k in keys) or not distinct:
+        return topk_weights, topk_ids, distinct
     best = topk_ids.gather(1, topk_weights.abs().argmax(dim=1, keepdim=True))
-    best = torch.where(weighted.any(dim=1, keepdim=True), best, distinct[0])  # a token whose routes all weigh 0
-    return torch.where(weighted, topk_ids, best), distinct
+    best = torch.where(zero.all(dim=1, keepdim=True), distinct[0], best)  # a token whose routes all weigh 0
+    return topk_weights, torch.where(zero, best, topk_ids), distinct
 
 
 class Lease:
@@ -484,8 +492,8 @@ class ExpertCache:
                                  **extra)
         self._check_not_capturing()
         routed_ids = topk_ids
-        topk_ids, needed = weighted_routes(topk_weights, topk_ids, self.num_experts)
-        if topk_ids is not routed_ids or not needed:  # routes of weight 0 now repeat an expert of their token
+        topk_weights, topk_ids, needed = weighted_routes(topk_weights, topk_ids, self.num_experts)
+        if topk_ids is not routed_ids or not needed:  # routes of weight 0 dropped, or repeating their token's
             if validate:  # the caller's routes, checked as the kernels would have
                 ops.check_topk_ids(routed_ids, self.num_experts)
             extra["validate"] = False
@@ -539,6 +547,9 @@ class ExpertCache:
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ")
+        if topk_ids.dtype not in (torch.int32, torch.int64) or not 1 <= topk_ids.shape[1] <= self.num_experts:
+            raise ValueError(f"topk_ids must be int32 or int64 with 1 <= K <= E={self.num_experts} columns, got "
+                             f"{topk_ids.dtype} with K={topk_ids.shape[1]}")
         if not self.gated and act["activation"] not in ops.NON_GATED_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ops.NON_GATED_ACTIVATIONS} for non-gated experts, got "
                              f"{act['activation']!r}")

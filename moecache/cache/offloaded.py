@@ -104,7 +104,7 @@ class OffloadedExperts:
         nxt = self.next
         if nxt is not None and nxt.last_experts is not None:
             self.cache.prefetch(nxt.layer, nxt.last_experts)
-        self.last_experts = weighted_routes(top_k_weights.detach(), top_k_index, self.cache.num_experts)[1]
+        self.last_experts = weighted_routes(top_k_weights.detach(), top_k_index, self.cache.num_experts)[2]
 
     def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
         """Score this layer's earlier guess, drop its priorities to the frequency prior (it is done until

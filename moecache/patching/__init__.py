@@ -43,6 +43,7 @@ from .hooks import HookCount, give_back_hooks, settle_hooks, share_hooks, unwatc
 from .offload import (
     Offload,
     cached_layers,
+    cached_shape,
     check_device_room,
     expert_record_bytes,
     experts_dtype,
@@ -259,8 +260,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
             resident = [r for i, r in enumerate(new_experts) if i not in cached]
             logger.warning("moecache.patch: the MoE layers hold experts of %d sizes and one expert cache takes one: "
                            "the %d layers of %d experts of %.2f MiB (%s, ...) are offloaded, the other %d stay "
-                           "resident (%s, ...)", len({experts_shape(f) + (expert_record_bytes(f),)
-                                                      for f, _ in plan.experts}), len(offloaded),
+                           "resident (%s, ...)", len({cached_shape(f) for f, _ in plan.experts}), len(offloaded),
                            offloaded[0].new.num_experts, expert_record_bytes(plan.experts[min(cached)][0]) / 2**20,
                            offloaded[0].name, len(resident), resident[0].name)
         try:
@@ -637,7 +637,9 @@ def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]
 
 
 def patched_experts(model: nn.Module) -> list[MoecacheExperts]:
-    """The patched experts modules, in layer order (the order routers() and the expert cache use)."""
+    """The patched experts modules, in layer order (the order routers() uses; an offloaded model's expert
+    cache numbers the offloaded ones in this order: all of them, unless layers with experts of another size
+    stay resident)."""
     return [new for _, new in _patched_blocks(model)]
 
 

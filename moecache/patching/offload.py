@@ -188,12 +188,22 @@ def cached_layers(found: list[FoundExperts]) -> list[int]:
         raise ValueError(f"offload: one expert cache holds every offloaded layer's experts in slots of one size "
                          f"and dtype, and these layers differ ({described}); convert them to one dtype, or patch "
                          "without offload to run them resident")
-    sizes = [(experts_shape(f)[0], expert_record_bytes(f)) for f in found]
+    shapes = [cached_shape(f) for f in found]
     held = {}
-    for size in sizes:
-        held[size] = held.get(size, 0) + size[0] * size[1]
-    largest = max(held, key=lambda size: held[size])  # max keeps the first of equals: model order
-    return [i for i, size in enumerate(sizes) if size == largest]
+    for f, shape in zip(found, shapes):
+        held[shape] = held.get(shape, 0) + shape[0] * expert_record_bytes(f)
+    largest = max(held, key=lambda shape: held[shape])  # max keeps the first of equals: model order
+    return [i for i, shape in enumerate(shapes) if shape == largest]
+
+
+def cached_shape(found: FoundExperts) -> tuple:
+    """What layers in one expert cache share: (E, H, I, gated, gate and up interleaved)."""
+    num_experts, hidden = experts_shape(found)
+    if found.names is not None:
+        return num_experts, hidden, getattr(found.mlps[0], found.names.down).weight.shape[1], found.names.gated, False
+    transposed, interleaved, _ = compat.experts_flags(found.module)
+    down = fused_weights(found.module)[1]
+    return num_experts, hidden, down.shape[1 if transposed else 2], compat.experts_gated(found.module), interleaved
 
 
 def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool = True) -> None:
