@@ -319,7 +319,7 @@ def _plan(args) -> int:
               f"{_gib(o['slot_bytes'])}); host store {_gib(o['host_bytes'])}; weights on the device "
               f"{_gib(o['device_weight_bytes'])} (without activations and the KV cache)")
         if o["resident"]:
-            print(f"offload: experts of another size stay on the device (one expert cache takes one size): "
+            print(f"offload: experts of another shape stay on the device (one expert cache takes one shape): "
                   f"{len(o['resident'])} layers, {o['resident'][0]}{' ...' if len(o['resident']) > 1 else ''}")
     return 0
 

@@ -266,6 +266,15 @@ def test_routes_of_weight_zero_fetch_nothing(backend, misses):
                               backend=backend, validate=False)
         with pytest.raises(ValueError, match="topk_ids must be int32 or int64"):
             cache.moe(0, x.to(DEVICE), w.to(DEVICE), ids.to(torch.uint8).to(DEVICE), backend=backend)
+        with pytest.raises(ValueError, match="topk_weights must be floating point"):
+            cache.moe(0, x.to(DEVICE), w.long().to(DEVICE), ids.to(DEVICE), backend=backend)
+        far = torch.tensor([[-2**63, 2, 3], [1, 3, 4]] + [[0, 1, 2]] * 3)  # regression: id * 2 overflowed into 0
+        with pytest.raises(IndexError):
+            cache.moe(0, x.to(DEVICE), w.to(DEVICE), far.to(DEVICE), misses=misses, backend=backend, validate=False)
+        for T in (1, 2):  # one error whatever the token count, for a route that weighs 0 too
+            bad = torch.tensor([[9, 2, 3]] * T)
+            with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, E=8\)"):
+                cache.moe(0, x[:T].to(DEVICE), torch.zeros(T, 3).to(DEVICE), bad.to(DEVICE), backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -320,7 +320,7 @@ def test_layers_of_different_expert_counts_offload_the_larger_and_keep_the_other
     assert moecache.plan(mixed, offload=offload)["offload"]["resident"] == ["model.layers.0.mlp.deepspeed_moe.experts"]
     with caplog.at_level(logging.WARNING, logger="moecache"):
         moecache.patch(mixed, offload=offload)
-    assert "the MoE layers hold experts of 2 sizes and one expert cache takes one: the 1 layers of 8 experts" in caplog.text
+    assert "the MoE layers hold experts of 2 shapes and one expert cache takes one: the 1 layers of 8 experts" in caplog.text
     assert [layer["name"] for layer in moecache.stats(mixed)["layers"]] == [
         "model.layers.0.mlp.deepspeed_moe.experts", "model.layers.2.mlp.deepspeed_moe.experts"]
     cache = moecache.expert_cache(mixed)

@@ -1710,7 +1710,7 @@ def test_layers_with_experts_of_two_sizes_offload_the_larger_and_keep_the_others
         moecache.patch(model, offload=offload, strict=True)
     on_device = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
     assert planned["device_weight_bytes"] == sum(t.numel() * t.element_size() for t in on_device) + planned["slot_bytes"]
-    assert re.search(rf"experts of 2 sizes .*: the 2 layers of 8 experts of 0\.0\d MiB \({re.escape(text[0])}, \.\.\.\) "
+    assert re.search(rf"experts of 2 shapes .*: the 2 layers of 8 experts of 0\.0\d MiB \({re.escape(text[0])}, \.\.\.\) "
                      rf"are offloaded, the other 2 stay resident \({re.escape(vision[0])}", caplog.text)
     cache = moecache.expert_cache(model)
     assert (cache.num_layers, cache.num_experts) == (2, 8)

@@ -212,10 +212,11 @@ class RoutingReplay:
         if len(experts) != mapped.num_layers:
             raise ValueError(f"the routes were mapped onto {mapped.num_layers} MoE layers, the model has {len(experts)}")
         providers = [getattr(m, "provider", None) for m in experts]
-        if predictions and any(p is not None for p in providers) and any(p is None for p in providers):
+        offloaded = [p for p in providers if p is not None]
+        predictor = getattr(offloaded[0], "predictor", None) if predictions and offloaded else None
+        if predictor is not None and len(offloaded) < len(providers):
             raise ValueError("RoutingReplay: the predictor numbers the offloaded layers, and this model keeps some "
-                             "resident (experts of another size): replay with predictions=False")
-        predictor = getattr(providers[0], "predictor", None) if predictions else None
+                             "resident (experts of another shape): replay with predictions=False")
         self.experts, self.mapped, self.model = experts, mapped, model
         self.predictor: LookaheadPredictor | None = predictor
         self.index = {id(m): i for i, m in enumerate(experts)}

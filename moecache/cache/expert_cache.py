@@ -58,10 +58,12 @@ def weighted_routes(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_expe
         distinct = sorted({ids[k] for k in kept} | {e for e in ids if not 0 <= e < num_experts})
         if len(kept) in (0, len(ids)):
             return topk_weights, topk_ids, distinct
-        index = torch.tensor(kept, device=topk_ids.device)
+        # the weighed routes first, in their order: an index made where the ids are (no copy to the device)
+        index = torch.argsort(zero[0].int(), stable=True)[:len(kept)]
         return topk_weights[:, index], topk_ids[:, index], distinct
-    # id * 2 + (weight 0): which ids occur, and whether with weight, from one unique
-    keys = ExpertCache._ids(torch.unique(topk_ids.long() * 2 + zero))
+    # id * 2 + (weight 0): which ids occur, and whether with weight, from one unique; an id outside the
+    # experts, clamped to -1 or E first (no int64 overflow), stays one the cache refuses
+    keys = ExpertCache._ids(torch.unique(topk_ids.long().clamp(-1, num_experts) * 2 + zero))
     distinct = sorted({k >> 1 for k in keys if not k & 1 or not 0 <= k >> 1 < num_experts})
     if not any(k & 1 for k in keys) or not distinct:
         return topk_weights, topk_ids, distinct
@@ -491,12 +493,10 @@ class ExpertCache:
                                  expert_map=self._map[layer], host_w_gate_up=host_gate_up, host_w_down=host_down,
                                  **extra)
         self._check_not_capturing()
-        routed_ids = topk_ids
+        if validate:  # the caller's routes, checked as the kernels would, before any expert is counted
+            ops.check_topk_ids(topk_ids, self.num_experts)
+        extra["validate"] = False  # the routes below may drop or repeat the caller's; the map is the cache's own
         topk_weights, topk_ids, needed = weighted_routes(topk_weights, topk_ids, self.num_experts)
-        if topk_ids is not routed_ids or not needed:  # routes of weight 0 dropped, or repeating their token's
-            if validate:  # the caller's routes, checked as the kernels would have
-                ops.check_topk_ids(routed_ids, self.num_experts)
-            extra["validate"] = False
         if not needed:  # every route weighs 0: each adds 0 times its expert's output
             if before_compute is not None:
                 before_compute(needed)
@@ -550,6 +550,11 @@ class ExpertCache:
         if topk_ids.dtype not in (torch.int32, torch.int64) or not 1 <= topk_ids.shape[1] <= self.num_experts:
             raise ValueError(f"topk_ids must be int32 or int64 with 1 <= K <= E={self.num_experts} columns, got "
                              f"{topk_ids.dtype} with K={topk_ids.shape[1]}")
+        if not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device}, hidden_states on {x.device}")
         if not self.gated and act["activation"] not in ops.NON_GATED_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ops.NON_GATED_ACTIVATIONS} for non-gated experts, got "
                              f"{act['activation']!r}")

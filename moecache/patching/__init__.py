@@ -258,7 +258,7 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         offloaded = [r for i, r in enumerate(new_experts) if i in cached]
         if len(offloaded) < len(new_experts):
             resident = [r for i, r in enumerate(new_experts) if i not in cached]
-            logger.warning("moecache.patch: the MoE layers hold experts of %d sizes and one expert cache takes one: "
+            logger.warning("moecache.patch: the MoE layers hold experts of %d shapes and one expert cache takes one: "
                            "the %d layers of %d experts of %.2f MiB (%s, ...) are offloaded, the other %d stay "
                            "resident (%s, ...)", len({cached_shape(f) for f, _ in plan.experts}), len(offloaded),
                            offloaded[0].new.num_experts, expert_record_bytes(plan.experts[min(cached)][0]) / 2**20,
@@ -638,7 +638,7 @@ def _patched_blocks(model: nn.Module) -> list[tuple[nn.Module, MoecacheExperts]]
 
 def patched_experts(model: nn.Module) -> list[MoecacheExperts]:
     """The patched experts modules, in layer order (the order routers() uses; an offloaded model's expert
-    cache numbers the offloaded ones in this order: all of them, unless layers with experts of another size
+    cache numbers the offloaded ones in this order: all of them, unless layers with experts of another shape
     stay resident)."""
     return [new for _, new in _patched_blocks(model)]
 

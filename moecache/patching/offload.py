@@ -203,7 +203,9 @@ def cached_shape(found: FoundExperts) -> tuple:
         return num_experts, hidden, getattr(found.mlps[0], found.names.down).weight.shape[1], found.names.gated, False
     transposed, interleaved, _ = compat.experts_flags(found.module)
     down = fused_weights(found.module)[1]
-    return num_experts, hidden, down.shape[1 if transposed else 2], compat.experts_gated(found.module), interleaved
+    # the store reads gate and up interleaved only from transposed experts (GPT-OSS's layout)
+    return (num_experts, hidden, down.shape[1 if transposed else 2], compat.experts_gated(found.module),
+            transposed and interleaved)
 
 
 def validate_offload(found: list[FoundExperts], offload: Offload, loaded: bool = True) -> None:
