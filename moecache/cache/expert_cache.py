@@ -455,9 +455,11 @@ class ExpertCache:
         before_compute: called with the layer's distinct experts (a list) once they are accounted for
             (and, when copied, leased) and before the kernel is enqueued, so prefetches it starts for
             later layers overlap this layer's compute and cannot evict this layer's experts.
-        validate: ops.fused_moe's value checks on topk_ids (a host sync); False for a model's own top-k.
-            The cache reads the layer's distinct ids anyway (one sync, and an IndexError for an expert
-            outside the layer) unless misses are read in place without tracking usage.
+        validate: ops.fused_moe's value checks on topk_ids (ids in [0, E), no expert twice in a token's
+            row; a host sync), made before any expert is counted; False for a model's own top-k. The
+            cache reads the layer's distinct ids anyway (one sync, and an IndexError for an expert outside
+            the layer) unless misses are read in place without tracking usage. Routes of weight 0 fetch no
+            expert (weighted_routes).
         """
         with self._in_use():
             act = dict(activation=activation, activation_limit=activation_limit,
