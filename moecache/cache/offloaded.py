@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .expert_cache import ExpertCache, weighted_routes
+from .expert_cache import ExpertCache
 from .predictor import LookaheadPredictor
 
 # Cache priorities written for predicted experts: a layer d steps ahead gets a base of
@@ -86,25 +86,28 @@ class OffloadedExperts:
             return ops.fused_moe(hidden_states, gate_up, down, top_k_weights, top_k_index, **activation_args,
                                  gate_up_interleaved=interleaved, gated=cache.gated, expert_map=cache.expert_map(layer),
                                  host_w_gate_up=host_gate_up, host_w_down=host_down, validate=False, **biases)
-        predict = None
+        before_compute = None
         if self.predictor is not None and hidden_states.shape[0] > 0:  # no tokens: nothing to predict from
-            def predict(used, x=hidden_states, top_k=top_k_index.shape[1]):
+            def before_compute(used, x=hidden_states, top_k=top_k_index.shape[1]):
                 self._predict_and_prefetch(x, top_k, used)
+        elif self.prefetch_next:
+            used_now = []
+            before_compute = used_now.extend  # the experts the cache found (no second read of the ids)
         # The ids are the model's own top-k: no value checks (their host sync) on them.
         out = cache.moe(layer, hidden_states, top_k_weights, top_k_index, **activation_args,
-                        before_compute=predict, validate=False, **biases)
+                        before_compute=before_compute, validate=False, **biases)
         if self.prefetch_next:
-            self._prefetch_next_layer(top_k_index, top_k_weights)
+            self._prefetch_next_layer(used_now)
         return out
 
-    def _prefetch_next_layer(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def _prefetch_next_layer(self, used: list[int]) -> None:
         """Temporal locality: the next layer will likely route to what it routed to on the previous step.
         Every layer, the last one too, keeps what it used (its routes of weight 0 use nothing) for the layer
         before it to prefetch."""
         nxt = self.next
         if nxt is not None and nxt.last_experts is not None:
             self.cache.prefetch(nxt.layer, nxt.last_experts)
-        self.last_experts = weighted_routes(top_k_weights.detach(), top_k_index, self.cache.num_experts)[2]
+        self.last_experts = used
 
     def _predict_and_prefetch(self, hidden_states: torch.Tensor, top_k: int, used: list[int]) -> None:
         """Score this layer's earlier guess, drop its priorities to the frequency prior (it is done until

@@ -252,12 +252,12 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         new = make_experts(f, layout)
         new_experts.append(Replacement(f.name, f.parent, f.attr, f.module, new, f.kind, installed(f, new),
                                        f.router_block))
-    offloaded = []
+    offloaded, resident = [], new_experts
     if offload is not None and new_experts:
         cached = set(cached_layers([f for f, _ in plan.experts]))
         offloaded = [r for i, r in enumerate(new_experts) if i in cached]
-        if len(offloaded) < len(new_experts):
-            resident = [r for i, r in enumerate(new_experts) if i not in cached]
+        resident = [r for i, r in enumerate(new_experts) if i not in cached]
+        if resident:
             logger.warning("moecache.patch: the MoE layers hold experts of %d shapes and one expert cache takes one: "
                            "the %d layers of %d experts of %.2f MiB (%s, ...) are offloaded, the other %d stay "
                            "resident (%s, ...)", len({cached_shape(f) for f, _ in plan.experts}), len(offloaded),
@@ -311,15 +311,14 @@ def _apply(model, plan: _Plan, offload: Offload | None) -> None:
         if offloaded:
             state.hooks += install_state_hooks(model, [r.new for r in offloaded])
             state.hooks += install_token_id_hooks([r.block for r in offloaded], state.predictor)
-        for r in new_experts:
-            if not any(r is o for o in offloaded):
-                stacked = r.new.stacked
-                for mlp in stacked.experts if stacked is not None else ():
-                    # on each MLP and each of its linear layers: a load into one, or into any module above
-                    # it, runs its hooks (a restack done already is not done again)
-                    for module in (mlp, *(getattr(mlp, n) for n in (*stacked.names.rows, stacked.names.down))):
-                        state.hooks.append(module.register_load_state_dict_post_hook(
-                            partial(_restack_after_load, WeakLink(stacked))))
+        for r in resident:
+            stacked = r.new.stacked
+            for mlp in stacked.experts if stacked is not None else ():
+                # on each MLP and each of its linear layers: a load into one, or into any module above
+                # it, runs its hooks (a restack done already is not done again)
+                for module in (mlp, *(getattr(mlp, n) for n in (*stacked.names.rows, stacked.names.down))):
+                    state.hooks.append(module.register_load_state_dict_post_hook(
+                        partial(_restack_after_load, WeakLink(stacked))))
     settle_hooks(watched)
     for r in [*new_experts, *new_attention]:  # a copy of one (a layer deep-copied into the model) says whose
         for made in {id(r.new): r.new, id(r.hook): r.hook}.values():
@@ -581,7 +580,7 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
         layers.append({"name": f.name, "type": type(f.module).__name__, "experts": experts_shape(f)[0],
                        "activation": layout.activation_text, "gated": layout.gated, "dtype": str(experts_dtype(f)),
                        "expert_bytes": expert_record_bytes(f)})
-        for module in _expert_modules(f):
+        for module in f.modules:
             expert_tensors.update((id(t), t) for t in module.parameters())
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -597,7 +596,7 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
         cached = cached_layers([f for f, _ in found.experts])
         num_experts, record = layers[cached[0]]["experts"], layers[cached[0]]["expert_bytes"]
         cached_bytes = sum(t.numel() * t.element_size() for t in {
-            id(t): t for i in cached for module in _expert_modules(found.experts[i][0])
+            id(t): t for i in cached for module in found.experts[i][0].modules
             for t in module.parameters()}.values())
         slots = offload.slots(len(cached), num_experts, record)
         out["offload"] = {"slots": slots, "slots_per_layer": slots / len(cached), "slot_bytes": slots * record,
@@ -605,10 +604,6 @@ def plan(model: nn.Module, *, experts: bool = True, attention: bool = True, offl
                           "device_weight_bytes": parameter_bytes - cached_bytes + slots * record,
                           "resident": [layers[i]["name"] for i in range(len(layers)) if i not in cached]}
     return out
-
-
-def _expert_modules(found: FoundExperts) -> list[nn.Module]:
-    return [found.module] if found.names is None else list(found.mlps)
 
 
 def reset_stats(model: nn.Module) -> None:

@@ -67,6 +67,11 @@ class FoundExperts:
         return list(self.module.values()) if isinstance(self.module, nn.ModuleDict) else list(self.module)
 
     @property
+    def modules(self) -> list[nn.Module]:
+        """The modules holding the experts' parameters: the experts module, or each expert MLP."""
+        return [self.module] if self.names is None else self.mlps
+
+    @property
     def keys(self) -> list[str]:
         """The MLPs' names inside `module` (state-dict keys): "0", "1", ... or "expert_0", ..."""
         return list(self.module.keys()) if isinstance(self.module, nn.ModuleDict) else [str(i) for i in range(len(self.module))]

@@ -280,7 +280,7 @@ def bytes_to_move(model: nn.Module, found: list[FoundExperts], device: torch.dev
     (those elsewhere; a tensor shared by several modules counted once)."""
     experts = set()
     for f in found:
-        for module in ([f.module] if f.names is None else f.mlps):
+        for module in f.modules:
             experts.update(id(t) for t in module.parameters())
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in experts}
     return sum(t.numel() * t.element_size() for t in tensors.values() if t.device != device)
